@@ -1,0 +1,217 @@
+"""The two primitives of PS-RoI Align and their JAX rules.
+
+``forward_p``:  (features [N, C, H, W], rois [K, 5]) -> [K, C_out, PH, PW]
+``backward_p``: (cotangent [K, C_out, PH, PW], rois [K, 5]) -> [N, C, H, W]
+
+Both are linear in their first operand and adjoint to each other, which gives
+their JVP and transpose rules (and so any order of differentiation). Each has
+a lowering to the native kernels on CPU and CUDA, a lowering of the
+``jax.numpy`` reference for every other platform, and a vmap rule that folds
+the mapped axis into the image / RoI axes so a batch is one kernel launch.
+
+Parameters, all static: ``pooled_size`` (PH, PW) on ``forward_p``,
+``input_shape`` (N, C, H, W) on ``backward_p``; ``spatial_scale`` a python
+float (an F64 FFI attribute) and ``sampling_ratio`` a python int (S64).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir, xla
+
+from jax_psroi import _extension
+from jax_psroi.reference import ps_roi_align_reference
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+forward_p = Primitive("jax_psroi_forward")
+backward_p = Primitive("jax_psroi_backward")
+
+
+def _check_operands(pooled, rois, features_shape, pooled_size, what):
+    if pooled.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"jax_psroi: {what} must be float32 or float64, "
+                        f"got {pooled.dtype}")
+    if rois.dtype != pooled.dtype:
+        raise TypeError(f"jax_psroi: rois must have the dtype of the {what} "
+                        f"({pooled.dtype}), got {rois.dtype}")
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        raise ValueError(f"jax_psroi: rois must be [K, 5], got {rois.shape}")
+    if len(features_shape) != 4:
+        raise ValueError(f"jax_psroi: features must be [N, C, H, W], "
+                         f"got {features_shape}")
+    ph, pw = pooled_size
+    if features_shape[1] % (ph * pw):
+        raise ValueError(
+            f"jax_psroi: input channels ({features_shape[1]}) must be a "
+            f"multiple of output_size h * w ({ph} * {pw})")
+
+
+def _forward_abstract_eval(features, rois, *, pooled_size, spatial_scale,
+                           sampling_ratio):
+    del spatial_scale, sampling_ratio
+    _check_operands(features, rois, features.shape, pooled_size, "features")
+    ph, pw = pooled_size
+    c_out = features.shape[1] // (ph * pw)
+    return jax.core.ShapedArray((rois.shape[0], c_out, ph, pw), features.dtype)
+
+
+def _backward_abstract_eval(cotangent, rois, *, input_shape, spatial_scale,
+                            sampling_ratio):
+    del spatial_scale, sampling_ratio
+    pooled_size = tuple(cotangent.shape[2:])
+    _check_operands(cotangent, rois, input_shape, pooled_size, "cotangent")
+    ph, pw = pooled_size
+    expected = (rois.shape[0], input_shape[1] // (ph * pw), ph, pw)
+    if tuple(cotangent.shape) != expected:
+        raise ValueError(f"jax_psroi: cotangent must be {expected}, "
+                         f"got {cotangent.shape}")
+    return jax.core.ShapedArray(tuple(input_shape), cotangent.dtype)
+
+
+forward_p.def_abstract_eval(_forward_abstract_eval)
+backward_p.def_abstract_eval(_backward_abstract_eval)
+forward_p.def_impl(partial(xla.apply_primitive, forward_p))
+backward_p.def_impl(partial(xla.apply_primitive, backward_p))
+
+
+# --- Reference semantics, used by the generic lowering ----------------------
+
+def _forward_reference(features, rois, *, pooled_size, spatial_scale,
+                       sampling_ratio):
+    return ps_roi_align_reference(features, rois, pooled_size, spatial_scale,
+                                  sampling_ratio)
+
+
+def _backward_reference(cotangent, rois, *, input_shape, spatial_scale,
+                        sampling_ratio):
+    pooled_size = tuple(cotangent.shape[2:])
+    zeros = jnp.zeros(input_shape, cotangent.dtype)
+    _, vjp = jax.vjp(
+        lambda x: ps_roi_align_reference(x, rois, pooled_size, spatial_scale,
+                                         sampling_ratio), zeros)
+    return vjp(cotangent)[0]
+
+
+mlir.register_lowering(
+    forward_p, mlir.lower_fun(_forward_reference, multiple_results=False))
+mlir.register_lowering(
+    backward_p, mlir.lower_fun(_backward_reference, multiple_results=False))
+
+
+# --- Native lowerings --------------------------------------------------------
+
+def _native_lowering(direction, ctx, operand, rois, *, spatial_scale,
+                     sampling_ratio, **_):
+    name = _extension.target_name(direction, ctx.avals_in[0].dtype)
+    return jax.ffi.ffi_lowering(name)(ctx, operand, rois,
+                                      spatial_scale=float(spatial_scale),
+                                      sampling_ratio=int(sampling_ratio))
+
+
+def _cuda_lowering(direction, ctx, *args, **params):
+    if not _extension.CUDA_BUILT:
+        raise RuntimeError(_extension.CUDA_MISSING_MESSAGE)
+    return _native_lowering(direction, ctx, *args, **params)
+
+
+for _prim, _direction in ((forward_p, "forward"), (backward_p, "backward")):
+    mlir.register_lowering(_prim, partial(_native_lowering, _direction),
+                           platform="cpu")
+    mlir.register_lowering(_prim, partial(_cuda_lowering, _direction),
+                           platform="cuda")
+
+
+# --- Differentiation ---------------------------------------------------------
+# RoIs are not differentiated (torchvision gives them a zero gradient): their
+# JVP rules are None and their transposes are never requested.
+
+def _forward_transpose(cotangent, features, rois, *, pooled_size,
+                       spatial_scale, sampling_ratio):
+    assert ad.is_undefined_primal(features) and not ad.is_undefined_primal(rois)
+    if type(cotangent) is ad.Zero:
+        return ad.Zero(features.aval), None
+    return backward_p.bind(cotangent, rois, input_shape=features.aval.shape,
+                           spatial_scale=spatial_scale,
+                           sampling_ratio=sampling_ratio), None
+
+
+def _backward_transpose(grad_features, cotangent, rois, *, input_shape,
+                        spatial_scale, sampling_ratio):
+    assert ad.is_undefined_primal(cotangent) and not ad.is_undefined_primal(rois)
+    if type(grad_features) is ad.Zero:
+        return ad.Zero(cotangent.aval), None
+    return forward_p.bind(grad_features, rois,
+                          pooled_size=tuple(cotangent.aval.shape[2:]),
+                          spatial_scale=spatial_scale,
+                          sampling_ratio=sampling_ratio), None
+
+
+ad.defjvp(forward_p, lambda t, _, rois, **params: forward_p.bind(t, rois, **params),
+          None)
+ad.defjvp(backward_p, lambda t, _, rois, **params: backward_p.bind(t, rois, **params),
+          None)
+ad.primitive_transposes[forward_p] = _forward_transpose
+ad.primitive_transposes[backward_p] = _backward_transpose
+
+
+# --- Batching ----------------------------------------------------------------
+# A mapped axis of size B over N images becomes B * N images: RoI batch
+# indices are offset by b * N, and invalid ones are set to -1 first so they
+# stay invalid instead of pointing into another image. Unmapped operands are
+# broadcast, except features, which are never copied: with only the RoIs
+# mapped, the B RoI sets are simply concatenated over one image set.
+
+def _to_front(x, dim, size):
+    if dim is None:
+        return jnp.broadcast_to(x, (size,) + x.shape)
+    return jnp.moveaxis(x, dim, 0)
+
+
+def _offset_batch_index(rois, num_images):
+    """rois [B, K, 5] over N images each -> [B * K, 5] over B * N images."""
+    index = rois[..., 0]
+    valid = (index > -1) & (index < num_images)
+    batch = jnp.arange(rois.shape[0], dtype=rois.dtype)[:, None]
+    new_index = jnp.where(valid, jnp.trunc(index) + batch * num_images, -1)
+    return rois.at[..., 0].set(new_index).reshape(-1, 5)
+
+
+def _forward_batch(args, dims, **params):
+    features, rois = args
+    features_dim, rois_dim = dims
+    size = (features.shape[features_dim] if features_dim is not None
+            else rois.shape[rois_dim])
+    rois = _to_front(rois, rois_dim, size)
+    num_rois = rois.shape[1]
+    if features_dim is None:
+        out = forward_p.bind(features, rois.reshape(-1, 5), **params)
+    else:
+        features = jnp.moveaxis(features, features_dim, 0)
+        num_images = features.shape[1]
+        out = forward_p.bind(features.reshape((-1,) + features.shape[2:]),
+                             _offset_batch_index(rois, num_images), **params)
+    return out.reshape((size, num_rois) + out.shape[1:]), 0
+
+
+def _backward_batch(args, dims, *, input_shape, **params):
+    cotangent, rois = args
+    cotangent_dim, rois_dim = dims
+    size = (cotangent.shape[cotangent_dim] if cotangent_dim is not None
+            else rois.shape[rois_dim])
+    cotangent = _to_front(cotangent, cotangent_dim, size)
+    rois = _to_front(rois, rois_dim, size)
+    num_images = input_shape[0]
+    grad = backward_p.bind(
+        cotangent.reshape((-1,) + cotangent.shape[2:]),
+        _offset_batch_index(rois, num_images),
+        input_shape=(size * num_images,) + tuple(input_shape[1:]), **params)
+    return grad.reshape((size,) + tuple(input_shape)), 0
+
+
+batching.primitive_batchers[forward_p] = _forward_batch
+batching.primitive_batchers[backward_p] = _backward_batch

@@ -1,0 +1,172 @@
+"""Pure ``jax.numpy`` reference of Position-Sensitive RoI Align.
+
+This is the oracle of the tests and the lowering used on platforms without a
+native kernel; on CPU (and CUDA, when built) the native kernels run instead.
+It has the same semantics as the kernels, torchvision's plus the documented
+safety deviations (see README, "Differences from torchvision"), but is
+written in a different shape so that the two check each other: instead of
+visiting samples per output element, it builds, for every RoI and bin, dense
+row and column weight vectors over the whole feature map (the sum of the
+bilinear weights of the bin's samples) and contracts them with the features.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Samples per bin axis are capped here, as in the kernels (lib/psroi_math.h).
+MAX_GRID_PER_AXIS = 2**23
+
+
+def _divide_by_constant(x, divisor):
+    """``x / divisor`` rounded as the kernels round it.
+
+    XLA on CPU rewrites division by a constant into multiplication by its
+    reciprocal (float32 21 / 7 becomes 3.0000002, whose ceil is 4 where
+    torchvision gets 3). The barrier hides the constant from that rewrite.
+    """
+    return x / lax.optimization_barrier(jnp.asarray(divisor, x.dtype))
+
+
+def _grid_size(bin_size, sampling_ratio):
+    """Samples per bin along one axis, int32 [K]: the ratio, or ceil(bin)."""
+    if sampling_ratio > 0:
+        return jnp.full(bin_size.shape, sampling_ratio, jnp.int32)
+    g = jnp.ceil(bin_size)
+    positive = g > 0  # False for NaN
+    g = jnp.where(positive, jnp.minimum(g, MAX_GRID_PER_AXIS), 0)
+    return g.astype(jnp.int32)
+
+
+def _sample_coordinates(bin_start, bin_size, grid, index):
+    """Coordinate of sample ``index`` in torchvision's evaluation order."""
+    dtype = bin_start.dtype
+    step = (index.astype(dtype) + 0.5) * bin_size
+    return bin_start + step / grid.astype(dtype)
+
+
+def _first_in_map_sample(bin_start, bin_size, grid):
+    """First sample index whose coordinate is >= -1, by binary search.
+
+    Only used with adaptive sampling, where a bin holds at least one sample
+    only if its size is positive, so coordinates increase with the index.
+    """
+    lo = jnp.zeros(bin_start.shape, jnp.int32)
+    hi = jnp.broadcast_to(grid, bin_start.shape)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        reached = _sample_coordinates(bin_start, bin_size, grid, mid) >= -1
+        active = lo < hi
+        return (jnp.where(active & ~reached, mid + 1, lo),
+                jnp.where(active & reached, mid, hi))
+
+    lo, _ = lax.fori_loop(0, MAX_GRID_PER_AXIS.bit_length(), step, (lo, hi))
+    return lo
+
+
+def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
+    """Dense interpolation weights of every bin along one axis.
+
+    Args:
+      start, bin_size: [K] RoI start coordinate and bin size on this axis.
+      grid: [K] int32 samples per bin on this axis.
+      pooled: number of bins on this axis.
+      size: feature map size on this axis.
+
+    Returns:
+      [K, pooled, size]: weight of each feature row (or column) in each bin,
+      summed over the bin's samples that lie in [-1, size].
+    """
+    dtype = start.dtype
+    num_rois = start.shape[0]
+    bins = jnp.arange(pooled, dtype=dtype)
+    bin_start = bins[None, :] * bin_size[:, None] + start[:, None]  # [K, P]
+    grid_kp = jnp.broadcast_to(grid[:, None], bin_start.shape)
+    if sampling_ratio > 0:
+        index = jnp.broadcast_to(jnp.arange(sampling_ratio, dtype=jnp.int32),
+                                 bin_start.shape + (sampling_ratio,))
+    else:
+        # Consecutive adaptive samples are more than 0.5 apart (or alone in
+        # their bin), so at most 2 * size + 3 of them fall in [-1, size].
+        span = min(2 * size + 3, MAX_GRID_PER_AXIS)
+        first = _first_in_map_sample(bin_start, bin_size[:, None], grid_kp)
+        index = first[..., None] + jnp.arange(span, dtype=jnp.int32)
+    coord = _sample_coordinates(bin_start[..., None], bin_size[:, None, None],
+                                grid_kp[..., None], index)
+    inside = (index < grid_kp[..., None]) & (coord >= -1) & (coord <= size)
+
+    # torchvision's border rules: clamp to 0 below, to the last pixel above.
+    coord = jnp.where(inside, jnp.maximum(coord, 0), 0)
+    low = jnp.floor(coord).astype(jnp.int32)
+    at_end = low >= size - 1
+    low = jnp.where(at_end, size - 1, low)
+    high = jnp.where(at_end, size - 1, low + 1)
+    frac = jnp.where(at_end, 0, coord - low.astype(dtype))
+    w_low = jnp.where(inside, 1 - frac, 0)
+    w_high = jnp.where(inside, frac, 0)
+
+    roi = jnp.arange(num_rois)[:, None, None]
+    bin_index = jnp.arange(pooled)[None, :, None]
+    weights = jnp.zeros((num_rois, pooled, size), dtype)
+    weights = weights.at[roi, bin_index, low].add(w_low)
+    return weights.at[roi, bin_index, high].add(w_high)
+
+
+def ps_roi_align_reference(features, rois, output_size, spatial_scale=1.0,
+                           sampling_ratio=-1):
+    """PS-RoI Align in ``jax.numpy``.
+
+    Args:
+      features: [N, C, H, W] float array, C = C_out * PH * PW.
+      rois: [K, 5] array of (batch_index, x1, y1, x2, y2) in input coordinates.
+      output_size: (PH, PW) python ints.
+      spatial_scale: python float mapping box coordinates to feature pixels.
+      sampling_ratio: python int; <= 0 means an adaptive grid.
+
+    Returns:
+      [K, C_out, PH, PW] array of the features' dtype.
+    """
+    pooled_h, pooled_w = output_size
+    n, c, h, w = features.shape
+    c_out = c // (pooled_h * pooled_w)
+    dtype = features.dtype
+    rois = jnp.asarray(rois, dtype)
+    scale = jnp.asarray(spatial_scale, dtype)
+
+    start_w = rois[:, 1] * scale - 0.5
+    start_h = rois[:, 2] * scale - 0.5
+    end_w = rois[:, 3] * scale - 0.5
+    end_h = rois[:, 4] * scale - 0.5
+    bin_w = _divide_by_constant(end_w - start_w, pooled_w)
+    bin_h = _divide_by_constant(end_h - start_h, pooled_h)
+    finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
+              & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
+    # Non-finite RoIs give 0: compute their (discarded) weights from zeros.
+    start_w, start_h, bin_w, bin_h = (jnp.where(finite, v, 0)
+                                      for v in (start_w, start_h, bin_w, bin_h))
+    grid_h = _grid_size(bin_h, sampling_ratio)
+    grid_w = _grid_size(bin_w, sampling_ratio)
+
+    # torchvision truncates the batch index toward zero, accepting (-1, N).
+    batch = rois[:, 0]
+    batch_ok = (batch > -1) & (batch < n)
+    image = jnp.where(batch_ok, batch, 0).astype(jnp.int32)
+    valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
+
+    count = grid_h.astype(dtype) * grid_w.astype(dtype)
+    row_w = _axis_weights(start_h, bin_h, grid_h, pooled_h, h, sampling_ratio)
+    col_w = _axis_weights(start_w, bin_w, grid_w, pooled_w, w, sampling_ratio)
+    # Fold the average and the RoI's validity into the row weights.
+    row_w = row_w * jnp.where(valid, 1 / jnp.where(valid, count, 1), 0)[:, None, None]
+
+    # select[k, n] picks RoI k's image; the contraction over images and
+    # columns comes first so the largest intermediate is [K, C, H].
+    select = jax.nn.one_hot(image, n, dtype=dtype)
+    image_col_w = jnp.einsum("kn,kqx->knqx", select, col_w)
+    x = features.reshape(n, c_out, pooled_h, pooled_w, h, w)
+    by_row = jnp.einsum("knqx,nopqyx->kopqy", image_col_w, x)
+    return jnp.einsum("kopqy,kpy->kopq", by_row, row_w)

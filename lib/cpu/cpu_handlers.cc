@@ -1,0 +1,149 @@
+// XLA FFI handlers for the CPU: decode buffers, check shapes, and split the
+// work over XLA's intra-op thread pool. Errors are returned, never thrown.
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+
+#include "cpu/psroi_cpu_kernels.h"
+#include "ffi_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_psroi {
+namespace cpu {
+namespace {
+
+// Runs body(begin, end) over [0, total) in a few chunks per pool thread and
+// returns a future that completes when the last chunk is done. Small calls
+// run inline: scheduling costs more than they do.
+template <typename Body>
+ffi::Future run_chunked(ffi::ThreadPool& pool, int64_t total,
+                        int64_t work_per_item, Body body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  constexpr int64_t kInlineWork = int64_t{1} << 15;
+  const int64_t chunks = std::min<int64_t>(total, threads * 4);
+  if (chunks <= 1 || total * work_per_item < kInlineWork) {
+    body(0, total);
+    ffi::Promise done;
+    ffi::Future future(done);
+    done.SetAvailable();
+    return future;
+  }
+  ffi::CountDownPromise remaining(chunks);
+  ffi::Future future(remaining);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t begin = total * chunk / chunks;
+    const int64_t end = total * (chunk + 1) / chunks;
+    pool.Schedule([body, begin, end, remaining]() mutable {
+      body(begin, end);
+      remaining.CountDown();
+    });
+  }
+  return future;
+}
+
+ffi::Future ready_with(ffi::Error error) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  promise.SetError(std::move(error));
+  return future;
+}
+
+template <ffi::DataType dtype>
+ffi::Future forward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> input,
+                    ffi::Buffer<dtype, 2> rois,
+                    ffi::ResultBuffer<dtype, 4> output, double spatial_scale,
+                    int64_t sampling_ratio) {
+  using T = ffi::NativeType<dtype>;
+  ffi::ErrorOr<PsRoiDims> dims =
+      call_dims(input.dimensions(), rois.dimensions(), output->dimensions());
+  if (dims.has_error()) return ready_with(dims.error());
+  const PsRoiDims d = dims.value();
+  const T* in = input.typed_data();
+  const T* boxes = rois.typed_data();
+  T* out = output->typed_data();
+  const T scale = static_cast<T>(spatial_scale);
+  return run_chunked(pool, d.num_rois, d.channels_out * d.bins() * 16,
+                     [=](int64_t begin, int64_t end) {
+                       forward_rois(in, boxes, d, scale, sampling_ratio, begin,
+                                    end, out);
+                     });
+}
+
+template <ffi::DataType dtype>
+ffi::Future backward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> cotangent,
+                     ffi::Buffer<dtype, 2> rois,
+                     ffi::ResultBuffer<dtype, 4> grad_input,
+                     double spatial_scale, int64_t sampling_ratio) {
+  using T = ffi::NativeType<dtype>;
+  ffi::ErrorOr<PsRoiDims> dims = call_dims(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions());
+  if (dims.has_error()) return ready_with(dims.error());
+  const PsRoiDims d = dims.value();
+  const T* cot = cotangent.typed_data();
+  const T* boxes = rois.typed_data();
+  T* grad = grad_input->typed_data();
+  const T scale = static_cast<T>(spatial_scale);
+  return run_chunked(
+      pool, d.bins(),
+      (d.num_rois + d.num_images * d.plane_size()) * d.channels_out * 16,
+      [=](int64_t begin, int64_t end) {
+        backward_bins(cot, boxes, d, scale, sampling_ratio, begin, end, grad);
+      });
+}
+
+template <ffi::DataType dtype>
+ffi::Error forward_elementwise_handler(ffi::Buffer<dtype, 4> input,
+                                       ffi::Buffer<dtype, 2> rois,
+                                       ffi::ResultBuffer<dtype, 4> output,
+                                       double spatial_scale,
+                                       int64_t sampling_ratio) {
+  using T = ffi::NativeType<dtype>;
+  ffi::ErrorOr<PsRoiDims> dims =
+      call_dims(input.dimensions(), rois.dimensions(), output->dimensions());
+  if (dims.has_error()) return dims.error();
+  forward_elementwise(input.typed_data(), rois.typed_data(), dims.value(),
+                      static_cast<T>(spatial_scale), sampling_ratio,
+                      output->typed_data());
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType dtype>
+ffi::Error backward_elementwise_handler(ffi::Buffer<dtype, 4> cotangent,
+                                        ffi::Buffer<dtype, 2> rois,
+                                        ffi::ResultBuffer<dtype, 4> grad_input,
+                                        double spatial_scale,
+                                        int64_t sampling_ratio) {
+  using T = ffi::NativeType<dtype>;
+  ffi::ErrorOr<PsRoiDims> dims = call_dims(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions());
+  if (dims.has_error()) return dims.error();
+  backward_elementwise(cotangent.typed_data(), rois.typed_data(), dims.value(),
+                       static_cast<T>(spatial_scale), sampling_ratio,
+                       grad_input->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace jax_psroi
+
+namespace ffi = ::xla::ffi;
+
+#define JAX_PSROI_DEFINE_CPU_HANDLERS(suffix, dtype)                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
+      JaxPsroiForwardCpu##suffix, jax_psroi::cpu::forward<dtype>,            \
+      ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JAX_PSROI_BIND_ARGS(dtype));   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
+      JaxPsroiBackwardCpu##suffix, jax_psroi::cpu::backward<dtype>,          \
+      ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JAX_PSROI_BIND_ARGS(dtype));   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
+      JaxPsroiForwardElementwiseCpu##suffix,                                 \
+      jax_psroi::cpu::forward_elementwise_handler<dtype>,                    \
+      ffi::Ffi::Bind() JAX_PSROI_BIND_ARGS(dtype));                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                             \
+      JaxPsroiBackwardElementwiseCpu##suffix,                                \
+      jax_psroi::cpu::backward_elementwise_handler<dtype>,                   \
+      ffi::Ffi::Bind() JAX_PSROI_BIND_ARGS(dtype));
+
+JAX_PSROI_DEFINE_CPU_HANDLERS(F32, ffi::F32)
+JAX_PSROI_DEFINE_CPU_HANDLERS(F64, ffi::F64)

@@ -1,0 +1,347 @@
+// Shared per-element math of Position-Sensitive RoI Align.
+//
+// This header is the single source of truth for box geometry, the sampling
+// grid, bilinear weights and the per-output-element work. It compiles for the
+// host (CPU kernels, and therefore every CPU test) and for the device (CUDA
+// kernels), so the GPU runs exactly the arithmetic the CPU tests check.
+//
+// Semantics follow torchvision's ps_roi_align kernel (0.29): a -0.5 pixel
+// offset, no clamp of the RoI size, an adaptive grid of ceil(bin_size) samples
+// per bin axis when sampling_ratio <= 0, samples in [-1, 0] reading the border,
+// samples outside [-1, size] contributing 0, and division by the sample count.
+// Deliberate deviations (each one a case where torchvision reads out of
+// bounds, returns NaN or never terminates):
+//   * an RoI with a batch index outside [0, N) or NaN gives 0 and reads nothing;
+//   * an RoI with non-finite geometry gives 0;
+//   * an empty sampling grid (zero-size or inverted box, adaptive) gives 0;
+//   * samples outside the feature map are skipped by computing the range of
+//     in-map samples (binary search over a monotone coordinate), so the work
+//     per bin is bounded by the map size however large the box is;
+//   * the grid is capped at kMaxGridPerAxis samples per bin axis.
+#ifndef JAX_PSROI_PSROI_MATH_H_
+#define JAX_PSROI_PSROI_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PSROI_HD __host__ __device__ __forceinline__
+#else
+#define PSROI_HD inline
+#endif
+
+namespace jax_psroi {
+
+// Beyond 2^23 samples, `i + 0.5` is no longer exact in float32 (torchvision
+// computes it in float), and torchvision would loop that many times per bin.
+constexpr int64_t kMaxGridPerAxis = int64_t{1} << 23;
+
+// Type in which a bin's samples are accumulated: float32 and float64 keep their
+// own precision; bfloat16/float16 will map to float here.
+template <typename T>
+struct Accumulator {
+  using type = T;
+};
+
+// Sizes of one call, shared by forward and backward.
+struct PsRoiDims {
+  int64_t num_images;    // N
+  int64_t channels;      // C = channels_out * pooled_h * pooled_w
+  int64_t height;        // H
+  int64_t width;         // W
+  int64_t num_rois;      // K
+  int64_t channels_out;  // C / (pooled_h * pooled_w)
+  int64_t pooled_h;
+  int64_t pooled_w;
+
+  PSROI_HD int64_t plane_size() const { return height * width; }
+  PSROI_HD int64_t bins() const { return pooled_h * pooled_w; }
+  PSROI_HD int64_t outputs() const { return num_rois * channels_out * bins(); }
+};
+
+// Layout of the feature map: where element (n, c, y, x) lives. NCHW today;
+// a channels-last layout is another struct with the same two members.
+struct NchwLayout {
+  int64_t channels, height, width;
+
+  PSROI_HD int64_t plane_offset(int64_t image, int64_t channel) const {
+    return (image * channels + channel) * height * width;
+  }
+  PSROI_HD int64_t pixel_offset(int64_t y, int64_t x) const {
+    return y * width + x;
+  }
+};
+
+// Input channel read by output channel `c_out` at bin (ph, pw): the
+// position-sensitive channel mapping.
+PSROI_HD int64_t input_channel(const PsRoiDims& d, int64_t c_out, int64_t ph,
+                               int64_t pw) {
+  return (c_out * d.pooled_h + ph) * d.pooled_w + pw;
+}
+
+// Decomposition of a flat output index over [K, C_out, PH, PW].
+struct OutputIndex {
+  int64_t roi, c_out, ph, pw;
+};
+
+PSROI_HD OutputIndex decompose_output_index(const PsRoiDims& d, int64_t index) {
+  OutputIndex o;
+  o.pw = index % d.pooled_w;
+  index /= d.pooled_w;
+  o.ph = index % d.pooled_h;
+  index /= d.pooled_h;
+  o.c_out = index % d.channels_out;
+  o.roi = index / d.channels_out;
+  return o;
+}
+
+// One axis (y or x) of an RoI: where it starts, its bin size and how many
+// samples each bin takes along this axis.
+template <typename T>
+struct RoiAxis {
+  T start;
+  T bin_size;
+  int64_t grid;  // samples per bin along this axis; 0 means "no samples"
+
+  // Coordinate of sample `i` of bin `bin`, in torchvision's evaluation order
+  // (bin start first, then (i + 0.5) * bin_size / grid added to it).
+  PSROI_HD T sample(int64_t bin, int64_t i) const {
+    const T bin_start = static_cast<T>(bin) * bin_size + start;
+    return bin_start +
+           (static_cast<T>(i) + static_cast<T>(0.5)) * bin_size /
+               static_cast<T>(grid);
+  }
+};
+
+template <typename T>
+struct RoiGeometry {
+  int64_t image;  // -1 when the RoI reads nothing (bad batch index or geometry)
+  RoiAxis<T> y, x;
+  T count;        // samples per bin, the divisor of the average
+
+  PSROI_HD bool empty() const { return image < 0 || y.grid <= 0 || x.grid <= 0; }
+};
+
+template <typename T>
+PSROI_HD bool is_finite(T v) {
+  return v - v == static_cast<T>(0);  // false for NaN and +-inf, on host and device
+}
+
+// Samples per bin along one axis: the user's ratio, or ceil(bin_size) clamped
+// to [0, kMaxGridPerAxis] before any float-to-int conversion.
+template <typename T>
+PSROI_HD int64_t grid_size(T bin_size, int64_t sampling_ratio) {
+  if (sampling_ratio > 0) return sampling_ratio;
+  const T g = ceil(bin_size);
+  if (!(g > static_cast<T>(0))) return 0;
+  if (g >= static_cast<T>(kMaxGridPerAxis)) return kMaxGridPerAxis;
+  return static_cast<int64_t>(g);
+}
+
+// Geometry of RoI `roi` = (batch_index, x1, y1, x2, y2), as torchvision
+// computes it in T.
+template <typename T>
+PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
+                                     T spatial_scale, int64_t sampling_ratio) {
+  RoiGeometry<T> g;
+  const T half = static_cast<T>(0.5);
+  const T start_w = roi[1] * spatial_scale - half;
+  const T start_h = roi[2] * spatial_scale - half;
+  const T end_w = roi[3] * spatial_scale - half;
+  const T end_h = roi[4] * spatial_scale - half;
+  g.x.start = start_w;
+  g.y.start = start_h;
+  g.x.bin_size = (end_w - start_w) / static_cast<T>(d.pooled_w);
+  g.y.bin_size = (end_h - start_h) / static_cast<T>(d.pooled_h);
+  g.x.grid = grid_size(g.x.bin_size, sampling_ratio);
+  g.y.grid = grid_size(g.y.bin_size, sampling_ratio);
+  g.count = static_cast<T>(g.y.grid) * static_cast<T>(g.x.grid);
+
+  // torchvision truncates the index toward zero, so (-1, N) is accepted;
+  // the comparisons are false for NaN.
+  const T batch = roi[0];
+  const bool batch_ok = batch > static_cast<T>(-1) &&
+                        batch < static_cast<T>(d.num_images);
+  const bool finite = is_finite(start_w) && is_finite(start_h) &&
+                      is_finite(g.x.bin_size) && is_finite(g.y.bin_size);
+  g.image = (batch_ok && finite) ? static_cast<int64_t>(batch) : -1;
+  return g;
+}
+
+// Bilinear interpolation along one axis for coordinate `v` on an axis of
+// `size` pixels, with torchvision's border rules.
+template <typename T>
+struct AxisTap {
+  bool valid;
+  int64_t low, high;
+  T w_low, w_high;
+};
+
+template <typename T>
+PSROI_HD AxisTap<T> axis_tap(T v, int64_t size) {
+  AxisTap<T> t;
+  // Written as !(in range) so NaN takes this branch.
+  if (!(v >= static_cast<T>(-1) && v <= static_cast<T>(size))) {
+    t.valid = false;
+    t.low = t.high = 0;
+    t.w_low = t.w_high = static_cast<T>(0);
+    return t;
+  }
+  t.valid = true;
+  if (v <= static_cast<T>(0)) v = static_cast<T>(0);
+  t.low = static_cast<int64_t>(v);  // v is in [0, size]: the cast is defined
+  if (t.low >= size - 1) {
+    t.low = t.high = size - 1;
+    v = static_cast<T>(t.low);
+  } else {
+    t.high = t.low + 1;
+  }
+  const T frac = v - static_cast<T>(t.low);
+  t.w_high = frac;
+  t.w_low = static_cast<T>(1) - frac;
+  return t;
+}
+
+// Range [begin, end) of sample indices of bin `bin` whose coordinate lies in
+// [-1, size]. Sample coordinates are monotone in the index (increasing for a
+// positive bin size, decreasing for a negative one), so the in-map samples are
+// contiguous and two binary searches find them in O(log grid) evaluations.
+struct SampleRange {
+  int64_t begin, end;
+};
+
+// First index in [lo, hi) whose sample has reached `edge` in the direction of
+// travel (inclusive: v >= edge / v <= edge; exclusive: v > edge / v < edge).
+template <typename T>
+PSROI_HD int64_t first_sample_reaching(const RoiAxis<T>& axis, int64_t bin,
+                                       int64_t lo, int64_t hi, T edge,
+                                       bool increasing, bool inclusive) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const T v = axis.sample(bin, mid);
+    const bool reached = increasing ? (inclusive ? v >= edge : v > edge)
+                                    : (inclusive ? v <= edge : v < edge);
+    if (reached) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+template <typename T>
+PSROI_HD SampleRange in_map_samples(const RoiAxis<T>& axis, int64_t bin,
+                                    int64_t size) {
+  const T lower = static_cast<T>(-1);
+  const T upper = static_cast<T>(size);
+  const bool increasing = axis.bin_size >= static_cast<T>(0);
+  // Increasing: before the map while v < -1, inside, then past it once
+  // v > size. Decreasing: the same with the edges swapped.
+  SampleRange r;
+  r.begin = first_sample_reaching(axis, bin, 0, axis.grid,
+                                  increasing ? lower : upper, increasing,
+                                  /*inclusive=*/true);
+  r.end = first_sample_reaching(axis, bin, r.begin, axis.grid,
+                                increasing ? upper : lower, increasing,
+                                /*inclusive=*/false);
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// Per-output-element work: one output value, or the scatter of one output's
+// cotangent. Used by the CUDA kernels (one thread per element) and by the CPU
+// "elementwise" kernels that tests run against the reference.
+
+template <typename T, typename Layout>
+PSROI_HD T forward_element(const T* input, const T* rois, const PsRoiDims& d,
+                           const Layout& layout, T spatial_scale,
+                           int64_t sampling_ratio, int64_t index) {
+  using Acc = typename Accumulator<T>::type;
+  const OutputIndex o = decompose_output_index(d, index);
+  const RoiGeometry<T> g =
+      roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
+  if (g.empty()) return static_cast<T>(0);
+  const T* plane =
+      input + layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
+  const SampleRange ry = in_map_samples(g.y, o.ph, d.height);
+  const SampleRange rx = in_map_samples(g.x, o.pw, d.width);
+  Acc sum = static_cast<Acc>(0);
+  for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
+    const AxisTap<T> ty = axis_tap(g.y.sample(o.ph, iy), d.height);
+    if (!ty.valid) continue;
+    for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
+      const AxisTap<T> tx = axis_tap(g.x.sample(o.pw, ix), d.width);
+      if (!tx.valid) continue;
+      const Acc w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
+      const Acc w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
+      sum += w1 * plane[layout.pixel_offset(ty.low, tx.low)] +
+             w2 * plane[layout.pixel_offset(ty.low, tx.high)] +
+             w3 * plane[layout.pixel_offset(ty.high, tx.low)] +
+             w4 * plane[layout.pixel_offset(ty.high, tx.high)];
+    }
+  }
+  return static_cast<T>(sum / static_cast<Acc>(g.count));
+}
+
+// Adds the contribution of output element `index` with cotangent `cot` into
+// `grad_input` through `add(pointer, value)` (atomic on the GPU).
+template <typename T, typename Layout, typename AddFn>
+PSROI_HD void backward_element(const T* cot, const T* rois, const PsRoiDims& d,
+                               const Layout& layout, T spatial_scale,
+                               int64_t sampling_ratio, int64_t index,
+                               T* grad_input, AddFn add) {
+  const OutputIndex o = decompose_output_index(d, index);
+  const RoiGeometry<T> g =
+      roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
+  if (g.empty()) return;
+  T* plane = grad_input +
+             layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
+  const T grad = cot[index];
+  const SampleRange ry = in_map_samples(g.y, o.ph, d.height);
+  const SampleRange rx = in_map_samples(g.x, o.pw, d.width);
+  for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
+    const AxisTap<T> ty = axis_tap(g.y.sample(o.ph, iy), d.height);
+    if (!ty.valid) continue;
+    for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
+      const AxisTap<T> tx = axis_tap(g.x.sample(o.pw, ix), d.width);
+      if (!tx.valid) continue;
+      add(plane + layout.pixel_offset(ty.low, tx.low), grad * (ty.w_low * tx.w_low) / g.count);
+      add(plane + layout.pixel_offset(ty.low, tx.high), grad * (ty.w_low * tx.w_high) / g.count);
+      add(plane + layout.pixel_offset(ty.high, tx.low), grad * (ty.w_high * tx.w_low) / g.count);
+      add(plane + layout.pixel_offset(ty.high, tx.high), grad * (ty.w_high * tx.w_high) / g.count);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Separable form of one bin, for kernels that reuse a bin's geometry across
+// all output channels (the CPU kernels). Bilinear weights factor into a row
+// part and a column part, and the in-map test is separable too, so a bin's
+// value is  sum_r sum_c row_w[r] * col_w[c] * plane[r, c] / count,  where
+// row_w[r] sums, over the bin's in-map row samples, the weight each gives row
+// r. `weights` must hold `size` zeros; on return the touched entries are in
+// [first, last] and the caller must zero them again after use.
+struct AxisSpan {
+  int64_t first, last;  // inclusive; empty when first > last
+};
+
+template <typename T>
+PSROI_HD AxisSpan accumulate_axis_weights(const RoiAxis<T>& axis, int64_t bin,
+                                          int64_t size, T* weights) {
+  AxisSpan span{size, -1};
+  const SampleRange r = in_map_samples(axis, bin, size);
+  for (int64_t i = r.begin; i < r.end; ++i) {
+    const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);
+    if (!t.valid) continue;
+    weights[t.low] += t.w_low;
+    weights[t.high] += t.w_high;
+    if (t.low < span.first) span.first = t.low;
+    if (t.high > span.last) span.last = t.high;
+  }
+  return span;
+}
+
+}  // namespace jax_psroi
+
+#endif  // JAX_PSROI_PSROI_MATH_H_
