@@ -20,7 +20,8 @@ if(NOT JAX_PSROI_CUDA STREQUAL "OFF")
 
     nanobind_add_module(_cuda NB_STATIC STABLE_ABI
       lib/cuda/cuda_module.cc
-      lib/cuda/cuda_kernels.cu)
+      lib/cuda/cuda_handlers.cc
+      lib/cuda/psroi_cuda_kernels.cu)
     target_include_directories(_cuda PRIVATE "${JAX_PSROI_LIB}")
     target_include_directories(_cuda SYSTEM PRIVATE "${XLA_INCLUDE_DIR}")
     # No fused multiply-add: the GPU then rounds like the CPU kernels that

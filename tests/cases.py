@@ -1,0 +1,69 @@
+"""Random and hostile inputs shared by the tests."""
+
+import jax
+import numpy as np
+
+# Tolerances keyed by dtype: summation order differs between the kernels and
+# the oracles, nothing else.
+TOLERANCE = {np.dtype(np.float32): dict(atol=1e-5, rtol=1e-5),
+             np.dtype(np.float64): dict(atol=1e-10, rtol=1e-10)}
+
+
+def random_features(rng, n, c, h, w, dtype):
+    return rng.normal(size=(n, c, h, w)).astype(dtype)
+
+
+def random_rois(rng, k, n, h, w, spatial_scale, dtype, outside=0.5):
+    """[K, 5] boxes in image coordinates over an image of the map's extent.
+
+    `outside` widens the range corners are drawn from, so some boxes are
+    partly or wholly off the map.
+    """
+    extent = np.array([w, h], np.float64) / spatial_scale
+    lo = -outside * extent
+    hi = (1 + outside) * extent
+    p = rng.uniform(lo, hi, size=(k, 2, 2))
+    x1, x2 = np.sort(p[:, :, 0], axis=1).T
+    y1, y2 = np.sort(p[:, :, 1], axis=1).T
+    batch = rng.integers(0, n, size=k)
+    return np.stack([batch, x1, y1, x2, y2], axis=1).astype(dtype)
+
+
+def hostile_rois(n, h, w, dtype):
+    """RoIs on which torchvision misbehaves, each paired with a sane one."""
+    inf, nan = np.inf, np.nan
+    rows = [
+        [0, 1, 1, 5, 5],             # sane
+        [-1, 1, 1, 5, 5],            # batch index below range
+        [n, 1, 1, 5, 5],             # batch index == N
+        [1e9, 1, 1, 5, 5],           # batch index far out
+        [nan, 1, 1, 5, 5],           # NaN batch index
+        [0, nan, 1, 5, 5],           # NaN coordinate
+        [0, 1, 1, inf, 5],           # infinite coordinate
+        [0, -inf, -inf, inf, inf],   # infinite box
+        [0, 2, 2, 2, 2],             # zero-size box
+        [0, 6, 6, 2, 2],             # inverted box
+        [n - 0.5, 1, 1, 5, 5],       # fractional index, truncated to n - 1
+        [-0.5, 1, 1, 5, 5],          # truncated toward zero: image 0
+        [0, -1e6, -1e6, 1e6, 1e6],   # huge box, adaptive grid ~ 3e5 per bin
+        [0, -1e30, -1e30, 1e30, 1e30],  # grid capped at 2**23 per bin axis
+        [0, 3e38, 3e38, 3.4e38, 3.4e38],  # near float32 max, off the map
+    ]
+    return np.array(rows, dtype)
+
+
+def native_elementwise(direction, operand, rois, out_shape, spatial_scale,
+                       sampling_ratio):
+    """Runs the CPU build of the GPU's per-element code (test-only targets)."""
+    suffix = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}[
+        np.dtype(operand.dtype)]
+    call = jax.ffi.ffi_call(f"jax_psroi_{direction}_elementwise_{suffix}",
+                            jax.ShapeDtypeStruct(out_shape, operand.dtype))
+    return call(operand, rois, spatial_scale=float(spatial_scale),
+                sampling_ratio=int(sampling_ratio))
+
+
+def forward_shape(features_shape, num_rois, output_size):
+    ph, pw = output_size
+    return (num_rois, features_shape[1] // (ph * pw), ph, pw)
+

@@ -1,0 +1,234 @@
+"""Forward pass: native CPU kernel against the oracles."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_psroi
+from cases import (TOLERANCE, forward_shape, hostile_rois, native_elementwise,
+                   random_features, random_rois)
+from loop_reference import ps_roi_align_loops
+
+DTYPES = [np.float32, np.float64]
+
+
+def _native(features, rois, output_size, scale, ratio):
+    return jax.jit(jax_psroi.ps_roi_align, static_argnums=(2, 3, 4))(
+        features, rois, output_size, scale, ratio)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output_size", [(3, 3), (2, 3), (1, 1)])
+@pytest.mark.parametrize("spatial_scale,sampling_ratio", [
+    (1.0, -1), (1.0, 2), (0.5, 0), (0.5, 1), (1 / 16, -1), (1 / 16, 4),
+])
+def test_random_cases_match_reference(dtype, output_size, spatial_scale,
+                                      sampling_ratio):
+    rng = np.random.default_rng(hash((output_size, spatial_scale,
+                                      sampling_ratio)) % 2**32)
+    ph, pw = output_size
+    features = random_features(rng, 3, 2 * ph * pw, 9, 13, dtype)
+    rois = random_rois(rng, 17, 3, 9, 13, spatial_scale, dtype)
+    out = _native(features, rois, output_size, spatial_scale, sampling_ratio)
+    ref = jax_psroi.ps_roi_align_reference(features, rois, output_size,
+                                           spatial_scale, sampling_ratio)
+    elementwise = native_elementwise("forward", features, rois, out.shape,
+                                     spatial_scale, sampling_ratio)
+    chex.assert_shape(out, forward_shape(features.shape, 17, output_size))
+    assert out.dtype == dtype
+    assert np.abs(np.asarray(out)).max() > 0.01  # not trivially zero
+    np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(elementwise, ref, **TOLERANCE[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 4])
+def test_small_cases_match_torchvision_loops(dtype, sampling_ratio):
+    rng = np.random.default_rng(sampling_ratio + 10)
+    features = random_features(rng, 2, 8, 6, 7, dtype)
+    rois = random_rois(rng, 6, 2, 6, 7, 0.5, dtype)
+    out = _native(features, rois, (2, 2), 0.5, sampling_ratio)
+    loops = ps_roi_align_loops(features, rois, (2, 2), 0.5, sampling_ratio)
+    np.testing.assert_allclose(out, loops, **TOLERANCE[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("height,width", [(1, 6), (6, 1), (1, 1)])
+def test_single_row_or_column_maps(height, width):
+    rng = np.random.default_rng(height * 10 + width)
+    features = random_features(rng, 1, 4, height, width, np.float64)
+    rois = random_rois(rng, 8, 1, height, width, 1.0, np.float64, outside=1.0)
+    for ratio in (-1, 2):
+        out = _native(features, rois, 2, 1.0, ratio)
+        loops = ps_roi_align_loops(features, rois, (2, 2), 1.0, ratio)
+        np.testing.assert_allclose(out, loops, atol=1e-12)
+
+
+class HandComputedTest(chex.TestCase):
+    """Values worked out on paper for a 2x2 map [[1, 2], [3, 4]]."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_single_samples_and_averages(self):
+        plane = jnp.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+        op = self.variant(
+            lambda boxes, ratio: jax_psroi.ps_roi_align(plane, boxes, 1, 1.0, ratio),
+            static_argnums=1)
+        # (0,0)-(1,1): start -0.5, one sample at (0, 0) -> pixel (0, 0).
+        chex.assert_trees_all_close(op(jnp.array([[0, 0, 0, 1, 1.0]]), 1),
+                                    jnp.full((1, 1, 1, 1), 1.0))
+        # (0.5,0.5)-(1.5,1.5): one sample at (0.5, 0.5): mean of all four.
+        chex.assert_trees_all_close(op(jnp.array([[0, 0.5, 0.5, 1.5, 1.5]]), 1),
+                                    jnp.full((1, 1, 1, 1), 2.5))
+        # (0,0)-(2,2) with 2x2 samples at 0 and 1 on each axis: the corners.
+        chex.assert_trees_all_close(op(jnp.array([[0, 0, 0, 2, 2.0]]), 2),
+                                    jnp.full((1, 1, 1, 1), 2.5))
+        # Sample at y = -0.75 (in [-1, 0]) reads row 0; x = 1.5 -> 1.5 on row 0.
+        chex.assert_trees_all_close(op(jnp.array([[0, 1.5, -0.75, 2.5, 0.25]]), 1),
+                                    jnp.full((1, 1, 1, 1), 2.0))
+        # Sample at y = -1.25 is off the map: 0.
+        chex.assert_trees_all_close(op(jnp.array([[0, 0, -1.25, 1, -0.25]]), 1),
+                                    jnp.zeros((1, 1, 1, 1)))
+        # Sample at y = 1.75 (in [H-1, H]) reads the last row: 3 + 0.5 = 3.5.
+        chex.assert_trees_all_close(op(jnp.array([[0, 0.5, 1.75, 1.5, 2.75]]), 1),
+                                    jnp.full((1, 1, 1, 1), 3.5))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_position_sensitive_channel_mapping(self):
+        # Channel c is constant c: bin (i, j) of output channel o must read
+        # input channel (o * 2 + i) * 3 + j.
+        c_out, ph, pw = 2, 2, 3
+        channels = c_out * ph * pw
+        features = jnp.broadcast_to(
+            jnp.arange(channels, dtype=jnp.float32)[None, :, None, None],
+            (1, channels, 5, 5))
+        out = self.variant(
+            lambda f: jax_psroi.ps_roi_align(f, [jnp.array([[0.0, 0, 4, 4]])],
+                                             (ph, pw)))(features)
+        expected = np.arange(channels, dtype=np.float32).reshape(1, c_out, ph, pw)
+        chex.assert_trees_all_close(out, expected)
+
+    def test_adaptive_grid_exact_at_integer_ratio(self):
+        # roi width 21 over 7 bins: grid = ceil(3) = 3 in float32, not 4.
+        # With a linear ramp the mean of 3 samples at offsets 0.5, 1.5, 2.5
+        # is the bin centre; 4 samples would give the same mean, so use a
+        # quadratic profile to tell them apart.
+        x = jnp.arange(32, dtype=jnp.float32) ** 2
+        features = jnp.broadcast_to(x, (1, 7, 1, 32))
+        box = np.array([[0, 0.5, 0, 21.5, 0]], np.float32)
+        out = jax_psroi.ps_roi_align(features, box, (1, 7), 1.0, -1)
+        loops = ps_roi_align_loops(np.asarray(features), box, (1, 7), 1.0, -1)
+        grid4 = ps_roi_align_loops(np.asarray(features), box, (1, 7), 1.0, 4)
+        np.testing.assert_allclose(out, loops, rtol=1e-6)
+        assert not np.allclose(out, grid4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_hostile_rois_are_safe(dtype, sampling_ratio):
+    n, h, w = 2, 6, 7
+    rng = np.random.default_rng(7)
+    features = random_features(rng, n, 4, h, w, dtype)
+    rois = hostile_rois(n, h, w, dtype)
+    out = np.asarray(_native(features, rois, 2, 1.0, sampling_ratio))
+    ref = np.asarray(jax_psroi.ps_roi_align_reference(
+        features, rois, (2, 2), 1.0, sampling_ratio))
+    elementwise = native_elementwise("forward", features, rois, out.shape,
+                                     1.0, sampling_ratio)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(elementwise, ref, **TOLERANCE[np.dtype(dtype)])
+
+    sane = [0, 10, 11]  # rows torchvision handles: its loops must agree
+    np.testing.assert_allclose(
+        out[sane], ps_roi_align_loops(features, rois[sane], (2, 2), 1.0,
+                                      sampling_ratio),
+        **TOLERANCE[np.dtype(dtype)])
+    invalid = [1, 2, 3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(out[invalid], 0)
+    if sampling_ratio <= 0:
+        np.testing.assert_array_equal(out[[8, 9]], 0)  # empty adaptive grids
+    else:
+        np.testing.assert_allclose(
+            out[[8, 9]], ps_roi_align_loops(features, rois[[8, 9]], (2, 2),
+                                            1.0, sampling_ratio),
+            **TOLERANCE[np.dtype(dtype)])
+    if sampling_ratio <= 0:
+        # A box 2e6 wide averages ~2.5e11 samples per bin, of which only those
+        # on the map are visited: small, but not zero.
+        assert np.abs(out[12]).max() > 0
+
+
+def test_huge_box_matches_exhaustive_sum():
+    # A box large enough that most samples are off the map, small enough to
+    # visit every sample in the loop oracle: the skipping is exact.
+    rng = np.random.default_rng(3)
+    features = random_features(rng, 1, 1, 5, 6, np.float64)
+    rois = np.array([[0, -300, -200, 400, 350]], np.float64)
+    out = _native(features, rois, 1, 1.0, -1)
+    loops = ps_roi_align_loops(features, rois, (1, 1), 1.0, -1)
+    np.testing.assert_allclose(out, loops, rtol=1e-12)
+
+
+def test_empty_boxes():
+    features = np.ones((1, 8, 4, 4), np.float32)
+    out = _native(features, np.zeros((0, 5), np.float32), 2, 1.0, -1)
+    chex.assert_shape(out, (0, 2, 2, 2))
+    out = jax_psroi.ps_roi_align(features, [np.zeros((0, 4), np.float32)], 2)
+    chex.assert_shape(out, (0, 2, 2, 2))
+
+
+def test_list_of_boxes_equals_batch_index_form():
+    rng = np.random.default_rng(5)
+    features = random_features(rng, 3, 9, 8, 8, np.float32)
+    per_image = [random_rois(rng, k, 1, 8, 8, 1.0, np.float32)[:, 1:]
+                 for k in (2, 0, 3)]
+    rois = np.concatenate([
+        np.concatenate([np.full((len(b), 1), i, np.float32), b], axis=1)
+        for i, b in enumerate(per_image)])
+    from_list = jax_psroi.ps_roi_align(features, per_image, 3, 1.0, 2)
+    from_tuple = jax_psroi.ps_roi_align(features, tuple(per_image), 3, 1.0, 2)
+    from_array = jax_psroi.ps_roi_align(features, rois, 3, 1.0, 2)
+    np.testing.assert_array_equal(from_list, from_array)
+    np.testing.assert_array_equal(from_tuple, from_array)
+
+
+def test_boxes_are_cast_to_the_input_dtype():
+    features = np.random.default_rng(0).normal(size=(1, 4, 5, 5))
+    boxes = np.array([[0, 1, 1, 4, 4]], np.float32)
+    out = jax_psroi.ps_roi_align(features, boxes, 2)
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(
+        out, ps_roi_align_loops(features, boxes.astype(np.float64), (2, 2), 1.0, -1),
+        atol=1e-12)
+
+
+@pytest.mark.parametrize("call,error", [
+    (lambda f, b: jax_psroi.ps_roi_align(f[0], b, 2), "input must be"),
+    (lambda f, b: jax_psroi.ps_roi_align(f.astype(np.int32), b, 2), "float32 or float64"),
+    (lambda f, b: jax_psroi.ps_roi_align(f, b, 3), "multiple of output_size"),
+    (lambda f, b: jax_psroi.ps_roi_align(f, b, (2, 2, 2)), "int or a pair"),
+    (lambda f, b: jax_psroi.ps_roi_align(f, b, 0), "positive"),
+    (lambda f, b: jax_psroi.ps_roi_align(f, b[:, :4], 2), r"\[K, 5\]"),
+    (lambda f, b: jax_psroi.ps_roi_align(f, [b], 2), r"\[L, 4\]"),
+    (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 2**24), "sampling_ratio"),
+    (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 1.5), "integer"),
+    (lambda f, b: jax.jit(lambda s: jax_psroi.ps_roi_align(f, b, 2, s))(1.0),
+     "spatial_scale"),
+])
+def test_bad_input_raises_at_trace_time(call, error):
+    features = np.zeros((1, 8, 4, 4), np.float32)
+    boxes = np.zeros((2, 5), np.float32)
+    with pytest.raises((ValueError, TypeError), match=error):
+        call(features, boxes)
+
+
+def test_lowers_to_the_ffi_custom_call():
+    features = np.zeros((1, 8, 4, 4), np.float32)
+    boxes = np.zeros((2, 5), np.float32)
+    text = jax.jit(lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 0.5, 2)).lower(
+        features, boxes).as_text()
+    assert "stablehlo.custom_call @jax_psroi_forward_f32" in text
+    assert "spatial_scale = 5.000000e-01 : f64" in text
+    assert "sampling_ratio = 2 : i64" in text
+    assert "gather" not in text
