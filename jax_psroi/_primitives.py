@@ -178,7 +178,8 @@ def _offset_batch_index(rois, num_images):
     valid = (index > -1) & (index < num_images)
     batch = jnp.arange(rois.shape[0], dtype=rois.dtype)[:, None]
     new_index = jnp.where(valid, jnp.trunc(index) + batch * num_images, -1)
-    return rois.at[..., 0].set(new_index).reshape(-1, 5)
+    rois = jnp.concatenate([new_index[..., None], rois[..., 1:]], axis=-1)
+    return rois.reshape(-1, 5)
 
 
 def _forward_batch(args, dims, **params):

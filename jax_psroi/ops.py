@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import operator
 from functools import partial
-from typing import Sequence, Union
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from jax_psroi import _primitives
+from jax_psroi._boxes import Boxes, rois_from_boxes
 from jax_psroi.reference import MAX_GRID_PER_AXIS
-
-Boxes = Union[jax.Array, np.ndarray, Sequence[jax.Array]]
-
 
 def _output_size(output_size) -> tuple[int, int]:
     if isinstance(output_size, (tuple, list)):
@@ -27,31 +21,6 @@ def _output_size(output_size) -> tuple[int, int]:
     if min(size) <= 0:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
     return size
-
-
-def rois_from_boxes(boxes: Boxes, dtype) -> jax.Array:
-    """[K, 5] RoIs (batch_index, x1, y1, x2, y2) from either boxes form.
-
-    A list/tuple of [L_i, 4] arrays gives image i's boxes batch index i, as
-    torchvision's ``convert_boxes_to_roi_format`` does.
-    """
-    if isinstance(boxes, (list, tuple)):
-        parts = []
-        for i, b in enumerate(boxes):
-            b = jnp.asarray(b, dtype)
-            if b.ndim != 2 or b.shape[1] != 4:
-                raise ValueError("boxes given as a list must hold [L, 4] "
-                                 f"arrays; element {i} is {b.shape}")
-            parts.append(jnp.concatenate(
-                [jnp.full((b.shape[0], 1), i, dtype), b], axis=1))
-        if not parts:
-            return jnp.zeros((0, 5), dtype)
-        return jnp.concatenate(parts, axis=0)
-    rois = jnp.asarray(boxes, dtype)
-    if rois.ndim != 2 or rois.shape[1] != 5:
-        raise ValueError("boxes must be a [K, 5] array (batch_index, x1, y1, "
-                         f"x2, y2) or a list of [L, 4] arrays, got {rois.shape}")
-    return rois
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_psroi._boxes import rois_from_boxes
+
 # Samples per bin axis are capped here, as in the kernels (lib/psroi_math.h).
 MAX_GRID_PER_AXIS = 2**23
 
@@ -122,19 +124,23 @@ def ps_roi_align_reference(features, rois, output_size, spatial_scale=1.0,
 
     Args:
       features: [N, C, H, W] float array, C = C_out * PH * PW.
-      rois: [K, 5] array of (batch_index, x1, y1, x2, y2) in input coordinates.
-      output_size: (PH, PW) python ints.
+      rois: [K, 5] array of (batch_index, x1, y1, x2, y2) in input
+        coordinates, or a list of [L_i, 4] boxes per image (as in
+        ``jax_psroi.ps_roi_align``).
+      output_size: int or (PH, PW) python ints.
       spatial_scale: python float mapping box coordinates to feature pixels.
       sampling_ratio: python int; <= 0 means an adaptive grid.
 
     Returns:
       [K, C_out, PH, PW] array of the features' dtype.
     """
+    if isinstance(output_size, int):
+        output_size = (output_size, output_size)
     pooled_h, pooled_w = output_size
     n, c, h, w = features.shape
     c_out = c // (pooled_h * pooled_w)
     dtype = features.dtype
-    rois = jnp.asarray(rois, dtype)
+    rois = rois_from_boxes(rois, dtype)
     scale = jnp.asarray(spatial_scale, dtype)
 
     start_w = rois[:, 1] * scale - 0.5

@@ -1,0 +1,171 @@
+"""CUDA: checks that run without a GPU (import, export, lowering errors) and
+checks marked `gpu` that run on a GPU machine (README, "GPU machines")."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import jax_psroi
+from jax_psroi import _extension
+from cases import TOLERANCE, hostile_rois, random_features, random_rois
+
+TARGETS = [f"jax_psroi_{d}_{t}" for d in ("forward", "backward")
+           for t in ("f32", "f64")]
+DISABLED = [export.DisabledSafetyCheck.custom_call(t) for t in TARGETS]
+
+needs_cuda_build = pytest.mark.skipif(
+    not _extension.CUDA_BUILT,
+    reason="built without CUDA (JAX_PSROI_CUDA=OFF or no nvcc)")
+
+
+def test_cuda_build_when_requested():
+    # CI builds with JAX_PSROI_CUDA=ON: the CUDA module must be there.
+    info = jax_psroi.build_info()
+    if os.environ.get("JAX_PSROI_CUDA", "").upper() == "ON":
+        assert info["cuda_built"]
+    if info["cuda_built"]:
+        assert info["cuda_version"].startswith(str(info["cuda_runtime_version"] // 1000))
+        assert {"75-real", "80-real", "86-real", "89-real", "90"} <= set(
+            info["cuda_architectures"])
+    assert info["ffi_api_version"][0] == 0
+    assert info["jax_built_against"] == "0.10.2"
+
+
+def _data(dtype=np.float32):
+    rng = np.random.default_rng(31)
+    features = random_features(rng, 2, 2 * 9, 8, 10, dtype)
+    rois = random_rois(rng, 5, 2, 8, 10, 0.5, dtype)
+    return features, rois
+
+
+def _forward(features, rois):
+    return jax_psroi.ps_roi_align(features, rois, 3, 0.5, 2)
+
+
+def _loss(features, rois):
+    return jnp.sum(_forward(features, rois) ** 2)
+
+
+def _custom_calls(exported):
+    return [line for line in exported.mlir_module().splitlines()
+            if "stablehlo.custom_call" in line]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("platforms", [["cuda"], ["cpu", "cuda"]])
+def test_export_forward_for_cuda(platforms):
+    features, rois = _data()
+    exported = export.export(jax.jit(_forward), platforms=platforms,
+                             disabled_checks=DISABLED)(features, rois)
+    calls = _custom_calls(exported)
+    # One call per platform branch, all to our target, with our attributes.
+    assert len(calls) == len(platforms)
+    for call in calls:
+        assert "@jax_psroi_forward_f32" in call
+        assert "sampling_ratio = 2 : i64" in call
+        assert "spatial_scale = 5.000000e-01 : f64" in call
+    assert exported.platforms == tuple(platforms)
+
+
+@needs_cuda_build
+def test_export_grad_for_cuda():
+    features, rois = _data(np.float64)
+    exported = export.export(jax.jit(jax.grad(_loss)), platforms=["cuda"],
+                             disabled_checks=DISABLED)(features, rois)
+    text = "\n".join(_custom_calls(exported))
+    assert "@jax_psroi_forward_f64" in text
+    assert "@jax_psroi_backward_f64" in text
+
+
+@needs_cuda_build
+def test_export_vmap_for_cuda():
+    features, rois = _data()
+    batched_features = np.stack([features, features + 1])
+    batched_rois = np.stack([rois, rois[::-1]])
+    exported = export.export(jax.jit(jax.vmap(_forward)), platforms=["cuda"],
+                             disabled_checks=DISABLED)(batched_features,
+                                                       batched_rois)
+    calls = _custom_calls(exported)
+    assert len(calls) == 1 and "@jax_psroi_forward_f32" in calls[0]
+    assert "while" not in exported.mlir_module()
+
+
+@needs_cuda_build
+def test_serialized_export_round_trips_and_runs_on_cpu():
+    features, rois = _data()
+    exported = export.export(jax.jit(_forward), platforms=["cpu", "cuda"],
+                             disabled_checks=DISABLED)(features, rois)
+    restored = export.deserialize(exported.serialize())
+    out = restored.call(features, rois)
+    np.testing.assert_array_equal(out, jax.jit(_forward)(features, rois))
+    assert np.abs(np.asarray(out)).max() > 0
+
+
+def test_cuda_lowering_without_cuda_build_says_how_to_rebuild(monkeypatch):
+    monkeypatch.setattr(_extension, "CUDA_BUILT", False)
+    features, rois = _data()
+    with pytest.raises(RuntimeError, match="JAX_PSROI_CUDA=ON"):
+        jax.jit(_forward).trace(features, rois).lower(
+            lowering_platforms=("cuda",))
+
+
+# --- On a GPU -----------------------------------------------------------------
+
+def _on(device_kind, fn, *args):
+    device = jax.devices(device_kind)[0]
+    return np.asarray(jax.jit(fn)(*jax.device_put(args, device)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
+def test_gpu_forward_and_backward_match_cpu_and_reference(dtype, sampling_ratio):
+    rng = np.random.default_rng(32)
+    features = random_features(rng, 3, 4 * 49, 25, 42, dtype)
+    rois = random_rois(rng, 200, 3, 25, 42, 1 / 16, dtype)
+    fwd = lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 16, sampling_ratio)
+    grad = jax.grad(lambda f, r: jnp.sum(jnp.sin(fwd(f, r))))
+    ref = jax_psroi.ps_roi_align_reference(features, rois, 7, 1 / 16,
+                                           sampling_ratio)
+    tol = TOLERANCE[np.dtype(dtype)]
+    np.testing.assert_allclose(_on("gpu", fwd, features, rois),
+                               _on("cpu", fwd, features, rois), **tol)
+    np.testing.assert_allclose(_on("gpu", fwd, features, rois), ref, **tol)
+    # Atomic adds reorder the sums: allow a few more ulps on the backward.
+    np.testing.assert_allclose(_on("gpu", grad, features, rois),
+                               _on("cpu", grad, features, rois),
+                               atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_gpu_hostile_rois(sampling_ratio):
+    rng = np.random.default_rng(33)
+    features = random_features(rng, 2, 4, 6, 7, np.float32)
+    rois = hostile_rois(2, 6, 7, np.float32)
+    fwd = lambda f, r: jax_psroi.ps_roi_align(f, r, 2, 1.0, sampling_ratio)
+    grad = jax.grad(lambda f, r: jnp.sum(fwd(f, r)))
+    gpu = _on("gpu", fwd, features, rois)
+    assert np.isfinite(gpu).all()
+    np.testing.assert_allclose(gpu, _on("cpu", fwd, features, rois), atol=1e-5)
+    np.testing.assert_allclose(_on("gpu", grad, features, rois),
+                               _on("cpu", grad, features, rois), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_vmap_matches_cpu():
+    rng = np.random.default_rng(34)
+    features = random_features(rng, 4, 2 * 49, 20, 24, np.float32).reshape(
+        4, 1, 98, 20, 24)
+    rois = np.stack([random_rois(rng, 30, 1, 20, 24, 1 / 8, np.float32)
+                     for _ in range(4)])
+    fwd = jax.vmap(lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 8, -1))
+    grad = jax.grad(lambda f, r: jnp.sum(fwd(f, r) ** 2))
+    np.testing.assert_allclose(_on("gpu", fwd, features, rois),
+                               _on("cpu", fwd, features, rois), atol=1e-5)
+    np.testing.assert_allclose(_on("gpu", grad, features, rois),
+                               _on("cpu", grad, features, rois), atol=1e-4)

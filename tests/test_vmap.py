@@ -1,0 +1,147 @@
+"""vmap: every mapping combination equals a Python loop and is one launch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_psroi
+from cases import random_features, random_rois
+
+B, N, C, H, W, K = 3, 2, 8, 6, 7, 4
+OUT = 2
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(21)
+    features = random_features(rng, B, N * C, H, W, np.float64).reshape(B, N, C, H, W)
+    rois = np.stack([random_rois(rng, K, N, H, W, 1.0, np.float64)
+                     for _ in range(B)])
+    # An invalid batch index must stay invalid after folding, not point at
+    # the next batch element's images.
+    rois[1, 0, 0] = N
+    rois[2, 1, 0] = -1
+    return features, rois
+
+
+def _op(features, rois):
+    return jax_psroi.ps_roi_align(features, rois, OUT, 1.0, -1)
+
+
+def _loop(features, rois, features_mapped, rois_mapped):
+    outs = []
+    for b in range(B):
+        outs.append(_op(features[b] if features_mapped else features[0],
+                        rois[b] if rois_mapped else rois[0]))
+    return np.stack(outs)
+
+
+@pytest.mark.parametrize("features_mapped,rois_mapped", [
+    (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_forward_vmap_equals_loop(data, features_mapped, rois_mapped, jit):
+    features, rois = data
+    fn = jax.vmap(_op, in_axes=(0 if features_mapped else None,
+                                0 if rois_mapped else None))
+    fn = jax.jit(fn) if jit else fn
+    out = fn(features if features_mapped else features[0],
+             rois if rois_mapped else rois[0])
+    expected = _loop(features, rois, features_mapped, rois_mapped)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+def test_forward_vmap_other_axes(data):
+    features, rois = data
+    moved_features = jnp.moveaxis(features, 0, 3)  # [N, C, H, B, W]
+    moved_rois = jnp.moveaxis(rois, 0, 1)           # [K, B, 5]
+    out = jax.vmap(_op, in_axes=(3, 1), out_axes=2)(moved_features, moved_rois)
+    expected = np.moveaxis(_loop(features, rois, True, True), 0, 2)
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+def test_nested_vmap(data):
+    features, rois = data
+    # Outer axis over batch elements, inner over 2 scalings of the features.
+    scaled = np.stack([features, 2 * features], axis=1)  # [B, 2, N, C, H, W]
+    out = jax.vmap(jax.vmap(_op, in_axes=(0, None)), in_axes=(0, 0))(scaled, rois)
+    base = _loop(features, rois, True, True)
+    np.testing.assert_allclose(out[:, 0], base, atol=1e-12)
+    np.testing.assert_allclose(out[:, 1], 2 * base, atol=1e-12)
+
+
+def test_per_image_idiom():
+    rng = np.random.default_rng(22)
+    features = random_features(rng, B, 49 * 2, 10, 12, np.float32)
+    boxes = random_rois(rng, B * 5, 1, 10, 12, 1 / 16, np.float32)[:, 1:]
+    boxes = boxes.reshape(B, 5, 4)
+    out = jax.vmap(lambda f, b: jax_psroi.ps_roi_align(f[None], [b], 7, 1 / 16, 2))(
+        features, boxes)
+    expected = jax_psroi.ps_roi_align(features, list(boxes), 7, 1 / 16, 2)
+    assert out.shape == (B, 5, 2, 7, 7)
+    np.testing.assert_allclose(out, np.asarray(expected).reshape(out.shape),
+                               atol=1e-6)
+
+
+def _loss(features, rois):
+    return jnp.sum(jnp.sin(_op(features, rois)))
+
+
+@pytest.mark.parametrize("features_mapped,rois_mapped", [
+    (True, False), (False, True), (True, True)])
+def test_vmap_of_grad_equals_loop(data, features_mapped, rois_mapped):
+    features, rois = data
+    fn = jax.jit(jax.vmap(jax.grad(_loss), in_axes=(
+        0 if features_mapped else None, 0 if rois_mapped else None)))
+    out = fn(features if features_mapped else features[0],
+             rois if rois_mapped else rois[0])
+    expected = np.stack([
+        jax.grad(_loss)(features[b] if features_mapped else features[0],
+                        rois[b] if rois_mapped else rois[0]) for b in range(B)])
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+def test_grad_of_vmap_equals_loop(data):
+    features, rois = data
+    batched_loss = lambda f, r: jnp.sum(jax.vmap(_loss)(f, r))
+    out = jax.grad(batched_loss)(features, rois)
+    expected = np.stack([jax.grad(_loss)(features[b], rois[b]) for b in range(B)])
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+def test_vmapped_call_is_one_custom_call_without_loops(data):
+    features, rois = data
+    text = jax.jit(jax.vmap(_op)).lower(features, rois).as_text()
+    assert text.count("stablehlo.custom_call @jax_psroi_forward_f64") == 1
+    assert "while" not in text
+
+
+def test_training_step_runs_native_kernels_only():
+    # A Flax-style step: a per-image head vmapped over the batch, under
+    # jit(grad). The HLO must hold our kernels and none of the reference's
+    # gathers, scatters or loops.
+    rng = np.random.default_rng(23)
+    features = random_features(rng, B, 3, 12, 14, np.float32)
+    boxes = random_rois(rng, B * 6, 1, 12, 14, 1 / 4, np.float32)[:, 1:].reshape(B, 6, 4)
+    kernel = rng.normal(size=(49 * 2, 3)).astype(np.float32) * 0.1
+
+    def head(params, op, f, b):
+        x = jnp.einsum("oc,chw->ohw", params, f)  # 1x1 conv to 2 * 7 * 7
+        pooled = op(x[None], [b], 7, 1 / 4, 2)
+        return jnp.mean(pooled ** 2)
+
+    def loss(params, op):
+        return jnp.mean(jax.vmap(lambda f, b: head(params, op, f, b))(features, boxes))
+
+    step = jax.jit(jax.grad(lambda p: loss(p, jax_psroi.ps_roi_align)))
+    text = step.lower(kernel).as_text()
+    assert "custom_call @jax_psroi_forward_f32" in text
+    assert "custom_call @jax_psroi_backward_f32" in text
+    for op in ("gather", "scatter", "while"):
+        assert op not in text
+    ref_step = jax.grad(lambda p: loss(p, jax_psroi.ps_roi_align_reference))
+    grad = step(kernel)
+    assert np.abs(np.asarray(grad)).max() > 0
+    np.testing.assert_allclose(grad, ref_step(kernel), rtol=1e-4, atol=1e-6)
