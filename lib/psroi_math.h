@@ -235,6 +235,14 @@ PSROI_HD SampleRange in_map_samples(const RoiAxis<T>& axis, int64_t bin,
                                     int64_t size) {
   const T lower = static_cast<T>(-1);
   const T upper = static_cast<T>(size);
+  if (axis.grid <= 0) return SampleRange{0, 0};
+  // Common case first: both end samples on the map, hence all of them.
+  const T first_v = axis.sample(bin, 0);
+  const T last_v = axis.sample(bin, axis.grid - 1);
+  if (first_v >= lower && first_v <= upper && last_v >= lower &&
+      last_v <= upper) {
+    return SampleRange{0, axis.grid};
+  }
   const bool increasing = axis.bin_size >= static_cast<T>(0);
   // Increasing: before the map while v < -1, inside, then past it once
   // v > size. Decreasing: the same with the edges swapped.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "cpu/psroi_cpu_kernels.h"
 #include "ffi_common.h"
@@ -12,15 +13,17 @@ namespace jax_psroi {
 namespace cpu {
 namespace {
 
-// Runs body(begin, end) over [0, total) in a few chunks per pool thread and
+// Runs body(begin, end) over [0, total) in chunks_per_thread chunks per pool
+// thread and
 // returns a future that completes when the last chunk is done. Small calls
 // run inline: scheduling costs more than they do.
 template <typename Body>
 ffi::Future run_chunked(ffi::ThreadPool& pool, int64_t total,
-                        int64_t work_per_item, Body body) {
+                        int64_t work_per_item, Body body,
+                        int64_t chunks_per_thread = 4) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   constexpr int64_t kInlineWork = int64_t{1} << 15;
-  const int64_t chunks = std::min<int64_t>(total, threads * 4);
+  const int64_t chunks = std::min<int64_t>(total, threads * chunks_per_thread);
   if (chunks <= 1 || total * work_per_item < kInlineWork) {
     body(0, total);
     ffi::Promise done;
@@ -62,10 +65,12 @@ ffi::Future forward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> input,
   const T* boxes = rois.typed_data();
   T* out = output->typed_data();
   const T scale = static_cast<T>(spatial_scale);
+  auto order = std::make_shared<const std::vector<int64_t>>(
+      locality_order(boxes, d, scale, sampling_ratio));
   return run_chunked(pool, d.num_rois, d.channels_out * d.bins() * 16,
                      [=](int64_t begin, int64_t end) {
-                       forward_rois(in, boxes, d, scale, sampling_ratio, begin,
-                                    end, out);
+                       forward_rois(in, boxes, d, scale, sampling_ratio,
+                                    order->data(), begin, end, out);
                      });
 }
 
@@ -83,12 +88,16 @@ ffi::Future backward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> cotangent,
   const T* boxes = rois.typed_data();
   T* grad = grad_input->typed_data();
   const T scale = static_cast<T>(spatial_scale);
+  auto order = std::make_shared<const std::vector<int64_t>>(
+      locality_order(boxes, d, scale, sampling_ratio));
+  // Tasks split the output channels; each one computes every RoI's geometry
+  // again, so there are only as many as threads.
   return run_chunked(
-      pool, d.bins(),
-      (d.num_rois + d.num_images * d.plane_size()) * d.channels_out * 16,
+      pool, d.channels_out, (d.num_rois + d.num_images * d.plane_size()) * d.bins() * 16,
       [=](int64_t begin, int64_t end) {
-        backward_bins(cot, boxes, d, scale, sampling_ratio, begin, end, grad);
-      });
+        backward_channels(cot, boxes, d, scale, sampling_ratio, order->data(),
+                          begin, end, grad);
+      }, /*chunks_per_thread=*/1);
 }
 
 template <ffi::DataType dtype>

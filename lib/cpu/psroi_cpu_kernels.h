@@ -3,17 +3,20 @@
 // split a call into tasks of its thread pool.
 //
 // The fast kernels use the separable form of a bin (see psroi_math.h): the
-// row and column weights of a bin are computed once and reused for every
-// output channel, and a bin's value is a small dense weighted sum.
+// row and column weights of an RoI's bins are computed once and reused for
+// every output channel, and a bin's value is a small dense weighted sum
+// (span_kernels.h).
 // The elementwise kernels run the GPU's per-element code serially; tests
 // check them against the reference so the CUDA arithmetic is exercised here.
 #ifndef JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
 #define JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "cpu/span_kernels.h"
 #include "psroi_math.h"
 
 namespace jax_psroi {
@@ -28,41 +31,41 @@ class RoiWeights {
       : d_(d),
         rows_(static_cast<size_t>(d.pooled_h * d.height), T(0)),
         cols_(static_cast<size_t>(d.pooled_w * d.width), T(0)),
-        row_spans_(static_cast<size_t>(d.pooled_h)),
-        col_spans_(static_cast<size_t>(d.pooled_w)) {}
+        row_spans_(static_cast<size_t>(d.pooled_h), AxisSpan{d.height, -1}),
+        col_spans_(static_cast<size_t>(d.pooled_w), AxisSpan{d.width, -1}) {}
 
-  // Fills the weights of one bin row `ph` (or all rows when ph < 0).
-  void compute(const RoiGeometry<T>& g, int64_t only_ph = -1,
-               int64_t only_pw = -1) {
-    clear();
+  void compute(const RoiGeometry<T>& g) {
     for (int64_t ph = 0; ph < d_.pooled_h; ++ph) {
-      if (only_ph >= 0 && ph != only_ph) continue;
+      clear(row(ph), row_spans_[ph]);
       row_spans_[ph] = accumulate_axis_weights(g.y, ph, d_.height, row(ph));
     }
     for (int64_t pw = 0; pw < d_.pooled_w; ++pw) {
-      if (only_pw >= 0 && pw != only_pw) continue;
+      clear(col(pw), col_spans_[pw]);
       col_spans_[pw] = accumulate_axis_weights(g.x, pw, d_.width, col(pw));
     }
   }
 
-  T* row(int64_t ph) { return rows_.data() + ph * d_.height; }
-  T* col(int64_t pw) { return cols_.data() + pw * d_.width; }
-  const AxisSpan& row_span(int64_t ph) const { return row_spans_[ph]; }
-  const AxisSpan& col_span(int64_t pw) const { return col_spans_[pw]; }
+  // Window of bin (ph, pw); `offset` receives its first pixel's offset in a
+  // plane. Returns false when the bin has no sample on the map.
+  bool window(int64_t ph, int64_t pw, Window<T>* w, int64_t* offset) const {
+    const AxisSpan r = row_spans_[ph], c = col_spans_[pw];
+    if (r.first > r.last || c.first > c.last) return false;
+    w->rows = r.last - r.first + 1;
+    w->cols = c.last - c.first + 1;
+    w->width = d_.width;
+    w->row_w = rows_.data() + ph * d_.height + r.first;
+    w->col_w = cols_.data() + pw * d_.width + c.first;
+    *offset = r.first * d_.width + c.first;
+    return true;
+  }
 
  private:
+  T* row(int64_t ph) { return rows_.data() + ph * d_.height; }
+  T* col(int64_t pw) { return cols_.data() + pw * d_.width; }
+
   // Zeroes only what the previous compute() touched.
-  void clear() {
-    for (int64_t ph = 0; ph < d_.pooled_h; ++ph) {
-      const AxisSpan s = row_spans_[ph];
-      if (s.first <= s.last) std::fill(row(ph) + s.first, row(ph) + s.last + 1, T(0));
-      row_spans_[ph] = AxisSpan{d_.height, -1};
-    }
-    for (int64_t pw = 0; pw < d_.pooled_w; ++pw) {
-      const AxisSpan s = col_spans_[pw];
-      if (s.first <= s.last) std::fill(col(pw) + s.first, col(pw) + s.last + 1, T(0));
-      col_spans_[pw] = AxisSpan{d_.width, -1};
-    }
+  static void clear(T* weights, AxisSpan span) {
+    if (span.first <= span.last) std::fill(weights + span.first, weights + span.last + 1, T(0));
   }
 
   PsRoiDims d_;
@@ -70,33 +73,61 @@ class RoiWeights {
   std::vector<AxisSpan> row_spans_, col_spans_;
 };
 
-// Weighted sum of one plane over a bin's span, accumulated per row.
+// Order in which the kernels visit RoIs: by image, then by band of rows,
+// then by column of the box centre, so that consecutive RoIs touch nearby
+// pixels and find them in cache (measured: 1.6-2x on Light-Head shapes).
+// RoIs that read nothing go last. The order depends only on the RoIs, so
+// the backward's sums are still bitwise reproducible.
 template <typename T>
-inline typename Accumulator<T>::type bin_sum(const T* plane, int64_t width,
-                                             const T* row_w, AxisSpan rows,
-                                             const T* col_w, AxisSpan cols) {
-  using Acc = typename Accumulator<T>::type;
-  Acc sum = Acc(0);
-  for (int64_t r = rows.first; r <= rows.last; ++r) {
-    const T* line = plane + r * width;
-    Acc line_sum = Acc(0);
-    for (int64_t c = cols.first; c <= cols.last; ++c) {
-      line_sum += static_cast<Acc>(col_w[c]) * static_cast<Acc>(line[c]);
+std::vector<int64_t> locality_order(const T* rois, const PsRoiDims& d,
+                                    T spatial_scale, int64_t sampling_ratio) {
+  constexpr double kBandRows = 4.0;
+  struct Key {
+    int64_t image;
+    double band, column;
+    int64_t index;
+    bool operator<(const Key& o) const {
+      if (image != o.image) return image < o.image;
+      if (band != o.band) return band < o.band;
+      if (column != o.column) return column < o.column;
+      return index < o.index;
     }
-    sum += static_cast<Acc>(row_w[r]) * line_sum;
+  };
+  std::vector<Key> keys(static_cast<size_t>(d.num_rois));
+  for (int64_t k = 0; k < d.num_rois; ++k) {
+    const RoiGeometry<T> g =
+        roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
+    Key& key = keys[k];
+    key.index = k;
+    if (g.empty()) {
+      key.image = d.num_images;
+      key.band = key.column = 0.0;
+      continue;
+    }
+    key.image = g.image;
+    // Finite: empty() is false only for finite geometry.
+    const double centre_y = g.y.start + 0.5 * d.pooled_h * static_cast<double>(g.y.bin_size);
+    key.band = std::floor(centre_y / kBandRows);
+    key.column = g.x.start + 0.5 * d.pooled_w * static_cast<double>(g.x.bin_size);
   }
-  return sum;
+  std::sort(keys.begin(), keys.end());
+  std::vector<int64_t> order(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) order[i] = keys[i].index;
+  return order;
 }
 
-// Forward for RoIs [roi_begin, roi_end): every output channel of every bin.
+// Forward for RoIs order[begin..end): every output channel of every bin.
+// The planes read by one bin, input_channel(c_out, ph, pw) for all c_out,
+// are bins() planes apart, so one window serves them all.
 template <typename T>
 void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
-                  T spatial_scale, int64_t sampling_ratio, int64_t roi_begin,
-                  int64_t roi_end, T* output) {
-  using Acc = typename Accumulator<T>::type;
+                  T spatial_scale, int64_t sampling_ratio, const int64_t* order,
+                  int64_t begin, int64_t end, T* output) {
   const NchwLayout layout{d.channels, d.height, d.width};
+  const int64_t plane_stride = d.bins() * d.plane_size();
   RoiWeights<T> weights(d);
-  for (int64_t k = roi_begin; k < roi_end; ++k) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t k = order[i];
     T* out_roi = output + k * d.channels_out * d.bins();
     const RoiGeometry<T> g =
         roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
@@ -107,58 +138,56 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
     weights.compute(g);
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
-        const int64_t bin = ph * d.pooled_w + pw;
-        for (int64_t c_out = 0; c_out < d.channels_out; ++c_out) {
-          const T* plane =
-              input + layout.plane_offset(g.image, input_channel(d, c_out, ph, pw));
-          const Acc sum = bin_sum(plane, d.width, weights.row(ph), weights.row_span(ph),
-                                  weights.col(pw), weights.col_span(pw));
-          out_roi[c_out * d.bins() + bin] = static_cast<T>(sum / static_cast<Acc>(g.count));
+        T* out_bin = out_roi + ph * d.pooled_w + pw;
+        Window<T> w;
+        int64_t offset;
+        if (!weights.window(ph, pw, &w, &offset)) {
+          for (int64_t c = 0; c < d.channels_out; ++c) out_bin[c * d.bins()] = T(0);
+          continue;
         }
+        const T* planes =
+            input + layout.plane_offset(g.image, input_channel(d, 0, ph, pw)) + offset;
+        gather_for(w)(w, planes, plane_stride, d.channels_out, g.count, out_bin,
+                      d.bins());
       }
     }
   }
 }
 
-// Backward for bins [bin_begin, bin_end) (bin = ph * PW + pw). A bin owns the
-// input planes {input_channel(c_out, ph, pw)} of every image, so tasks over
-// disjoint bins write disjoint memory: no atomics, and RoIs are added in index
-// order, so the result is bitwise reproducible.
+// Backward for output channels [c_out_begin, c_out_end). Those own the input
+// planes input_channel(c_out, *, *) of every image, so tasks over disjoint
+// channel ranges write disjoint memory: no atomics, and RoIs are added in
+// `order`, so the result is bitwise reproducible.
 template <typename T>
-void backward_bins(const T* cotangent, const T* rois, const PsRoiDims& d,
-                   T spatial_scale, int64_t sampling_ratio, int64_t bin_begin,
-                   int64_t bin_end, T* grad_input) {
+void backward_channels(const T* cotangent, const T* rois, const PsRoiDims& d,
+                       T spatial_scale, int64_t sampling_ratio,
+                       const int64_t* order, int64_t c_out_begin,
+                       int64_t c_out_end, T* grad_input) {
   const NchwLayout layout{d.channels, d.height, d.width};
+  const int64_t plane_stride = d.bins() * d.plane_size();
+  const int64_t num_c_out = c_out_end - c_out_begin;
+  for (int64_t n = 0; n < d.num_images; ++n) {
+    T* first = grad_input + layout.plane_offset(n, input_channel(d, c_out_begin, 0, 0));
+    std::fill(first, first + num_c_out * plane_stride, T(0));
+  }
   RoiWeights<T> weights(d);
-  for (int64_t bin = bin_begin; bin < bin_end; ++bin) {
-    const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
-    for (int64_t n = 0; n < d.num_images; ++n) {
-      for (int64_t c_out = 0; c_out < d.channels_out; ++c_out) {
-        T* plane = grad_input + layout.plane_offset(n, input_channel(d, c_out, ph, pw));
-        std::fill(plane, plane + d.plane_size(), T(0));
-      }
-    }
-    for (int64_t k = 0; k < d.num_rois; ++k) {
-      const RoiGeometry<T> g =
-          roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
-      if (g.empty()) continue;
-      weights.compute(g, ph, pw);
-      const AxisSpan rows = weights.row_span(ph), cols = weights.col_span(pw);
-      if (rows.first > rows.last || cols.first > cols.last) continue;
-      const T* row_w = weights.row(ph);
-      const T* col_w = weights.col(pw);
-      const T* cot_roi = cotangent + k * d.channels_out * d.bins() + bin;
-      for (int64_t c_out = 0; c_out < d.channels_out; ++c_out) {
-        const T scaled = cot_roi[c_out * d.bins()] / g.count;
-        T* plane = grad_input +
-                   layout.plane_offset(g.image, input_channel(d, c_out, ph, pw));
-        for (int64_t r = rows.first; r <= rows.last; ++r) {
-          const T row_scaled = scaled * row_w[r];
-          T* line = plane + r * d.width;
-          for (int64_t c = cols.first; c <= cols.last; ++c) {
-            line[c] += row_scaled * col_w[c];
-          }
-        }
+  for (int64_t i = 0; i < d.num_rois; ++i) {
+    const int64_t k = order[i];
+    const RoiGeometry<T> g =
+        roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
+    if (g.empty()) continue;
+    weights.compute(g);
+    const T* cot_roi = cotangent + (k * d.channels_out + c_out_begin) * d.bins();
+    for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
+      for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
+        Window<T> w;
+        int64_t offset;
+        if (!weights.window(ph, pw, &w, &offset)) continue;
+        T* planes = grad_input +
+                    layout.plane_offset(g.image, input_channel(d, c_out_begin, ph, pw)) +
+                    offset;
+        scatter_for(w)(w, planes, plane_stride, num_c_out, g.count,
+                       cot_roi + ph * d.pooled_w + pw, d.bins());
       }
     }
   }
