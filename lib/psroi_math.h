@@ -261,6 +261,24 @@ PSROI_HD SampleRange in_map_samples(const RoiAxis<T>& axis, int64_t bin,
 // cotangent. Used by the CUDA kernels (one thread per element) and by the CPU
 // "elementwise" kernels that tests run against the reference.
 
+// Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
+// map, in torchvision's order (rows outer, columns inner).
+template <typename T, typename Visit>
+PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
+                                     const PsRoiDims& d, int64_t ph,
+                                     int64_t pw, Visit& visit) {
+  const SampleRange ry = in_map_samples(g.y, ph, d.height);
+  const SampleRange rx = in_map_samples(g.x, pw, d.width);
+  for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
+    const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
+    if (!ty.valid) continue;
+    for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
+      const AxisTap<T> tx = axis_tap(g.x.sample(pw, ix), d.width);
+      if (tx.valid) visit(ty, tx);
+    }
+  }
+}
+
 template <typename T, typename Layout>
 PSROI_HD T forward_element(const T* input, const T* rois, const PsRoiDims& d,
                            const Layout& layout, T spatial_scale,
@@ -272,23 +290,16 @@ PSROI_HD T forward_element(const T* input, const T* rois, const PsRoiDims& d,
   if (g.empty()) return static_cast<T>(0);
   const T* plane =
       input + layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
-  const SampleRange ry = in_map_samples(g.y, o.ph, d.height);
-  const SampleRange rx = in_map_samples(g.x, o.pw, d.width);
   Acc sum = static_cast<Acc>(0);
-  for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
-    const AxisTap<T> ty = axis_tap(g.y.sample(o.ph, iy), d.height);
-    if (!ty.valid) continue;
-    for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
-      const AxisTap<T> tx = axis_tap(g.x.sample(o.pw, ix), d.width);
-      if (!tx.valid) continue;
-      const Acc w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
-      const Acc w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
-      sum += w1 * plane[layout.pixel_offset(ty.low, tx.low)] +
-             w2 * plane[layout.pixel_offset(ty.low, tx.high)] +
-             w3 * plane[layout.pixel_offset(ty.high, tx.low)] +
-             w4 * plane[layout.pixel_offset(ty.high, tx.high)];
-    }
-  }
+  auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
+    const Acc w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
+    const Acc w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
+    sum += w1 * plane[layout.pixel_offset(ty.low, tx.low)] +
+           w2 * plane[layout.pixel_offset(ty.low, tx.high)] +
+           w3 * plane[layout.pixel_offset(ty.high, tx.low)] +
+           w4 * plane[layout.pixel_offset(ty.high, tx.high)];
+  };
+  for_each_sample_on_map(g, d, o.ph, o.pw, add_sample);
   return static_cast<T>(sum / static_cast<Acc>(g.count));
 }
 
@@ -306,20 +317,14 @@ PSROI_HD void backward_element(const T* cot, const T* rois, const PsRoiDims& d,
   T* plane = grad_input +
              layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
   const T grad = cot[index];
-  const SampleRange ry = in_map_samples(g.y, o.ph, d.height);
-  const SampleRange rx = in_map_samples(g.x, o.pw, d.width);
-  for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
-    const AxisTap<T> ty = axis_tap(g.y.sample(o.ph, iy), d.height);
-    if (!ty.valid) continue;
-    for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
-      const AxisTap<T> tx = axis_tap(g.x.sample(o.pw, ix), d.width);
-      if (!tx.valid) continue;
-      add(plane + layout.pixel_offset(ty.low, tx.low), grad * (ty.w_low * tx.w_low) / g.count);
-      add(plane + layout.pixel_offset(ty.low, tx.high), grad * (ty.w_low * tx.w_high) / g.count);
-      add(plane + layout.pixel_offset(ty.high, tx.low), grad * (ty.w_high * tx.w_low) / g.count);
-      add(plane + layout.pixel_offset(ty.high, tx.high), grad * (ty.w_high * tx.w_high) / g.count);
-    }
-  }
+  // torchvision's rounding: grad * w / count for each of the four taps.
+  auto scatter_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
+    add(plane + layout.pixel_offset(ty.low, tx.low), grad * (ty.w_low * tx.w_low) / g.count);
+    add(plane + layout.pixel_offset(ty.low, tx.high), grad * (ty.w_low * tx.w_high) / g.count);
+    add(plane + layout.pixel_offset(ty.high, tx.low), grad * (ty.w_high * tx.w_low) / g.count);
+    add(plane + layout.pixel_offset(ty.high, tx.high), grad * (ty.w_high * tx.w_high) / g.count);
+  };
+  for_each_sample_on_map(g, d, o.ph, o.pw, scatter_sample);
 }
 
 // ---------------------------------------------------------------------------

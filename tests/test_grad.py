@@ -136,3 +136,15 @@ def test_backward_lowers_to_the_ffi_custom_call():
     text = jax.jit(jax.grad(loss)).lower(features).as_text()
     assert "stablehlo.custom_call @jax_psroi_backward_f64" in text
     assert "scatter" not in text and "while" not in text
+
+
+def test_platforms_without_kernels_lower_the_reference():
+    # Forward and backward on a platform with no native kernel (ROCm here)
+    # lower to the jax.numpy reference: no custom call at all.
+    features = np.zeros((1, 8, 4, 4), np.float32)
+    rois = np.zeros((2, 5), np.float32)
+    loss = lambda f: jnp.sum(jax_psroi.ps_roi_align(f, rois, 2) ** 2)
+    text = jax.jit(jax.value_and_grad(loss)).trace(features).lower(
+        lowering_platforms=("rocm",)).as_text()
+    assert "custom_call" not in text
+    assert "scatter" in text and "dot_general" in text
