@@ -116,6 +116,14 @@ std::vector<int64_t> locality_order(const T* rois, const PsRoiDims& d,
   return order;
 }
 
+// RoIs whose windows a forward task applies bin by bin: with many output
+// channels, one RoI's windows span many pages, and visiting the same bin of
+// neighbouring RoIs together keeps those pages hot (measured on R-FCN's
+// 81-class map: 2x); with few channels, one RoI at a time is faster.
+inline int64_t forward_roi_block(const PsRoiDims& d) {
+  return d.channels_out >= 32 ? 32 : 1;
+}
+
 // Forward for RoIs order[begin..end): every output channel of every bin.
 // The planes read by one bin, input_channel(c_out, ph, pw) for all c_out,
 // are bins() planes apart, so one window serves them all.
@@ -125,30 +133,33 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
                   int64_t begin, int64_t end, T* output) {
   const NchwLayout layout{d.channels, d.height, d.width};
   const int64_t plane_stride = d.bins() * d.plane_size();
-  RoiWeights<T> weights(d);
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t k = order[i];
-    T* out_roi = output + k * d.channels_out * d.bins();
-    const RoiGeometry<T> g =
-        roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
-    if (g.empty()) {
-      std::fill(out_roi, out_roi + d.channels_out * d.bins(), T(0));
-      continue;
+  const int64_t block = forward_roi_block(d);
+  std::vector<RoiWeights<T>> weights(static_cast<size_t>(block), RoiWeights<T>(d));
+  std::vector<RoiGeometry<T>> geometry(static_cast<size_t>(block));
+  for (int64_t first = begin; first < end; first += block) {
+    const int64_t count = std::min(block, end - first);
+    for (int64_t j = 0; j < count; ++j) {
+      geometry[j] = roi_geometry(rois + 5 * order[first + j], d, spatial_scale,
+                                 sampling_ratio);
+      if (!geometry[j].empty()) weights[j].compute(geometry[j]);
     }
-    weights.compute(g);
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
-        T* out_bin = out_roi + ph * d.pooled_w + pw;
-        Window<T> w;
-        int64_t offset;
-        if (!weights.window(ph, pw, &w, &offset)) {
-          for (int64_t c = 0; c < d.channels_out; ++c) out_bin[c * d.bins()] = T(0);
-          continue;
+        for (int64_t j = 0; j < count; ++j) {
+          const RoiGeometry<T>& g = geometry[j];
+          T* out_bin = output + order[first + j] * d.channels_out * d.bins() +
+                       ph * d.pooled_w + pw;
+          Window<T> w;
+          int64_t offset;
+          if (g.empty() || !weights[j].window(ph, pw, &w, &offset)) {
+            for (int64_t c = 0; c < d.channels_out; ++c) out_bin[c * d.bins()] = T(0);
+            continue;
+          }
+          const T* planes =
+              input + layout.plane_offset(g.image, input_channel(d, 0, ph, pw)) + offset;
+          gather_for(w)(w, planes, plane_stride, d.channels_out, g.count,
+                        out_bin, d.bins());
         }
-        const T* planes =
-            input + layout.plane_offset(g.image, input_channel(d, 0, ph, pw)) + offset;
-        gather_for(w)(w, planes, plane_stride, d.channels_out, g.count, out_bin,
-                      d.bins());
       }
     }
   }
