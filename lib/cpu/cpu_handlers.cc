@@ -5,6 +5,8 @@
 #include <memory>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "cpu/psroi_cpu_kernels.h"
 #include "ffi_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -42,6 +44,26 @@ ffi::Future run_chunked(ffi::ThreadPool& pool, int64_t total,
     });
   }
   return future;
+}
+
+// Asks the kernel to back the 2 MiB-aligned interior of a large output buffer
+// with transparent huge pages. glibc serves allocations of 32 MiB and more
+// with a fresh mmap every time, so a call that writes such a result pays a
+// page fault per 4 KiB page on first touch: 10 of the 17 ms of the R-FCN
+// class-map backward (38 MB gradient) went to faults, 3.6 ms with huge pages.
+// Smaller buffers are reused from the heap without faults and are left
+// alone. The buffer is written whole, so no memory is wasted; where THP is
+// disabled the call fails harmlessly and is ignored.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(MADV_HUGEPAGE)
+  constexpr size_t kFreshMmapBytes = size_t{32} << 20;
+  if (bytes < kFreshMmapBytes) return;
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 ffi::Future ready_with(ffi::Error error) {
@@ -87,6 +109,7 @@ ffi::Future backward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> cotangent,
   const T* cot = cotangent.typed_data();
   const T* boxes = rois.typed_data();
   T* grad = grad_input->typed_data();
+  advise_huge_pages(grad, grad_input->size_bytes());
   const T scale = static_cast<T>(spatial_scale);
   auto order = std::make_shared<const std::vector<int64_t>>(
       locality_order(boxes, d, scale, sampling_ratio));

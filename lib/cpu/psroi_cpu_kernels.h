@@ -3,9 +3,9 @@
 // split a call into tasks of its thread pool.
 //
 // The fast kernels use the separable form of a bin (see psroi_math.h): the
-// row and column weights of an RoI's bins are computed once and reused for
-// every output channel, and a bin's value is a small dense weighted sum
-// (span_kernels.h).
+// row and column weights of an RoI's bins are computed once, each bin's
+// window becomes a tile of combined weights, and that tile serves every
+// output channel (span_kernels.h).
 // The elementwise kernels run the GPU's per-element code serially; tests
 // check them against the reference so the CUDA arithmetic is exercised here.
 #ifndef JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
@@ -45,17 +45,18 @@ class RoiWeights {
     }
   }
 
-  // Window of bin (ph, pw); `offset` receives its first pixel's offset in a
-  // plane. Returns false when the bin has no sample on the map.
-  bool window(int64_t ph, int64_t pw, Window<T>* w, int64_t* offset) const {
+  // Window of bin (ph, pw). Returns false when the bin has no sample on the
+  // map.
+  bool window(int64_t ph, int64_t pw, Window<T>* w) const {
     const AxisSpan r = row_spans_[ph], c = col_spans_[pw];
     if (r.first > r.last || c.first > c.last) return false;
+    w->first_row = r.first;
+    w->first_col = c.first;
     w->rows = r.last - r.first + 1;
     w->cols = c.last - c.first + 1;
     w->width = d_.width;
     w->row_w = rows_.data() + ph * d_.height + r.first;
     w->col_w = cols_.data() + pw * d_.width + c.first;
-    *offset = r.first * d_.width + c.first;
     return true;
   }
 
@@ -150,14 +151,14 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
           T* out_bin = output + order[first + j] * d.channels_out * d.bins() +
                        ph * d.pooled_w + pw;
           Window<T> w;
-          int64_t offset;
-          if (g.empty() || !weights[j].window(ph, pw, &w, &offset)) {
+          if (g.empty() || !weights[j].window(ph, pw, &w)) {
             for (int64_t c = 0; c < d.channels_out; ++c) out_bin[c * d.bins()] = T(0);
             continue;
           }
-          const T* planes =
-              input + layout.plane_offset(g.image, input_channel(d, 0, ph, pw)) + offset;
-          gather_for(w)(w, planes, plane_stride, d.channels_out, g.count,
+          const T* planes = input +
+                            layout.plane_offset(g.image, input_channel(d, 0, ph, pw)) +
+                            layout.pixel_offset(w.first_row, w.first_col);
+          gather_window(w, planes, plane_stride, d.channels_out, g.count,
                         out_bin, d.bins());
         }
       }
@@ -192,12 +193,11 @@ void backward_channels(const T* cotangent, const T* rois, const PsRoiDims& d,
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
         Window<T> w;
-        int64_t offset;
-        if (!weights.window(ph, pw, &w, &offset)) continue;
+        if (!weights.window(ph, pw, &w)) continue;
         T* planes = grad_input +
                     layout.plane_offset(g.image, input_channel(d, c_out_begin, ph, pw)) +
-                    offset;
-        scatter_for(w)(w, planes, plane_stride, num_c_out, g.count,
+                    layout.pixel_offset(w.first_row, w.first_col);
+        scatter_window(w, planes, plane_stride, num_c_out, g.count,
                        cot_roi + ph * d.pooled_w + pw, d.bins());
       }
     }
