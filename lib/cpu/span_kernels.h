@@ -96,6 +96,13 @@ inline void store_vec(T* p, typename Lanes<T>::Vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// The tile's weights as R x V vectors, held in registers by the loops below.
+template <typename T, int R, int V>
+void load_tile(const Tile<T>& t, typename Lanes<T>::Vec (&w)[R][V]) {
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) w[r][v] = load_vec(t.w + (r * V + v) * Lanes<T>::kCount);
+}
+
 // out[i * out_stride] = sum(tile * window of planes[i * plane_stride]);
 // `planes` points at the tile's first pixel of the first plane.
 template <typename T, int R, int V>
@@ -105,8 +112,7 @@ void gather_tile(const Tile<T>& t, const T* planes, int64_t width,
   using Vec = typename Lanes<T>::Vec;
   constexpr int L = Lanes<T>::kCount;
   Vec w[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) w[r][v] = load_vec(t.w + (r * V + v) * L);
+  load_tile(t, w);
   for (int64_t i = 0; i < num_planes; ++i) {
     const T* p = planes + i * plane_stride;
     Vec acc = {};
@@ -127,8 +133,7 @@ void scatter_tile(const Tile<T>& t, T* planes, int64_t width,
   using Vec = typename Lanes<T>::Vec;
   constexpr int L = Lanes<T>::kCount;
   Vec w[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) w[r][v] = load_vec(t.w + (r * V + v) * L);
+  load_tile(t, w);
   for (int64_t i = 0; i < num_planes; ++i) {
     T* p = planes + i * plane_stride;
     const T g = cot[i * cot_stride];
@@ -192,36 +197,39 @@ constexpr std::array<ScatterTileFn<T>, sizeof...(I)> scatter_table(std::index_se
 constexpr size_t kTileShapes = kMaxTileRows * kMaxTileVectors;
 
 // Applies bin window `w`, whose first pixel in the first plane is `first`,
-// to num_planes planes: the forward's weighted average.
-template <typename T>
-void gather_window(const Window<T>& w, const T* first,
-                   int64_t plane_stride, int64_t num_planes, T count, T* out,
-                   int64_t out_stride) {
-  static constexpr auto table = gather_table<T>(std::make_index_sequence<kTileShapes>());
+// through its tile when it fits one, else through the generic loop.
+template <typename T, typename Table, typename Generic, typename Plane,
+          typename Values>
+void apply_window(const Table& table, Generic generic, const Window<T>& w,
+                  Plane* first, int64_t plane_stride, int64_t num_planes,
+                  T count, Values* values, int64_t values_stride) {
   Tile<T> tile;
   if (make_tile(w, count, &tile)) {
     table[(tile.rows - 1) * kMaxTileVectors + (tile.vectors - 1)](
         tile, first + (tile.first_col - w.first_col), w.width, plane_stride,
-        num_planes, out, out_stride);
+        num_planes, values, values_stride);
   } else {
-    gather_generic(w, first, plane_stride, num_planes, count, out, out_stride);
+    generic(w, first, plane_stride, num_planes, count, values, values_stride);
   }
 }
 
-// The adjoint of gather_window: adds each cotangent's share to its window.
+// The forward's weighted average of window `w` of num_planes planes.
 template <typename T>
-void scatter_window(const Window<T>& w, T* first,
-                    int64_t plane_stride, int64_t num_planes, T count,
-                    const T* cot, int64_t cot_stride) {
+void gather_window(const Window<T>& w, const T* first, int64_t plane_stride,
+                   int64_t num_planes, T count, T* out, int64_t out_stride) {
+  static constexpr auto table = gather_table<T>(std::make_index_sequence<kTileShapes>());
+  apply_window(table, &gather_generic<T>, w, first, plane_stride, num_planes,
+               count, out, out_stride);
+}
+
+// Its adjoint: adds each cotangent's share to its plane's window.
+template <typename T>
+void scatter_window(const Window<T>& w, T* first, int64_t plane_stride,
+                    int64_t num_planes, T count, const T* cot,
+                    int64_t cot_stride) {
   static constexpr auto table = scatter_table<T>(std::make_index_sequence<kTileShapes>());
-  Tile<T> tile;
-  if (make_tile(w, count, &tile)) {
-    table[(tile.rows - 1) * kMaxTileVectors + (tile.vectors - 1)](
-        tile, first + (tile.first_col - w.first_col), w.width, plane_stride,
-        num_planes, cot, cot_stride);
-  } else {
-    scatter_generic(w, first, plane_stride, num_planes, count, cot, cot_stride);
-  }
+  apply_window(table, &scatter_generic<T>, w, first, plane_stride, num_planes,
+               count, cot, cot_stride);
 }
 
 }  // namespace cpu

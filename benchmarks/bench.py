@@ -1,0 +1,279 @@
+"""Speed and memory of jax_psroi against the jax.numpy reference and torchvision.
+
+    python benchmarks/bench.py            # every workload, ~10 minutes on 2 cores
+    python benchmarks/bench.py --quick    # small smoke run (CI)
+    python benchmarks/bench.py --device gpu
+
+For each workload and sampling ratio it times, in one process and one run,
+the forward, the backward alone (vjp of a stored forward) and forward +
+backward of: jax_psroi under jax.jit, the jax.numpy reference under jax.jit,
+and torchvision (when installed; on the CPU with as many threads as XLA's
+CPU pool). Times are medians after warm-up and compilation. It also records
+the memory XLA's compiled executables need (temporaries, outputs), writes
+results.md, results.json and time_vs_k.png to --out, and checks the targets
+of issue 5 (x20 torchvision, x10 reference, adaptive <= 2x ratio 2, no
+temporary larger than the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_psroi
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import report  # noqa: E402  (benchmarks/report.py)
+
+IMAGE_HW = (800, 1344)   # input image the boxes are drawn on
+STRIDE = 16              # backbone stride: spatial_scale = 1 / 16
+BINS = 7
+RATIOS = (2, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    features: tuple[int, int, int, int]   # [N, C, H, W]
+    num_rois: int
+
+
+WORKLOADS = [
+    Workload("lighthead_test", (1, 490, 50, 84), 1000),
+    Workload("lighthead_train", (2, 490, 50, 84), 4000),
+    Workload("rfcn_cls", (1, 3969, 38, 63), 300),
+    Workload("rfcn_box", (1, 392, 38, 63), 300),
+]
+QUICK_WORKLOADS = [
+    Workload("lighthead_test_small", (1, 490, 50, 84), 100),
+    Workload("rfcn_box_small", (1, 392, 38, 63), 50),
+]
+SWEEP_K = (100, 300, 1000, 3000)   # time vs K, Light-Head test map
+QUICK_SWEEP_K = (30, 100)
+
+
+def make_inputs(workload, seed=0):
+    """float32 features and [K, 5] RoIs of log-uniform side 16-512 px."""
+    rng = np.random.default_rng(seed)
+    n = workload.features[0]
+    features = rng.normal(size=workload.features).astype(np.float32)
+    k = workload.num_rois
+    img_h, img_w = IMAGE_HW
+    side = np.exp(rng.uniform(np.log(16), np.log(512), size=(k, 2)))
+    x1 = rng.uniform(0, img_w - side[:, 0])
+    y1 = rng.uniform(0, img_h - side[:, 1])
+    rois = np.stack([np.arange(k) % n, x1, y1, x1 + side[:, 0],
+                     y1 + side[:, 1]], axis=1).astype(np.float32)
+    c_out = workload.features[1] // (BINS * BINS)
+    cotangent = rng.normal(size=(k, c_out, BINS, BINS)).astype(np.float32)
+    return features, rois, cotangent
+
+
+def median_seconds(run, min_repeats, min_seconds, budget_seconds=15.0):
+    """Median wall time of `run()` (which must block until done).
+
+    Repeats at least `min_repeats` times and for at least `min_seconds`, but
+    stops after three runs once `budget_seconds` are spent (slow baselines).
+    """
+    run()  # warm-up (and compilation)
+    times = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        if len(times) >= min_repeats and elapsed >= min_seconds:
+            break
+        if len(times) >= 3 and elapsed >= budget_seconds:
+            break
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- JAX ----
+
+def jax_timings(op, features, rois, cotangent, ratio, repeats):
+    """Forward, backward and forward + backward of a JAX implementation."""
+    def forward(f, r):
+        return op(f, r, BINS, 1 / STRIDE, ratio)
+
+    def forward_backward(f, r, c):
+        out, vjp = jax.vjp(lambda x: forward(x, r), f)
+        return out, vjp(c)[0]  # both returned: nothing is dead code
+
+    fwd = jax.jit(forward)
+    fwd_bwd = jax.jit(forward_backward)
+    # Backward alone: the vjp function is a pytree holding the forward's
+    # residuals; passed as an argument they are inputs, not constants.
+    _, vjp = jax.vjp(lambda x: forward(x, rois), features)
+    bwd = jax.jit(lambda vjp_fn, c: vjp_fn(c)[0])
+
+    result = {}
+    for mode, fn, args in (("forward", fwd, (features, rois)),
+                           ("backward", bwd, (vjp, cotangent)),
+                           ("forward_backward", fwd_bwd,
+                            (features, rois, cotangent))):
+        compiled = fn.lower(*args).compile()
+        result[mode] = median_seconds(
+            lambda: jax.block_until_ready(compiled(*args)), **repeats)
+        result[f"{mode}_memory"] = memory_of(compiled)
+    return result
+
+
+def memory_of(compiled):
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return {"temp_bytes": int(stats.temp_size_in_bytes),
+            "output_bytes": int(stats.output_size_in_bytes),
+            "argument_bytes": int(stats.argument_size_in_bytes)}
+
+
+# ---------------------------------------------------------- torchvision ----
+
+def torchvision_module():
+    try:
+        import torch
+        import torchvision.ops
+    except ImportError:
+        return None
+    return torch, torchvision.ops.ps_roi_align
+
+
+def torchvision_timings(tv, features, rois, cotangent, ratio, repeats, device):
+    torch, ps_roi_align = tv
+    dev = "cuda" if device == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    f = torch.from_numpy(features).to(dev)
+    r = torch.from_numpy(rois).to(dev)
+    c = torch.from_numpy(cotangent).to(dev)
+    f_grad = f.clone().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            ps_roi_align(f, r, BINS, 1 / STRIDE, ratio)
+        sync()
+
+    def forward_backward():
+        out = ps_roi_align(f_grad, r, BINS, 1 / STRIDE, ratio)
+        torch.autograd.grad(out, f_grad, c)
+        sync()
+
+    stored = ps_roi_align(f_grad, r, BINS, 1 / STRIDE, ratio)
+
+    def backward():
+        torch.autograd.grad(stored, f_grad, c, retain_graph=True)
+        sync()
+
+    return {"forward": median_seconds(forward, **repeats),
+            "backward": median_seconds(backward, **repeats),
+            "forward_backward": median_seconds(forward_backward, **repeats)}
+
+
+# ---------------------------------------------------------------- main ----
+
+def run_workload(workload, ratio, tv, device, repeats, skip_reference):
+    features, rois, cotangent = make_inputs(workload)
+    dev = jax.devices(device)[0]
+    features_j, rois_j, cotangent_j = (jax.device_put(a, dev)
+                                       for a in (features, rois, cotangent))
+    row = {"workload": workload.name, "features": list(workload.features),
+           "num_rois": workload.num_rois, "sampling_ratio": ratio,
+           "output_bytes": int(cotangent.nbytes)}
+    impls = {"jax_psroi": jax_psroi.ps_roi_align}
+    if not skip_reference:
+        impls["reference"] = jax_psroi.ps_roi_align_reference
+    for name, op in impls.items():
+        row[name] = jax_timings(op, features_j, rois_j, cotangent_j, ratio,
+                                repeats)
+    if tv is not None:
+        row["torchvision"] = torchvision_timings(tv, features, rois, cotangent,
+                                                 ratio, repeats, device)
+    return row
+
+
+def sweep(tv, device, repeats, ks, skip_reference):
+    """Forward time vs K on the Light-Head test map, sampling_ratio 2."""
+    points = []
+    for k in ks:
+        workload = Workload(f"sweep_k{k}", (1, 490, 50, 84), k)
+        row = run_workload(workload, 2, tv, device, repeats, skip_reference)
+        points.append({"num_rois": k, **{
+            impl: row[impl]["forward"] for impl in
+            ("jax_psroi", "reference", "torchvision") if impl in row}})
+    return points
+
+
+def machine_description(device):
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "device": str(jax.devices(device)[0]),
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)),
+            "jax_psroi_build": jax_psroi.build_info()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f
+                     if l.startswith("model name")]
+        info["cpu_model"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    return info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small workloads and few repeats (CI smoke test)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=pathlib.Path("benchmarks/results"))
+    parser.add_argument("--no-torchvision", action="store_true")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the (slow) jax.numpy reference")
+    args = parser.parse_args(argv)
+
+    threads = len(os.sched_getaffinity(0))
+    tv = None if args.no_torchvision else torchvision_module()
+    if tv is not None:
+        tv[0].set_num_threads(threads)  # same threads as XLA's CPU pool
+        if args.device == "gpu" and not tv[0].cuda.is_available():
+            tv = None
+    repeats = (dict(min_repeats=5, min_seconds=0.1) if args.quick
+               else dict(min_repeats=9, min_seconds=1.0))
+    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+
+    rows = []
+    for workload in workloads:
+        for ratio in RATIOS:
+            print(f"{workload.name} sampling_ratio={ratio} ...", flush=True)
+            rows.append(run_workload(workload, ratio, tv, args.device, repeats,
+                                     args.no_reference))
+    points = sweep(tv, args.device, repeats,
+                   QUICK_SWEEP_K if args.quick else SWEEP_K, args.no_reference)
+
+    results = {"machine": machine_description(args.device), "threads": threads,
+               "torchvision": (None if tv is None else tv[0].__version__),
+               "quick": args.quick, "rows": rows, "sweep": points}
+    results["checks"] = report.check_targets(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    markdown = report.markdown(results)
+    (args.out / "results.md").write_text(markdown)
+    report.plot(points, args.out / "time_vs_k.png")
+    print(markdown)
+    print(f"wrote {args.out}/results.md, results.json, time_vs_k.png")
+
+
+if __name__ == "__main__":
+    main()
