@@ -103,8 +103,9 @@ def median_seconds(run, min_repeats, min_seconds, budget_seconds=15.0):
 
 # ---------------------------------------------------------------- JAX ----
 
-def jax_timings(op, features, rois, cotangent, ratio, repeats):
-    """Forward, backward and forward + backward of a JAX implementation."""
+def jax_timings(op, features, rois, cotangent, ratio, repeats,
+                modes=report.MODES):
+    """Times `modes` (forward, backward, forward_backward) of a JAX op."""
     def forward(f, r):
         return op(f, r, BINS, 1 / STRIDE, ratio)
 
@@ -112,18 +113,19 @@ def jax_timings(op, features, rois, cotangent, ratio, repeats):
         out, vjp = jax.vjp(lambda x: forward(x, r), f)
         return out, vjp(c)[0]  # both returned: nothing is dead code
 
-    fwd = jax.jit(forward)
-    fwd_bwd = jax.jit(forward_backward)
-    # Backward alone: the vjp function is a pytree holding the forward's
-    # residuals; passed as an argument they are inputs, not constants.
-    _, vjp = jax.vjp(lambda x: forward(x, rois), features)
-    bwd = jax.jit(lambda vjp_fn, c: vjp_fn(c)[0])
+    def backward_call():
+        # The vjp function is a pytree holding the forward's residuals;
+        # passed as an argument they are inputs, not constants.
+        _, vjp = jax.vjp(lambda x: forward(x, rois), features)
+        return jax.jit(lambda vjp_fn, c: vjp_fn(c)[0]), (vjp, cotangent)
 
+    calls = {"forward": lambda: (jax.jit(forward), (features, rois)),
+             "backward": backward_call,
+             "forward_backward": lambda: (jax.jit(forward_backward),
+                                          (features, rois, cotangent))}
     result = {}
-    for mode, fn, args in (("forward", fwd, (features, rois)),
-                           ("backward", bwd, (vjp, cotangent)),
-                           ("forward_backward", fwd_bwd,
-                            (features, rois, cotangent))):
+    for mode in modes:
+        fn, args = calls[mode]()
         compiled = fn.lower(*args).compile()
         result[mode] = median_seconds(
             lambda: jax.block_until_ready(compiled(*args)), **repeats)
@@ -151,7 +153,8 @@ def torchvision_module():
     return torch, torchvision.ops.ps_roi_align
 
 
-def torchvision_timings(tv, features, rois, cotangent, ratio, repeats, device):
+def torchvision_timings(tv, features, rois, cotangent, ratio, repeats, device,
+                        modes=report.MODES):
     torch, ps_roi_align = tv
     dev = "cuda" if device == "gpu" else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -170,20 +173,21 @@ def torchvision_timings(tv, features, rois, cotangent, ratio, repeats, device):
         torch.autograd.grad(out, f_grad, c)
         sync()
 
-    stored = ps_roi_align(f_grad, r, BINS, 1 / STRIDE, ratio)
-
     def backward():
         torch.autograd.grad(stored, f_grad, c, retain_graph=True)
         sync()
 
-    return {"forward": median_seconds(forward, **repeats),
-            "backward": median_seconds(backward, **repeats),
-            "forward_backward": median_seconds(forward_backward, **repeats)}
+    if "backward" in modes:
+        stored = ps_roi_align(f_grad, r, BINS, 1 / STRIDE, ratio)
+    runs = {"forward": forward, "backward": backward,
+            "forward_backward": forward_backward}
+    return {mode: median_seconds(runs[mode], **repeats) for mode in modes}
 
 
 # ---------------------------------------------------------------- main ----
 
-def run_workload(workload, ratio, tv, device, repeats, skip_reference):
+def run_workload(workload, ratio, tv, device, repeats, skip_reference,
+                 modes=report.MODES):
     features, rois, cotangent = make_inputs(workload)
     dev = jax.devices(device)[0]
     features_j, rois_j, cotangent_j = (jax.device_put(a, dev)
@@ -196,10 +200,10 @@ def run_workload(workload, ratio, tv, device, repeats, skip_reference):
         impls["reference"] = jax_psroi.ps_roi_align_reference
     for name, op in impls.items():
         row[name] = jax_timings(op, features_j, rois_j, cotangent_j, ratio,
-                                repeats)
+                                repeats, modes)
     if tv is not None:
         row["torchvision"] = torchvision_timings(tv, features, rois, cotangent,
-                                                 ratio, repeats, device)
+                                                 ratio, repeats, device, modes)
     return row
 
 
@@ -208,7 +212,8 @@ def sweep(tv, device, repeats, ks, skip_reference):
     points = []
     for k in ks:
         workload = Workload(f"sweep_k{k}", (1, 490, 50, 84), k)
-        row = run_workload(workload, 2, tv, device, repeats, skip_reference)
+        row = run_workload(workload, 2, tv, device, repeats, skip_reference,
+                           modes=("forward",))
         points.append({"num_rois": k, **{
             impl: row[impl]["forward"] for impl in
             ("jax_psroi", "reference", "torchvision") if impl in row}})
