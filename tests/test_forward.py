@@ -232,3 +232,21 @@ def test_lowers_to_the_ffi_custom_call():
     assert "spatial_scale = 5.000000e-01 : f64" in text
     assert "sampling_ratio = 2 : i64" in text
     assert "gather" not in text
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_out", [4, 7, 13])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_many_output_channels_match_reference(dtype, channels_out,
+                                              sampling_ratio):
+    # The CPU kernel sums a bin of several output channels at a time (4 in
+    # float32, 2 in float64) and the rest one by one; mix both, on a map wide
+    # enough for tiles both inside it and against its right border.
+    rng = np.random.default_rng(channels_out * 10 + sampling_ratio)
+    features = random_features(rng, 2, channels_out * 4, 10, 37, dtype)
+    rois = random_rois(rng, 40, 2, 10, 37, 0.5, dtype, outside=0.2)
+    out = _native(features, rois, (2, 2), 0.5, sampling_ratio)
+    ref = jax_psroi.ps_roi_align_reference(features, rois, (2, 2), 0.5,
+                                           sampling_ratio)
+    assert np.abs(np.asarray(out)).max() > 0.01
+    np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])

@@ -148,3 +148,16 @@ def test_platforms_without_kernels_lower_the_reference():
         lowering_platforms=("rocm",)).as_text()
     assert "custom_call" not in text
     assert "scatter" in text and "dot_general" in text
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels_out", [5, 13])
+def test_backward_with_many_output_channels(dtype, channels_out):
+    rng = np.random.default_rng(channels_out)
+    features = random_features(rng, 2, channels_out * 4, 10, 37, dtype)
+    rois = random_rois(rng, 40, 2, 10, 37, 0.5, dtype, outside=0.2)
+    cotangent = rng.normal(size=(40, channels_out, 2, 2)).astype(dtype)
+    grad = _native_grad(features, rois, cotangent, (2, 2), 0.5, 2)
+    ref = _reference_grad(features, rois, cotangent, (2, 2), 0.5, 2)
+    assert np.abs(np.asarray(grad)).max() > 0.01
+    np.testing.assert_allclose(grad, ref, **TOLERANCE[np.dtype(dtype)])

@@ -23,7 +23,8 @@ namespace jax_psroi {
 namespace cpu {
 
 // Row weights of every bin row and column weights of every bin column of one
-// RoI: PH arrays of H and PW arrays of W, zero outside their spans.
+// RoI: PH arrays of H and PW arrays of W, zero outside their spans, and the
+// column tile of every bin column.
 template <typename T>
 class RoiWeights {
  public:
@@ -32,7 +33,8 @@ class RoiWeights {
         rows_(static_cast<size_t>(d.pooled_h * d.height), T(0)),
         cols_(static_cast<size_t>(d.pooled_w * d.width), T(0)),
         row_spans_(static_cast<size_t>(d.pooled_h), AxisSpan{d.height, -1}),
-        col_spans_(static_cast<size_t>(d.pooled_w), AxisSpan{d.width, -1}) {}
+        col_spans_(static_cast<size_t>(d.pooled_w), AxisSpan{d.width, -1}),
+        col_tiles_(static_cast<size_t>(d.pooled_w)) {}
 
   void compute(const RoiGeometry<T>& g) {
     for (int64_t ph = 0; ph < d_.pooled_h; ++ph) {
@@ -41,7 +43,12 @@ class RoiWeights {
     }
     for (int64_t pw = 0; pw < d_.pooled_w; ++pw) {
       clear(col(pw), col_spans_[pw]);
-      col_spans_[pw] = accumulate_axis_weights(g.x, pw, d_.width, col(pw));
+      const AxisSpan span = accumulate_axis_weights(g.x, pw, d_.width, col(pw));
+      col_spans_[pw] = span;
+      if (span.first <= span.last) {
+        make_column_tile(col(pw) + span.first, span.first, span.last - span.first + 1,
+                         d_.width, &col_tiles_[pw]);
+      }
     }
   }
 
@@ -57,6 +64,7 @@ class RoiWeights {
     w->width = d_.width;
     w->row_w = rows_.data() + ph * d_.height + r.first;
     w->col_w = cols_.data() + pw * d_.width + c.first;
+    w->col_tile = &col_tiles_[pw];
     return true;
   }
 
@@ -72,6 +80,7 @@ class RoiWeights {
   PsRoiDims d_;
   std::vector<T> rows_, cols_;
   std::vector<AxisSpan> row_spans_, col_spans_;
+  std::vector<ColumnTile<T>> col_tiles_;
 };
 
 // Order in which the kernels visit RoIs: by image, then by band of rows,

@@ -23,16 +23,9 @@
 namespace jax_psroi {
 namespace cpu {
 
-// A bin's window: `rows` x `cols` pixels from (first_row, first_col), with
-// their row and column weights.
-template <typename T>
-struct Window {
-  int64_t first_row, first_col;
-  int64_t rows, cols;
-  int64_t width;  // row stride of a plane
-  const T* row_w;
-  const T* col_w;
-};
+// Largest tile: rows x vectors per row.
+constexpr int kMaxTileRows = 8;
+constexpr int kMaxTileVectors = 3;
 
 // A 16-byte vector of T (GCC/Clang vector extension: SSE2 on x86-64, NEON on
 // AArch64, scalar code elsewhere); all vector loads go through memcpy, so
@@ -43,46 +36,53 @@ struct Lanes {
   typedef T Vec __attribute__((vector_size(16)));
 };
 
-// Largest tile: rows x vectors per row.
-constexpr int kMaxTileRows = 8;
-constexpr int kMaxTileVectors = 3;
-
+// The column weights of one bin column as the vectors of a tile: `vectors`
+// 16-byte vectors read from column `first_col`, which is the span's first
+// column moved left at the right border so that every load stays inside its
+// row (the columns moved in get weight 0). vectors == 0 when the span is too
+// wide for a tile (or the map narrower than one). An RoI's column tiles are
+// built once and serve all its bin rows.
 template <typename T>
-struct Tile {
-  T w[kMaxTileRows * kMaxTileVectors * Lanes<T>::kCount];
-  int64_t rows, vectors;
-  // First column the tile's vectors read: the window's, moved left at the
-  // right border so that every load stays inside its row (the columns moved
-  // in get weight 0).
+struct ColumnTile {
+  T w[kMaxTileVectors * Lanes<T>::kCount];
   int64_t first_col;
+  int64_t vectors;
 };
 
-// Builds the tile of `window`; false when the window is too large for a tile
-// (or the map narrower than one).
+// Builds the column tile of weights col_w[0..cols), whose first column is
+// first_col, on rows of `width` pixels.
 template <typename T>
-bool make_tile(const Window<T>& window, T count, Tile<T>* t) {
+void make_column_tile(const T* col_w, int64_t first_col, int64_t cols,
+                      int64_t width, ColumnTile<T>* t) {
   constexpr int64_t L = Lanes<T>::kCount;
-  const int64_t vectors = (window.cols + L - 1) / L;
+  const int64_t vectors = (cols + L - 1) / L;
   const int64_t padded = vectors * L;
-  if (window.rows > kMaxTileRows || vectors > kMaxTileVectors || padded > window.width) {
-    return false;
+  if (vectors > kMaxTileVectors || padded > width) {
+    t->vectors = 0;
+    return;
   }
-  t->rows = window.rows;
   t->vectors = vectors;
-  const int64_t first_col = window.first_col;
-  t->first_col = first_col + padded <= window.width ? first_col : window.width - padded;
+  t->first_col = first_col + padded <= width ? first_col : width - padded;
   const int64_t shift = first_col - t->first_col;
-  const T inv_count = T(1) / count;
-  for (int64_t r = 0; r < window.rows; ++r) {
-    T* row = t->w + r * padded;
-    const T scale = window.row_w[r] * inv_count;
-    for (int64_t c = 0; c < padded; ++c) {
-      const int64_t j = c - shift;
-      row[c] = (j >= 0 && j < window.cols) ? scale * window.col_w[j] : T(0);
-    }
+  for (int64_t c = 0; c < padded; ++c) {
+    const int64_t j = c - shift;
+    t->w[c] = (j >= 0 && j < cols) ? col_w[j] : T(0);
   }
-  return true;
 }
+
+// A bin's window: `rows` x `cols` pixels from (first_row, first_col), with
+// their row and column weights and the column tile.
+template <typename T>
+struct Window {
+  int64_t first_row, first_col;
+  int64_t rows, cols;
+  int64_t width;  // row stride of a plane
+  const T* row_w;
+  const T* col_w;
+  const ColumnTile<T>* col_tile;
+
+  bool fits_tile() const { return rows <= kMaxTileRows && col_tile->vectors > 0; }
+};
 
 template <typename T>
 inline typename Lanes<T>::Vec load_vec(const T* p) {
@@ -96,44 +96,91 @@ inline void store_vec(T* p, typename Lanes<T>::Vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// The tile's weights as R x V vectors, held in registers by the loops below.
+// The window's weights row_w[r] / count * col_w[c] as R x V vectors, held
+// in registers by the loops below: one multiply per vector, so a tile costs
+// nothing to set up beyond what the planes amortise.
 template <typename T, int R, int V>
-void load_tile(const Tile<T>& t, typename Lanes<T>::Vec (&w)[R][V]) {
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) w[r][v] = load_vec(t.w + (r * V + v) * Lanes<T>::kCount);
+void build_tile(const Window<T>& window, T count,
+                typename Lanes<T>::Vec (&w)[R][V]) {
+  using Vec = typename Lanes<T>::Vec;
+  const T inv_count = T(1) / count;
+  Vec cols[V];
+  for (int v = 0; v < V; ++v) cols[v] = load_vec(window.col_tile->w + v * Lanes<T>::kCount);
+  for (int r = 0; r < R; ++r) {
+    const T scale = window.row_w[r] * inv_count;
+    for (int v = 0; v < V; ++v) w[r][v] = scale * cols[v];
+  }
+}
+
+// Sum of a vector's lanes, pairing lanes in the order lane_sums uses, so a
+// plane's value does not depend on whether it was summed alone or in a group.
+template <typename T>
+inline T lane_sum(typename Lanes<T>::Vec v) {
+  if constexpr (Lanes<T>::kCount == 4) {
+    return (v[0] + v[1]) + (v[2] + v[3]);
+  } else {
+    static_assert(Lanes<T>::kCount == 2, "16-byte vectors of float or double");
+    return v[0] + v[1];
+  }
+}
+
+// The lane sums of kCount vectors as one vector: a transpose by shuffles
+// instead of a horizontal sum per vector (half the instructions).
+template <typename T>
+inline typename Lanes<T>::Vec lane_sums(const typename Lanes<T>::Vec (&a)[Lanes<T>::kCount]) {
+  if constexpr (Lanes<T>::kCount == 4) {
+    // [a0+a1, a2+a3, b0+b1, b2+b3], then [(a0+a1)+(a2+a3), (b0+b1)+(b2+b3), ...]
+    const auto ab = __builtin_shufflevector(a[0], a[1], 0, 2, 4, 6) +
+                    __builtin_shufflevector(a[0], a[1], 1, 3, 5, 7);
+    const auto cd = __builtin_shufflevector(a[2], a[3], 0, 2, 4, 6) +
+                    __builtin_shufflevector(a[2], a[3], 1, 3, 5, 7);
+    return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) +
+           __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
+  } else {
+    return __builtin_shufflevector(a[0], a[1], 0, 2) +
+           __builtin_shufflevector(a[0], a[1], 1, 3);
+  }
 }
 
 // out[i * out_stride] = sum(tile * window of planes[i * plane_stride]);
-// `planes` points at the tile's first pixel of the first plane.
+// `planes` points at the tile's first pixel of the first plane. Planes go
+// kCount at a time so that their lane sums share one transpose.
 template <typename T, int R, int V>
-void gather_tile(const Tile<T>& t, const T* planes, int64_t width,
+void gather_tile(const Window<T>& window, T count, const T* planes,
                  int64_t plane_stride, int64_t num_planes, T* out,
                  int64_t out_stride) {
   using Vec = typename Lanes<T>::Vec;
   constexpr int L = Lanes<T>::kCount;
+  const int64_t width = window.width;
   Vec w[R][V];
-  load_tile(t, w);
-  for (int64_t i = 0; i < num_planes; ++i) {
-    const T* p = planes + i * plane_stride;
-    Vec acc = {};
+  build_tile(window, count, w);
+  auto products = [&](const T* p) {
+    Vec acc = w[0][0] * load_vec(p);
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < V; ++v) acc += w[r][v] * load_vec(p + r * width + v * L);
-    T sum = acc[0];
-    for (int l = 1; l < L; ++l) sum += acc[l];
-    out[i * out_stride] = sum;
+      for (int v = (r == 0 ? 1 : 0); v < V; ++v) acc += w[r][v] * load_vec(p + r * width + v * L);
+    return acc;
+  };
+  int64_t i = 0;
+  for (; i + L <= num_planes; i += L) {
+    Vec acc[L];
+    for (int j = 0; j < L; ++j) acc[j] = products(planes + (i + j) * plane_stride);
+    const Vec sums = lane_sums<T>(acc);
+    for (int j = 0; j < L; ++j) out[(i + j) * out_stride] = sums[j];
   }
+  for (; i < num_planes; ++i) out[i * out_stride] = lane_sum<T>(products(planes + i * plane_stride));
 }
 
 // window of planes[i * plane_stride] += cot[i * cot_stride] * tile. Zero
 // weights add +0, which leaves every value but -0 unchanged.
 template <typename T, int R, int V>
-void scatter_tile(const Tile<T>& t, T* planes, int64_t width,
+void scatter_tile(const Window<T>& window, T count, T* planes,
                   int64_t plane_stride, int64_t num_planes, const T* cot,
                   int64_t cot_stride) {
   using Vec = typename Lanes<T>::Vec;
   constexpr int L = Lanes<T>::kCount;
+  const int64_t width = window.width;
   Vec w[R][V];
-  load_tile(t, w);
+  build_tile(window, count, w);
   for (int64_t i = 0; i < num_planes; ++i) {
     T* p = planes + i * plane_stride;
     const T g = cot[i * cot_stride];
@@ -180,9 +227,9 @@ void scatter_generic(const Window<T>& w, T* planes, int64_t plane_stride,
 }
 
 template <typename T>
-using GatherTileFn = void (*)(const Tile<T>&, const T*, int64_t, int64_t, int64_t, T*, int64_t);
+using GatherTileFn = void (*)(const Window<T>&, T, const T*, int64_t, int64_t, T*, int64_t);
 template <typename T>
-using ScatterTileFn = void (*)(const Tile<T>&, T*, int64_t, int64_t, int64_t, const T*, int64_t);
+using ScatterTileFn = void (*)(const Window<T>&, T, T*, int64_t, int64_t, const T*, int64_t);
 
 // Tables indexed by (rows - 1) * kMaxTileVectors + (vectors - 1).
 template <typename T, size_t... I>
@@ -203,10 +250,9 @@ template <typename T, typename Table, typename Generic, typename Plane,
 void apply_window(const Table& table, Generic generic, const Window<T>& w,
                   Plane* first, int64_t plane_stride, int64_t num_planes,
                   T count, Values* values, int64_t values_stride) {
-  Tile<T> tile;
-  if (make_tile(w, count, &tile)) {
-    table[(tile.rows - 1) * kMaxTileVectors + (tile.vectors - 1)](
-        tile, first + (tile.first_col - w.first_col), w.width, plane_stride,
+  if (w.fits_tile()) {
+    table[(w.rows - 1) * kMaxTileVectors + (w.col_tile->vectors - 1)](
+        w, count, first + (w.col_tile->first_col - w.first_col), plane_stride,
         num_planes, values, values_stride);
   } else {
     generic(w, first, plane_stride, num_planes, count, values, values_stride);
