@@ -161,3 +161,18 @@ def test_backward_with_many_output_channels(dtype, channels_out):
     ref = _reference_grad(features, rois, cotangent, (2, 2), 0.5, 2)
     assert np.abs(np.asarray(grad)).max() > 0.01
     np.testing.assert_allclose(grad, ref, **TOLERANCE[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_on_planes_larger_than_cache(dtype):
+    # The CPU backward gives each work unit as many output channels' planes
+    # as fit in 256 KiB; 128 x 128 planes make it split 13 output channels
+    # into chunks (4, 4, 4, 1 in float32).
+    rng = np.random.default_rng(5)
+    features = random_features(rng, 2, 13 * 4, 128, 128, dtype)
+    rois = random_rois(rng, 30, 2, 128, 128, 0.25, dtype, outside=0.2)
+    cotangent = rng.normal(size=(30, 13, 2, 2)).astype(dtype)
+    grad = _native_grad(features, rois, cotangent, (2, 2), 0.25, 2)
+    ref = _reference_grad(features, rois, cotangent, (2, 2), 0.25, 2)
+    assert np.abs(np.asarray(grad)).max() > 0.01
+    np.testing.assert_allclose(grad, ref, **TOLERANCE[np.dtype(dtype)])

@@ -1,8 +1,10 @@
 // XLA FFI handlers for the CPU: decode buffers, check shapes, and split the
 // work over XLA's intra-op thread pool. Errors are returned, never thrown.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include <sys/mman.h>
@@ -15,23 +17,27 @@ namespace jax_psroi {
 namespace cpu {
 namespace {
 
-// Runs body(begin, end) over [0, total) in chunks_per_thread chunks per pool
-// thread and
-// returns a future that completes when the last chunk is done. Small calls
-// run inline: scheduling costs more than they do.
+ffi::Future ready() {
+  ffi::Promise done;
+  ffi::Future future(done);
+  done.SetAvailable();
+  return future;
+}
+
+// Calls doing less work than this (in multiply-adds, roughly) run inline:
+// scheduling would cost more than it saves.
+constexpr int64_t kInlineWork = int64_t{1} << 15;
+
+// Runs body(begin, end) over [0, total) in 4 chunks per pool thread and
+// returns a future that completes when the last chunk is done.
 template <typename Body>
 ffi::Future run_chunked(ffi::ThreadPool& pool, int64_t total,
-                        int64_t work_per_item, Body body,
-                        int64_t chunks_per_thread = 4) {
+                        int64_t work_per_item, Body body) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  constexpr int64_t kInlineWork = int64_t{1} << 15;
-  const int64_t chunks = std::min<int64_t>(total, threads * chunks_per_thread);
+  const int64_t chunks = std::min<int64_t>(total, threads * 4);
   if (chunks <= 1 || total * work_per_item < kInlineWork) {
     body(0, total);
-    ffi::Promise done;
-    ffi::Future future(done);
-    done.SetAvailable();
-    return future;
+    return ready();
   }
   ffi::CountDownPromise remaining(chunks);
   ffi::Future future(remaining);
@@ -42,6 +48,41 @@ ffi::Future run_chunked(ffi::ThreadPool& pool, int64_t total,
       body(begin, end);
       remaining.CountDown();
     });
+  }
+  return future;
+}
+
+// Runs first(i) for i in [0, first_items), then second(j) for j in
+// [0, second_items), on `tasks` pool tasks that claim items as they go. A
+// task that runs out of first-phase items waits only for items that other
+// tasks are running right now, never for queued ones, so it cannot deadlock
+// however busy the pool is. All scheduling happens before the handler
+// returns, while its context is valid.
+template <typename First, typename Second>
+ffi::Future run_two_phases(ffi::ThreadPool& pool, int64_t tasks,
+                           int64_t first_items, First first,
+                           int64_t second_items, Second second) {
+  struct Progress {
+    std::atomic<int64_t> next_first{0}, done_first{0}, next_second{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  ffi::CountDownPromise remaining(tasks);
+  ffi::Future future(remaining);
+  auto task = [=]() mutable {
+    Progress& p = *progress;
+    for (int64_t i; (i = p.next_first.fetch_add(1)) < first_items;) {
+      first(i);
+      p.done_first.fetch_add(1, std::memory_order_release);
+    }
+    while (p.done_first.load(std::memory_order_acquire) < first_items) {
+      std::this_thread::yield();
+    }
+    for (int64_t j; (j = p.next_second.fetch_add(1)) < second_items;) second(j);
+    remaining.CountDown();
+  };
+  for (int64_t t = 0; t < tasks; ++t) {
+    auto copy = task;
+    pool.Schedule(std::move(copy));
   }
   return future;
 }
@@ -111,16 +152,34 @@ ffi::Future backward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> cotangent,
   T* grad = grad_input->typed_data();
   advise_huge_pages(grad, grad_input->size_bytes());
   const T scale = static_cast<T>(spatial_scale);
-  auto order = std::make_shared<const std::vector<int64_t>>(
-      locality_order(boxes, d, scale, sampling_ratio));
-  // Tasks split the output channels; each one computes every RoI's geometry
-  // again, so there are only as many as threads.
-  return run_chunked(
-      pool, d.channels_out, (d.num_rois + d.num_images * d.plane_size()) * d.bins() * 16,
-      [=](int64_t begin, int64_t end) {
-        backward_channels(cot, boxes, d, scale, sampling_ratio, order->data(),
-                          begin, end, grad);
-      }, /*chunks_per_thread=*/1);
+  // First every RoI's bin windows, by RoI; then the gradient, by units of
+  // (image, bin, output channels), each reading the shared tables.
+  auto tables = std::make_shared<RoiTables<T>>(d);
+  auto by_image = std::make_shared<const RoisByImage>(
+      rois_by_image(boxes, d, scale, sampling_ratio));
+  const int64_t c_out_chunk = backward_channel_chunk(d, sizeof(T));
+  const int64_t units = backward_unit_count(d, c_out_chunk);
+  auto tables_for = [=](int64_t begin, int64_t end) {
+    RoiWeights<T> weights(d);
+    tables->compute(boxes, cot, scale, sampling_ratio, begin, end, &weights);
+  };
+  auto gradient_for = [=](int64_t begin, int64_t end) {
+    backward_units(d, *tables, *by_image, c_out_chunk, begin, end, grad);
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t work = (d.num_rois + d.num_images * d.plane_size()) * d.channels_out * d.bins();
+  if (threads == 1 || units == 1 || work < kInlineWork) {
+    tables_for(0, d.num_rois);
+    gradient_for(0, units);
+    return ready();
+  }
+  const int64_t roi_chunks = std::min<int64_t>(d.num_rois, threads * 4);
+  return run_two_phases(
+      pool, std::min(threads, units), roi_chunks,
+      [=](int64_t i) {
+        tables_for(d.num_rois * i / roi_chunks, d.num_rois * (i + 1) / roi_chunks);
+      },
+      units, [=](int64_t unit) { gradient_for(unit, unit + 1); });
 }
 
 template <ffi::DataType dtype>

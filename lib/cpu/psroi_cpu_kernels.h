@@ -5,7 +5,11 @@
 // The fast kernels use the separable form of a bin (see psroi_math.h): the
 // row and column weights of an RoI's bins are computed once, each bin's
 // window becomes a tile of combined weights, and that tile serves every
-// output channel (span_kernels.h).
+// output channel (span_kernels.h). The forward goes RoI by RoI. The backward
+// first tabulates every RoI's windows, then goes plane by plane, so each
+// gradient plane is finished while it is in cache (R-FCN class map, 38 MB of
+// gradient: 6.0 -> 3.6 ms with the buffer in cache; Light-Head train: 8.4 ->
+// 6.1 ms end to end).
 // The elementwise kernels run the GPU's per-element code serially; tests
 // check them against the reference so the CUDA arithmetic is exercised here.
 #ifndef JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
@@ -14,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "cpu/span_kernels.h"
@@ -51,6 +56,11 @@ class RoiWeights {
       }
     }
   }
+
+  AxisSpan row_span(int64_t ph) const { return row_spans_[ph]; }
+  AxisSpan col_span(int64_t pw) const { return col_spans_[pw]; }
+  const T* row_weights(int64_t ph) const { return rows_.data() + ph * d_.height; }
+  const ColumnTile<T>& col_tile(int64_t pw) const { return col_tiles_[pw]; }
 
   // Window of bin (ph, pw). Returns false when the bin has no sample on the
   // map.
@@ -175,40 +185,174 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
   }
 }
 
-// Backward for output channels [c_out_begin, c_out_end). Those own the input
-// planes input_channel(c_out, *, *) of every image, so tasks over disjoint
-// channel ranges write disjoint memory: no atomics, and RoIs are added in
-// `order`, so the result is bitwise reproducible.
+// What the backward needs of every RoI's bins, computed once per call (in
+// parallel, by RoI) and then shared by all tasks: for each bin row its
+// window rows and their weights, for each bin column its window columns and
+// column tile, and the cotangent laid out [bin][roi][c_out], so that a task
+// reads one bin's cotangents contiguously. Bin rows of more than kMaxTileRows rows, or bin columns too
+// wide for a tile, are marked; tasks recompute such an RoI's weights
+// (boxes whose bins exceed 8 x 12 pixels of the map).
 template <typename T>
-void backward_channels(const T* cotangent, const T* rois, const PsRoiDims& d,
-                       T spatial_scale, int64_t sampling_ratio,
-                       const int64_t* order, int64_t c_out_begin,
-                       int64_t c_out_end, T* grad_input) {
+class RoiTables {
+ public:
+  explicit RoiTables(const PsRoiDims& d)
+      : d_(d),
+        geometry_(static_cast<size_t>(d.num_rois)),
+        row_spans_(static_cast<size_t>(d.num_rois * d.pooled_h), AxisSpan{d.height, -1}),
+        col_spans_(static_cast<size_t>(d.num_rois * d.pooled_w), AxisSpan{d.width, -1}),
+        row_w_(static_cast<size_t>(d.num_rois * d.pooled_h * kMaxTileRows)),
+        col_tiles_(static_cast<size_t>(d.num_rois * d.pooled_w)),
+        cotangent_(static_cast<size_t>(d.outputs())) {}
+
+  // Fills the entries of RoIs [begin, end); `weights` is scratch.
+  void compute(const T* rois, const T* cotangent, T spatial_scale,
+               int64_t sampling_ratio, int64_t begin, int64_t end,
+               RoiWeights<T>* weights) {
+    for (int64_t k = begin; k < end; ++k) {
+      const RoiGeometry<T> g =
+          roi_geometry(rois + 5 * k, d_, spatial_scale, sampling_ratio);
+      geometry_[k] = g;
+      if (g.empty()) continue;
+      // Writes in runs of channels_out; the RoI's reads stay in cache.
+      for (int64_t bin = 0; bin < d_.bins(); ++bin) {
+        T* to = cotangent_.data() + (bin * d_.num_rois + k) * d_.channels_out;
+        const T* from = cotangent + k * d_.channels_out * d_.bins() + bin;
+        for (int64_t c = 0; c < d_.channels_out; ++c) to[c] = from[c * d_.bins()];
+      }
+      weights->compute(g);
+      for (int64_t ph = 0; ph < d_.pooled_h; ++ph) {
+        const AxisSpan span = weights->row_span(ph);
+        row_spans_[k * d_.pooled_h + ph] = span;
+        const int64_t rows = span.last - span.first + 1;
+        if (rows > 0 && rows <= kMaxTileRows) {
+          std::copy(weights->row_weights(ph) + span.first, weights->row_weights(ph) + span.last + 1,
+                    row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows);
+        }
+      }
+      for (int64_t pw = 0; pw < d_.pooled_w; ++pw) {
+        col_spans_[k * d_.pooled_w + pw] = weights->col_span(pw);
+        col_tiles_[k * d_.pooled_w + pw] = weights->col_tile(pw);
+      }
+    }
+  }
+
+  const RoiGeometry<T>& geometry(int64_t k) const { return geometry_[k]; }
+
+  // Cotangents of RoI k at bin `bin`, output channels from 0 (contiguous).
+  const T* cotangent(int64_t bin, int64_t k) const {
+    return cotangent_.data() + (bin * d_.num_rois + k) * d_.channels_out;
+  }
+
+  // Window of bin (ph, pw) of RoI k. Returns false when the bin has no
+  // sample on the map; sets *fits = false, without a window, when the bin
+  // needs the RoI's full weights.
+  bool window(int64_t k, int64_t ph, int64_t pw, Window<T>* w, bool* fits) const {
+    const AxisSpan r = row_spans_[k * d_.pooled_h + ph];
+    const AxisSpan c = col_spans_[k * d_.pooled_w + pw];
+    if (r.first > r.last || c.first > c.last) return false;
+    const ColumnTile<T>& tile = col_tiles_[k * d_.pooled_w + pw];
+    w->rows = r.last - r.first + 1;
+    *fits = w->rows <= kMaxTileRows && tile.vectors > 0;
+    if (!*fits) return true;
+    w->first_row = r.first;
+    w->first_col = c.first;
+    w->cols = c.last - c.first + 1;
+    w->width = d_.width;
+    w->row_w = row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows;
+    w->col_w = nullptr;  // tiles read only the column tile
+    w->col_tile = &tile;
+    return true;
+  }
+
+ private:
+  PsRoiDims d_;
+  std::vector<RoiGeometry<T>> geometry_;
+  std::vector<AxisSpan> row_spans_, col_spans_;
+  std::vector<T> row_w_;
+  std::vector<ColumnTile<T>> col_tiles_;
+  std::vector<T> cotangent_;
+};
+
+// The RoIs of each image that have samples, in index order: image n's are
+// rois[first[n] .. first[n + 1]).
+struct RoisByImage {
+  std::vector<int64_t> first, rois;
+};
+
+template <typename T>
+RoisByImage rois_by_image(const T* rois, const PsRoiDims& d, T spatial_scale,
+                          int64_t sampling_ratio) {
+  RoisByImage by;
+  std::vector<int64_t> image(static_cast<size_t>(d.num_rois));
+  by.first.assign(static_cast<size_t>(d.num_images + 1), 0);
+  for (int64_t k = 0; k < d.num_rois; ++k) {
+    const RoiGeometry<T> g = roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
+    image[k] = g.empty() ? -1 : g.image;
+    if (image[k] >= 0) ++by.first[image[k] + 1];
+  }
+  for (int64_t n = 0; n < d.num_images; ++n) by.first[n + 1] += by.first[n];
+  by.rois.resize(static_cast<size_t>(by.first[d.num_images]));
+  std::vector<int64_t> next(by.first.begin(), by.first.end() - 1);
+  for (int64_t k = 0; k < d.num_rois; ++k) {
+    if (image[k] >= 0) by.rois[next[image[k]]++] = k;
+  }
+  return by;
+}
+
+// Output channels a backward unit takes: all of them, unless their planes
+// exceed half of a typical 512 KiB L2 cache; then equal chunks that fit.
+inline int64_t backward_channel_chunk(const PsRoiDims& d, size_t element_bytes) {
+  constexpr int64_t kPlaneBudgetBytes = int64_t{256} << 10;
+  const int64_t bytes_per_c_out = d.plane_size() * static_cast<int64_t>(element_bytes);
+  const int64_t most = std::max<int64_t>(1, kPlaneBudgetBytes / std::max<int64_t>(1, bytes_per_c_out));
+  const int64_t chunks = (d.channels_out + most - 1) / most;
+  return (d.channels_out + chunks - 1) / chunks;
+}
+
+// Number of backward work units: (image, bin, chunk of output channels).
+inline int64_t backward_unit_count(const PsRoiDims& d, int64_t c_out_chunk) {
+  return d.num_images * d.bins() * ((d.channels_out + c_out_chunk - 1) / c_out_chunk);
+}
+
+// Backward for work units [unit_begin, unit_end). A unit owns the planes
+// input_channel(c_out, ph, pw) of one image and one bin for a chunk of output
+// channels: it zeroes them and adds the share of every RoI of that image, in
+// index order. The planes stay in cache while the RoIs visit them, units
+// write disjoint memory (no atomics), and the sums do not depend on how units
+// are split among threads: bitwise reproducible.
+template <typename T>
+void backward_units(const PsRoiDims& d, const RoiTables<T>& tables,
+                    const RoisByImage& by_image, int64_t c_out_chunk,
+                    int64_t unit_begin, int64_t unit_end, T* grad_input) {
   const NchwLayout layout{d.channels, d.height, d.width};
   const int64_t plane_stride = d.bins() * d.plane_size();
-  const int64_t num_c_out = c_out_end - c_out_begin;
-  for (int64_t n = 0; n < d.num_images; ++n) {
-    T* first = grad_input + layout.plane_offset(n, input_channel(d, c_out_begin, 0, 0));
-    std::fill(first, first + num_c_out * plane_stride, T(0));
-  }
-  RoiWeights<T> weights(d);
-  for (int64_t i = 0; i < d.num_rois; ++i) {
-    const int64_t k = order[i];
-    const RoiGeometry<T> g =
-        roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
-    if (g.empty()) continue;
-    weights.compute(g);
-    const T* cot_roi = cotangent + (k * d.channels_out + c_out_begin) * d.bins();
-    for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
-      for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
-        Window<T> w;
-        if (!weights.window(ph, pw, &w)) continue;
-        T* planes = grad_input +
-                    layout.plane_offset(g.image, input_channel(d, c_out_begin, ph, pw)) +
-                    layout.pixel_offset(w.first_row, w.first_col);
-        scatter_window(w, planes, plane_stride, num_c_out, g.count,
-                       cot_roi + ph * d.pooled_w + pw, d.bins());
+  const int64_t chunks = (d.channels_out + c_out_chunk - 1) / c_out_chunk;
+  std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
+  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+    const int64_t image = unit / (d.bins() * chunks);
+    const int64_t bin = unit / chunks % d.bins();
+    const int64_t c_begin = (unit % chunks) * c_out_chunk;
+    const int64_t num_c = std::min(c_out_chunk, d.channels_out - c_begin);
+    const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
+    T* first_plane = grad_input + layout.plane_offset(image, input_channel(d, c_begin, ph, pw));
+    for (int64_t c = 0; c < num_c; ++c) {
+      std::fill(first_plane + c * plane_stride,
+                first_plane + c * plane_stride + d.plane_size(), T(0));
+    }
+    for (int64_t i = by_image.first[image]; i < by_image.first[image + 1]; ++i) {
+      const int64_t k = by_image.rois[i];
+      Window<T> w;
+      bool fits;
+      if (!tables.window(k, ph, pw, &w, &fits)) continue;
+      const RoiGeometry<T>& g = tables.geometry(k);
+      if (!fits) {
+        if (!weights) weights.emplace(d);
+        weights->compute(g);
+        weights->window(ph, pw, &w);
       }
+      scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
+                     plane_stride, num_c, g.count,
+                     tables.cotangent(bin, k) + c_begin, 1);
     }
   }
 }
