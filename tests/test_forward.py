@@ -250,3 +250,17 @@ def test_many_output_channels_match_reference(dtype, channels_out,
                                            sampling_ratio)
     assert np.abs(np.asarray(out)).max() > 0.01
     np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_planes_larger_than_cache_match_reference(dtype):
+    # The CPU kernels give each work unit as many output channels' planes as
+    # fit in 256 KiB; 128 x 128 planes make them split 13 output channels
+    # into chunks (4, 4, 4, 1 in float32).
+    rng = np.random.default_rng(6)
+    features = random_features(rng, 2, 13 * 4, 128, 128, dtype)
+    rois = random_rois(rng, 30, 2, 128, 128, 0.25, dtype, outside=0.2)
+    out = _native(features, rois, (2, 2), 0.25, 2)
+    ref = jax_psroi.ps_roi_align_reference(features, rois, (2, 2), 0.25, 2)
+    assert np.abs(np.asarray(out)).max() > 0.01
+    np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -52,39 +53,66 @@ ffi::Future run_chunked(ffi::ThreadPool& pool, int64_t total,
   return future;
 }
 
-// Runs first(i) for i in [0, first_items), then second(j) for j in
-// [0, second_items), on `tasks` pool tasks that claim items as they go. A
-// task that runs out of first-phase items waits only for items that other
-// tasks are running right now, never for queued ones, so it cannot deadlock
-// however busy the pool is. All scheduling happens before the handler
-// returns, while its context is valid.
-template <typename First, typename Second>
-ffi::Future run_two_phases(ffi::ThreadPool& pool, int64_t tasks,
-                           int64_t first_items, First first,
-                           int64_t second_items, Second second) {
+// One phase of a call: `items` calls of run(i), in any order, on any thread.
+struct Phase {
+  int64_t items;
+  std::function<void(int64_t)> run;
+};
+
+// Runs the phases in order on one pool task per thread, which claim items
+// as they go; a phase starts once every item of the previous one is done. A
+// task that runs out of items waits only for items that other tasks are
+// running right now, never for queued ones, so it cannot deadlock however
+// busy the pool is. All scheduling happens before the handler returns, while its
+// context is valid. Calls doing less than kInlineWork, or with one thread,
+// run inline.
+ffi::Future run_phases(ffi::ThreadPool& pool, int64_t work,
+                       std::vector<Phase> phases) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1 || work < kInlineWork) {
+    for (const Phase& phase : phases) {
+      for (int64_t i = 0; i < phase.items; ++i) phase.run(i);
+    }
+    return ready();
+  }
   struct Progress {
-    std::atomic<int64_t> next_first{0}, done_first{0}, next_second{0};
+    explicit Progress(std::vector<Phase> p)
+        : phases(std::move(p)), next(phases.size()), done(phases.size()) {}
+    std::vector<Phase> phases;
+    std::vector<std::atomic<int64_t>> next, done;
   };
-  auto progress = std::make_shared<Progress>();
-  ffi::CountDownPromise remaining(tasks);
+  auto progress = std::make_shared<Progress>(std::move(phases));
+  ffi::CountDownPromise remaining(threads);
   ffi::Future future(remaining);
-  auto task = [=]() mutable {
+  auto task = [progress, remaining]() mutable {
     Progress& p = *progress;
-    for (int64_t i; (i = p.next_first.fetch_add(1)) < first_items;) {
-      first(i);
-      p.done_first.fetch_add(1, std::memory_order_release);
+    for (size_t phase = 0; phase < p.phases.size(); ++phase) {
+      const int64_t items = p.phases[phase].items;
+      for (int64_t i; (i = p.next[phase].fetch_add(1)) < items;) {
+        p.phases[phase].run(i);
+        p.done[phase].fetch_add(1, std::memory_order_release);
+      }
+      while (p.done[phase].load(std::memory_order_acquire) < items) {
+        std::this_thread::yield();
+      }
     }
-    while (p.done_first.load(std::memory_order_acquire) < first_items) {
-      std::this_thread::yield();
-    }
-    for (int64_t j; (j = p.next_second.fetch_add(1)) < second_items;) second(j);
     remaining.CountDown();
   };
-  for (int64_t t = 0; t < tasks; ++t) {
+  for (int64_t t = 0; t < threads; ++t) {
     auto copy = task;
     pool.Schedule(std::move(copy));
   }
   return future;
+}
+
+// Phase items over RoIs: 4 ranges per thread.
+Phase over_rois(ffi::ThreadPool& pool, int64_t num_rois,
+                std::function<void(int64_t, int64_t)> body) {
+  const int64_t ranges = std::min<int64_t>(
+      num_rois, 4 * std::max<int64_t>(1, pool.num_threads()));
+  return Phase{ranges, [=](int64_t i) {
+                 body(num_rois * i / ranges, num_rois * (i + 1) / ranges);
+               }};
 }
 
 // Asks the kernel to back the 2 MiB-aligned interior of a large output buffer
@@ -112,6 +140,28 @@ ffi::Future ready_with(ffi::Error error) {
   ffi::Future future(promise);
   promise.SetError(std::move(error));
   return future;
+}
+
+// The shared state of a backward call: every RoI's tables, its RoIs by
+// image, its work units and the cotangent bin-major. Built by the handler,
+// filled by the phases.
+template <typename T>
+struct BackwardState {
+  BackwardState(const PsRoiDims& d, const T* boxes, T scale, int64_t sampling_ratio)
+      : tables(d),
+        by_image(rois_by_image(boxes, d, scale, sampling_ratio)),
+        units(d, unit_channel_chunk(d, sizeof(T))),
+        // Every element is written before it is read: no zero fill.
+        bin_major(new T[static_cast<size_t>(d.outputs())]) {}
+  RoiTables<T> tables;
+  RoisByImage by_image;
+  Units units;
+  std::unique_ptr<T[]> bin_major;
+};
+
+// Work of a call, in multiply-adds roughly: RoIs times outputs, plus planes.
+int64_t call_work(const PsRoiDims& d) {
+  return (d.num_rois + d.num_images * d.plane_size()) * d.channels_out * d.bins();
 }
 
 template <ffi::DataType dtype>
@@ -152,34 +202,21 @@ ffi::Future backward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> cotangent,
   T* grad = grad_input->typed_data();
   advise_huge_pages(grad, grad_input->size_bytes());
   const T scale = static_cast<T>(spatial_scale);
-  // First every RoI's bin windows, by RoI; then the gradient, by units of
-  // (image, bin, output channels), each reading the shared tables.
-  auto tables = std::make_shared<RoiTables<T>>(d);
-  auto by_image = std::make_shared<const RoisByImage>(
-      rois_by_image(boxes, d, scale, sampling_ratio));
-  const int64_t c_out_chunk = backward_channel_chunk(d, sizeof(T));
-  const int64_t units = backward_unit_count(d, c_out_chunk);
-  auto tables_for = [=](int64_t begin, int64_t end) {
-    RoiWeights<T> weights(d);
-    tables->compute(boxes, cot, scale, sampling_ratio, begin, end, &weights);
-  };
-  auto gradient_for = [=](int64_t begin, int64_t end) {
-    backward_units(d, *tables, *by_image, c_out_chunk, begin, end, grad);
-  };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t work = (d.num_rois + d.num_images * d.plane_size()) * d.channels_out * d.bins();
-  if (threads == 1 || units == 1 || work < kInlineWork) {
-    tables_for(0, d.num_rois);
-    gradient_for(0, units);
-    return ready();
-  }
-  const int64_t roi_chunks = std::min<int64_t>(d.num_rois, threads * 4);
-  return run_two_phases(
-      pool, std::min(threads, units), roi_chunks,
-      [=](int64_t i) {
-        tables_for(d.num_rois * i / roi_chunks, d.num_rois * (i + 1) / roi_chunks);
-      },
-      units, [=](int64_t unit) { gradient_for(unit, unit + 1); });
+  auto state = std::make_shared<BackwardState<T>>(d, boxes, scale, sampling_ratio);
+  // Every RoI's windows and its cotangent bin-major (by RoI); then the
+  // gradient (by unit).
+  return run_phases(
+      pool, call_work(d),
+      {over_rois(pool, d.num_rois,
+                 [=](int64_t begin, int64_t end) {
+                   RoiWeights<T> weights(d);
+                   state->tables.compute(boxes, scale, sampling_ratio, begin, end, &weights);
+                   to_bin_major(cot, d, begin, end, state->bin_major.get());
+                 }),
+       Phase{state->units.count(), [=](int64_t unit) {
+               backward_units(state->bin_major.get(), d, state->tables,
+                              state->by_image, state->units, unit, unit + 1, grad);
+             }}});
 }
 
 template <ffi::DataType dtype>
