@@ -2,14 +2,17 @@
 // same window of many channel planes (the planes that share the bin's
 // geometry, `plane_stride` elements apart).
 //
-// A bin's window is a few rows by a few columns. It is turned once into a
-// tile: rows of 16-byte vectors holding row_w[r] * col_w[c] / count, so each
-// plane costs one vector load and multiply-add per tile vector and one
-// horizontal sum (gather), or one load, multiply-add and store per vector
-// (scatter). With the tile's size as template parameters the loops unroll
-// completely. Measured against the previous scalar, separately unrolled
-// loops: forward 1.9 -> 1.65 ms on Light-Head test, 10.5 -> 6.7 ms on the
-// R-FCN class map. Windows too large for a tile take the generic loops.
+// A bin's window is a few rows by a few columns. It is applied as a tile:
+// rows of 16-byte vectors holding row_w[r] * col_w[c] / count, so each plane
+// costs one vector load and multiply-add per tile vector (gather; the lane
+// sums of several planes share one transpose), or one load, multiply-add and
+// store per vector (scatter). The column part of a tile is built once per
+// RoI and bin column; the rows scale it in registers. With the tile's size
+// as template parameters the loops unroll completely. Measured against
+// scalar loops: forward 1.9 -> 1.65 ms on Light-Head test, 10.5 -> 6.7 ms on
+// the R-FCN class map; building column tiles once per RoI instead of a tile
+// per bin: 2.5 -> 1.9 ms single-threaded on Light-Head test. Windows too
+// large for a tile take the generic loops.
 #ifndef JAX_PSROI_CPU_SPAN_KERNELS_H_
 #define JAX_PSROI_CPU_SPAN_KERNELS_H_
 
