@@ -99,8 +99,8 @@ class RoiWeights {
 // Order in which the kernels visit RoIs: by image, then by band of rows,
 // then by column of the box centre, so that consecutive RoIs touch nearby
 // pixels and find them in cache (measured: 1.6-2x on Light-Head shapes).
-// RoIs that read nothing go last. The order depends only on the RoIs, so
-// the backward's sums are still bitwise reproducible.
+// RoIs that read nothing go last. Used by the forward, whose outputs do not
+// depend on the order.
 template <typename T>
 std::vector<int64_t> locality_order(const T* rois, const PsRoiDims& d,
                                     T spatial_scale, int64_t sampling_ratio) {
@@ -188,7 +188,7 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
   }
 }
 
-// What the kernels need of every RoI's bins, computed once per call (in
+// What the backward needs of every RoI's bins, computed once per call (in
 // parallel, by RoI) and then shared by all tasks: for each bin row its
 // window rows and their weights, for each bin column its window columns and
 // column tile. Bin rows of more than kMaxTileRows rows, or bin columns too
@@ -305,6 +305,7 @@ RoisByImage rois_by_image(const T* rois, const PsRoiDims& d, T spatial_scale,
 // Output channels a work unit takes: all of them, unless their planes
 // exceed half of a typical 512 KiB L2 cache; then equal chunks that fit.
 inline int64_t unit_channel_chunk(const PsRoiDims& d, size_t element_bytes) {
+  if (d.channels_out <= 0) return 1;  // no units; avoids dividing by zero
   constexpr int64_t kPlaneBudgetBytes = int64_t{256} << 10;
   const int64_t bytes_per_c_out = d.plane_size() * static_cast<int64_t>(element_bytes);
   const int64_t most = std::max<int64_t>(1, kPlaneBudgetBytes / std::max<int64_t>(1, bytes_per_c_out));
@@ -312,9 +313,10 @@ inline int64_t unit_channel_chunk(const PsRoiDims& d, size_t element_bytes) {
   return (d.channels_out + chunks - 1) / chunks;
 }
 
-// A work unit: one image, one bin and a chunk of output channels. It owns
-// the input planes input_channel(c_out, ph, pw) of that image for those
-// channels, which stay in cache while every RoI of the image visits them.
+// A backward work unit: one image, one bin and a chunk of output channels.
+// It owns the gradient planes input_channel(c_out, ph, pw) of that image for
+// those channels, which stay in cache while every RoI of the image visits
+// them.
 struct Unit {
   int64_t image, bin, ph, pw, c_begin, num_c;
 };
