@@ -29,30 +29,6 @@ ffi::Future ready() {
 // scheduling would cost more than it saves.
 constexpr int64_t kInlineWork = int64_t{1} << 15;
 
-// Runs body(begin, end) over [0, total) in 4 chunks per pool thread and
-// returns a future that completes when the last chunk is done.
-template <typename Body>
-ffi::Future run_chunked(ffi::ThreadPool& pool, int64_t total,
-                        int64_t work_per_item, Body body) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(total, threads * 4);
-  if (chunks <= 1 || total * work_per_item < kInlineWork) {
-    body(0, total);
-    return ready();
-  }
-  ffi::CountDownPromise remaining(chunks);
-  ffi::Future future(remaining);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int64_t begin = total * chunk / chunks;
-    const int64_t end = total * (chunk + 1) / chunks;
-    pool.Schedule([body, begin, end, remaining]() mutable {
-      body(begin, end);
-      remaining.CountDown();
-    });
-  }
-  return future;
-}
-
 // One phase of a call: `items` calls of run(i), in any order, on any thread.
 struct Phase {
   int64_t items;
@@ -180,11 +156,11 @@ ffi::Future forward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> input,
   const T scale = static_cast<T>(spatial_scale);
   auto order = std::make_shared<const std::vector<int64_t>>(
       locality_order(boxes, d, scale, sampling_ratio));
-  return run_chunked(pool, d.num_rois, d.channels_out * d.bins() * 16,
-                     [=](int64_t begin, int64_t end) {
-                       forward_rois(in, boxes, d, scale, sampling_ratio,
-                                    order->data(), begin, end, out);
-                     });
+  return run_phases(pool, d.num_rois * d.channels_out * d.bins() * 16,
+                    {over_rois(pool, d.num_rois, [=](int64_t begin, int64_t end) {
+                      forward_rois(in, boxes, d, scale, sampling_ratio,
+                                   order->data(), begin, end, out);
+                    })});
 }
 
 template <ffi::DataType dtype>
