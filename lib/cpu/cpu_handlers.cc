@@ -123,9 +123,8 @@ ffi::Future ready_with(ffi::Error error) {
 // filled by the phases.
 template <typename T>
 struct BackwardState {
-  BackwardState(const PsRoiDims& d, const T* boxes, T scale, int64_t sampling_ratio)
+  explicit BackwardState(const PsRoiDims& d)
       : tables(d),
-        by_image(rois_by_image(boxes, d, scale, sampling_ratio)),
         units(d, unit_channel_chunk(d, sizeof(T))),
         // Every element is written before it is read: no zero fill.
         bin_major(new T[static_cast<size_t>(d.outputs())]) {}
@@ -178,9 +177,9 @@ ffi::Future backward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> cotangent,
   T* grad = grad_input->typed_data();
   advise_huge_pages(grad, grad_input->size_bytes());
   const T scale = static_cast<T>(spatial_scale);
-  auto state = std::make_shared<BackwardState<T>>(d, boxes, scale, sampling_ratio);
-  // Every RoI's windows and its cotangent bin-major (by RoI); then the
-  // gradient (by unit).
+  auto state = std::make_shared<BackwardState<T>>(d);
+  // Every RoI's windows and its cotangent bin-major (by RoI); the RoIs of
+  // each image (one item); then the gradient (by unit).
   return run_phases(
       pool, call_work(d),
       {over_rois(pool, d.num_rois,
@@ -189,9 +188,10 @@ ffi::Future backward(ffi::ThreadPool pool, ffi::Buffer<dtype, 4> cotangent,
                    state->tables.compute(boxes, scale, sampling_ratio, begin, end, &weights);
                    to_bin_major(cot, d, begin, end, state->bin_major.get());
                  }),
+       Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d); }},
        Phase{state->units.count(), [=](int64_t unit) {
-               backward_units(state->bin_major.get(), d, state->tables,
-                              state->by_image, state->units, unit, unit + 1, grad);
+               backward_unit(state->bin_major.get(), d, state->tables,
+                             state->by_image, state->units, unit, grad);
              }}});
 }
 

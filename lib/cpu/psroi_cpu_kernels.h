@@ -191,9 +191,10 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
 // What the backward needs of every RoI's bins, computed once per call (in
 // parallel, by RoI) and then shared by all tasks: for each bin row its
 // window rows and their weights, for each bin column its window columns and
-// column tile. Bin rows of more than kMaxTileRows rows, or bin columns too
-// wide for a tile, are marked; tasks recompute such an RoI's weights
-// (boxes whose bins exceed 8 x 12 pixels of the map).
+// column tile. The row weights of bin rows of more than kMaxTileRows rows
+// are not kept, and bin columns too wide for a tile have no column tile;
+// tasks recompute such an RoI's weights (boxes whose bins exceed 8 x 12
+// pixels of the map).
 template <typename T>
 class RoiTables {
  public:
@@ -282,22 +283,21 @@ struct RoisByImage {
   std::vector<int64_t> first, rois;
 };
 
+// Sorts the RoIs of filled `tables` by image (a counting sort).
 template <typename T>
-RoisByImage rois_by_image(const T* rois, const PsRoiDims& d, T spatial_scale,
-                          int64_t sampling_ratio) {
+RoisByImage rois_by_image(const RoiTables<T>& tables, const PsRoiDims& d) {
   RoisByImage by;
-  std::vector<int64_t> image(static_cast<size_t>(d.num_rois));
   by.first.assign(static_cast<size_t>(d.num_images + 1), 0);
   for (int64_t k = 0; k < d.num_rois; ++k) {
-    const RoiGeometry<T> g = roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
-    image[k] = g.empty() ? -1 : g.image;
-    if (image[k] >= 0) ++by.first[image[k] + 1];
+    const RoiGeometry<T>& g = tables.geometry(k);
+    if (!g.empty()) ++by.first[g.image + 1];
   }
   for (int64_t n = 0; n < d.num_images; ++n) by.first[n + 1] += by.first[n];
   by.rois.resize(static_cast<size_t>(by.first[d.num_images]));
   std::vector<int64_t> next(by.first.begin(), by.first.end() - 1);
   for (int64_t k = 0; k < d.num_rois; ++k) {
-    if (image[k] >= 0) by.rois[next[image[k]]++] = k;
+    const RoiGeometry<T>& g = tables.geometry(k);
+    if (!g.empty()) by.rois[next[g.image]++] = k;
   }
   return by;
 }
@@ -345,13 +345,23 @@ class Units {
   int64_t c_out_chunk_, chunks_;
 };
 
-// Calls apply(window, geometry, k) for every RoI k of the unit's image, in
-// index order, whose bin has samples on the map. Windows too large for the
-// tables come from `weights`, built on first use.
-template <typename T, typename Apply>
-void for_each_window(const PsRoiDims& d, const RoiTables<T>& tables,
-                     const RoisByImage& by_image, const Unit& u,
-                     std::optional<RoiWeights<T>>* weights, Apply apply) {
+// Backward for unit `index`: zeroes the unit's planes and adds the share of
+// every RoI of its image, in index order, from the bin-major cotangent.
+// Units write disjoint memory (no atomics), and the sums do not depend on
+// how units are split among threads: bitwise reproducible.
+template <typename T>
+void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
+                   const RoiTables<T>& tables, const RoisByImage& by_image,
+                   const Units& units, int64_t index, T* grad_input) {
+  const NchwLayout layout{d.channels, d.height, d.width};
+  const int64_t plane_stride = d.bins() * d.plane_size();
+  const Unit u = units[index];
+  T* first_plane = grad_input + layout.plane_offset(u.image, input_channel(d, u.c_begin, u.ph, u.pw));
+  for (int64_t c = 0; c < u.num_c; ++c) {
+    std::fill(first_plane + c * plane_stride,
+              first_plane + c * plane_stride + d.plane_size(), T(0));
+  }
+  std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
     const int64_t k = by_image.rois[i];
     Window<T> w;
@@ -359,42 +369,14 @@ void for_each_window(const PsRoiDims& d, const RoiTables<T>& tables,
     if (!tables.window(k, u.ph, u.pw, &w, &fits)) continue;
     const RoiGeometry<T>& g = tables.geometry(k);
     if (!fits) {
-      if (!*weights) weights->emplace(d);
-      (*weights)->compute(g);
-      (*weights)->window(u.ph, u.pw, &w);
+      if (!weights) weights.emplace(d);
+      weights->compute(g);
+      weights->window(u.ph, u.pw, &w);
     }
-    apply(w, g, k);
-  }
-}
-
-// Backward for units [unit_begin, unit_end): each unit zeroes its planes and
-// adds the share of every RoI of its image, in index order, from the
-// bin-major cotangent. Units write disjoint memory (no atomics), and the
-// sums do not depend on how units are split among threads: bitwise
-// reproducible.
-template <typename T>
-void backward_units(const T* cotangent_bin_major, const PsRoiDims& d,
-                    const RoiTables<T>& tables, const RoisByImage& by_image,
-                    const Units& units, int64_t unit_begin, int64_t unit_end,
-                    T* grad_input) {
-  const NchwLayout layout{d.channels, d.height, d.width};
-  const int64_t plane_stride = d.bins() * d.plane_size();
-  std::optional<RoiWeights<T>> weights;
-  for (int64_t index = unit_begin; index < unit_end; ++index) {
-    const Unit u = units[index];
-    T* first_plane = grad_input + layout.plane_offset(u.image, input_channel(d, u.c_begin, u.ph, u.pw));
-    for (int64_t c = 0; c < u.num_c; ++c) {
-      std::fill(first_plane + c * plane_stride,
-                first_plane + c * plane_stride + d.plane_size(), T(0));
-    }
-    for_each_window(
-        d, tables, by_image, u, &weights,
-        [&](const Window<T>& w, const RoiGeometry<T>& g, int64_t k) {
-          scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
-                         plane_stride, u.num_c, g.count,
-                         cotangent_bin_major + (u.bin * d.num_rois + k) * d.channels_out + u.c_begin,
-                         1);
-        });
+    scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
+                   plane_stride, u.num_c, g.count,
+                   cotangent_bin_major + (u.bin * d.num_rois + k) * d.channels_out + u.c_begin,
+                   1);
   }
 }
 
