@@ -254,9 +254,9 @@ def test_many_output_channels_match_reference(dtype, channels_out,
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_planes_larger_than_cache_match_reference(dtype):
-    # The CPU kernels give each work unit as many output channels' planes as
-    # fit in 256 KiB; 128 x 128 planes make them split 13 output channels
-    # into chunks (4, 4, 4, 1 in float32).
+    # Large maps with 2 x 2 bins: most bins span more than a tile's 8 rows
+    # or 12 columns, so the forward's generic loops run beside its tiles
+    # (the backward counterpart also splits output channels into chunks).
     rng = np.random.default_rng(6)
     features = random_features(rng, 2, 13 * 4, 128, 128, dtype)
     rois = random_rois(rng, 30, 2, 128, 128, 0.25, dtype, outside=0.2)
