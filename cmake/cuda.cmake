@@ -1,5 +1,4 @@
 # The optional CUDA module `jax_psroi._cuda`, controlled by JAX_PSROI_CUDA.
-set(JAX_PSROI_CUDA_BUILT OFF)
 set(JAX_PSROI_CUDA_VERSION "")
 set(JAX_PSROI_CUDA_ARCHS "")
 
@@ -20,8 +19,7 @@ if(NOT JAX_PSROI_CUDA STREQUAL "OFF")
 
     nanobind_add_module(_cuda NB_STATIC STABLE_ABI
       lib/cuda/cuda_module.cc
-      lib/cuda/cuda_handlers.cc
-      lib/cuda/psroi_cuda_kernels.cu)
+      lib/cuda/cuda_handlers.cu)
     target_include_directories(_cuda PRIVATE "${JAX_PSROI_LIB}")
     target_include_directories(_cuda SYSTEM PRIVATE "${XLA_INCLUDE_DIR}")
     # No fused multiply-add: the GPU then rounds like the CPU kernels that
@@ -32,7 +30,6 @@ if(NOT JAX_PSROI_CUDA STREQUAL "OFF")
     target_link_libraries(_cuda PRIVATE CUDA::cudart_static)
     install(TARGETS _cuda LIBRARY DESTINATION jax_psroi)
 
-    set(JAX_PSROI_CUDA_BUILT ON)
     set(JAX_PSROI_CUDA_VERSION "${CMAKE_CUDA_COMPILER_VERSION}")
     set(JAX_PSROI_CUDA_ARCHS "${CMAKE_CUDA_ARCHITECTURES}")
   elseif(JAX_PSROI_CUDA STREQUAL "ON")

@@ -74,7 +74,7 @@ def make_batch(rng, batch_size):
             texture = np.sin((xx * (labels[b, i] + 1) + yy) / 3.0)
             images[b, labels[b, i] % 3][inside] += texture[inside]
             jitter = rng.normal(0, 4, size=4)
-            boxes[b, i] = [x1, y1, x1 + bw, y1 + bh] + jitter
+            boxes[b, i] = np.array([x1, y1, x1 + bw, y1 + bh]) + jitter
     return jnp.asarray(images), jnp.asarray(boxes), jnp.asarray(labels)
 
 
@@ -97,11 +97,11 @@ def main():
         return optax.apply_updates(params, updates), opt_state, loss
 
     hlo = train_step.lower(params, opt_state, images, boxes, labels).as_text()
-    assert "custom_call @jax_psroi_forward_f32" in hlo
-    assert "custom_call @jax_psroi_backward_f32" in hlo
+    assert "custom_call @jax_psroi_ps_roi_align_forward" in hlo
+    assert "custom_call @jax_psroi_ps_roi_align_backward" in hlo
     print("compiled step calls the native kernels:",
-          hlo.count("@jax_psroi_forward_f32"), "forward,",
-          hlo.count("@jax_psroi_backward_f32"), "backward")
+          hlo.count("@jax_psroi_ps_roi_align_forward"), "forward,",
+          hlo.count("@jax_psroi_ps_roi_align_backward"), "backward")
 
     start = time.perf_counter()
     losses = []

@@ -1,7 +1,8 @@
 """Position-Sensitive RoI Align for JAX with native CPU and CUDA kernels."""
 
+from jax_psroi._boxes import rois_from_boxes
 from jax_psroi._extension import build_info
-from jax_psroi.ops import ps_roi_align, rois_from_boxes
+from jax_psroi.ops import ps_roi_align
 from jax_psroi.reference import ps_roi_align_reference
 
 __all__ = ["build_info", "ps_roi_align", "ps_roi_align_reference",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Boxes = Union[jax.Array, np.ndarray, Sequence[jax.Array]]
+Boxes = jax.Array | np.ndarray | Sequence[jax.Array]
 
 
 def rois_from_boxes(boxes: Boxes, dtype) -> jax.Array:

@@ -1,42 +1,89 @@
-"""Loading of the compiled modules and registration of their FFI targets.
+"""Loading of the compiled modules, registration of their FFI targets, and the
+kernel table as Python sees it.
 
 ``_cpu`` is always built. ``_cuda`` exists when the package was built with
 CUDA (see README, "Building"); its targets are registered for the CUDA
 platform even on machines without a GPU, which is what ``jax.export`` for
 ``cuda`` needs.
+
+Every target is a row of the kernel table (``lib/kernel_table.h``): the
+modules list their rows with the target names, so the supported dtypes and
+layouts below, and the tests' matrix, come from the compiled code itself.
 """
 
 from __future__ import annotations
 
-import jax
+import pathlib
+import sys
+from typing import NamedTuple
 
-from jax_psroi import _build_info
-from jax_psroi import _cpu
+import jax
+import numpy as np
+
+
+def _missing_extension_message() -> str:
+    here = pathlib.Path(__file__).resolve().parent
+    installed = [
+        str(path / "jax_psroi") for path in map(pathlib.Path, sys.path)
+        if (path / "jax_psroi").resolve() != here
+        and any((path / "jax_psroi").glob("_cpu*"))]
+    lines = [
+        f"jax_psroi was imported from {here}, which holds no compiled "
+        "extension (_cpu).",
+    ]
+    if installed:
+        lines.append(
+            f"An installed copy is at {installed[0]}, but the source folder "
+            "came first on sys.path: Python puts the current directory first "
+            "for `python -c`, a REPL and `python -m pytest`. Run from another "
+            "directory, use `pytest` rather than `python -m pytest`, or "
+            "install in editable mode (`pip install -e .`), which makes the "
+            "source folder importable.")
+    else:
+        lines.append(
+            "Install the package first (`pip install .`, or `pip install -e .` "
+            "to work on the source; see README, \"Building\").")
+    return " ".join(lines)
+
+
+try:
+    from jax_psroi import _build_info, _cpu
+except ImportError as error:
+    raise ImportError(_missing_extension_message()) from error
 
 try:
     from jax_psroi import _cuda
 except ImportError:  # built without CUDA
     _cuda = None
 
-# Stable target names: exported programs refer to them, so they are ABI.
-DTYPE_SUFFIX = {"float32": "f32", "float64": "f64"}
+
+class KernelTarget(NamedTuple):
+    """One row of the kernel table with its FFI target name."""
+    name: str
+    operation: str   # "ps_roi_align"
+    direction: str   # "forward" or "backward"
+    layout: str      # "NCHW"
+    dtype: np.dtype
 
 
-def target_name(direction: str, dtype) -> str:
-    """FFI target of `direction` ('forward' or 'backward') for `dtype`."""
-    return f"jax_psroi_{direction}_{DTYPE_SUFFIX[jax.numpy.dtype(dtype).name]}"
-
-
-def _register(registrations, platform):
-    for name, capsule in registrations.items():
+def _register(module_targets, platform) -> dict:
+    """Registers `module_targets` for `platform`; returns the table by key."""
+    table = {}
+    for name, operation, direction, layout, dtype, capsule in module_targets:
         jax.ffi.register_ffi_target(name, capsule, platform=platform)
+        row = KernelTarget(name, operation, direction, layout, np.dtype(dtype))
+        table[row[1:]] = row
+    return table
 
 
-_register(_cpu.registrations(), "cpu")
-if _cuda is not None:
-    _register(_cuda.registrations(), "CUDA")
+KERNELS = {"cpu": _register(_cpu.targets(), "cpu"),
+           "cuda": {} if _cuda is None else _register(_cuda.targets(), "CUDA")}
 
-CUDA_BUILT = _cuda is not None
+OPERATION = "ps_roi_align"
+# What the native kernels support, read off the table.
+SUPPORTED_DTYPES = tuple(sorted({row.dtype for row in KERNELS["cpu"].values()},
+                                key=lambda dtype: dtype.itemsize))
+SUPPORTED_LAYOUTS = tuple(sorted({row.layout for row in KERNELS["cpu"].values()}))
 
 CUDA_MISSING_MESSAGE = (
     "jax_psroi was built without its CUDA kernels, so it cannot lower "
@@ -45,22 +92,39 @@ CUDA_MISSING_MESSAGE = (
     "--force-reinstall . (see README, 'Building').")
 
 
+def target_name(platform: str, direction: str, dtype, layout: str = "NCHW",
+                operation: str = OPERATION) -> str:
+    """FFI target of a kernel-table row on `platform` ('cpu' or 'cuda')."""
+    table = KERNELS[platform]
+    if not table and platform == "cuda":
+        raise RuntimeError(CUDA_MISSING_MESSAGE)
+    key = (operation, direction, layout, np.dtype(dtype))
+    if key not in table:
+        raise NotImplementedError(
+            f"jax_psroi has no {platform} kernel for {operation} {direction} "
+            f"in {layout} {np.dtype(dtype).name}")
+    return table[key].name
+
+
 def build_info() -> dict:
     """What this installation of jax_psroi was built with.
 
     Returns a dict with the JAX version whose FFI headers were used, the XLA
-    FFI API version compiled in, and whether (and for which CUDA version and
-    GPU architectures) the CUDA kernels were built.
+    FFI API version compiled in, whether (and for which CUDA version and
+    GPU architectures) the CUDA kernels were built, and the kernel table:
+    the dtypes and layouts with native kernels.
     """
     info = {
         "jax_built_against": _build_info.JAX_VERSION,
         "jax_running": jax.__version__,
         "ffi_api_version": tuple(_cpu.ffi_api_version),
         "cuda_option": _build_info.CUDA_OPTION,
-        "cuda_built": CUDA_BUILT,
+        "cuda_built": _cuda is not None,
         "cuda_version": _build_info.CUDA_VERSION or None,
         "cuda_architectures": (_build_info.CUDA_ARCHITECTURES.split(";")
                                if _build_info.CUDA_ARCHITECTURES else []),
+        "dtypes": [dtype.name for dtype in SUPPORTED_DTYPES],
+        "layouts": list(SUPPORTED_LAYOUTS),
     }
     if _cuda is not None:
         info["cuda_runtime_version"] = _cuda.cuda_runtime_version()

@@ -23,38 +23,17 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _extension
-from jax_psroi.reference import ps_roi_align_reference
-
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+from jax_psroi import _extension, reference
 
 forward_p = Primitive("jax_psroi_forward")
 backward_p = Primitive("jax_psroi_backward")
 
 
-def _check_operands(pooled, rois, features_shape, pooled_size, what):
-    if pooled.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"jax_psroi: {what} must be float32 or float64, "
-                        f"got {pooled.dtype}")
-    if rois.dtype != pooled.dtype:
-        raise TypeError(f"jax_psroi: rois must have the dtype of the {what} "
-                        f"({pooled.dtype}), got {rois.dtype}")
-    if rois.ndim != 2 or rois.shape[1] != 5:
-        raise ValueError(f"jax_psroi: rois must be [K, 5], got {rois.shape}")
-    if len(features_shape) != 4:
-        raise ValueError(f"jax_psroi: features must be [N, C, H, W], "
-                         f"got {features_shape}")
-    ph, pw = pooled_size
-    if features_shape[1] % (ph * pw):
-        raise ValueError(
-            f"jax_psroi: input channels ({features_shape[1]}) must be a "
-            f"multiple of output_size h * w ({ph} * {pw})")
-
-
+# Shapes only: the public functions check the arguments (_arguments.py), and
+# the rules below preserve what they checked.
 def _forward_abstract_eval(features, rois, *, pooled_size, spatial_scale,
                            sampling_ratio):
     del spatial_scale, sampling_ratio
-    _check_operands(features, rois, features.shape, pooled_size, "features")
     ph, pw = pooled_size
     c_out = features.shape[1] // (ph * pw)
     return jax.core.ShapedArray((rois.shape[0], c_out, ph, pw), features.dtype)
@@ -62,14 +41,7 @@ def _forward_abstract_eval(features, rois, *, pooled_size, spatial_scale,
 
 def _backward_abstract_eval(cotangent, rois, *, input_shape, spatial_scale,
                             sampling_ratio):
-    del spatial_scale, sampling_ratio
-    pooled_size = tuple(cotangent.shape[2:])
-    _check_operands(cotangent, rois, input_shape, pooled_size, "cotangent")
-    ph, pw = pooled_size
-    expected = (rois.shape[0], input_shape[1] // (ph * pw), ph, pw)
-    if tuple(cotangent.shape) != expected:
-        raise ValueError(f"jax_psroi: cotangent must be {expected}, "
-                         f"got {cotangent.shape}")
+    del rois, spatial_scale, sampling_ratio
     return jax.core.ShapedArray(tuple(input_shape), cotangent.dtype)
 
 
@@ -83,17 +55,17 @@ backward_p.def_impl(partial(xla.apply_primitive, backward_p))
 
 def _forward_reference(features, rois, *, pooled_size, spatial_scale,
                        sampling_ratio):
-    return ps_roi_align_reference(features, rois, pooled_size, spatial_scale,
-                                  sampling_ratio)
+    return reference.pool(features, rois, pooled_size, spatial_scale,
+                          sampling_ratio)
 
 
 def _backward_reference(cotangent, rois, *, input_shape, spatial_scale,
                         sampling_ratio):
     pooled_size = tuple(cotangent.shape[2:])
     zeros = jnp.zeros(input_shape, cotangent.dtype)
-    _, vjp = jax.vjp(
-        lambda x: ps_roi_align_reference(x, rois, pooled_size, spatial_scale,
-                                         sampling_ratio), zeros)
+    _, vjp = jax.vjp(lambda x: reference.pool(x, rois, pooled_size,
+                                              spatial_scale, sampling_ratio),
+                     zeros)
     return vjp(cotangent)[0]
 
 
@@ -105,25 +77,19 @@ mlir.register_lowering(
 
 # --- Native lowerings --------------------------------------------------------
 
-def _native_lowering(direction, ctx, operand, rois, *, spatial_scale,
-                     sampling_ratio, **_):
-    name = _extension.target_name(direction, ctx.avals_in[0].dtype)
+def _native_lowering(platform, direction, ctx, operand, rois, *,
+                     spatial_scale, sampling_ratio, **_):
+    name = _extension.target_name(platform, direction, ctx.avals_in[0].dtype)
     return jax.ffi.ffi_lowering(name)(ctx, operand, rois,
                                       spatial_scale=float(spatial_scale),
                                       sampling_ratio=int(sampling_ratio))
 
 
-def _cuda_lowering(direction, ctx, *args, **params):
-    if not _extension.CUDA_BUILT:
-        raise RuntimeError(_extension.CUDA_MISSING_MESSAGE)
-    return _native_lowering(direction, ctx, *args, **params)
-
-
 for _prim, _direction in ((forward_p, "forward"), (backward_p, "backward")):
-    mlir.register_lowering(_prim, partial(_native_lowering, _direction),
-                           platform="cpu")
-    mlir.register_lowering(_prim, partial(_cuda_lowering, _direction),
-                           platform="cuda")
+    for _platform in ("cpu", "cuda"):
+        mlir.register_lowering(
+            _prim, partial(_native_lowering, _platform, _direction),
+            platform=_platform)
 
 
 # --- Differentiation ---------------------------------------------------------
@@ -168,7 +134,7 @@ ad.primitive_transposes[backward_p] = _backward_transpose
 
 def _to_front(x, dim, size):
     if dim is None:
-        return jnp.broadcast_to(x, (size,) + x.shape)
+        return jnp.broadcast_to(x, (size, *x.shape))
     return jnp.moveaxis(x, dim, 0)
 
 
@@ -194,9 +160,9 @@ def _forward_batch(args, dims, **params):
     else:
         features = jnp.moveaxis(features, features_dim, 0)
         num_images = features.shape[1]
-        out = forward_p.bind(features.reshape((-1,) + features.shape[2:]),
+        out = forward_p.bind(features.reshape((-1, *features.shape[2:])),
                              _offset_batch_index(rois, num_images), **params)
-    return out.reshape((size, num_rois) + out.shape[1:]), 0
+    return out.reshape((size, num_rois, *out.shape[1:])), 0
 
 
 def _backward_batch(args, dims, *, input_shape, **params):
@@ -208,10 +174,10 @@ def _backward_batch(args, dims, *, input_shape, **params):
     rois = _to_front(rois, rois_dim, size)
     num_images = input_shape[0]
     grad = backward_p.bind(
-        cotangent.reshape((-1,) + cotangent.shape[2:]),
+        cotangent.reshape((-1, *cotangent.shape[2:])),
         _offset_batch_index(rois, num_images),
-        input_shape=(size * num_images,) + tuple(input_shape[1:]), **params)
-    return grad.reshape((size,) + tuple(input_shape)), 0
+        input_shape=(size * num_images, *input_shape[1:]), **params)
+    return grad.reshape((size, *input_shape)), 0
 
 
 batching.primitive_batchers[forward_p] = _forward_batch

@@ -2,53 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-from functools import partial
 import jax
-import jax.numpy as jnp
-from jax_psroi import _primitives
+
+from jax_psroi import _arguments, _extension, _primitives
 from jax_psroi._boxes import Boxes, rois_from_boxes
-from jax_psroi.reference import MAX_GRID_PER_AXIS
-
-def _output_size(output_size) -> tuple[int, int]:
-    if isinstance(output_size, (tuple, list)):
-        if len(output_size) != 2:
-            raise ValueError("output_size must be an int or a pair (h, w), "
-                             f"got {output_size!r}")
-        size = tuple(operator.index(s) for s in output_size)
-    else:
-        size = (operator.index(output_size),) * 2
-    if min(size) <= 0:
-        raise ValueError(f"output_size must be positive, got {output_size!r}")
-    return size
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _ps_roi_align(features, rois, pooled_size, spatial_scale, sampling_ratio):
-    return _primitives.forward_p.bind(
-        features, rois, pooled_size=pooled_size, spatial_scale=spatial_scale,
-        sampling_ratio=sampling_ratio)
-
-
-def _ps_roi_align_fwd(features, rois, pooled_size, spatial_scale,
-                      sampling_ratio):
-    out = _ps_roi_align(features, rois, pooled_size, spatial_scale,
-                        sampling_ratio)
-    # The backward needs only the features' shape; a zero-size slice carries
-    # it as a residual without keeping the features alive.
-    return out, (rois, jnp.zeros((0,) + features.shape, features.dtype))
-
-
-def _ps_roi_align_bwd(pooled_size, spatial_scale, sampling_ratio, residuals,
-                      cotangent):
-    rois, shape_carrier = residuals
-    grad = _primitives.backward_p.bind(
-        cotangent, rois, input_shape=tuple(shape_carrier.shape[1:]),
-        spatial_scale=spatial_scale, sampling_ratio=sampling_ratio)
-    return grad, jnp.zeros_like(rois)
-
-
-_ps_roi_align.defvjp(_ps_roi_align_fwd, _ps_roi_align_bwd)
 
 
 def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
@@ -57,7 +14,7 @@ def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
 
     Same signature and semantics as ``torchvision.ops.ps_roi_align``, as a
     JAX operation with native CPU and CUDA kernels: it works under
-    ``jax.jit``, ``jax.grad`` (any order) and ``jax.vmap``.
+    ``jax.jit``, ``jax.vmap`` and every mode and order of differentiation.
 
     Output channel ``c`` of bin ``(i, j)`` averages input channel
     ``(c * h + i) * w + j`` over a grid of bilinearly interpolated samples in
@@ -83,9 +40,12 @@ def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
     Returns:
       [K, C_out, h, w] array of the input's dtype.
 
-    Gradients: with respect to ``input`` from a native backward kernel;
-    ``boxes`` receive a zero gradient, as in torchvision. Higher orders work
-    (the backward is linear and its adjoint is the forward).
+    Differentiation: the operation is linear in ``input``. Its transpose is
+    the native backward kernel, and the backward's transpose is the forward,
+    so reverse mode (``jax.grad``, ``jax.vjp``), forward mode (``jax.jvp``,
+    ``jax.jacfwd``) and any mix and order of them (``jax.hessian``,
+    Hessian-vector products, gradient penalties) run on the native kernels.
+    ``boxes`` receive a zero gradient (and tangent), as in torchvision.
 
     Differences from torchvision, all where torchvision returns NaN, reads
     out of bounds or never returns: an RoI whose batch index is outside
@@ -100,25 +60,11 @@ def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
             features,  # [B, C, H, W]
             boxes)     # [B, L, 4]  ->  [B, L, C // 49, 7, 7]
     """
-    features = jnp.asarray(input)
-    if features.ndim != 4:
-        raise ValueError(f"input must be [N, C, H, W], got {features.shape}")
-    if features.dtype not in _primitives.SUPPORTED_DTYPES:
-        raise TypeError("input must be float32 or float64 (bfloat16 and "
-                        f"float16 are not supported yet), got {features.dtype}")
-    pooled_size = _output_size(output_size)
-    if features.shape[1] % (pooled_size[0] * pooled_size[1]):
-        raise ValueError(
-            f"input channels ({features.shape[1]}) must be a multiple of "
-            f"output_size h * w ({pooled_size[0]} * {pooled_size[1]})")
-    try:
-        scale = float(spatial_scale)
-    except (TypeError, jax.errors.ConcretizationTypeError) as e:
-        raise TypeError("spatial_scale must be a python number known at trace "
-                        f"time, got {spatial_scale!r}") from e
-    ratio = operator.index(sampling_ratio)
-    if ratio > MAX_GRID_PER_AXIS:
-        raise ValueError(f"sampling_ratio must be at most {MAX_GRID_PER_AXIS} "
-                         f"(samples per bin axis), got {ratio}")
-    rois = rois_from_boxes(boxes, features.dtype)
-    return _ps_roi_align(features, rois, pooled_size, scale, ratio)
+    pooled_size = _arguments.output_size(output_size)
+    features = _arguments.features(input, pooled_size,
+                                   _extension.SUPPORTED_DTYPES)
+    return _primitives.forward_p.bind(
+        features, rois_from_boxes(boxes, features.dtype),
+        pooled_size=pooled_size,
+        spatial_scale=_arguments.spatial_scale(spatial_scale),
+        sampling_ratio=_arguments.sampling_ratio(sampling_ratio))

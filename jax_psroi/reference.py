@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_psroi import _arguments
+from jax_psroi._arguments import MAX_GRID_PER_AXIS
 from jax_psroi._boxes import rois_from_boxes
 
-# Samples per bin axis are capped here, as in the kernels (lib/psroi_math.h).
-MAX_GRID_PER_AXIS = 2**23
+# Every contraction at full precision: GPUs would otherwise run float32 ones
+# in TF32 (10 mantissa bits), whatever the dtype the caller asked for.
+_EXACT = lax.Precision.HIGHEST
 
 
 def _divide_by_constant(x, divisor):
@@ -90,7 +93,7 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     grid_kp = jnp.broadcast_to(grid[:, None], bin_start.shape)
     if sampling_ratio > 0:
         index = jnp.broadcast_to(jnp.arange(sampling_ratio, dtype=jnp.int32),
-                                 bin_start.shape + (sampling_ratio,))
+                                 (*bin_start.shape, sampling_ratio))
     else:
         # Consecutive adaptive samples are more than 0.5 apart (or alone in
         # their bin), so at most 2 * size + 3 of them fall in [-1, size].
@@ -118,31 +121,48 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     return weights.at[roi, bin_index, high].add(w_high)
 
 
-def ps_roi_align_reference(features, rois, output_size, spatial_scale=1.0,
+def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
                            sampling_ratio=-1):
-    """PS-RoI Align in ``jax.numpy``.
+    """PS-RoI Align in ``jax.numpy``: the same arguments, semantics and result
+    as ``jax_psroi.ps_roi_align`` (torchvision's, with the documented safe
+    deviations), for any floating dtype.
 
     Args:
-      features: [N, C, H, W] float array, C = C_out * PH * PW.
-      rois: [K, 5] array of (batch_index, x1, y1, x2, y2) in input
-        coordinates, or a list of [L_i, 4] boxes per image (as in
-        ``jax_psroi.ps_roi_align``).
-      output_size: int or (PH, PW) python ints.
-      spatial_scale: python float mapping box coordinates to feature pixels.
-      sampling_ratio: python int; <= 0 means an adaptive grid.
+      input: [N, C, H, W] floating array, C = C_out * h * w.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
+        [L_i, 4] arrays of (x1, y1, x2, y2), one per image.
+      output_size: int or (h, w).
+      spatial_scale: box coordinates to feature-map pixels.
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+
+    Returns:
+      [K, C_out, h, w] array of the input's dtype.
+    """
+    pooled_size = _arguments.output_size(output_size)
+    features = _arguments.features(input, pooled_size)
+    return pool(features, rois_from_boxes(boxes, features.dtype), pooled_size,
+                _arguments.spatial_scale(spatial_scale),
+                _arguments.sampling_ratio(sampling_ratio))
+
+
+def pool(features, rois, pooled_size, spatial_scale, sampling_ratio):
+    """The reference on checked arguments.
+
+    Args:
+      features: [N, C, H, W], C = C_out * PH * PW.
+      rois: [K, 5] of the features' dtype.
+      pooled_size: (PH, PW) python ints.
+      spatial_scale: python float.
+      sampling_ratio: python int.
 
     Returns:
       [K, C_out, PH, PW] array of the features' dtype.
     """
-    if isinstance(output_size, int):
-        output_size = (output_size, output_size)
-    pooled_h, pooled_w = output_size
+    pooled_h, pooled_w = pooled_size
     n, c, h, w = features.shape
     c_out = c // (pooled_h * pooled_w)
     dtype = features.dtype
-    rois = rois_from_boxes(rois, dtype)
     scale = jnp.asarray(spatial_scale, dtype)
-
     start_w = rois[:, 1] * scale - 0.5
     start_h = rois[:, 2] * scale - 0.5
     end_w = rois[:, 3] * scale - 0.5
@@ -172,7 +192,7 @@ def ps_roi_align_reference(features, rois, output_size, spatial_scale=1.0,
     # select[k, n] picks RoI k's image; the contraction over images and
     # columns comes first so the largest intermediate is [K, C, H].
     select = jax.nn.one_hot(image, n, dtype=dtype)
-    image_col_w = jnp.einsum("kn,kqx->knqx", select, col_w)
+    image_col_w = jnp.einsum("kn,kqx->knqx", select, col_w, precision=_EXACT)
     x = features.reshape(n, c_out, pooled_h, pooled_w, h, w)
-    by_row = jnp.einsum("knqx,nopqyx->kopqy", image_col_w, x)
-    return jnp.einsum("kopqy,kpy->kopq", by_row, row_w)
+    by_row = jnp.einsum("knqx,nopqyx->kopqy", image_col_w, x, precision=_EXACT)
+    return jnp.einsum("kopqy,kpy->kopq", by_row, row_w, precision=_EXACT)

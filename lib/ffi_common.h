@@ -1,12 +1,17 @@
 // What the CPU and CUDA FFI handlers share: the argument binding (written once,
-// instantiated per dtype and platform) and the shape checks that turn buffer
-// dimensions into PsRoiDims or an ffi::Error.
+// for every dtype and platform), the shape checks that turn buffer dimensions
+// into PsRoiDims or an ffi::Error, and the list of FFI targets built from the
+// kernel table.
 #ifndef JAX_PSROI_FFI_COMMON_H_
 #define JAX_PSROI_FFI_COMMON_H_
 
+#include <cctype>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "kernel_table.h"
 #include "psroi_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -14,15 +19,32 @@ namespace jax_psroi {
 
 namespace ffi = xla::ffi;
 
+// The XLA data type of each storage type of the kernel table.
+template <typename T>
+struct FfiDType;
+#define JAX_PSROI_FFI_DTYPE_(type, name, ffi_type)                 \
+  template <>                                                      \
+  struct FfiDType<type> {                                          \
+    static constexpr ffi::DataType value = ffi::DataType::ffi_type; \
+    static constexpr const char* suffix = #ffi_type;               \
+  };
+JAX_PSROI_DTYPES(JAX_PSROI_FFI_DTYPE_)
+#undef JAX_PSROI_FFI_DTYPE_
+
 // Forward:  (input [N, C, H, W], rois [K, 5]) -> output [K, C_out, PH, PW].
 // Backward: (cotangent [K, C_out, PH, PW], rois [K, 5]) -> grad [N, C, H, W].
-// Both read the same two attributes, so one binding serves every handler.
-#define JAX_PSROI_BIND_ARGS(dtype)                                   \
-  .Arg<::xla::ffi::Buffer<dtype, 4>>()      /* input or cotangent */ \
-      .Arg<::xla::ffi::Buffer<dtype, 2>>()  /* rois [K, 5] */        \
-      .Ret<::xla::ffi::Buffer<dtype, 4>>()  /* output or grad */     \
-      .Attr<double>("spatial_scale")                                 \
-      .Attr<int64_t>("sampling_ratio")
+// Both take the same operands and attributes, so one binding serves every
+// handler; `binding` carries the platform's context (stream or thread pool).
+template <typename T, typename Binding>
+auto bind_operands(Binding binding) {
+  constexpr ffi::DataType dtype = FfiDType<T>::value;
+  return std::move(binding)
+      .template Arg<ffi::Buffer<dtype, 4>>()  // input or cotangent
+      .template Arg<ffi::Buffer<dtype, 2>>()  // rois [K, 5]
+      .template Ret<ffi::Buffer<dtype, 4>>()  // output or grad
+      .template Attr<double>("spatial_scale")
+      .template Attr<int64_t>("sampling_ratio");
+}
 
 inline std::string shape_string(ffi::Span<const int64_t> dims) {
   std::string s = "[";
@@ -60,6 +82,52 @@ inline ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
         shape_string(features) + ", pooled " + shape_string(pooled)));
   }
   return d;
+}
+
+// One FFI target: a row of the kernel table, its name and its handler.
+struct FfiTarget {
+  std::string name;
+  const char* operation;
+  const char* direction;
+  const char* layout;
+  const char* dtype;
+  XLA_FFI_Handler* handler;
+};
+
+inline std::string lower(std::string s) {
+  for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s;
+}
+
+// The C entry point XLA calls for a target: the handler that
+// Handler::make() binds, made on the first call and kept for the process.
+template <typename Handler>
+XLA_FFI_Error* call_handler(XLA_FFI_CallFrame* call_frame) {
+  static auto* handler = Handler::make().release();
+  return handler->Call(call_frame);
+}
+
+// The targets of one platform: Handler<Operation, direction, Layout, T> for
+// every row of the kernel table (its make() binds the row's handler), named
+// <prefix><operation>_<direction>_<layout>_<dtype>, e.g.
+// jax_psroi_ps_roi_align_forward_nchw_f32. Target names are ABI: exported
+// programs refer to them.
+template <template <typename, Direction, typename, typename> class Handler>
+std::vector<FfiTarget> ffi_targets(const std::string& prefix) {
+  std::vector<FfiTarget> targets;
+  for_each_kernel([&](auto operation, auto direction, auto layout, auto dtype) {
+    using Operation = typename decltype(operation)::type;
+    using Layout = typename decltype(layout)::type;
+    using T = typename decltype(dtype)::type;
+    constexpr Direction kDirection = decltype(direction)::value;
+    targets.push_back(FfiTarget{
+        prefix + KernelName<Operation>::value + "_" + decltype(direction)::name +
+            "_" + lower(KernelName<Layout>::value) + "_" + lower(FfiDType<T>::suffix),
+        KernelName<Operation>::value, decltype(direction)::name,
+        KernelName<Layout>::value, KernelName<T>::value,
+        &call_handler<Handler<Operation, kDirection, Layout, T>>});
+  });
+  return targets;
 }
 
 }  // namespace jax_psroi

@@ -36,13 +36,6 @@ namespace jax_psroi {
 // computes it in float), and torchvision would loop that many times per bin.
 constexpr int64_t kMaxGridPerAxis = int64_t{1} << 23;
 
-// Type in which a bin's samples are accumulated: float32 and float64 keep their
-// own precision; bfloat16/float16 will map to float here.
-template <typename T>
-struct Accumulator {
-  using type = T;
-};
-
 // Sizes of one call, shared by forward and backward.
 struct PsRoiDims {
   int64_t num_images;    // N
@@ -60,9 +53,14 @@ struct PsRoiDims {
 };
 
 // Layout of the feature map: where element (n, c, y, x) lives. NCHW today;
-// a channels-last layout is another struct with the same two members.
+// a channels-last layout is another struct with the same members, and one
+// more line in the kernel table's list of layouts (kernel_table.h).
 struct NchwLayout {
   int64_t channels, height, width;
+
+  static PSROI_HD NchwLayout of(const PsRoiDims& d) {
+    return NchwLayout{d.channels, d.height, d.width};
+  }
 
   PSROI_HD int64_t plane_offset(int64_t image, int64_t channel) const {
     return (image * channels + channel) * height * width;
@@ -283,24 +281,23 @@ template <typename T, typename Layout>
 PSROI_HD T forward_element(const T* input, const T* rois, const PsRoiDims& d,
                            const Layout& layout, T spatial_scale,
                            int64_t sampling_ratio, int64_t index) {
-  using Acc = typename Accumulator<T>::type;
   const OutputIndex o = decompose_output_index(d, index);
   const RoiGeometry<T> g =
       roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
   if (g.empty()) return static_cast<T>(0);
   const T* plane =
       input + layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
-  Acc sum = static_cast<Acc>(0);
+  T sum = static_cast<T>(0);
   auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
-    const Acc w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
-    const Acc w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
+    const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
+    const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
     sum += w1 * plane[layout.pixel_offset(ty.low, tx.low)] +
            w2 * plane[layout.pixel_offset(ty.low, tx.high)] +
            w3 * plane[layout.pixel_offset(ty.high, tx.low)] +
            w4 * plane[layout.pixel_offset(ty.high, tx.high)];
   };
   for_each_sample_on_map(g, d, o.ph, o.pw, add_sample);
-  return static_cast<T>(sum / static_cast<Acc>(g.count));
+  return sum / g.count;
 }
 
 // Adds the contribution of output element `index` with cotangent `cot` into

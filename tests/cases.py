@@ -1,12 +1,34 @@
-"""Random and hostile inputs shared by the tests."""
+"""Random and hostile inputs, oracles and kernel names shared by the tests."""
+
+from functools import partial
 
 import jax
 import numpy as np
+
+import jax_psroi
+from jax_psroi import _extension
+
+# The dtypes with native kernels, from the kernel table.
+DTYPES = [dtype.type for dtype in _extension.SUPPORTED_DTYPES]
 
 # Tolerances keyed by dtype: summation order differs between the kernels and
 # the oracles, nothing else.
 TOLERANCE = {np.dtype(np.float32): dict(atol=1e-5, rtol=1e-5),
              np.dtype(np.float64): dict(atol=1e-10, rtol=1e-10)}
+
+
+# The jax.numpy oracle, compiled once per shape (op by op it compiles every
+# primitive of it separately, which dominated the suite's time).
+reference = jax.jit(jax_psroi.ps_roi_align_reference, static_argnums=(2, 3, 4))
+
+
+@partial(jax.jit, static_argnums=(3, 4, 5))
+def reference_vjp(features, rois, cotangent, output_size, spatial_scale,
+                  sampling_ratio):
+    """The reference's gradient with respect to the features for `cotangent`."""
+    _, vjp = jax.vjp(lambda f: jax_psroi.ps_roi_align_reference(
+        f, rois, output_size, spatial_scale, sampling_ratio), features)
+    return vjp(cotangent)[0]
 
 
 def random_features(rng, n, c, h, w, dtype):
@@ -52,15 +74,29 @@ def hostile_rois(n, h, w, dtype):
     return np.array(rows, dtype)
 
 
+def target(direction, dtype):
+    """The FFI target of the NCHW kernel (the same name on every platform)."""
+    return _extension.target_name("cpu", direction, dtype)
+
+
+def _register_elementwise_targets():
+    """The test-only targets (not registered by the package), by key."""
+    return {key: row.name for key, row in _extension._register(
+        _extension._cpu.elementwise_targets(), "cpu").items()}
+
+
+_ELEMENTWISE = _register_elementwise_targets()
+
+
 def native_elementwise(direction, operand, rois, out_shape, spatial_scale,
                        sampling_ratio):
-    """Runs the CPU build of the GPU's per-element code (test-only targets)."""
-    suffix = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}[
-        np.dtype(operand.dtype)]
-    call = jax.ffi.ffi_call(f"jax_psroi_{direction}_elementwise_{suffix}",
-                            jax.ShapeDtypeStruct(out_shape, operand.dtype))
-    return call(operand, rois, spatial_scale=float(spatial_scale),
-                sampling_ratio=int(sampling_ratio))
+    """Runs the CUDA kernels' per-element code, built for the CPU, on the CPU."""
+    dtype = np.dtype(operand.dtype)
+    name = _ELEMENTWISE[(_extension.OPERATION, direction, "NCHW", dtype)]
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(out_shape, dtype))
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(call(operand, rois, spatial_scale=float(spatial_scale),
+                               sampling_ratio=int(sampling_ratio)))
 
 
 def forward_shape(features_shape, num_rois, output_size):

@@ -11,15 +11,19 @@ from jax import export
 
 import jax_psroi
 from jax_psroi import _extension
+
 from cases import TOLERANCE, hostile_rois, random_features, random_rois
 
-TARGETS = [f"jax_psroi_{d}_{t}" for d in ("forward", "backward")
-           for t in ("f32", "f64")]
+CUDA_BUILT = bool(_extension.KERNELS["cuda"])
+TARGETS = sorted(row.name for row in _extension.KERNELS["cuda"].values())
 DISABLED = [export.DisabledSafetyCheck.custom_call(t) for t in TARGETS]
 
 needs_cuda_build = pytest.mark.skipif(
-    not _extension.CUDA_BUILT,
-    reason="built without CUDA (JAX_PSROI_CUDA=OFF or no nvcc)")
+    not CUDA_BUILT, reason="built without CUDA (JAX_PSROI_CUDA=OFF or no nvcc)")
+
+
+def _target(direction, dtype):
+    return _extension.target_name("cuda", direction, dtype)
 
 
 def test_cuda_build_when_requested():
@@ -33,6 +37,14 @@ def test_cuda_build_when_requested():
             info["cuda_architectures"])
     assert info["ffi_api_version"][0] == 0
     assert info["jax_built_against"] == "0.10.2"
+
+
+@needs_cuda_build
+def test_cuda_module_has_every_row_of_the_kernel_table():
+    # Both modules instantiate the same table: same rows, same target names.
+    assert _extension.KERNELS["cuda"] == _extension.KERNELS["cpu"]
+    assert len(TARGETS) == 2 * len(_extension.SUPPORTED_DTYPES) * len(
+        _extension.SUPPORTED_LAYOUTS)
 
 
 def _data(dtype=np.float32):
@@ -65,7 +77,7 @@ def test_export_forward_for_cuda(platforms):
     # One call per platform branch, all to our target, with our attributes.
     assert len(calls) == len(platforms)
     for call in calls:
-        assert "@jax_psroi_forward_f32" in call
+        assert f"@{_target('forward', np.float32)}" in call
         assert "sampling_ratio = 2 : i64" in call
         assert "spatial_scale = 5.000000e-01 : f64" in call
     assert exported.platforms == tuple(platforms)
@@ -77,8 +89,8 @@ def test_export_grad_for_cuda():
     exported = export.export(jax.jit(jax.grad(_loss)), platforms=["cuda"],
                              disabled_checks=DISABLED)(features, rois)
     text = "\n".join(_custom_calls(exported))
-    assert "@jax_psroi_forward_f64" in text
-    assert "@jax_psroi_backward_f64" in text
+    assert f"@{_target('forward', np.float64)}" in text
+    assert f"@{_target('backward', np.float64)}" in text
 
 
 @needs_cuda_build
@@ -90,7 +102,7 @@ def test_export_vmap_for_cuda():
                              disabled_checks=DISABLED)(batched_features,
                                                        batched_rois)
     calls = _custom_calls(exported)
-    assert len(calls) == 1 and "@jax_psroi_forward_f32" in calls[0]
+    assert len(calls) == 1 and f"@{_target('forward', np.float32)}" in calls[0]
     assert "while" not in exported.mlir_module()
 
 
@@ -106,11 +118,16 @@ def test_serialized_export_round_trips_and_runs_on_cpu():
 
 
 def test_cuda_lowering_without_cuda_build_says_how_to_rebuild(monkeypatch):
-    monkeypatch.setattr(_extension, "CUDA_BUILT", False)
+    # As if built without CUDA: no CUDA rows in the kernel table. A function
+    # of its own, so no earlier lowering for cuda is reused from a cache.
+    monkeypatch.setitem(_extension.KERNELS, "cuda", {})
     features, rois = _data()
+
+    def forward(f, r):
+        return jax_psroi.ps_roi_align(f, r, 3, 0.25, 1)
+
     with pytest.raises(RuntimeError, match="JAX_PSROI_CUDA=ON"):
-        jax.jit(_forward).trace(features, rois).lower(
-            lowering_platforms=("cuda",))
+        jax.jit(forward).trace(features, rois).lower(lowering_platforms=("cuda",))
 
 
 # --- On a GPU -----------------------------------------------------------------

@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 
 import jax_psroi
-from cases import (TOLERANCE, forward_shape, hostile_rois, native_elementwise,
-                   random_features, random_rois)
-from loop_reference import ps_roi_align_loops
 
-DTYPES = [np.float32, np.float64]
+from cases import (
+    DTYPES,
+    TOLERANCE,
+    forward_shape,
+    hostile_rois,
+    native_elementwise,
+    random_features,
+    random_rois,
+    reference,
+    target,
+)
+from loop_reference import ps_roi_align_loops
 
 
 def _native(features, rois, output_size, scale, ratio):
@@ -32,8 +40,8 @@ def test_random_cases_match_reference(dtype, output_size, spatial_scale,
     features = random_features(rng, 3, 2 * ph * pw, 9, 13, dtype)
     rois = random_rois(rng, 17, 3, 9, 13, spatial_scale, dtype)
     out = _native(features, rois, output_size, spatial_scale, sampling_ratio)
-    ref = jax_psroi.ps_roi_align_reference(features, rois, output_size,
-                                           spatial_scale, sampling_ratio)
+    ref = reference(features, rois, output_size, spatial_scale,
+                    sampling_ratio)
     elementwise = native_elementwise("forward", features, rois, out.shape,
                                      spatial_scale, sampling_ratio)
     chex.assert_shape(out, forward_shape(features.shape, 17, output_size))
@@ -131,8 +139,7 @@ def test_hostile_rois_are_safe(dtype, sampling_ratio):
     features = random_features(rng, n, 4, h, w, dtype)
     rois = hostile_rois(n, h, w, dtype)
     out = np.asarray(_native(features, rois, 2, 1.0, sampling_ratio))
-    ref = np.asarray(jax_psroi.ps_roi_align_reference(
-        features, rois, (2, 2), 1.0, sampling_ratio))
+    ref = np.asarray(reference(features, rois, (2, 2), 1.0, sampling_ratio))
     elementwise = native_elementwise("forward", features, rois, out.shape,
                                      1.0, sampling_ratio)
     assert np.isfinite(out).all()
@@ -203,24 +210,92 @@ def test_boxes_are_cast_to_the_input_dtype():
         atol=1e-12)
 
 
-@pytest.mark.parametrize("call,error", [
-    (lambda f, b: jax_psroi.ps_roi_align(f[0], b, 2), "input must be"),
-    (lambda f, b: jax_psroi.ps_roi_align(f.astype(np.int32), b, 2), "float32 or float64"),
-    (lambda f, b: jax_psroi.ps_roi_align(f, b, 3), "multiple of output_size"),
-    (lambda f, b: jax_psroi.ps_roi_align(f, b, (2, 2, 2)), "int or a pair"),
-    (lambda f, b: jax_psroi.ps_roi_align(f, b, 0), "positive"),
-    (lambda f, b: jax_psroi.ps_roi_align(f, b[:, :4], 2), r"\[K, 5\]"),
-    (lambda f, b: jax_psroi.ps_roi_align(f, [b], 2), r"\[L, 4\]"),
-    (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 2**24), "sampling_ratio"),
-    (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 1.5), "integer"),
-    (lambda f, b: jax.jit(lambda s: jax_psroi.ps_roi_align(f, b, 2, s))(1.0),
-     "spatial_scale"),
-])
-def test_bad_input_raises_at_trace_time(call, error):
+def _traced(name, value):
+    """Calls ps_roi_align under jit with argument `name` traced."""
+    def call(f, b):
+        def op(v):
+            args = dict(output_size=2, spatial_scale=1.0, sampling_ratio=-1)
+            args[name] = v
+            return jax_psroi.ps_roi_align(f, b, **args)
+        return jax.jit(op)(value)
+    return call
+
+
+# (call, exception, message): every message names the argument, what it
+# expected and what it got.
+BAD_INPUTS = {
+    "rank": (lambda f, b: jax_psroi.ps_roi_align(f[0], b, 2), ValueError,
+             r"input must be a 4-d feature map \[N, C, H, W\], got shape \(8, 4, 4\)"),
+    "dtype": (lambda f, b: jax_psroi.ps_roi_align(f.astype(np.int32), b, 2),
+              TypeError, "input must be float32 or float64, got int32"),
+    "channels": (lambda f, b: jax_psroi.ps_roi_align(f, b, 3), ValueError,
+                 r"input channels .* multiple of output_size h \* w = 3 \* 3 = 9; "
+                 r"got shape \(1, 8, 4, 4\), so C = 8"),
+    "nhwc": (lambda f, b: jax_psroi.ps_roi_align(np.zeros((1, 5, 5, 8), np.float32), b, 2),
+             ValueError, r"last axis \(8\) is a multiple of 4: .*channels-last"),
+    "output_size_length": (lambda f, b: jax_psroi.ps_roi_align(f, b, (2, 2, 2)),
+                           ValueError, r"output_size must be an int or a pair of ints "
+                                       r"\(h, w\), got \(2, 2, 2\) \(3 entries\)"),
+    "output_size_zero": (lambda f, b: jax_psroi.ps_roi_align(f, b, 0), ValueError,
+                         "output_size must be positive, got 0"),
+    "output_size_float": (lambda f, b: jax_psroi.ps_roi_align(f, b, 7.0), TypeError,
+                          r"output_size must be an int or a pair of ints \(h, w\), "
+                          r"got 7.0 \(float\)"),
+    "output_size_pair_float": (lambda f, b: jax_psroi.ps_roi_align(f, b, (2, 2.5)),
+                               TypeError, r"output_size .* got 2.5 \(float\)"),
+    "output_size_traced": (_traced("output_size", 2), TypeError,
+                           "output_size must be an int or a pair of ints .* known at "
+                           "trace time, got a traced value"),
+    "boxes_columns": (lambda f, b: jax_psroi.ps_roi_align(f, b[:, :4], 2), ValueError,
+                      r"boxes must be a \[K, 5\] array .* got \(2, 4\)"),
+    "boxes_list": (lambda f, b: jax_psroi.ps_roi_align(f, [b], 2), ValueError,
+                   r"\[L, 4\] arrays; element 0 is \(2, 5\)"),
+    "sampling_ratio_large": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 2**24),
+                             ValueError, f"sampling_ratio must be at most {2**23} .* "
+                                         f"got {2**24}"),
+    "sampling_ratio_float": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 2.0),
+                             TypeError, r"sampling_ratio must be an int, got 2.0 \(float\)"),
+    "sampling_ratio_fraction": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 1.5),
+                                TypeError, r"sampling_ratio must be an int, got 1.5"),
+    "sampling_ratio_traced": (_traced("sampling_ratio", 2), TypeError,
+                              "sampling_ratio must be an int known at trace time, "
+                              "got a traced value"),
+    "spatial_scale_traced": (_traced("spatial_scale", 1.0), TypeError,
+                             "spatial_scale must be a real number known at trace "
+                             "time, got a traced value"),
+    "spatial_scale_string": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, "1/16"),
+                             TypeError, r"spatial_scale must be a real number, got "
+                                        r"'1/16' \(str\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_at_trace_time_naming_the_argument(case):
+    call, exception, message = BAD_INPUTS[case]
     features = np.zeros((1, 8, 4, 4), np.float32)
     boxes = np.zeros((2, 5), np.float32)
-    with pytest.raises((ValueError, TypeError), match=error):
+    with pytest.raises(exception, match=message):
         call(features, boxes)
+
+
+def test_reference_checks_its_arguments_by_the_same_rules():
+    features = np.zeros((1, 8, 4, 4), np.float32)
+    boxes = np.zeros((2, 5), np.float32)
+    with pytest.raises(TypeError, match=r"output_size .* got 7.0 \(float\)"):
+        jax_psroi.ps_roi_align_reference(features, boxes, 7.0)
+    with pytest.raises(ValueError, match="multiple of output_size"):
+        jax_psroi.ps_roi_align_reference(features, boxes, 3)
+
+
+def test_integer_like_arguments_are_accepted():
+    # NumPy integers and concrete 0-d arrays are ints known at trace time.
+    rng = np.random.default_rng(8)
+    features = random_features(rng, 1, 8, 5, 5, np.float32)
+    boxes = random_rois(rng, 3, 1, 5, 5, 1.0, np.float32)
+    expected = jax_psroi.ps_roi_align(features, boxes, 2, 0.5, 2)
+    out = jax_psroi.ps_roi_align(features, boxes, (np.int64(2), jnp.array(2)),
+                                 np.float32(0.5), np.int32(2))
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_lowers_to_the_ffi_custom_call():
@@ -228,7 +303,7 @@ def test_lowers_to_the_ffi_custom_call():
     boxes = np.zeros((2, 5), np.float32)
     text = jax.jit(lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 0.5, 2)).lower(
         features, boxes).as_text()
-    assert "stablehlo.custom_call @jax_psroi_forward_f32" in text
+    assert f"stablehlo.custom_call @{target('forward', np.float32)}" in text
     assert "spatial_scale = 5.000000e-01 : f64" in text
     assert "sampling_ratio = 2 : i64" in text
     assert "gather" not in text
@@ -246,8 +321,7 @@ def test_many_output_channels_match_reference(dtype, channels_out,
     features = random_features(rng, 2, channels_out * 4, 10, 37, dtype)
     rois = random_rois(rng, 40, 2, 10, 37, 0.5, dtype, outside=0.2)
     out = _native(features, rois, (2, 2), 0.5, sampling_ratio)
-    ref = jax_psroi.ps_roi_align_reference(features, rois, (2, 2), 0.5,
-                                           sampling_ratio)
+    ref = reference(features, rois, (2, 2), 0.5, sampling_ratio)
     assert np.abs(np.asarray(out)).max() > 0.01
     np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])
 
@@ -261,6 +335,6 @@ def test_planes_larger_than_cache_match_reference(dtype):
     features = random_features(rng, 2, 13 * 4, 128, 128, dtype)
     rois = random_rois(rng, 30, 2, 128, 128, 0.25, dtype, outside=0.2)
     out = _native(features, rois, (2, 2), 0.25, 2)
-    ref = jax_psroi.ps_roi_align_reference(features, rois, (2, 2), 0.25, 2)
+    ref = reference(features, rois, (2, 2), 0.25, 2)
     assert np.abs(np.asarray(out)).max() > 0.01
     np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])

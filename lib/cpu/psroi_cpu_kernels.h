@@ -5,16 +5,18 @@
 // The fast kernels use the separable form of a bin (see psroi_math.h): the
 // row and column weights of an RoI's bins are computed once, each bin's
 // window becomes a tile of combined weights, and that tile serves every
-// output channel (span_kernels.h). The forward goes RoI by RoI, in an order
+// output channel (window_tiles.h). The forward goes RoI by RoI, in an order
 // that keeps neighbouring boxes together. The backward first tabulates every
 // RoI's windows, then goes plane by plane: a work unit takes the planes of
 // one bin (and image) and lets every RoI visit them while they are in cache,
 // reading the cotangent staged bin-major. (The same plane-by-plane scheme
-// for the forward, with the output staged bin-major, measured 1.1-1.6x
-// slower than RoI by RoI on Light-Head and R-FCN box, and no faster on the
-// R-FCN class map.)
-// The elementwise kernels run the GPU's per-element code serially; tests
-// check them against the reference so the CUDA arithmetic is exercised here.
+// for the forward, with the output staged bin-major, measured slower than
+// RoI by RoI on Light-Head and R-FCN box shapes, and no faster on the R-FCN
+// class map.)
+//
+// The kernels read the feature map through NCHW strides (a plane per
+// channel, rows of contiguous pixels); each entry point takes the layout of
+// its kernel-table row and refuses, at compile time, any other.
 #ifndef JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
 #define JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
 
@@ -22,9 +24,10 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
-#include "cpu/span_kernels.h"
+#include "cpu/window_tiles.h"
 #include "psroi_math.h"
 
 namespace jax_psroi {
@@ -98,7 +101,7 @@ class RoiWeights {
 
 // Order in which the kernels visit RoIs: by image, then by band of rows,
 // then by column of the box centre, so that consecutive RoIs touch nearby
-// pixels and find them in cache (measured: 1.6-2x on Light-Head shapes).
+// pixels and find them in cache (measured faster on Light-Head shapes).
 // RoIs that read nothing go last. Used by the forward, whose outputs do not
 // depend on the order.
 template <typename T>
@@ -141,8 +144,8 @@ std::vector<int64_t> locality_order(const T* rois, const PsRoiDims& d,
 
 // RoIs whose windows a forward task applies bin by bin: with many output
 // channels, one RoI's windows span many pages, and visiting the same bin of
-// neighbouring RoIs together keeps those pages hot (measured on R-FCN's
-// 81-class map: 2x); with few channels, one RoI at a time is faster.
+// neighbouring RoIs together keeps those pages hot (measured faster on
+// R-FCN's 81-class map); with few channels, one RoI at a time is faster.
 inline int64_t forward_roi_block(const PsRoiDims& d) {
   return d.channels_out >= 32 ? 32 : 1;
 }
@@ -150,11 +153,12 @@ inline int64_t forward_roi_block(const PsRoiDims& d) {
 // Forward for RoIs order[begin..end): every output channel of every bin.
 // The planes read by one bin, input_channel(c_out, ph, pw) for all c_out,
 // are bins() planes apart, so one window serves them all.
-template <typename T>
+template <typename T, typename Layout>
 void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
                   T spatial_scale, int64_t sampling_ratio, const int64_t* order,
                   int64_t begin, int64_t end, T* output) {
-  const NchwLayout layout{d.channels, d.height, d.width};
+  static_assert(std::is_same_v<Layout, NchwLayout>, "the CPU kernels use NCHW strides");
+  const Layout layout = Layout::of(d);
   const int64_t plane_stride = d.bins() * d.plane_size();
   const int64_t block = forward_roi_block(d);
   std::vector<RoiWeights<T>> weights(static_cast<size_t>(block), RoiWeights<T>(d));
@@ -349,11 +353,12 @@ class Units {
 // every RoI of its image, in index order, from the bin-major cotangent.
 // Units write disjoint memory (no atomics), and the sums do not depend on
 // how units are split among threads: bitwise reproducible.
-template <typename T>
+template <typename T, typename Layout>
 void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
                    const Units& units, int64_t index, T* grad_input) {
-  const NchwLayout layout{d.channels, d.height, d.width};
+  static_assert(std::is_same_v<Layout, NchwLayout>, "the CPU kernels use NCHW strides");
+  const Layout layout = Layout::of(d);
   const int64_t plane_stride = d.bins() * d.plane_size();
   const Unit u = units[index];
   T* first_plane = grad_input + layout.plane_offset(u.image, input_channel(d, u.c_begin, u.ph, u.pw));
@@ -377,30 +382,6 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
                    plane_stride, u.num_c, g.count,
                    cotangent_bin_major + (u.bin * d.num_rois + k) * d.channels_out + u.c_begin,
                    1);
-  }
-}
-
-// The GPU's per-element forward, run serially.
-template <typename T>
-void forward_elementwise(const T* input, const T* rois, const PsRoiDims& d,
-                         T spatial_scale, int64_t sampling_ratio, T* output) {
-  const NchwLayout layout{d.channels, d.height, d.width};
-  for (int64_t i = 0; i < d.outputs(); ++i) {
-    output[i] = forward_element(input, rois, d, layout, spatial_scale,
-                                sampling_ratio, i);
-  }
-}
-
-// The GPU's per-element backward, run serially with a plain add.
-template <typename T>
-void backward_elementwise(const T* cotangent, const T* rois, const PsRoiDims& d,
-                          T spatial_scale, int64_t sampling_ratio,
-                          T* grad_input) {
-  const NchwLayout layout{d.channels, d.height, d.width};
-  std::fill(grad_input, grad_input + d.num_images * d.channels * d.plane_size(), T(0));
-  for (int64_t i = 0; i < d.outputs(); ++i) {
-    backward_element(cotangent, rois, d, layout, spatial_scale, sampling_ratio,
-                     i, grad_input, [](T* p, T v) { *p += v; });
   }
 }
 

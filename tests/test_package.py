@@ -1,0 +1,77 @@
+"""The package as installed: its kernel table, what it registers at import,
+and what happens when Python finds the source folder instead."""
+
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+import jax_psroi
+from jax_psroi import _extension
+
+PACKAGE = pathlib.Path(jax_psroi.__file__).parent
+
+
+def _run(code, cwd):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_kernel_table_has_a_forward_and_a_backward_per_dtype_and_layout():
+    table = _extension.KERNELS["cpu"]
+    dtypes = {np.dtype(d) for d in jax_psroi.build_info()["dtypes"]}
+    assert dtypes >= {np.dtype(np.float32), np.dtype(np.float64)}
+    assert set(_extension.SUPPORTED_DTYPES) == dtypes
+    expected = {("ps_roi_align", direction, layout, dtype)
+                for direction in ("forward", "backward")
+                for layout in _extension.SUPPORTED_LAYOUTS for dtype in dtypes}
+    assert set(table) == expected
+    for (operation, direction, layout, dtype), row in table.items():
+        assert re.fullmatch(
+            f"jax_psroi_{operation}_{direction}_{layout.lower()}_[a-z]+{8 * dtype.itemsize}",
+            row.name), row.name
+    assert len({row.name for row in table.values()}) == len(table)
+    assert table[("ps_roi_align", "forward", "NCHW", np.dtype(np.float32))].name == (
+        "jax_psroi_ps_roi_align_forward_nchw_f32")
+
+
+def test_import_registers_no_test_only_targets(tmp_path):
+    # The element-wise targets exist for the tests only: after a plain import
+    # of the package, XLA does not know them.
+    code = (
+        "import jax, numpy as np, jax_psroi\n"
+        "call = jax.ffi.ffi_call(\n"
+        "    'jax_psroi_testing_elementwise_ps_roi_align_forward_nchw_f32',\n"
+        "    jax.ShapeDtypeStruct((1, 1, 1, 1), np.float32))\n"
+        "try:\n"
+        "    call(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 5), np.float32),\n"
+        "         spatial_scale=1.0, sampling_ratio=1)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n")
+    result = _run(code, tmp_path)
+    assert "No FFI handler registered" in result.stdout, result.stdout + result.stderr
+
+
+def test_source_folder_without_extension_explains_itself(tmp_path):
+    # As in a checkout's root after `pip install .`: the source folder, which
+    # holds no compiled module, comes first on sys.path. Editable installs
+    # redirect imports with a finder of their own, removed here.
+    shutil.copytree(PACKAGE, tmp_path / "jax_psroi",
+                    ignore=shutil.ignore_patterns("_cpu*", "_cuda*", "_build_info*",
+                                                  "__pycache__"))
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "                    if 'Editable' not in type(f).__name__\n"
+        "                    and 'Redirect' not in type(f).__name__]\n"
+        "import jax_psroi\n")
+    result = _run(code, tmp_path)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("ImportError: jax_psroi was imported from")
+    assert "holds no compiled extension" in message
+    assert "An installed copy is at" in message and "pip install -e ." in message
+    assert "circular import" not in message
