@@ -28,13 +28,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_psroi
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import report  # noqa: E402  (benchmarks/report.py)
+import report
 
 IMAGE_HW = (800, 1344)   # input image the boxes are drawn on
 STRIDE = 16              # backbone stride: spatial_scale = 1 / 16
@@ -128,7 +127,8 @@ def jax_timings(op, features, rois, cotangent, ratio, repeats,
         fn, args = calls[mode]()
         compiled = fn.lower(*args).compile()
         result[mode] = median_seconds(
-            lambda: jax.block_until_ready(compiled(*args)), **repeats)
+            lambda compiled=compiled, args=args: jax.block_until_ready(compiled(*args)),
+            **repeats)
         result[f"{mode}_memory"] = memory_of(compiled)
     return result
 
@@ -150,12 +150,12 @@ def torchvision_module():
         import torchvision.ops
     except ImportError:
         return None
-    return torch, torchvision.ops.ps_roi_align
+    return torch, torchvision.ops.ps_roi_align, torchvision.__version__
 
 
 def torchvision_timings(tv, features, rois, cotangent, ratio, repeats, device,
                         modes=report.MODES):
-    torch, ps_roi_align = tv
+    torch, ps_roi_align, _ = tv
     dev = "cuda" if device == "gpu" else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     f = torch.from_numpy(features).to(dev)
@@ -228,8 +228,8 @@ def machine_description(device):
             "jax_psroi_build": jax_psroi.build_info()}
     try:
         with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f
-                     if l.startswith("model name")]
+            names = [line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")]
         info["cpu_model"] = names[0] if names else platform.processor()
     except OSError:
         info["cpu_model"] = platform.processor()
@@ -268,7 +268,8 @@ def main(argv=None):
                    QUICK_SWEEP_K if args.quick else SWEEP_K, args.no_reference)
 
     results = {"machine": machine_description(args.device), "threads": threads,
-               "torchvision": (None if tv is None else tv[0].__version__),
+               "torchvision": (None if tv is None else tv[2]),
+               "torch": (None if tv is None else tv[0].__version__),
                "quick": args.quick, "rows": rows, "sweep": points}
     results["checks"] = report.check_targets(rows)
     args.out.mkdir(parents=True, exist_ok=True)

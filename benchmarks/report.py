@@ -61,8 +61,9 @@ def markdown(results):
     lines = [
         f"Machine: {machine['cpu_model']}, {results['threads']} threads "
         f"(XLA CPU pool; torchvision set to the same), {machine['device']}, "
-        f"Python {machine['python']}, jax {machine['jax']}, torchvision "
-        f"{results['torchvision'] or 'not installed'}.",
+        f"Python {machine['python']}, jax {machine['jax']}, "
+        + (f"torchvision {results['torchvision']} (torch {results['torch']})."
+           if results["torchvision"] else "torchvision not installed."),
         "",
         "Median milliseconds; `x ref` and `x tv` are how many times faster "
         "jax_psroi is than the jitted jax.numpy reference and torchvision; "
