@@ -1,18 +1,23 @@
 """Speed and memory of jax_psroi against the jax.numpy reference and torchvision.
 
-    python benchmarks/bench.py            # every workload, ~10 minutes on 2 cores
-    python benchmarks/bench.py --quick    # small smoke run (CI)
-    python benchmarks/bench.py --device gpu
+    python benchmarks/bench.py                # every workload, ~10 minutes on 2 cores
+    python benchmarks/bench.py --quick        # small smoke run (CI)
+    python benchmarks/bench.py --device gpu   # adds GPU-sized workloads
 
 For each workload and sampling ratio it times, in one process and one run,
 the forward, the backward alone (vjp of a stored forward) and forward +
-backward of: jax_psroi under jax.jit, the jax.numpy reference under jax.jit,
-and torchvision (when installed; on the CPU with as many threads as XLA's
-CPU pool). Times are medians after warm-up and compilation. It also records
-the memory XLA's compiled executables need (temporaries, outputs), writes
-results.md, results.json and time_vs_k.png to --out, and checks the targets
-of issue 5 (x20 torchvision, x10 reference, adaptive <= 2x ratio 2, no
-temporary larger than the output).
+backward of: jax_psroi under jax.jit; the strong jax.numpy baseline
+(baselines.py: row relayout and row gather; fixed sampling ratios only),
+checked against jax_psroi first; the jax.numpy reference under jax.jit; and
+torchvision (when installed; on the CPU with as many threads as XLA's CPU
+pool). Inputs live on the device before timing. Times are medians after
+warm-up and compilation. Beside them: the memory floor (roofline.py: the
+fewest bytes the pass must move over the bandwidth measured in the same
+run), and the memory XLA's compiled executables need. It writes results.md,
+results.json and time_vs_k.png to --out (gpu.md, gpu.json and
+gpu_time_vs_k.png with --device gpu), and checks the targets of issue 5
+(x20 torchvision, x10 reference, adaptive <= 2x ratio 2, no temporary
+larger than the output).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -32,8 +36,10 @@ import numpy as np
 
 import jax_psroi
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+# Run as a script, so benchmarks/ is on sys.path.
+import baselines
 import report
+import roofline
 
 IMAGE_HW = (800, 1344)   # input image the boxes are drawn on
 STRIDE = 16              # backbone stride: spatial_scale = 1 / 16
@@ -53,6 +59,11 @@ WORKLOADS = [
     Workload("lighthead_train", (2, 490, 50, 84), 4000),
     Workload("rfcn_cls", (1, 3969, 38, 63), 300),
     Workload("rfcn_box", (1, 392, 38, 63), 300),
+]
+# Detector training batches as a GPU runs them (added with --device gpu).
+GPU_WORKLOADS = [
+    Workload("rfcn_cls_gpu", (8, 3969, 38, 63), 2400),
+    Workload("lighthead_train_gpu", (8, 490, 50, 84), 16000),
 ]
 QUICK_WORKLOADS = [
     Workload("lighthead_test_small", (1, 490, 50, 84), 100),
@@ -196,15 +207,31 @@ def run_workload(workload, ratio, tv, device, repeats, skip_reference,
            "num_rois": workload.num_rois, "sampling_ratio": ratio,
            "output_bytes": int(cotangent.nbytes)}
     impls = {"jax_psroi": jax_psroi.ps_roi_align}
+    if ratio > 0:
+        check_strong_baseline(features_j, rois_j, ratio)
+        impls["strong"] = baselines.ps_roi_align_rows
     if not skip_reference:
         impls["reference"] = jax_psroi.ps_roi_align_reference
     for name, op in impls.items():
         row[name] = jax_timings(op, features_j, rois_j, cotangent_j, ratio,
                                 repeats, modes)
+    row["fewest_bytes"] = roofline.fewest_bytes(
+        features_j, rois_j, cotangent_j, (BINS, BINS), 1 / STRIDE, ratio)
     if tv is not None:
         row["torchvision"] = torchvision_timings(tv, features, rois, cotangent,
                                                  ratio, repeats, device, modes)
     return row
+
+
+def check_strong_baseline(features, rois, ratio):
+    """The strong baseline must compute what jax_psroi computes (up to the
+    last bits of sample coordinates: XLA turns its divisions by constants
+    into multiplications, which moves a few float32 samples by an ulp)."""
+    ours = jax.jit(jax_psroi.ps_roi_align, static_argnums=(2, 3, 4))(
+        features, rois, BINS, 1 / STRIDE, ratio)
+    strong = jax.jit(baselines.ps_roi_align_rows, static_argnums=(2, 3, 4))(
+        features, rois, (BINS, BINS), 1 / STRIDE, ratio)
+    np.testing.assert_allclose(strong, ours, rtol=1e-4, atol=1e-4)
 
 
 def sweep(tv, device, repeats, ks, skip_reference):
@@ -215,14 +242,16 @@ def sweep(tv, device, repeats, ks, skip_reference):
         row = run_workload(workload, 2, tv, device, repeats, skip_reference,
                            modes=("forward",))
         points.append({"num_rois": k, **{
-            impl: row[impl]["forward"] for impl in
-            ("jax_psroi", "reference", "torchvision") if impl in row}})
+            impl: row[impl]["forward"] for impl in report.IMPLEMENTATIONS
+            if impl in row}})
     return points
 
 
 def machine_description(device):
+    dev = jax.devices(device)[0]
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "jax": jax.__version__, "device": str(jax.devices(device)[0]),
+            "jax": jax.__version__, "device": str(dev),
+            "device_kind": dev.device_kind,
             "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)),
             "jax_psroi_build": jax_psroi.build_info()}
@@ -257,6 +286,9 @@ def main(argv=None):
     repeats = (dict(min_repeats=5, min_seconds=0.1) if args.quick
                else dict(min_repeats=9, min_seconds=1.0))
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    if args.device == "gpu":
+        workloads = workloads + GPU_WORKLOADS
+    bandwidth = roofline.measured_bandwidth(jax.devices(args.device)[0])
 
     rows = []
     for workload in workloads:
@@ -270,15 +302,18 @@ def main(argv=None):
     results = {"machine": machine_description(args.device), "threads": threads,
                "torchvision": (None if tv is None else tv[2]),
                "torch": (None if tv is None else tv[0].__version__),
-               "quick": args.quick, "rows": rows, "sweep": points}
+               "quick": args.quick, "device": args.device,
+               "bandwidth": bandwidth, "rows": rows, "sweep": points}
     results["checks"] = report.check_targets(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    stem, plot_name = (("gpu", "gpu_time_vs_k.png") if args.device == "gpu"
+                       else ("results", "time_vs_k.png"))
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     markdown = report.markdown(results)
-    (args.out / "results.md").write_text(markdown)
-    report.plot(points, args.out / "time_vs_k.png")
+    (args.out / f"{stem}.md").write_text(markdown)
+    report.plot(points, args.out / plot_name, report.machine_name(results))
     print(markdown)
-    print(f"wrote {args.out}/results.md, results.json, time_vs_k.png")
+    print(f"wrote {args.out}/{stem}.md, {stem}.json, {plot_name}")
 
 
 if __name__ == "__main__":

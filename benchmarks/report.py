@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# What bench.py times of each implementation.
+# What bench.py times of each implementation, and the implementations.
 MODES = ("forward", "backward", "forward_backward")
+IMPLEMENTATIONS = ("jax_psroi", "strong", "reference", "torchvision")
 TARGETS = {"torchvision": 20.0, "reference": 10.0}
 ADAPTIVE_SLOWDOWN = 2.0
 
@@ -56,40 +57,58 @@ def check_targets(rows):
     return checks
 
 
+def machine_name(results):
+    """The card's name on a GPU run, the CPU's model otherwise."""
+    machine = results["machine"]
+    return machine["device_kind"] if results.get("device") == "gpu" else machine["cpu_model"]
+
+
+def _ratio(value):
+    return "-" if value is None else f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def markdown(results):
     machine = results["machine"]
+    threads = ("" if results.get("device") == "gpu" else
+               f", {results['threads']} threads (XLA CPU pool; torchvision set to the same)")
+    bandwidth = results.get("bandwidth")
     lines = [
-        f"Machine: {machine['cpu_model']}, {results['threads']} threads "
-        f"(XLA CPU pool; torchvision set to the same), {machine['device']}, "
+        f"Machine: {machine_name(results)}{threads}, {machine['device']}, "
         f"Python {machine['python']}, jax {machine['jax']}, "
         + (f"torchvision {results['torchvision']} (torch {results['torch']})."
            if results["torchvision"] else "torchvision not installed."),
         "",
-        "Median milliseconds; `x ref` and `x tv` are how many times faster "
-        "jax_psroi is than the jitted jax.numpy reference and torchvision; "
-        "temp is XLA's temporary buffer size of the compiled executable (MiB).",
+        "Median milliseconds. `strong` is the strong jax.numpy baseline (row "
+        "relayout and row gather, fixed sampling ratios only), `reference` the "
+        "jitted jax.numpy reference; `x strong`, `x ref` and `x tv` are how many "
+        "times faster jax_psroi is than each. `floor` is the fewest bytes the "
+        "pass must move over the bandwidth measured in the same run"
+        + (f" ({bandwidth / 1e9:.0f} GB/s, read + write of a negate)"
+           if bandwidth else "")
+        + "; `temp` is XLA's temporary buffer of the compiled executable (MiB).",
         "",
-        "| workload | sr | pass | jax_psroi | reference | torchvision | x ref "
-        "| x tv | temp | ref temp | output |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | sr | pass | jax_psroi | strong | reference | torchvision "
+        "| x strong | x ref | x tv | floor | temp | ref temp | output |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- | --- |",
     ]
     for row in results["rows"]:
         n, c, h, w = row["features"]
         for mode in MODES:
             ours = row["jax_psroi"]
-            ref = row.get("reference")
-            tv = row.get("torchvision")
-            speed_ref = _speedup(row, "reference", mode)
-            speed_tv = _speedup(row, "torchvision", mode)
+            times = {impl: (row[impl][mode] if impl in row else None)
+                     for impl in IMPLEMENTATIONS}
             memory = ours[f"{mode}_memory"] or {}
-            ref_memory = (ref or {}).get(f"{mode}_memory") or {}
+            ref_memory = (row.get("reference") or {}).get(f"{mode}_memory") or {}
+            floor = (row["fewest_bytes"][mode] / bandwidth
+                     if bandwidth and "fewest_bytes" in row else None)
             lines.append(
                 f"| {row['workload']} [{n},{c},{h},{w}] K={row['num_rois']} "
                 f"| {row['sampling_ratio']} | {mode.replace('_', '+')} "
-                f"| {_ms(ours[mode])} | {_ms(ref and ref[mode])} "
-                f"| {_ms(tv and tv[mode])} "
-                f"| {'-' if speed_ref is None else f'{speed_ref:.0f}'} "
-                f"| {'-' if speed_tv is None else f'{speed_tv:.0f}'} "
+                + "".join(f"| {_ms(times[impl])} " for impl in IMPLEMENTATIONS)
+                + "".join(f"| {_ratio(_speedup(row, impl, mode))} "
+                          for impl in ("strong", "reference", "torchvision"))
+                + f"| {_ms(floor)} "
                 f"| {_mb(memory.get('temp_bytes'))} "
                 f"| {_mb(ref_memory.get('temp_bytes'))} "
                 f"| {_mb(memory.get('output_bytes'))} |")
@@ -102,21 +121,22 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(points, path):
+def plot(points, path, machine):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = [p["num_rois"] for p in points]
-    for impl in ("jax_psroi", "reference", "torchvision"):
+    for impl in IMPLEMENTATIONS:
         if all(impl in p for p in points):
             ax.plot(ks, [p[impl] * 1e3 for p in points], "o-", label=impl)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("RoIs (K)")
     ax.set_ylabel("forward, median ms")
-    ax.set_title("PS-RoI Align forward, [1, 490, 50, 84], 7x7, sr=2")
+    ax.set_title(f"PS-RoI Align forward, [1, 490, 50, 84], 7x7, sr=2\n{machine}",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

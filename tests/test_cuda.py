@@ -2,6 +2,8 @@
 checks marked `gpu` that run on a GPU machine (README, "GPU machines")."""
 
 import os
+import pathlib
+import tomllib
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +28,27 @@ def _target(direction, dtype):
     return _extension.target_name("cuda", direction, dtype)
 
 
-def test_cuda_build_when_requested():
-    # CI builds with JAX_PSROI_CUDA=ON: the CUDA module must be there.
+def _version(text):
+    return tuple(int(part) for part in text.split(".")[:3])
+
+
+def test_build_info():
     info = jax_psroi.build_info()
-    if os.environ.get("JAX_PSROI_CUDA", "").upper() == "ON":
-        assert info["cuda_built"]
     if info["cuda_built"]:
         assert info["cuda_version"].startswith(str(info["cuda_runtime_version"] // 1000))
         assert {"75-real", "80-real", "86-real", "89-real", "90"} <= set(
             info["cuda_architectures"])
     assert info["ffi_api_version"][0] == 0
-    assert info["jax_built_against"] == "0.10.2"
+    # Handlers built against newer FFI headers than the running jaxlib's
+    # would not load.
+    assert _version(info["jax_built_against"]) <= _version(info["jax_running"])
+    if os.environ.get("JAX_PSROI_CUDA", "").upper() == "ON":
+        # CI: an isolated build, with CUDA forced on, against the oldest JAX
+        # we support, as [build-system] pins it.
+        pyproject = tomllib.loads(
+            (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+        assert f"jax=={info['jax_built_against']}" in pyproject["build-system"]["requires"]
+        assert info["cuda_built"]
 
 
 @needs_cuda_build
@@ -128,6 +140,26 @@ def test_cuda_lowering_without_cuda_build_says_how_to_rebuild(monkeypatch):
 
     with pytest.raises(RuntimeError, match="JAX_PSROI_CUDA=ON"):
         jax.jit(forward).trace(features, rois).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("default_precision", ["default", "bfloat16", "tensorfloat32"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reference_contracts_at_highest_precision_for_cuda(default_precision, dtype):
+    # GPUs run float32 contractions in TF32 unless told otherwise; the
+    # reference asks for HIGHEST on every one, whatever the default says.
+    features, rois = _data(dtype)
+
+    def value_and_grad(f, r):
+        loss = lambda x: jnp.sum(jax_psroi.ps_roi_align_reference(x, r, 3, 0.5, -1) ** 2)
+        return jax.value_and_grad(loss)(f)
+
+    with jax.default_matmul_precision(default_precision):
+        text = jax.jit(value_and_grad).trace(features, rois).lower(
+            lowering_platforms=("cuda",)).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) >= 4  # contractions of the forward and their transposes
+    for line in dots:
+        assert "precision = [HIGHEST, HIGHEST]" in line, line
 
 
 # --- On a GPU -----------------------------------------------------------------

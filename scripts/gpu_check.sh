@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: checks everything jax_psroi claims there.
+#
+#   scripts/gpu_check.sh [--out DIR] [--full] [--wheel FILE]
+#
+#   --out DIR     logs and results (default gpu_check_out)
+#   --full        the full benchmark instead of the quick one
+#   --wheel FILE  install this wheel (e.g. one built with CUDA on a CPU
+#                 machine) instead of building here
+#
+# Steps, each with its own time limit and its log in DIR: install (with the
+# CUDA kernels, only if the installed package lacks them); the tests marked
+# gpu; the whole suite; the torchvision golden fixtures on the GPU; the
+# benchmark on the GPU; compute-sanitizer's memcheck over a small forward,
+# gradient and vmap run with hostile boxes; gradient determinism (the same
+# gradient 5 times, compared bitwise) on the CPU and on the GPU; and, where
+# ncu is present, one profile of each kernel on a GPU-sized workload. A
+# summary table comes last. Without a GPU it runs what it can and says what
+# it skipped. Exits 0 only if every step that ran passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out=gpu_check_out
+bench_mode=--quick
+wheel=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --full) bench_mode=""; shift ;;
+    --wheel) wheel="$2"; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+started=$SECONDS
+
+names=(); verdicts=(); seconds=(); notes=()
+record() {  # name verdict seconds note
+  names+=("$1"); verdicts+=("$2"); seconds+=("$3"); notes+=("$4")
+  printf '=== %-22s %-7s %4ss  %s\n' "$1" "$2" "$3" "$4"
+}
+# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with its output in DIR/NAME.log.
+step() {
+  local name="$1" limit="$2" start=$SECONDS rc
+  shift 2
+  timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  local verdict=PASS note="log: $name.log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    verdict=TIMEOUT; note="over ${limit}s; log: $name.log"
+  elif [ $rc -ne 0 ]; then
+    verdict=FAIL; note="exit $rc; log: $name.log"
+  fi
+  record "$name" "$verdict" $((SECONDS - start)) "$note"
+  return $rc
+}
+skip() { record "$1" SKIP 0 "$2"; }
+
+# `python -P` keeps the checkout off sys.path, so the installed package is
+# imported rather than the source folder (which holds no compiled module).
+cuda_built() {
+  python -P -c "import sys, jax_psroi; sys.exit(0 if jax_psroi.build_info()['cuda_built'] else 1)" \
+    >/dev/null 2>&1
+}
+install() {
+  if [ -n "$wheel" ]; then
+    pip install --no-deps --force-reinstall "$wheel"
+    return
+  fi
+  # GPU machines have the build tools but no network: build with what is
+  # installed; elsewhere fall back to an isolated build.
+  local cuda=OFF
+  command -v nvcc >/dev/null && cuda=ON
+  JAX_PSROI_CUDA=$cuda pip install --no-build-isolation --no-deps . ||
+    JAX_PSROI_CUDA=$cuda pip install ".[test]"
+}
+
+# --- install ---------------------------------------------------------------
+if [ -z "$wheel" ] && cuda_built; then
+  skip install "installed package has the CUDA kernels"
+else
+  step install 420 install
+fi
+python -P -c "import jax_psroi, json; print(json.dumps(jax_psroi.build_info()))" \
+  >"$out/build_info.json" 2>&1
+
+gpu=""
+if python -P -c "import jax; assert jax.devices('gpu')" >/dev/null 2>&1; then
+  gpu="$(python -P -c "import jax; print(jax.devices('gpu')[0].device_kind)")"
+fi
+no_gpu="no GPU visible to JAX"
+
+# --- tests -------------------------------------------------------------------
+if [ -n "$gpu" ]; then
+  step gpu_tests 300 pytest -m gpu -p no:cacheprovider tests
+else
+  skip gpu_tests "$no_gpu"
+fi
+# The default device is the GPU where there is one.
+step test_suite 420 pytest -p no:cacheprovider tests
+if [ -n "$gpu" ]; then
+  step golden_on_gpu 180 pytest -p no:cacheprovider tests/test_golden.py
+else
+  skip golden_on_gpu "$no_gpu"
+fi
+
+# --- benchmark -----------------------------------------------------------------
+if [ -n "$gpu" ]; then
+  # shellcheck disable=SC2086
+  step benchmark 600 python benchmarks/bench.py --device gpu $bench_mode --out "$out/bench"
+else
+  skip benchmark "$no_gpu"
+fi
+
+# --- memory safety -------------------------------------------------------------
+if [ -z "$gpu" ]; then
+  skip memcheck "$no_gpu"
+elif ! command -v compute-sanitizer >/dev/null; then
+  skip memcheck "compute-sanitizer not found"
+else
+  step memcheck 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python scripts/gpu_runs.py smoke
+fi
+
+# --- determinism -----------------------------------------------------------------
+step determinism_cpu 180 python scripts/gpu_runs.py determinism --device cpu --runs 5
+if [ -n "$gpu" ]; then
+  step determinism_gpu 180 python scripts/gpu_runs.py determinism --device gpu --runs 5
+else
+  skip determinism_gpu "$no_gpu"
+fi
+
+# --- profile -----------------------------------------------------------------------
+metrics="gpu__time_duration.sum,dram__bytes.sum"
+metrics+=",gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"
+metrics+=",smsp__inst_executed_op_global_red.sum,smsp__inst_executed_op_global_atom.sum"
+if [ -z "$gpu" ]; then
+  skip ncu_profile "$no_gpu"
+elif ! command -v ncu >/dev/null; then
+  skip ncu_profile "ncu not found"
+elif step ncu_profile 420 ncu --clock-control none --csv --page raw \
+    --kernel-name regex:"forward_kernel|backward_kernel" --metrics "$metrics" \
+    python scripts/gpu_runs.py profile; then
+  python scripts/gpu_runs.py ncu-summary "$out/ncu_profile.log" >"$out/ncu_summary.md" 2>&1
+fi
+
+# --- summary -----------------------------------------------------------------------
+failed=0
+{
+  echo "jax_psroi GPU check: ${gpu:-no GPU}, $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - started)) s"
+  echo "build: $(cat "$out/build_info.json")"
+  echo
+  echo "| step | verdict | seconds | note |"
+  echo "| --- | --- | --- | --- |"
+  for i in "${!names[@]}"; do
+    echo "| ${names[$i]} | ${verdicts[$i]} | ${seconds[$i]} | ${notes[$i]} |"
+    case "${verdicts[$i]}" in FAIL|TIMEOUT) failed=1 ;; esac
+  done
+  if [ -s "$out/ncu_summary.md" ]; then
+    echo
+    cat "$out/ncu_summary.md"
+  fi
+} | tee "$out/summary.md"
+exit $failed

@@ -1,0 +1,163 @@
+"""The runs scripts/gpu_check.sh makes, each a subcommand.
+
+    python scripts/gpu_runs.py smoke                 # forward, gradient, vmap; hostile boxes
+    python scripts/gpu_runs.py determinism --device gpu --runs 5
+    python scripts/gpu_runs.py profile               # one forward and one backward, GPU-sized
+    python scripts/gpu_runs.py ncu-summary FILE.csv  # time, DRAM bytes, % of peak, atomics
+
+Each prints what it found and exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_psroi
+
+# The R-FCN class map of a batch of 8 images (as the GPU benchmark times it).
+PROFILE_FEATURES = (8, 3969, 38, 63)
+PROFILE_ROIS = 2400
+
+
+def _rois(rng, num_rois, num_images, height, width, scale):
+    extent = np.array([width, height]) / scale
+    corners = rng.uniform(-0.2 * extent, 1.2 * extent, size=(num_rois, 2, 2))
+    x1, x2 = np.sort(corners[:, :, 0], axis=1).T
+    y1, y2 = np.sort(corners[:, :, 1], axis=1).T
+    batch = np.arange(num_rois) % num_images
+    return np.stack([batch, x1, y1, x2, y2], axis=1).astype(np.float32)
+
+
+def _hostile(num_images):
+    inf, nan = np.inf, np.nan
+    return np.array([
+        [0, 1, 1, 5, 5], [-1, 1, 1, 5, 5], [num_images, 1, 1, 5, 5],
+        [1e9, 1, 1, 5, 5], [nan, 1, 1, 5, 5], [0, nan, 1, 5, 5],
+        [0, 1, 1, inf, 5], [0, -inf, -inf, inf, inf], [0, 2, 2, 2, 2],
+        [0, 6, 6, 2, 2], [0, -1e6, -1e6, 1e6, 1e6], [0, -1e30, -1e30, 1e30, 1e30],
+        [0, 3e38, 3e38, 3.4e38, 3.4e38]], np.float32)
+
+
+def smoke(_args) -> int:
+    """Forward, gradient and vmap on the default device with hostile boxes,
+    compared with the CPU. Run under compute-sanitizer by gpu_check.sh."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 4 * 49, 12, 16)).astype(np.float32)
+    rois = np.concatenate([_rois(rng, 40, 2, 12, 16, 0.5), _hostile(2)])
+    failures = 0
+    for ratio in (-1, 2):
+        forward = lambda f, r, ratio=ratio: jax_psroi.ps_roi_align(f, r, 7, 0.5, ratio)
+        grad = jax.grad(lambda f, r, forward=forward: jnp.sum(jnp.sin(forward(f, r))))
+        batched = jax.vmap(forward, in_axes=(0, None))
+        for name, fn, args in (("forward", forward, (features, rois)),
+                               ("gradient", grad, (features, rois)),
+                               ("vmap", batched, (features[:, None], rois))):
+            results = {}
+            for kind in ("default", "cpu"):
+                device = jax.devices()[0] if kind == "default" else jax.devices("cpu")[0]
+                results[kind] = np.asarray(jax.jit(fn)(*jax.device_put(args, device)))
+            ok = (np.isfinite(results["default"]).all()
+                  and np.allclose(results["default"], results["cpu"], atol=1e-4))
+            failures += not ok
+            print(f"{name:9s} sampling_ratio={ratio:2d} on {jax.devices()[0].platform}: "
+                  f"{'ok' if ok else 'DIFFERS FROM THE CPU'}")
+    return 1 if failures else 0
+
+
+def determinism(args) -> int:
+    """The same gradient `--runs` times on one device, compared bitwise."""
+    device = jax.devices(args.device)[0]
+    rng = np.random.default_rng(1)
+    n, c, h, w = (2, 81 * 49, 38, 63) if args.device == "gpu" else (1, 8 * 49, 38, 63)
+    features = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    rois = _rois(rng, 600, n, h, w, 1 / 16)
+    cotangent = rng.normal(size=(600, c // 49, 7, 7)).astype(np.float32)
+    features, rois, cotangent = jax.device_put((features, rois, cotangent), device)
+
+    @jax.jit
+    def gradient(f, r, ct):
+        _, vjp = jax.vjp(lambda x: jax_psroi.ps_roi_align(x, r, 7, 1 / 16, 2), f)
+        return vjp(ct)[0]
+
+    runs = [np.asarray(gradient(features, rois, cotangent)) for _ in range(args.runs)]
+    distinct = len({run.tobytes() for run in runs})
+    spread = max(float(np.abs(run - runs[0]).max()) for run in runs)
+    print(f"{args.runs} gradients on {device}: {distinct} distinct, "
+          f"largest difference {spread:.3g}")
+    return 0 if distinct == 1 else 1
+
+
+def profile(_args) -> int:
+    """One forward and one backward on the GPU-sized workload, for ncu."""
+    rng = np.random.default_rng(2)
+    n, c, h, w = PROFILE_FEATURES
+    features = jax.device_put(rng.normal(size=PROFILE_FEATURES).astype(np.float32))
+    rois = jax.device_put(_rois(rng, PROFILE_ROIS, n, h, w, 1 / 16))
+    cotangent = jax.device_put(
+        rng.normal(size=(PROFILE_ROIS, c // 49, 7, 7)).astype(np.float32))
+    forward = jax.jit(lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 16, 2))
+    backward = jax.jit(lambda ct, r: jax.linear_transpose(
+        lambda f: jax_psroi.ps_roi_align(f, r, 7, 1 / 16, 2), features)(ct)[0])
+    jax.block_until_ready(forward(features, rois))
+    jax.block_until_ready(backward(cotangent, rois))
+    print(f"profiled {PROFILE_FEATURES} K={PROFILE_ROIS}: one forward, one backward")
+    return 0
+
+
+# ncu metrics: name in the CSV -> column of the summary, scale.
+NCU_METRICS = {
+    "gpu__time_duration.sum": ("time us", 1e-3),
+    "dram__bytes.sum": ("DRAM MB", 1e-6),
+    "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": ("% peak DRAM", 1.0),
+    "smsp__inst_executed_op_global_red.sum": ("atomic red (warp)", 1.0),
+    "smsp__inst_executed_op_global_atom.sum": ("atomic (warp)", 1.0),
+}
+
+
+def ncu_summary(args) -> int:
+    """A Markdown table per kernel from `ncu --csv --page raw` output."""
+    text = pathlib.Path(args.file).read_text().splitlines()
+    start = next((i for i, line in enumerate(text) if line.startswith('"ID"')), None)
+    if start is None:
+        print("no ncu results in", args.file)
+        return 1
+    rows = list(csv.DictReader(text[start:]))
+    print("| kernel | " + " | ".join(col for col, _ in NCU_METRICS.values()) + " |")
+    print("| --- |" + " --- |" * len(NCU_METRICS))
+    for row in rows:
+        if not row.get("Kernel Name") or not row.get("ID", "").isdigit():
+            continue  # the units row
+        name = row["Kernel Name"].split("(")[0].split("<")[0].split()[-1]
+        cells = []
+        for metric, (_, scale) in NCU_METRICS.items():
+            value = row.get(metric, "").replace(",", "")
+            cells.append(f"{float(value) * scale:,.1f}" if value else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("smoke", help=smoke.__doc__.splitlines()[0])
+    det = commands.add_parser("determinism", help=determinism.__doc__)
+    det.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    det.add_argument("--runs", type=int, default=5)
+    commands.add_parser("profile", help=profile.__doc__)
+    summary = commands.add_parser("ncu-summary", help=ncu_summary.__doc__)
+    summary.add_argument("file")
+    args = parser.parse_args(argv)
+    run = {"smoke": smoke, "determinism": determinism, "profile": profile,
+           "ncu-summary": ncu_summary}[args.command]
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
