@@ -16,6 +16,9 @@ import numpy as np
 # lib/psroi_math.h): beyond 2**23, float32's i + 0.5 is no longer exact.
 MAX_GRID_PER_AXIS = 2**23
 
+DATA_FORMATS = ("NCHW", "NHWC")
+CHANNEL_ORDERS = ("torchvision", "bin_major")
+
 _TRACED = (jax.errors.TracerIntegerConversionError,
            jax.errors.ConcretizationTypeError)
 
@@ -84,16 +87,38 @@ def spatial_scale(value) -> float:
             f"spatial_scale must be a real number, got {_given(value)}") from None
 
 
-def features(value, pooled_size: tuple[int, int], dtypes=None):
-    """``input``: a [N, C, H, W] float array with C a multiple of h * w.
+def data_format(value) -> str:
+    """``data_format``: "NCHW" or "NHWC"."""
+    if value not in DATA_FORMATS:
+        raise ValueError(f"data_format must be 'NCHW' or 'NHWC', got {_given(value)}")
+    return value
+
+
+def channel_order(value) -> str:
+    """``channel_order``: "torchvision" or "bin_major"."""
+    if value not in CHANNEL_ORDERS:
+        raise ValueError(
+            f"channel_order must be 'torchvision' or 'bin_major', got {_given(value)}")
+    return value
+
+
+def channel_axis(data_format: str) -> int:
+    return 1 if data_format == "NCHW" else 3
+
+
+def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
+             dtypes=None):
+    """``input``: a 4-d float map in `data_format` whose channel count is a
+    multiple of h * w.
 
     `dtypes`, when given, are the dtypes with native kernels; otherwise any
     floating dtype is accepted (the jax.numpy reference).
     """
     array = jax.numpy.asarray(value)
+    shape_name = "[N, C, H, W]" if data_format == "NCHW" else "[N, H, W, C]"
     if array.ndim != 4:
-        raise ValueError(
-            f"input must be a 4-d feature map [N, C, H, W], got shape {array.shape}")
+        raise ValueError(f"input must be a 4-d feature map {shape_name} "
+                         f"(data_format={data_format!r}), got shape {array.shape}")
     if dtypes is not None and array.dtype not in dtypes:
         names = " or ".join(np.dtype(d).name for d in dtypes)
         raise TypeError(f"input must be {names}, got {array.dtype}")
@@ -101,15 +126,18 @@ def features(value, pooled_size: tuple[int, int], dtypes=None):
         raise TypeError(f"input must be a floating-point array, got {array.dtype}")
     ph, pw = pooled_size
     bins = ph * pw
-    channels = array.shape[1]
+    axis = channel_axis(data_format)
+    channels = array.shape[axis]
     if channels % bins:
-        message = (f"input channels (axis 1 of [N, C, H, W]) must be a multiple "
-                   f"of output_size h * w = {ph} * {pw} = {bins}; got shape "
-                   f"{array.shape}, so C = {channels}")
-        if array.shape[3] % bins == 0 and array.shape[3] > 0:
-            message += (f". Its last axis ({array.shape[3]}) is a multiple of "
-                        f"{bins}: if this is a channels-last [N, H, W, C] map "
-                        "(as Flax convolutions produce), pass it as "
-                        "x.transpose(0, 3, 1, 2)")
+        message = (f"input channels (axis {axis} of {shape_name}) must be a "
+                   f"multiple of output_size h * w = {ph} * {pw} = {bins}; got "
+                   f"shape {array.shape}, so C = {channels}")
+        other_format, other_axis = (("NHWC", 3) if data_format == "NCHW" else ("NCHW", 1))
+        other = array.shape[other_axis]
+        if other % bins == 0 and other > 0:
+            layout = ("a channels-last [N, H, W, C] map (as Flax convolutions "
+                      "produce)" if other_format == "NHWC" else "an [N, C, H, W] map")
+            message += (f". Its axis {other_axis} ({other}) is a multiple of {bins}: "
+                        f"if this is {layout}, pass data_format={other_format!r}")
         raise ValueError(message)
     return array

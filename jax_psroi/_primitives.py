@@ -1,7 +1,10 @@
 """The two primitives of PS-RoI Align and their JAX rules.
 
-``forward_p``:  (features [N, C, H, W], rois [K, 5]) -> [K, C_out, PH, PW]
-``backward_p``: (cotangent [K, C_out, PH, PW], rois [K, 5]) -> [N, C, H, W]
+``forward_p``:  (features, rois [K, 5]) -> pooled
+``backward_p``: (cotangent (pooled), rois [K, 5]) -> like features
+
+with features [N, C, H, W] and pooled [K, C_out, PH, PW] in NCHW, or
+[N, H, W, C] and [K, PH, PW, C_out] in NHWC.
 
 Both are linear in their first operand and adjoint to each other, which gives
 their JVP and transpose rules (and so any order of differentiation). Each has
@@ -10,8 +13,10 @@ a lowering to the native kernels on CPU and CUDA, a lowering of the
 the mapped axis into the image / RoI axes so a batch is one kernel launch.
 
 Parameters, all static: ``pooled_size`` (PH, PW) on ``forward_p``,
-``input_shape`` (N, C, H, W) on ``backward_p``; ``spatial_scale`` a python
-float (an F64 FFI attribute) and ``sampling_ratio`` a python int (S64).
+``input_shape`` (the features' shape) on ``backward_p``; on both
+``spatial_scale`` (a python float: an F64 FFI attribute), ``sampling_ratio``
+(a python int: S64), ``data_format`` ("NCHW" or "NHWC": the kernel-table row)
+and ``channel_order`` ("torchvision" or "bin_major": an S64 attribute).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _extension, reference
+from jax_psroi import _arguments, _extension, reference
 
 forward_p = Primitive("jax_psroi_forward")
 backward_p = Primitive("jax_psroi_backward")
@@ -31,17 +36,27 @@ backward_p = Primitive("jax_psroi_backward")
 
 # Shapes only: the public functions check the arguments (_arguments.py), and
 # the rules below preserve what they checked.
-def _forward_abstract_eval(features, rois, *, pooled_size, spatial_scale,
-                           sampling_ratio):
-    del spatial_scale, sampling_ratio
+def pooled_shape(num_rois, channels_out, pooled_size, data_format):
     ph, pw = pooled_size
-    c_out = features.shape[1] // (ph * pw)
-    return jax.core.ShapedArray((rois.shape[0], c_out, ph, pw), features.dtype)
+    if data_format == "NCHW":
+        return (num_rois, channels_out, ph, pw)
+    return (num_rois, ph, pw, channels_out)
 
 
-def _backward_abstract_eval(cotangent, rois, *, input_shape, spatial_scale,
-                            sampling_ratio):
-    del rois, spatial_scale, sampling_ratio
+def _pooled_size(pooled, data_format):
+    """(PH, PW) of a pooled tensor's shape."""
+    return tuple(pooled[2:]) if data_format == "NCHW" else tuple(pooled[1:3])
+
+
+def _forward_abstract_eval(features, rois, *, pooled_size, data_format, **_):
+    ph, pw = pooled_size
+    c_out = features.shape[_arguments.channel_axis(data_format)] // (ph * pw)
+    return jax.core.ShapedArray(
+        pooled_shape(rois.shape[0], c_out, pooled_size, data_format), features.dtype)
+
+
+def _backward_abstract_eval(cotangent, rois, *, input_shape, **_):
+    del rois
     return jax.core.ShapedArray(tuple(input_shape), cotangent.dtype)
 
 
@@ -53,19 +68,14 @@ backward_p.def_impl(partial(xla.apply_primitive, backward_p))
 
 # --- Reference semantics, used by the generic lowering ----------------------
 
-def _forward_reference(features, rois, *, pooled_size, spatial_scale,
-                       sampling_ratio):
-    return reference.pool(features, rois, pooled_size, spatial_scale,
-                          sampling_ratio)
+def _forward_reference(features, rois, **params):
+    return reference.pool(features, rois, **params)
 
 
-def _backward_reference(cotangent, rois, *, input_shape, spatial_scale,
-                        sampling_ratio):
-    pooled_size = tuple(cotangent.shape[2:])
+def _backward_reference(cotangent, rois, *, input_shape, **params):
+    pooled_size = _pooled_size(cotangent.shape, params["data_format"])
     zeros = jnp.zeros(input_shape, cotangent.dtype)
-    _, vjp = jax.vjp(lambda x: reference.pool(x, rois, pooled_size,
-                                              spatial_scale, sampling_ratio),
-                     zeros)
+    _, vjp = jax.vjp(lambda x: reference.pool(x, rois, pooled_size, **params), zeros)
     return vjp(cotangent)[0]
 
 
@@ -77,12 +87,18 @@ mlir.register_lowering(
 
 # --- Native lowerings --------------------------------------------------------
 
+# channel_order as the kernels' ChannelOrder (lib/psroi_math.h).
+_CHANNEL_ORDER_ATTRIBUTE = {"torchvision": 0, "bin_major": 1}
+
+
 def _native_lowering(platform, direction, ctx, operand, rois, *,
-                     spatial_scale, sampling_ratio, **_):
-    name = _extension.target_name(platform, direction, ctx.avals_in[0].dtype)
-    return jax.ffi.ffi_lowering(name)(ctx, operand, rois,
-                                      spatial_scale=float(spatial_scale),
-                                      sampling_ratio=int(sampling_ratio))
+                     spatial_scale, sampling_ratio, data_format, channel_order, **_):
+    name = _extension.target_name(platform, direction, ctx.avals_in[0].dtype,
+                                  data_format)
+    return jax.ffi.ffi_lowering(name)(
+        ctx, operand, rois, spatial_scale=float(spatial_scale),
+        sampling_ratio=int(sampling_ratio),
+        channel_order=_CHANNEL_ORDER_ATTRIBUTE[channel_order])
 
 
 for _prim, _direction in ((forward_p, "forward"), (backward_p, "backward")):
@@ -96,25 +112,21 @@ for _prim, _direction in ((forward_p, "forward"), (backward_p, "backward")):
 # RoIs are not differentiated (torchvision gives them a zero gradient): their
 # JVP rules are None and their transposes are never requested.
 
-def _forward_transpose(cotangent, features, rois, *, pooled_size,
-                       spatial_scale, sampling_ratio):
+def _forward_transpose(cotangent, features, rois, *, pooled_size, **params):
     assert ad.is_undefined_primal(features) and not ad.is_undefined_primal(rois)
     if type(cotangent) is ad.Zero:
         return ad.Zero(features.aval), None
     return backward_p.bind(cotangent, rois, input_shape=features.aval.shape,
-                           spatial_scale=spatial_scale,
-                           sampling_ratio=sampling_ratio), None
+                           **params), None
 
 
-def _backward_transpose(grad_features, cotangent, rois, *, input_shape,
-                        spatial_scale, sampling_ratio):
+def _backward_transpose(grad_features, cotangent, rois, *, input_shape, **params):
     assert ad.is_undefined_primal(cotangent) and not ad.is_undefined_primal(rois)
     if type(grad_features) is ad.Zero:
         return ad.Zero(cotangent.aval), None
-    return forward_p.bind(grad_features, rois,
-                          pooled_size=tuple(cotangent.aval.shape[2:]),
-                          spatial_scale=spatial_scale,
-                          sampling_ratio=sampling_ratio), None
+    pooled_size = _pooled_size(cotangent.aval.shape, params["data_format"])
+    return forward_p.bind(grad_features, rois, pooled_size=pooled_size,
+                          **params), None
 
 
 ad.defjvp(forward_p, lambda t, _, rois, **params: forward_p.bind(t, rois, **params),

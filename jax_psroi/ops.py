@@ -9,20 +9,34 @@ from jax_psroi._boxes import Boxes, rois_from_boxes
 
 
 def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
-                 sampling_ratio: int = -1) -> jax.Array:
+                 sampling_ratio: int = -1, *, data_format: str = "NCHW",
+                 channel_order: str = "torchvision") -> jax.Array:
     """Position-Sensitive RoI Align (R-FCN, Light-Head R-CNN).
 
     Same signature and semantics as ``torchvision.ops.ps_roi_align``, as a
     JAX operation with native CPU and CUDA kernels: it works under
     ``jax.jit``, ``jax.vmap`` and every mode and order of differentiation.
 
-    Output channel ``c`` of bin ``(i, j)`` averages input channel
-    ``(c * h + i) * w + j`` over a grid of bilinearly interpolated samples in
-    that bin of the RoI.
+    Output channel ``c`` of bin ``(i, j)`` averages one input channel over a
+    grid of bilinearly interpolated samples in that bin of the RoI: with
+    ``channel_order="torchvision"``, input channel ``(c * h + i) * w + j``;
+    with ``"bin_major"``, ``(i * w + j) * C_out + c``. For 2 output
+    channels and 2 x 2 bins (C = 8):
+
+        bin (i, j)           (0,0)  (0,1)  (1,0)  (1,1)
+        torchvision  c = 0     0      1      2      3
+                     c = 1     4      5      6      7
+        bin_major    c = 0     0      2      4      6
+                     c = 1     1      3      5      7
+
+    "bin_major" is the grouping of the TF Object Detection API: the C_out
+    channels of a bin are contiguous, so in NHWC every bilinear tap reads one
+    contiguous run. A model trained from scratch may choose either; a model
+    ported from torchvision keeps the default.
 
     Args:
-      input: [N, C, H, W] feature map, float32 or float64, with
-        C = C_out * h * w.
+      input: [N, C, H, W] feature map (or [N, H, W, C] with
+        ``data_format="NHWC"``), float32 or float64, with C = C_out * h * w.
       boxes: the RoIs in input-image coordinates, either a [K, 5] array of
         (batch_index, x1, y1, x2, y2) or a list/tuple of N arrays [L_i, 4] of
         (x1, y1, x2, y2), one per image, in which case K = sum L_i and the
@@ -36,9 +50,12 @@ def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
         pixel offset, applied always).
       sampling_ratio: samples per bin along each axis; <= 0 uses
         ``ceil(roi_size / output_size)`` per RoI (adaptive).
+      data_format: "NCHW" (torchvision's) or "NHWC" (Flax's), keyword-only.
+        Both run native kernels; no transpose is added.
+      channel_order: "torchvision" or "bin_major", keyword-only (above).
 
     Returns:
-      [K, C_out, h, w] array of the input's dtype.
+      [K, C_out, h, w] (NCHW) or [K, h, w, C_out] (NHWC), the input's dtype.
 
     Differentiation: the operation is linear in ``input``. Its transpose is
     the native backward kernel, and the backward's transpose is the forward,
@@ -61,10 +78,13 @@ def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
             boxes)     # [B, L, 4]  ->  [B, L, C // 49, 7, 7]
     """
     pooled_size = _arguments.output_size(output_size)
-    features = _arguments.features(input, pooled_size,
+    data_format = _arguments.data_format(data_format)
+    features = _arguments.features(input, pooled_size, data_format,
                                    _extension.SUPPORTED_DTYPES)
     return _primitives.forward_p.bind(
         features, rois_from_boxes(boxes, features.dtype),
         pooled_size=pooled_size,
         spatial_scale=_arguments.spatial_scale(spatial_scale),
-        sampling_ratio=_arguments.sampling_ratio(sampling_ratio))
+        sampling_ratio=_arguments.sampling_ratio(sampling_ratio),
+        data_format=data_format,
+        channel_order=_arguments.channel_order(channel_order))

@@ -122,42 +122,65 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
 
 
 def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
-                           sampling_ratio=-1):
+                           sampling_ratio=-1, *, data_format="NCHW",
+                           channel_order="torchvision"):
     """PS-RoI Align in ``jax.numpy``: the same arguments, semantics and result
     as ``jax_psroi.ps_roi_align`` (torchvision's, with the documented safe
     deviations), for any floating dtype.
 
     Args:
-      input: [N, C, H, W] floating array, C = C_out * h * w.
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
+        floating array, C = C_out * h * w.
       boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
         [L_i, 4] arrays of (x1, y1, x2, y2), one per image.
       output_size: int or (h, w).
       spatial_scale: box coordinates to feature-map pixels.
       sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      data_format: "NCHW" or "NHWC".
+      channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
 
     Returns:
-      [K, C_out, h, w] array of the input's dtype.
+      [K, C_out, h, w] (or [K, h, w, C_out]) array of the input's dtype.
     """
     pooled_size = _arguments.output_size(output_size)
-    features = _arguments.features(input, pooled_size)
+    data_format = _arguments.data_format(data_format)
+    features = _arguments.features(input, pooled_size, data_format)
     return pool(features, rois_from_boxes(boxes, features.dtype), pooled_size,
                 _arguments.spatial_scale(spatial_scale),
-                _arguments.sampling_ratio(sampling_ratio))
+                _arguments.sampling_ratio(sampling_ratio), data_format=data_format,
+                channel_order=_arguments.channel_order(channel_order))
 
 
-def pool(features, rois, pooled_size, spatial_scale, sampling_ratio):
+def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
+         data_format="NCHW", channel_order="torchvision"):
     """The reference on checked arguments.
 
+    Other layouts and channel orders are brought to NCHW and torchvision's
+    order first: the oracle of those kernels is the permuted NCHW result.
+
     Args:
-      features: [N, C, H, W], C = C_out * PH * PW.
+      features: [N, C, H, W] or [N, H, W, C], C = C_out * PH * PW.
       rois: [K, 5] of the features' dtype.
       pooled_size: (PH, PW) python ints.
       spatial_scale: python float.
       sampling_ratio: python int.
+      data_format, channel_order: as in ``ps_roi_align_reference``.
 
     Returns:
-      [K, C_out, PH, PW] array of the features' dtype.
+      [K, C_out, PH, PW] (or [K, PH, PW, C_out]) array of the features' dtype.
     """
+    if data_format == "NHWC":
+        features = features.transpose(0, 3, 1, 2)
+    if channel_order == "bin_major":
+        n, c, h, w = features.shape
+        bins = pooled_size[0] * pooled_size[1]
+        features = features.reshape(n, bins, c // bins, h, w).transpose(
+            0, 2, 1, 3, 4).reshape(n, c, h, w)
+    pooled = _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio)
+    return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
+
+
+def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio):
     pooled_h, pooled_w = pooled_size
     n, c, h, w = features.shape
     c_out = c // (pooled_h * pooled_w)

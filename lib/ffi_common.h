@@ -31,10 +31,12 @@ struct FfiDType;
 JAX_PSROI_DTYPES(JAX_PSROI_FFI_DTYPE_)
 #undef JAX_PSROI_FFI_DTYPE_
 
-// Forward:  (input [N, C, H, W], rois [K, 5]) -> output [K, C_out, PH, PW].
-// Backward: (cotangent [K, C_out, PH, PW], rois [K, 5]) -> grad [N, C, H, W].
-// Both take the same operands and attributes, so one binding serves every
-// handler; `binding` carries the platform's context (stream or thread pool).
+// Forward:  (input, rois [K, 5]) -> output (the pooled tensor).
+// Backward: (cotangent (the pooled tensor), rois [K, 5]) -> grad (as input).
+// Input and grad are [N, C, H, W] or [N, H, W, C], the pooled tensor
+// [K, C_out, PH, PW] or [K, PH, PW, C_out], as the row's layout says. Both
+// directions take the same operands and attributes, so one binding serves
+// every handler; `binding` carries the platform's context (stream or pool).
 template <typename T, typename Binding>
 auto bind_operands(Binding binding) {
   constexpr ffi::DataType dtype = FfiDType<T>::value;
@@ -43,7 +45,8 @@ auto bind_operands(Binding binding) {
       .template Arg<ffi::Buffer<dtype, 2>>()  // rois [K, 5]
       .template Ret<ffi::Buffer<dtype, 4>>()  // output or grad
       .template Attr<double>("spatial_scale")
-      .template Attr<int64_t>("sampling_ratio");
+      .template Attr<int64_t>("sampling_ratio")
+      .template Attr<int64_t>("channel_order");  // a ChannelOrder
 }
 
 inline std::string shape_string(ffi::Span<const int64_t> dims) {
@@ -55,26 +58,35 @@ inline std::string shape_string(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
-// Dims of a call from its feature map [N, C, H, W], rois [K, 5] and pooled
-// tensor [K, C_out, PH, PW] (the forward's output, the backward's input).
-inline ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
-                                         ffi::Span<const int64_t> rois,
-                                         ffi::Span<const int64_t> pooled) {
+// Dims of a call from its feature map, rois [K, 5] and pooled tensor (the
+// forward's output, the backward's input), in `Layout`.
+template <typename Layout>
+ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
+                                  ffi::Span<const int64_t> rois,
+                                  ffi::Span<const int64_t> pooled,
+                                  int64_t channel_order) {
   if (rois[1] != 5 || pooled[0] != rois[0]) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: rois must be [K, 5] and the pooled tensor [K, C_out, PH, "
-        "PW]; got rois " + shape_string(rois) + ", pooled " +
-        shape_string(pooled)));
+        "jax_psroi: rois must be [K, 5] and the pooled tensor's first axis K; "
+        "got rois " + shape_string(rois) + ", pooled " + shape_string(pooled)));
   }
+  if (channel_order != static_cast<int64_t>(ChannelOrder::kTorchvision) &&
+      channel_order != static_cast<int64_t>(ChannelOrder::kBinMajor)) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+        "jax_psroi: channel_order must be 0 (torchvision) or 1 (bin_major), got " +
+        std::to_string(channel_order)));
+  }
+  constexpr const int* kAxes = Layout::kAxes;  // N, C, H, W (K, C_out, PH, PW)
   PsRoiDims d;
-  d.num_images = features[0];
-  d.channels = features[1];
-  d.height = features[2];
-  d.width = features[3];
-  d.num_rois = pooled[0];
-  d.channels_out = pooled[1];
-  d.pooled_h = pooled[2];
-  d.pooled_w = pooled[3];
+  d.num_images = features[kAxes[0]];
+  d.channels = features[kAxes[1]];
+  d.height = features[kAxes[2]];
+  d.width = features[kAxes[3]];
+  d.num_rois = pooled[kAxes[0]];
+  d.channels_out = pooled[kAxes[1]];
+  d.pooled_h = pooled[kAxes[2]];
+  d.pooled_w = pooled[kAxes[3]];
+  d.channel_order = static_cast<ChannelOrder>(channel_order);
   if (d.pooled_h <= 0 || d.pooled_w <= 0 ||
       d.channels != d.channels_out * d.pooled_h * d.pooled_w) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(

@@ -20,7 +20,9 @@
   X(double, float64, F64)
 
 // X(layout of psroi_math.h, data_format name)
-#define JAX_PSROI_LAYOUTS(X) X(NchwLayout, NCHW)
+#define JAX_PSROI_LAYOUTS(X) \
+  X(NchwLayout, NCHW)        \
+  X(NhwcLayout, NHWC)
 
 namespace jax_psroi {
 

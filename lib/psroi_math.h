@@ -36,6 +36,15 @@ namespace jax_psroi {
 // computes it in float), and torchvision would loop that many times per bin.
 constexpr int64_t kMaxGridPerAxis = int64_t{1} << 23;
 
+// Which input channel each output channel of each bin reads.
+enum class ChannelOrder : int64_t {
+  // torchvision's: output channel c of bin (i, j) reads (c * PH + i) * PW + j.
+  kTorchvision = 0,
+  // The TF Object Detection API's grouping: (i * PW + j) * C_out + c, so the
+  // C_out channels of one bin are contiguous.
+  kBinMajor = 1,
+};
+
 // Sizes of one call, shared by forward and backward.
 struct PsRoiDims {
   int64_t num_images;    // N
@@ -46,52 +55,107 @@ struct PsRoiDims {
   int64_t channels_out;  // C / (pooled_h * pooled_w)
   int64_t pooled_h;
   int64_t pooled_w;
+  ChannelOrder channel_order;
 
   PSROI_HD int64_t plane_size() const { return height * width; }
   PSROI_HD int64_t bins() const { return pooled_h * pooled_w; }
   PSROI_HD int64_t outputs() const { return num_rois * channels_out * bins(); }
+  PSROI_HD int64_t feature_elements() const { return num_images * channels * plane_size(); }
+
+  // Input channel read by output channel `c_out` at bin `bin` (= ph * PW + pw):
+  // first_channel(bin) + c_out * channel_step().
+  PSROI_HD int64_t first_channel(int64_t bin) const {
+    return channel_order == ChannelOrder::kTorchvision ? bin : bin * channels_out;
+  }
+  PSROI_HD int64_t channel_step() const {
+    return channel_order == ChannelOrder::kTorchvision ? bins() : 1;
+  }
 };
 
-// Layout of the feature map: where element (n, c, y, x) lives. NCHW today;
-// a channels-last layout is another struct with the same members, and one
-// more line in the kernel table's list of layouts (kernel_table.h).
+PSROI_HD int64_t input_channel(const PsRoiDims& d, int64_t c_out, int64_t ph,
+                               int64_t pw) {
+  return d.first_channel(ph * d.pooled_w + pw) + c_out * d.channel_step();
+}
+
+// An element of the pooled tensor (the forward's output, the backward's
+// cotangent).
+struct PooledIndex {
+  int64_t roi, c_out, ph, pw;
+};
+
+// Layouts: where feature element (n, c, y, x) and pooled element
+// (k, c_out, ph, pw) live. Each is one line in the kernel table's list of
+// layouts (kernel_table.h). kAxes: the positions of N, C, H, W in the
+// features' shape, which are also those of K, C_out, PH, PW in the pooled
+// tensor's.
+
+// Features [N, C, H, W], pooled [K, C_out, PH, PW]: planes of contiguous rows.
 struct NchwLayout {
+  static constexpr bool kChannelsLast = false;
+  static constexpr int kAxes[4] = {0, 1, 2, 3};
   int64_t channels, height, width;
 
   static PSROI_HD NchwLayout of(const PsRoiDims& d) {
     return NchwLayout{d.channels, d.height, d.width};
   }
-
   PSROI_HD int64_t plane_offset(int64_t image, int64_t channel) const {
     return (image * channels + channel) * height * width;
   }
-  PSROI_HD int64_t pixel_offset(int64_t y, int64_t x) const {
-    return y * width + x;
+  PSROI_HD int64_t pixel_offset(int64_t y, int64_t x) const { return y * width + x; }
+  // Elements between channel c and c + 1 of one pixel.
+  PSROI_HD int64_t channel_stride() const { return height * width; }
+
+  static PSROI_HD int64_t pooled_offset(const PsRoiDims& d, int64_t roi, int64_t c_out,
+                                        int64_t bin) {
+    return (roi * d.channels_out + c_out) * d.bins() + bin;
+  }
+  static PSROI_HD int64_t pooled_channel_stride(const PsRoiDims& d) { return d.bins(); }
+  static PSROI_HD PooledIndex pooled_index(const PsRoiDims& d, int64_t index) {
+    PooledIndex o;
+    o.pw = index % d.pooled_w;
+    index /= d.pooled_w;
+    o.ph = index % d.pooled_h;
+    index /= d.pooled_h;
+    o.c_out = index % d.channels_out;
+    o.roi = index / d.channels_out;
+    return o;
   }
 };
 
-// Input channel read by output channel `c_out` at bin (ph, pw): the
-// position-sensitive channel mapping.
-PSROI_HD int64_t input_channel(const PsRoiDims& d, int64_t c_out, int64_t ph,
-                               int64_t pw) {
-  return (c_out * d.pooled_h + ph) * d.pooled_w + pw;
-}
+// Features [N, H, W, C], pooled [K, PH, PW, C_out]: every pixel holds its
+// channels contiguously (Flax's convention).
+struct NhwcLayout {
+  static constexpr bool kChannelsLast = true;
+  static constexpr int kAxes[4] = {0, 3, 1, 2};
+  int64_t channels, height, width;
 
-// Decomposition of a flat output index over [K, C_out, PH, PW].
-struct OutputIndex {
-  int64_t roi, c_out, ph, pw;
+  static PSROI_HD NhwcLayout of(const PsRoiDims& d) {
+    return NhwcLayout{d.channels, d.height, d.width};
+  }
+  PSROI_HD int64_t plane_offset(int64_t image, int64_t channel) const {
+    return image * height * width * channels + channel;
+  }
+  PSROI_HD int64_t pixel_offset(int64_t y, int64_t x) const {
+    return (y * width + x) * channels;
+  }
+  PSROI_HD int64_t channel_stride() const { return 1; }
+
+  static PSROI_HD int64_t pooled_offset(const PsRoiDims& d, int64_t roi, int64_t c_out,
+                                        int64_t bin) {
+    return (roi * d.bins() + bin) * d.channels_out + c_out;
+  }
+  static PSROI_HD int64_t pooled_channel_stride(const PsRoiDims&) { return 1; }
+  static PSROI_HD PooledIndex pooled_index(const PsRoiDims& d, int64_t index) {
+    PooledIndex o;
+    o.c_out = index % d.channels_out;
+    index /= d.channels_out;
+    o.pw = index % d.pooled_w;
+    index /= d.pooled_w;
+    o.ph = index % d.pooled_h;
+    o.roi = index / d.pooled_h;
+    return o;
+  }
 };
-
-PSROI_HD OutputIndex decompose_output_index(const PsRoiDims& d, int64_t index) {
-  OutputIndex o;
-  o.pw = index % d.pooled_w;
-  index /= d.pooled_w;
-  o.ph = index % d.pooled_h;
-  index /= d.pooled_h;
-  o.c_out = index % d.channels_out;
-  o.roi = index / d.channels_out;
-  return o;
-}
 
 // One axis (y or x) of an RoI: where it starts, its bin size and how many
 // samples each bin takes along this axis.
@@ -277,11 +341,12 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
   }
 }
 
+// Output element `index` of the pooled tensor, in the layout's order.
 template <typename T, typename Layout>
 PSROI_HD T forward_element(const T* input, const T* rois, const PsRoiDims& d,
                            const Layout& layout, T spatial_scale,
                            int64_t sampling_ratio, int64_t index) {
-  const OutputIndex o = decompose_output_index(d, index);
+  const PooledIndex o = Layout::pooled_index(d, index);
   const RoiGeometry<T> g =
       roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
   if (g.empty()) return static_cast<T>(0);
@@ -307,7 +372,7 @@ PSROI_HD void backward_element(const T* cot, const T* rois, const PsRoiDims& d,
                                const Layout& layout, T spatial_scale,
                                int64_t sampling_ratio, int64_t index,
                                T* grad_input, AddFn add) {
-  const OutputIndex o = decompose_output_index(d, index);
+  const PooledIndex o = Layout::pooled_index(d, index);
   const RoiGeometry<T> g =
       roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
   if (g.empty()) return;

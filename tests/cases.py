@@ -6,10 +6,14 @@ import jax
 import numpy as np
 
 import jax_psroi
-from jax_psroi import _extension
+from jax_psroi import _arguments, _extension, _primitives
 
-# The dtypes with native kernels, from the kernel table.
+# The dtypes and layouts with native kernels, from the kernel table, and the
+# channel orders every kernel takes.
 DTYPES = [dtype.type for dtype in _extension.SUPPORTED_DTYPES]
+LAYOUTS = list(_extension.SUPPORTED_LAYOUTS)
+CHANNEL_ORDERS = list(_arguments.CHANNEL_ORDERS)
+CHANNEL_ORDER_ATTRIBUTE = _primitives._CHANNEL_ORDER_ATTRIBUTE
 
 # Tolerances keyed by dtype: summation order differs between the kernels and
 # the oracles, nothing else.
@@ -74,9 +78,37 @@ def hostile_rois(n, h, w, dtype):
     return np.array(rows, dtype)
 
 
-def target(direction, dtype):
-    """The FFI target of the NCHW kernel (the same name on every platform)."""
-    return _extension.target_name("cpu", direction, dtype)
+def target(direction, dtype, data_format="NCHW"):
+    """The FFI target of a kernel (the same name on every platform)."""
+    return _extension.target_name("cpu", direction, dtype, data_format)
+
+
+def features_as(features, data_format, channel_order, output_size):
+    """An NCHW map of torchvision's channel order in another layout and order:
+    pooling it with those gives the NCHW result, permuted by pooled_as."""
+    n, c, h, w = features.shape
+    bins = output_size[0] * output_size[1]
+    if channel_order == "bin_major":  # channel (c_out, bin) -> (bin, c_out)
+        features = features.reshape(n, c // bins, bins, h, w).transpose(
+            0, 2, 1, 3, 4).reshape(n, c, h, w)
+    return features.transpose(0, 2, 3, 1) if data_format == "NHWC" else features
+
+
+def features_from(features, data_format, channel_order, output_size):
+    """The inverse of features_as (e.g. for gradients)."""
+    if data_format == "NHWC":
+        features = features.transpose(0, 3, 1, 2)
+    n, c, h, w = features.shape
+    bins = output_size[0] * output_size[1]
+    if channel_order == "bin_major":
+        features = features.reshape(n, bins, c // bins, h, w).transpose(
+            0, 2, 1, 3, 4).reshape(n, c, h, w)
+    return features
+
+
+def pooled_as(pooled, data_format):
+    """An NCHW pooled tensor [K, C_out, PH, PW] in `data_format`."""
+    return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
 
 
 def _register_elementwise_targets():
@@ -89,14 +121,15 @@ _ELEMENTWISE = _register_elementwise_targets()
 
 
 def native_elementwise(direction, operand, rois, out_shape, spatial_scale,
-                       sampling_ratio):
+                       sampling_ratio, data_format="NCHW", channel_order="torchvision"):
     """Runs the CUDA kernels' per-element code, built for the CPU, on the CPU."""
     dtype = np.dtype(operand.dtype)
-    name = _ELEMENTWISE[(_extension.OPERATION, direction, "NCHW", dtype)]
+    name = _ELEMENTWISE[(_extension.OPERATION, direction, data_format, dtype)]
     call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(out_shape, dtype))
     with jax.default_device(jax.devices("cpu")[0]):
         return np.asarray(call(operand, rois, spatial_scale=float(spatial_scale),
-                               sampling_ratio=int(sampling_ratio)))
+                               sampling_ratio=int(sampling_ratio),
+                               channel_order=CHANNEL_ORDER_ATTRIBUTE[channel_order]))
 
 
 def forward_shape(features_shape, num_rois, output_size):

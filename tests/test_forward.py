@@ -225,14 +225,16 @@ def _traced(name, value):
 # expected and what it got.
 BAD_INPUTS = {
     "rank": (lambda f, b: jax_psroi.ps_roi_align(f[0], b, 2), ValueError,
-             r"input must be a 4-d feature map \[N, C, H, W\], got shape \(8, 4, 4\)"),
+             r"input must be a 4-d feature map \[N, C, H, W\] \(data_format='NCHW'\), "
+             r"got shape \(8, 4, 4\)"),
     "dtype": (lambda f, b: jax_psroi.ps_roi_align(f.astype(np.int32), b, 2),
               TypeError, "input must be float32 or float64, got int32"),
     "channels": (lambda f, b: jax_psroi.ps_roi_align(f, b, 3), ValueError,
                  r"input channels .* multiple of output_size h \* w = 3 \* 3 = 9; "
                  r"got shape \(1, 8, 4, 4\), so C = 8"),
     "nhwc": (lambda f, b: jax_psroi.ps_roi_align(np.zeros((1, 5, 5, 8), np.float32), b, 2),
-             ValueError, r"last axis \(8\) is a multiple of 4: .*channels-last"),
+             ValueError, r"axis 3 \(8\) is a multiple of 4: .*channels-last .*"
+                         r"data_format='NHWC'"),
     "output_size_length": (lambda f, b: jax_psroi.ps_roi_align(f, b, (2, 2, 2)),
                            ValueError, r"output_size must be an int or a pair of ints "
                                        r"\(h, w\), got \(2, 2, 2\) \(3 entries\)"),

@@ -20,11 +20,11 @@ namespace {
 // The shared state of a backward call: every RoI's tables, its RoIs by
 // image, its work units and the cotangent bin-major. Built by the handler,
 // filled by the phases.
-template <typename T>
+template <typename T, typename Layout>
 struct BackwardState {
   explicit BackwardState(const PsRoiDims& d)
       : tables(d),
-        units(d, unit_channel_chunk(d, sizeof(T))),
+        units(d, sizeof(T), Layout::kChannelsLast),
         // Every element is written before it is read: no zero fill.
         bin_major(new T[static_cast<size_t>(d.outputs())]) {}
   RoiTables<T> tables;
@@ -37,9 +37,11 @@ template <typename T, typename Layout>
 ffi::Future forward(ffi::ThreadPool pool, ffi::Buffer<FfiDType<T>::value, 4> input,
                     ffi::Buffer<FfiDType<T>::value, 2> rois,
                     ffi::ResultBuffer<FfiDType<T>::value, 4> output,
-                    double spatial_scale, int64_t sampling_ratio) {
+                    double spatial_scale, int64_t sampling_ratio,
+                    int64_t channel_order) {
   ffi::ErrorOr<PsRoiDims> dims =
-      call_dims(input.dimensions(), rois.dimensions(), output->dimensions());
+      call_dims<Layout>(input.dimensions(), rois.dimensions(),
+                        output->dimensions(), channel_order);
   if (dims.has_error()) return ready_with(dims.error());
   const PsRoiDims d = dims.value();
   const T* in = input.typed_data();
@@ -60,9 +62,10 @@ ffi::Future backward(ffi::ThreadPool pool,
                      ffi::Buffer<FfiDType<T>::value, 4> cotangent,
                      ffi::Buffer<FfiDType<T>::value, 2> rois,
                      ffi::ResultBuffer<FfiDType<T>::value, 4> grad_input,
-                     double spatial_scale, int64_t sampling_ratio) {
-  ffi::ErrorOr<PsRoiDims> dims = call_dims(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions());
+                     double spatial_scale, int64_t sampling_ratio,
+                     int64_t channel_order) {
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return ready_with(dims.error());
   const PsRoiDims d = dims.value();
   const T* cot = cotangent.typed_data();
@@ -70,7 +73,7 @@ ffi::Future backward(ffi::ThreadPool pool,
   T* grad = grad_input->typed_data();
   advise_huge_pages(grad, grad_input->size_bytes());
   const T scale = static_cast<T>(spatial_scale);
-  auto state = std::make_shared<BackwardState<T>>(d);
+  auto state = std::make_shared<BackwardState<T, Layout>>(d);
   // Every RoI's windows and its cotangent bin-major (by RoI); the RoIs of
   // each image (one item); then the gradient (by unit).
   return run_phases(
@@ -79,7 +82,7 @@ ffi::Future backward(ffi::ThreadPool pool,
                  [=](int64_t begin, int64_t end) {
                    RoiWeights<T> weights(d);
                    state->tables.compute(boxes, scale, sampling_ratio, begin, end, &weights);
-                   to_bin_major(cot, d, begin, end, state->bin_major.get());
+                   to_bin_major<T, Layout>(cot, d, begin, end, state->bin_major.get());
                  }),
        Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d); }},
        Phase{state->units.count(), [=](int64_t unit) {

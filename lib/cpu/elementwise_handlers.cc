@@ -20,9 +20,11 @@ template <typename T, typename Layout>
 ffi::Error forward_elementwise(ffi::Buffer<FfiDType<T>::value, 4> input,
                                ffi::Buffer<FfiDType<T>::value, 2> rois,
                                ffi::ResultBuffer<FfiDType<T>::value, 4> output,
-                               double spatial_scale, int64_t sampling_ratio) {
+                               double spatial_scale, int64_t sampling_ratio,
+                               int64_t channel_order) {
   ffi::ErrorOr<PsRoiDims> dims =
-      call_dims(input.dimensions(), rois.dimensions(), output->dimensions());
+      call_dims<Layout>(input.dimensions(), rois.dimensions(),
+                        output->dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   const Layout layout = Layout::of(d);
@@ -39,9 +41,10 @@ template <typename T, typename Layout>
 ffi::Error backward_elementwise(ffi::Buffer<FfiDType<T>::value, 4> cotangent,
                                 ffi::Buffer<FfiDType<T>::value, 2> rois,
                                 ffi::ResultBuffer<FfiDType<T>::value, 4> grad_input,
-                                double spatial_scale, int64_t sampling_ratio) {
-  ffi::ErrorOr<PsRoiDims> dims = call_dims(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions());
+                                double spatial_scale, int64_t sampling_ratio,
+                                int64_t channel_order) {
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   const Layout layout = Layout::of(d);

@@ -14,9 +14,11 @@
 // RoI by RoI on Light-Head and R-FCN box shapes, and no faster on the R-FCN
 // class map.)
 //
-// The kernels read the feature map through NCHW strides (a plane per
-// channel, rows of contiguous pixels); each entry point takes the layout of
-// its kernel-table row and refuses, at compile time, any other.
+// Each entry point takes the layout of its kernel-table row. In NCHW a bin's
+// window is applied as tiles along rows of contiguous pixels
+// (window_tiles.h); channels-last, as runs of channels at each pixel of the
+// window (channel_windows.h). The channel order only moves the first channel
+// of a bin and the step between its output channels.
 #ifndef JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
 #define JAX_PSROI_CPU_PSROI_CPU_KERNELS_H_
 
@@ -24,9 +26,9 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
+#include "cpu/channel_windows.h"
 #include "cpu/window_tiles.h"
 #include "psroi_math.h"
 
@@ -66,6 +68,7 @@ class RoiWeights {
   AxisSpan row_span(int64_t ph) const { return row_spans_[ph]; }
   AxisSpan col_span(int64_t pw) const { return col_spans_[pw]; }
   const T* row_weights(int64_t ph) const { return rows_.data() + ph * d_.height; }
+  const T* col_weights(int64_t pw) const { return cols_.data() + pw * d_.width; }
   const ColumnTile<T>& col_tile(int64_t pw) const { return col_tiles_[pw]; }
 
   // Window of bin (ph, pw). Returns false when the bin has no sample on the
@@ -150,16 +153,31 @@ inline int64_t forward_roi_block(const PsRoiDims& d) {
   return d.channels_out >= 32 ? 32 : 1;
 }
 
+// Weighted averages of window `w` of the bin's channels, from `first` (the
+// window's first pixel of the bin's first channel), into out[c * out_stride].
+// Consecutive output channels of a bin read channels channel_step() apart,
+// so one window serves them all.
+template <typename T, typename Layout>
+void gather_bin(const Layout& layout, const PsRoiDims& d, const Window<T>& w,
+                const T* first, T count, T* out, int64_t out_stride, T* scratch) {
+  const int64_t channel_stride = d.channel_step() * layout.channel_stride();
+  if constexpr (Layout::kChannelsLast) {
+    gather_channel_window(w, first, layout.pixel_offset(1, 0), layout.pixel_offset(0, 1),
+                          channel_stride, d.channels_out, count, out, out_stride, scratch);
+  } else {
+    (void)scratch;
+    gather_window(w, first, channel_stride, d.channels_out, count, out, out_stride);
+  }
+}
+
 // Forward for RoIs order[begin..end): every output channel of every bin.
-// The planes read by one bin, input_channel(c_out, ph, pw) for all c_out,
-// are bins() planes apart, so one window serves them all.
 template <typename T, typename Layout>
 void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
                   T spatial_scale, int64_t sampling_ratio, const int64_t* order,
                   int64_t begin, int64_t end, T* output) {
-  static_assert(std::is_same_v<Layout, NchwLayout>, "the CPU kernels use NCHW strides");
   const Layout layout = Layout::of(d);
-  const int64_t plane_stride = d.bins() * d.plane_size();
+  const int64_t out_stride = Layout::pooled_channel_stride(d);
+  std::vector<T> scratch(static_cast<size_t>(d.channels_out));
   const int64_t block = forward_roi_block(d);
   std::vector<RoiWeights<T>> weights(static_cast<size_t>(block), RoiWeights<T>(d));
   std::vector<RoiGeometry<T>> geometry(static_cast<size_t>(block));
@@ -174,18 +192,16 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
       for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
         for (int64_t j = 0; j < count; ++j) {
           const RoiGeometry<T>& g = geometry[j];
-          T* out_bin = output + order[first + j] * d.channels_out * d.bins() +
-                       ph * d.pooled_w + pw;
+          const int64_t bin = ph * d.pooled_w + pw;
+          T* out_bin = output + Layout::pooled_offset(d, order[first + j], 0, bin);
           Window<T> w;
           if (g.empty() || !weights[j].window(ph, pw, &w)) {
-            for (int64_t c = 0; c < d.channels_out; ++c) out_bin[c * d.bins()] = T(0);
+            for (int64_t c = 0; c < d.channels_out; ++c) out_bin[c * out_stride] = T(0);
             continue;
           }
-          const T* planes = input +
-                            layout.plane_offset(g.image, input_channel(d, 0, ph, pw)) +
-                            layout.pixel_offset(w.first_row, w.first_col);
-          gather_window(w, planes, plane_stride, d.channels_out, g.count,
-                        out_bin, d.bins());
+          const T* first_pixel = input + layout.plane_offset(g.image, d.first_channel(bin)) +
+                                 layout.pixel_offset(w.first_row, w.first_col);
+          gather_bin(layout, d, w, first_pixel, g.count, out_bin, out_stride, scratch.data());
         }
       }
     }
@@ -194,11 +210,11 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
 
 // What the backward needs of every RoI's bins, computed once per call (in
 // parallel, by RoI) and then shared by all tasks: for each bin row its
-// window rows and their weights, for each bin column its window columns and
-// column tile. The row weights of bin rows of more than kMaxTileRows rows
-// are not kept, and bin columns too wide for a tile have no column tile;
-// tasks recompute such an RoI's weights (boxes whose bins exceed 8 x 12
-// pixels of the map).
+// window rows and their weights, for each bin column its window columns,
+// their weights and their column tile. Only windows of at most kMaxTileRows
+// rows and kMaxTileColumns columns are kept (and, for NCHW, only bin columns
+// that fit a tile); tasks recompute the weights of larger ones (boxes whose
+// bins exceed 8 x 12 pixels of the map in float32, 8 x 6 in float64).
 template <typename T>
 class RoiTables {
  public:
@@ -208,7 +224,10 @@ class RoiTables {
         row_spans_(static_cast<size_t>(d.num_rois * d.pooled_h), AxisSpan{d.height, -1}),
         col_spans_(static_cast<size_t>(d.num_rois * d.pooled_w), AxisSpan{d.width, -1}),
         row_w_(static_cast<size_t>(d.num_rois * d.pooled_h * kMaxTileRows)),
+        col_w_(static_cast<size_t>(d.num_rois * d.pooled_w * kMaxTileColumns)),
         col_tiles_(static_cast<size_t>(d.num_rois * d.pooled_w)) {}
+
+  static constexpr int64_t kMaxTileColumns = kMaxTileVectors * Lanes<T>::kCount;
 
   // Fills the entries of RoIs [begin, end); `weights` is scratch.
   void compute(const T* rois, T spatial_scale, int64_t sampling_ratio,
@@ -229,31 +248,40 @@ class RoiTables {
         }
       }
       for (int64_t pw = 0; pw < d_.pooled_w; ++pw) {
-        col_spans_[k * d_.pooled_w + pw] = weights->col_span(pw);
+        const AxisSpan span = weights->col_span(pw);
+        col_spans_[k * d_.pooled_w + pw] = span;
         col_tiles_[k * d_.pooled_w + pw] = weights->col_tile(pw);
+        const int64_t cols = span.last - span.first + 1;
+        if (cols > 0 && cols <= kMaxTileColumns) {
+          std::copy(weights->col_weights(pw) + span.first, weights->col_weights(pw) + span.last + 1,
+                    col_w_.data() + (k * d_.pooled_w + pw) * kMaxTileColumns);
+        }
       }
     }
   }
 
   const RoiGeometry<T>& geometry(int64_t k) const { return geometry_[k]; }
+  AxisSpan row_span(int64_t k, int64_t ph) const { return row_spans_[k * d_.pooled_h + ph]; }
 
   // Window of bin (ph, pw) of RoI k. Returns false when the bin has no
   // sample on the map; sets *fits = false, without a window, when the bin
-  // needs the RoI's full weights.
-  bool window(int64_t k, int64_t ph, int64_t pw, Window<T>* w, bool* fits) const {
+  // needs the RoI's full weights (NCHW windows also need a column tile).
+  bool window(int64_t k, int64_t ph, int64_t pw, bool needs_tile, Window<T>* w,
+              bool* fits) const {
     const AxisSpan r = row_spans_[k * d_.pooled_h + ph];
     const AxisSpan c = col_spans_[k * d_.pooled_w + pw];
     if (r.first > r.last || c.first > c.last) return false;
     const ColumnTile<T>& tile = col_tiles_[k * d_.pooled_w + pw];
     w->rows = r.last - r.first + 1;
-    *fits = w->rows <= kMaxTileRows && tile.vectors > 0;
+    w->cols = c.last - c.first + 1;
+    *fits = w->rows <= kMaxTileRows && w->cols <= kMaxTileColumns &&
+            (!needs_tile || tile.vectors > 0);
     if (!*fits) return true;
     w->first_row = r.first;
     w->first_col = c.first;
-    w->cols = c.last - c.first + 1;
     w->width = d_.width;
     w->row_w = row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows;
-    w->col_w = nullptr;  // tiles read only the column tile
+    w->col_w = col_w_.data() + (k * d_.pooled_w + pw) * kMaxTileColumns;
     w->col_tile = &tile;
     return true;
   }
@@ -262,21 +290,23 @@ class RoiTables {
   PsRoiDims d_;
   std::vector<RoiGeometry<T>> geometry_;
   std::vector<AxisSpan> row_spans_, col_spans_;
-  std::vector<T> row_w_;
+  std::vector<T> row_w_, col_w_;
   std::vector<ColumnTile<T>> col_tiles_;
 };
 
-// The cotangent [K, C_out, PH, PW] of RoIs [begin, end) laid out bin-major,
-// [PH * PW][K][C_out], so that a backward unit reads one bin's values
-// contiguously; written in runs of C_out, while the RoI's reads stay in cache.
-template <typename T>
+// The cotangent (pooled tensor in `Layout`) of RoIs [begin, end) laid out
+// bin-major, [PH * PW][K][C_out], so that a backward unit reads one bin's
+// values contiguously; written in runs of C_out, while the RoI's reads stay
+// in cache.
+template <typename T, typename Layout>
 void to_bin_major(const T* values, const PsRoiDims& d, int64_t begin,
                   int64_t end, T* bin_major) {
+  const int64_t stride = Layout::pooled_channel_stride(d);
   for (int64_t k = begin; k < end; ++k) {
     for (int64_t bin = 0; bin < d.bins(); ++bin) {
       T* to = bin_major + (bin * d.num_rois + k) * d.channels_out;
-      const T* from = values + k * d.channels_out * d.bins() + bin;
-      for (int64_t c = 0; c < d.channels_out; ++c) to[c] = from[c * d.bins()];
+      const T* from = values + Layout::pooled_offset(d, k, 0, bin);
+      for (int64_t c = 0; c < d.channels_out; ++c) to[c] = from[c * stride];
     }
   }
 }
@@ -306,82 +336,162 @@ RoisByImage rois_by_image(const RoiTables<T>& tables, const PsRoiDims& d) {
   return by;
 }
 
-// Output channels a work unit takes: all of them, unless their planes
-// exceed half of a typical 512 KiB L2 cache; then equal chunks that fit.
-inline int64_t unit_channel_chunk(const PsRoiDims& d, size_t element_bytes) {
-  if (d.channels_out <= 0) return 1;  // no units; avoids dividing by zero
-  constexpr int64_t kPlaneBudgetBytes = int64_t{256} << 10;
-  const int64_t bytes_per_c_out = d.plane_size() * static_cast<int64_t>(element_bytes);
-  const int64_t most = std::max<int64_t>(1, kPlaneBudgetBytes / std::max<int64_t>(1, bytes_per_c_out));
-  const int64_t chunks = (d.channels_out + most - 1) / most;
-  return (d.channels_out + chunks - 1) / chunks;
-}
-
-// A backward work unit: one image, one bin and a chunk of output channels.
-// It owns the gradient planes input_channel(c_out, ph, pw) of that image for
-// those channels, which stay in cache while every RoI of the image visits
-// them.
+// A backward work unit owns part of one image's gradient, which stays in
+// cache while every RoI of the image visits it, in index order. Units write
+// disjoint memory (no atomics), and the sums do not depend on how units are
+// split among threads: bitwise reproducible.
+//
+// The part follows the memory. In NCHW a unit takes the planes of one bin
+// and a chunk of output channels, as many as fit the budget. Channels-last,
+// where the channels of a pixel are contiguous and a bin's channels are not
+// (in torchvision's order they are bins() apart), a unit takes a band of
+// rows with all their channels: one contiguous block.
 struct Unit {
-  int64_t image, bin, ph, pw, c_begin, num_c;
+  int64_t image;
+  int64_t bin;               // NCHW
+  int64_t c_begin, num_c;    // NCHW
+  int64_t row_begin, row_end;  // channels-last
 };
 
 class Units {
  public:
-  Units(const PsRoiDims& d, int64_t c_out_chunk)
-      : d_(d), c_out_chunk_(c_out_chunk),
-        chunks_((d.channels_out + c_out_chunk - 1) / c_out_chunk) {}
+  Units(const PsRoiDims& d, size_t element_bytes, bool channels_last)
+      : d_(d), channels_last_(channels_last) {
+    // Half of a typical 512 KiB L2 cache.
+    constexpr int64_t kBudgetBytes = int64_t{256} << 10;
+    const int64_t bytes = static_cast<int64_t>(element_bytes);
+    if (channels_last) {
+      const int64_t row_bytes = std::max<int64_t>(1, d.width * d.channels * bytes);
+      per_unit_ = balanced_chunk(d.height, kBudgetBytes / row_bytes);
+      chunks_ = d.channels > 0 ? (d.height + per_unit_ - 1) / per_unit_ : 0;
+    } else {
+      const int64_t plane_bytes = std::max<int64_t>(1, d.plane_size() * bytes);
+      per_unit_ = balanced_chunk(d.channels_out, kBudgetBytes / plane_bytes);
+      chunks_ = d.bins() * ((d.channels_out + per_unit_ - 1) / per_unit_);
+    }
+  }
 
-  int64_t count() const { return d_.num_images * d_.bins() * chunks_; }
+  int64_t count() const { return d_.num_images * chunks_; }
 
   Unit operator[](int64_t index) const {
-    Unit u;
-    u.image = index / (d_.bins() * chunks_);
-    u.bin = index / chunks_ % d_.bins();
-    u.ph = u.bin / d_.pooled_w;
-    u.pw = u.bin % d_.pooled_w;
-    u.c_begin = (index % chunks_) * c_out_chunk_;
-    u.num_c = std::min(c_out_chunk_, d_.channels_out - u.c_begin);
+    Unit u{index / chunks_, 0, 0, d_.channels_out, 0, d_.height};
+    const int64_t chunk = index % chunks_;
+    if (channels_last_) {
+      u.row_begin = chunk * per_unit_;
+      u.row_end = std::min(u.row_begin + per_unit_, d_.height);
+    } else {
+      const int64_t c_chunks = chunks_ / d_.bins();
+      u.bin = chunk / c_chunks;
+      u.c_begin = chunk % c_chunks * per_unit_;
+      u.num_c = std::min(per_unit_, d_.channels_out - u.c_begin);
+    }
     return u;
   }
 
  private:
+  // Equal chunks of at most `most` (at least 1) covering `total`.
+  static int64_t balanced_chunk(int64_t total, int64_t most) {
+    most = std::max<int64_t>(1, most);
+    if (total <= 0) return 1;
+    const int64_t chunks = (total + most - 1) / most;
+    return (total + chunks - 1) / chunks;
+  }
+
   PsRoiDims d_;
-  int64_t c_out_chunk_, chunks_;
+  bool channels_last_;
+  int64_t per_unit_;  // output channels (NCHW) or rows (channels-last)
+  int64_t chunks_;    // units per image
 };
 
-// Backward for unit `index`: zeroes the unit's planes and adds the share of
-// every RoI of its image, in index order, from the bin-major cotangent.
-// Units write disjoint memory (no atomics), and the sums do not depend on
-// how units are split among threads: bitwise reproducible.
-template <typename T, typename Layout>
-void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
-                   const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Units& units, int64_t index, T* grad_input) {
-  static_assert(std::is_same_v<Layout, NchwLayout>, "the CPU kernels use NCHW strides");
-  const Layout layout = Layout::of(d);
-  const int64_t plane_stride = d.bins() * d.plane_size();
-  const Unit u = units[index];
-  T* first_plane = grad_input + layout.plane_offset(u.image, input_channel(d, u.c_begin, u.ph, u.pw));
+// NCHW unit: zeroes its planes, then adds every RoI's window of its bin.
+template <typename T>
+void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
+                     const RoiTables<T>& tables, const RoisByImage& by_image,
+                     const Unit& u, T* grad_input) {
+  const NchwLayout layout = NchwLayout::of(d);
+  const int64_t channel_stride = d.channel_step() * layout.channel_stride();
+  T* first_plane = grad_input + layout.plane_offset(
+      u.image, d.first_channel(u.bin) + u.c_begin * d.channel_step());
   for (int64_t c = 0; c < u.num_c; ++c) {
-    std::fill(first_plane + c * plane_stride,
-              first_plane + c * plane_stride + d.plane_size(), T(0));
+    std::fill(first_plane + c * channel_stride,
+              first_plane + c * channel_stride + d.plane_size(), T(0));
   }
+  const int64_t ph = u.bin / d.pooled_w, pw = u.bin % d.pooled_w;
   std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
     const int64_t k = by_image.rois[i];
     Window<T> w;
     bool fits;
-    if (!tables.window(k, u.ph, u.pw, &w, &fits)) continue;
+    if (!tables.window(k, ph, pw, /*needs_tile=*/true, &w, &fits)) continue;
     const RoiGeometry<T>& g = tables.geometry(k);
     if (!fits) {
       if (!weights) weights.emplace(d);
       weights->compute(g);
-      weights->window(u.ph, u.pw, &w);
+      weights->window(ph, pw, &w);
     }
     scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
-                   plane_stride, u.num_c, g.count,
+                   channel_stride, u.num_c, g.count,
                    cotangent_bin_major + (u.bin * d.num_rois + k) * d.channels_out + u.c_begin,
                    1);
+  }
+}
+
+// Channels-last unit: zeroes its rows, then adds the part of every RoI's bin
+// windows that falls in them.
+template <typename T>
+void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
+                   const RoiTables<T>& tables, const RoisByImage& by_image,
+                   const Unit& u, T* grad_input) {
+  const NhwcLayout layout = NhwcLayout::of(d);
+  T* image = grad_input + layout.plane_offset(u.image, 0);
+  std::fill(image + layout.pixel_offset(u.row_begin, 0),
+            image + layout.pixel_offset(u.row_end, 0), T(0));
+  const int64_t channel_stride = d.channel_step() * layout.channel_stride();
+  std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
+  for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
+    const int64_t k = by_image.rois[i];
+    const RoiGeometry<T>& g = tables.geometry(k);
+    bool computed = false;
+    for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
+      const AxisSpan rows = tables.row_span(k, ph);
+      const int64_t first_row = std::max(rows.first, u.row_begin);
+      const int64_t last_row = std::min(rows.last, u.row_end - 1);
+      if (first_row > last_row) continue;
+      for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
+        Window<T> w;
+        bool fits;
+        if (!tables.window(k, ph, pw, /*needs_tile=*/false, &w, &fits)) continue;
+        if (!fits) {
+          if (!weights) weights.emplace(d);
+          if (!computed) weights->compute(g);
+          computed = true;
+          weights->window(ph, pw, &w);
+        }
+        // The rows of the window in this unit's band.
+        w.row_w += first_row - w.first_row;
+        w.first_row = first_row;
+        w.rows = last_row - first_row + 1;
+        const int64_t bin = ph * d.pooled_w + pw;
+        scatter_channel_window(
+            w, image + d.first_channel(bin) + layout.pixel_offset(w.first_row, w.first_col),
+            layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), channel_stride,
+            d.channels_out, g.count, cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out,
+            1);
+      }
+    }
+  }
+}
+
+// Backward for unit `index`: its part of the gradient, from the bin-major
+// cotangent.
+template <typename T, typename Layout>
+void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
+                   const RoiTables<T>& tables, const RoisByImage& by_image,
+                   const Units& units, int64_t index, T* grad_input) {
+  if constexpr (Layout::kChannelsLast) {
+    backward_rows(cotangent_bin_major, d, tables, by_image, units[index], grad_input);
+  } else {
+    backward_planes(cotangent_bin_major, d, tables, by_image, units[index], grad_input);
   }
 }
 

@@ -27,9 +27,11 @@ template <typename T, typename Layout>
 ffi::Error forward(cudaStream_t stream, ffi::Buffer<FfiDType<T>::value, 4> input,
                    ffi::Buffer<FfiDType<T>::value, 2> rois,
                    ffi::ResultBuffer<FfiDType<T>::value, 4> output,
-                   double spatial_scale, int64_t sampling_ratio) {
+                   double spatial_scale, int64_t sampling_ratio,
+                   int64_t channel_order) {
   ffi::ErrorOr<PsRoiDims> dims =
-      call_dims(input.dimensions(), rois.dimensions(), output->dimensions());
+      call_dims<Layout>(input.dimensions(), rois.dimensions(),
+                        output->dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
   return launch_result("forward kernel launch",
                        launch_forward<T, Layout>(
@@ -42,9 +44,10 @@ template <typename T, typename Layout>
 ffi::Error backward(cudaStream_t stream, ffi::Buffer<FfiDType<T>::value, 4> cotangent,
                     ffi::Buffer<FfiDType<T>::value, 2> rois,
                     ffi::ResultBuffer<FfiDType<T>::value, 4> grad_input,
-                    double spatial_scale, int64_t sampling_ratio) {
-  ffi::ErrorOr<PsRoiDims> dims = call_dims(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions());
+                    double spatial_scale, int64_t sampling_ratio,
+                    int64_t channel_order) {
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
   return launch_result("backward kernel launch",
                        launch_backward<T, Layout>(

@@ -85,7 +85,7 @@ cudaError_t launch_backward(cudaStream_t stream, const T* cotangent,
                             const T* rois, const PsRoiDims& dims,
                             T spatial_scale, int64_t sampling_ratio,
                             T* grad_input) {
-  const int64_t grad_elements = dims.num_images * dims.channels * dims.plane_size();
+  const int64_t grad_elements = dims.feature_elements();
   cudaError_t err = cudaMemsetAsync(grad_input, 0, grad_elements * sizeof(T), stream);
   if (err != cudaSuccess) return err;
   const int64_t total = dims.outputs();
