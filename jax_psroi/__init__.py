@@ -1,6 +1,6 @@
 """Position-Sensitive RoI Align for JAX with native CPU and CUDA kernels."""
 
-from jax_psroi._boxes import rois_from_boxes
+from jax_psroi._arguments import rois_from_boxes
 from jax_psroi._extension import build_info
 from jax_psroi.ops import ps_roi_align
 from jax_psroi.reference import ps_roi_align_reference

@@ -8,9 +8,14 @@ argument, says what was expected and shows what was given.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+# torchvision's two forms of the `boxes` argument.
+Boxes = jax.Array | np.ndarray | Sequence[jax.Array]
 
 # Samples per bin axis are capped here, as in the kernels (kMaxGridPerAxis in
 # lib/psroi_math.h): beyond 2**23, float32's i + 0.5 is no longer exact.
@@ -141,3 +146,35 @@ def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
                         f"if this is {layout}, pass data_format={other_format!r}")
         raise ValueError(message)
     return array
+
+
+def _box_array(value, dtype, what):
+    try:
+        return jnp.asarray(value, dtype)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{what} must be an array of numbers, got {_given(value)}") from error
+
+
+def rois_from_boxes(boxes: Boxes, dtype) -> jax.Array:
+    """``boxes`` in either of torchvision's forms as [K, 5] RoIs
+    (batch_index, x1, y1, x2, y2) of `dtype`.
+
+    A list/tuple of [L_i, 4] arrays gives image i's boxes batch index i, as
+    torchvision's ``convert_boxes_to_roi_format`` does.
+    """
+    if isinstance(boxes, (list, tuple)):
+        parts = []
+        for i, b in enumerate(boxes):
+            b = _box_array(b, dtype, f"boxes[{i}]")
+            if b.ndim != 2 or b.shape[1] != 4:
+                raise ValueError("boxes given as a list must hold [L, 4] "
+                                 f"arrays; element {i} is {b.shape}")
+            parts.append(jnp.concatenate([jnp.full((b.shape[0], 1), i, dtype), b], axis=1))
+        if not parts:
+            return jnp.zeros((0, 5), dtype)
+        return jnp.concatenate(parts, axis=0)
+    rois = _box_array(boxes, dtype, "boxes")
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        raise ValueError("boxes must be a [K, 5] array (batch_index, x1, y1, "
+                         f"x2, y2) or a list of [L, 4] arrays, got {rois.shape}")
+    return rois

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import warnings
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
 
-def _missing_extension_message() -> str:
+def _missing_extension_message(error) -> str:
     here = pathlib.Path(__file__).resolve().parent
+    if any(here.glob("_cpu*")):
+        return (f"jax_psroi's compiled extension in {here} failed to load ({error}). "
+                "Rebuild it against the installed jax (pip install --force-reinstall "
+                "--no-cache-dir .; see README, \"Building\").")
     installed = [
         str(path / "jax_psroi") for path in map(pathlib.Path, sys.path)
         if (path / "jax_psroi").resolve() != here
@@ -49,12 +54,15 @@ def _missing_extension_message() -> str:
 try:
     from jax_psroi import _build_info, _cpu
 except ImportError as error:
-    raise ImportError(_missing_extension_message()) from error
+    raise ImportError(_missing_extension_message(error)) from error
 
 try:
     from jax_psroi import _cuda
-except ImportError:  # built without CUDA
+except ImportError as error:
     _cuda = None
+    if _build_info.CUDA_VERSION:  # it was built, but does not load
+        warnings.warn(f"jax_psroi's CUDA kernels were built but failed to load ({error}); "
+                      "only the CPU kernels are available", RuntimeWarning, stacklevel=2)
 
 
 class KernelTarget(NamedTuple):

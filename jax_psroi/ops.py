@@ -5,10 +5,9 @@ from __future__ import annotations
 import jax
 
 from jax_psroi import _arguments, _extension, _primitives
-from jax_psroi._boxes import Boxes, rois_from_boxes
 
 
-def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
+def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
                  sampling_ratio: int = -1, *, data_format: str = "NCHW",
                  channel_order: str = "torchvision") -> jax.Array:
     """Position-Sensitive RoI Align (R-FCN, Light-Head R-CNN).
@@ -82,7 +81,7 @@ def ps_roi_align(input, boxes: Boxes, output_size, spatial_scale: float = 1.0,
     features = _arguments.features(input, pooled_size, data_format,
                                    _extension.SUPPORTED_DTYPES)
     return _primitives.forward_p.bind(
-        features, rois_from_boxes(boxes, features.dtype),
+        features, _arguments.rois_from_boxes(boxes, features.dtype),
         pooled_size=pooled_size,
         spatial_scale=_arguments.spatial_scale(spatial_scale),
         sampling_ratio=_arguments.sampling_ratio(sampling_ratio),

@@ -18,7 +18,6 @@ from jax import lax
 
 from jax_psroi import _arguments
 from jax_psroi._arguments import MAX_GRID_PER_AXIS
-from jax_psroi._boxes import rois_from_boxes
 
 # Every contraction at full precision: GPUs would otherwise run float32 ones
 # in TF32 (10 mantissa bits), whatever the dtype the caller asked for.
@@ -145,7 +144,7 @@ def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     pooled_size = _arguments.output_size(output_size)
     data_format = _arguments.data_format(data_format)
     features = _arguments.features(input, pooled_size, data_format)
-    return pool(features, rois_from_boxes(boxes, features.dtype), pooled_size,
+    return pool(features, _arguments.rois_from_boxes(boxes, features.dtype), pooled_size,
                 _arguments.spatial_scale(spatial_scale),
                 _arguments.sampling_ratio(sampling_ratio), data_format=data_format,
                 channel_order=_arguments.channel_order(channel_order))

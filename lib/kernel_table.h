@@ -74,8 +74,9 @@ template <typename First, typename... Rest>
 struct DropFirst {
   using type = TypeList<Rest...>;
 };
-#define JAX_PSROI_LIST_ENTRY_(entry, ...) , entry
 }  // namespace internal
+
+#define JAX_PSROI_LIST_ENTRY_(entry, ...) , entry
 
 // The lists as types (the leading void only absorbs the first comma).
 using KernelOperations =

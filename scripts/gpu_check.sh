@@ -1,34 +1,42 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: checks everything jax_psroi claims there.
 #
-#   scripts/gpu_check.sh [--out DIR] [--full] [--wheel FILE]
+#   scripts/gpu_check.sh [--out DIR] [--full] [--wheel FILE] [--reinstall]
 #
 #   --out DIR     logs and results (default gpu_check_out)
 #   --full        the full benchmark instead of the quick one
 #   --wheel FILE  install this wheel (e.g. one built with CUDA on a CPU
-#                 machine) instead of building here
+#                 machine, which saves the build) before checking
+#   --reinstall   build and install this checkout even if an installed
+#                 jax_psroi already has the CUDA kernels
 #
-# Steps, each with its own time limit and its log in DIR: install (with the
-# CUDA kernels, only if the installed package lacks them); the tests marked
-# gpu; the whole suite; the torchvision golden fixtures on the GPU; the
-# benchmark on the GPU; compute-sanitizer's memcheck over a small forward,
-# gradient and vmap run with hostile boxes; gradient determinism (the same
-# gradient 5 times, compared bitwise) on the CPU and on the GPU; and, where
-# ncu is present, one profile of each kernel on a GPU-sized workload. A
-# summary table comes last. Without a GPU it runs what it can and says what
-# it skipped. Exits 0 only if every step that ran passed.
+# Steps, each with its own time limit and its log in DIR: install (the
+# wheel; or this checkout, built with the CUDA kernels, when a GPU is present
+# and the installed package lacks them, or with --reinstall); the tests
+# marked gpu; the whole suite; the torchvision golden fixtures on the GPU;
+# the benchmark on the GPU; compute-sanitizer's memcheck over a small
+# forward, gradient and vmap run with hostile boxes; gradient determinism
+# (the same gradient 5 times, compared bitwise) on the CPU and on the GPU;
+# and, where ncu is present, one profile of each kernel on a GPU-sized
+# workload. A summary table comes last, with the installed package it
+# checked. Without a GPU it runs what it can and says what it skipped. Exits
+# 0 only if every step that ran passed; the GPU determinism step is
+# reported as KNOWN (not a failure) while the CUDA backward adds atomically
+# (issue 18).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=gpu_check_out
 bench_mode=--quick
 wheel=""
+reinstall=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --full) bench_mode=""; shift ;;
-    --wheel) wheel="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --wheel) wheel="$(realpath "$2")"; shift 2 ;;
+    --reinstall) reinstall=1; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -45,7 +53,8 @@ record() {  # name verdict seconds note
 step() {
   local name="$1" limit="$2" start=$SECONDS rc
   shift 2
-  timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  # Through bash, so that a step may be one of the functions below.
+  timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" >"$out/$name.log" 2>&1
   rc=$?
   local verdict=PASS note="log: $name.log"
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
@@ -64,33 +73,45 @@ cuda_built() {
   python -P -c "import sys, jax_psroi; sys.exit(0 if jax_psroi.build_info()['cuda_built'] else 1)" \
     >/dev/null 2>&1
 }
-install() {
-  if [ -n "$wheel" ]; then
-    pip install --no-deps --force-reinstall "$wheel"
-    return
-  fi
+install_wheel() {
+  python -m pip install --no-deps --force-reinstall "$1"
+}
+install_checkout() {
   # GPU machines have the build tools but no network: build with what is
   # installed; elsewhere fall back to an isolated build.
   local cuda=OFF
-  command -v nvcc >/dev/null && cuda=ON
-  JAX_PSROI_CUDA=$cuda pip install --no-build-isolation --no-deps . ||
-    JAX_PSROI_CUDA=$cuda pip install ".[test]"
+  if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then cuda=ON; fi
+  PATH="$PATH:/usr/local/cuda/bin" JAX_PSROI_CUDA=$cuda \
+    python -m pip install --no-build-isolation --no-deps . ||
+    PATH="$PATH:/usr/local/cuda/bin" JAX_PSROI_CUDA=$cuda python -m pip install ".[test]"
 }
-
-# --- install ---------------------------------------------------------------
-if [ -z "$wheel" ] && cuda_built; then
-  skip install "installed package has the CUDA kernels"
-else
-  step install 420 install
-fi
-python -P -c "import jax_psroi, json; print(json.dumps(jax_psroi.build_info()))" \
-  >"$out/build_info.json" 2>&1
+export -f install_wheel install_checkout
 
 gpu=""
 if python -P -c "import jax; assert jax.devices('gpu')" >/dev/null 2>&1; then
   gpu="$(python -P -c "import jax; print(jax.devices('gpu')[0].device_kind)")"
 fi
 no_gpu="no GPU visible to JAX"
+
+# --- install ---------------------------------------------------------------
+if [ -n "$wheel" ]; then
+  step install 300 install_wheel "$wheel"
+elif [ $reinstall = 1 ] || ! python -P -c "import jax_psroi" >/dev/null 2>&1 ||
+    { [ -n "$gpu" ] && ! cuda_built; }; then
+  step install 420 install_checkout
+elif cuda_built; then
+  skip install "installed package has the CUDA kernels (--reinstall to rebuild)"
+else
+  skip install "no GPU: the installed package is checked as it is"
+fi
+python -P -c "import jax_psroi, json; print(json.dumps(jax_psroi.build_info()))" \
+  >"$out/build_info.json" 2>&1
+checked="$(python -P -c "import jax_psroi, os; print(os.path.dirname(jax_psroi.__file__))" 2>&1)"
+
+# A GPU the driver shows but JAX does not see is a failure, not a skip.
+if [ -z "$gpu" ] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  record jax_sees_gpu FAIL 0 "nvidia-smi lists a GPU but JAX sees none (jax[cuda13] missing?)"
+fi
 
 # --- tests -------------------------------------------------------------------
 if [ -n "$gpu" ]; then
@@ -120,15 +141,22 @@ if [ -z "$gpu" ]; then
 elif ! command -v compute-sanitizer >/dev/null; then
   skip memcheck "compute-sanitizer not found"
 else
-  step memcheck 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    compute-sanitizer --tool memcheck --error-exitcode 1 \
+  # The platform allocator gives every XLA buffer its own allocation, so an
+  # access past one is caught rather than landing in a neighbour.
+  step memcheck 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
     python scripts/gpu_runs.py smoke
 fi
 
 # --- determinism -----------------------------------------------------------------
 step determinism_cpu 180 python scripts/gpu_runs.py determinism --device cpu --runs 5
 if [ -n "$gpu" ]; then
-  step determinism_gpu 180 python scripts/gpu_runs.py determinism --device gpu --runs 5
+  if ! step determinism_gpu 180 python scripts/gpu_runs.py determinism --device gpu --runs 5; then
+    # Expected while the CUDA backward adds with atomics: not a failure yet.
+    last=$((${#verdicts[@]} - 1))
+    [ "${verdicts[$last]}" = FAIL ] && verdicts[last]=KNOWN &&
+      notes[last]="gradients differ run to run (atomicAdd; issue 18); ${notes[$last]}"
+  fi
 else
   skip determinism_gpu "$no_gpu"
 fi
@@ -141,7 +169,7 @@ if [ -z "$gpu" ]; then
   skip ncu_profile "$no_gpu"
 elif ! command -v ncu >/dev/null; then
   skip ncu_profile "ncu not found"
-elif step ncu_profile 420 ncu --clock-control none --csv --page raw \
+elif step ncu_profile 420 ncu --clock-control none --csv --page raw --print-units base \
     --kernel-name regex:"forward_kernel|backward_kernel" --metrics "$metrics" \
     python scripts/gpu_runs.py profile; then
   python scripts/gpu_runs.py ncu-summary "$out/ncu_profile.log" >"$out/ncu_summary.md" 2>&1
@@ -151,6 +179,7 @@ fi
 failed=0
 {
   echo "jax_psroi GPU check: ${gpu:-no GPU}, $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - started)) s"
+  echo "checked: $checked"
   echo "build: $(cat "$out/build_info.json")"
   echo
   echo "| step | verdict | seconds | note |"

@@ -21,6 +21,10 @@ import numpy as np
 
 import jax_psroi
 
+# The tests' hostile boxes, one list for both.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+import cases
+
 # The R-FCN class map of a batch of 8 images (as the GPU benchmark times it).
 PROFILE_FEATURES = (8, 3969, 38, 63)
 PROFILE_ROIS = 2400
@@ -35,22 +39,13 @@ def _rois(rng, num_rois, num_images, height, width, scale):
     return np.stack([batch, x1, y1, x2, y2], axis=1).astype(np.float32)
 
 
-def _hostile(num_images):
-    inf, nan = np.inf, np.nan
-    return np.array([
-        [0, 1, 1, 5, 5], [-1, 1, 1, 5, 5], [num_images, 1, 1, 5, 5],
-        [1e9, 1, 1, 5, 5], [nan, 1, 1, 5, 5], [0, nan, 1, 5, 5],
-        [0, 1, 1, inf, 5], [0, -inf, -inf, inf, inf], [0, 2, 2, 2, 2],
-        [0, 6, 6, 2, 2], [0, -1e6, -1e6, 1e6, 1e6], [0, -1e30, -1e30, 1e30, 1e30],
-        [0, 3e38, 3e38, 3.4e38, 3.4e38]], np.float32)
-
-
 def smoke(_args) -> int:
     """Forward, gradient and vmap on the default device with hostile boxes,
     compared with the CPU. Run under compute-sanitizer by gpu_check.sh."""
     rng = np.random.default_rng(0)
     features = rng.normal(size=(2, 4 * 49, 12, 16)).astype(np.float32)
-    rois = np.concatenate([_rois(rng, 40, 2, 12, 16, 0.5), _hostile(2)])
+    rois = np.concatenate([_rois(rng, 40, 2, 12, 16, 0.5),
+                           cases.hostile_rois(2, 12, 16, np.float32)])
     failures = 0
     for ratio in (-1, 2):
         forward = lambda f, r, ratio=ratio: jax_psroi.ps_roi_align(f, r, 7, 0.5, ratio)

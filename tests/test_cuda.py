@@ -124,7 +124,10 @@ def test_serialized_export_round_trips_and_runs_on_cpu():
     exported = export.export(jax.jit(_forward), platforms=["cpu", "cuda"],
                              disabled_checks=DISABLED)(features, rois)
     restored = export.deserialize(exported.serialize())
+    cpu = jax.devices("cpu")[0]
+    features, rois = jax.device_put((features, rois), cpu)  # the cpu branch
     out = restored.call(features, rois)
+    assert out.devices() == {cpu}
     np.testing.assert_array_equal(out, jax.jit(_forward)(features, rois))
     assert np.abs(np.asarray(out)).max() > 0
 

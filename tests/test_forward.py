@@ -250,6 +250,8 @@ BAD_INPUTS = {
                            "trace time, got a traced value"),
     "boxes_columns": (lambda f, b: jax_psroi.ps_roi_align(f, b[:, :4], 2), ValueError,
                       r"boxes must be a \[K, 5\] array .* got \(2, 4\)"),
+    "boxes_string": (lambda f, b: jax_psroi.ps_roi_align(f, "boxes", 2), TypeError,
+                     r"boxes must be an array of numbers, got 'boxes' \(str\)"),
     "boxes_list": (lambda f, b: jax_psroi.ps_roi_align(f, [b], 2), ValueError,
                    r"\[L, 4\] arrays; element 0 is \(2, 5\)"),
     "sampling_ratio_large": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 2**24),

@@ -43,18 +43,29 @@ def test_kernel_table_has_a_forward_and_a_backward_per_dtype_and_layout():
 def test_import_registers_no_test_only_targets(tmp_path):
     # The element-wise targets exist for the tests only: after a plain import
     # of the package, XLA's CPU backend does not know them.
+    # The same call works once the tests' own registration has run.
+    tests = pathlib.Path(__file__).parent
     code = (
-        "import jax, numpy as np, jax_psroi\n"
+        "import sys, jax, numpy as np, jax_psroi\n"
         "call = jax.ffi.ffi_call(\n"
         "    'jax_psroi_testing_elementwise_ps_roi_align_forward_nchw_f32',\n"
         "    jax.ShapeDtypeStruct((1, 1, 1, 1), np.float32))\n"
-        "try:\n"
-        "    call(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 5), np.float32),\n"
-        "         spatial_scale=1.0, sampling_ratio=1)\n"
-        "except Exception as e:\n"
-        "    print(type(e).__name__, e)\n")
+        "def run():\n"
+        "    try:\n"
+        "        out = call(np.ones((1, 1, 2, 2), np.float32),\n"
+        "                   np.array([[0, 0, 0, 2, 2]], np.float32), spatial_scale=1.0,\n"
+        "                   sampling_ratio=1, channel_order=0)\n"
+        "        print('ran', float(np.asarray(out).ravel()[0]))\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__, e)\n"
+        "run()\n"
+        f"sys.path.insert(0, {str(tests)!r})\n"
+        "import cases\n"
+        "run()\n")
     result = _run(code, tmp_path, JAX_PLATFORMS="cpu")
-    assert "No FFI handler registered" in result.stdout, result.stdout + result.stderr
+    before, after = result.stdout.strip().splitlines()[-2:]
+    assert "No FFI handler registered" in before, result.stdout + result.stderr
+    assert after == "ran 1.0", result.stdout + result.stderr
 
 
 def test_source_folder_without_extension_explains_itself(tmp_path):
