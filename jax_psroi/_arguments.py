@@ -125,8 +125,9 @@ def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
         raise ValueError(f"input must be a 4-d feature map {shape_name} "
                          f"(data_format={data_format!r}), got shape {array.shape}")
     if dtypes is not None and array.dtype not in dtypes:
-        names = " or ".join(np.dtype(d).name for d in dtypes)
-        raise TypeError(f"input must be {names}, got {array.dtype}")
+        names = [jnp.dtype(d).name for d in dtypes]
+        expected = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise TypeError(f"input must be {expected}, got {array.dtype}")
     if dtypes is None and not jax.numpy.issubdtype(array.dtype, jax.numpy.floating):
         raise TypeError(f"input must be a floating-point array, got {array.dtype}")
     ph, pw = pooled_size
@@ -146,6 +147,14 @@ def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
                         f"if this is {layout}, pass data_format={other_format!r}")
         raise ValueError(message)
     return array
+
+
+def compute_dtype(dtype):
+    """The dtype the kernels compute in for features of `dtype`: float32 for
+    the 16-bit types (box coordinates are never rounded to 16 bits), the
+    dtype itself otherwise. Boxes are cast to it."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def _box_array(value, dtype, what):

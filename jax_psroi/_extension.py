@@ -79,7 +79,7 @@ def _register(module_targets, platform) -> dict:
     table = {}
     for name, operation, direction, layout, dtype, capsule in module_targets:
         jax.ffi.register_ffi_target(name, capsule, platform=platform)
-        row = KernelTarget(name, operation, direction, layout, np.dtype(dtype))
+        row = KernelTarget(name, operation, direction, layout, jax.numpy.dtype(dtype))
         table[row[1:]] = row
     return table
 
@@ -106,11 +106,11 @@ def target_name(platform: str, direction: str, dtype, layout: str = "NCHW",
     table = KERNELS[platform]
     if not table and platform == "cuda":
         raise RuntimeError(CUDA_MISSING_MESSAGE)
-    key = (operation, direction, layout, np.dtype(dtype))
+    key = (operation, direction, layout, jax.numpy.dtype(dtype))
     if key not in table:
         raise NotImplementedError(
             f"jax_psroi has no {platform} kernel for {operation} {direction} "
-            f"in {layout} {np.dtype(dtype).name}")
+            f"in {layout} {jax.numpy.dtype(dtype).name}")
     return table[key].name
 
 

@@ -93,12 +93,22 @@ _CHANNEL_ORDER_ATTRIBUTE = {"torchvision": 0, "bin_major": 1}
 
 def _native_lowering(platform, direction, ctx, operand, rois, *,
                      spatial_scale, sampling_ratio, data_format, channel_order, **_):
-    name = _extension.target_name(platform, direction, ctx.avals_in[0].dtype,
-                                  data_format)
-    return jax.ffi.ffi_lowering(name)(
+    dtype = ctx.avals_in[0].dtype
+    name = _extension.target_name(platform, direction, dtype, data_format)
+    if direction == "backward":
+        # The backward's second result: the gradient in the compute dtype,
+        # which the kernels sum in and round once for 16-bit dtypes (empty
+        # otherwise). XLA allocates it as a temporary; only the gradient is
+        # the primitive's result.
+        compute = _arguments.compute_dtype(dtype)
+        grad = ctx.avals_out[0]
+        size = grad.size if compute != dtype else 0
+        ctx = ctx.replace(avals_out=[grad, jax.core.ShapedArray((size,), compute)])
+    results = jax.ffi.ffi_lowering(name)(
         ctx, operand, rois, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio),
         channel_order=_CHANNEL_ORDER_ATTRIBUTE[channel_order])
+    return results[:1]
 
 
 for _prim, _direction in ((forward_p, "forward"), (backward_p, "backward")):

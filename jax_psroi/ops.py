@@ -35,11 +35,14 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
 
     Args:
       input: [N, C, H, W] feature map (or [N, H, W, C] with
-        ``data_format="NHWC"``), float32 or float64, with C = C_out * h * w.
+        ``data_format="NHWC"``), float32, float64, bfloat16 or float16, with
+        C = C_out * h * w. bfloat16 and float16 are computed in float32
+        (sample positions, weights and sums) and the result is rounded once.
       boxes: the RoIs in input-image coordinates, either a [K, 5] array of
         (batch_index, x1, y1, x2, y2) or a list/tuple of N arrays [L_i, 4] of
         (x1, y1, x2, y2), one per image, in which case K = sum L_i and the
-        RoIs come out in list order. Boxes are cast to the input's dtype.
+        RoIs come out in list order. Boxes are cast to float32 for 16-bit
+        input (never rounded to 16 bits), to the input's dtype otherwise.
       output_size: int or (h, w): bins per RoI.
       spatial_scale: maps box coordinates to feature-map pixels. For a
         backbone of stride 16 applied to an 800 x 1344 image the features
@@ -81,7 +84,7 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
     features = _arguments.features(input, pooled_size, data_format,
                                    _extension.SUPPORTED_DTYPES)
     return _primitives.forward_p.bind(
-        features, _arguments.rois_from_boxes(boxes, features.dtype),
+        features, _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(features.dtype)),
         pooled_size=pooled_size,
         spatial_scale=_arguments.spatial_scale(spatial_scale),
         sampling_ratio=_arguments.sampling_ratio(sampling_ratio),

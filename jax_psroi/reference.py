@@ -144,7 +144,8 @@ def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     pooled_size = _arguments.output_size(output_size)
     data_format = _arguments.data_format(data_format)
     features = _arguments.features(input, pooled_size, data_format)
-    return pool(features, _arguments.rois_from_boxes(boxes, features.dtype), pooled_size,
+    rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(features.dtype))
+    return pool(features, rois, pooled_size,
                 _arguments.spatial_scale(spatial_scale),
                 _arguments.sampling_ratio(sampling_ratio), data_format=data_format,
                 channel_order=_arguments.channel_order(channel_order))
@@ -159,7 +160,7 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
 
     Args:
       features: [N, C, H, W] or [N, H, W, C], C = C_out * PH * PW.
-      rois: [K, 5] of the features' dtype.
+      rois: [K, 5] of the features' compute dtype (float32 for 16-bit maps).
       pooled_size: (PH, PW) python ints.
       spatial_scale: python float.
       sampling_ratio: python int.
@@ -168,6 +169,9 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
     Returns:
       [K, C_out, PH, PW] (or [K, PH, PW, C_out]) array of the features' dtype.
     """
+    storage = features.dtype
+    # 16-bit maps are computed in float32 and rounded once, as the kernels do.
+    features = features.astype(_arguments.compute_dtype(storage))
     if data_format == "NHWC":
         features = features.transpose(0, 3, 1, 2)
     if channel_order == "bin_major":
@@ -175,7 +179,8 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
         bins = pooled_size[0] * pooled_size[1]
         features = features.reshape(n, bins, c // bins, h, w).transpose(
             0, 2, 1, 3, 4).reshape(n, c, h, w)
-    pooled = _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio)
+    pooled = _pool_nchw(features, rois.astype(features.dtype), pooled_size, spatial_scale,
+                        sampling_ratio).astype(storage)
     return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
 
 

@@ -8,6 +8,7 @@
 #include <cctype>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -31,22 +32,72 @@ struct FfiDType;
 JAX_PSROI_DTYPES(JAX_PSROI_FFI_DTYPE_)
 #undef JAX_PSROI_FFI_DTYPE_
 
+// A 4-d map (features, gradient or pooled tensor) in storage type S, the
+// RoIs and the accumulator in its compute type.
+template <typename S>
+using MapBuffer = ffi::Buffer<FfiDType<S>::value, 4>;
+template <typename S>
+using RoisBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 2>;
+template <typename S>
+using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
+
 // Forward:  (input, rois [K, 5]) -> output (the pooled tensor).
-// Backward: (cotangent (the pooled tensor), rois [K, 5]) -> grad (as input).
+// Backward: (cotangent (the pooled tensor), rois [K, 5]) -> (grad (as input),
+//           accumulator).
 // Input and grad are [N, C, H, W] or [N, H, W, C], the pooled tensor
-// [K, C_out, PH, PW] or [K, PH, PW, C_out], as the row's layout says. Both
-// directions take the same operands and attributes, so one binding serves
-// every handler; `binding` carries the platform's context (stream or pool).
-template <typename T, typename Binding>
-auto bind_operands(Binding binding) {
-  constexpr ffi::DataType dtype = FfiDType<T>::value;
+// [K, C_out, PH, PW] or [K, PH, PW, C_out], as the row's layout says, all in
+// the storage type S; rois are in S's compute type (float32 for the 16-bit
+// types: boxes are never rounded to 16 bits). The accumulator is the
+// gradient in the compute type, which the kernels sum in when S is a 16-bit
+// type and then round once into grad; otherwise it is empty. `binding`
+// carries the platform's context (stream or thread pool).
+// The attributes both directions read, after their buffers.
+template <typename Binding>
+auto bind_attributes(Binding binding) {
   return std::move(binding)
-      .template Arg<ffi::Buffer<dtype, 4>>()  // input or cotangent
-      .template Arg<ffi::Buffer<dtype, 2>>()  // rois [K, 5]
-      .template Ret<ffi::Buffer<dtype, 4>>()  // output or grad
       .template Attr<double>("spatial_scale")
       .template Attr<int64_t>("sampling_ratio")
       .template Attr<int64_t>("channel_order");  // a ChannelOrder
+}
+
+template <typename S, typename Binding>
+auto bind_forward(Binding binding) {
+  return bind_attributes(std::move(binding)
+                             .template Arg<MapBuffer<S>>()   // input
+                             .template Arg<RoisBuffer<S>>()  // rois
+                             .template Ret<MapBuffer<S>>()); // output
+}
+
+template <typename S, typename Binding>
+auto bind_backward(Binding binding) {
+  return bind_attributes(std::move(binding)
+                             .template Arg<MapBuffer<S>>()           // cotangent
+                             .template Arg<RoisBuffer<S>>()          // rois
+                             .template Ret<MapBuffer<S>>()           // grad
+                             .template Ret<AccumulatorBuffer<S>>()); // accumulator
+}
+
+// A buffer's elements as the kernel table's storage type (XLA's native type
+// of the 16-bit types is uint16_t).
+template <typename S, typename Buffer>
+S* data(Buffer& buffer) {
+  return reinterpret_cast<S*>(buffer.untyped_data());
+}
+
+// Where the backward sums: the gradient itself, or the accumulator when the
+// storage type is narrower than the compute type.
+template <typename S, typename Grad, typename Accumulator>
+ffi::ErrorOr<ComputeType<S>*> backward_sums(Grad& grad, Accumulator& accumulator) {
+  if constexpr (std::is_same_v<S, ComputeType<S>>) {
+    return data<S>(grad);
+  } else {
+    if (accumulator.element_count() != grad.element_count()) {
+      return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+          "jax_psroi: the backward's accumulator must hold one float32 per gradient "
+          "element"));
+    }
+    return data<ComputeType<S>>(accumulator);
+  }
 }
 
 inline std::string shape_string(ffi::Span<const int64_t> dims) {

@@ -14,10 +14,13 @@
 // X(operation tag, operation name)
 #define JAX_PSROI_OPERATIONS(X) X(PsRoiAlign, ps_roi_align)
 
-// X(storage type, dtype name as NumPy spells it, XLA FFI data type)
-#define JAX_PSROI_DTYPES(X) \
-  X(float, float32, F32)    \
-  X(double, float64, F64)
+// X(storage type (storage_types.h), dtype name as JAX spells it, XLA FFI
+// data type). The compute type of each is Storage<type>::Compute.
+#define JAX_PSROI_DTYPES(X)  \
+  X(float, float32, F32)     \
+  X(double, float64, F64)    \
+  X(BFloat16, bfloat16, BF16) \
+  X(Float16, float16, F16)
 
 // X(layout of psroi_math.h, data_format name)
 #define JAX_PSROI_LAYOUTS(X) \

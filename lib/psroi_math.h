@@ -24,11 +24,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PSROI_HD __host__ __device__ __forceinline__
-#else
-#define PSROI_HD inline
-#endif
+#include "storage_types.h"
 
 namespace jax_psroi {
 
@@ -341,34 +337,37 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
   }
 }
 
-// Output element `index` of the pooled tensor, in the layout's order.
-template <typename T, typename Layout>
-PSROI_HD T forward_element(const T* input, const T* rois, const PsRoiDims& d,
+// Output element `index` of the pooled tensor, in the layout's order, in the
+// compute type T of storage type S (the caller stores it).
+template <typename S, typename Layout, typename T = ComputeType<S>>
+PSROI_HD T forward_element(const S* input, const T* rois, const PsRoiDims& d,
                            const Layout& layout, T spatial_scale,
                            int64_t sampling_ratio, int64_t index) {
   const PooledIndex o = Layout::pooled_index(d, index);
   const RoiGeometry<T> g =
       roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
   if (g.empty()) return static_cast<T>(0);
-  const T* plane =
+  const S* plane =
       input + layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
+  auto at = [&](int64_t y, int64_t x) {
+    return Storage<S>::load(plane[layout.pixel_offset(y, x)]);
+  };
   T sum = static_cast<T>(0);
   auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
     const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
     const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
-    sum += w1 * plane[layout.pixel_offset(ty.low, tx.low)] +
-           w2 * plane[layout.pixel_offset(ty.low, tx.high)] +
-           w3 * plane[layout.pixel_offset(ty.high, tx.low)] +
-           w4 * plane[layout.pixel_offset(ty.high, tx.high)];
+    sum += w1 * at(ty.low, tx.low) + w2 * at(ty.low, tx.high) +
+           w3 * at(ty.high, tx.low) + w4 * at(ty.high, tx.high);
   };
   for_each_sample_on_map(g, d, o.ph, o.pw, add_sample);
   return sum / g.count;
 }
 
-// Adds the contribution of output element `index` with cotangent `cot` into
-// `grad_input` through `add(pointer, value)` (atomic on the GPU).
-template <typename T, typename Layout, typename AddFn>
-PSROI_HD void backward_element(const T* cot, const T* rois, const PsRoiDims& d,
+// Adds the contribution of output element `index` of cotangent `cot` (in
+// storage type S) into `grad_input`, laid out as the features but in the
+// compute type T, through `add(pointer, value)` (atomic on the GPU).
+template <typename S, typename Layout, typename AddFn, typename T = ComputeType<S>>
+PSROI_HD void backward_element(const S* cot, const T* rois, const PsRoiDims& d,
                                const Layout& layout, T spatial_scale,
                                int64_t sampling_ratio, int64_t index,
                                T* grad_input, AddFn add) {
@@ -378,7 +377,7 @@ PSROI_HD void backward_element(const T* cot, const T* rois, const PsRoiDims& d,
   if (g.empty()) return;
   T* plane = grad_input +
              layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
-  const T grad = cot[index];
+  const T grad = Storage<S>::load(cot[index]);
   // torchvision's rounding: grad * w / count for each of the four taps.
   auto scatter_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
     add(plane + layout.pixel_offset(ty.low, tx.low), grad * (ty.w_low * tx.w_low) / g.count);

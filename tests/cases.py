@@ -11,6 +11,10 @@ from jax_psroi import _arguments, _extension, _primitives
 # The dtypes and layouts with native kernels, from the kernel table, and the
 # channel orders every kernel takes.
 DTYPES = [dtype.type for dtype in _extension.SUPPORTED_DTYPES]
+# Dtypes that compute in themselves, compared with the oracles by TOLERANCE;
+# the 16-bit ones compute in float32 (tests/test_low_precision.py).
+EXACT_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize >= 4]
+LOW_PRECISION_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize < 4]
 LAYOUTS = list(_extension.SUPPORTED_LAYOUTS)
 CHANNEL_ORDERS = list(_arguments.CHANNEL_ORDERS)
 CHANNEL_ORDER_ATTRIBUTE = _primitives._CHANNEL_ORDER_ATTRIBUTE
@@ -23,15 +27,17 @@ TOLERANCE = {np.dtype(np.float32): dict(atol=1e-5, rtol=1e-5),
 
 # The jax.numpy oracle, compiled once per shape (op by op it compiles every
 # primitive of it separately, which dominated the suite's time).
-reference = jax.jit(jax_psroi.ps_roi_align_reference, static_argnums=(2, 3, 4))
+reference = jax.jit(jax_psroi.ps_roi_align_reference, static_argnums=(2, 3, 4),
+                    static_argnames=("data_format", "channel_order"))
 
 
-@partial(jax.jit, static_argnums=(3, 4, 5))
+@partial(jax.jit, static_argnums=(3, 4, 5), static_argnames=("data_format", "channel_order"))
 def reference_vjp(features, rois, cotangent, output_size, spatial_scale,
-                  sampling_ratio):
+                  sampling_ratio, data_format="NCHW", channel_order="torchvision"):
     """The reference's gradient with respect to the features for `cotangent`."""
     _, vjp = jax.vjp(lambda f: jax_psroi.ps_roi_align_reference(
-        f, rois, output_size, spatial_scale, sampling_ratio), features)
+        f, rois, output_size, spatial_scale, sampling_ratio, data_format=data_format,
+        channel_order=channel_order), features)
     return vjp(cotangent)[0]
 
 
@@ -123,13 +129,19 @@ _ELEMENTWISE = _register_elementwise_targets()
 def native_elementwise(direction, operand, rois, out_shape, spatial_scale,
                        sampling_ratio, data_format="NCHW", channel_order="torchvision"):
     """Runs the CUDA kernels' per-element code, built for the CPU, on the CPU."""
-    dtype = np.dtype(operand.dtype)
+    dtype = jax.numpy.dtype(operand.dtype)
     name = _ELEMENTWISE[(_extension.OPERATION, direction, data_format, dtype)]
-    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(out_shape, dtype))
+    results = [jax.ShapeDtypeStruct(out_shape, dtype)]
+    if direction == "backward":  # and its compute-dtype accumulator
+        compute = _arguments.compute_dtype(dtype)
+        results.append(jax.ShapeDtypeStruct(
+            (int(np.prod(out_shape)) if compute != dtype else 0,), compute))
+    call = jax.ffi.ffi_call(name, results)
     with jax.default_device(jax.devices("cpu")[0]):
-        return np.asarray(call(operand, rois, spatial_scale=float(spatial_scale),
-                               sampling_ratio=int(sampling_ratio),
-                               channel_order=CHANNEL_ORDER_ATTRIBUTE[channel_order]))
+        out = call(operand, rois, spatial_scale=float(spatial_scale),
+                   sampling_ratio=int(sampling_ratio),
+                   channel_order=CHANNEL_ORDER_ATTRIBUTE[channel_order])
+        return np.asarray(out[0])
 
 
 def forward_shape(features_shape, num_rois, output_size):

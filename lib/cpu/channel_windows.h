@@ -20,13 +20,13 @@ namespace jax_psroi {
 namespace cpu {
 
 // Adds weight * run[c * step] to acc[c] for c < n; the unit step separately,
-// so that it vectorizes.
-template <typename T>
-inline void add_run(T* acc, const T* run, int64_t step, int64_t n, T weight) {
+// so that it vectorizes. The run is in storage type S.
+template <typename T, typename S>
+inline void add_run(T* acc, const S* run, int64_t step, int64_t n, T weight) {
   if (step == 1) {
-    for (int64_t c = 0; c < n; ++c) acc[c] += weight * run[c];
+    for (int64_t c = 0; c < n; ++c) acc[c] += weight * Storage<S>::load(run[c]);
   } else {
-    for (int64_t c = 0; c < n; ++c) acc[c] += weight * run[c * step];
+    for (int64_t c = 0; c < n; ++c) acc[c] += weight * Storage<S>::load(run[c * step]);
   }
 }
 
@@ -44,22 +44,23 @@ inline void scatter_run(T* run, int64_t step, const T* values, int64_t values_st
 // out[c * out_stride] = the weighted average of window `w` of channel run c,
 // for c < num_channels. `first` points at channel 0 of the window's first
 // pixel; pixels are `pixel_stride` elements apart, rows `row_stride`;
-// `acc` is scratch for num_channels values.
-template <typename T>
-void gather_channel_window(const Window<T>& w, const T* first, int64_t row_stride,
+// `acc` is scratch for num_channels values. The map and out are in storage
+// type S, the rest in compute type T.
+template <typename T, typename S>
+void gather_channel_window(const Window<T>& w, const S* first, int64_t row_stride,
                            int64_t pixel_stride, int64_t channel_step,
-                           int64_t num_channels, T count, T* out, int64_t out_stride,
+                           int64_t num_channels, T count, S* out, int64_t out_stride,
                            T* acc) {
   std::fill(acc, acc + num_channels, T(0));
   for (int64_t r = 0; r < w.rows; ++r) {
     const T row_weight = w.row_w[r] / count;
-    const T* row = first + r * row_stride;
+    const S* row = first + r * row_stride;
     for (int64_t c = 0; c < w.cols; ++c) {
       add_run(acc, row + c * pixel_stride, channel_step, num_channels,
               row_weight * w.col_w[c]);
     }
   }
-  for (int64_t c = 0; c < num_channels; ++c) out[c * out_stride] = acc[c];
+  for (int64_t c = 0; c < num_channels; ++c) out[c * out_stride] = Storage<S>::store(acc[c]);
 }
 
 // Its adjoint: adds each channel's cotangent share to the window.

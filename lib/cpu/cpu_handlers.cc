@@ -18,8 +18,8 @@ namespace cpu {
 namespace {
 
 // The shared state of a backward call: every RoI's tables, its RoIs by
-// image, its work units and the cotangent bin-major. Built by the handler,
-// filled by the phases.
+// image, its work units and the cotangent bin-major, in the compute type T.
+// Built by the handler, filled by the phases.
 template <typename T, typename Layout>
 struct BackwardState {
   explicit BackwardState(const PsRoiDims& d)
@@ -33,45 +33,48 @@ struct BackwardState {
   std::unique_ptr<T[]> bin_major;
 };
 
-template <typename T, typename Layout>
-ffi::Future forward(ffi::ThreadPool pool, ffi::Buffer<FfiDType<T>::value, 4> input,
-                    ffi::Buffer<FfiDType<T>::value, 2> rois,
-                    ffi::ResultBuffer<FfiDType<T>::value, 4> output,
-                    double spatial_scale, int64_t sampling_ratio,
-                    int64_t channel_order) {
-  ffi::ErrorOr<PsRoiDims> dims =
-      call_dims<Layout>(input.dimensions(), rois.dimensions(),
-                        output->dimensions(), channel_order);
+template <typename S, typename Layout>
+ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
+                    ffi::Result<MapBuffer<S>> output, double spatial_scale,
+                    int64_t sampling_ratio, int64_t channel_order) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
   if (dims.has_error()) return ready_with(dims.error());
   const PsRoiDims d = dims.value();
-  const T* in = input.typed_data();
-  const T* boxes = rois.typed_data();
-  T* out = output->typed_data();
+  const S* in = data<S>(input);
+  const T* boxes = data<T>(rois);
+  S* out = data<S>(*output);
   const T scale = static_cast<T>(spatial_scale);
   auto order = std::make_shared<const std::vector<int64_t>>(
       locality_order(boxes, d, scale, sampling_ratio));
   return run_phases(pool, call_work(d, Direction::kForward),
                     {over_rois(pool, d.num_rois, [=](int64_t begin, int64_t end) {
-                      forward_rois<T, Layout>(in, boxes, d, scale, sampling_ratio,
+                      forward_rois<S, Layout>(in, boxes, d, scale, sampling_ratio,
                                               order->data(), begin, end, out);
                     })});
 }
 
-template <typename T, typename Layout>
-ffi::Future backward(ffi::ThreadPool pool,
-                     ffi::Buffer<FfiDType<T>::value, 4> cotangent,
-                     ffi::Buffer<FfiDType<T>::value, 2> rois,
-                     ffi::ResultBuffer<FfiDType<T>::value, 4> grad_input,
-                     double spatial_scale, int64_t sampling_ratio,
-                     int64_t channel_order) {
+template <typename S, typename Layout>
+ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
+                     ffi::Result<MapBuffer<S>> grad_input,
+                     ffi::Result<AccumulatorBuffer<S>> accumulator,
+                     double spatial_scale, int64_t sampling_ratio, int64_t channel_order) {
+  using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return ready_with(dims.error());
+  ffi::ErrorOr<T*> sums_or = backward_sums<S>(*grad_input, *accumulator);
+  if (sums_or.has_error()) return ready_with(sums_or.error());
   const PsRoiDims d = dims.value();
-  const T* cot = cotangent.typed_data();
-  const T* boxes = rois.typed_data();
-  T* grad = grad_input->typed_data();
+  const S* cot = data<S>(cotangent);
+  const T* boxes = data<T>(rois);
+  S* grad = data<S>(*grad_input);
+  T* sums = sums_or.value();
   advise_huge_pages(grad, grad_input->size_bytes());
+  if (static_cast<void*>(sums) != static_cast<void*>(grad)) {
+    advise_huge_pages(sums, accumulator->size_bytes());
+  }
   const T scale = static_cast<T>(spatial_scale);
   auto state = std::make_shared<BackwardState<T, Layout>>(d);
   // Every RoI's windows and its cotangent bin-major (by RoI); the RoIs of
@@ -82,25 +85,28 @@ ffi::Future backward(ffi::ThreadPool pool,
                  [=](int64_t begin, int64_t end) {
                    RoiWeights<T> weights(d);
                    state->tables.compute(boxes, scale, sampling_ratio, begin, end, &weights);
-                   to_bin_major<T, Layout>(cot, d, begin, end, state->bin_major.get());
+                   to_bin_major<S, Layout>(cot, d, begin, end, state->bin_major.get());
                  }),
        Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d); }},
        Phase{state->units.count(), [=](int64_t unit) {
-               backward_unit<T, Layout>(state->bin_major.get(), d, state->tables,
-                                        state->by_image, state->units, unit, grad);
+               backward_unit<S, Layout>(state->bin_major.get(), d, state->tables,
+                                        state->by_image, state->units, unit, sums, grad);
              }}});
 }
 
 }  // namespace
 
-template <typename Operation, Direction D, typename Layout, typename T>
+template <typename Operation, Direction D, typename Layout, typename S>
 struct CpuHandler;
 
-template <Direction D, typename Layout, typename T>
-struct CpuHandler<PsRoiAlign, D, Layout, T> {
+template <Direction D, typename Layout, typename S>
+struct CpuHandler<PsRoiAlign, D, Layout, S> {
   static auto make() {
-    return bind_operands<T>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-        .To(D == Direction::kForward ? forward<T, Layout> : backward<T, Layout>);
+    if constexpr (D == Direction::kForward) {
+      return bind_forward<S>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()).To(forward<S, Layout>);
+    } else {
+      return bind_backward<S>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()).To(backward<S, Layout>);
+    }
   }
 };
 

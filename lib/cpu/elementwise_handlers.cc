@@ -4,6 +4,7 @@
 // their own prefix, and only the tests register them.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ffi_common.h"
@@ -16,59 +17,68 @@ namespace jax_psroi {
 namespace cpu {
 namespace {
 
-template <typename T, typename Layout>
-ffi::Error forward_elementwise(ffi::Buffer<FfiDType<T>::value, 4> input,
-                               ffi::Buffer<FfiDType<T>::value, 2> rois,
-                               ffi::ResultBuffer<FfiDType<T>::value, 4> output,
-                               double spatial_scale, int64_t sampling_ratio,
-                               int64_t channel_order) {
-  ffi::ErrorOr<PsRoiDims> dims =
-      call_dims<Layout>(input.dimensions(), rois.dimensions(),
-                        output->dimensions(), channel_order);
+template <typename S, typename Layout>
+ffi::Error forward_elementwise(MapBuffer<S> input, RoisBuffer<S> rois,
+                               ffi::Result<MapBuffer<S>> output, double spatial_scale,
+                               int64_t sampling_ratio, int64_t channel_order) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   const Layout layout = Layout::of(d);
+  S* out = data<S>(*output);
   for (int64_t i = 0; i < d.outputs(); ++i) {
-    output->typed_data()[i] =
-        forward_element(input.typed_data(), rois.typed_data(), d, layout,
-                        static_cast<T>(spatial_scale), sampling_ratio, i);
+    out[i] = Storage<S>::store(forward_element(data<S>(input), data<T>(rois), d, layout,
+                                               static_cast<T>(spatial_scale),
+                                               sampling_ratio, i));
   }
   return ffi::Error::Success();
 }
 
-// With a plain add where the GPU adds atomically.
-template <typename T, typename Layout>
-ffi::Error backward_elementwise(ffi::Buffer<FfiDType<T>::value, 4> cotangent,
-                                ffi::Buffer<FfiDType<T>::value, 2> rois,
-                                ffi::ResultBuffer<FfiDType<T>::value, 4> grad_input,
+// With a plain add where the GPU adds atomically; summed in the compute
+// type, rounded once into a 16-bit gradient, as on the GPU.
+template <typename S, typename Layout>
+ffi::Error backward_elementwise(MapBuffer<S> cotangent, RoisBuffer<S> rois,
+                                ffi::Result<MapBuffer<S>> grad_input,
+                                ffi::Result<AccumulatorBuffer<S>> accumulator,
                                 double spatial_scale, int64_t sampling_ratio,
                                 int64_t channel_order) {
+  using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
+  ffi::ErrorOr<T*> sums_or = backward_sums<S>(*grad_input, *accumulator);
+  if (sums_or.has_error()) return sums_or.error();
   const PsRoiDims d = dims.value();
   const Layout layout = Layout::of(d);
-  T* grad = grad_input->typed_data();
-  std::fill(grad, grad + grad_input->element_count(), T(0));
+  T* sums = sums_or.value();
+  std::fill(sums, sums + d.feature_elements(), T(0));
   for (int64_t i = 0; i < d.outputs(); ++i) {
-    backward_element(cotangent.typed_data(), rois.typed_data(), d, layout,
-                     static_cast<T>(spatial_scale), sampling_ratio, i, grad,
+    backward_element(data<S>(cotangent), data<T>(rois), d, layout,
+                     static_cast<T>(spatial_scale), sampling_ratio, i, sums,
                      [](T* p, T v) { *p += v; });
+  }
+  if constexpr (!std::is_same_v<S, T>) {
+    S* grad = data<S>(*grad_input);
+    for (int64_t i = 0; i < d.feature_elements(); ++i) grad[i] = Storage<S>::store(sums[i]);
   }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-template <typename Operation, Direction D, typename Layout, typename T>
+template <typename Operation, Direction D, typename Layout, typename S>
 struct ElementwiseHandler;
 
-template <Direction D, typename Layout, typename T>
-struct ElementwiseHandler<PsRoiAlign, D, Layout, T> {
+template <Direction D, typename Layout, typename S>
+struct ElementwiseHandler<PsRoiAlign, D, Layout, S> {
   static auto make() {
-    return bind_operands<T>(ffi::Ffi::Bind())
-        .To(D == Direction::kForward ? forward_elementwise<T, Layout>
-                                     : backward_elementwise<T, Layout>);
+    if constexpr (D == Direction::kForward) {
+      return bind_forward<S>(ffi::Ffi::Bind()).To(forward_elementwise<S, Layout>);
+    } else {
+      return bind_backward<S>(ffi::Ffi::Bind()).To(backward_elementwise<S, Layout>);
+    }
   }
 };
 

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/channel_windows.h"
@@ -157,9 +158,9 @@ inline int64_t forward_roi_block(const PsRoiDims& d) {
 // window's first pixel of the bin's first channel), into out[c * out_stride].
 // Consecutive output channels of a bin read channels channel_step() apart,
 // so one window serves them all.
-template <typename T, typename Layout>
+template <typename T, typename S, typename Layout>
 void gather_bin(const Layout& layout, const PsRoiDims& d, const Window<T>& w,
-                const T* first, T count, T* out, int64_t out_stride, T* scratch) {
+                const S* first, T count, S* out, int64_t out_stride, T* scratch) {
   const int64_t channel_stride = d.channel_step() * layout.channel_stride();
   if constexpr (Layout::kChannelsLast) {
     gather_channel_window(w, first, layout.pixel_offset(1, 0), layout.pixel_offset(0, 1),
@@ -171,10 +172,12 @@ void gather_bin(const Layout& layout, const PsRoiDims& d, const Window<T>& w,
 }
 
 // Forward for RoIs order[begin..end): every output channel of every bin.
-template <typename T, typename Layout>
-void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
+// Input and output in storage type S, RoIs and all arithmetic in its compute
+// type T.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+void forward_rois(const S* input, const T* rois, const PsRoiDims& d,
                   T spatial_scale, int64_t sampling_ratio, const int64_t* order,
-                  int64_t begin, int64_t end, T* output) {
+                  int64_t begin, int64_t end, S* output) {
   const Layout layout = Layout::of(d);
   const int64_t out_stride = Layout::pooled_channel_stride(d);
   std::vector<T> scratch(static_cast<size_t>(d.channels_out));
@@ -193,13 +196,15 @@ void forward_rois(const T* input, const T* rois, const PsRoiDims& d,
         for (int64_t j = 0; j < count; ++j) {
           const RoiGeometry<T>& g = geometry[j];
           const int64_t bin = ph * d.pooled_w + pw;
-          T* out_bin = output + Layout::pooled_offset(d, order[first + j], 0, bin);
+          S* out_bin = output + Layout::pooled_offset(d, order[first + j], 0, bin);
           Window<T> w;
           if (g.empty() || !weights[j].window(ph, pw, &w)) {
-            for (int64_t c = 0; c < d.channels_out; ++c) out_bin[c * out_stride] = T(0);
+            for (int64_t c = 0; c < d.channels_out; ++c) {
+              out_bin[c * out_stride] = Storage<S>::store(T(0));
+            }
             continue;
           }
-          const T* first_pixel = input + layout.plane_offset(g.image, d.first_channel(bin)) +
+          const S* first_pixel = input + layout.plane_offset(g.image, d.first_channel(bin)) +
                                  layout.pixel_offset(w.first_row, w.first_col);
           gather_bin(layout, d, w, first_pixel, g.count, out_bin, out_stride, scratch.data());
         }
@@ -294,19 +299,19 @@ class RoiTables {
   std::vector<ColumnTile<T>> col_tiles_;
 };
 
-// The cotangent (pooled tensor in `Layout`) of RoIs [begin, end) laid out
-// bin-major, [PH * PW][K][C_out], so that a backward unit reads one bin's
-// values contiguously; written in runs of C_out, while the RoI's reads stay
-// in cache.
-template <typename T, typename Layout>
-void to_bin_major(const T* values, const PsRoiDims& d, int64_t begin,
+// The cotangent (pooled tensor in `Layout`, storage type S) of RoIs
+// [begin, end) laid out bin-major, [PH * PW][K][C_out], in compute type T,
+// so that a backward unit reads one bin's values contiguously; written in
+// runs of C_out, while the RoI's reads stay in cache.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+void to_bin_major(const S* values, const PsRoiDims& d, int64_t begin,
                   int64_t end, T* bin_major) {
   const int64_t stride = Layout::pooled_channel_stride(d);
   for (int64_t k = begin; k < end; ++k) {
     for (int64_t bin = 0; bin < d.bins(); ++bin) {
       T* to = bin_major + (bin * d.num_rois + k) * d.channels_out;
-      const T* from = values + Layout::pooled_offset(d, k, 0, bin);
-      for (int64_t c = 0; c < d.channels_out; ++c) to[c] = from[c * stride];
+      const S* from = values + Layout::pooled_offset(d, k, 0, bin);
+      for (int64_t c = 0; c < d.channels_out; ++c) to[c] = Storage<S>::load(from[c * stride]);
     }
   }
 }
@@ -403,14 +408,15 @@ class Units {
   int64_t chunks_;    // units per image
 };
 
-// NCHW unit: zeroes its planes, then adds every RoI's window of its bin.
+// NCHW unit: zeroes its planes of `sums` (the gradient, or its compute-type
+// accumulator), then adds every RoI's window of its bin.
 template <typename T>
 void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
                      const RoiTables<T>& tables, const RoisByImage& by_image,
-                     const Unit& u, T* grad_input) {
+                     const Unit& u, T* sums) {
   const NchwLayout layout = NchwLayout::of(d);
   const int64_t channel_stride = d.channel_step() * layout.channel_stride();
-  T* first_plane = grad_input + layout.plane_offset(
+  T* first_plane = sums + layout.plane_offset(
       u.image, d.first_channel(u.bin) + u.c_begin * d.channel_step());
   for (int64_t c = 0; c < u.num_c; ++c) {
     std::fill(first_plane + c * channel_stride,
@@ -436,14 +442,14 @@ void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
   }
 }
 
-// Channels-last unit: zeroes its rows, then adds the part of every RoI's bin
-// windows that falls in them.
+// Channels-last unit: zeroes its rows of `sums`, then adds the part of every
+// RoI's bin windows that falls in them.
 template <typename T>
 void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Unit& u, T* grad_input) {
+                   const Unit& u, T* sums) {
   const NhwcLayout layout = NhwcLayout::of(d);
-  T* image = grad_input + layout.plane_offset(u.image, 0);
+  T* image = sums + layout.plane_offset(u.image, 0);
   std::fill(image + layout.pixel_offset(u.row_begin, 0),
             image + layout.pixel_offset(u.row_end, 0), T(0));
   const int64_t channel_stride = d.channel_step() * layout.channel_stride();
@@ -482,17 +488,41 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
   }
 }
 
+// Rounds unit u's part of `sums` (compute type) into `grad` (storage type).
+template <typename S, typename Layout, typename T>
+void store_unit(const PsRoiDims& d, const Unit& u, const T* sums, S* grad) {
+  const Layout layout = Layout::of(d);
+  auto store = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) grad[i] = Storage<S>::store(sums[i]);
+  };
+  if constexpr (Layout::kChannelsLast) {
+    const int64_t image = layout.plane_offset(u.image, 0);
+    store(image + layout.pixel_offset(u.row_begin, 0), image + layout.pixel_offset(u.row_end, 0));
+  } else {
+    const int64_t channel_stride = d.channel_step() * layout.channel_stride();
+    const int64_t first = layout.plane_offset(
+        u.image, d.first_channel(u.bin) + u.c_begin * d.channel_step());
+    for (int64_t c = 0; c < u.num_c; ++c) {
+      store(first + c * channel_stride, first + c * channel_stride + d.plane_size());
+    }
+  }
+}
+
 // Backward for unit `index`: its part of the gradient, from the bin-major
-// cotangent.
-template <typename T, typename Layout>
+// cotangent, summed in `sums` (compute type T). For a 16-bit storage type S,
+// `sums` is an accumulator that the unit then rounds into `grad`; otherwise
+// it is `grad` itself.
+template <typename S, typename Layout, typename T = ComputeType<S>>
 void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Units& units, int64_t index, T* grad_input) {
+                   const Units& units, int64_t index, T* sums, S* grad) {
+  const Unit u = units[index];
   if constexpr (Layout::kChannelsLast) {
-    backward_rows(cotangent_bin_major, d, tables, by_image, units[index], grad_input);
+    backward_rows(cotangent_bin_major, d, tables, by_image, u, sums);
   } else {
-    backward_planes(cotangent_bin_major, d, tables, by_image, units[index], grad_input);
+    backward_planes(cotangent_bin_major, d, tables, by_image, u, sums);
   }
+  if constexpr (!std::is_same_v<S, T>) store_unit<S, Layout>(d, u, sums, grad);
 }
 
 }  // namespace cpu

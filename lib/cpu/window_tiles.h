@@ -16,6 +16,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "psroi_math.h"
@@ -96,6 +97,19 @@ inline void store_vec(T* p, typename Lanes<T>::Vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// A vector of compute type T from storage type S (converted lane by lane for
+// the 16-bit types).
+template <typename T, typename S>
+inline typename Lanes<T>::Vec load_vec_from(const S* p) {
+  if constexpr (std::is_same_v<T, S>) {
+    return load_vec(p);
+  } else {
+    typename Lanes<T>::Vec v;
+    for (int i = 0; i < Lanes<T>::kCount; ++i) v[i] = Storage<S>::load(p[i]);
+    return v;
+  }
+}
+
 // The window's weights row_w[r] / count * col_w[c] as R x V vectors, held
 // in registers by the loops below: one multiply per vector, so a tile costs
 // nothing to set up beyond what the planes amortise.
@@ -144,20 +158,22 @@ inline typename Lanes<T>::Vec lane_sums(const typename Lanes<T>::Vec (&a)[Lanes<
 
 // out[i * out_stride] = sum(tile * window of planes[i * plane_stride]);
 // `planes` points at the tile's first pixel of the first plane. Planes go
-// kCount at a time so that their lane sums share one transpose.
-template <typename T, int R, int V>
-void gather_tile(const Window<T>& window, T count, const T* planes,
-                 int64_t plane_stride, int64_t num_planes, T* out,
+// kCount at a time so that their lane sums share one transpose. Planes and
+// out are in storage type S, everything else in compute type T.
+template <typename T, typename S, int R, int V>
+void gather_tile(const Window<T>& window, T count, const S* planes,
+                 int64_t plane_stride, int64_t num_planes, S* out,
                  int64_t out_stride) {
   using Vec = typename Lanes<T>::Vec;
   constexpr int L = Lanes<T>::kCount;
   const int64_t width = window.width;
   Vec w[R][V];
   build_tile(window, count, w);
-  auto products = [&](const T* p) {
-    Vec acc = w[0][0] * load_vec(p);
+  auto products = [&](const S* p) {
+    Vec acc = w[0][0] * load_vec_from<T>(p);
     for (int r = 0; r < R; ++r)
-      for (int v = (r == 0 ? 1 : 0); v < V; ++v) acc += w[r][v] * load_vec(p + r * width + v * L);
+      for (int v = (r == 0 ? 1 : 0); v < V; ++v)
+        acc += w[r][v] * load_vec_from<T>(p + r * width + v * L);
     return acc;
   };
   int64_t i = 0;
@@ -165,9 +181,11 @@ void gather_tile(const Window<T>& window, T count, const T* planes,
     Vec acc[L];
     for (int j = 0; j < L; ++j) acc[j] = products(planes + (i + j) * plane_stride);
     const Vec sums = lane_sums<T>(acc);
-    for (int j = 0; j < L; ++j) out[(i + j) * out_stride] = sums[j];
+    for (int j = 0; j < L; ++j) out[(i + j) * out_stride] = Storage<S>::store(sums[j]);
   }
-  for (; i < num_planes; ++i) out[i * out_stride] = lane_sum<T>(products(planes + i * plane_stride));
+  for (; i < num_planes; ++i) {
+    out[i * out_stride] = Storage<S>::store(lane_sum<T>(products(planes + i * plane_stride)));
+  }
 }
 
 // window of planes[i * plane_stride] += cot[i * cot_stride] * tile. Zero
@@ -194,18 +212,20 @@ void scatter_tile(const Window<T>& window, T count, T* planes,
 }
 
 // Windows that do not fit a tile: plain loops over the separable weights.
-template <typename T>
-void gather_generic(const Window<T>& w, const T* planes, int64_t plane_stride,
-                    int64_t num_planes, T count, T* out, int64_t out_stride) {
+template <typename T, typename S>
+void gather_generic(const Window<T>& w, const S* planes, int64_t plane_stride,
+                    int64_t num_planes, T count, S* out, int64_t out_stride) {
   for (int64_t i = 0; i < num_planes; ++i) {
-    const T* p = planes + i * plane_stride;
+    const S* p = planes + i * plane_stride;
     T sum = T(0);
     for (int64_t r = 0; r < w.rows; ++r) {
       T line = T(0);
-      for (int64_t c = 0; c < w.cols; ++c) line += w.col_w[c] * p[r * w.width + c];
+      for (int64_t c = 0; c < w.cols; ++c) {
+        line += w.col_w[c] * Storage<S>::load(p[r * w.width + c]);
+      }
       sum += w.row_w[r] * line;
     }
-    out[i * out_stride] = sum / count;
+    out[i * out_stride] = Storage<S>::store(sum / count);
   }
 }
 
@@ -223,15 +243,15 @@ void scatter_generic(const Window<T>& w, T* planes, int64_t plane_stride,
   }
 }
 
-template <typename T>
-using GatherTileFn = void (*)(const Window<T>&, T, const T*, int64_t, int64_t, T*, int64_t);
+template <typename T, typename S>
+using GatherTileFn = void (*)(const Window<T>&, T, const S*, int64_t, int64_t, S*, int64_t);
 template <typename T>
 using ScatterTileFn = void (*)(const Window<T>&, T, T*, int64_t, int64_t, const T*, int64_t);
 
 // Tables indexed by (rows - 1) * kMaxTileVectors + (vectors - 1).
-template <typename T, size_t... I>
-constexpr std::array<GatherTileFn<T>, sizeof...(I)> gather_table(std::index_sequence<I...>) {
-  return {{&gather_tile<T, I / kMaxTileVectors + 1, I % kMaxTileVectors + 1>...}};
+template <typename T, typename S, size_t... I>
+constexpr std::array<GatherTileFn<T, S>, sizeof...(I)> gather_table(std::index_sequence<I...>) {
+  return {{&gather_tile<T, S, I / kMaxTileVectors + 1, I % kMaxTileVectors + 1>...}};
 }
 template <typename T, size_t... I>
 constexpr std::array<ScatterTileFn<T>, sizeof...(I)> scatter_table(std::index_sequence<I...>) {
@@ -257,11 +277,11 @@ void apply_window(const Table& table, Generic generic, const Window<T>& w,
 }
 
 // The forward's weighted average of window `w` of num_planes planes.
-template <typename T>
-void gather_window(const Window<T>& w, const T* first, int64_t plane_stride,
-                   int64_t num_planes, T count, T* out, int64_t out_stride) {
-  static constexpr auto table = gather_table<T>(std::make_index_sequence<kTileShapes>());
-  apply_window(table, &gather_generic<T>, w, first, plane_stride, num_planes,
+template <typename T, typename S>
+void gather_window(const Window<T>& w, const S* first, int64_t plane_stride,
+                   int64_t num_planes, T count, S* out, int64_t out_stride) {
+  static constexpr auto table = gather_table<T, S>(std::make_index_sequence<kTileShapes>());
+  apply_window(table, &gather_generic<T, S>, w, first, plane_stride, num_planes,
                count, out, out_stride);
 }
 

@@ -23,51 +23,56 @@ ffi::Error launch_result(const char* what, cudaError_t err) {
                               cudaGetErrorString(err));
 }
 
-template <typename T, typename Layout>
-ffi::Error forward(cudaStream_t stream, ffi::Buffer<FfiDType<T>::value, 4> input,
-                   ffi::Buffer<FfiDType<T>::value, 2> rois,
-                   ffi::ResultBuffer<FfiDType<T>::value, 4> output,
-                   double spatial_scale, int64_t sampling_ratio,
-                   int64_t channel_order) {
-  ffi::ErrorOr<PsRoiDims> dims =
-      call_dims<Layout>(input.dimensions(), rois.dimensions(),
-                        output->dimensions(), channel_order);
+template <typename S, typename Layout>
+ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
+                   ffi::Result<MapBuffer<S>> output, double spatial_scale,
+                   int64_t sampling_ratio, int64_t channel_order) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
   return launch_result("forward kernel launch",
-                       launch_forward<T, Layout>(
-                           stream, input.typed_data(), rois.typed_data(), dims.value(),
+                       launch_forward<S, Layout>(
+                           stream, data<S>(input), data<T>(rois), dims.value(),
                            static_cast<T>(spatial_scale), sampling_ratio,
-                           output->typed_data()));
+                           data<S>(*output)));
 }
 
-template <typename T, typename Layout>
-ffi::Error backward(cudaStream_t stream, ffi::Buffer<FfiDType<T>::value, 4> cotangent,
-                    ffi::Buffer<FfiDType<T>::value, 2> rois,
-                    ffi::ResultBuffer<FfiDType<T>::value, 4> grad_input,
-                    double spatial_scale, int64_t sampling_ratio,
-                    int64_t channel_order) {
+template <typename S, typename Layout>
+ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
+                    ffi::Result<MapBuffer<S>> grad_input,
+                    ffi::Result<AccumulatorBuffer<S>> accumulator, double spatial_scale,
+                    int64_t sampling_ratio, int64_t channel_order) {
+  using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
+  ffi::ErrorOr<T*> sums = backward_sums<S>(*grad_input, *accumulator);
+  if (sums.has_error()) return sums.error();
   return launch_result("backward kernel launch",
-                       launch_backward<T, Layout>(
-                           stream, cotangent.typed_data(), rois.typed_data(),
-                           dims.value(), static_cast<T>(spatial_scale),
-                           sampling_ratio, grad_input->typed_data()));
+                       launch_backward<S, Layout>(
+                           stream, data<S>(cotangent), data<T>(rois), dims.value(),
+                           static_cast<T>(spatial_scale), sampling_ratio, sums.value(),
+                           data<S>(*grad_input)));
 }
 
 }  // namespace
 
-template <typename Operation, Direction D, typename Layout, typename T>
+template <typename Operation, Direction D, typename Layout, typename S>
 struct CudaHandler;
 
 // Stateless launches on the given stream: safe inside CUDA graphs.
-template <Direction D, typename Layout, typename T>
-struct CudaHandler<PsRoiAlign, D, Layout, T> {
+template <Direction D, typename Layout, typename S>
+struct CudaHandler<PsRoiAlign, D, Layout, S> {
   static auto make() {
-    return bind_operands<T>(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-        .To(D == Direction::kForward ? forward<T, Layout> : backward<T, Layout>,
-            {ffi::Traits::kCmdBufferCompatible});
+    using Stream = ffi::PlatformStream<cudaStream_t>;
+    if constexpr (D == Direction::kForward) {
+      return bind_forward<S>(ffi::Ffi::Bind().Ctx<Stream>())
+          .To(forward<S, Layout>, {ffi::Traits::kCmdBufferCompatible});
+    } else {
+      return bind_backward<S>(ffi::Ffi::Bind().Ctx<Stream>())
+          .To(backward<S, Layout>, {ffi::Traits::kCmdBufferCompatible});
+    }
   }
 };
 
