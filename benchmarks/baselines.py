@@ -38,31 +38,51 @@ def _axis_taps(start, bin_size, pooled, size, ratio):
 
 
 def ps_roi_align_rows(features, rois, output_size, spatial_scale,
-                      sampling_ratio):
+                      sampling_ratio, *, data_format="NCHW", channel_order="torchvision"):
     """PS-RoI Align by row relayout and row gather.
 
     Args:
-      features: [N, C, H, W], C = C_out * PH * PW.
-      rois: [K, 5] (batch_index, x1, y1, x2, y2) of the features' dtype.
+      features: [N, C, H, W] or [N, H, W, C], C = C_out * PH * PW, any float
+        dtype (16-bit maps are gathered in 16 bits and summed in float32).
+      rois: [K, 5] (batch_index, x1, y1, x2, y2), float32 or the features'
+        dtype if wider.
       output_size: int or (PH, PW).
       spatial_scale: python float.
       sampling_ratio: python int > 0 (adaptive grids vary per RoI, which
         this formulation cannot express with static shapes).
+      data_format, channel_order: as in jax_psroi.ps_roi_align.
 
     Returns:
-      [K, C_out, PH, PW].
+      [K, C_out, PH, PW] or [K, PH, PW, C_out] of the features' dtype.
     """
     if sampling_ratio <= 0:
         raise ValueError("the row-gather baseline needs sampling_ratio > 0")
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
-    n, c, h, w = features.shape
-    c_out = c // (ph * pw)
-    # rows[((image * PH + i) * PW + j) * H * W + y * W + x] = the C_out values
-    # of bin (i, j) at pixel (y, x): one contiguous row per tap.
-    rows = features.reshape(n, c_out, ph, pw, h, w).transpose(0, 2, 3, 4, 5, 1)
-    rows = rows.reshape(-1, c_out)
+    bins = ph * pw
+    if data_format == "NCHW":
+        n, c, h, w = features.shape
+    else:
+        n, h, w, c = features.shape
+    c_out = c // bins
+    # rows[...] = the C_out values of one bin at one pixel: one contiguous row
+    # per tap. Channels-last bin-major maps already are such rows; the others
+    # are laid out [N, bins, H, W, C_out] first.
+    if data_format == "NHWC" and channel_order == "bin_major":
+        rows = features.reshape(-1, c_out)
+        def row_index(image, bin_index, y, x):
+            return ((image * h + y) * w + x) * bins + bin_index
+    else:
+        split = {("NCHW", "torchvision"): ((n, c_out, bins, h, w), (0, 2, 3, 4, 1)),
+                 ("NCHW", "bin_major"): ((n, bins, c_out, h, w), (0, 1, 3, 4, 2)),
+                 ("NHWC", "torchvision"): ((n, h, w, c_out, bins), (0, 4, 1, 2, 3))}
+        shape, order = split[(data_format, channel_order)]
+        rows = features.reshape(shape).transpose(order).reshape(-1, c_out)
+        def row_index(image, bin_index, y, x):
+            return ((image * bins + bin_index) * h + y) * w + x
 
-    scale = jnp.asarray(spatial_scale, features.dtype)
+    compute = jnp.promote_types(features.dtype, jnp.float32)
+    rois = rois.astype(compute)
+    scale = jnp.asarray(spatial_scale, compute)
     start_w, start_h, end_w, end_h = (rois[:, i] * scale - 0.5 for i in (1, 2, 3, 4))
     bin_w = (end_w - start_w) / pw
     bin_h = (end_h - start_h) / ph
@@ -76,12 +96,13 @@ def ps_roi_align_rows(features, rois, output_size, spatial_scale,
 
     y_index, y_weight = _axis_taps(start_h, bin_h, ph, h, sampling_ratio)
     x_index, x_weight = _axis_taps(start_w, bin_w, pw, w, sampling_ratio)
-    bin_index = (image[:, None, None] * ph + jnp.arange(ph)[None, :, None]) * pw + (
-        jnp.arange(pw)[None, None, :])                                  # [K, PH, PW]
-    index = ((bin_index[..., None, None] * h + y_index[:, :, None, :, None]) * w
-             + x_index[:, None, :, None, :])                            # [K, PH, PW, a, b]
+    bin_index = (jnp.arange(ph)[:, None] * pw + jnp.arange(pw)[None, :])[None]  # [1, PH, PW]
+    index = row_index(image[:, None, None, None, None], bin_index[..., None, None],
+                      y_index[:, :, None, :, None], x_index[:, None, :, None, :])
     scale_valid = jnp.where(valid, 1 / (sampling_ratio * sampling_ratio), 0)
     weight = (y_weight[:, :, None, :, None] * x_weight[:, None, :, None, :]
-              * scale_valid[:, None, None, None, None].astype(features.dtype))
-    return jnp.einsum("kijab,kijabc->kcij", weight, rows[index],
-                      precision=lax.Precision.HIGHEST)
+              * scale_valid[:, None, None, None, None].astype(compute))
+    out = "kcij" if data_format == "NCHW" else "kijc"
+    return jnp.einsum(f"kijab,kijabc->{out}", weight, rows[index],
+                      precision=lax.Precision.HIGHEST,
+                      preferred_element_type=compute).astype(features.dtype)

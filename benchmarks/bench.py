@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -32,6 +33,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jax_psroi
@@ -69,8 +71,43 @@ QUICK_WORKLOADS = [
     Workload("lighthead_test_small", (1, 490, 50, 84), 100),
     Workload("rfcn_box_small", (1, 392, 38, 63), 50),
 ]
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Layout, channel order and dtype of a row (the default: torchvision's)."""
+    data_format: str = "NCHW"
+    channel_order: str = "torchvision"
+    dtype: str = "float32"
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+BASE = Variant()
+# Issue 11's rows, with sampling_ratio 2 on the workloads below: NHWC in
+# both channel orders and bfloat16 (jax_psroi and the strong baseline;
+# neither the reference nor torchvision has them natively).
+VARIANTS = (Variant("NHWC", "torchvision"), Variant("NHWC", "bin_major"),
+            Variant(dtype="bfloat16"), Variant("NHWC", "bin_major", "bfloat16"))
+VARIANT_WORKLOADS = {"lighthead_test", "lighthead_train", "rfcn_cls",
+                     "lighthead_test_small", "rfcn_cls_gpu", "lighthead_train_gpu"}
 SWEEP_K = (100, 300, 1000, 3000)   # time vs K, Light-Head test map
 QUICK_SWEEP_K = (30, 100)
+
+
+def in_variant(features, cotangent, variant):
+    """NCHW torchvision-order float32 inputs in `variant`: the same values,
+    permuted (the result is the same pooled tensor, permuted)."""
+    n, c, h, w = features.shape
+    bins = BINS * BINS
+    if variant.channel_order == "bin_major":  # channel (c_out, bin) -> (bin, c_out)
+        features = features.reshape(n, c // bins, bins, h, w).transpose(
+            0, 2, 1, 3, 4).reshape(n, c, h, w)
+    if variant.data_format == "NHWC":
+        features = features.transpose(0, 2, 3, 1)
+        cotangent = cotangent.transpose(0, 2, 3, 1)
+    dtype = jnp.dtype(variant.dtype)
+    return (np.ascontiguousarray(features).astype(dtype),
+            np.ascontiguousarray(cotangent).astype(dtype))
 
 
 def make_inputs(workload, seed=0):
@@ -198,40 +235,42 @@ def torchvision_timings(tv, features, rois, cotangent, ratio, repeats, device,
 # ---------------------------------------------------------------- main ----
 
 def run_workload(workload, ratio, tv, device, repeats, skip_reference,
-                 modes=report.MODES):
+                 modes=report.MODES, variant=BASE):
     features, rois, cotangent = make_inputs(workload)
+    features, cotangent = in_variant(features, cotangent, variant)
     dev = jax.devices(device)[0]
     features_j, rois_j, cotangent_j = (jax.device_put(a, dev)
                                        for a in (features, rois, cotangent))
     row = {"workload": workload.name, "features": list(workload.features),
            "num_rois": workload.num_rois, "sampling_ratio": ratio,
-           "output_bytes": int(cotangent.nbytes)}
-    impls = {"jax_psroi": jax_psroi.ps_roi_align}
+           "variant": variant.as_dict(), "output_bytes": int(cotangent.nbytes)}
+    layout = dict(data_format=variant.data_format, channel_order=variant.channel_order)
+    impls = {"jax_psroi": functools.partial(jax_psroi.ps_roi_align, **layout)}
     if ratio > 0:
-        check_strong_baseline(features_j, rois_j, ratio)
-        impls["strong"] = baselines.ps_roi_align_rows
-    if not skip_reference:
+        impls["strong"] = functools.partial(baselines.ps_roi_align_rows, **layout)
+        check_strong_baseline(impls["jax_psroi"], impls["strong"], features_j, rois_j, ratio)
+    if not skip_reference and variant == BASE:
         impls["reference"] = jax_psroi.ps_roi_align_reference
     for name, op in impls.items():
         row[name] = jax_timings(op, features_j, rois_j, cotangent_j, ratio,
                                 repeats, modes)
     row["fewest_bytes"] = roofline.fewest_bytes(
-        features_j, rois_j, cotangent_j, (BINS, BINS), 1 / STRIDE, ratio)
-    if tv is not None:
+        impls["jax_psroi"], features_j, rois_j, cotangent_j, (BINS, BINS), 1 / STRIDE, ratio)
+    if tv is not None and variant == BASE:
         row["torchvision"] = torchvision_timings(tv, features, rois, cotangent,
                                                  ratio, repeats, device, modes)
     return row
 
 
-def check_strong_baseline(features, rois, ratio):
+def check_strong_baseline(ours, strong, features, rois, ratio):
     """The strong baseline must compute what jax_psroi computes (up to the
     last bits of sample coordinates: XLA turns its divisions by constants
-    into multiplications, which moves a few float32 samples by an ulp)."""
-    ours = jax.jit(jax_psroi.ps_roi_align, static_argnums=(2, 3, 4))(
-        features, rois, BINS, 1 / STRIDE, ratio)
-    strong = jax.jit(baselines.ps_roi_align_rows, static_argnums=(2, 3, 4))(
-        features, rois, (BINS, BINS), 1 / STRIDE, ratio)
-    np.testing.assert_allclose(strong, ours, rtol=1e-4, atol=1e-4)
+    into multiplications, which moves a few float32 samples by an ulp, and
+    one 16-bit rounding step for 16-bit maps)."""
+    run = lambda op: np.asarray(jax.jit(lambda f, r: op(f, r, BINS, 1 / STRIDE, ratio))(
+        features, rois), np.float32)
+    tolerance = 1e-4 if jnp.dtype(features.dtype).itemsize >= 4 else 2.0 ** -7
+    np.testing.assert_allclose(run(strong), run(ours), rtol=tolerance, atol=tolerance)
 
 
 def sweep(tv, device, repeats, ks, skip_reference):
@@ -296,6 +335,11 @@ def main(argv=None):
             print(f"{workload.name} sampling_ratio={ratio} ...", flush=True)
             rows.append(run_workload(workload, ratio, tv, args.device, repeats,
                                      args.no_reference))
+        if workload.name in VARIANT_WORKLOADS:
+            for variant in VARIANTS:
+                print(f"{workload.name} sampling_ratio=2 {variant} ...", flush=True)
+                rows.append(run_workload(workload, 2, tv, args.device, repeats,
+                                         args.no_reference, variant=variant))
     points = sweep(tv, args.device, repeats,
                    QUICK_SWEEP_K if args.quick else SWEEP_K, args.no_reference)
 

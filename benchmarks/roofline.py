@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_psroi
-
 
 def measured_bandwidth(device, nbytes=2**29, repeats=20) -> float:
     """Bytes per second of an element-wise negate on `device` (read + write)."""
@@ -31,17 +29,17 @@ def measured_bandwidth(device, nbytes=2**29, repeats=20) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def fewest_bytes(features, rois, cotangent, output_size, spatial_scale,
+def fewest_bytes(op, features, rois, cotangent, output_size, spatial_scale,
                  sampling_ratio) -> dict:
-    """Fewest bytes of the forward, the backward and both, for one workload.
+    """Fewest bytes of the forward, the backward and both, for one workload
+    of `op` (jax_psroi.ps_roi_align, in the workload's layout).
 
     The input elements the forward must read are those some bin weighs:
     bilinear weights are non-negative, so they are exactly the non-zero
     entries of the gradient for an all-ones cotangent.
     """
     def forward(f):
-        return jax_psroi.ps_roi_align(f, rois, output_size, spatial_scale,
-                                      sampling_ratio)
+        return op(f, rois, output_size, spatial_scale, sampling_ratio)
 
     _, vjp = jax.vjp(forward, features)
     weighed = jax.jit(lambda c: jnp.count_nonzero(vjp(c)[0]))(
