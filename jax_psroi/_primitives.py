@@ -97,12 +97,13 @@ def _native_lowering(platform, direction, ctx, operand, rois, *,
     name = _extension.target_name(platform, direction, dtype, data_format)
     if direction == "backward":
         # The backward's second result: the gradient in the compute dtype,
-        # which the kernels sum in and round once for 16-bit dtypes (empty
-        # otherwise). XLA allocates it as a temporary; only the gradient is
-        # the primitive's result.
+        # which the CUDA kernels sum in atomically and round once for 16-bit
+        # dtypes (empty otherwise, and on the CPU, whose work units sum in
+        # cache-sized scratch of their own). XLA allocates it as a temporary;
+        # only the gradient is the primitive's result.
         compute = _arguments.compute_dtype(dtype)
         grad = ctx.avals_out[0]
-        size = grad.size if compute != dtype else 0
+        size = grad.size if compute != dtype and platform == "cuda" else 0
         ctx = ctx.replace(avals_out=[grad, jax.core.ShapedArray((size,), compute)])
     results = jax.ffi.ffi_lowering(name)(
         ctx, operand, rois, spatial_scale=float(spatial_scale),

@@ -48,9 +48,11 @@ using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 // [K, C_out, PH, PW] or [K, PH, PW, C_out], as the row's layout says, all in
 // the storage type S; rois are in S's compute type (float32 for the 16-bit
 // types: boxes are never rounded to 16 bits). The accumulator is the
-// gradient in the compute type, which the kernels sum in when S is a 16-bit
-// type and then round once into grad; otherwise it is empty. `binding`
-// carries the platform's context (stream or thread pool).
+// gradient in the compute type, which the CUDA kernels (and the CPU's test
+// copy of them) sum in atomically when S is a 16-bit type and then round
+// once into grad; otherwise, and for the CPU kernels, whose work units sum
+// in cache-sized scratch of their own, it is empty. `binding` carries the
+// platform's context (stream or thread pool).
 // The attributes both directions read, after their buffers.
 template <typename Binding>
 auto bind_attributes(Binding binding) {

@@ -53,11 +53,12 @@ template <>
 struct Storage<BFloat16> {
   using Compute = float;
   static PSROI_HD float load(BFloat16 v) { return bits_float(uint32_t{v.bits} << 16); }
+  // Branch-free, so that loops of it vectorize.
   static PSROI_HD BFloat16 store(float v) {
     const uint32_t bits = float_bits(v);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return BFloat16{0x7fc0};  // NaN stays NaN
-    const uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
-    return BFloat16{static_cast<uint16_t>(rounded >> 16)};
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;  // stays NaN
+    return BFloat16{static_cast<uint16_t>(nan ? 0x7fc0u : rounded)};
   }
 };
 

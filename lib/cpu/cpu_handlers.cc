@@ -64,17 +64,14 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return ready_with(dims.error());
-  ffi::ErrorOr<T*> sums_or = backward_sums<S>(*grad_input, *accumulator);
-  if (sums_or.has_error()) return ready_with(sums_or.error());
+  // Units sum 16-bit gradients in scratch of their own: the CPU needs no
+  // accumulator (the lowering passes an empty one).
+  (void)accumulator;
   const PsRoiDims d = dims.value();
   const S* cot = data<S>(cotangent);
   const T* boxes = data<T>(rois);
   S* grad = data<S>(*grad_input);
-  T* sums = sums_or.value();
   advise_huge_pages(grad, grad_input->size_bytes());
-  if (static_cast<void*>(sums) != static_cast<void*>(grad)) {
-    advise_huge_pages(sums, accumulator->size_bytes());
-  }
   const T scale = static_cast<T>(spatial_scale);
   auto state = std::make_shared<BackwardState<T, Layout>>(d);
   // Every RoI's windows and its cotangent bin-major (by RoI); the RoIs of
@@ -90,7 +87,7 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
        Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d); }},
        Phase{state->units.count(), [=](int64_t unit) {
                backward_unit<S, Layout>(state->bin_major.get(), d, state->tables,
-                                        state->by_image, state->units, unit, sums, grad);
+                                        state->by_image, state->units, unit, grad);
              }}});
 }
 

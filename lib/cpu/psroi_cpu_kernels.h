@@ -408,16 +408,13 @@ class Units {
   int64_t chunks_;    // units per image
 };
 
-// NCHW unit: zeroes its planes of `sums` (the gradient, or its compute-type
-// accumulator), then adds every RoI's window of its bin.
+// NCHW unit: zeroes its num_c planes, `channel_stride` apart from
+// `first_plane`, then adds every RoI's window of its bin.
 template <typename T>
 void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
                      const RoiTables<T>& tables, const RoisByImage& by_image,
-                     const Unit& u, T* sums) {
+                     const Unit& u, T* first_plane, int64_t channel_stride) {
   const NchwLayout layout = NchwLayout::of(d);
-  const int64_t channel_stride = d.channel_step() * layout.channel_stride();
-  T* first_plane = sums + layout.plane_offset(
-      u.image, d.first_channel(u.bin) + u.c_begin * d.channel_step());
   for (int64_t c = 0; c < u.num_c; ++c) {
     std::fill(first_plane + c * channel_stride,
               first_plane + c * channel_stride + d.plane_size(), T(0));
@@ -442,16 +439,15 @@ void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
   }
 }
 
-// Channels-last unit: zeroes its rows of `sums`, then adds the part of every
-// RoI's bin windows that falls in them.
+// Channels-last unit: zeroes its rows, whose first pixel is `band` (rows
+// and pixels laid out as in the map), then adds the part of every RoI's bin
+// windows that falls in them.
 template <typename T>
 void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Unit& u, T* sums) {
+                   const Unit& u, T* band) {
   const NhwcLayout layout = NhwcLayout::of(d);
-  T* image = sums + layout.plane_offset(u.image, 0);
-  std::fill(image + layout.pixel_offset(u.row_begin, 0),
-            image + layout.pixel_offset(u.row_end, 0), T(0));
+  std::fill(band, band + layout.pixel_offset(u.row_end - u.row_begin, 0), T(0));
   const int64_t channel_stride = d.channel_step() * layout.channel_stride();
   std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
@@ -479,7 +475,8 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
         w.rows = last_row - first_row + 1;
         const int64_t bin = ph * d.pooled_w + pw;
         scatter_channel_window(
-            w, image + d.first_channel(bin) + layout.pixel_offset(w.first_row, w.first_col),
+            w, band + d.first_channel(bin) +
+                   layout.pixel_offset(w.first_row - u.row_begin, w.first_col),
             layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), channel_stride,
             d.channels_out, g.count, cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out,
             1);
@@ -488,41 +485,46 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
   }
 }
 
-// Rounds unit u's part of `sums` (compute type) into `grad` (storage type).
-template <typename S, typename Layout, typename T>
-void store_unit(const PsRoiDims& d, const Unit& u, const T* sums, S* grad) {
-  const Layout layout = Layout::of(d);
-  auto store = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) grad[i] = Storage<S>::store(sums[i]);
-  };
-  if constexpr (Layout::kChannelsLast) {
-    const int64_t image = layout.plane_offset(u.image, 0);
-    store(image + layout.pixel_offset(u.row_begin, 0), image + layout.pixel_offset(u.row_end, 0));
-  } else {
-    const int64_t channel_stride = d.channel_step() * layout.channel_stride();
-    const int64_t first = layout.plane_offset(
-        u.image, d.first_channel(u.bin) + u.c_begin * d.channel_step());
-    for (int64_t c = 0; c < u.num_c; ++c) {
-      store(first + c * channel_stride, first + c * channel_stride + d.plane_size());
-    }
-  }
-}
-
 // Backward for unit `index`: its part of the gradient, from the bin-major
-// cotangent, summed in `sums` (compute type T). For a 16-bit storage type S,
-// `sums` is an accumulator that the unit then rounds into `grad`; otherwise
-// it is `grad` itself.
+// cotangent, summed in compute type T. With a 16-bit storage type S the unit
+// sums in a scratch of its own (its part fits the cache budget) and rounds
+// each result into `grad` once; otherwise it sums in `grad` itself.
 template <typename S, typename Layout, typename T = ComputeType<S>>
 void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Units& units, int64_t index, T* sums, S* grad) {
+                   const Units& units, int64_t index, S* grad) {
+  const Layout layout = Layout::of(d);
   const Unit u = units[index];
+  constexpr bool kInPlace = std::is_same_v<S, T>;
+  thread_local std::vector<T> scratch;
   if constexpr (Layout::kChannelsLast) {
-    backward_rows(cotangent_bin_major, d, tables, by_image, u, sums);
+    S* band = grad + layout.plane_offset(u.image, 0) + layout.pixel_offset(u.row_begin, 0);
+    const int64_t size = layout.pixel_offset(u.row_end - u.row_begin, 0);
+    if constexpr (kInPlace) {
+      backward_rows(cotangent_bin_major, d, tables, by_image, u, band);
+    } else {
+      scratch.resize(static_cast<size_t>(size));
+      backward_rows(cotangent_bin_major, d, tables, by_image, u, scratch.data());
+      for (int64_t i = 0; i < size; ++i) band[i] = Storage<S>::store(scratch[i]);
+    }
   } else {
-    backward_planes(cotangent_bin_major, d, tables, by_image, u, sums);
+    const int64_t channel_stride = d.channel_step() * layout.channel_stride();
+    S* first_plane = grad + layout.plane_offset(
+        u.image, d.first_channel(u.bin) + u.c_begin * d.channel_step());
+    if constexpr (kInPlace) {
+      backward_planes(cotangent_bin_major, d, tables, by_image, u, first_plane, channel_stride);
+    } else {
+      // The unit's planes, packed.
+      scratch.resize(static_cast<size_t>(u.num_c * d.plane_size()));
+      backward_planes(cotangent_bin_major, d, tables, by_image, u, scratch.data(),
+                      d.plane_size());
+      for (int64_t c = 0; c < u.num_c; ++c) {
+        const T* from = scratch.data() + c * d.plane_size();
+        S* to = first_plane + c * channel_stride;
+        for (int64_t i = 0; i < d.plane_size(); ++i) to[i] = Storage<S>::store(from[i]);
+      }
+    }
   }
-  if constexpr (!std::is_same_v<S, T>) store_unit<S, Layout>(d, u, sums, grad);
 }
 
 }  // namespace cpu

@@ -97,14 +97,25 @@ inline void store_vec(T* p, typename Lanes<T>::Vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// A vector of compute type T from storage type S (converted lane by lane for
-// the 16-bit types).
+// A vector of compute type T from storage type S. bfloat16 is the top half
+// of a float, so its lanes widen with one shift; float16 converts lane by
+// lane.
 template <typename T, typename S>
 inline typename Lanes<T>::Vec load_vec_from(const S* p) {
+  using Vec = typename Lanes<T>::Vec;
   if constexpr (std::is_same_v<T, S>) {
     return load_vec(p);
+  } else if constexpr (std::is_same_v<S, BFloat16> && std::is_same_v<T, float>) {
+    typedef uint16_t Halves __attribute__((vector_size(8)));
+    typedef uint32_t Words __attribute__((vector_size(16)));
+    Halves halves;
+    std::memcpy(&halves, p, sizeof(halves));
+    const Words words = __builtin_convertvector(halves, Words) << 16;
+    Vec v;
+    std::memcpy(&v, &words, sizeof(v));
+    return v;
   } else {
-    typename Lanes<T>::Vec v;
+    Vec v;
     for (int i = 0; i < Lanes<T>::kCount; ++i) v[i] = Storage<S>::load(p[i]);
     return v;
   }
