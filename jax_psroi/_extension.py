@@ -90,7 +90,7 @@ KERNELS = {"cpu": _register(_cpu.targets(), "cpu"),
 OPERATION = "ps_roi_align"
 # What the native kernels support, read off the table.
 SUPPORTED_DTYPES = tuple(sorted({row.dtype for row in KERNELS["cpu"].values()},
-                                key=lambda dtype: dtype.itemsize))
+                                key=lambda dtype: (dtype.itemsize, dtype.name)))
 SUPPORTED_LAYOUTS = tuple(sorted({row.layout for row in KERNELS["cpu"].values()}))
 
 CUDA_MISSING_MESSAGE = (

@@ -228,7 +228,7 @@ BAD_INPUTS = {
              r"input must be a 4-d feature map \[N, C, H, W\] \(data_format='NCHW'\), "
              r"got shape \(8, 4, 4\)"),
     "dtype": (lambda f, b: jax_psroi.ps_roi_align(f.astype(np.int32), b, 2),
-              TypeError, "input must be float16, bfloat16, float32 or float64, got int32"),
+              TypeError, "input must be bfloat16, float16, float32 or float64, got int32"),
     "channels": (lambda f, b: jax_psroi.ps_roi_align(f, b, 3), ValueError,
                  r"input channels .* multiple of output_size h \* w = 3 \* 3 = 9; "
                  r"got shape \(1, 8, 4, 4\), so C = 8"),

@@ -501,11 +501,28 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
     S* band = grad + layout.plane_offset(u.image, 0) + layout.pixel_offset(u.row_begin, 0);
     const int64_t size = layout.pixel_offset(u.row_end - u.row_begin, 0);
     if constexpr (kInPlace) {
-      backward_rows(cotangent_bin_major, d, tables, by_image, u, band);
-    } else {
-      scratch.resize(static_cast<size_t>(size));
-      backward_rows(cotangent_bin_major, d, tables, by_image, u, scratch.data());
-      for (int64_t i = 0; i < size; ++i) band[i] = Storage<S>::store(scratch[i]);
+      if (d.channel_order == ChannelOrder::kBinMajor) {
+        backward_rows(cotangent_bin_major, d, tables, by_image, u, band);
+        return;
+      }
+    }
+    // In torchvision's order a tap's output channels are bins() apart, one
+    // cache line each: sum the band in bin-major order instead, where they
+    // are one run, then write each pixel's channels out in the map's order
+    // (and type).
+    PsRoiDims bin_major = d;
+    bin_major.channel_order = ChannelOrder::kBinMajor;
+    scratch.resize(static_cast<size_t>(size));
+    backward_rows(cotangent_bin_major, bin_major, tables, by_image, u, scratch.data());
+    for (int64_t pixel = 0; pixel < size; pixel += d.channels) {
+      const T* from = scratch.data() + pixel;
+      S* to = band + pixel;
+      for (int64_t bin = 0; bin < d.bins(); ++bin) {
+        for (int64_t c = 0; c < d.channels_out; ++c) {
+          to[d.first_channel(bin) + c * d.channel_step()] =
+              Storage<S>::store(from[bin * d.channels_out + c]);
+        }
+      }
     }
   } else {
     const int64_t channel_stride = d.channel_step() * layout.channel_stride();
