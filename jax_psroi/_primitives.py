@@ -95,16 +95,15 @@ def _native_lowering(platform, direction, ctx, operand, rois, *,
                      spatial_scale, sampling_ratio, data_format, channel_order, **_):
     dtype = ctx.avals_in[0].dtype
     name = _extension.target_name(platform, direction, dtype, data_format)
-    if direction == "backward":
-        # The backward's second result: the gradient in the compute dtype,
-        # which the CUDA kernels sum in atomically and round once for 16-bit
-        # dtypes (empty otherwise, and on the CPU, whose work units sum in
-        # cache-sized scratch of their own). XLA allocates it as a temporary;
-        # only the gradient is the primitive's result.
-        compute = _arguments.compute_dtype(dtype)
+    compute = _arguments.compute_dtype(dtype)
+    if direction == "backward" and platform == "cuda" and compute != dtype:
+        # A second result for the 16-bit CUDA backward: the gradient in
+        # float32, which the kernel sums in atomically and then rounds once.
+        # XLA allocates it as a temporary; only the gradient is the
+        # primitive's result. (The CPU's work units sum in scratch of their
+        # own.)
         grad = ctx.avals_out[0]
-        size = grad.size if compute != dtype and platform == "cuda" else 0
-        ctx = ctx.replace(avals_out=[grad, jax.core.ShapedArray((size,), compute)])
+        ctx = ctx.replace(avals_out=[grad, jax.core.ShapedArray((grad.size,), compute)])
     results = jax.ffi.ffi_lowering(name)(
         ctx, operand, rois, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio),
@@ -164,7 +163,7 @@ def _to_front(x, dim, size):
 def _offset_batch_index(rois, num_images):
     """rois [B, K, 5] over N images each -> [B * K, 5] over B * N images."""
     index = rois[..., 0]
-    valid = (index > -1) & (index < num_images)
+    valid = (index > -1) & (index < num_images) & (num_images > 0)
     batch = jnp.arange(rois.shape[0], dtype=rois.dtype)[:, None]
     new_index = jnp.where(valid, jnp.trunc(index) + batch * num_images, -1)
     rois = jnp.concatenate([new_index[..., None], rois[..., 1:]], axis=-1)

@@ -206,7 +206,8 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio):
 
     # torchvision truncates the batch index toward zero, accepting (-1, N).
     batch = rois[:, 0]
-    batch_ok = (batch > -1) & (batch < n)
+    # A map without images or pixels has nothing to read.
+    batch_ok = (batch > -1) & (batch < n) & (n > 0 and h > 0 and w > 0)
     image = jnp.where(batch_ok, batch, 0).astype(jnp.int32)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
 

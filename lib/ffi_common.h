@@ -42,17 +42,17 @@ template <typename S>
 using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 
 // Forward:  (input, rois [K, 5]) -> output (the pooled tensor).
-// Backward: (cotangent (the pooled tensor), rois [K, 5]) -> (grad (as input),
-//           accumulator).
+// Backward: (cotangent (the pooled tensor), rois [K, 5]) -> grad (as input),
+//           and for a 16-bit storage type on CUDA an accumulator.
 // Input and grad are [N, C, H, W] or [N, H, W, C], the pooled tensor
 // [K, C_out, PH, PW] or [K, PH, PW, C_out], as the row's layout says, all in
 // the storage type S; rois are in S's compute type (float32 for the 16-bit
-// types: boxes are never rounded to 16 bits). The accumulator is the
-// gradient in the compute type, which the CUDA kernels (and the CPU's test
-// copy of them) sum in atomically when S is a 16-bit type and then round
-// once into grad; otherwise, and for the CPU kernels, whose work units sum
-// in cache-sized scratch of their own, it is empty. `binding` carries the
-// platform's context (stream or thread pool).
+// types: boxes are never rounded to 16 bits). The accumulator, a further
+// result, is the gradient in the compute type, which the CUDA kernels (and
+// the CPU's test copy of them) sum in atomically when S is a 16-bit type and
+// then round once into grad. Float32 and float64 have none, nor does the
+// CPU, whose work units sum 16-bit gradients in scratch of their own.
+// `binding` carries the platform's context (stream or thread pool).
 // The attributes both directions read, after their buffers.
 template <typename Binding>
 auto bind_attributes(Binding binding) {
@@ -76,7 +76,7 @@ auto bind_backward(Binding binding) {
                              .template Arg<MapBuffer<S>>()           // cotangent
                              .template Arg<RoisBuffer<S>>()          // rois
                              .template Ret<MapBuffer<S>>()           // grad
-                             .template Ret<AccumulatorBuffer<S>>()); // accumulator
+                             .RemainingRets());                       // accumulator
 }
 
 // A buffer's elements as the kernel table's storage type (XLA's native type
@@ -86,19 +86,25 @@ S* data(Buffer& buffer) {
   return reinterpret_cast<S*>(buffer.untyped_data());
 }
 
-// Where the backward sums: the gradient itself, or the accumulator when the
-// storage type is narrower than the compute type.
-template <typename S, typename Grad, typename Accumulator>
-ffi::ErrorOr<ComputeType<S>*> backward_sums(Grad& grad, Accumulator& accumulator) {
+// Where a per-element backward sums: the gradient itself, or the
+// accumulator (the first further result) when the storage type is narrower
+// than the compute type.
+template <typename S, typename Grad>
+ffi::ErrorOr<ComputeType<S>*> backward_sums(Grad& grad, const ffi::RemainingRets& further) {
   if constexpr (std::is_same_v<S, ComputeType<S>>) {
     return data<S>(grad);
   } else {
-    if (accumulator.element_count() != grad.element_count()) {
-      return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-          "jax_psroi: the backward's accumulator must hold one float32 per gradient "
-          "element"));
+    if (!further.empty()) {
+      ffi::ErrorOr<ffi::Result<AccumulatorBuffer<S>>> accumulator =
+          further.get<AccumulatorBuffer<S>>(0);
+      if (!accumulator.has_error() &&
+          (*accumulator)->element_count() == grad.element_count()) {
+        return data<ComputeType<S>>(**accumulator);
+      }
     }
-    return data<ComputeType<S>>(accumulator);
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+        "jax_psroi: a 16-bit backward needs a float32 accumulator, one element per "
+        "gradient element, as its second result"));
   }
 }
 

@@ -216,13 +216,16 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
   g.count = static_cast<T>(g.y.grid) * static_cast<T>(g.x.grid);
 
   // torchvision truncates the index toward zero, so (-1, N) is accepted;
-  // the comparisons are false for NaN.
+  // the comparisons are false for NaN. A map without images or pixels has
+  // nothing to read (with N = 0, (-1, 0) would truncate to image 0; with
+  // H or W = 0, the border rule would take pixel -1).
   const T batch = roi[0];
   const bool batch_ok = batch > static_cast<T>(-1) &&
                         batch < static_cast<T>(d.num_images);
+  const bool map_ok = d.num_images > 0 && d.height > 0 && d.width > 0;
   const bool finite = is_finite(start_w) && is_finite(start_h) &&
                       is_finite(g.x.bin_size) && is_finite(g.y.bin_size);
-  g.image = (batch_ok && finite) ? static_cast<int64_t>(batch) : -1;
+  g.image = (batch_ok && map_ok && finite) ? static_cast<int64_t>(batch) : -1;
   return g;
 }
 

@@ -57,8 +57,8 @@ struct Storage<BFloat16> {
   static PSROI_HD BFloat16 store(float v) {
     const uint32_t bits = float_bits(v);
     const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;  // stays NaN
-    return BFloat16{static_cast<uint16_t>(nan ? 0x7fc0u : rounded)};
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;  // stays NaN, sign kept
+    return BFloat16{static_cast<uint16_t>(nan ? ((bits >> 16) & 0x8000u) | 0x7fc0u : rounded)};
   }
 };
 

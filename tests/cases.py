@@ -132,10 +132,9 @@ def native_elementwise(direction, operand, rois, out_shape, spatial_scale,
     dtype = jax.numpy.dtype(operand.dtype)
     name = _ELEMENTWISE[(_extension.OPERATION, direction, data_format, dtype)]
     results = [jax.ShapeDtypeStruct(out_shape, dtype)]
-    if direction == "backward":  # and its compute-dtype accumulator
-        compute = _arguments.compute_dtype(dtype)
-        results.append(jax.ShapeDtypeStruct(
-            (int(np.prod(out_shape)) if compute != dtype else 0,), compute))
+    compute = _arguments.compute_dtype(dtype)
+    if direction == "backward" and compute != dtype:  # the float32 accumulator
+        results.append(jax.ShapeDtypeStruct((int(np.prod(out_shape)),), compute))
     call = jax.ffi.ffi_call(name, results)
     with jax.default_device(jax.devices("cpu")[0]):
         out = call(operand, rois, spatial_scale=float(spatial_scale),

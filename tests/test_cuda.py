@@ -106,6 +106,23 @@ def test_export_grad_for_cuda():
 
 
 @needs_cuda_build
+def test_float32_and_float64_backward_calls_have_one_result():
+    # Only 16-bit CUDA backwards take a float32 accumulator as a second
+    # result: the others keep the signature programs were exported with.
+    for dtype in (np.float32, np.float64):
+        features, rois = _data(dtype)
+        exported = export.export(jax.jit(jax.grad(_loss)), platforms=["cpu", "cuda"],
+                                 disabled_checks=DISABLED)(features, rois)
+        backward = [line for line in _custom_calls(exported)
+                    if _target("backward", dtype) in line]
+        assert len(backward) == 2
+        element = f"f{np.dtype(dtype).itemsize * 8}"
+        for line in backward:
+            # One result, not a tuple of two.
+            assert f"-> tensor<2x18x8x10x{element}>" in line and "-> (" not in line, line
+
+
+@needs_cuda_build
 def test_export_vmap_for_cuda():
     features, rois = _data()
     batched_features = np.stack([features, features + 1])

@@ -213,3 +213,20 @@ def test_bad_layout_arguments_name_themselves():
         jax_psroi.ps_roi_align(features[:, :, :, :3], rois, 2, data_format="NHWC")
     with pytest.raises(TypeError):
         jax_psroi.ps_roi_align(features, rois, 2, 1.0, 2, "NHWC")  # keyword-only
+
+
+@pytest.mark.parametrize("dtype", [*EXACT_DTYPES, jnp.bfloat16])
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 0, 5), (1, 5, 0), (0, 5, 5)])
+def test_maps_without_pixels_or_images_read_nothing(shape, data_format, dtype):
+    # With N = 0 a batch index in (-1, 0) would truncate to image 0, and with
+    # H or W = 0 the border rule would take pixel -1: both read nothing.
+    n, h, w = shape
+    nchw = np.zeros((n, 8, h, w), np.float32)
+    features = jnp.asarray(features_as(nchw, data_format, "torchvision", (2, 2)), dtype)
+    rois = np.array([[-0.5, 0, -1, 3, 0.2], [0, 0, 0, 4, 4]], np.float32)
+    op = lambda f: jax_psroi.ps_roi_align(f, rois, 2, 1.0, 2, data_format=data_format)
+    out, vjp = jax.vjp(op, features)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 0)
+    grad = vjp(jnp.ones_like(out))[0]
+    assert grad.shape == features.shape

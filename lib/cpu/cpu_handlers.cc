@@ -58,15 +58,15 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
 template <typename S, typename Layout>
 ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                      ffi::Result<MapBuffer<S>> grad_input,
-                     ffi::Result<AccumulatorBuffer<S>> accumulator,
+                     ffi::RemainingRets further,
                      double spatial_scale, int64_t sampling_ratio, int64_t channel_order) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return ready_with(dims.error());
-  // Units sum 16-bit gradients in scratch of their own: the CPU needs no
-  // accumulator (the lowering passes an empty one).
-  (void)accumulator;
+  // Units sum 16-bit gradients in scratch of their own: the CPU takes no
+  // accumulator.
+  (void)further;
   const PsRoiDims d = dims.value();
   const S* cot = data<S>(cotangent);
   const T* boxes = data<T>(rois);

@@ -41,14 +41,14 @@ ffi::Error forward_elementwise(MapBuffer<S> input, RoisBuffer<S> rois,
 template <typename S, typename Layout>
 ffi::Error backward_elementwise(MapBuffer<S> cotangent, RoisBuffer<S> rois,
                                 ffi::Result<MapBuffer<S>> grad_input,
-                                ffi::Result<AccumulatorBuffer<S>> accumulator,
+                                ffi::RemainingRets further,
                                 double spatial_scale, int64_t sampling_ratio,
                                 int64_t channel_order) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
-  ffi::ErrorOr<T*> sums_or = backward_sums<S>(*grad_input, *accumulator);
+  ffi::ErrorOr<T*> sums_or = backward_sums<S>(*grad_input, further);
   if (sums_or.has_error()) return sums_or.error();
   const PsRoiDims d = dims.value();
   const Layout layout = Layout::of(d);

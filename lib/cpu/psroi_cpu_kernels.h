@@ -497,6 +497,13 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
   const Unit u = units[index];
   constexpr bool kInPlace = std::is_same_v<S, T>;
   thread_local std::vector<T> scratch;
+  // A unit is at least a row or a plane, which can exceed the cache budget
+  // on large maps: such scratch goes back when the unit is done.
+  struct Release {
+    ~Release() {
+      if (scratch.capacity() * sizeof(T) > (size_t{1} << 20)) std::vector<T>().swap(scratch);
+    }
+  } release;
   if constexpr (Layout::kChannelsLast) {
     S* band = grad + layout.plane_offset(u.image, 0) + layout.pixel_offset(u.row_begin, 0);
     const int64_t size = layout.pixel_offset(u.row_end - u.row_begin, 0);

@@ -41,13 +41,13 @@ ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
 template <typename S, typename Layout>
 ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                     ffi::Result<MapBuffer<S>> grad_input,
-                    ffi::Result<AccumulatorBuffer<S>> accumulator, double spatial_scale,
+                    ffi::RemainingRets further, double spatial_scale,
                     int64_t sampling_ratio, int64_t channel_order) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
-  ffi::ErrorOr<T*> sums = backward_sums<S>(*grad_input, *accumulator);
+  ffi::ErrorOr<T*> sums = backward_sums<S>(*grad_input, further);
   if (sums.has_error()) return sums.error();
   return launch_result("backward kernel launch",
                        launch_backward<S, Layout>(
