@@ -7,6 +7,7 @@
 
 #include <cctype>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -77,6 +78,18 @@ auto bind_backward(Binding binding) {
                              .template Arg<RoisBuffer<S>>()          // rois
                              .template Ret<MapBuffer<S>>()           // grad
                              .RemainingRets());                       // accumulator
+}
+
+// A row's handler: the binding of its direction, after the platform's
+// context (which `context()` starts), bound to `forward` or `backward`.
+template <Direction D, typename S, typename Context, typename Forward, typename Backward>
+auto bind_row(Context context, Forward forward, Backward backward,
+              std::initializer_list<ffi::Traits> traits = {}) {
+  if constexpr (D == Direction::kForward) {
+    return bind_forward<S>(context()).To(forward, traits);
+  } else {
+    return bind_backward<S>(context()).To(backward, traits);
+  }
 }
 
 // A buffer's elements as the kernel table's storage type (XLA's native type

@@ -30,16 +30,6 @@ inline void add_run(T* acc, const S* run, int64_t step, int64_t n, T weight) {
   }
 }
 
-// run[c * step] += weight * values[c * values_stride] for c < n.
-template <typename T>
-inline void scatter_run(T* run, int64_t step, const T* values, int64_t values_stride,
-                        int64_t n, T weight) {
-  if (step == 1 && values_stride == 1) {
-    for (int64_t c = 0; c < n; ++c) run[c] += weight * values[c];
-  } else {
-    for (int64_t c = 0; c < n; ++c) run[c * step] += weight * values[c * values_stride];
-  }
-}
 
 // out[c * out_stride] = the weighted average of window `w` of channel run c,
 // for c < num_channels. `first` points at channel 0 of the window's first
@@ -63,18 +53,19 @@ void gather_channel_window(const Window<T>& w, const S* first, int64_t row_strid
   for (int64_t c = 0; c < num_channels; ++c) out[c * out_stride] = Storage<S>::store(acc[c]);
 }
 
-// Its adjoint: adds each channel's cotangent share to the window.
+// Its adjoint, for channel runs that are contiguous (the backward sums in
+// bin-major order): adds weight * cot[c] to each pixel's run.
 template <typename T>
 void scatter_channel_window(const Window<T>& w, T* first, int64_t row_stride,
-                            int64_t pixel_stride, int64_t channel_step,
-                            int64_t num_channels, T count, const T* cot,
-                            int64_t cot_stride) {
+                            int64_t pixel_stride, int64_t num_channels, T count,
+                            const T* cot) {
   for (int64_t r = 0; r < w.rows; ++r) {
     const T row_weight = w.row_w[r] / count;
     T* row = first + r * row_stride;
     for (int64_t c = 0; c < w.cols; ++c) {
-      scatter_run(row + c * pixel_stride, channel_step, cot, cot_stride, num_channels,
-                  row_weight * w.col_w[c]);
+      T* run = row + c * pixel_stride;
+      const T weight = row_weight * w.col_w[c];
+      for (int64_t i = 0; i < num_channels; ++i) run[i] += weight * cot[i];
     }
   }
 }

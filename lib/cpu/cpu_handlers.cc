@@ -99,11 +99,8 @@ struct CpuHandler;
 template <Direction D, typename Layout, typename S>
 struct CpuHandler<PsRoiAlign, D, Layout, S> {
   static auto make() {
-    if constexpr (D == Direction::kForward) {
-      return bind_forward<S>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()).To(forward<S, Layout>);
-    } else {
-      return bind_backward<S>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()).To(backward<S, Layout>);
-    }
+    return bind_row<D, S>([] { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); },
+                          forward<S, Layout>, backward<S, Layout>);
   }
 };
 

@@ -74,11 +74,8 @@ struct ElementwiseHandler;
 template <Direction D, typename Layout, typename S>
 struct ElementwiseHandler<PsRoiAlign, D, Layout, S> {
   static auto make() {
-    if constexpr (D == Direction::kForward) {
-      return bind_forward<S>(ffi::Ffi::Bind()).To(forward_elementwise<S, Layout>);
-    } else {
-      return bind_backward<S>(ffi::Ffi::Bind()).To(backward_elementwise<S, Layout>);
-    }
+    return bind_row<D, S>([] { return ffi::Ffi::Bind(); }, forward_elementwise<S, Layout>,
+                          backward_elementwise<S, Layout>);
   }
 };
 

@@ -441,14 +441,14 @@ void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
 
 // Channels-last unit: zeroes its rows, whose first pixel is `band` (rows
 // and pixels laid out as in the map), then adds the part of every RoI's bin
-// windows that falls in them.
+// windows that falls in them. Each pixel's channels are summed in bin-major
+// order, whatever the map's: bin b's output channels at b * C_out, one run.
 template <typename T>
 void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
                    const Unit& u, T* band) {
   const NhwcLayout layout = NhwcLayout::of(d);
   std::fill(band, band + layout.pixel_offset(u.row_end - u.row_begin, 0), T(0));
-  const int64_t channel_stride = d.channel_step() * layout.channel_stride();
   std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
     const int64_t k = by_image.rois[i];
@@ -475,11 +475,10 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
         w.rows = last_row - first_row + 1;
         const int64_t bin = ph * d.pooled_w + pw;
         scatter_channel_window(
-            w, band + d.first_channel(bin) +
+            w, band + bin * d.channels_out +
                    layout.pixel_offset(w.first_row - u.row_begin, w.first_col),
-            layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), channel_stride,
-            d.channels_out, g.count, cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out,
-            1);
+            layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), d.channels_out, g.count,
+            cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out);
       }
     }
   }
@@ -513,14 +512,11 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
         return;
       }
     }
-    // In torchvision's order a tap's output channels are bins() apart, one
-    // cache line each: sum the band in bin-major order instead, where they
-    // are one run, then write each pixel's channels out in the map's order
-    // (and type).
-    PsRoiDims bin_major = d;
-    bin_major.channel_order = ChannelOrder::kBinMajor;
+    // The band summed bin-major (in torchvision's order a tap's output
+    // channels would be bins() apart, a cache line each), then each pixel's
+    // channels written out in the map's order and type.
     scratch.resize(static_cast<size_t>(size));
-    backward_rows(cotangent_bin_major, bin_major, tables, by_image, u, scratch.data());
+    backward_rows(cotangent_bin_major, d, tables, by_image, u, scratch.data());
     for (int64_t pixel = 0; pixel < size; pixel += d.channels) {
       const T* from = scratch.data() + pixel;
       S* to = band + pixel;

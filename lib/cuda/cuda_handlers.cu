@@ -65,14 +65,9 @@ struct CudaHandler;
 template <Direction D, typename Layout, typename S>
 struct CudaHandler<PsRoiAlign, D, Layout, S> {
   static auto make() {
-    using Stream = ffi::PlatformStream<cudaStream_t>;
-    if constexpr (D == Direction::kForward) {
-      return bind_forward<S>(ffi::Ffi::Bind().Ctx<Stream>())
-          .To(forward<S, Layout>, {ffi::Traits::kCmdBufferCompatible});
-    } else {
-      return bind_backward<S>(ffi::Ffi::Bind().Ctx<Stream>())
-          .To(backward<S, Layout>, {ffi::Traits::kCmdBufferCompatible});
-    }
+    return bind_row<D, S>(
+        [] { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); },
+        forward<S, Layout>, backward<S, Layout>, {ffi::Traits::kCmdBufferCompatible});
   }
 };
 
