@@ -21,7 +21,13 @@ Boxes = jax.Array | np.ndarray | Sequence[jax.Array]
 # lib/psroi_math.h): beyond 2**23, float32's i + 0.5 is no longer exact.
 MAX_GRID_PER_AXIS = 2**23
 
-DATA_FORMATS = ("NCHW", "NHWC")
+# Each data format: the positions of N, C, H, W in a feature map's shape,
+# which are also those of K, C_out, PH, PW in a pooled tensor's (kAxes of the
+# layouts in lib/psroi_math.h).
+LAYOUT_AXES = {"NCHW": (0, 1, 2, 3), "NHWC": (0, 3, 1, 2)}
+DATA_FORMATS = tuple(LAYOUT_AXES)
+# In the order of the kernels' ChannelOrder (lib/psroi_math.h): the index is
+# the FFI attribute.
 CHANNEL_ORDERS = ("torchvision", "bin_major")
 
 _TRACED = (jax.errors.TracerIntegerConversionError,
@@ -108,7 +114,22 @@ def channel_order(value) -> str:
 
 
 def channel_axis(data_format: str) -> int:
-    return 1 if data_format == "NCHW" else 3
+    return LAYOUT_AXES[data_format][1]
+
+
+def pooled_shape(num_rois, channels_out, pooled_size, data_format) -> tuple:
+    """The pooled tensor's shape: [K, C_out, PH, PW] or [K, PH, PW, C_out]."""
+    shape = [0] * 4
+    sizes = (num_rois, channels_out, *pooled_size)
+    for axis, size in zip(LAYOUT_AXES[data_format], sizes, strict=True):
+        shape[axis] = size
+    return tuple(shape)
+
+
+def pooled_size_of(pooled, data_format) -> tuple[int, int]:
+    """(PH, PW) of a pooled tensor's shape."""
+    axes = LAYOUT_AXES[data_format]
+    return (pooled[axes[2]], pooled[axes[3]])
 
 
 def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
@@ -138,7 +159,8 @@ def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
         message = (f"input channels (axis {axis} of {shape_name}) must be a "
                    f"multiple of output_size h * w = {ph} * {pw} = {bins}; got "
                    f"shape {array.shape}, so C = {channels}")
-        other_format, other_axis = (("NHWC", 3) if data_format == "NCHW" else ("NCHW", 1))
+        other_format = "NHWC" if data_format == "NCHW" else "NCHW"
+        other_axis = channel_axis(other_format)
         other = array.shape[other_axis]
         if other % bins == 0 and other > 0:
             layout = ("a channels-last [N, H, W, C] map (as Flax convolutions "
@@ -147,6 +169,25 @@ def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
                         f"if this is {layout}, pass data_format={other_format!r}")
         raise ValueError(message)
     return array
+
+
+def call(input, boxes, size, scale, ratio, layout, order, dtypes=None):
+    """Every argument of a call of ``ps_roi_align`` (or, without `dtypes`, of
+    its reference), in its signature's order, checked.
+
+    Returns (features, rois [K, 5] in the compute dtype, params), params
+    being the static parameters the primitives and the reference's ``pool``
+    take: pooled_size, spatial_scale, sampling_ratio, data_format and
+    channel_order.
+    """
+    pooled_size = output_size(size)
+    layout = data_format(layout)
+    checked = features(input, pooled_size, layout, dtypes)
+    rois = rois_from_boxes(boxes, compute_dtype(checked.dtype))
+    return checked, rois, dict(
+        pooled_size=pooled_size, spatial_scale=spatial_scale(scale),
+        sampling_ratio=sampling_ratio(ratio), data_format=layout,
+        channel_order=channel_order(order))
 
 
 def compute_dtype(dtype):

@@ -36,23 +36,11 @@ backward_p = Primitive("jax_psroi_backward")
 
 # Shapes only: the public functions check the arguments (_arguments.py), and
 # the rules below preserve what they checked.
-def pooled_shape(num_rois, channels_out, pooled_size, data_format):
-    ph, pw = pooled_size
-    if data_format == "NCHW":
-        return (num_rois, channels_out, ph, pw)
-    return (num_rois, ph, pw, channels_out)
-
-
-def _pooled_size(pooled, data_format):
-    """(PH, PW) of a pooled tensor's shape."""
-    return tuple(pooled[2:]) if data_format == "NCHW" else tuple(pooled[1:3])
-
-
 def _forward_abstract_eval(features, rois, *, pooled_size, data_format, **_):
     ph, pw = pooled_size
     c_out = features.shape[_arguments.channel_axis(data_format)] // (ph * pw)
     return jax.core.ShapedArray(
-        pooled_shape(rois.shape[0], c_out, pooled_size, data_format), features.dtype)
+        _arguments.pooled_shape(rois.shape[0], c_out, pooled_size, data_format), features.dtype)
 
 
 def _backward_abstract_eval(cotangent, rois, *, input_shape, **_):
@@ -73,7 +61,7 @@ def _forward_reference(features, rois, **params):
 
 
 def _backward_reference(cotangent, rois, *, input_shape, **params):
-    pooled_size = _pooled_size(cotangent.shape, params["data_format"])
+    pooled_size = _arguments.pooled_size_of(cotangent.shape, params["data_format"])
     zeros = jnp.zeros(input_shape, cotangent.dtype)
     _, vjp = jax.vjp(lambda x: reference.pool(x, rois, pooled_size, **params), zeros)
     return vjp(cotangent)[0]
@@ -86,10 +74,6 @@ mlir.register_lowering(
 
 
 # --- Native lowerings --------------------------------------------------------
-
-# channel_order as the kernels' ChannelOrder (lib/psroi_math.h).
-_CHANNEL_ORDER_ATTRIBUTE = {"torchvision": 0, "bin_major": 1}
-
 
 def _native_lowering(platform, direction, ctx, operand, rois, *,
                      spatial_scale, sampling_ratio, data_format, channel_order, **_):
@@ -107,7 +91,7 @@ def _native_lowering(platform, direction, ctx, operand, rois, *,
     results = jax.ffi.ffi_lowering(name)(
         ctx, operand, rois, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio),
-        channel_order=_CHANNEL_ORDER_ATTRIBUTE[channel_order])
+        channel_order=_arguments.CHANNEL_ORDERS.index(channel_order))
     return results[:1]
 
 
@@ -134,7 +118,7 @@ def _backward_transpose(grad_features, cotangent, rois, *, input_shape, **params
     assert ad.is_undefined_primal(cotangent) and not ad.is_undefined_primal(rois)
     if type(grad_features) is ad.Zero:
         return ad.Zero(cotangent.aval), None
-    pooled_size = _pooled_size(cotangent.aval.shape, params["data_format"])
+    pooled_size = _arguments.pooled_size_of(cotangent.aval.shape, params["data_format"])
     return forward_p.bind(grad_features, rois, pooled_size=pooled_size,
                           **params), None
 

@@ -79,14 +79,7 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
             features,  # [B, C, H, W]
             boxes)     # [B, L, 4]  ->  [B, L, C // 49, 7, 7]
     """
-    pooled_size = _arguments.output_size(output_size)
-    data_format = _arguments.data_format(data_format)
-    features = _arguments.features(input, pooled_size, data_format,
-                                   _extension.SUPPORTED_DTYPES)
-    return _primitives.forward_p.bind(
-        features, _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(features.dtype)),
-        pooled_size=pooled_size,
-        spatial_scale=_arguments.spatial_scale(spatial_scale),
-        sampling_ratio=_arguments.sampling_ratio(sampling_ratio),
-        data_format=data_format,
-        channel_order=_arguments.channel_order(channel_order))
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
+        channel_order, _extension.SUPPORTED_DTYPES)
+    return _primitives.forward_p.bind(features, rois, **params)

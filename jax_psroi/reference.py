@@ -141,14 +141,10 @@ def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     Returns:
       [K, C_out, h, w] (or [K, h, w, C_out]) array of the input's dtype.
     """
-    pooled_size = _arguments.output_size(output_size)
-    data_format = _arguments.data_format(data_format)
-    features = _arguments.features(input, pooled_size, data_format)
-    rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(features.dtype))
-    return pool(features, rois, pooled_size,
-                _arguments.spatial_scale(spatial_scale),
-                _arguments.sampling_ratio(sampling_ratio), data_format=data_format,
-                channel_order=_arguments.channel_order(channel_order))
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
+        channel_order)
+    return pool(features, rois, **params)
 
 
 def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,

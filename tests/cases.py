@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 import jax_psroi
-from jax_psroi import _arguments, _extension, _primitives
+from jax_psroi import _arguments, _extension
 
 # The dtypes and layouts with native kernels, from the kernel table, and the
 # channel orders every kernel takes.
@@ -17,7 +17,6 @@ EXACT_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize >= 4]
 LOW_PRECISION_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize < 4]
 LAYOUTS = list(_extension.SUPPORTED_LAYOUTS)
 CHANNEL_ORDERS = list(_arguments.CHANNEL_ORDERS)
-CHANNEL_ORDER_ATTRIBUTE = _primitives._CHANNEL_ORDER_ATTRIBUTE
 
 # Tolerances keyed by dtype: summation order differs between the kernels and
 # the oracles, nothing else.
@@ -139,7 +138,7 @@ def native_elementwise(direction, operand, rois, out_shape, spatial_scale,
     with jax.default_device(jax.devices("cpu")[0]):
         out = call(operand, rois, spatial_scale=float(spatial_scale),
                    sampling_ratio=int(sampling_ratio),
-                   channel_order=CHANNEL_ORDER_ATTRIBUTE[channel_order])
+                   channel_order=CHANNEL_ORDERS.index(channel_order))
         return np.asarray(out[0])
 
 
