@@ -314,6 +314,8 @@ def main(argv=None):
     parser.add_argument("--no-torchvision", action="store_true")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the (slow) jax.numpy reference")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="with --device gpu: only the GPU-sized workloads, no sweep")
     args = parser.parse_args(argv)
 
     threads = len(os.sched_getaffinity(0))
@@ -326,7 +328,7 @@ def main(argv=None):
                else dict(min_repeats=9, min_seconds=1.0))
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
     if args.device == "gpu":
-        workloads = workloads + GPU_WORKLOADS
+        workloads = GPU_WORKLOADS if args.gpu_only else workloads + GPU_WORKLOADS
     bandwidth = roofline.measured_bandwidth(jax.devices(args.device)[0])
 
     rows = []
@@ -340,15 +342,15 @@ def main(argv=None):
                 print(f"{workload.name} sampling_ratio=2 {variant} ...", flush=True)
                 rows.append(run_workload(workload, 2, tv, args.device, repeats,
                                          args.no_reference, variant=variant))
-    points = sweep(tv, args.device, repeats,
-                   QUICK_SWEEP_K if args.quick else SWEEP_K, args.no_reference)
+    points = [] if args.gpu_only else sweep(
+        tv, args.device, repeats, QUICK_SWEEP_K if args.quick else SWEEP_K, args.no_reference)
 
     results = {"machine": machine_description(args.device), "threads": threads,
                "torchvision": (None if tv is None else tv[2]),
                "torch": (None if tv is None else tv[0].__version__),
                "quick": args.quick, "device": args.device,
                "bandwidth": bandwidth, "rows": rows, "sweep": points}
-    results["checks"] = report.check_targets(rows)
+    results["checks"] = report.check_targets(rows, bandwidth)
     args.out.mkdir(parents=True, exist_ok=True)
     stem, plot_name = (("gpu", "gpu_time_vs_k.png") if args.device == "gpu"
                        else ("results", "time_vs_k.png"))

@@ -10,6 +10,9 @@ ADAPTIVE_SLOWDOWN = 2.0
 # Issue 11: against the default layout in the same run, and the strong
 # jax.numpy baseline.
 NHWC_TORCHVISION_SLOWDOWN = 1.25
+# Issue 18, on the GPU-sized workloads.
+GPU_FLOOR_FACTOR = {"forward": 3.0, "backward": 4.0}
+GPU_SPEEDUPS = {"strong": 2.0, "torchvision": 3.0}
 NHWC_BIN_MAJOR_SPEEDUP = 2.0   # on the R-FCN class map
 STRONG_BASELINE_SPEEDUP = 10.0
 DEFAULT_VARIANT = {"data_format": "NCHW", "channel_order": "torchvision", "dtype": "float32"}
@@ -43,8 +46,9 @@ def _speedup(row, baseline, mode):
     return row[baseline][mode] / row["jax_psroi"][mode]
 
 
-def check_targets(rows):
-    """Every target of issue 5 that this run can check, with its value."""
+def check_targets(rows, bandwidth=None):
+    """Every target of issues 5, 11 and 18 that this run can check, with its
+    value."""
     checks = []
     for row in rows:
         label = " ".join(filter(None, [row["workload"], f"sr={row['sampling_ratio']}",
@@ -75,6 +79,7 @@ def check_targets(rows):
                                "target": f">= {STRONG_BASELINE_SPEEDUP:g}x",
                                "ok": value >= STRONG_BASELINE_SPEEDUP})
     checks += _layout_checks(rows)
+    checks += _gpu_checks(rows, bandwidth)
     by_key = {(r["workload"], r["sampling_ratio"]): r for r in rows
               if _variant(r) == DEFAULT_VARIANT}
     for (workload, ratio), row in by_key.items():
@@ -86,6 +91,31 @@ def check_targets(rows):
             checks.append({"check": f"{workload} {mode} adaptive / sr=2",
                            "value": value, "target": f"<= {ADAPTIVE_SLOWDOWN:g}x",
                            "ok": value <= ADAPTIVE_SLOWDOWN})
+    return checks
+
+
+def _gpu_checks(rows, bandwidth):
+    """Issue 18's targets on the GPU-sized workloads (sampling_ratio 2, the
+    default layout): time over the floor (fewest bytes over the bandwidth
+    measured in the same run), and speedups over the strong jax.numpy
+    baseline and torchvision."""
+    checks = []
+    for row in rows:
+        if not (row["workload"].endswith("_gpu") and row["sampling_ratio"] == 2
+                and _variant(row) == DEFAULT_VARIANT):
+            continue
+        for mode in ("forward", "backward"):
+            label = f"{row['workload']} {mode}"
+            if bandwidth and "fewest_bytes" in row:
+                over = row["jax_psroi"][mode] / (row["fewest_bytes"][mode] / bandwidth)
+                checks.append({"check": f"{label} time / floor", "value": over,
+                               "target": f"<= {GPU_FLOOR_FACTOR[mode]:g}x",
+                               "ok": over <= GPU_FLOOR_FACTOR[mode]})
+            for baseline, target in GPU_SPEEDUPS.items():
+                value = _speedup(row, baseline, mode)
+                if value is not None:
+                    checks.append({"check": f"{label} vs {baseline} (GPU)", "value": value,
+                                   "target": f">= {target:g}x", "ok": value >= target})
     return checks
 
 

@@ -25,6 +25,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
@@ -75,19 +76,37 @@ mlir.register_lowering(
 
 # --- Native lowerings --------------------------------------------------------
 
+def _cuda_workspace_size(direction, num_rois, num_images, pooled_h, pooled_w):
+    """Int32s of the CUDA kernels' workspace (gpu_schedule::workspace_elements):
+    RoI buckets and order, bucket offsets, and for the backward each RoI's
+    pixel span per bin row and column."""
+    size = 2 * num_rois + num_images + 2
+    if direction == "backward":
+        size += 2 * num_rois * (pooled_h + pooled_w)
+    return size
+
+
 def _native_lowering(platform, direction, ctx, operand, rois, *,
                      spatial_scale, sampling_ratio, data_format, channel_order, **_):
     dtype = ctx.avals_in[0].dtype
     name = _extension.target_name(platform, direction, dtype, data_format)
-    compute = _arguments.compute_dtype(dtype)
-    if direction == "backward" and platform == "cuda" and compute != dtype:
-        # A second result for the 16-bit CUDA backward: the gradient in
-        # float32, which the kernel sums in atomically and then rounds once.
-        # XLA allocates it as a temporary; only the gradient is the
-        # primitive's result. (The CPU's work units sum in scratch of their
-        # own.)
-        grad = ctx.avals_out[0]
-        ctx = ctx.replace(avals_out=[grad, jax.core.ShapedArray((grad.size,), compute)])
+    if platform == "cuda":
+        # Further results that XLA allocates as temporaries for the kernels;
+        # only the first is the primitive's result.
+        features, pooled = ((ctx.avals_in[0], ctx.avals_out[0]) if direction == "forward"
+                            else (ctx.avals_out[0], ctx.avals_in[0]))
+        pooled_h, pooled_w = _arguments.pooled_size_of(pooled.shape, data_format)
+        further = []
+        compute = _arguments.compute_dtype(dtype)
+        if direction == "backward" and compute != dtype:
+            # A 16-bit gradient's partial sums between the passes of a crowded
+            # tile, in float32.
+            further.append(jax.core.ShapedArray((features.size,), compute))
+        num_images = features.shape[0]  # N leads in both layouts
+        further.append(jax.core.ShapedArray(
+            (_cuda_workspace_size(direction, rois.type.shape[0], num_images,
+                                  pooled_h, pooled_w),), np.int32))
+        ctx = ctx.replace(avals_out=[ctx.avals_out[0], *further])
     results = jax.ffi.ffi_lowering(name)(
         ctx, operand, rois, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio),

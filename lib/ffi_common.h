@@ -42,17 +42,18 @@ using RoisBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 2>;
 template <typename S>
 using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 
-// Forward:  (input, rois [K, 5]) -> output (the pooled tensor).
+// Forward:  (input, rois [K, 5]) -> output (the pooled tensor), and further
+//           results a platform may ask for.
 // Backward: (cotangent (the pooled tensor), rois [K, 5]) -> grad (as input),
-//           and for a 16-bit storage type on CUDA an accumulator.
+//           and further results.
 // Input and grad are [N, C, H, W] or [N, H, W, C], the pooled tensor
 // [K, C_out, PH, PW] or [K, PH, PW, C_out], as the row's layout says, all in
 // the storage type S; rois are in S's compute type (float32 for the 16-bit
-// types: boxes are never rounded to 16 bits). The accumulator, a further
-// result, is the gradient in the compute type, which the CUDA kernels (and
-// the CPU's test copy of them) sum in atomically when S is a 16-bit type and
-// then round once into grad. Float32 and float64 have none, nor does the
-// CPU, whose work units sum 16-bit gradients in scratch of their own.
+// types: boxes are never rounded to 16 bits). The CPU takes no further
+// results. CUDA takes, in this order: for a 16-bit backward, an accumulator
+// (the gradient in float32, which carries partial sums between the passes
+// of a crowded tile before the one rounding into grad); then an int32
+// workspace (gpu_schedule.h) in both directions.
 // `binding` carries the platform's context (stream or thread pool).
 // The attributes both directions read, after their buffers.
 template <typename Binding>
@@ -68,7 +69,8 @@ auto bind_forward(Binding binding) {
   return bind_attributes(std::move(binding)
                              .template Arg<MapBuffer<S>>()   // input
                              .template Arg<RoisBuffer<S>>()  // rois
-                             .template Ret<MapBuffer<S>>()); // output
+                             .template Ret<MapBuffer<S>>()   // output
+                             .RemainingRets());               // CUDA: workspace
 }
 
 template <typename S, typename Binding>
@@ -77,7 +79,7 @@ auto bind_backward(Binding binding) {
                              .template Arg<MapBuffer<S>>()           // cotangent
                              .template Arg<RoisBuffer<S>>()          // rois
                              .template Ret<MapBuffer<S>>()           // grad
-                             .RemainingRets());                       // accumulator
+                             .RemainingRets());  // CUDA: accumulator, workspace
 }
 
 // A row's handler: the binding of its direction, after the platform's
@@ -99,26 +101,24 @@ S* data(Buffer& buffer) {
   return reinterpret_cast<S*>(buffer.untyped_data());
 }
 
-// Where a per-element backward sums: the gradient itself, or the
-// accumulator (the first further result) when the storage type is narrower
-// than the compute type.
-template <typename S, typename Grad>
-ffi::ErrorOr<ComputeType<S>*> backward_sums(Grad& grad, const ffi::RemainingRets& further) {
-  if constexpr (std::is_same_v<S, ComputeType<S>>) {
-    return data<S>(grad);
-  } else {
-    if (!further.empty()) {
-      ffi::ErrorOr<ffi::Result<AccumulatorBuffer<S>>> accumulator =
-          further.get<AccumulatorBuffer<S>>(0);
-      if (!accumulator.has_error() &&
-          (*accumulator)->element_count() == grad.element_count()) {
-        return data<ComputeType<S>>(**accumulator);
-      }
+using WorkspaceBuffer = ffi::Buffer<ffi::DataType::S32, 1>;
+
+// Further result `index` of a call as a rank-1 buffer of type `Buffer` with at
+// least `elements` elements, or an error naming `what`.
+template <typename Buffer>
+ffi::ErrorOr<Buffer> further_result(const ffi::RemainingRets& further, size_t index,
+                                    int64_t elements, const char* what) {
+  if (index < further.size()) {
+    ffi::ErrorOr<ffi::Result<Buffer>> result = further.get<Buffer>(index);
+    if (!result.has_error() &&
+        static_cast<int64_t>((*result)->element_count()) >= elements) {
+      return **result;
     }
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: a 16-bit backward needs a float32 accumulator, one element per "
-        "gradient element, as its second result"));
   }
+  return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+      std::string("jax_psroi: this call needs as its further result ") +
+      std::to_string(index) + " " + what + " of at least " + std::to_string(elements) +
+      " elements"));
 }
 
 inline std::string shape_string(ffi::Span<const int64_t> dims) {

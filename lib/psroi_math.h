@@ -318,9 +318,7 @@ PSROI_HD SampleRange in_map_samples(const RoiAxis<T>& axis, int64_t bin,
 }
 
 // ---------------------------------------------------------------------------
-// Per-output-element work: one output value, or the scatter of one output's
-// cotangent. Used by the CUDA kernels (one thread per element) and by the CPU
-// "elementwise" kernels that tests run against the reference.
+// One pooled value, as the CUDA forward computes it (gpu_schedule.h).
 
 // Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
 // map, in torchvision's order (rows outer, columns inner).
@@ -340,18 +338,17 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
   }
 }
 
-// Output element `index` of the pooled tensor, in the layout's order, in the
-// compute type T of storage type S (the caller stores it).
+// Pooled value of output channel `c_out`, bin (ph, pw), of RoI `roi`, in
+// the compute type T of storage type S (the caller stores it).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD T forward_element(const S* input, const T* rois, const PsRoiDims& d,
-                           const Layout& layout, T spatial_scale,
-                           int64_t sampling_ratio, int64_t index) {
-  const PooledIndex o = Layout::pooled_index(d, index);
+PSROI_HD T pooled_value(const S* input, const T* rois, const PsRoiDims& d,
+                        const Layout& layout, T spatial_scale, int64_t sampling_ratio,
+                        int64_t roi, int64_t c_out, int64_t ph, int64_t pw) {
   const RoiGeometry<T> g =
-      roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
+      roi_geometry(rois + 5 * roi, d, spatial_scale, sampling_ratio);
   if (g.empty()) return static_cast<T>(0);
   const S* plane =
-      input + layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
+      input + layout.plane_offset(g.image, input_channel(d, c_out, ph, pw));
   auto at = [&](int64_t y, int64_t x) {
     return Storage<S>::load(plane[layout.pixel_offset(y, x)]);
   };
@@ -362,33 +359,8 @@ PSROI_HD T forward_element(const S* input, const T* rois, const PsRoiDims& d,
     sum += w1 * at(ty.low, tx.low) + w2 * at(ty.low, tx.high) +
            w3 * at(ty.high, tx.low) + w4 * at(ty.high, tx.high);
   };
-  for_each_sample_on_map(g, d, o.ph, o.pw, add_sample);
+  for_each_sample_on_map(g, d, ph, pw, add_sample);
   return sum / g.count;
-}
-
-// Adds the contribution of output element `index` of cotangent `cot` (in
-// storage type S) into `grad_input`, laid out as the features but in the
-// compute type T, through `add(pointer, value)` (atomic on the GPU).
-template <typename S, typename Layout, typename AddFn, typename T = ComputeType<S>>
-PSROI_HD void backward_element(const S* cot, const T* rois, const PsRoiDims& d,
-                               const Layout& layout, T spatial_scale,
-                               int64_t sampling_ratio, int64_t index,
-                               T* grad_input, AddFn add) {
-  const PooledIndex o = Layout::pooled_index(d, index);
-  const RoiGeometry<T> g =
-      roi_geometry(rois + 5 * o.roi, d, spatial_scale, sampling_ratio);
-  if (g.empty()) return;
-  T* plane = grad_input +
-             layout.plane_offset(g.image, input_channel(d, o.c_out, o.ph, o.pw));
-  const T grad = Storage<S>::load(cot[index]);
-  // torchvision's rounding: grad * w / count for each of the four taps.
-  auto scatter_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
-    add(plane + layout.pixel_offset(ty.low, tx.low), grad * (ty.w_low * tx.w_low) / g.count);
-    add(plane + layout.pixel_offset(ty.low, tx.high), grad * (ty.w_low * tx.w_high) / g.count);
-    add(plane + layout.pixel_offset(ty.high, tx.low), grad * (ty.w_high * tx.w_low) / g.count);
-    add(plane + layout.pixel_offset(ty.high, tx.high), grad * (ty.w_high * tx.w_high) / g.count);
-  };
-  for_each_sample_on_map(g, d, o.ph, o.pw, scatter_sample);
 }
 
 // ---------------------------------------------------------------------------

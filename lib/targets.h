@@ -12,9 +12,9 @@ namespace jax_psroi {
 // The product's CPU kernels (lib/cpu/cpu_handlers.cc).
 std::vector<FfiTarget> cpu_targets();
 
-// Test-only: the CUDA kernels' per-element code run serially on the CPU
-// (lib/cpu/elementwise_handlers.cc). Registered by the tests, never at import.
-std::vector<FfiTarget> cpu_elementwise_targets();
+// Test-only: the CUDA kernels' schedule run serially on the CPU
+// (lib/cpu/gpu_schedule_handlers.cc). Registered by the tests, never at import.
+std::vector<FfiTarget> cpu_gpu_schedule_targets();
 
 // The CUDA kernels (lib/cuda/cuda_handlers.cu).
 std::vector<FfiTarget> cuda_targets();

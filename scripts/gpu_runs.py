@@ -25,9 +25,9 @@ import jax_psroi
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import cases
 
-# The R-FCN class map of a batch of 8 images (as the GPU benchmark times it).
-PROFILE_FEATURES = (8, 3969, 38, 63)
-PROFILE_ROIS = 2400
+# The R-FCN class map and the Light-Head map of a batch of 8 images, with the
+# RoIs the GPU benchmark gives them.
+PROFILE_WORKLOADS = (((8, 3969, 38, 63), 2400), ((8, 490, 50, 84), 16000))
 
 
 def _rois(rng, num_rois, num_images, height, width, scale):
@@ -39,70 +39,113 @@ def _rois(rng, num_rois, num_images, height, width, scale):
     return np.stack([batch, x1, y1, x2, y2], axis=1).astype(np.float32)
 
 
+def _crowd(rng, num_rois, image, y, x, scale):
+    """Boxes inside one backward tile (4 x 32 pixels) of `image`: its RoI list
+    overflows and is done in passes; its pixels are covered many times."""
+    centre = np.array([x + 16, y + 2]) / scale
+    corners = centre + rng.uniform(-1.5 / scale, 1.5 / scale, size=(num_rois, 2, 2))
+    x1, x2 = np.sort(corners[:, :, 0], axis=1).T
+    y1, y2 = np.sort(corners[:, :, 1], axis=1).T
+    return np.stack([np.full(num_rois, image), x1, y1, x2, y2], axis=1).astype(np.float32)
+
+
+# Layouts and dtypes the smoke run checks (the determinism run checks all).
+SMOKE_VARIANTS = (("NCHW", "torchvision", "float32"), ("NHWC", "bin_major", "bfloat16"))
+
+
 def smoke(_args) -> int:
-    """Forward, gradient and vmap on the default device with hostile boxes,
-    compared with the CPU. Run under compute-sanitizer by gpu_check.sh."""
+    """Forward, gradient and vmap on the default device with hostile and
+    crowded boxes, compared with the CPU. Run under compute-sanitizer by
+    gpu_check.sh."""
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(2, 4 * 49, 12, 16)).astype(np.float32)
-    rois = np.concatenate([_rois(rng, 40, 2, 12, 16, 0.5),
-                           cases.hostile_rois(2, 12, 16, np.float32)])
+    rois = np.concatenate([_rois(rng, 40, 2, 12, 40, 0.5),
+                           _crowd(rng, 150, 1, 4, 0, 0.5),
+                           cases.hostile_rois(2, 12, 40, np.float32)])
     failures = 0
-    for ratio in (-1, 2):
-        forward = lambda f, r, ratio=ratio: jax_psroi.ps_roi_align(f, r, 7, 0.5, ratio)
-        grad = jax.grad(lambda f, r, forward=forward: jnp.sum(jnp.sin(forward(f, r))))
-        batched = jax.vmap(forward, in_axes=(0, None))
-        for name, fn, args in (("forward", forward, (features, rois)),
-                               ("gradient", grad, (features, rois)),
-                               ("vmap", batched, (features[:, None], rois))):
-            results = {}
-            for kind in ("default", "cpu"):
-                device = jax.devices()[0] if kind == "default" else jax.devices("cpu")[0]
-                results[kind] = np.asarray(jax.jit(fn)(*jax.device_put(args, device)))
-            ok = (np.isfinite(results["default"]).all()
-                  and np.allclose(results["default"], results["cpu"], atol=1e-4))
-            failures += not ok
-            print(f"{name:9s} sampling_ratio={ratio:2d} on {jax.devices()[0].platform}: "
-                  f"{'ok' if ok else 'DIFFERS FROM THE CPU'}")
+    for data_format, order, dtype in SMOKE_VARIANTS:
+        shape = (2, 12, 40, 4 * 49) if data_format == "NHWC" else (2, 4 * 49, 12, 40)
+        features = jnp.asarray(rng.normal(size=shape), dtype)
+        tolerance = 1e-4 if dtype == "float32" else 2e-2
+        for ratio in (-1, 2):
+            forward = lambda f, r, ratio=ratio, data_format=data_format, order=order: (
+                jax_psroi.ps_roi_align(f, r, 7, 0.5, ratio, data_format=data_format,
+                                       channel_order=order))
+            grad = jax.grad(lambda f, r, forward=forward: jnp.sum(
+                jnp.sin(forward(f, r).astype(jnp.float32))))
+            batched = jax.vmap(forward, in_axes=(0, None))
+            for name, fn, args in (("forward", forward, (features, rois)),
+                                   ("gradient", grad, (features, rois)),
+                                   ("vmap", batched, (features[:, None], rois))):
+                results = {}
+                for kind in ("default", "cpu"):
+                    device = jax.devices()[0] if kind == "default" else jax.devices("cpu")[0]
+                    results[kind] = np.asarray(
+                        jax.jit(fn)(*jax.device_put(args, device)), np.float32)
+                ok = (np.isfinite(results["default"]).all()
+                      and np.allclose(results["default"], results["cpu"], atol=tolerance,
+                                      rtol=tolerance))
+                failures += not ok
+                print(f"{name:9s} {data_format} {order} {dtype} sampling_ratio={ratio:2d} "
+                      f"on {jax.devices()[0].platform}: "
+                      f"{'ok' if ok else 'DIFFERS FROM THE CPU'}")
     return 1 if failures else 0
 
 
 def determinism(args) -> int:
-    """The same gradient `--runs` times on one device, compared bitwise."""
+    """The same gradient `--runs` times on one device, compared bitwise, for
+    every layout, channel order and dtype, with spread and crowded boxes."""
+    jax.config.update("jax_enable_x64", True)  # float64 too
     device = jax.devices(args.device)[0]
     rng = np.random.default_rng(1)
     n, c, h, w = (2, 81 * 49, 38, 63) if args.device == "gpu" else (1, 8 * 49, 38, 63)
-    features = rng.normal(size=(n, c, h, w)).astype(np.float32)
-    rois = _rois(rng, 600, n, h, w, 1 / 16)
-    cotangent = rng.normal(size=(600, c // 49, 7, 7)).astype(np.float32)
-    features, rois, cotangent = jax.device_put((features, rois, cotangent), device)
+    rois = np.concatenate([_rois(rng, 600, n, h, w, 1 / 16),
+                           _crowd(rng, 300, n - 1, 8, 32, 1 / 16)])
+    base_features = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    base_cotangent = rng.normal(size=(len(rois), c // 49, 7, 7)).astype(np.float32)
+    failures = 0
+    for data_format in jax_psroi.build_info()["layouts"]:
+        for order in ("torchvision", "bin_major"):
+            for dtype in map(jnp.dtype, jax_psroi.build_info()["dtypes"]):
+                features, cotangent = base_features, base_cotangent
+                if data_format == "NHWC":
+                    features = features.transpose(0, 2, 3, 1)
+                    cotangent = cotangent.transpose(0, 2, 3, 1)
+                features, cotangent = (jax.device_put(jnp.asarray(a, dtype), device)
+                                       for a in (features, cotangent))
+                r = jax.device_put(rois.astype(np.float64 if dtype == np.float64
+                                               else np.float32), device)
 
-    @jax.jit
-    def gradient(f, r, ct):
-        _, vjp = jax.vjp(lambda x: jax_psroi.ps_roi_align(x, r, 7, 1 / 16, 2), f)
-        return vjp(ct)[0]
+                @jax.jit
+                def gradient(f, r, ct, data_format=data_format, order=order):
+                    _, vjp = jax.vjp(lambda x: jax_psroi.ps_roi_align(
+                        x, r, 7, 1 / 16, 2, data_format=data_format, channel_order=order), f)
+                    return vjp(ct)[0]
 
-    runs = [np.asarray(gradient(features, rois, cotangent)) for _ in range(args.runs)]
-    distinct = len({run.tobytes() for run in runs})
-    spread = max(float(np.abs(run - runs[0]).max()) for run in runs)
-    print(f"{args.runs} gradients on {device}: {distinct} distinct, "
-          f"largest difference {spread:.3g}")
-    return 0 if distinct == 1 else 1
+                runs = [np.asarray(gradient(features, r, cotangent), np.float64)
+                        for _ in range(args.runs)]
+                distinct = len({run.tobytes() for run in runs})
+                spread = max(float(np.abs(run - runs[0]).max()) for run in runs)
+                failures += distinct != 1
+                print(f"{args.runs} gradients {data_format} {order} {np.dtype(dtype).name} "
+                      f"on {device}: {distinct} distinct, largest difference {spread:.3g}")
+    return 1 if failures else 0
 
 
 def profile(_args) -> int:
-    """One forward and one backward on the GPU-sized workload, for ncu."""
+    """One forward and one backward on each GPU-sized workload, for ncu."""
     rng = np.random.default_rng(2)
-    n, c, h, w = PROFILE_FEATURES
-    features = jax.device_put(rng.normal(size=PROFILE_FEATURES).astype(np.float32))
-    rois = jax.device_put(_rois(rng, PROFILE_ROIS, n, h, w, 1 / 16))
-    cotangent = jax.device_put(
-        rng.normal(size=(PROFILE_ROIS, c // 49, 7, 7)).astype(np.float32))
-    forward = jax.jit(lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 16, 2))
-    backward = jax.jit(lambda ct, r: jax.linear_transpose(
-        lambda f: jax_psroi.ps_roi_align(f, r, 7, 1 / 16, 2), features)(ct)[0])
-    jax.block_until_ready(forward(features, rois))
-    jax.block_until_ready(backward(cotangent, rois))
-    print(f"profiled {PROFILE_FEATURES} K={PROFILE_ROIS}: one forward, one backward")
+    for shape, num_rois in PROFILE_WORKLOADS:
+        n, c, h, w = shape
+        features = jax.device_put(rng.normal(size=shape).astype(np.float32))
+        rois = jax.device_put(_rois(rng, num_rois, n, h, w, 1 / 16))
+        cotangent = jax.device_put(
+            rng.normal(size=(num_rois, c // 49, 7, 7)).astype(np.float32))
+        forward = jax.jit(lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 16, 2))
+        backward = jax.jit(lambda ct, r, f=features: jax.linear_transpose(
+            lambda x: jax_psroi.ps_roi_align(x, r, 7, 1 / 16, 2), f)(ct)[0])
+        jax.block_until_ready(forward(features, rois))
+        jax.block_until_ready(backward(cotangent, rois))
+        print(f"profiled {shape} K={num_rois}: one forward, one backward")
     return 0
 
 
@@ -113,6 +156,8 @@ NCU_METRICS = {
     "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": ("% peak DRAM", 1.0),
     "smsp__inst_executed_op_global_red.sum": ("atomic red (warp)", 1.0),
     "smsp__inst_executed_op_global_atom.sum": ("atomic (warp)", 1.0),
+    "launch__registers_per_thread": ("registers", 1.0),
+    "sm__warps_active.avg.pct_of_peak_sustained_active": ("% occupancy", 1.0),
 }
 
 

@@ -116,25 +116,22 @@ def pooled_as(pooled, data_format):
     return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
 
 
-def _register_elementwise_targets():
+def _register_gpu_schedule_targets():
     """The test-only targets (not registered by the package), by key."""
     return {key: row.name for key, row in _extension._register(
-        _extension._cpu.elementwise_targets(), "cpu").items()}
+        _extension._cpu.gpu_schedule_targets(), "cpu").items()}
 
 
-_ELEMENTWISE = _register_elementwise_targets()
+_GPU_SCHEDULE = _register_gpu_schedule_targets()
 
 
-def native_elementwise(direction, operand, rois, out_shape, spatial_scale,
-                       sampling_ratio, data_format="NCHW", channel_order="torchvision"):
-    """Runs the CUDA kernels' per-element code, built for the CPU, on the CPU."""
+def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,
+                        sampling_ratio, data_format="NCHW", channel_order="torchvision"):
+    """Runs the CUDA kernels' schedule (gpu_schedule.h: buckets, blocks, tile
+    lists, passes), built for the CPU, serially on the CPU."""
     dtype = jax.numpy.dtype(operand.dtype)
-    name = _ELEMENTWISE[(_extension.OPERATION, direction, data_format, dtype)]
-    results = [jax.ShapeDtypeStruct(out_shape, dtype)]
-    compute = _arguments.compute_dtype(dtype)
-    if direction == "backward" and compute != dtype:  # the float32 accumulator
-        results.append(jax.ShapeDtypeStruct((int(np.prod(out_shape)),), compute))
-    call = jax.ffi.ffi_call(name, results)
+    name = _GPU_SCHEDULE[(_extension.OPERATION, direction, data_format, dtype)]
+    call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype)])
     with jax.default_device(jax.devices("cpu")[0]):
         out = call(operand, rois, spatial_scale=float(spatial_scale),
                    sampling_ratio=int(sampling_ratio),

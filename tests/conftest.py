@@ -3,7 +3,7 @@
 Which device a test checks: JAX's default device (the GPU where there is one)
 for properties that must hold on every backend; the CPU, named explicitly
 (inputs committed to jax.devices("cpu")), for CPU properties such as the
-bitwise-deterministic backward and the test-only element-wise targets; the
+bitwise-deterministic backward and the test-only GPU-schedule targets; the
 GPU only in tests marked `gpu`.
 """
 

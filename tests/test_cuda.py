@@ -14,7 +14,17 @@ from jax import export
 import jax_psroi
 from jax_psroi import _extension
 
-from cases import TOLERANCE, hostile_rois, random_features, random_rois
+from cases import (
+    CHANNEL_ORDERS,
+    DTYPES,
+    LAYOUTS,
+    TOLERANCE,
+    features_as,
+    hostile_rois,
+    native_gpu_schedule,
+    random_features,
+    random_rois,
+)
 
 CUDA_BUILT = bool(_extension.KERNELS["cuda"])
 TARGETS = sorted(row.name for row in _extension.KERNELS["cuda"].values())
@@ -106,20 +116,32 @@ def test_export_grad_for_cuda():
 
 
 @needs_cuda_build
-def test_float32_and_float64_backward_calls_have_one_result():
-    # Only 16-bit CUDA backwards take a float32 accumulator as a second
-    # result: the others keep the signature programs were exported with.
-    for dtype in (np.float32, np.float64):
-        features, rois = _data(dtype)
-        exported = export.export(jax.jit(jax.grad(_loss)), platforms=["cpu", "cuda"],
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
+def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
+    # CUDA calls return the result, then temporaries XLA allocates: an int32
+    # workspace (RoI buckets, offsets and, for the backward, bin spans:
+    # 2K + N + 2 + 2K(PH + PW) = 74 here) and, first, for a 16-bit backward
+    # the float32 partial sums. CPU calls return the result alone.
+    features, rois = _data(np.float32)
+    features = features.astype(dtype)
+    if np.dtype(dtype) == np.float64:
+        rois = rois.astype(np.float64)
+    element = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(
+        np.dtype(dtype), "bf16")
+    pooled, grad = f"tensor<5x2x3x3x{element}>", f"tensor<2x18x8x10x{element}>"
+    further = {"forward": "tensor<14xi32>",
+               "backward": ("tensor<2880xf32>, tensor<74xi32>" if element == "bf16"
+                            else "tensor<74xi32>")}
+    loss = lambda f, r: jnp.sum(_forward(f, r).astype(jnp.float32) ** 2)
+    for platform in ("cpu", "cuda"):
+        exported = export.export(jax.jit(jax.grad(loss)), platforms=[platform],
                                  disabled_checks=DISABLED)(features, rois)
-        backward = [line for line in _custom_calls(exported)
-                    if _target("backward", dtype) in line]
-        assert len(backward) == 2
-        element = f"f{np.dtype(dtype).itemsize * 8}"
-        for line in backward:
-            # One result, not a tuple of two.
-            assert f"-> tensor<2x18x8x10x{element}>" in line and "-> (" not in line, line
+        calls = _custom_calls(exported)
+        for direction, result in (("forward", pooled), ("backward", grad)):
+            line, = [c for c in calls if _target(direction, dtype) in c]
+            expected = (f"-> {result}" if platform == "cpu"
+                        else f"-> ({result}, {further[direction]})")
+            assert expected + " loc(" in line, (platform, line)
 
 
 @needs_cuda_build
@@ -204,10 +226,43 @@ def test_gpu_forward_and_backward_match_cpu_and_reference(dtype, sampling_ratio)
     np.testing.assert_allclose(_on("gpu", fwd, features, rois),
                                _on("cpu", fwd, features, rois), **tol)
     np.testing.assert_allclose(_on("gpu", fwd, features, rois), ref, **tol)
-    # Atomic adds reorder the sums: allow a few more ulps on the backward.
     np.testing.assert_allclose(_on("gpu", grad, features, rois),
-                               _on("cpu", grad, features, rois),
-                               atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+                               _on("cpu", grad, features, rois), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("data_format,channel_order",
+                         [(f, o) for f in LAYOUTS for o in CHANNEL_ORDERS])
+def test_gpu_runs_the_schedule_the_cpu_tests_check(data_format, channel_order, dtype):
+    # The CPU's serial run of the CUDA kernels' schedule (gpu_schedule.h)
+    # and the GPU sum in the same order; only the hardware's rounding of
+    # each product may differ. Boxes crowd one tile so that its backward
+    # takes passes; the gradient repeats bitwise.
+    rng = np.random.default_rng(35)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    features = features_as(random_features(rng, 2, 3 * 49, 20, 70, np.float32),
+                           data_format, channel_order, (7, 7)).astype(dtype)
+    centre = np.array([16.0, 2.0]) * 8
+    corners = centre + rng.uniform(-12, 12, size=(200, 2, 2))
+    crowd = np.concatenate([np.ones((200, 1)), corners.min(axis=1), corners.max(axis=1)],
+                           axis=1)
+    rois = np.concatenate([random_rois(rng, 100, 2, 20, 70, 1 / 8, np.float64), crowd,
+                           hostile_rois(2, 20, 70, np.float64)]).astype(compute)
+    layout = dict(data_format=data_format, channel_order=channel_order)
+    fwd = lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 8, 2, **layout)
+    out = _on("gpu", fwd, features, rois)
+    cotangent = rng.normal(size=out.shape).astype(dtype)
+    grad = lambda c, r: jax.linear_transpose(lambda f: fwd(f, r), features)(c)[0]
+    tol = TOLERANCE.get(np.dtype(dtype), dict(atol=2.0 ** -7, rtol=2.0 ** -7))
+    as_f32 = lambda a: np.asarray(a, np.float32 if dtype != np.float64 else np.float64)
+    np.testing.assert_allclose(as_f32(out), as_f32(native_gpu_schedule(
+        "forward", features, rois, out.shape, 1 / 8, 2, **layout)), **tol)
+    gpu_grads = [_on("gpu", grad, cotangent, rois) for _ in range(3)]
+    assert len({g.tobytes() for g in gpu_grads}) == 1
+    np.testing.assert_allclose(as_f32(gpu_grads[0]), as_f32(native_gpu_schedule(
+        "backward", cotangent, rois, features.shape, 1 / 8, 2, **layout)), **tol)
+    assert np.abs(as_f32(gpu_grads[0])).max() > 1
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ from cases import (
     TOLERANCE,
     forward_shape,
     hostile_rois,
-    native_elementwise,
+    native_gpu_schedule,
     random_features,
     random_rois,
     reference,
@@ -42,13 +42,13 @@ def test_random_cases_match_reference(dtype, output_size, spatial_scale,
     out = _native(features, rois, output_size, spatial_scale, sampling_ratio)
     ref = reference(features, rois, output_size, spatial_scale,
                     sampling_ratio)
-    elementwise = native_elementwise("forward", features, rois, out.shape,
+    scheduled = native_gpu_schedule("forward", features, rois, out.shape,
                                      spatial_scale, sampling_ratio)
     chex.assert_shape(out, forward_shape(features.shape, 17, output_size))
     assert out.dtype == dtype
     assert np.abs(np.asarray(out)).max() > 0.01  # not trivially zero
     np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])
-    np.testing.assert_allclose(elementwise, ref, **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(scheduled, ref, **TOLERANCE[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
@@ -140,11 +140,11 @@ def test_hostile_rois_are_safe(dtype, sampling_ratio):
     rois = hostile_rois(n, h, w, dtype)
     out = np.asarray(_native(features, rois, 2, 1.0, sampling_ratio))
     ref = np.asarray(reference(features, rois, (2, 2), 1.0, sampling_ratio))
-    elementwise = native_elementwise("forward", features, rois, out.shape,
+    scheduled = native_gpu_schedule("forward", features, rois, out.shape,
                                      1.0, sampling_ratio)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, ref, **TOLERANCE[np.dtype(dtype)])
-    np.testing.assert_allclose(elementwise, ref, **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(scheduled, ref, **TOLERANCE[np.dtype(dtype)])
 
     sane = [0, 10, 11]  # rows torchvision handles: its loops must agree
     np.testing.assert_allclose(

@@ -20,7 +20,7 @@ from cases import (
     EXACT_DTYPES,
     TOLERANCE,
     hostile_rois,
-    native_elementwise,
+    native_gpu_schedule,
     random_features,
     random_rois,
     reference_vjp,
@@ -44,7 +44,7 @@ def _native_grad(features, rois, cotangent, output_size, scale, ratio):
 @pytest.mark.parametrize("output_size,spatial_scale,sampling_ratio", [
     ((3, 3), 1.0, -1), ((2, 3), 0.5, 2), ((3, 2), 1 / 16, 0), ((1, 1), 1.0, 4),
 ])
-def test_backward_matches_reference_and_elementwise(
+def test_backward_matches_reference_and_gpu_schedule(
         dtype, output_size, spatial_scale, sampling_ratio):
     rng = np.random.default_rng(11)
     ph, pw = output_size
@@ -55,13 +55,13 @@ def test_backward_matches_reference_and_elementwise(
                         sampling_ratio)
     ref = reference_vjp(features, rois, cotangent, output_size, spatial_scale,
                         sampling_ratio)
-    elementwise = native_elementwise("backward", cotangent, rois,
+    scheduled = native_gpu_schedule("backward", cotangent, rois,
                                      features.shape, spatial_scale,
                                      sampling_ratio)
     assert grad.dtype == dtype and grad.shape == features.shape
     assert np.abs(np.asarray(grad)).max() > 0.01
     np.testing.assert_allclose(grad, ref, **TOLERANCE[np.dtype(dtype)])
-    np.testing.assert_allclose(elementwise, ref, **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(scheduled, ref, **TOLERANCE[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])

@@ -27,7 +27,7 @@ from cases import (
     features_as,
     features_from,
     hostile_rois,
-    native_elementwise,
+    native_gpu_schedule,
     pooled_as,
     random_features,
     random_rois,
@@ -69,9 +69,9 @@ def test_forward_equals_permuted_nchw(data_format, channel_order, sampling_ratio
     assert np.abs(expected).max() > 0.01
     np.testing.assert_allclose(out, expected, **TOLERANCE[np.dtype(dtype)])
     # The CUDA kernels' per-element code, in the same layout and order.
-    elementwise = native_elementwise("forward", permuted, rois, expected.shape, 0.5,
+    scheduled = native_gpu_schedule("forward", permuted, rois, expected.shape, 0.5,
                                      sampling_ratio, data_format, channel_order)
-    np.testing.assert_allclose(elementwise, expected, **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(scheduled, expected, **TOLERANCE[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
@@ -94,10 +94,10 @@ def test_gradient_equals_permuted_nchw(data_format, channel_order, sampling_rati
     np.testing.assert_allclose(features_from(np.asarray(grad), data_format, channel_order,
                                              (2, 3)),
                                nchw, **TOLERANCE[np.dtype(dtype)])
-    elementwise = native_elementwise("backward", pooled_as(cotangent, data_format), rois,
+    scheduled = native_gpu_schedule("backward", pooled_as(cotangent, data_format), rois,
                                      permuted.shape, 0.5, sampling_ratio, data_format,
                                      channel_order)
-    np.testing.assert_allclose(elementwise, grad, **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(scheduled, grad, **TOLERANCE[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)

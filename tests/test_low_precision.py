@@ -24,7 +24,7 @@ from cases import (
     LOW_PRECISION_DTYPES,
     features_as,
     hostile_rois,
-    native_elementwise,
+    native_gpu_schedule,
     random_features,
     random_rois,
     reference,
@@ -87,9 +87,9 @@ def test_forward_within_the_low_precision_rule(dtype, data_format, channel_order
     low_precision = reference(features, rois, OUTPUT_SIZE, 0.5, sampling_ratio, **layout)
     _check(out, exact, low_precision, dtype)
     # The CUDA kernels' per-element code, on the CPU.
-    elementwise = native_elementwise("forward", features, rois, out.shape, 0.5,
+    scheduled = native_gpu_schedule("forward", features, rois, out.shape, 0.5,
                                      sampling_ratio, data_format, channel_order)
-    _check(elementwise, exact, low_precision, dtype)
+    _check(scheduled, exact, low_precision, dtype)
 
 
 @pytest.mark.parametrize("dtype,data_format,channel_order,sampling_ratio", CASES)
@@ -108,9 +108,9 @@ def test_gradient_within_the_low_precision_rule(dtype, data_format, channel_orde
     low_precision = reference_vjp(features, rois, cotangent, OUTPUT_SIZE, 0.5,
                                   sampling_ratio, **layout)
     _check(grad, exact, low_precision, dtype)
-    elementwise = native_elementwise("backward", cotangent, rois, features.shape, 0.5,
+    scheduled = native_gpu_schedule("backward", cotangent, rois, features.shape, 0.5,
                                      sampling_ratio, data_format, channel_order)
-    _check(elementwise, exact, low_precision, dtype)
+    _check(scheduled, exact, low_precision, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)

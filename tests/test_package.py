@@ -41,14 +41,14 @@ def test_kernel_table_has_a_forward_and_a_backward_per_dtype_and_layout():
 
 
 def test_import_registers_no_test_only_targets(tmp_path):
-    # The element-wise targets exist for the tests only: after a plain import
+    # The GPU-schedule targets exist for the tests only: after a plain import
     # of the package, XLA's CPU backend does not know them.
     # The same call works once the tests' own registration has run.
     tests = pathlib.Path(__file__).parent
     code = (
         "import sys, jax, numpy as np, jax_psroi\n"
         "call = jax.ffi.ffi_call(\n"
-        "    'jax_psroi_testing_elementwise_ps_roi_align_forward_nchw_f32',\n"
+        "    'jax_psroi_testing_gpu_schedule_ps_roi_align_forward_nchw_f32',\n"
         "    jax.ShapeDtypeStruct((1, 1, 1, 1), np.float32))\n"
         "def run():\n"
         "    try:\n"

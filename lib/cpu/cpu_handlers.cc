@@ -35,8 +35,8 @@ struct BackwardState {
 
 template <typename S, typename Layout>
 ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
-                    ffi::Result<MapBuffer<S>> output, double spatial_scale,
-                    int64_t sampling_ratio, int64_t channel_order) {
+                    ffi::Result<MapBuffer<S>> output, ffi::RemainingRets,
+                    double spatial_scale, int64_t sampling_ratio, int64_t channel_order) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
@@ -58,15 +58,14 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
 template <typename S, typename Layout>
 ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                      ffi::Result<MapBuffer<S>> grad_input,
-                     ffi::RemainingRets further,
+                     ffi::RemainingRets,
                      double spatial_scale, int64_t sampling_ratio, int64_t channel_order) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return ready_with(dims.error());
   // Units sum 16-bit gradients in scratch of their own: the CPU takes no
-  // accumulator.
-  (void)further;
+  // further results.
   const PsRoiDims d = dims.value();
   const S* cot = data<S>(cotangent);
   const T* boxes = data<T>(rois);

@@ -13,7 +13,7 @@ NB_MODULE(_cpu, m) {
       nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.def("targets", []() { return jax_psroi::python_targets(jax_psroi::cpu_targets()); },
         "The product's targets: [(name, operation, direction, layout, dtype, capsule)].");
-  m.def("elementwise_targets",
-        []() { return jax_psroi::python_targets(jax_psroi::cpu_elementwise_targets()); },
-        "Test-only targets running the CUDA kernels' per-element code on the CPU.");
+  m.def("gpu_schedule_targets",
+        []() { return jax_psroi::python_targets(jax_psroi::cpu_gpu_schedule_targets()); },
+        "Test-only targets running the CUDA kernels' schedule serially on the CPU.");
 }

@@ -3,6 +3,7 @@
 // handler per row of the kernel table.
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <cuda_runtime_api.h>
@@ -23,18 +24,33 @@ ffi::Error launch_result(const char* what, cudaError_t err) {
                               cudaGetErrorString(err));
 }
 
+// The int32 workspace: the call's last further result.
+ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index,
+                                 const PsRoiDims& d, bool backward) {
+  if (d.num_rois > INT32_MAX - d.num_images - 2) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+        "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs per call"));
+  }
+  ffi::ErrorOr<WorkspaceBuffer> ws = further_result<WorkspaceBuffer>(
+      further, index, gpu_schedule::workspace_elements(d, backward), "an int32 workspace");
+  if (ws.has_error()) return ffi::Unexpected<ffi::Error>(ws.error());
+  return data<int32_t>(*ws);
+}
+
 template <typename S, typename Layout>
 ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
-                   ffi::Result<MapBuffer<S>> output, double spatial_scale,
-                   int64_t sampling_ratio, int64_t channel_order) {
+                   ffi::Result<MapBuffer<S>> output, ffi::RemainingRets further,
+                   double spatial_scale, int64_t sampling_ratio, int64_t channel_order) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
+  ffi::ErrorOr<int32_t*> ws = workspace(further, 0, dims.value(), /*backward=*/false);
+  if (ws.has_error()) return ws.error();
   return launch_result("forward kernel launch",
                        launch_forward<S, Layout>(
                            stream, data<S>(input), data<T>(rois), dims.value(),
-                           static_cast<T>(spatial_scale), sampling_ratio,
+                           static_cast<T>(spatial_scale), sampling_ratio, ws.value(),
                            data<S>(*output)));
 }
 
@@ -44,15 +60,24 @@ ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> r
                     ffi::RemainingRets further, double spatial_scale,
                     int64_t sampling_ratio, int64_t channel_order) {
   using T = ComputeType<S>;
+  constexpr bool kNarrow = !std::is_same_v<S, T>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
   if (dims.has_error()) return dims.error();
-  ffi::ErrorOr<T*> sums = backward_sums<S>(*grad_input, further);
-  if (sums.has_error()) return sums.error();
+  const PsRoiDims d = dims.value();
+  T* sums = reinterpret_cast<T*>(data<S>(*grad_input));
+  if constexpr (kNarrow) {
+    ffi::ErrorOr<AccumulatorBuffer<S>> accumulator = further_result<AccumulatorBuffer<S>>(
+        further, 0, d.feature_elements(), "a float32 accumulator");
+    if (accumulator.has_error()) return accumulator.error();
+    sums = data<T>(*accumulator);
+  }
+  ffi::ErrorOr<int32_t*> ws = workspace(further, kNarrow ? 1 : 0, d, /*backward=*/true);
+  if (ws.has_error()) return ws.error();
   return launch_result("backward kernel launch",
                        launch_backward<S, Layout>(
-                           stream, data<S>(cotangent), data<T>(rois), dims.value(),
-                           static_cast<T>(spatial_scale), sampling_ratio, sums.value(),
+                           stream, data<S>(cotangent), data<T>(rois), d,
+                           static_cast<T>(spatial_scale), sampling_ratio, ws.value(), sums,
                            data<S>(*grad_input)));
 }
 

@@ -1,118 +1,180 @@
-// CUDA kernels of PS-RoI Align and their launchers. All arithmetic on boxes,
-// samples and weights is in psroi_math.h, shared with the CPU kernels; this
-// file only maps threads to output elements. No XLA types: the handlers in
-// cuda_handlers.cu translate FFI buffers into these calls.
+// CUDA kernels of PS-RoI Align and their launchers. What each block does is
+// in gpu_schedule.h (shared with the CPU tests), the arithmetic in
+// psroi_math.h; this file gives the schedule a real thread block and
+// launches it. No XLA types: the handlers in cuda_handlers.cu translate FFI
+// buffers into these calls. Every kernel is deterministic: no float atomics.
 #ifndef JAX_PSROI_CUDA_PSROI_CUDA_KERNELS_CUH_
 #define JAX_PSROI_CUDA_PSROI_CUDA_KERNELS_CUH_
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_runtime_api.h>
 
+#include "gpu_schedule.h"
 #include "psroi_math.h"
 
 namespace jax_psroi {
 namespace cuda {
 
-constexpr int kThreadsPerBlock = 256;
-// Enough blocks to fill any current GPU; the grid-stride loops cover the rest.
-constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+namespace gs = gpu_schedule;
 
-inline int blocks_for(int64_t elements) {
-  return static_cast<int>(std::min<int64_t>(
-      kMaxBlocks, (elements + kThreadsPerBlock - 1) / kThreadsPerBlock));
+constexpr int kThreads = gs::kThreads;
+constexpr int kWarps = kThreads / 32;
+// The grid-stride loops cover any count of blocks with at most this many.
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+
+inline int grid_for(int64_t blocks) {
+  return static_cast<int>(std::min<int64_t>(kMaxBlocks, std::max<int64_t>(blocks, 1)));
 }
 
-// 64-bit grid-stride loop: index arithmetic never wraps for large outputs.
-__device__ __forceinline__ int64_t first_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t stride() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
+// The executor of gpu_schedule.h for this thread block; every step ends in a
+// barrier, so all threads must call every step.
+struct DeviceBlock {
+  static constexpr int64_t threads = kThreads;
+  int* warp_totals;  // shared, kWarps entries
 
-// Storage type S (features, output, cotangent, gradient); compute type T
-// (RoIs, every sum).
-template <typename S, typename Layout, typename T = ComputeType<S>>
-__global__ void forward_kernel(const S* __restrict__ input,
-                               const T* __restrict__ rois, PsRoiDims dims,
-                               T spatial_scale, int64_t sampling_ratio,
-                               S* __restrict__ output) {
-  const Layout layout = Layout::of(dims);
-  const int64_t total = dims.outputs();
-  for (int64_t i = first_index(); i < total; i += stride()) {
-    output[i] = Storage<S>::store(
-        forward_element(input, rois, dims, layout, spatial_scale, sampling_ratio, i));
+  template <typename F>
+  __device__ void each(int64_t n, F f) {
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) f(i);
+    __syncthreads();
   }
-}
-
-struct AtomicAdd {
-  template <typename T>
-  __device__ void operator()(T* address, T value) const {
-    atomicAdd(address, value);
+  template <typename P>
+  __device__ int64_t count(int64_t n, P pred) {
+    return __syncthreads_count(threadIdx.x < n && pred(threadIdx.x));
+  }
+  // Rank = set flags of lower lanes of this warp plus totals of lower warps.
+  template <typename P, typename F>
+  __device__ int64_t compact(int64_t n, P pred, int64_t base, F f) {
+    const bool flag = threadIdx.x < n && pred(threadIdx.x);
+    const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_totals[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w < warp) before += warp_totals[w];
+      total += warp_totals[w];
+    }
+    if (flag) f(threadIdx.x, base + before + __popc(ballot & ((1u << lane) - 1u)));
+    __syncthreads();
+    return total;
+  }
+  template <typename F>
+  __device__ void single(F f) {
+    if (threadIdx.x == 0) f();
+    __syncthreads();
   }
 };
 
-template <typename S, typename Layout, typename T = ComputeType<S>>
-__global__ void backward_kernel(const S* __restrict__ cotangent,
-                                const T* __restrict__ rois, PsRoiDims dims,
-                                T spatial_scale, int64_t sampling_ratio,
-                                T* sums) {
-  const Layout layout = Layout::of(dims);
-  const int64_t total = dims.outputs();
-  for (int64_t i = first_index(); i < total; i += stride()) {
-    backward_element(cotangent, rois, dims, layout, spatial_scale,
-                     sampling_ratio, i, sums, AtomicAdd{});
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bucket_ids_kernel(const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
+                      int64_t sampling_ratio, int32_t* __restrict__ bucket) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; k < d.num_rois;
+       k += static_cast<int64_t>(gridDim.x) * kThreads) {
+    bucket[k] = gs::roi_bucket(rois, d, spatial_scale, sampling_ratio, k);
   }
 }
 
-// Rounds the compute-type sums into the storage-type gradient, once.
-template <typename S, typename T = ComputeType<S>>
-__global__ void store_kernel(const T* __restrict__ sums, int64_t count, S* __restrict__ grad) {
-  for (int64_t i = first_index(); i < count; i += stride()) grad[i] = Storage<S>::store(sums[i]);
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    spans_kernel(const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
+                 int64_t sampling_ratio, int32_t* __restrict__ spans) {
+  const int64_t total = d.num_rois * (d.pooled_h + d.pooled_w);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    gs::write_span(rois, d, spatial_scale, sampling_ratio, i, spans);
+  }
 }
 
-// Enqueues the forward on `stream`: one thread per output element.
+__global__ void __launch_bounds__(kThreads)
+    bucket_kernel(PsRoiDims d, gs::Workspace ws) {
+  __shared__ int warp_totals[kWarps];
+  DeviceBlock block{warp_totals};
+  for (int64_t b = blockIdx.x; b <= d.num_images; b += gridDim.x) {
+    gs::bucket_block(block, d, ws.bucket, ws.order, ws.offsets, b);
+  }
+}
+
 template <typename S, typename Layout, typename T = ComputeType<S>>
-cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
-                           const PsRoiDims& dims, T spatial_scale,
-                           int64_t sampling_ratio, S* output) {
-  const int64_t total = dims.outputs();
-  if (total == 0) return cudaSuccess;
-  forward_kernel<S, Layout><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-      input, rois, dims, spatial_scale, sampling_ratio, output);
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const S* __restrict__ input, const T* __restrict__ rois, PsRoiDims d,
+                   T spatial_scale, int64_t sampling_ratio, gs::Workspace ws,
+                   S* __restrict__ output) {
+  DeviceBlock block{nullptr};  // the forward never compacts
+  const int64_t blocks = gs::forward_blocks<Layout>(d);
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    gs::forward_block<DeviceBlock, S, Layout>(block, input, rois, d, spatial_scale,
+                                              sampling_ratio, ws, b, output);
+  }
+}
+
+template <typename S, typename Layout, typename T = ComputeType<S>>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const S* __restrict__ cotangent, const T* __restrict__ rois, PsRoiDims d,
+                    T spatial_scale, int64_t sampling_ratio, gs::Workspace ws, T* sums,
+                    S* grad) {
+  __shared__ gs::BackwardShared<T> shared;
+  __shared__ int warp_totals[kWarps];
+  DeviceBlock block{warp_totals};
+  const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    gs::backward_block<DeviceBlock, S, Layout>(block, shared, cotangent, rois, d,
+                                               spatial_scale, sampling_ratio, ws, b, sums,
+                                               grad);
+  }
+}
+
+// Enqueues the RoI buckets (and, for the backward, the spans) into the
+// workspace `ws` of gs::workspace_elements(d, backward) int32s.
+template <typename T>
+cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const PsRoiDims& d,
+                           T spatial_scale, int64_t sampling_ratio, int32_t* workspace,
+                           bool backward, gs::Workspace* ws) {
+  *ws = gs::workspace_views(workspace, d);
+  if (d.num_rois > 0) {
+    bucket_ids_kernel<T><<<grid_for((d.num_rois + kThreads - 1) / kThreads), kThreads, 0,
+                           stream>>>(rois, d, spatial_scale, sampling_ratio, ws->bucket);
+    if (backward) {
+      const int64_t spans = d.num_rois * (d.pooled_h + d.pooled_w);
+      spans_kernel<T><<<grid_for((spans + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          rois, d, spatial_scale, sampling_ratio, ws->spans);
+    }
+  }
+  bucket_kernel<<<grid_for(d.num_images + 1), kThreads, 0, stream>>>(d, *ws);
   return cudaGetLastError();
 }
 
-// Enqueues the zeroing of `sums`, the backward and, when `sums` is a
-// compute-type accumulator of a 16-bit gradient, its rounding into `grad`.
-// One thread per cotangent element, scattering with atomicAdd, so the order
-// of the additions (and the last bits of the result) varies run to run.
 template <typename S, typename Layout, typename T = ComputeType<S>>
-cudaError_t launch_backward(cudaStream_t stream, const S* cotangent,
-                            const T* rois, const PsRoiDims& dims,
-                            T spatial_scale, int64_t sampling_ratio,
-                            T* sums, S* grad) {
-  const int64_t grad_elements = dims.feature_elements();
-  cudaError_t err = cudaMemsetAsync(sums, 0, grad_elements * sizeof(T), stream);
+cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
+                           const PsRoiDims& d, T spatial_scale, int64_t sampling_ratio,
+                           int32_t* workspace, S* output) {
+  if (d.outputs() == 0) return cudaSuccess;
+  gs::Workspace ws;
+  cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
+                                   /*backward=*/false, &ws);
   if (err != cudaSuccess) return err;
-  const int64_t total = dims.outputs();
-  if (total > 0) {
-    backward_kernel<S, Layout><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
-        cotangent, rois, dims, spatial_scale, sampling_ratio, sums);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if constexpr (!std::is_same_v<S, T>) {
-    if (grad_elements > 0) {
-      store_kernel<S><<<blocks_for(grad_elements), kThreadsPerBlock, 0, stream>>>(
-          sums, grad_elements, grad);
-      err = cudaGetLastError();
-    }
-  }
-  return err;
+  forward_kernel<S, Layout><<<grid_for(gs::forward_blocks<Layout>(d)), kThreads, 0, stream>>>(
+      input, rois, d, spatial_scale, sampling_ratio, ws, output);
+  return cudaGetLastError();
+}
+
+// `sums` is the gradient when S is its own compute type, else the float32
+// accumulator of a 16-bit gradient.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+cudaError_t launch_backward(cudaStream_t stream, const S* cotangent, const T* rois,
+                            const PsRoiDims& d, T spatial_scale, int64_t sampling_ratio,
+                            int32_t* workspace, T* sums, S* grad) {
+  if (d.feature_elements() == 0) return cudaSuccess;
+  gs::Workspace ws;
+  cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
+                                   /*backward=*/true, &ws);
+  if (err != cudaSuccess) return err;
+  backward_kernel<S, Layout>
+      <<<grid_for(gs::BackwardTiling::of(d).blocks(d)), kThreads, 0, stream>>>(
+          cotangent, rois, d, spatial_scale, sampling_ratio, ws, sums, grad);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

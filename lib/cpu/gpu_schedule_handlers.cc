@@ -1,0 +1,151 @@
+// Test-only FFI handlers: the CUDA kernels' schedule (gpu_schedule.h) run
+// serially on the CPU, block after block, each block's steps over all its
+// threads in turn, so that the CPU tests check the indexing, ownership and
+// ordering the GPU runs. They are not part of the product: the module hands
+// them out under their own prefix, and only the tests register them.
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "ffi_common.h"
+#include "gpu_schedule.h"
+#include "kernel_table.h"
+#include "psroi_math.h"
+#include "targets.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_psroi {
+namespace cpu {
+namespace {
+
+namespace gs = gpu_schedule;
+
+// A thread block as a serial loop: each step runs for every thread before
+// the next starts, which is what the block's barriers guarantee on the GPU.
+struct SerialBlock {
+  int64_t threads = gs::kThreads;
+
+  template <typename F>
+  void each(int64_t n, F f) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+  template <typename P>
+  int64_t count(int64_t n, P pred) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) c += pred(i) ? 1 : 0;
+    return c;
+  }
+  template <typename P, typename F>
+  int64_t compact(int64_t n, P pred, int64_t base, F f) {
+    int64_t at = base;
+    for (int64_t i = 0; i < n; ++i) {
+      if (pred(i)) f(i, at++);
+    }
+    return at - base;
+  }
+  template <typename F>
+  void single(F f) {
+    f();
+  }
+};
+
+// The bucket kernels, as the CUDA handlers launch them.
+template <typename T>
+gs::Workspace fill_workspace(std::vector<int32_t>& storage, const T* rois, const PsRoiDims& d,
+                             T spatial_scale, int64_t sampling_ratio, bool backward) {
+  storage.assign(gs::workspace_elements(d, backward), 0);
+  gs::Workspace ws = gs::workspace_views(storage.data(), d);
+  for (int64_t k = 0; k < d.num_rois; ++k) {
+    ws.bucket[k] = gs::roi_bucket(rois, d, spatial_scale, sampling_ratio, k);
+  }
+  SerialBlock block;
+  for (int64_t b = 0; b <= d.num_images; ++b) {
+    gs::bucket_block(block, d, ws.bucket, ws.order, ws.offsets, b);
+  }
+  if (backward) {
+    for (int64_t i = 0; i < d.num_rois * (d.pooled_h + d.pooled_w); ++i) {
+      gs::write_span(rois, d, spatial_scale, sampling_ratio, i, ws.spans);
+    }
+  }
+  return ws;
+}
+
+template <typename S, typename Layout>
+ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
+                             ffi::Result<MapBuffer<S>> output, ffi::RemainingRets,
+                             double spatial_scale, int64_t sampling_ratio,
+                             int64_t channel_order) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
+  if (dims.has_error()) return dims.error();
+  const PsRoiDims d = dims.value();
+  const T scale = static_cast<T>(spatial_scale);
+  std::vector<int32_t> storage;
+  const gs::Workspace ws =
+      fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, false);
+  SerialBlock block;
+  for (int64_t b = 0; b < gs::forward_blocks<Layout>(d); ++b) {
+    gs::forward_block<SerialBlock, S, Layout>(block, data<S>(input), data<T>(rois), d, scale,
+                                              sampling_ratio, ws, b, data<S>(*output));
+  }
+  return ffi::Error::Success();
+}
+
+// A 16-bit gradient carries its partial sums in a float32 accumulator, as on
+// the GPU (where it is the call's further result).
+template <typename S, typename Layout>
+ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
+                              ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
+                              double spatial_scale, int64_t sampling_ratio,
+                              int64_t channel_order) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
+  if (dims.has_error()) return dims.error();
+  const PsRoiDims d = dims.value();
+  const T scale = static_cast<T>(spatial_scale);
+  std::vector<int32_t> storage;
+  const gs::Workspace ws =
+      fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, true);
+  S* grad = data<S>(*grad_input);
+  std::vector<T> accumulator;
+  T* sums;
+  if constexpr (std::is_same_v<S, T>) {
+    sums = grad;
+  } else {
+    accumulator.assign(d.feature_elements(), T(0));
+    sums = accumulator.data();
+  }
+  SerialBlock block;
+  auto shared = std::make_unique<gs::BackwardShared<T>>();
+  const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
+  for (int64_t b = 0; b < blocks; ++b) {
+    gs::backward_block<SerialBlock, S, Layout>(block, *shared, data<S>(cotangent),
+                                               data<T>(rois), d, scale, sampling_ratio, ws,
+                                               b, sums, grad);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+template <typename Operation, Direction D, typename Layout, typename S>
+struct ScheduledHandler;
+
+template <Direction D, typename Layout, typename S>
+struct ScheduledHandler<PsRoiAlign, D, Layout, S> {
+  static auto make() {
+    return bind_row<D, S>([] { return ffi::Ffi::Bind(); }, forward_scheduled<S, Layout>,
+                          backward_scheduled<S, Layout>);
+  }
+};
+
+}  // namespace cpu
+
+std::vector<FfiTarget> cpu_gpu_schedule_targets() {
+  return ffi_targets<cpu::ScheduledHandler>("jax_psroi_testing_gpu_schedule_");
+}
+
+}  // namespace jax_psroi

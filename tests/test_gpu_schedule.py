@@ -1,0 +1,96 @@
+"""The CUDA kernels' schedule (lib/gpu_schedule.h), run serially on the CPU.
+
+The other suites compare it with the reference on small cases, where every
+backward tile takes one pass and every pixel keeps all its RoIs. Here the
+RoIs crowd: hundreds meet one tile in every bin, so a tile's list fills and
+the tile is done in several passes (float32 lists hold 128 RoIs, float64
+lists 64), partial sums carried in the gradient or, for 16-bit types, in a
+float32 accumulator; and dozens cover one pixel, past the 8 a pixel keeps.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cases import (
+    CHANNEL_ORDERS,
+    DTYPES,
+    EXACT_DTYPES,
+    LAYOUTS,
+    TOLERANCE,
+    features_as,
+    native_gpu_schedule,
+    pooled_as,
+    random_rois,
+    reference,
+    reference_vjp,
+)
+
+OUTPUT_SIZE = (2, 3)
+COMBINATIONS = [(f, o) for f in LAYOUTS for o in CHANNEL_ORDERS]
+
+
+def _crowd(dtype, seed):
+    """Two images 9 x 70 (three tile rows, three tile columns, the last ones
+    partial); 300 boxes inside the first tile (rows 0-3, columns 0-31) of
+    image 1, and 60 anywhere."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(2, 3 * 6, 9, 70)).astype(np.float32)
+    centre = np.array([16.0, 1.5])
+    corners = centre + rng.uniform(-1.5, 1.5, size=(300, 2, 2))
+    x1, x2 = np.sort(corners[:, :, 0], axis=1).T
+    y1, y2 = np.sort(corners[:, :, 1], axis=1).T
+    crowd = np.stack([np.ones(300), x1, y1, x2, y2], axis=1)
+    spread = random_rois(rng, 60, 2, 9, 70, 1.0, np.float64)
+    rois = np.concatenate([crowd, spread])[rng.permutation(360)]
+    return rng, features, rois
+
+
+def _as(dtype, *arrays):
+    return [jnp.asarray(a, dtype) for a in arrays]
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
+def test_crowded_tiles_match_the_reference(dtype, data_format, channel_order):
+    rng, features, rois = _crowd(dtype, 70)
+    layout = dict(data_format=data_format, channel_order=channel_order)
+    features = features_as(features.astype(dtype), data_format, channel_order, OUTPUT_SIZE)
+    rois = rois.astype(dtype)
+    cotangent = pooled_as(rng.normal(size=(360, 3, *OUTPUT_SIZE)).astype(dtype), data_format)
+
+    expected = np.asarray(reference(features, rois, OUTPUT_SIZE, 1.0, 2, **layout))
+    out = native_gpu_schedule("forward", features, rois, expected.shape, 1.0, 2, **layout)
+    np.testing.assert_allclose(out, expected, **TOLERANCE[np.dtype(dtype)])
+
+    expected = np.asarray(reference_vjp(features, rois, cotangent, OUTPUT_SIZE, 1.0, 2,
+                                        **layout))
+    grad = native_gpu_schedule("backward", cotangent, rois, features.shape, 1.0, 2, **layout)
+    # The crowd really covers pixels many times over: with a cotangent of
+    # ones a pixel's gradient sums the weights (each at most 1) of the RoIs
+    # covering it.
+    coverage = np.asarray(reference_vjp(features, rois, np.ones_like(cotangent),
+                                        OUTPUT_SIZE, 1.0, 2, **layout))
+    assert coverage.max() > 20
+    np.testing.assert_allclose(grad, expected, **TOLERANCE[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d not in EXACT_DTYPES])
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_crowded_16_bit_gradient_is_rounded_once(dtype, data_format):
+    # Partial sums between passes stay in float32: the result is the float32
+    # gradient rounded once, within one 16-bit step.
+    rng, features, rois = _crowd(dtype, 71)
+    layout = dict(data_format=data_format, channel_order="torchvision")
+    features = features_as(features, data_format, "torchvision", OUTPUT_SIZE)
+    cotangent = pooled_as(rng.normal(size=(360, 3, *OUTPUT_SIZE)).astype(np.float32),
+                          data_format)
+    cot16, = _as(dtype, cotangent)
+    exact = np.asarray(reference_vjp(features, rois.astype(np.float32),
+                                     np.asarray(cot16, np.float32), OUTPUT_SIZE, 1.0, 2,
+                                     **layout))
+    grad = native_gpu_schedule("backward", cot16, rois.astype(np.float32), features.shape,
+                               1.0, 2, **layout).astype(np.float32)
+    step = 2.0 ** -jnp.finfo(dtype).nmant
+    assert np.abs(exact).max() > 1
+    np.testing.assert_array_less(np.abs(grad - exact), step * np.abs(exact) + 1e-6)
