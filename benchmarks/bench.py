@@ -357,7 +357,8 @@ def main(argv=None):
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     markdown = report.markdown(results)
     (args.out / f"{stem}.md").write_text(markdown)
-    report.plot(points, args.out / plot_name, report.machine_name(results))
+    if points:
+        report.plot(points, args.out / plot_name, report.machine_name(results))
     print(markdown)
     print(f"wrote {args.out}/{stem}.md, {stem}.json, {plot_name}")
 

@@ -114,6 +114,14 @@ def target_name(platform: str, direction: str, dtype, layout: str = "NCHW",
     return table[key].name
 
 
+def cuda_workspace_elements(backward: bool, num_images: int, num_rois: int, height: int,
+                            pooled_h: int, pooled_w: int) -> int:
+    """Int32 elements of the workspace a CUDA call takes as its last result
+    (RoI buckets, lists and spans; lib/gpu_schedule.h computes it)."""
+    return _cpu.cuda_workspace_elements(backward, num_images, num_rois, height, pooled_h,
+                                        pooled_w)
+
+
 def build_info() -> dict:
     """What this installation of jax_psroi was built with.
 

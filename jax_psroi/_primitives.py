@@ -76,16 +76,6 @@ mlir.register_lowering(
 
 # --- Native lowerings --------------------------------------------------------
 
-def _cuda_workspace_size(direction, num_rois, num_images, pooled_h, pooled_w):
-    """Int32s of the CUDA kernels' workspace (gpu_schedule::workspace_elements):
-    RoI buckets and order, bucket offsets, and for the backward each RoI's
-    pixel span per bin row and column."""
-    size = 2 * num_rois + num_images + 2
-    if direction == "backward":
-        size += 2 * num_rois * (pooled_h + pooled_w)
-    return size
-
-
 def _native_lowering(platform, direction, ctx, operand, rois, *,
                      spatial_scale, sampling_ratio, data_format, channel_order, **_):
     dtype = ctx.avals_in[0].dtype
@@ -102,10 +92,11 @@ def _native_lowering(platform, direction, ctx, operand, rois, *,
             # A 16-bit gradient's partial sums between the passes of a crowded
             # tile, in float32.
             further.append(jax.core.ShapedArray((features.size,), compute))
-        num_images = features.shape[0]  # N leads in both layouts
-        further.append(jax.core.ShapedArray(
-            (_cuda_workspace_size(direction, rois.type.shape[0], num_images,
-                                  pooled_h, pooled_w),), np.int32))
+        n, _, height, _ = (features.shape[axis]
+                           for axis in _arguments.LAYOUT_AXES[data_format])
+        further.append(jax.core.ShapedArray((_extension.cuda_workspace_elements(
+            direction == "backward", n, pooled.shape[0], height, pooled_h, pooled_w),),
+            np.int32))
         ctx = ctx.replace(avals_out=[ctx.avals_out[0], *further])
     results = jax.ffi.ffi_lowering(name)(
         ctx, operand, rois, spatial_scale=float(spatial_scale),

@@ -7,20 +7,24 @@
 // ordering rule the GPU uses.
 //
 // An Exec offers, each followed by a barrier of the block:
-//   each(n, f)                 f(i) for every i in [0, n), spread over threads
-//   count(n, pred)             how many i in [0, n) satisfy pred (n <= threads)
-//   compact(n, pred, base, f)  f(i, base + rank) for the i in [0, n) that
-//                              satisfy pred, rank counting in increasing i
-//   single(f)                  f() on one thread
+//   each(n, f)        f(i) for every i in [0, n), spread over threads
+//   sum(n, f)         the sum of f(i) over i in [0, n) (n <= threads)
+//   compact(n, pred, base, limit, f)
+//                     the number of i in [0, n) (n <= threads) that satisfy
+//                     pred; and if base plus that number is at most limit,
+//                     f(i, base + rank) for each of them, rank counting in
+//                     increasing i
+//   single(f)         f() on one thread
 // and `threads`, its number of threads. Values written by one step are seen
 // by every thread in the next.
 //
 // Three kernels, all deterministic (no atomics on floats, every sum in a
 // fixed order):
-//   1. Buckets. RoIs are sorted stably by the image they read (bucket
-//      N holds those that read nothing: bad batch index, non-finite
-//      geometry, empty grid), and, for the backward, each RoI's pixel span
-//      per bin row and bin column is kept.
+//   1. Buckets. For the forward, RoIs are sorted stably by the image they
+//      read (bucket N holds those that read nothing: bad batch index,
+//      non-finite geometry, empty grid). For the backward, each (image, row
+//      of tiles) lists in order the RoIs whose box touches it, and each
+//      RoI's pixel span per bin row and bin column is kept.
 //   2. Forward. A block owns one bucket and a group of input channels (one
 //      plane in NCHW; 32 consecutive channels in NHWC, read as one
 //      contiguous run per tap). Its threads walk the bucket's RoIs, so the
@@ -29,8 +33,8 @@
 //   3. Backward. A block owns one image, one tile of kTileRows x kTileCols
 //      pixels and one bin, that is every gradient element of those pixels
 //      in the bin's C_out channels; it writes each of them once (zeros
-//      included, so no memset). It lists, in RoI order, the RoIs of the
-//      image whose bin window meets the tile, with their row and column
+//      included, so no memset). It lists, in RoI order, the RoIs of its
+//      bucket whose bin window meets the tile, with their row and column
 //      weights on the tile; every pixel then keeps the list entries that
 //      cover it; every element sums cotangent x weight over its pixel's
 //      entries in list order. A tile met by more RoIs than a list holds is
@@ -71,39 +75,56 @@ constexpr int list_chunk() {
 }
 
 // --- Workspace --------------------------------------------------------------
-// One int32 buffer that XLA allocates as a further result of each CUDA call.
-// Its size is computed by `workspace_elements` here and by
-// jax_psroi._primitives._cuda_workspace_size, which must agree.
+// One int32 buffer that XLA allocates as a further result of each CUDA call,
+// of workspace_elements(d, backward) elements (jax_psroi._primitives asks
+// the CPU module, which compiles this header, for the number).
+//   forward:  image [K] | order [K] | offsets [N + 2]
+//   backward: image [K] | tile_rows [K, 2] | spans [PH + PW, K, 2] |
+//             offsets [N * TY + 1] | lists [K * TY]
+// (TY: tile rows of the map). A forward bucket is an image, or N for the
+// RoIs that read nothing; a backward bucket is an (image, tile row), and
+// holds every RoI whose box touches that row of tiles.
 struct Workspace {
-  int32_t* bucket;   // [K]: the bucket of each RoI (an image, or N)
-  int32_t* order;    // [K]: RoI indices, stably sorted by bucket
-  int32_t* offsets;  // [N + 2]: bucket b is order[offsets[b], offsets[b + 1])
-  int32_t* spans;    // [K, PH + PW, 2] (backward only): first, last pixel
-                     // touched by each bin row, then each bin column
+  int32_t* image;      // [K]: the image an RoI reads, N if none
+  int32_t* order;      // forward: RoIs by bucket; backward: the lists
+  int32_t* offsets;    // bucket b is order[offsets[b], offsets[b + 1])
+  int32_t* tile_rows;  // backward: first and last tile row of each RoI
+  int32_t* spans;      // backward: first and last pixel each bin row
+                       // (axis < PH) or column of each RoI touches
 };
 
-PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
-  const int64_t base = 2 * d.num_rois + d.num_images + 2;
-  return backward ? base + 2 * d.num_rois * (d.pooled_h + d.pooled_w) : base;
+PSROI_HD int64_t tile_rows_of(const PsRoiDims& d) {
+  return (d.height + kTileRows - 1) / kTileRows;
 }
 
-PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d) {
-  Workspace w;
-  w.bucket = ws;
-  w.order = ws + d.num_rois;
-  w.offsets = ws + 2 * d.num_rois;
-  w.spans = ws + 2 * d.num_rois + d.num_images + 2;
+PSROI_HD int64_t backward_buckets(const PsRoiDims& d) {
+  return d.num_images * tile_rows_of(d);
+}
+
+PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backward) {
+  const int64_t K = d.num_rois;
+  Workspace w{};
+  w.image = ws;
+  if (!backward) {
+    w.order = ws + K;
+    w.offsets = ws + 2 * K;
+    return w;
+  }
+  w.tile_rows = ws + K;
+  w.spans = w.tile_rows + 2 * K;
+  w.offsets = w.spans + 2 * K * (d.pooled_h + d.pooled_w);
+  w.order = w.offsets + backward_buckets(d) + 1;
   return w;
 }
 
-// --- 1. Buckets -------------------------------------------------------------
-
-template <typename T>
-PSROI_HD int32_t roi_bucket(const T* rois, const PsRoiDims& d, T spatial_scale,
-                            int64_t sampling_ratio, int64_t roi) {
-  const RoiGeometry<T> g = roi_geometry(rois + 5 * roi, d, spatial_scale, sampling_ratio);
-  return static_cast<int32_t>(g.empty() ? d.num_images : g.image);
+PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
+  const int64_t K = d.num_rois;
+  if (!backward) return 2 * K + d.num_images + 2;
+  return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + backward_buckets(d) + 1 +
+         K * tile_rows_of(d);
 }
+
+// --- 1. Buckets -------------------------------------------------------------
 
 // Pixels of an axis that bin `bin`'s samples touch (low and high taps
 // included): sample coordinates, hence taps, are monotone in the sample
@@ -120,52 +141,102 @@ PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t si
   return span;
 }
 
-// Element `i` of the spans array: RoI i / (PH + PW), then a bin row
-// (< PH) or a bin column.
+// What the buckets need of RoI `roi`: its image and, for the backward, the
+// pixels each bin row and column touches and the tile rows its box touches.
 template <typename T>
-PSROI_HD void write_span(const T* rois, const PsRoiDims& d, T spatial_scale,
-                         int64_t sampling_ratio, int64_t i, int32_t* spans) {
-  const int64_t axes = d.pooled_h + d.pooled_w;
-  const int64_t roi = i / axes, a = i % axes;
+PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
+                       int64_t sampling_ratio, int64_t roi, bool backward,
+                       const Workspace& ws) {
   const RoiGeometry<T> g = roi_geometry(rois + 5 * roi, d, spatial_scale, sampling_ratio);
-  AxisSpan s{0, -1};
-  if (!g.empty()) {
-    s = a < d.pooled_h ? touched_pixels(g.y, a, d.height)
-                       : touched_pixels(g.x, a - d.pooled_h, d.width);
+  ws.image[roi] = static_cast<int32_t>(g.empty() ? d.num_images : g.image);
+  if (!backward) return;
+  int64_t first_row = d.height, last_row = -1;
+  for (int64_t a = 0; a < d.pooled_h + d.pooled_w; ++a) {
+    AxisSpan s{0, -1};
+    if (!g.empty()) {
+      s = a < d.pooled_h ? touched_pixels(g.y, a, d.height)
+                         : touched_pixels(g.x, a - d.pooled_h, d.width);
+    }
+    int32_t* span = ws.spans + 2 * (a * d.num_rois + roi);
+    span[0] = static_cast<int32_t>(s.first);
+    span[1] = static_cast<int32_t>(s.last);
+    if (a < d.pooled_h && s.first <= s.last) {
+      if (s.first < first_row) first_row = s.first;
+      if (s.last > last_row) last_row = s.last;
+    }
   }
-  spans[2 * i] = static_cast<int32_t>(s.first);
-  spans[2 * i + 1] = static_cast<int32_t>(s.last);
+  const bool touches = first_row <= last_row;
+  ws.tile_rows[2 * roi] = static_cast<int32_t>(touches ? first_row / kTileRows : 0);
+  ws.tile_rows[2 * roi + 1] = static_cast<int32_t>(touches ? last_row / kTileRows : -1);
 }
 
-// Block `b` in [0, N]: writes offsets[b] and the RoIs of bucket b, in
-// increasing RoI order, to order[offsets[b] ...); block N also writes
-// offsets[N + 1] = K. `bucket` must be complete before any block starts.
-template <typename Exec>
-PSROI_HD void bucket_block(Exec& ex, const PsRoiDims& d, const int32_t* bucket,
-                           int32_t* order, int32_t* offsets, int64_t b) {
-  const int64_t K = d.num_rois;
-  int64_t before = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += ex.threads) {
-    const int64_t n = K - k0 < ex.threads ? K - k0 : ex.threads;
-    before += ex.count(n, [&](int64_t i) { return bucket[k0 + i] < b; });
+// Block `b` of a bucketing: writes offsets[b] and the members of bucket b, in
+// increasing RoI order, to order[offsets[b] ...); the last bucket also
+// writes offsets[b + 1], the end of all. `before(k)`: how many entries RoI k
+// has in buckets before b; `member(k)`: whether it is in b. roi_info must
+// be complete for every RoI before any block starts.
+template <typename Exec, typename Before, typename Member>
+PSROI_HD void bucket_block(Exec& ex, int64_t num_rois, int64_t b, bool last_bucket,
+                           Before before, Member member, int32_t* order, int32_t* offsets) {
+  int64_t start = 0;
+  for (int64_t k0 = 0; k0 < num_rois; k0 += ex.threads) {
+    const int64_t n = num_rois - k0 < ex.threads ? num_rois - k0 : ex.threads;
+    start += ex.sum(n, [&](int64_t i) { return before(k0 + i); });
   }
-  int64_t placed = before;
-  for (int64_t k0 = 0; k0 < K; k0 += ex.threads) {
-    const int64_t n = K - k0 < ex.threads ? K - k0 : ex.threads;
+  int64_t placed = start;
+  for (int64_t k0 = 0; k0 < num_rois; k0 += ex.threads) {
+    const int64_t n = num_rois - k0 < ex.threads ? num_rois - k0 : ex.threads;
     placed += ex.compact(
-        n, [&](int64_t i) { return bucket[k0 + i] == b; }, placed,
+        n, [&](int64_t i) { return member(k0 + i); }, placed, INT64_MAX,
         [&](int64_t i, int64_t at) { order[at] = static_cast<int32_t>(k0 + i); });
   }
   ex.single([&] {
-    offsets[b] = static_cast<int32_t>(before);
-    if (b == d.num_images) offsets[b + 1] = static_cast<int32_t>(K);
+    offsets[b] = static_cast<int32_t>(start);
+    if (last_bucket) offsets[b + 1] = static_cast<int32_t>(placed);
   });
+}
+
+// Forward buckets: images 0 .. N - 1, then N (RoIs that read nothing).
+template <typename Exec>
+PSROI_HD void image_bucket_block(Exec& ex, const PsRoiDims& d, const Workspace& ws,
+                                 int64_t b) {
+  const int32_t* image = ws.image;
+  bucket_block(
+      ex, d.num_rois, b, b == d.num_images,
+      [&](int64_t k) { return image[k] < b ? 1 : 0; },
+      [&](int64_t k) { return image[k] == b; }, ws.order, ws.offsets);
+}
+
+// Backward buckets: (image, tile row), b = image * TY + tile row; RoIs that
+// read nothing are in none.
+template <typename Exec>
+PSROI_HD void tile_row_bucket_block(Exec& ex, const PsRoiDims& d, const Workspace& ws,
+                                    int64_t b) {
+  const int64_t rows = tile_rows_of(d);
+  const int64_t n = b / rows, t = b % rows;
+  const int32_t* image = ws.image;
+  const int32_t* tile_rows = ws.tile_rows;
+  bucket_block(
+      ex, d.num_rois, b, b == backward_buckets(d) - 1,
+      [&](int64_t k) -> int64_t {
+        const int64_t first = tile_rows[2 * k], last = tile_rows[2 * k + 1];
+        if (image[k] < n) return last - first + 1;
+        if (image[k] > n) return 0;
+        const int64_t end = last < t - 1 ? last : t - 1;
+        return end >= first ? end - first + 1 : 0;
+      },
+      [&](int64_t k) {
+        return image[k] == n && tile_rows[2 * k] <= t && t <= tile_rows[2 * k + 1];
+      },
+      ws.order, ws.offsets);
 }
 
 // --- 2. Forward -------------------------------------------------------------
 
+// Channels a forward block owns: one NCHW plane; in NHWC, a run that a warp
+// reads as one contiguous segment per tap.
 template <typename Layout>
-PSROI_HD int64_t forward_channel_group() {
+constexpr int forward_channel_group() {
   return Layout::kChannelsLast ? kNhwcChannelGroup : 1;
 }
 
@@ -173,44 +244,56 @@ PSROI_HD int64_t forward_channel_group() {
 // that the blocks in flight share one image's RoIs.
 template <typename Layout>
 PSROI_HD int64_t forward_blocks(const PsRoiDims& d) {
-  const int64_t g = forward_channel_group<Layout>();
+  constexpr int64_t g = forward_channel_group<Layout>();
   return (d.num_images + 1) * ((d.channels + g - 1) / g);
 }
 
-// Output channel and bin that input channel `c` feeds.
-PSROI_HD void channel_bin(const PsRoiDims& d, int64_t c, int64_t* c_out, int64_t* bin) {
+// Output channel and bin that input channel `c` feeds. In 32 bits: these
+// divisions run per element, and 64-bit ones cost several times more on a
+// GPU (the CUDA handlers reject 2^31 channels or more).
+struct ChannelBin {
+  int32_t c_out, bin, ph, pw;
+};
+
+PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
+  const int32_t channel = static_cast<int32_t>(c);
+  const int32_t bins = static_cast<int32_t>(d.bins());
+  const int32_t channels_out = static_cast<int32_t>(d.channels_out);
+  const int32_t pooled_w = static_cast<int32_t>(d.pooled_w);
+  ChannelBin cb;
   if (d.channel_order == ChannelOrder::kTorchvision) {
-    *c_out = c / d.bins();
-    *bin = c % d.bins();
+    cb.c_out = channel / bins;
+    cb.bin = channel - cb.c_out * bins;
   } else {
-    *c_out = c % d.channels_out;
-    *bin = c / d.channels_out;
+    cb.bin = channel / channels_out;
+    cb.c_out = channel - cb.bin * channels_out;
   }
+  cb.ph = cb.bin / pooled_w;
+  cb.pw = cb.bin - cb.ph * pooled_w;
+  return cb;
 }
 
 template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoiDims& d,
                             T spatial_scale, int64_t sampling_ratio, const Workspace& ws,
                             int64_t block, S* output) {
-  const int64_t group = forward_channel_group<Layout>();
-  const int64_t groups = (d.channels + group - 1) / group;
+  constexpr int64_t kGroup = forward_channel_group<Layout>();
+  const int64_t groups = (d.channels + kGroup - 1) / kGroup;
   const int64_t bucket = block / groups;
-  const int64_t c0 = (block % groups) * group;
+  const int64_t c0 = (block % groups) * kGroup;
   const int64_t begin = ws.offsets[bucket], end = ws.offsets[bucket + 1];
   const Layout layout = Layout::of(d);
-  // Element i: RoI i / group of the bucket, channel c0 + i % group.
-  ex.each((end - begin) * group, [&](int64_t i) {
-    const int64_t c = c0 + i % group;
+  // Element i: RoI i / kGroup of the bucket, channel c0 + i % kGroup.
+  ex.each((end - begin) * kGroup, [&](int64_t i) {
+    const int64_t c = c0 + i % kGroup;
     if (c >= d.channels) return;
-    const int64_t roi = ws.order[begin + i / group];
-    int64_t c_out, bin;
-    channel_bin(d, c, &c_out, &bin);
-    const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
+    const int64_t roi = ws.order[begin + i / kGroup];
+    const ChannelBin cb = channel_bin(d, c);
     const T value = bucket == d.num_images
                         ? static_cast<T>(0)
                         : pooled_value(input, rois, d, layout, spatial_scale,
-                                       sampling_ratio, roi, c_out, ph, pw);
-    output[Layout::pooled_offset(d, roi, c_out, bin)] = Storage<S>::store(value);
+                                       sampling_ratio, roi, c, cb.ph, cb.pw);
+    output[Layout::pooled_offset(d, roi, cb.c_out, cb.bin)] = Storage<S>::store(value);
   });
 }
 
@@ -258,12 +341,12 @@ struct BackwardShared {
 // (y0, x0).
 template <typename T>
 PSROI_HD void make_entry(const T* rois, const PsRoiDims& d, T spatial_scale,
-                         int64_t sampling_ratio, const int32_t* spans, int64_t roi,
-                         int64_t bin, int64_t y0, int64_t x0, int64_t entry,
-                         BackwardShared<T>& sh) {
+                         int64_t sampling_ratio, const int32_t* row_spans,
+                         const int32_t* col_spans, int64_t roi, int64_t bin, int64_t y0,
+                         int64_t x0, int64_t entry, BackwardShared<T>& sh) {
   const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
-  const int32_t* row = spans + 2 * (roi * (d.pooled_h + d.pooled_w) + ph);
-  const int32_t* col = spans + 2 * (roi * (d.pooled_h + d.pooled_w) + d.pooled_h + pw);
+  const int32_t* row = row_spans + 2 * roi;
+  const int32_t* col = col_spans + 2 * roi;
   const int64_t r0 = row[0] > y0 ? row[0] : y0;
   const int64_t r1 = row[1] < y0 + kTileRows - 1 ? row[1] : y0 + kTileRows - 1;
   const int64_t c0 = col[0] > x0 ? col[0] : x0;
@@ -283,7 +366,7 @@ PSROI_HD void make_entry(const T* rois, const PsRoiDims& d, T spatial_scale,
   // the tile (the separable form of the bin, see accumulate_axis_weights).
   auto add_axis = [](const RoiAxis<T>& axis, int64_t b, int64_t size, int64_t origin,
                      int extent, T* w) {
-    const SampleRange s = in_map_samples(axis, b, size);
+    const SampleRange s = samples_to_visit(axis, b, size);
     for (int64_t i = s.begin; i < s.end; ++i) {
       const AxisTap<T> t = axis_tap(axis.sample(b, i), size);
       if (!t.valid) continue;
@@ -307,10 +390,10 @@ PSROI_HD bool entry_covers(const BackwardShared<T>& sh, int64_t entry, int64_t p
 // neighbouring threads write neighbouring addresses (NCHW: pixels of a row
 // of the plane; NHWC: channels of a pixel).
 template <typename Layout>
-PSROI_HD void tile_element(const PsRoiDims& d, int64_t i, int64_t* pixel, int64_t* c_out) {
+PSROI_HD void tile_element(int32_t channels_out, int32_t i, int32_t* pixel, int32_t* c_out) {
   if (Layout::kChannelsLast) {
-    *pixel = i / d.channels_out;
-    *c_out = i % d.channels_out;
+    *pixel = i / channels_out;
+    *c_out = i - *pixel * channels_out;
   } else {
     *pixel = i % kTilePixels;
     *c_out = i / kTilePixels;
@@ -331,16 +414,18 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent
   const int64_t y0 = (tile / tiling.tiles_x) * kTileRows;
   const int64_t x0 = (tile % tiling.tiles_x) * kTileCols;
   const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
-  const int64_t begin = ws.offsets[image], end = ws.offsets[image + 1];
-  const int64_t axes = d.pooled_h + d.pooled_w;
+  const int64_t bucket = image * tiling.tiles_y + tile / tiling.tiles_x;
+  const int64_t begin = ws.offsets[bucket], end = ws.offsets[bucket + 1];
   const Layout layout = Layout::of(d);
   constexpr int kCapacity = BackwardShared<T>::kCapacity;
   constexpr int kChunk = list_chunk<T>();
+  const int32_t* row_spans = ws.spans + 2 * ph * d.num_rois;
+  const int32_t* col_spans = ws.spans + 2 * (d.pooled_h + pw) * d.num_rois;
 
   // Does bin (ph, pw) of RoI `roi` touch the tile?
   auto meets_tile = [&](int64_t roi) {
-    const int32_t* row = ws.spans + 2 * (roi * axes + ph);
-    const int32_t* col = ws.spans + 2 * (roi * axes + d.pooled_h + pw);
+    const int32_t* row = row_spans + 2 * roi;
+    const int32_t* col = col_spans + 2 * roi;
     return row[0] <= y0 + kTileRows - 1 && row[1] >= y0 &&
            col[0] <= x0 + kTileCols - 1 && col[1] >= x0;
   };
@@ -355,14 +440,14 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent
       const int64_t k0 = sh.next;
       if (k0 >= end) break;
       const int64_t n = end - k0 < kChunk ? end - k0 : kChunk;
-      auto hit = [&](int64_t i) { return meets_tile(ws.order[k0 + i]); };
-      const int64_t hits = ex.count(n, hit);
       const int64_t listed = sh.listed;
+      const int64_t hits = ex.compact(
+          n, [&](int64_t i) { return meets_tile(ws.order[k0 + i]); }, listed, kCapacity,
+          [&](int64_t i, int64_t at) {
+            make_entry(rois, d, spatial_scale, sampling_ratio, row_spans, col_spans,
+                       ws.order[k0 + i], bin, y0, x0, at, sh);
+          });
       if (listed + hits > kCapacity) break;
-      ex.compact(n, hit, listed, [&](int64_t i, int64_t at) {
-        make_entry(rois, d, spatial_scale, sampling_ratio, ws.spans, ws.order[k0 + i], bin,
-                   y0, x0, at, sh);
-      });
       ex.single([&] {
         sh.listed = static_cast<int32_t>(listed + hits);
         sh.next = k0 + n;
@@ -372,8 +457,9 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent
     const int64_t listed = sh.listed;
 
     // Each pixel keeps the entries that cover it, in list order.
-    ex.each(kTilePixels, [&](int64_t p) {
-      const int64_t py = p / kTileCols, px = p % kTileCols;
+    ex.each(kTilePixels, [&](int64_t pixel) {
+      const int32_t p = static_cast<int32_t>(pixel);
+      const int32_t py = p / kTileCols, px = p % kTileCols;
       int kept = 0;
       int resume = static_cast<int>(listed);
       int covering = 0;
@@ -394,9 +480,10 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent
     // Every element of the block: its sum over the entries covering its
     // pixel, in list order, then written once per pass.
     ex.each(kTilePixels * d.channels_out, [&](int64_t i) {
-      int64_t p, c_out;
-      tile_element<Layout>(d, i, &p, &c_out);
-      const int64_t py = p / kTileCols, px = p % kTileCols;
+      int32_t p, c_out;
+      tile_element<Layout>(static_cast<int32_t>(d.channels_out), static_cast<int32_t>(i), &p,
+                           &c_out);
+      const int32_t py = p / kTileCols, px = p % kTileCols;
       const int64_t y = y0 + py, x = x0 + px;
       if (y >= d.height || x >= d.width) return;
       auto cot = [&](int64_t roi) {

@@ -68,17 +68,6 @@ struct PsRoiDims {
   }
 };
 
-PSROI_HD int64_t input_channel(const PsRoiDims& d, int64_t c_out, int64_t ph,
-                               int64_t pw) {
-  return d.first_channel(ph * d.pooled_w + pw) + c_out * d.channel_step();
-}
-
-// An element of the pooled tensor (the forward's output, the backward's
-// cotangent).
-struct PooledIndex {
-  int64_t roi, c_out, ph, pw;
-};
-
 // Layouts: where feature element (n, c, y, x) and pooled element
 // (k, c_out, ph, pw) live. Each is one line in the kernel table's list of
 // layouts (kernel_table.h). kAxes: the positions of N, C, H, W in the
@@ -106,16 +95,6 @@ struct NchwLayout {
     return (roi * d.channels_out + c_out) * d.bins() + bin;
   }
   static PSROI_HD int64_t pooled_channel_stride(const PsRoiDims& d) { return d.bins(); }
-  static PSROI_HD PooledIndex pooled_index(const PsRoiDims& d, int64_t index) {
-    PooledIndex o;
-    o.pw = index % d.pooled_w;
-    index /= d.pooled_w;
-    o.ph = index % d.pooled_h;
-    index /= d.pooled_h;
-    o.c_out = index % d.channels_out;
-    o.roi = index / d.channels_out;
-    return o;
-  }
 };
 
 // Features [N, H, W, C], pooled [K, PH, PW, C_out]: every pixel holds its
@@ -141,16 +120,6 @@ struct NhwcLayout {
     return (roi * d.bins() + bin) * d.channels_out + c_out;
   }
   static PSROI_HD int64_t pooled_channel_stride(const PsRoiDims&) { return 1; }
-  static PSROI_HD PooledIndex pooled_index(const PsRoiDims& d, int64_t index) {
-    PooledIndex o;
-    o.c_out = index % d.channels_out;
-    index /= d.channels_out;
-    o.pw = index % d.pooled_w;
-    index /= d.pooled_w;
-    o.ph = index % d.pooled_h;
-    o.roi = index / d.pooled_h;
-    return o;
-  }
 };
 
 // One axis (y or x) of an RoI: where it starts, its bin size and how many
@@ -320,14 +289,24 @@ PSROI_HD SampleRange in_map_samples(const RoiAxis<T>& axis, int64_t bin,
 // ---------------------------------------------------------------------------
 // One pooled value, as the CUDA forward computes it (gpu_schedule.h).
 
+// Grids of at most this many samples per axis are walked whole (axis_tap
+// skips the samples off the map): cheaper than finding the in-map range.
+constexpr int64_t kWalkWholeGrid = 4;
+
+template <typename T>
+PSROI_HD SampleRange samples_to_visit(const RoiAxis<T>& axis, int64_t bin, int64_t size) {
+  if (axis.grid <= kWalkWholeGrid) return SampleRange{0, axis.grid};
+  return in_map_samples(axis, bin, size);
+}
+
 // Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
 // map, in torchvision's order (rows outer, columns inner).
 template <typename T, typename Visit>
 PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
                                      const PsRoiDims& d, int64_t ph,
                                      int64_t pw, Visit& visit) {
-  const SampleRange ry = in_map_samples(g.y, ph, d.height);
-  const SampleRange rx = in_map_samples(g.x, pw, d.width);
+  const SampleRange ry = samples_to_visit(g.y, ph, d.height);
+  const SampleRange rx = samples_to_visit(g.x, pw, d.width);
   for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
     const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
     if (!ty.valid) continue;
@@ -338,17 +317,17 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
   }
 }
 
-// Pooled value of output channel `c_out`, bin (ph, pw), of RoI `roi`, in
-// the compute type T of storage type S (the caller stores it).
+// Pooled value of bin (ph, pw) of RoI `roi` from input channel `channel`
+// (the one the bin's output channel reads), in the compute type T of storage
+// type S (the caller stores it).
 template <typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD T pooled_value(const S* input, const T* rois, const PsRoiDims& d,
                         const Layout& layout, T spatial_scale, int64_t sampling_ratio,
-                        int64_t roi, int64_t c_out, int64_t ph, int64_t pw) {
+                        int64_t roi, int64_t channel, int64_t ph, int64_t pw) {
   const RoiGeometry<T> g =
       roi_geometry(rois + 5 * roi, d, spatial_scale, sampling_ratio);
   if (g.empty()) return static_cast<T>(0);
-  const S* plane =
-      input + layout.plane_offset(g.image, input_channel(d, c_out, ph, pw));
+  const S* plane = input + layout.plane_offset(g.image, channel);
   auto at = [&](int64_t y, int64_t x) {
     return Storage<S>::load(plane[layout.pixel_offset(y, x)]);
   };

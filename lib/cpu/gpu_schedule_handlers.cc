@@ -30,19 +30,22 @@ struct SerialBlock {
   void each(int64_t n, F f) {
     for (int64_t i = 0; i < n; ++i) f(i);
   }
-  template <typename P>
-  int64_t count(int64_t n, P pred) {
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; ++i) c += pred(i) ? 1 : 0;
-    return c;
+  template <typename F>
+  int64_t sum(int64_t n, F f) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) total += f(i);
+    return total;
   }
   template <typename P, typename F>
-  int64_t compact(int64_t n, P pred, int64_t base, F f) {
+  int64_t compact(int64_t n, P pred, int64_t base, int64_t limit, F f) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) total += pred(i) ? 1 : 0;
+    if (base + total > limit) return total;
     int64_t at = base;
     for (int64_t i = 0; i < n; ++i) {
       if (pred(i)) f(i, at++);
     }
-    return at - base;
+    return total;
   }
   template <typename F>
   void single(F f) {
@@ -55,18 +58,17 @@ template <typename T>
 gs::Workspace fill_workspace(std::vector<int32_t>& storage, const T* rois, const PsRoiDims& d,
                              T spatial_scale, int64_t sampling_ratio, bool backward) {
   storage.assign(gs::workspace_elements(d, backward), 0);
-  gs::Workspace ws = gs::workspace_views(storage.data(), d);
+  const gs::Workspace ws = gs::workspace_views(storage.data(), d, backward);
   for (int64_t k = 0; k < d.num_rois; ++k) {
-    ws.bucket[k] = gs::roi_bucket(rois, d, spatial_scale, sampling_ratio, k);
+    gs::roi_info(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
   }
   SerialBlock block;
-  for (int64_t b = 0; b <= d.num_images; ++b) {
-    gs::bucket_block(block, d, ws.bucket, ws.order, ws.offsets, b);
-  }
   if (backward) {
-    for (int64_t i = 0; i < d.num_rois * (d.pooled_h + d.pooled_w); ++i) {
-      gs::write_span(rois, d, spatial_scale, sampling_ratio, i, ws.spans);
+    for (int64_t b = 0; b < gs::backward_buckets(d); ++b) {
+      gs::tile_row_bucket_block(block, d, ws, b);
     }
+  } else {
+    for (int64_t b = 0; b <= d.num_images; ++b) gs::image_bucket_block(block, d, ws, b);
   }
   return ws;
 }

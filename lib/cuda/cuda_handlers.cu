@@ -27,9 +27,11 @@ ffi::Error launch_result(const char* what, cudaError_t err) {
 // The int32 workspace: the call's last further result.
 ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index,
                                  const PsRoiDims& d, bool backward) {
-  if (d.num_rois > INT32_MAX - d.num_images - 2) {
+  // The schedule keeps RoI indices, channels and a block's elements in 32 bits.
+  if (d.num_rois > INT32_MAX - d.num_images - 2 || d.channels > INT32_MAX ||
+      gpu_schedule::kTilePixels * d.channels_out > INT32_MAX) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs per call"));
+        "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs and channels per call"));
   }
   ffi::ErrorOr<WorkspaceBuffer> ws = further_result<WorkspaceBuffer>(
       further, index, gpu_schedule::workspace_elements(d, backward), "an int32 workspace");

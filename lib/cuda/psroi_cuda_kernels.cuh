@@ -39,13 +39,22 @@ struct DeviceBlock {
     for (int64_t i = threadIdx.x; i < n; i += kThreads) f(i);
     __syncthreads();
   }
-  template <typename P>
-  __device__ int64_t count(int64_t n, P pred) {
-    return __syncthreads_count(threadIdx.x < n && pred(threadIdx.x));
+  template <typename F>
+  __device__ int64_t sum(int64_t n, F f) {
+    int value = threadIdx.x < n ? static_cast<int>(f(threadIdx.x)) : 0;
+    for (int offset = 16; offset > 0; offset /= 2) {
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    }
+    if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = value;
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < kWarps; ++w) total += warp_totals[w];
+    __syncthreads();  // warp_totals is reused by the next step
+    return total;
   }
   // Rank = set flags of lower lanes of this warp plus totals of lower warps.
   template <typename P, typename F>
-  __device__ int64_t compact(int64_t n, P pred, int64_t base, F f) {
+  __device__ int64_t compact(int64_t n, P pred, int64_t base, int64_t limit, F f) {
     const bool flag = threadIdx.x < n && pred(threadIdx.x);
     const unsigned ballot = __ballot_sync(0xffffffffu, flag);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -56,7 +65,9 @@ struct DeviceBlock {
       if (w < warp) before += warp_totals[w];
       total += warp_totals[w];
     }
-    if (flag) f(threadIdx.x, base + before + __popc(ballot & ((1u << lane) - 1u)));
+    if (flag && base + total <= limit) {
+      f(threadIdx.x, base + before + __popc(ballot & ((1u << lane) - 1u)));
+    }
     __syncthreads();
     return total;
   }
@@ -69,31 +80,25 @@ struct DeviceBlock {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    bucket_ids_kernel(const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
-                      int64_t sampling_ratio, int32_t* __restrict__ bucket) {
+    roi_info_kernel(const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
+                    int64_t sampling_ratio, bool backward, gs::Workspace ws) {
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; k < d.num_rois;
        k += static_cast<int64_t>(gridDim.x) * kThreads) {
-    bucket[k] = gs::roi_bucket(rois, d, spatial_scale, sampling_ratio, k);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    spans_kernel(const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
-                 int64_t sampling_ratio, int32_t* __restrict__ spans) {
-  const int64_t total = d.num_rois * (d.pooled_h + d.pooled_w);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    gs::write_span(rois, d, spatial_scale, sampling_ratio, i, spans);
+    gs::roi_info(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
   }
 }
 
 __global__ void __launch_bounds__(kThreads)
-    bucket_kernel(PsRoiDims d, gs::Workspace ws) {
+    bucket_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
   __shared__ int warp_totals[kWarps];
   DeviceBlock block{warp_totals};
-  for (int64_t b = blockIdx.x; b <= d.num_images; b += gridDim.x) {
-    gs::bucket_block(block, d, ws.bucket, ws.order, ws.offsets, b);
+  const int64_t buckets = backward ? gs::backward_buckets(d) : d.num_images + 1;
+  for (int64_t b = blockIdx.x; b < buckets; b += gridDim.x) {
+    if (backward) {
+      gs::tile_row_bucket_block(block, d, ws, b);
+    } else {
+      gs::image_bucket_block(block, d, ws, b);
+    }
   }
 }
 
@@ -126,23 +131,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Enqueues the RoI buckets (and, for the backward, the spans) into the
-// workspace `ws` of gs::workspace_elements(d, backward) int32s.
+// Enqueues the RoI buckets (gpu_schedule.h, part 1) into `workspace`, of
+// gs::workspace_elements(d, backward) int32s.
 template <typename T>
 cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const PsRoiDims& d,
                            T spatial_scale, int64_t sampling_ratio, int32_t* workspace,
                            bool backward, gs::Workspace* ws) {
-  *ws = gs::workspace_views(workspace, d);
+  *ws = gs::workspace_views(workspace, d, backward);
   if (d.num_rois > 0) {
-    bucket_ids_kernel<T><<<grid_for((d.num_rois + kThreads - 1) / kThreads), kThreads, 0,
-                           stream>>>(rois, d, spatial_scale, sampling_ratio, ws->bucket);
-    if (backward) {
-      const int64_t spans = d.num_rois * (d.pooled_h + d.pooled_w);
-      spans_kernel<T><<<grid_for((spans + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          rois, d, spatial_scale, sampling_ratio, ws->spans);
-    }
+    roi_info_kernel<T><<<grid_for((d.num_rois + kThreads - 1) / kThreads), kThreads, 0,
+                         stream>>>(rois, d, spatial_scale, sampling_ratio, backward, *ws);
   }
-  bucket_kernel<<<grid_for(d.num_images + 1), kThreads, 0, stream>>>(d, *ws);
+  const int64_t buckets = backward ? gs::backward_buckets(d) : d.num_images + 1;
+  bucket_kernel<<<grid_for(buckets), kThreads, 0, stream>>>(d, *ws, backward);
   return cudaGetLastError();
 }
 
