@@ -1,0 +1,50 @@
+"""``PSRoIAlign`` as a ``flax.linen.Module``."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_psroi.flax._config import PSRoIAlignConfig, import_flax
+
+nn = import_flax("linen")
+
+
+class PSRoIAlign(nn.Module):
+    """Position-Sensitive RoI Align layer (no parameters), like
+    ``torchvision.ops.PSRoIAlign`` with Flax's NHWC layout by default.
+
+    ``PSRoIAlign(7, 1 / 16, 2)(features, boxes)`` with features
+    [N, H, W, C] (or [N, C, H, W] with ``data_format="NCHW"``), C = C_out *
+    h * w, and boxes [K, 5] (batch_index, x1, y1, x2, y2) or a list of N
+    arrays [L_i, 4], returns [K, h, w, C_out] (or [K, C_out, h, w]). See
+    ``jax_psroi.ps_roi_align`` for the semantics of every setting; bad
+    settings raise when the module is made.
+
+    Attributes:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      data_format: "NHWC" (default) or "NCHW".
+      channel_order: "torchvision" (default) or "bin_major".
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    data_format: str = "NHWC"
+    channel_order: str = "torchvision"
+
+    def __post_init__(self):
+        self._settings()  # raises on a bad setting, here rather than at the first call
+        super().__post_init__()
+
+    def _settings(self) -> PSRoIAlignConfig:
+        return PSRoIAlignConfig.make(self.output_size, self.spatial_scale,
+                                     self.sampling_ratio, self.data_format,
+                                     self.channel_order)
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return self._settings()(features, boxes)
+
+    def __repr__(self) -> str:
+        return self._settings().describe(type(self).__name__)

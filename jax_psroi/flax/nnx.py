@@ -1,0 +1,37 @@
+"""``PSRoIAlign`` as a ``flax.nnx.Module``."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_psroi.flax._config import PSRoIAlignConfig, import_flax
+
+nnx = import_flax("nnx")
+
+
+class PSRoIAlign(nnx.Module):
+    """Position-Sensitive RoI Align layer (no parameters), like
+    ``torchvision.ops.PSRoIAlign`` with Flax's NHWC layout by default.
+
+    ``PSRoIAlign(7, 1 / 16, 2)(features, boxes)`` with features
+    [N, H, W, C] (or [N, C, H, W] with ``data_format="NCHW"``), C = C_out *
+    h * w, and boxes [K, 5] (batch_index, x1, y1, x2, y2) or a list of N
+    arrays [L_i, 4], returns [K, h, w, C_out] (or [K, C_out, h, w]). See
+    ``jax_psroi.ps_roi_align`` for the semantics of every argument; bad
+    arguments raise here.
+
+    Args:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      data_format: "NHWC" (default) or "NCHW", keyword-only.
+      channel_order: "torchvision" (default) or "bin_major", keyword-only.
+    """
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1, *,
+                 data_format: str = "NHWC", channel_order: str = "torchvision"):
+        self.settings = PSRoIAlignConfig.make(output_size, spatial_scale, sampling_ratio,
+                                              data_format, channel_order)
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return self.settings(features, boxes)

@@ -1,0 +1,135 @@
+"""The Flax modules: jax_psroi.flax.linen.PSRoIAlign and
+jax_psroi.flax.nnx.PSRoIAlign equal the function, compose with jit, grad and
+vmap, check their settings when made, and say what to install without Flax."""
+
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx as flax_nnx
+
+import jax_psroi
+from jax_psroi.flax import linen, nnx
+
+from cases import LAYOUTS, TOLERANCE, features_as, random_features, random_rois
+
+OUTPUT_SIZE = (3, 2)
+
+
+def _data(data_format, seed=80):
+    rng = np.random.default_rng(seed)
+    nchw = random_features(rng, 2, 4 * 6, 10, 12, np.float32)
+    features = features_as(nchw, data_format, "torchvision", OUTPUT_SIZE)
+    rois = random_rois(rng, 9, 2, 10, 12, 0.5, np.float32)
+    return features, rois
+
+
+def _function(features, rois, data_format, channel_order="torchvision"):
+    return jax_psroi.ps_roi_align(features, rois, OUTPUT_SIZE, 0.5, 2, data_format=data_format,
+                                  channel_order=channel_order)
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("channel_order", ["torchvision", "bin_major"])
+def test_modules_equal_the_function(data_format, channel_order):
+    features, rois = _data(data_format)
+    expected = np.asarray(_function(features, rois, data_format, channel_order))
+    assert np.abs(expected).max() > 0.01
+    lin = linen.PSRoIAlign(OUTPUT_SIZE, 0.5, 2, data_format, channel_order)
+    variables = lin.init(jax.random.key(0), features, rois)
+    assert jax.tree.leaves(variables) == []  # no parameters
+    np.testing.assert_array_equal(lin.apply(variables, features, rois), expected)
+    mod = nnx.PSRoIAlign(OUTPUT_SIZE, 0.5, 2, data_format=data_format,
+                         channel_order=channel_order)
+    np.testing.assert_array_equal(mod(features, rois), expected)
+    # Boxes as one [L, 4] array per image, in list order.
+    per_image = [rois[rois[:, 0] == n, 1:] for n in range(2)]
+    ordered = np.concatenate([rois[rois[:, 0] == n] for n in range(2)])
+    np.testing.assert_array_equal(
+        mod(features, per_image), _function(features, ordered, data_format, channel_order))
+
+
+def test_default_layout_is_nhwc():
+    features, rois = _data("NHWC")
+    chex.assert_shape(linen.PSRoIAlign(OUTPUT_SIZE, 0.5, 2).apply({}, features, rois),
+                      (9, 3, 2, 4))
+    chex.assert_shape(nnx.PSRoIAlign(OUTPUT_SIZE, 0.5, 2)(features, rois), (9, 3, 2, 4))
+
+
+class LinenTransformsTest(chex.TestCase):
+    """linen's init/apply with and without jit, under grad and vmap."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_under_jit_grad_and_vmap(self):
+        for data_format in LAYOUTS:
+            self._check(data_format)
+
+    def _check(self, data_format):
+        features, rois = _data(data_format)
+        module = linen.PSRoIAlign(OUTPUT_SIZE, 0.5, 2, data_format)
+        variables = self.variant(module.init)(jax.random.key(0), features, rois)
+        loss = self.variant(
+            jax.grad(lambda f: jnp.sum(jnp.sin(module.apply(variables, f, rois)))))
+        reference = lambda f: jnp.sum(jnp.sin(_function(f, rois, data_format)))
+        chex.assert_trees_all_close(loss(features), jax.grad(reference)(features),
+                                    **TOLERANCE[np.dtype(np.float32)])
+        # vmap over images, one [L, 5] box array each: the module per image.
+        boxes = np.stack([rois[:4], rois[4:8]])
+        boxes[:, :, 0] = 0
+        per_image = self.variant(jax.vmap(lambda f, b: module.apply(variables, f[None], b)))
+        out = per_image(features, boxes)
+        for n in range(2):
+            chex.assert_trees_all_close(
+                out[n], _function(features[n:n + 1], boxes[n], data_format),
+                **TOLERANCE[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_nnx_under_jit_grad_and_vmap(data_format):
+    features, rois = _data(data_format)
+    module = nnx.PSRoIAlign(OUTPUT_SIZE, 0.5, 2, data_format=data_format)
+
+    @flax_nnx.jit
+    def loss_and_grad(m, f):
+        return jax.value_and_grad(lambda x: jnp.sum(jnp.sin(m(x, rois))))(f)
+
+    value, grad = loss_and_grad(module, features)
+    reference = lambda f: jnp.sum(jnp.sin(_function(f, rois, data_format)))
+    np.testing.assert_allclose(value, reference(features), rtol=1e-5)
+    np.testing.assert_allclose(grad, jax.grad(reference)(features),
+                               **TOLERANCE[np.dtype(np.float32)])
+    batched = jax.vmap(lambda f: module(f[None], rois[:3] * np.array([0, 1, 1, 1, 1])))
+    out = jax.jit(batched)(features)
+    chex.assert_shape(out, (2, 3, *_function(features, rois[:3], data_format).shape[1:]))
+    np.testing.assert_allclose(out[1], _function(features[1:], rois[:3] * [0, 1, 1, 1, 1],
+                                                 data_format), rtol=1e-6)
+
+
+def test_settings_are_checked_when_made_and_shown():
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        linen.PSRoIAlign(0)
+    with pytest.raises(ValueError, match="data_format"):
+        nnx.PSRoIAlign(7, data_format="CHWN")
+    with pytest.raises(TypeError, match="sampling_ratio"):
+        nnx.PSRoIAlign(7, 1 / 16, 2.0)
+    assert repr(linen.PSRoIAlign(7, 1 / 16, 2)) == (
+        "PSRoIAlign(output_size=7, spatial_scale=0.0625, sampling_ratio=2, "
+        "data_format='NHWC', channel_order='torchvision')")
+    shown = repr(nnx.PSRoIAlign((7, 5), 0.25, -1, channel_order="bin_major"))
+    assert "PSRoIAlign" in shown and "output_size=(7, 5)" in shown
+    assert "spatial_scale=0.25" in shown and "'bin_major'" in shown
+
+
+def test_missing_flax_names_the_extra():
+    code = ("import sys; sys.modules['flax'] = None\n"
+            "try:\n"
+            "    import jax_psroi.flax.linen\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert "jax_psroi[flax]" in result.stdout, result.stdout + result.stderr
