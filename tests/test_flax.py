@@ -124,12 +124,13 @@ def test_settings_are_checked_when_made_and_shown():
     assert "spatial_scale=0.25" in shown and "'bin_major'" in shown
 
 
-def test_missing_flax_names_the_extra():
+def test_missing_flax_names_the_extra(tmp_path):
     code = ("import sys; sys.modules['flax'] = None\n"
             "try:\n"
             "    import jax_psroi.flax.linen\n"
             "except ImportError as e:\n"
             "    print(e)\n")
+    # From elsewhere: `python -c` puts the current folder (a checkout?) first.
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+                            check=True, cwd=tmp_path)
     assert "jax_psroi[flax]" in result.stdout, result.stdout + result.stderr
