@@ -9,6 +9,9 @@
 // An Exec offers, each followed by a barrier of the block:
 //   each(n, f)        f(i) for every i in [0, n), spread over threads
 //   sum(n, f)         the sum of f(i) over i in [0, n) (n <= threads)
+//   scan(n, f, base, g)
+//                     g(i, base + the sum of f(j) over j < i) for every i in
+//                     [0, n) (n <= threads); returns the sum of all f(i)
 //   compact(n, pred, base, limit, f)
 //                     the number of i in [0, n) (n <= threads) that satisfy
 //                     pred; and if base plus that number is at most limit,
@@ -18,13 +21,15 @@
 // and `threads`, its number of threads. Values written by one step are seen
 // by every thread in the next.
 //
-// Three kernels, all deterministic (no atomics on floats, every sum in a
+// Three stages, all deterministic (no atomics on floats, every sum in a
 // fixed order):
-//   1. Buckets. For the forward, RoIs are sorted stably by the image they
-//      read (bucket N holds those that read nothing: bad batch index,
-//      non-finite geometry, empty grid). For the backward, each (image, row
-//      of tiles) lists in order the RoIs whose box touches it, and each
-//      RoI's pixel span per bin row and bin column is kept.
+//   1. Buckets (four small launches: per-RoI facts, then count, start and
+//      place over (bucket, segment of 1,024 RoIs) blocks). For the forward,
+//      RoIs are sorted stably by the image they read (bucket N holds those
+//      that read nothing: bad batch index, non-finite geometry, empty grid).
+//      For the backward, each (image, row of tiles) lists in order the RoIs
+//      whose box touches it, and each RoI's pixel span per bin row and bin
+//      column is kept.
 //   2. Forward. A block owns one bucket and a group of input channels (one
 //      plane in NCHW; 32 consecutive channels in NHWC, read as one
 //      contiguous run per tap). Its threads walk the bucket's RoIs, so the
@@ -36,7 +41,8 @@
 //      included, so no memset). It lists, in RoI order, the RoIs of its
 //      bucket whose bin window meets the tile, with their row and column
 //      weights on the tile; every pixel then keeps the list entries that
-//      cover it; every element sums cotangent x weight over its pixel's
+//      cover it (up to kCoverPerPixel; beyond, the element re-reads the
+//      list); every element sums cotangent x weight over its pixel's
 //      entries in list order. A tile met by more RoIs than a list holds is
 //      done in passes over the RoIs in order, summing into the gradient (or
 //      into the float32 accumulator of a 16-bit gradient) between passes.
@@ -50,7 +56,7 @@
 namespace jax_psroi {
 namespace gpu_schedule {
 
-// Threads of every block of the three kernels.
+// Threads of every block of every kernel.
 constexpr int kThreads = 128;
 // Backward tile: rows x columns of pixels; one thread per pixel.
 constexpr int kTileRows = 4;
@@ -58,7 +64,11 @@ constexpr int kTileCols = 32;
 constexpr int kTilePixels = kTileRows * kTileCols;
 static_assert(kTilePixels == kThreads, "the cover step gives each pixel a thread");
 // List entries a pixel keeps in shared memory; more are re-read from the list.
-constexpr int kCoverPerPixel = 8;
+// 16: on a Light-Head training batch (8 images, 2,000 RoIs each, 7x7 bins,
+// the benchmark's boxes) half of the (tile, bin) blocks hold a pixel covered
+// more than 8 times and 0.1 % one covered more than 16 (a numpy count); an
+// element of such a pixel re-reads the whole list, and its warp waits.
+constexpr int kCoverPerPixel = 16;
 // NHWC forward: consecutive channels a warp reads per tap.
 constexpr int kNhwcChannelGroup = 32;
 
@@ -78,50 +88,62 @@ constexpr int list_chunk() {
 // One int32 buffer that XLA allocates as a further result of each CUDA call,
 // of workspace_elements(d, backward) elements (jax_psroi._primitives asks
 // the CPU module, which compiles this header, for the number).
-//   forward:  image [K] | order [K] | offsets [N + 2]
+//   forward:  image [K] | order [K] | offsets [B + 1] | counts [B * S]
 //   backward: image [K] | tile_rows [K, 2] | spans [PH + PW, K, 2] |
-//             offsets [N * TY + 1] | lists [K * TY]
-// (TY: tile rows of the map). A forward bucket is an image, or N for the
-// RoIs that read nothing; a backward bucket is an (image, tile row), and
-// holds every RoI whose box touches that row of tiles.
+//             offsets [B + 1] | counts [B * S] | lists [K * TY]
+// B buckets: for the forward an image, or N for the RoIs that read nothing
+// (B = N + 1); for the backward an (image, tile row) holding every RoI whose
+// box touches that row of tiles (B = N * TY, TY the map's tile rows). S:
+// segments of kBucketSegment RoIs, bucketed by blocks of their own.
 struct Workspace {
   int32_t* image;      // [K]: the image an RoI reads, N if none
-  int32_t* order;      // forward: RoIs by bucket; backward: the lists
+  int32_t* order;      // the buckets' RoIs, bucket after bucket
   int32_t* offsets;    // bucket b is order[offsets[b], offsets[b + 1])
+  int32_t* counts;     // [B, S]: RoIs of segment s in bucket b, then where
+                       // they start in `order`
   int32_t* tile_rows;  // backward: first and last tile row of each RoI
   int32_t* spans;      // backward: first and last pixel each bin row
                        // (axis < PH) or column of each RoI touches
 };
 
+// RoIs a bucketing block examines.
+constexpr int64_t kBucketSegment = 1024;
+
 PSROI_HD int64_t tile_rows_of(const PsRoiDims& d) {
   return (d.height + kTileRows - 1) / kTileRows;
 }
 
-PSROI_HD int64_t backward_buckets(const PsRoiDims& d) {
-  return d.num_images * tile_rows_of(d);
+PSROI_HD int64_t buckets_of(const PsRoiDims& d, bool backward) {
+  return backward ? d.num_images * tile_rows_of(d) : d.num_images + 1;
+}
+
+PSROI_HD int64_t segments_of(const PsRoiDims& d) {
+  const int64_t s = (d.num_rois + kBucketSegment - 1) / kBucketSegment;
+  return s > 0 ? s : 1;
 }
 
 PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backward) {
   const int64_t K = d.num_rois;
+  const int64_t buckets = buckets_of(d, backward);
   Workspace w{};
   w.image = ws;
-  if (!backward) {
-    w.order = ws + K;
-    w.offsets = ws + 2 * K;
-    return w;
+  int32_t* next = ws + K;
+  if (backward) {
+    w.tile_rows = next;
+    w.spans = w.tile_rows + 2 * K;
+    next = w.spans + 2 * K * (d.pooled_h + d.pooled_w);
   }
-  w.tile_rows = ws + K;
-  w.spans = w.tile_rows + 2 * K;
-  w.offsets = w.spans + 2 * K * (d.pooled_h + d.pooled_w);
-  w.order = w.offsets + backward_buckets(d) + 1;
+  w.offsets = next;
+  w.counts = w.offsets + buckets + 1;
+  w.order = w.counts + buckets * segments_of(d);
   return w;
 }
 
 PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
   const int64_t K = d.num_rois;
-  if (!backward) return 2 * K + d.num_images + 2;
-  return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + backward_buckets(d) + 1 +
-         K * tile_rows_of(d);
+  const int64_t fixed = buckets_of(d, backward) * (1 + segments_of(d)) + 1;
+  if (!backward) return 2 * K + fixed;
+  return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + fixed + K * tile_rows_of(d);
 }
 
 // --- 1. Buckets -------------------------------------------------------------
@@ -170,65 +192,75 @@ PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
   ws.tile_rows[2 * roi + 1] = static_cast<int32_t>(touches ? last_row / kTileRows : -1);
 }
 
-// Block `b` of a bucketing: writes offsets[b] and the members of bucket b, in
-// increasing RoI order, to order[offsets[b] ...); the last bucket also
-// writes offsets[b + 1], the end of all. `before(k)`: how many entries RoI k
-// has in buckets before b; `member(k)`: whether it is in b. roi_info must
-// be complete for every RoI before any block starts.
-template <typename Exec, typename Before, typename Member>
-PSROI_HD void bucket_block(Exec& ex, int64_t num_rois, int64_t b, bool last_bucket,
-                           Before before, Member member, int32_t* order, int32_t* offsets) {
-  int64_t start = 0;
-  for (int64_t k0 = 0; k0 < num_rois; k0 += ex.threads) {
-    const int64_t n = num_rois - k0 < ex.threads ? num_rois - k0 : ex.threads;
-    start += ex.sum(n, [&](int64_t i) { return before(k0 + i); });
-  }
-  int64_t placed = start;
-  for (int64_t k0 = 0; k0 < num_rois; k0 += ex.threads) {
-    const int64_t n = num_rois - k0 < ex.threads ? num_rois - k0 : ex.threads;
-    placed += ex.compact(
-        n, [&](int64_t i) { return member(k0 + i); }, placed, INT64_MAX,
-        [&](int64_t i, int64_t at) { order[at] = static_cast<int32_t>(k0 + i); });
-  }
-  ex.single([&] {
-    offsets[b] = static_cast<int32_t>(start);
-    if (last_bucket) offsets[b + 1] = static_cast<int32_t>(placed);
-  });
-}
-
-// Forward buckets: images 0 .. N - 1, then N (RoIs that read nothing).
-template <typename Exec>
-PSROI_HD void image_bucket_block(Exec& ex, const PsRoiDims& d, const Workspace& ws,
-                                 int64_t b) {
-  const int32_t* image = ws.image;
-  bucket_block(
-      ex, d.num_rois, b, b == d.num_images,
-      [&](int64_t k) { return image[k] < b ? 1 : 0; },
-      [&](int64_t k) { return image[k] == b; }, ws.order, ws.offsets);
-}
-
-// Backward buckets: (image, tile row), b = image * TY + tile row; RoIs that
-// read nothing are in none.
-template <typename Exec>
-PSROI_HD void tile_row_bucket_block(Exec& ex, const PsRoiDims& d, const Workspace& ws,
-                                    int64_t b) {
+// Is RoI k in bucket b? roi_info must be complete for every RoI.
+PSROI_HD bool in_bucket(const PsRoiDims& d, const Workspace& ws, bool backward, int64_t k,
+                        int64_t b) {
+  if (!backward) return ws.image[k] == b;
   const int64_t rows = tile_rows_of(d);
-  const int64_t n = b / rows, t = b % rows;
-  const int32_t* image = ws.image;
-  const int32_t* tile_rows = ws.tile_rows;
-  bucket_block(
-      ex, d.num_rois, b, b == backward_buckets(d) - 1,
-      [&](int64_t k) -> int64_t {
-        const int64_t first = tile_rows[2 * k], last = tile_rows[2 * k + 1];
-        if (image[k] < n) return last - first + 1;
-        if (image[k] > n) return 0;
-        const int64_t end = last < t - 1 ? last : t - 1;
-        return end >= first ? end - first + 1 : 0;
-      },
-      [&](int64_t k) {
-        return image[k] == n && tile_rows[2 * k] <= t && t <= tile_rows[2 * k + 1];
-      },
-      ws.order, ws.offsets);
+  const int64_t n = b / rows, t = b - n * rows;
+  return ws.image[k] == n && ws.tile_rows[2 * k] <= t && t <= ws.tile_rows[2 * k + 1];
+}
+
+// Bucketing, in three launches over blocks (bucket b, segment s), block
+// = b * S + s, each examining RoIs [s * kBucketSegment, ...) in order:
+//   count:  counts[block] = how many of them are in b;
+//   start:  (one block) counts become where each block's RoIs start in
+//           `order` (an exclusive scan in block order), offsets[b] where
+//           bucket b starts, offsets[B] the end of all;
+//   place:  the block's RoIs in b written from there, in RoI order.
+// So every bucket lists its RoIs in increasing RoI order, whatever the
+// number of blocks.
+template <typename Exec, typename F>
+PSROI_HD int64_t for_segment_chunks(Exec& ex, const PsRoiDims& d, int64_t segment, F f) {
+  const int64_t begin = segment * kBucketSegment;
+  int64_t end = begin + kBucketSegment;
+  if (end > d.num_rois) end = d.num_rois;
+  int64_t total = 0;
+  for (int64_t k0 = begin; k0 < end; k0 += ex.threads) {
+    total += f(k0, end - k0 < ex.threads ? end - k0 : ex.threads);
+  }
+  return total;
+}
+
+template <typename Exec>
+PSROI_HD void count_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward,
+                          int64_t block) {
+  const int64_t b = block / segments_of(d), segment = block % segments_of(d);
+  const int64_t members = for_segment_chunks(ex, d, segment, [&](int64_t k0, int64_t n) {
+    return ex.sum(n, [&](int64_t i) { return in_bucket(d, ws, backward, k0 + i, b) ? 1 : 0; });
+  });
+  ex.single([&] { ws.counts[block] = static_cast<int32_t>(members); });
+}
+
+template <typename Exec>
+PSROI_HD void start_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward) {
+  const int64_t segments = segments_of(d);
+  const int64_t blocks = buckets_of(d, backward) * segments;
+  int64_t start = 0;
+  for (int64_t i0 = 0; i0 < blocks; i0 += ex.threads) {
+    const int64_t n = blocks - i0 < ex.threads ? blocks - i0 : ex.threads;
+    start += ex.scan(
+        n, [&](int64_t i) { return ws.counts[i0 + i]; }, start,
+        [&](int64_t i, int64_t at) {
+          ws.counts[i0 + i] = static_cast<int32_t>(at);
+          if ((i0 + i) % segments == 0) ws.offsets[(i0 + i) / segments] = static_cast<int32_t>(at);
+        });
+  }
+  ex.single([&] { ws.offsets[buckets_of(d, backward)] = static_cast<int32_t>(start); });
+}
+
+template <typename Exec>
+PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward,
+                          int64_t block) {
+  const int64_t b = block / segments_of(d), segment = block % segments_of(d);
+  int64_t placed = ws.counts[block];
+  for_segment_chunks(ex, d, segment, [&](int64_t k0, int64_t n) {
+    const int64_t members = ex.compact(
+        n, [&](int64_t i) { return in_bucket(d, ws, backward, k0 + i, b); }, placed, INT64_MAX,
+        [&](int64_t i, int64_t at) { ws.order[at] = static_cast<int32_t>(k0 + i); });
+    placed += members;
+    return members;
+  });
 }
 
 // --- 2. Forward -------------------------------------------------------------
@@ -414,7 +446,7 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent
   const int64_t y0 = (tile / tiling.tiles_x) * kTileRows;
   const int64_t x0 = (tile % tiling.tiles_x) * kTileCols;
   const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
-  const int64_t bucket = image * tiling.tiles_y + tile / tiling.tiles_x;
+  const int64_t bucket = image * tiling.tiles_y + tile / tiling.tiles_x;  // see in_bucket
   const int64_t begin = ws.offsets[bucket], end = ws.offsets[bucket + 1];
   const Layout layout = Layout::of(d);
   constexpr int kCapacity = BackwardShared<T>::kCapacity;

@@ -5,7 +5,8 @@ backward tile takes one pass and every pixel keeps all its RoIs. Here the
 RoIs crowd: hundreds meet one tile in every bin, so a tile's list fills and
 the tile is done in several passes (float32 lists hold 128 RoIs, float64
 lists 64), partial sums carried in the gradient or, for 16-bit types, in a
-float32 accumulator; and dozens cover one pixel, past the 8 a pixel keeps.
+float32 accumulator; and dozens cover one pixel, past the 16 a pixel keeps.
+And RoIs are many: bucketing blocks take 1,024 RoIs each, in parallel.
 """
 
 import jax.numpy as jnp
@@ -94,3 +95,22 @@ def test_crowded_16_bit_gradient_is_rounded_once(dtype, data_format):
     step = 2.0 ** -jnp.finfo(dtype).nmant
     assert np.abs(exact).max() > 1
     np.testing.assert_array_less(np.abs(grad - exact), step * np.abs(exact) + 1e-6)
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_many_rois_bucketed_by_several_blocks(data_format):
+    # 2,600 RoIs: three bucketing segments, every bucket fed by all three.
+    rng = np.random.default_rng(72)
+    layout = dict(data_format=data_format, channel_order="torchvision")
+    features = features_as(rng.normal(size=(3, 6, 9, 40)), data_format, "torchvision",
+                           OUTPUT_SIZE)
+    rois = random_rois(rng, 2600, 3, 9, 40, 1.0, np.float64)
+    expected = np.asarray(reference(features, rois, OUTPUT_SIZE, 1.0, 2, **layout))
+    out = native_gpu_schedule("forward", features, rois, expected.shape, 1.0, 2, **layout)
+    np.testing.assert_allclose(out, expected, **TOLERANCE[np.dtype(np.float64)])
+    cotangent = rng.normal(size=expected.shape)
+    expected = np.asarray(reference_vjp(features, rois, cotangent, OUTPUT_SIZE, 1.0, 2,
+                                        **layout))
+    grad = native_gpu_schedule("backward", cotangent, rois, features.shape, 1.0, 2, **layout)
+    assert np.abs(expected).max() > 1
+    np.testing.assert_allclose(grad, expected, **TOLERANCE[np.dtype(np.float64)])

@@ -36,6 +36,16 @@ struct SerialBlock {
     for (int64_t i = 0; i < n; ++i) total += f(i);
     return total;
   }
+  template <typename F, typename G>
+  int64_t scan(int64_t n, F f, int64_t base, G g) {
+    int64_t at = base;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t value = f(i);
+      g(i, at);
+      at += value;
+    }
+    return at - base;
+  }
   template <typename P, typename F>
   int64_t compact(int64_t n, P pred, int64_t base, int64_t limit, F f) {
     int64_t total = 0;
@@ -63,13 +73,10 @@ gs::Workspace fill_workspace(std::vector<int32_t>& storage, const T* rois, const
     gs::roi_info(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
   }
   SerialBlock block;
-  if (backward) {
-    for (int64_t b = 0; b < gs::backward_buckets(d); ++b) {
-      gs::tile_row_bucket_block(block, d, ws, b);
-    }
-  } else {
-    for (int64_t b = 0; b <= d.num_images; ++b) gs::image_bucket_block(block, d, ws, b);
-  }
+  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
+  for (int64_t b = 0; b < blocks; ++b) gs::count_block(block, d, ws, backward, b);
+  gs::start_block(block, d, ws, backward);
+  for (int64_t b = 0; b < blocks; ++b) gs::place_block(block, d, ws, backward, b);
   return ws;
 }
 

@@ -52,6 +52,26 @@ struct DeviceBlock {
     __syncthreads();  // warp_totals is reused by the next step
     return total;
   }
+  template <typename F, typename G>
+  __device__ int64_t scan(int64_t n, F f, int64_t base, G g) {
+    const int value = threadIdx.x < n ? static_cast<int>(f(threadIdx.x)) : 0;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int inclusive = value;
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += up;
+    }
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w < warp) before += warp_totals[w];
+      total += warp_totals[w];
+    }
+    if (threadIdx.x < n) g(threadIdx.x, base + before + inclusive - value);
+    __syncthreads();
+    return total;
+  }
   // Rank = set flags of lower lanes of this warp plus totals of lower warps.
   template <typename P, typename F>
   __device__ int64_t compact(int64_t n, P pred, int64_t base, int64_t limit, F f) {
@@ -88,17 +108,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The three launches of the bucketing (gpu_schedule.h, part 1).
 __global__ void __launch_bounds__(kThreads)
-    bucket_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
+    count_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
   __shared__ int warp_totals[kWarps];
   DeviceBlock block{warp_totals};
-  const int64_t buckets = backward ? gs::backward_buckets(d) : d.num_images + 1;
-  for (int64_t b = blockIdx.x; b < buckets; b += gridDim.x) {
-    if (backward) {
-      gs::tile_row_bucket_block(block, d, ws, b);
-    } else {
-      gs::image_bucket_block(block, d, ws, b);
-    }
+  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    gs::count_block(block, d, ws, backward, b);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    start_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
+  __shared__ int warp_totals[kWarps];
+  DeviceBlock block{warp_totals};
+  gs::start_block(block, d, ws, backward);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    place_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
+  __shared__ int warp_totals[kWarps];
+  DeviceBlock block{warp_totals};
+  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    gs::place_block(block, d, ws, backward, b);
   }
 }
 
@@ -115,8 +149,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// At least 7 blocks per SM: 72 registers a thread (ptxas for sm_90, no
+// spills) instead of the 74-96 it picks unbounded; float32 shared memory
+// (32 KB a block) allows 7 too.
 template <typename S, typename Layout, typename T = ComputeType<S>>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 7)
     backward_kernel(const S* __restrict__ cotangent, const T* __restrict__ rois, PsRoiDims d,
                     T spatial_scale, int64_t sampling_ratio, gs::Workspace ws, T* sums,
                     S* grad) {
@@ -142,8 +179,10 @@ cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const PsRoiDims& 
     roi_info_kernel<T><<<grid_for((d.num_rois + kThreads - 1) / kThreads), kThreads, 0,
                          stream>>>(rois, d, spatial_scale, sampling_ratio, backward, *ws);
   }
-  const int64_t buckets = backward ? gs::backward_buckets(d) : d.num_images + 1;
-  bucket_kernel<<<grid_for(buckets), kThreads, 0, stream>>>(d, *ws, backward);
+  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
+  count_kernel<<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
+  start_kernel<<<1, kThreads, 0, stream>>>(d, *ws, backward);
+  place_kernel<<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
   return cudaGetLastError();
 }
 
