@@ -173,9 +173,13 @@ if [ -z "$gpu" ]; then
   skip ncu_profile "$no_gpu"
 elif ! command -v ncu >/dev/null; then
   skip ncu_profile "ncu not found"
-elif step ncu_profile 420 ncu --clock-control none --csv --page raw --print-units base \
-    --kernel-name regex:"_kernel" --metrics "$metrics" \
-    python scripts/gpu_runs.py profile; then
+# Without preallocation: a replayed kernel's memory is saved and restored,
+# and XLA otherwise holds most of the card (likely why, in an H100 run with
+# preallocation, profiling three kernels took 100 s; not yet tried without).
+elif step ncu_profile 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    ncu --clock-control none --csv --page raw --print-units base \
+    --kernel-name regex:"roi_info|count_kernel|start_kernel|place_kernel|forward_kernel|backward_kernel" \
+    --metrics "$metrics" python scripts/gpu_runs.py profile; then
   python scripts/gpu_runs.py ncu-summary "$out/ncu_profile.log" >"$out/ncu_summary.md" 2>&1
 fi
 
