@@ -178,7 +178,7 @@ elif ! command -v ncu >/dev/null; then
 # preallocation, profiling three kernels took 100 s; not yet tried without).
 elif step ncu_profile 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     ncu --clock-control none --csv --page raw --print-units base \
-    --kernel-name regex:"roi_info|count_kernel|start_kernel|place_kernel|forward_kernel|backward_kernel" \
+    --kernel-name regex:"roi_info|segment_kernel|start_kernel|forward_kernel|backward_kernel" \
     --metrics "$metrics" python scripts/gpu_runs.py profile; then
   python scripts/gpu_runs.py ncu-summary "$out/ncu_profile.log" >"$out/ncu_summary.md" 2>&1
 fi

@@ -108,14 +108,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The three launches of the bucketing (gpu_schedule.h, part 1).
+// The launches of the bucketing (gpu_schedule.h, part 1): count, then
+// start (one block), then place, the first and last over (bucket, segment)
+// blocks.
+template <bool kPlace>
 __global__ void __launch_bounds__(kThreads)
-    count_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
+    segment_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
   __shared__ int warp_totals[kWarps];
   DeviceBlock block{warp_totals};
   const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::count_block(block, d, ws, backward, b);
+    if constexpr (kPlace) {
+      gs::place_block(block, d, ws, backward, b);
+    } else {
+      gs::count_block(block, d, ws, backward, b);
+    }
   }
 }
 
@@ -124,16 +131,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int warp_totals[kWarps];
   DeviceBlock block{warp_totals};
   gs::start_block(block, d, ws, backward);
-}
-
-__global__ void __launch_bounds__(kThreads)
-    place_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
-  __shared__ int warp_totals[kWarps];
-  DeviceBlock block{warp_totals};
-  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
-  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::place_block(block, d, ws, backward, b);
-  }
 }
 
 template <typename S, typename Layout, typename T = ComputeType<S>>
@@ -180,9 +177,9 @@ cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const PsRoiDims& 
                          stream>>>(rois, d, spatial_scale, sampling_ratio, backward, *ws);
   }
   const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
-  count_kernel<<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
+  segment_kernel<false><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
   start_kernel<<<1, kThreads, 0, stream>>>(d, *ws, backward);
-  place_kernel<<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
+  segment_kernel<true><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
   return cudaGetLastError();
 }
 
