@@ -64,22 +64,15 @@ auto bind_attributes(Binding binding) {
       .template Attr<int64_t>("channel_order");  // a ChannelOrder
 }
 
+// Both directions take a pooled-or-feature map and the RoIs, and return a
+// map and further results.
 template <typename S, typename Binding>
-auto bind_forward(Binding binding) {
+auto bind_buffers(Binding binding) {
   return bind_attributes(std::move(binding)
-                             .template Arg<MapBuffer<S>>()   // input
+                             .template Arg<MapBuffer<S>>()   // input / cotangent
                              .template Arg<RoisBuffer<S>>()  // rois
-                             .template Ret<MapBuffer<S>>()   // output
-                             .RemainingRets());               // CUDA: workspace
-}
-
-template <typename S, typename Binding>
-auto bind_backward(Binding binding) {
-  return bind_attributes(std::move(binding)
-                             .template Arg<MapBuffer<S>>()           // cotangent
-                             .template Arg<RoisBuffer<S>>()          // rois
-                             .template Ret<MapBuffer<S>>()           // grad
-                             .RemainingRets());  // CUDA: accumulator, workspace
+                             .template Ret<MapBuffer<S>>()   // output / grad
+                             .RemainingRets());  // CUDA: (accumulator,) workspace
 }
 
 // A row's handler: the binding of its direction, after the platform's
@@ -88,9 +81,9 @@ template <Direction D, typename S, typename Context, typename Forward, typename 
 auto bind_row(Context context, Forward forward, Backward backward,
               std::initializer_list<ffi::Traits> traits = {}) {
   if constexpr (D == Direction::kForward) {
-    return bind_forward<S>(context()).To(forward, traits);
+    return bind_buffers<S>(context()).To(forward, traits);
   } else {
-    return bind_backward<S>(context()).To(backward, traits);
+    return bind_buffers<S>(context()).To(backward, traits);
   }
 }
 

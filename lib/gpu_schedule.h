@@ -394,20 +394,14 @@ PSROI_HD void make_entry(const T* rois, const PsRoiDims& d, T spatial_scale,
   T* wx = sh.col_weight[entry];
   for (int r = 0; r < kTileRows; ++r) wy[r] = static_cast<T>(0);
   for (int c = 0; c < kTileCols; ++c) wx[c] = static_cast<T>(0);
-  // Sums over the bin's in-map samples of the weight each gives a pixel of
-  // the tile (the separable form of the bin, see accumulate_axis_weights).
-  auto add_axis = [](const RoiAxis<T>& axis, int64_t b, int64_t size, int64_t origin,
-                     int extent, T* w) {
-    const SampleRange s = samples_to_visit(axis, b, size);
-    for (int64_t i = s.begin; i < s.end; ++i) {
-      const AxisTap<T> t = axis_tap(axis.sample(b, i), size);
-      if (!t.valid) continue;
-      if (t.low >= origin && t.low < origin + extent) w[t.low - origin] += t.w_low;
-      if (t.high >= origin && t.high < origin + extent) w[t.high - origin] += t.w_high;
-    }
-  };
-  add_axis(g.y, ph, d.height, y0, kTileRows, wy);
-  add_axis(g.x, pw, d.width, x0, kTileCols, wx);
+  // The weights the bin gives the tile's rows and columns (its separable
+  // form, as accumulate_axis_weights sums it for a whole axis).
+  for_each_axis_tap(g.y, ph, d.height, [&](int64_t y, T weight) {
+    if (y >= y0 && y < y0 + kTileRows) wy[y - y0] += weight;
+  });
+  for_each_axis_tap(g.x, pw, d.width, [&](int64_t x, T weight) {
+    if (x >= x0 && x < x0 + kTileCols) wx[x - x0] += weight;
+  });
   for (int r = 0; r < kTileRows; ++r) wy[r] /= g.count;
 }
 

@@ -354,19 +354,29 @@ struct AxisSpan {
   int64_t first, last;  // inclusive; empty when first > last
 };
 
+// Calls add(pixel, weight) for the low and then the high tap of every sample
+// of bin `bin` on the map, in sample order: the weights a bin gives the
+// pixels of one axis, which the callers sum.
+template <typename T, typename Add>
+PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t size, Add add) {
+  const SampleRange r = samples_to_visit(axis, bin, size);
+  for (int64_t i = r.begin; i < r.end; ++i) {
+    const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);
+    if (!t.valid) continue;
+    add(t.low, t.w_low);
+    add(t.high, t.w_high);
+  }
+}
+
 template <typename T>
 PSROI_HD AxisSpan accumulate_axis_weights(const RoiAxis<T>& axis, int64_t bin,
                                           int64_t size, T* weights) {
   AxisSpan span{size, -1};
-  const SampleRange r = in_map_samples(axis, bin, size);
-  for (int64_t i = r.begin; i < r.end; ++i) {
-    const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);
-    if (!t.valid) continue;
-    weights[t.low] += t.w_low;
-    weights[t.high] += t.w_high;
-    if (t.low < span.first) span.first = t.low;
-    if (t.high > span.last) span.last = t.high;
-  }
+  for_each_axis_tap(axis, bin, size, [&](int64_t pixel, T weight) {
+    weights[pixel] += weight;
+    if (pixel < span.first) span.first = pixel;
+    if (pixel > span.last) span.last = pixel;
+  });
   return span;
 }
 
