@@ -40,13 +40,9 @@ def _rois(rng, num_rois, num_images, height, width, scale):
 
 
 def _crowd(rng, num_rois, image, y, x, scale):
-    """Boxes inside one backward tile (4 x 32 pixels) of `image`: its RoI list
-    overflows and is done in passes; its pixels are covered many times."""
-    centre = np.array([x + 16, y + 2]) / scale
-    corners = centre + rng.uniform(-1.5 / scale, 1.5 / scale, size=(num_rois, 2, 2))
-    x1, x2 = np.sort(corners[:, :, 0], axis=1).T
-    y1, y2 = np.sort(corners[:, :, 1], axis=1).T
-    return np.stack([np.full(num_rois, image), x1, y1, x2, y2], axis=1).astype(np.float32)
+    """Boxes inside the backward tile at map pixel (y, x) of `image`."""
+    return cases.crowded_rois(rng, num_rois, image, (x + 16, y + 2), 1.5, scale).astype(
+        np.float32)
 
 
 # Layouts and dtypes the smoke run checks (the determinism run checks all).

@@ -60,6 +60,17 @@ def random_rois(rng, k, n, h, w, spatial_scale, dtype, outside=0.5):
     return np.stack([batch, x1, y1, x2, y2], axis=1).astype(dtype)
 
 
+def crowded_rois(rng, k, image, centre, half, spatial_scale):
+    """[K, 5] boxes (float64) of `image` whose corners lie within `half` map
+    pixels of `centre` = (x, y) in map pixels: placed inside one 4 x 32-pixel
+    backward tile of the CUDA schedule, they overflow its RoI list (passes)
+    and cover its pixels many times."""
+    corners = np.asarray(centre) + rng.uniform(-half, half, size=(k, 2, 2))
+    x1, x2 = np.sort(corners[:, :, 0], axis=1).T / spatial_scale
+    y1, y2 = np.sort(corners[:, :, 1], axis=1).T / spatial_scale
+    return np.stack([np.full(k, float(image)), x1, y1, x2, y2], axis=1)
+
+
 def hostile_rois(n, h, w, dtype):
     """RoIs on which torchvision misbehaves, each paired with a sane one."""
     inf, nan = np.inf, np.nan

@@ -19,6 +19,7 @@ from cases import (
     DTYPES,
     LAYOUTS,
     TOLERANCE,
+    crowded_rois,
     features_as,
     hostile_rois,
     native_gpu_schedule,
@@ -248,10 +249,7 @@ def test_gpu_runs_the_schedule_the_cpu_tests_check(data_format, channel_order, d
     compute = np.float64 if dtype == np.float64 else np.float32
     features = features_as(random_features(rng, 2, 3 * 49, 20, 70, np.float32),
                            data_format, channel_order, (7, 7)).astype(dtype)
-    centre = np.array([16.0, 2.0]) * 8
-    corners = centre + rng.uniform(-12, 12, size=(200, 2, 2))
-    crowd = np.concatenate([np.ones((200, 1)), corners.min(axis=1), corners.max(axis=1)],
-                           axis=1)
+    crowd = crowded_rois(rng, 200, 1, (16.0, 2.0), 1.5, 1 / 8)
     rois = np.concatenate([random_rois(rng, 100, 2, 20, 70, 1 / 8, np.float64), crowd,
                            hostile_rois(2, 20, 70, np.float64)]).astype(compute)
     layout = dict(data_format=data_format, channel_order=channel_order)

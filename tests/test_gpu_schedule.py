@@ -19,6 +19,7 @@ from cases import (
     EXACT_DTYPES,
     LAYOUTS,
     TOLERANCE,
+    crowded_rois,
     features_as,
     native_gpu_schedule,
     pooled_as,
@@ -37,11 +38,7 @@ def _crowd(dtype, seed):
     image 1, and 60 anywhere."""
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(2, 3 * 6, 9, 70)).astype(np.float32)
-    centre = np.array([16.0, 1.5])
-    corners = centre + rng.uniform(-1.5, 1.5, size=(300, 2, 2))
-    x1, x2 = np.sort(corners[:, :, 0], axis=1).T
-    y1, y2 = np.sort(corners[:, :, 1], axis=1).T
-    crowd = np.stack([np.ones(300), x1, y1, x2, y2], axis=1)
+    crowd = crowded_rois(rng, 300, 1, (16.0, 1.5), 1.5, 1.0)
     spread = random_rois(rng, 60, 2, 9, 70, 1.0, np.float64)
     rois = np.concatenate([crowd, spread])[rng.permutation(360)]
     return rng, features, rois
