@@ -264,7 +264,11 @@ class Detector(nn.Module):
 def proposals(objectness, deltas, keep):
     """RPN proposals of one scene: [keep, 4] boxes and whether each is real."""
     boxes = jnp.clip(decode(deltas, anchors()), 0, CANVAS)
-    scores, top = jax.lax.top_k(objectness, PRE_NMS)
+    # The PRE_NMS best, as lax.top_k picks them (ties: lower index first), by
+    # a stable sort: XLA's SPMD partitioner splits a sort over its batch but
+    # gathers a top_k's operand to every device (sharded_training.py).
+    top = jnp.argsort(-objectness, stable=True)[:PRE_NMS]
+    scores = objectness[top]
     boxes = boxes[top]
     small = (boxes[:, 2] - boxes[:, 0] < 4) | (boxes[:, 3] - boxes[:, 1] < 4)
     index, real = nms(boxes, jnp.where(small, -jnp.inf, scores), 0.7, keep)

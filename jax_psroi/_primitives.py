@@ -15,12 +15,17 @@ the mapped axis into the image / RoI axes so a batch is one kernel launch.
 Parameters, all static: ``pooled_size`` (PH, PW) on ``forward_p``,
 ``input_shape`` (the features' shape) on ``backward_p``; on both
 ``spatial_scale`` (a python float: an F64 FFI attribute), ``sampling_ratio``
-(a python int: S64), ``data_format`` ("NCHW" or "NHWC": the kernel-table row)
-and ``channel_order`` ("torchvision" or "bin_major": an S64 attribute).
+(a python int: S64), ``data_format`` ("NCHW" or "NHWC": the kernel-table row),
+``channel_order`` ("torchvision" or "bin_major": an S64 attribute) and
+``image_blocks``, a promise the kernels do not read: the images and the RoIs
+come in that many equal consecutive blocks, and every RoI of block b reads an
+image of block b or nothing. It lets a partitioned program split the call
+over images without communication (_partitioning.py); 1 promises nothing.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -29,24 +34,37 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _extension, reference
+from jax_psroi import _arguments, _extension, _partitioning, reference
 
 forward_p = Primitive("jax_psroi_forward")
 backward_p = Primitive("jax_psroi_backward")
 
 
 # Shapes only: the public functions check the arguments (_arguments.py), and
-# the rules below preserve what they checked.
+# the rules below preserve what they checked. A result is typed like the map
+# operand it comes from, so that inside shard_map it varies over the manual
+# mesh axes its operands vary over (as the transpose rules' cotangents must).
+
+def _varying(aval) -> frozenset:
+    return getattr(getattr(aval, "mat", None), "varying", frozenset())
+
+
+def _result(operand, rois, shape):
+    result = operand.update(shape=tuple(shape), weak_type=False)
+    if _varying(rois) > _varying(operand):
+        result = result.update(manual_axis_type=rois.mat)
+    return result
+
+
 def _forward_abstract_eval(features, rois, *, pooled_size, data_format, **_):
     ph, pw = pooled_size
     c_out = features.shape[_arguments.channel_axis(data_format)] // (ph * pw)
-    return jax.core.ShapedArray(
-        _arguments.pooled_shape(rois.shape[0], c_out, pooled_size, data_format), features.dtype)
+    return _result(features, rois, _arguments.pooled_shape(
+        rois.shape[0], c_out, pooled_size, data_format))
 
 
 def _backward_abstract_eval(cotangent, rois, *, input_shape, **_):
-    del rois
-    return jax.core.ShapedArray(tuple(input_shape), cotangent.dtype)
+    return _result(cotangent, rois, input_shape)
 
 
 forward_p.def_abstract_eval(_forward_abstract_eval)
@@ -55,60 +73,67 @@ forward_p.def_impl(partial(xla.apply_primitive, forward_p))
 backward_p.def_impl(partial(xla.apply_primitive, backward_p))
 
 
-# --- Reference semantics, used by the generic lowering ----------------------
+# --- Lowerings ----------------------------------------------------------------
+# Each lowering is one device's call, (operand, rois, result shape) -> result:
+# the native kernel on CPU and CUDA, the jax.numpy reference on every other
+# platform. _partitioning.lower runs it on every device's shards when the
+# program is partitioned over a mesh.
 
-def _forward_reference(features, rois, **params):
-    return reference.pool(features, rois, **params)
-
-
-def _backward_reference(cotangent, rois, *, input_shape, **params):
-    pooled_size = _arguments.pooled_size_of(cotangent.shape, params["data_format"])
-    zeros = jnp.zeros(input_shape, cotangent.dtype)
-    _, vjp = jax.vjp(lambda x: reference.pool(x, rois, pooled_size, **params), zeros)
-    return vjp(cotangent)[0]
-
-
-mlir.register_lowering(
-    forward_p, mlir.lower_fun(_forward_reference, multiple_results=False))
-mlir.register_lowering(
-    backward_p, mlir.lower_fun(_backward_reference, multiple_results=False))
+def _reference_call(direction, operand, rois, result_shape, *, data_format, **params):
+    if direction == "forward":
+        pooled_size = _arguments.pooled_size_of(result_shape, data_format)
+        return reference.pool(operand, rois, pooled_size, data_format=data_format, **params)
+    pooled_size = _arguments.pooled_size_of(operand.shape, data_format)
+    _, vjp = jax.vjp(lambda x: reference.pool(x, rois, pooled_size, data_format=data_format,
+                                              **params),
+                     jnp.zeros(result_shape, operand.dtype))
+    return vjp(operand)[0]
 
 
-# --- Native lowerings --------------------------------------------------------
-
-def _native_lowering(platform, direction, ctx, operand, rois, *,
-                     spatial_scale, sampling_ratio, data_format, channel_order, **_):
-    dtype = ctx.avals_in[0].dtype
-    name = _extension.target_name(platform, direction, dtype, data_format)
+def _native_call(platform, direction, operand, rois, result_shape, *,
+                 spatial_scale, sampling_ratio, data_format, channel_order,
+                 first_bin_row=0, bin_rows=None):
+    dtype = operand.dtype
+    features, pooled = ((operand.shape, result_shape) if direction == "forward"
+                        else (result_shape, operand.shape))
+    pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
+    results = [jax.ShapeDtypeStruct(result_shape, dtype)]
     if platform == "cuda":
         # Further results that XLA allocates as temporaries for the kernels;
         # only the first is the primitive's result.
-        features, pooled = ((ctx.avals_in[0], ctx.avals_out[0]) if direction == "forward"
-                            else (ctx.avals_out[0], ctx.avals_in[0]))
-        pooled_h, pooled_w = _arguments.pooled_size_of(pooled.shape, data_format)
-        further = []
         compute = _arguments.compute_dtype(dtype)
         if direction == "backward" and compute != dtype:
             # A 16-bit gradient's partial sums between the passes of a crowded
             # tile, in float32.
-            further.append(jax.core.ShapedArray((features.size,), compute))
-        n, _, height, _ = (features.shape[axis]
-                           for axis in _arguments.LAYOUT_AXES[data_format])
-        further.append(jax.core.ShapedArray((_extension.cuda_workspace_elements(
-            direction == "backward", n, pooled.shape[0], height, pooled_h, pooled_w),),
-            np.int32))
-        ctx = ctx.replace(avals_out=[ctx.avals_out[0], *further])
-    results = jax.ffi.ffi_lowering(name)(
-        ctx, operand, rois, spatial_scale=float(spatial_scale),
+            results.append(jax.ShapeDtypeStruct((math.prod(features),), compute))
+        n, _, height, _ = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
+        results.append(jax.ShapeDtypeStruct((_extension.cuda_workspace_elements(
+            direction == "backward", n, pooled[0], height, pooled_h, pooled_w),), np.int32))
+    name = _extension.target_name(platform, direction, dtype, data_format)
+    return jax.ffi.ffi_call(name, results)(
+        operand, rois, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio),
-        channel_order=_arguments.CHANNEL_ORDERS.index(channel_order))
-    return results[:1]
+        channel_order=_arguments.CHANNEL_ORDERS.index(channel_order),
+        first_bin_row=int(first_bin_row), bin_rows=int(bin_rows or pooled_h))[0]
 
 
+def _lowering(direction, call, ctx, operand, rois, *, spatial_scale, sampling_ratio,
+              data_format, channel_order, image_blocks, **_):
+    local_call = partial(call, direction, spatial_scale=spatial_scale,
+                         sampling_ratio=sampling_ratio, data_format=data_format,
+                         channel_order=channel_order)
+    return _partitioning.lower(ctx, operand, rois, direction=direction,
+                               local_call=local_call, image_blocks=image_blocks,
+                               data_format=data_format, channel_order=channel_order,
+                               bin_rows_call=call is not _reference_call)
+
+
+_partitioning.lower_with_devices(forward_p, backward_p)
 for _prim, _direction in ((forward_p, "forward"), (backward_p, "backward")):
+    mlir.register_lowering(_prim, partial(_lowering, _direction, _reference_call))
     for _platform in ("cpu", "cuda"):
         mlir.register_lowering(
-            _prim, partial(_native_lowering, _platform, _direction),
+            _prim, partial(_lowering, _direction, partial(_native_call, _platform)),
             platform=_platform)
 
 
@@ -164,7 +189,7 @@ def _offset_batch_index(rois, num_images):
     return rois.reshape(-1, 5)
 
 
-def _forward_batch(args, dims, **params):
+def _forward_batch(args, dims, *, image_blocks, **params):
     features, rois = args
     features_dim, rois_dim = dims
     size = (features.shape[features_dim] if features_dim is not None
@@ -172,16 +197,19 @@ def _forward_batch(args, dims, **params):
     rois = _to_front(rois, rois_dim, size)
     num_rois = rois.shape[1]
     if features_dim is None:
-        out = forward_p.bind(features, rois.reshape(-1, 5), **params)
+        # The B RoI sets read the same images: no blocks.
+        out = forward_p.bind(features, rois.reshape(-1, 5), image_blocks=1, **params)
     else:
         features = jnp.moveaxis(features, features_dim, 0)
         num_images = features.shape[1]
+        # Element b's blocks become blocks of its own images.
         out = forward_p.bind(features.reshape((-1, *features.shape[2:])),
-                             _offset_batch_index(rois, num_images), **params)
+                             _offset_batch_index(rois, num_images),
+                             image_blocks=size * image_blocks, **params)
     return out.reshape((size, num_rois, *out.shape[1:])), 0
 
 
-def _backward_batch(args, dims, *, input_shape, **params):
+def _backward_batch(args, dims, *, input_shape, image_blocks, **params):
     cotangent, rois = args
     cotangent_dim, rois_dim = dims
     size = (cotangent.shape[cotangent_dim] if cotangent_dim is not None
@@ -192,7 +220,8 @@ def _backward_batch(args, dims, *, input_shape, **params):
     grad = backward_p.bind(
         cotangent.reshape((-1, *cotangent.shape[2:])),
         _offset_batch_index(rois, num_images),
-        input_shape=(size * num_images, *input_shape[1:]), **params)
+        input_shape=(size * num_images, *input_shape[1:]),
+        image_blocks=size * image_blocks, **params)
     return grad.reshape((size, *input_shape)), 0
 
 

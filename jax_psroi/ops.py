@@ -82,4 +82,5 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
         channel_order, _extension.SUPPORTED_DTYPES)
-    return _primitives.forward_p.bind(features, rois, **params)
+    blocks = _arguments.image_blocks(boxes, features.shape[0])
+    return _primitives.forward_p.bind(features, rois, image_blocks=blocks, **params)

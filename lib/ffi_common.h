@@ -61,7 +61,9 @@ auto bind_attributes(Binding binding) {
   return std::move(binding)
       .template Attr<double>("spatial_scale")
       .template Attr<int64_t>("sampling_ratio")
-      .template Attr<int64_t>("channel_order");  // a ChannelOrder
+      .template Attr<int64_t>("channel_order")   // a ChannelOrder
+      .template Attr<int64_t>("first_bin_row")   // PsRoiDims::first_bin_row
+      .template Attr<int64_t>("bin_rows");       // PsRoiDims::bin_rows
 }
 
 // Both directions take a pooled-or-feature map and the RoIs, and return a
@@ -129,7 +131,8 @@ template <typename Layout>
 ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
                                   ffi::Span<const int64_t> rois,
                                   ffi::Span<const int64_t> pooled,
-                                  int64_t channel_order) {
+                                  int64_t channel_order, int64_t first_bin_row,
+                                  int64_t bin_rows) {
   if (rois[1] != 5 || pooled[0] != rois[0]) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
         "jax_psroi: rois must be [K, 5] and the pooled tensor's first axis K; "
@@ -152,11 +155,19 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
   d.pooled_h = pooled[kAxes[2]];
   d.pooled_w = pooled[kAxes[3]];
   d.channel_order = static_cast<ChannelOrder>(channel_order);
+  d.first_bin_row = first_bin_row;
+  d.bin_rows = bin_rows;
   if (d.pooled_h <= 0 || d.pooled_w <= 0 ||
       d.channels != d.channels_out * d.pooled_h * d.pooled_w) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
         "jax_psroi: feature channels must equal C_out * PH * PW; got features " +
         shape_string(features) + ", pooled " + shape_string(pooled)));
+  }
+  if (first_bin_row < 0 || bin_rows < first_bin_row + d.pooled_h) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+        "jax_psroi: the pooled tensor's " + std::to_string(d.pooled_h) +
+        " bin rows from row " + std::to_string(first_bin_row) +
+        " must lie in a grid of " + std::to_string(bin_rows) + " rows"));
   }
   return d;
 }

@@ -52,8 +52,15 @@ struct PsRoiDims {
   int64_t pooled_h;
   int64_t pooled_w;
   ChannelOrder channel_order;
+  // The bin rows this call computes: rows [first_bin_row, first_bin_row +
+  // pooled_h) of each RoI's grid of bin_rows rows. A device's share of a
+  // bin-major map split over channels holds whole bin rows of every RoI
+  // (jax_psroi/_partitioning.py); every other call computes the whole grid.
+  int64_t first_bin_row = 0;
+  int64_t bin_rows = 0;  // 0: pooled_h
 
   PSROI_HD int64_t plane_size() const { return height * width; }
+  PSROI_HD int64_t grid_rows() const { return bin_rows > 0 ? bin_rows : pooled_h; }
   PSROI_HD int64_t bins() const { return pooled_h * pooled_w; }
   PSROI_HD int64_t outputs() const { return num_rois * channels_out * bins(); }
   PSROI_HD int64_t feature_elements() const { return num_images * channels * plane_size(); }
@@ -129,11 +136,12 @@ struct RoiAxis {
   T start;
   T bin_size;
   int64_t grid;  // samples per bin along this axis; 0 means "no samples"
+  int64_t first_bin;  // the RoI's bin that this call's bin 0 is
 
   // Coordinate of sample `i` of bin `bin`, in torchvision's evaluation order
   // (bin start first, then (i + 0.5) * bin_size / grid added to it).
   PSROI_HD T sample(int64_t bin, int64_t i) const {
-    const T bin_start = static_cast<T>(bin) * bin_size + start;
+    const T bin_start = static_cast<T>(first_bin + bin) * bin_size + start;
     return bin_start +
            (static_cast<T>(i) + static_cast<T>(0.5)) * bin_size /
                static_cast<T>(grid);
@@ -179,7 +187,9 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
   g.x.start = start_w;
   g.y.start = start_h;
   g.x.bin_size = (end_w - start_w) / static_cast<T>(d.pooled_w);
-  g.y.bin_size = (end_h - start_h) / static_cast<T>(d.pooled_h);
+  g.y.bin_size = (end_h - start_h) / static_cast<T>(d.grid_rows());
+  g.x.first_bin = 0;
+  g.y.first_bin = d.first_bin_row;
   g.x.grid = grid_size(g.x.bin_size, sampling_ratio);
   g.y.grid = grid_size(g.y.bin_size, sampling_ratio);
   g.count = static_cast<T>(g.y.grid) * static_cast<T>(g.x.grid);

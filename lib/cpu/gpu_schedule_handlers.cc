@@ -84,10 +84,12 @@ template <typename S, typename Layout>
 ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
                              ffi::Result<MapBuffer<S>> output, ffi::RemainingRets,
                              double spatial_scale, int64_t sampling_ratio,
-                             int64_t channel_order) {
+                             int64_t channel_order,
+                             int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
+      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order,
+      first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   const T scale = static_cast<T>(spatial_scale);
@@ -108,10 +110,12 @@ template <typename S, typename Layout>
 ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
                               ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
                               double spatial_scale, int64_t sampling_ratio,
-                              int64_t channel_order) {
+                              int64_t channel_order,
+                              int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order,
+      first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   const T scale = static_cast<T>(spatial_scale);

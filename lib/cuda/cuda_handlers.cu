@@ -42,10 +42,12 @@ ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index
 template <typename S, typename Layout>
 ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
                    ffi::Result<MapBuffer<S>> output, ffi::RemainingRets further,
-                   double spatial_scale, int64_t sampling_ratio, int64_t channel_order) {
+                   double spatial_scale, int64_t sampling_ratio, int64_t channel_order,
+                   int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order);
+      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order,
+      first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   ffi::ErrorOr<int32_t*> ws = workspace(further, 0, dims.value(), /*backward=*/false);
   if (ws.has_error()) return ws.error();
@@ -60,11 +62,13 @@ template <typename S, typename Layout>
 ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                     ffi::Result<MapBuffer<S>> grad_input,
                     ffi::RemainingRets further, double spatial_scale,
-                    int64_t sampling_ratio, int64_t channel_order) {
+                    int64_t sampling_ratio, int64_t channel_order,
+                    int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   constexpr bool kNarrow = !std::is_same_v<S, T>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order);
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order,
+      first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   T* sums = reinterpret_cast<T*>(data<S>(*grad_input));

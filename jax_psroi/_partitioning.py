@@ -1,0 +1,310 @@
+"""How the primitives split over a device mesh (``jax.sharding``).
+
+XLA's SPMD partitioner sees a kernel as an opaque custom call and gathers its
+operands onto every device. So when a program is partitioned over several
+devices, a primitive lowers through ``jax.experimental.custom_partitioning``:
+a Shardy rule tells sharding propagation how the axes of the operands and
+results correspond, and a partition callback takes the shardings propagation
+chose and returns the shardings the call runs in and the program of one
+device (the same kernel, on its shard). Per mesh axis, the call splits over
+
+* images: features sharded over N and RoIs over K by the same mesh axes,
+  when the RoIs are known to come in equal blocks that read only the images
+  of their block (the primitives' ``image_blocks``: set by the vmap rule and
+  by a list of equally many boxes per image). Each device pools its own
+  images; its RoIs' batch indices are made local by subtracting its first
+  image. No communication, forward or backward.
+* RoIs: RoIs sharded over K, features replicated over those axes. The
+  forward's output is sharded over K; the backward's feature gradient is
+  the sum of the devices' gradients (one all-reduce).
+* channel groups (torchvision order): features sharded over C in whole
+  output channels (the PH * PW input channels of one output channel are
+  contiguous), so the output is sharded over C_out and the gradient like
+  the features.
+
+Any other sharding (H or W split, a split channel group, a bin-major map
+split over C, sizes the mesh does not divide) is resharded to one of these:
+a correct result, at the price of the communication that takes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jax_psroi import _arguments
+
+# One device's call: (operand, rois, result_shape) -> result, traced with the
+# shapes of one device's shards. A call that can compute a range of bin rows
+# (`bin_rows_call` below) also takes first_bin_row= and bin_rows= (the rows of
+# the whole grid; lib/psroi_math.h: PsRoiDims).
+LocalCall = Callable[..., jax.Array]
+
+
+def lower(ctx, operand, rois, *, direction: str, local_call: LocalCall,
+          image_blocks: int, data_format: str, channel_order: str, bin_rows_call: bool):
+    """Lowers ``local_call`` for the whole call, partitioned when the module
+    is partitioned over several devices. `bin_rows_call`: whether
+    local_call takes first_bin_row= and bin_rows=.
+
+    Not partitioned: a single device, inside ``shard_map`` (the call runs
+    per shard as it is), and programs for ``jax.export``, whose serialized
+    form cannot carry a Python partitioning callback (XLA replicates the
+    call's operands instead).
+    """
+    result_shape = ctx.avals_out[0].shape
+    if not _partitioned(ctx):
+        return mlir.lower_fun(lambda x, r: local_call(x, r, result_shape),
+                              multiple_results=False)(ctx, operand, rois)
+    features, pooled = ctx.avals_in[0].shape, result_shape
+    if direction == "backward":
+        features, pooled = pooled, features
+    partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
+                               image_blocks, bin_rows_call)
+
+    @custom_partitioning
+    def call(x, r):
+        return local_call(x, r, result_shape)
+
+    sizes = partitioner.factor_sizes()
+    rule = _sharding_rule(direction, data_format, channel_order, sizes)
+    call.def_partition(
+        partition=(partitioner.forward if direction == "forward" else partitioner.backward),
+        sharding_rule=rule, **_special_factors(rule, direction),
+        **_compound_factor_sizes(rule, sizes))
+    return mlir.lower_fun(call, multiple_results=False)(ctx, operand, rois)
+
+
+def lower_with_devices(*primitives) -> None:
+    """Has jit lower `primitives` with the program's devices in hand, which
+    ``custom_partitioning`` needs to build the mesh its callbacks get.
+
+    JAX lowers without devices unless a primitive of the program is in a
+    private registry (custom_partitioning's own primitive is, but ours bind
+    it only when they are lowered): the one use of a private JAX module in
+    this package. Without it (a JAX that moved it) calls are not
+    partitioned, which the sharding tests catch.
+    """
+    from jax._src import dispatch
+
+    dispatch.prim_requires_devices_during_lowering.update(primitives)
+
+
+def _partitioned(ctx) -> bool:
+    if ctx.module_context.lowering_parameters.for_export:
+        return False
+    # Only a program partitioned by XLA's SPMD partitioner (jit over a mesh)
+    # has a device assignment in its axis context; shard_map and pmap bodies
+    # do not.
+    devices = getattr(ctx.module_context.axis_context, "device_assignment", None)
+    return devices is not None and len(devices) > 1
+
+
+# --- Sharding propagation (Shardy) -------------------------------------------
+# Factors: n images, k RoIs, r the 5 RoI fields, d output channels, p q the bins
+# (rows, columns), h w the feature map. The input channel axis is the compound
+# (d p q) in torchvision order and (p q d) in bin-major order. With blocks of
+# images, the image and RoI axes are (b m) and (b l): one factor b, the block,
+# that propagation carries from the features to the RoIs and the results.
+
+def _dimension(factors, alone: str) -> str:
+    """A dimension made of `factors` ((name, size) pairs, major first).
+    Shardy takes no size-1 factor in a compound, so they are left out (a
+    dimension left with none is the factor `alone`)."""
+    names = [name for name, size in factors if size != 1]
+    if len(names) > 1:
+        return "(" + " ".join(names) + ")"
+    return names[0] if names else alone
+
+
+def _sharding_rule(direction, data_format, channel_order, sizes) -> str:
+    """The rule of a call whose factors have `sizes` (b, m, l given only
+    with blocks of images)."""
+    channel_factors = ("d", "p", "q") if channel_order == "torchvision" else ("p", "q", "d")
+    channels = _dimension([(f, sizes[f]) for f in channel_factors], "c")
+    if "b" in sizes:
+        images = _dimension([("b", sizes["b"]), ("m", sizes["m"])], "n")
+        rois = _dimension([("b", sizes["b"]), ("l", sizes["l"])], "k")
+    else:
+        images, rois = "n", "k"
+    if data_format == "NCHW":
+        features, pooled = f"{images} {channels} h w", f"{rois} d p q"
+    else:
+        features, pooled = f"{images} h w {channels}", f"{rois} p q d"
+    if direction == "forward":
+        return f"{features}, {rois} r -> {pooled}"
+    return f"{pooled}, {rois} r -> {features}"
+
+
+def _compound_factor_sizes(rule: str, sizes: dict) -> dict:
+    """The sizes Shardy must be told: those of factors that appear only
+    inside compound dimensions."""
+    whole = set(re.sub(r"\([^)]*\)", " ", rule).replace(",", " ").replace("->", " ").split())
+    return {f: size for f, size in sizes.items() if f in rule and f not in whole}
+
+
+def _special_factors(rule: str, direction: str) -> dict:
+    # The map's pixels and the RoI fields are never split; the backward sums
+    # over RoIs (within a block). Shardy wants each list in the order the
+    # factors first appear in the rule.
+    order = [c for i, c in enumerate(rule) if c.isalpha() and c not in rule[:i]]
+    factors = {"need_replication_factors": tuple(f for f in order if f in "hwr")}
+    if direction == "backward":
+        factors["reduction_factors"] = tuple(f for f in order if f in "kl")
+    return factors
+
+
+# --- Partitioning -------------------------------------------------------------
+
+def _axes(sharding, ndim: int) -> tuple[tuple[str, ...], ...] | None:
+    """The mesh axes each dimension is split over, or None when the sharding
+    is not expressed over named mesh axes."""
+    if not isinstance(sharding, NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return tuple(() if s is None else (s,) if isinstance(s, str) else tuple(s)
+                 for s in spec)
+
+
+def _count(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+class _Partitioner:
+    """The partition callbacks of one call: what they need to know of it is
+    the shapes, the layout and channel order, the RoIs' block promise and
+    the call of one device."""
+
+    def __init__(self, local_call: LocalCall, features_shape, pooled_shape, data_format,
+                 channel_order, image_blocks, bin_rows_call: bool):
+        self.local_call = local_call
+        self.axes = _arguments.LAYOUT_AXES[data_format]  # N, C, H, W (K, C_out, PH, PW)
+        self.num_images = features_shape[self.axes[0]]
+        self.num_rois = pooled_shape[self.axes[0]]
+        self.channels_out = pooled_shape[self.axes[1]]
+        self.pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
+        self.image_blocks = image_blocks
+        # A split of the features over C in whole groups: torchvision order
+        # splits C_out; bin-major order splits the bins, by whole bin rows
+        # (PH), when the local call can compute a range of bin rows.
+        self.bin_major = channel_order == "bin_major"
+        if self.bin_major:
+            self.channel_groups = self.pooled_size[0] if bin_rows_call else None
+            self.pooled_channel_axis = self.axes[2]
+        else:
+            self.channel_groups = self.channels_out
+            self.pooled_channel_axis = self.axes[1]
+
+    def factor_sizes(self) -> dict:
+        """The sizes of the sharding rule's factors d, p, q (and b, m, l
+        with more than one block of images)."""
+        sizes = {"d": self.channels_out, "p": self.pooled_size[0], "q": self.pooled_size[1]}
+        if self.image_blocks > 1 and self.num_images > 0 and self.num_rois > 0:
+            sizes.update(b=self.image_blocks, m=self.num_images // self.image_blocks,
+                         l=self.num_rois // self.image_blocks)
+        return sizes
+
+    def _splits(self, mesh, axes, *sizes) -> bool:
+        return all(size % _count(mesh, axes) == 0 for size in sizes)
+
+    def _plan(self, mesh, image_axes, roi_axes, channel_axes):
+        """The axes the call splits over: (images, RoIs, channels), from the
+        candidates the operands' (and results') shardings propose."""
+        if not (image_axes and self._splits(mesh, image_axes, self.image_blocks,
+                                            self.num_images, self.num_rois)
+                and roi_axes in ((), image_axes)):
+            image_axes = ()
+        roi_axes = image_axes or (roi_axes if self._splits(mesh, roi_axes, self.num_rois)
+                                  else ())
+        if not (self.channel_groups is not None
+                and self._splits(mesh, channel_axes, self.channel_groups)
+                and not set(channel_axes) & set(image_axes)):
+            channel_axes = ()
+        if set(channel_axes) & set(roi_axes):
+            roi_axes = ()  # gather the (small) RoIs rather than the features
+        return image_axes, roi_axes, channel_axes
+
+    def _map(self, mesh, images, channels, pooled: bool) -> NamedSharding:
+        """A feature map split over N and C, or a pooled tensor over K and
+        the axis C's split becomes (C_out, or PH in bin-major order)."""
+        spec = [None] * 4
+        spec[self.axes[0]] = images or None
+        spec[self.pooled_channel_axis if pooled else self.axes[1]] = channels or None
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def _local(self, mesh, operand, rois, result_shape, image_axes, channel_axes):
+        """The call on one device's shards.
+
+        Over images, its RoIs' batch indices are made local: by the block
+        promise, the RoIs of a device's shard read its images or are
+        invalid, and invalid indices stay outside [0, local images). A
+        bin-major map split over C holds whole bin rows: each device
+        computes its own rows of every RoI's grid, a static attribute of
+        the kernel, so the program switches on the device's place.
+        """
+        if image_axes:
+            local_images = self.num_images // _count(mesh, image_axes)
+            first = jax.lax.axis_index(image_axes) * local_images
+            index = rois[:, :1] - first.astype(rois.dtype)
+            rois = jnp.concatenate([index, rois[:, 1:]], axis=1)
+        if not (self.bin_major and channel_axes):
+            return self.local_call(operand, rois, result_shape)
+        rows, shares = self.pooled_size[0], _count(mesh, channel_axes)
+        branches = [partial(self.local_call, result_shape=result_shape,
+                            first_bin_row=share * rows // shares, bin_rows=rows)
+                    for share in range(shares)]
+        return jax.lax.switch(jax.lax.axis_index(channel_axes), branches, operand, rois)
+
+    def forward(self, mesh, arg_shapes, result_shape):
+        features = _axes(arg_shapes[0].sharding, 4)
+        rois = _axes(arg_shapes[1].sharding, 2)
+        plan = ((), (), ())
+        if features is not None and rois is not None:
+            plan = self._plan(mesh, features[self.axes[0]], rois[0],
+                              features[self.axes[1]])
+        image_axes, roi_axes, channel_axes = plan
+        pooled = self._map(mesh, roi_axes, channel_axes, pooled=True)
+        local_pooled = pooled.shard_shape(result_shape.shape)
+
+        def lower_fn(features, rois):
+            return self._local(mesh, features, rois, local_pooled, image_axes, channel_axes)
+
+        return (mesh, lower_fn, pooled,
+                (self._map(mesh, image_axes, channel_axes, pooled=False),
+                 NamedSharding(mesh, PartitionSpec(roi_axes or None, None))))
+
+    def backward(self, mesh, arg_shapes, result_shape):
+        cotangent = _axes(arg_shapes[0].sharding, 4)
+        rois = _axes(arg_shapes[1].sharding, 2)
+        grad = _axes(result_shape.sharding, 4)
+        plan = ((), (), ())
+        if cotangent is not None and rois is not None:
+            roi_axes = cotangent[self.axes[0]] or rois[0]
+            # The images of the RoIs' devices, or those propagation chose for
+            # the gradient; the same for channels.
+            image_axes = roi_axes or (grad[self.axes[0]] if grad else ())
+            channel_axes = (cotangent[self.pooled_channel_axis]
+                            or (grad[self.axes[1]] if grad else ()))
+            plan = self._plan(mesh, image_axes, roi_axes, channel_axes)
+        image_axes, roi_axes, channel_axes = plan
+        # RoIs split without their images: every device's gradient is a part
+        # of the sum.
+        summed_axes = () if image_axes else roi_axes
+        gradient = self._map(mesh, image_axes, channel_axes, pooled=False)
+        local_grad = gradient.shard_shape(result_shape.shape)
+
+        def lower_fn(cotangent, rois):
+            grad = self._local(mesh, cotangent, rois, local_grad, image_axes, channel_axes)
+            return jax.lax.psum(grad, summed_axes) if summed_axes else grad
+
+        return (mesh, lower_fn, gradient,
+                (self._map(mesh, roi_axes, channel_axes, pooled=True),
+                 NamedSharding(mesh, PartitionSpec(roi_axes or None, None))))

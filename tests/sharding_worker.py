@@ -1,0 +1,171 @@
+"""Runs every sharding case on 8 simulated CPU devices; prints one JSON line.
+
+Run by tests/test_sharding.py in a process of its own, so that the rest of
+the suite keeps one device:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py
+
+For each case, layout, channel order and dtype, the sharded program (jit
+with the inputs placed as the case says) and the same function on one device
+are compiled and run; a record gives the largest difference of their
+results, the largest magnitude of the unsharded result, and the number of
+each kind of collective in the compiled sharded program.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_psroi
+
+# Output channels and bin rows in multiples of 8: the channel cases split
+# torchvision-order maps over C_out and bin-major maps over bin rows.
+IMAGES, ROIS_PER_IMAGE, CHANNELS_OUT, POOLED, SIZE = 8, 6, 8, (8, 3), 16
+SCALE, SAMPLING = 0.5, 2
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
+               "reduce-scatter")
+
+# (layout, channel order, dtype): every layout and order in float32, every
+# other dtype in one of them.
+COMBINATIONS = [("NCHW", "torchvision", "float32"), ("NHWC", "torchvision", "float32"),
+                ("NCHW", "bin_major", "float32"), ("NHWC", "bin_major", "float32"),
+                ("NCHW", "torchvision", "float64"), ("NHWC", "bin_major", "bfloat16"),
+                ("NCHW", "bin_major", "float16")]
+# How the inputs are split, as the issue names them: the per-image head
+# vmapped over a batch of images split over the mesh; RoIs split with the
+# features replicated; features split over channels with the RoIs
+# replicated; images over one mesh axis and channels over another; the
+# per-image call inside shard_map; and features split over rows of pixels,
+# which no rule splits (they are gathered).
+CASES = ["images", "rois", "channels", "images_and_channels", "shard_map", "pixels"]
+DIRECTIONS = ["forward", "gradient"]
+
+
+def _mesh(case):
+    auto = jax.sharding.AxisType.Auto
+    if case == "images_and_channels":
+        return jax.make_mesh((4, 2), ("data", "model"), axis_types=(auto, auto))
+    return jax.make_mesh((8,), ("x",), axis_types=(auto,))
+
+
+def _inputs(layout, dtype, rng):
+    features = rng.normal(size=(IMAGES, CHANNELS_OUT * POOLED[0] * POOLED[1], SIZE, SIZE))
+    if layout == "NHWC":
+        features = features.transpose(0, 2, 3, 1)
+    extent = SIZE / SCALE
+    corners = np.sort(rng.uniform(-0.3 * extent, 1.3 * extent,
+                                  size=(IMAGES, ROIS_PER_IMAGE, 2, 2)), axis=2)
+    boxes = corners.transpose(0, 1, 3, 2).reshape(IMAGES, ROIS_PER_IMAGE, 4)
+    return jnp.asarray(features, dtype), jnp.asarray(boxes, jnp.float32)
+
+
+def _rois(boxes, rng):
+    """[K, 5] RoIs reading any image, a few of them invalid."""
+    k = boxes.shape[0] * boxes.shape[1]
+    index = rng.integers(0, IMAGES, size=k).astype(np.float32)
+    index[::7] = -1.0
+    return jnp.concatenate([jnp.asarray(index)[:, None], boxes.reshape(k, 4)], axis=1)
+
+
+def _functions(case, layout, order, mesh):
+    """(forward, placements): forward(features, boxes) -> pooled, and the
+    sharding of each input."""
+    pool = partial(jax_psroi.ps_roi_align, output_size=POOLED, spatial_scale=SCALE,
+                   sampling_ratio=SAMPLING, data_format=layout, channel_order=order)
+    channel_axis = 1 if layout == "NCHW" else 3
+
+    def channels_spec(axis_name, images=None):
+        spec = [images, None, None, None]
+        spec[channel_axis] = axis_name
+        return P(*spec)
+
+    def per_image(features, boxes):
+        return jax.vmap(lambda f, b: pool(f[None], [b]))(features, boxes)
+
+    if case == "images":
+        return per_image, (P("x"), P("x"))
+    if case == "images_and_channels":
+        return per_image, (channels_spec("model", "data"), P("data"))
+    if case == "rois":
+        return (lambda features, rois: pool(features, rois)), (P(), P("x"))
+    if case == "channels":
+        return (lambda features, rois: pool(features, rois)), (channels_spec("x"), P())
+    if case == "pixels":
+        return (lambda features, rois: pool(features, rois)), (
+            P(None, None, "x") if layout == "NCHW" else P(None, "x"), P())
+    if case == "shard_map":
+        def sharded(features, boxes):
+            # Each shard holds one image and its boxes.
+            return jax.shard_map(lambda f, b: pool(f, [b[0]])[None], mesh=mesh,
+                                 in_specs=(P("x"), P("x")), out_specs=P("x"))(
+                                     features, boxes)
+        return sharded, (P("x"), P("x"))
+    raise ValueError(case)
+
+
+def _collectives(compiled) -> dict:
+    text = compiled.as_text()
+    return {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
+
+
+def _run(case, direction, layout, order, dtype):
+    rng = np.random.default_rng(0)
+    mesh = _mesh(case)
+    features, boxes = _inputs(layout, dtype, rng)
+    forward, specs = _functions(case, layout, order, mesh)
+    second = boxes if case in ("images", "images_and_channels", "shard_map") else _rois(
+        boxes, rng)
+    pooled_shape = jax.eval_shape(forward, features, second).shape
+    cotangent = jnp.asarray(rng.normal(size=pooled_shape), features.dtype)
+
+    def in_direction(forward):
+        if direction == "forward":
+            return forward
+
+        def gradient(features, second):
+            _, vjp = jax.vjp(lambda f: forward(f, second), features)
+            return vjp(cotangent)[0]
+        return gradient
+
+    function = in_direction(forward)
+
+    placements = [NamedSharding(mesh, spec) for spec in specs]
+    out_sharding = placements[0] if direction == "gradient" else None
+    placed = [jax.device_put(x, s) for x, s in zip((features, second), placements, strict=True)]
+    sharded = jax.jit(function, out_shardings=out_sharding).lower(*placed).compile()
+    result = sharded(*placed)
+    if case == "shard_map":
+        # Unsharded, its per-shard call is the per-image head.
+        forward = _functions("images", layout, order, mesh)[0]
+    # On one device.
+    expected = jax.jit(in_direction(forward))(features, second)
+    result = np.asarray(result, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return dict(case=case, direction=direction, layout=layout, order=order, dtype=dtype,
+                shape=list(result.shape), expected_shape=list(expected.shape),
+                max_difference=float(np.max(np.abs(result - expected))),
+                max_magnitude=float(np.max(np.abs(expected))),
+                collectives=_collectives(sharded))
+
+
+def main():
+    jax.config.update("jax_enable_x64", True)
+    if jax.device_count() < 8:
+        sys.exit("needs 8 devices: set XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    records = [_run(case, direction, *combination)
+               for case in CASES for direction in DIRECTIONS
+               for combination in COMBINATIONS]
+    print(json.dumps(records))
+
+
+if __name__ == "__main__":
+    main()

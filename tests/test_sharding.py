@@ -1,0 +1,159 @@
+"""ps_roi_align over a device mesh: equal results, no all-gathers.
+
+The cases run on 8 simulated CPU devices in one process of their own
+(tests/sharding_worker.py), so that this session keeps its one device; each
+test asserts on one record of that run.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sharding_worker as worker
+
+from cases import (
+    features_as,
+    native_gpu_schedule,
+    pooled_as,
+    random_features,
+    random_rois,
+    target,
+)
+
+# Largest difference from the unsharded op, as a fraction of the largest
+# magnitude of its result. Forward results are the same kernel's on the
+# same elements: equal. A gradient split over RoIs adds the devices' partial
+# gradients: float32 and float64 round differently; 16-bit partials are each
+# rounded to the dtype before the sum (about an ulp).
+EXACT = 0.0
+SUMMED = {"float32": 1e-6, "float64": 1e-14, "bfloat16": 2**-7, "float16": 2**-10}
+
+
+@pytest.fixture(scope="module")
+def records():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, str(Path(worker.__file__))], env=env,
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return {(r["case"], r["direction"], r["layout"], r["order"], r["dtype"]): r
+            for r in json.loads(run.stdout.splitlines()[-1])}
+
+
+@pytest.mark.parametrize("combination", worker.COMBINATIONS, ids="-".join)
+@pytest.mark.parametrize("direction", worker.DIRECTIONS)
+@pytest.mark.parametrize("case", worker.CASES)
+def test_sharded_equals_unsharded_without_all_gather(records, case, direction, combination):
+    record = records[(case, direction, *combination)]
+    dtype = combination[2]
+    assert record["shape"] == record["expected_shape"]
+    assert record["max_magnitude"] > 0.5  # the case pools something
+    summed = case == "rois" and direction == "gradient"
+    tolerance = SUMMED[dtype] if summed else EXACT
+    assert record["max_difference"] <= tolerance * record["max_magnitude"], record
+    collectives = {name: n for name, n in record["collectives"].items() if n}
+    if case == "pixels":
+        # No rule splits the map's pixels: the forward gathers the map (the
+        # gradient is computed whole and sliced), and the results are right.
+        if direction == "forward":
+            assert collectives.get("all-gather", 0) >= 1, record
+    else:
+        # Over RoIs, the gradient is one all-reduce; everything else is local.
+        assert collectives == ({"all-reduce": 1} if summed else {}), record
+
+
+# --- The kernels' bin-row ranges ----------------------------------------------
+# A device's share of a bin-major map split over C holds whole bin rows, and
+# its kernel computes those rows of every RoI's grid (attributes first_bin_row
+# and bin_rows). Checked here, on one device, for the CPU kernels and the
+# CUDA kernels' schedule: the rows of the whole call, bit for bit.
+
+ROWS, COLUMNS, SHARES = 4, 3, 2
+SPATIAL_SCALE, SAMPLING_RATIO = 0.5, -1  # adaptive: the grid follows the whole rows
+
+
+def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin_row):
+    dtype = jnp.dtype(operand.dtype)
+    if kernels == "gpu_schedule":
+        return native_gpu_schedule(direction, operand, rois, out_shape, SPATIAL_SCALE,
+                                   SAMPLING_RATIO, data_format, "bin_major",
+                                   first_bin_row=first_bin_row, bin_rows=ROWS)
+    call = jax.ffi.ffi_call(target(direction, dtype, data_format),
+                            [jax.ShapeDtypeStruct(out_shape, dtype)])
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(call(operand, rois, spatial_scale=SPATIAL_SCALE,
+                               sampling_ratio=SAMPLING_RATIO, channel_order=1,
+                               first_bin_row=first_bin_row, bin_rows=ROWS)[0])
+
+
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bin_rows_of_a_grid_are_those_rows_of_the_whole_call(kernels, data_format, dtype):
+    rng = np.random.default_rng(3)
+    features = features_as(random_features(rng, 2, 5 * ROWS * COLUMNS, 9, 11, dtype),
+                           data_format, "bin_major", (ROWS, COLUMNS))
+    rois = random_rois(rng, 40, 2, 9, 11, SPATIAL_SCALE, dtype)
+    # The whole call, on the same kernels.
+    pooled_shape = pooled_as(np.zeros((40, 5, ROWS, COLUMNS)), data_format).shape
+    pooled = _kernel(kernels, "forward", features, rois, pooled_shape, data_format, 0)
+    cotangent = rng.normal(size=pooled.shape).astype(dtype)
+    gradient = _kernel(kernels, "backward", cotangent, rois, features.shape, data_format, 0)
+    channel_axis = 1 if data_format == "NCHW" else 3
+    row_axis = 2 if data_format == "NCHW" else 1
+    rows = ROWS // SHARES
+    channels = features.shape[channel_axis] // SHARES
+    for share in range(SHARES):
+        first = share * rows
+        local_features = np.take(features, range(share * channels, (share + 1) * channels),
+                                 axis=channel_axis)
+        local_pooled = np.take(pooled, range(first, first + rows), axis=row_axis)
+        local_cotangent = np.take(cotangent, range(first, first + rows), axis=row_axis)
+        local_gradient = np.take(gradient, range(share * channels, (share + 1) * channels),
+                                 axis=channel_axis)
+        assert np.abs(local_pooled).max() > 0.1
+        np.testing.assert_array_equal(
+            _kernel(kernels, "forward", local_features, rois, local_pooled.shape,
+                    data_format, first), local_pooled)
+        np.testing.assert_array_equal(
+            _kernel(kernels, "backward", local_cotangent, rois, local_gradient.shape,
+                    data_format, first), local_gradient)
+
+
+def test_a_row_range_outside_the_grid_is_an_error():
+    features = np.ones((1, 2 * COLUMNS * 2, 4, 4), np.float32)
+    rois = np.array([[0, 0, 0, 3, 3]], np.float32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="bin rows from row 3"):
+        _kernel("cpu", "forward", features, rois, (1, 2, 2, COLUMNS), "NCHW", 3)
+
+
+def test_sharded_training_example():
+    """examples/sharded_training.py on 8 simulated devices: each device pools
+    its own scenes, the step's one collective is the gradients' all-reduce,
+    and the first step is the one-device step."""
+    example = Path(__file__).parents[1] / "examples" / "sharded_training.py"
+    run = subprocess.run([sys.executable, str(example), "--devices", "8", "--steps", "2",
+                          "--batch", "8"], capture_output=True, text=True, timeout=900,
+                         check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = run.stdout
+    assert "images: global (8, 128, 128, 1), each device (1, 128, 128, 1)" in out, out
+    # One scene's thin map per device, its RoIs, and back.
+    assert re.search(r"forward_nhwc_f32: f32\[1,16,16,490\], rois f32\[54,5\] -> "
+                     r"f32\[54,7,7,10\] on each device", out), out
+    assert re.search(r"backward_nhwc_f32: f32\[54,7,7,10\], rois f32\[54,5\] -> "
+                     r"f32\[1,16,16,490\] on each device", out), out
+    assert ("collectives of the compiled step: all-gather 0, all-reduce 1, all-to-all 0, "
+            "collective-permute 0, reduce-scatter 0") in out, out
+    sharded, alone = map(float, re.search(
+        r"step 1: loss ([\d.]+) \(one device: ([\d.]+)\)", out).groups())
+    assert abs(sharded - alone) <= 1e-4 * abs(alone), out
