@@ -203,7 +203,8 @@ def _forward_batch(args, dims, *, image_blocks, **params):
         features = jnp.moveaxis(features, features_dim, 0)
         num_images = features.shape[1]
         # Element b's blocks become blocks of its own images.
-        out = forward_p.bind(features.reshape((-1, *features.shape[2:])),
+        # Explicit sizes: with a zero-size axis, -1 is ambiguous.
+        out = forward_p.bind(features.reshape((size * num_images, *features.shape[2:])),
                              _offset_batch_index(rois, num_images),
                              image_blocks=size * image_blocks, **params)
     return out.reshape((size, num_rois, *out.shape[1:])), 0
@@ -218,7 +219,7 @@ def _backward_batch(args, dims, *, input_shape, image_blocks, **params):
     rois = _to_front(rois, rois_dim, size)
     num_images = input_shape[0]
     grad = backward_p.bind(
-        cotangent.reshape((-1, *cotangent.shape[2:])),
+        cotangent.reshape((size * cotangent.shape[1], *cotangent.shape[2:])),
         _offset_batch_index(rois, num_images),
         input_shape=(size * num_images, *input_shape[1:]),
         image_blocks=size * image_blocks, **params)

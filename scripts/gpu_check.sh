@@ -18,7 +18,8 @@
 # and the installed package lacks them, or with --reinstall); the tests
 # marked gpu; the whole suite; the torchvision golden fixtures on the GPU;
 # the benchmark on the GPU; compute-sanitizer's memcheck over a small
-# forward, gradient and vmap run with hostile boxes; gradient determinism
+# forward, gradient and vmap run with hostile boxes, and memcheck and
+# racecheck over the fuzz test on the GPU; gradient determinism
 # (the same gradient 5 times, compared bitwise) on the CPU and on the GPU;
 # and, where ncu is present, one profile of each kernel on a GPU-sized
 # workload. A summary table comes last, with the installed package it
@@ -145,15 +146,29 @@ fi
 
 # --- memory safety -------------------------------------------------------------
 if [ -z "$gpu" ]; then
-  skip memcheck "$no_gpu"
+  for name in memcheck fuzz_memcheck fuzz_racecheck; do skip "$name" "$no_gpu"; done
 elif ! command -v compute-sanitizer >/dev/null; then
-  skip memcheck "compute-sanitizer not found"
+  for name in memcheck fuzz_memcheck fuzz_racecheck; do
+    skip "$name" "compute-sanitizer not found"
+  done
 else
   # The platform allocator gives every XLA buffer its own allocation, so an
   # access past one is caught rather than landing in a neighbour.
   step memcheck 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
     compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
     python scripts/gpu_runs.py smoke
+  # The fuzz test (tests/test_fuzz.py: hostile boxes, tiny maps, every
+  # layout, order and dtype) on the GPU's kernels: out-of-bounds accesses
+  # (memcheck), then shared-memory races in the blocks' lists and tiles
+  # (racecheck, much slower: fewer examples).
+  step fuzz_memcheck 600 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform JAX_PSROI_FUZZ_EXAMPLES=200 \
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
+    pytest -q -p no:cacheprovider tests/test_fuzz.py
+  step fuzz_racecheck 600 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform JAX_PSROI_FUZZ_EXAMPLES=30 \
+    compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 \
+    pytest -q -p no:cacheprovider tests/test_fuzz.py
 fi
 
 # --- determinism -----------------------------------------------------------------

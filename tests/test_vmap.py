@@ -146,3 +146,21 @@ def test_training_step_runs_native_kernels_only():
     grad = step(kernel)
     assert np.abs(np.asarray(grad)).max() > 0
     np.testing.assert_allclose(grad, ref_step(kernel), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,c_out,k", [(0, 2, 3), (2, 0, 3), (2, 2, 0), (0, 0, 0)])
+def test_vmap_with_empty_axes(n, c_out, k):
+    # Found by the fuzz test: the batching rules folded the mapped axis with
+    # reshape(-1, ...), which fails when another axis is empty.
+    rng = np.random.default_rng(23)
+    features = rng.normal(size=(B, n, c_out * 4, 5, 6))
+    rois = np.stack([random_rois(rng, k, max(n, 1), 5, 6, 1.0, np.float64)
+                     for _ in range(B)])
+    pool = jax.vmap(lambda f, r: jax_psroi.ps_roi_align(f, r, 2, 1.0, 2))
+    out, vjp = jax.vjp(lambda f: pool(f, rois), features)
+    assert out.shape == (B, k, c_out, 2, 2)
+    # Valid RoIs on an empty map read nothing: zeros, like the unmapped call.
+    np.testing.assert_array_equal(out, np.stack(
+        [jax_psroi.ps_roi_align(features[b], rois[b], 2, 1.0, 2) for b in range(B)]))
+    (gradient,) = vjp(jnp.ones_like(out))
+    assert gradient.shape == features.shape

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Memory-safety proof of the CPU kernels (and of the CUDA kernels' schedule,
+# which the CPU extension also builds for the tests): builds the extension
+# with AddressSanitizer and UndefinedBehaviorSanitizer (JAX_PSROI_SANITIZE=ON,
+# every report fatal) into a throwaway virtual environment, then runs the
+# kernel tests and the property-based fuzz test with EXAMPLES examples under
+# the sanitizers. Exits non-zero on any report or failure.
+#
+#   bash scripts/sanitize.sh [EXAMPLES]        # default 10000
+#
+# Python is not instrumented, so the sanitizer runtimes are preloaded
+# (LD_PRELOAD) into the test process only. Leak checking is off (CPython and
+# XLA keep memory until exit by design). The fuzz test compares with the
+# jax.numpy reference on its first REFERENCE_EXAMPLES examples (default 300:
+# the reference compiles once per shape) and checks its other properties on
+# every example.
+set -euo pipefail
+examples="${1:-10000}"
+reference_examples="${REFERENCE_EXAMPLES:-300}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+python3 -m venv "$work/venv"
+# shellcheck disable=SC1091
+source "$work/venv/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip install --quiet "jax==0.10.2" "jaxlib==0.10.2" nanobind scikit-build-core \
+  "pytest>=8" "chex>=0.1.90" "flatbuffers>=24" hypothesis numpy
+echo "=== building the sanitized CPU extension"
+# Unstripped, so that reports name files and lines.
+JAX_PSROI_CUDA=OFF JAX_PSROI_SANITIZE=ON pip install --quiet --no-build-isolation \
+  -Cbuild-dir="$work/build" -Cinstall.strip=false "$repo"
+extension="$(ls "$work"/venv/lib/python*/site-packages/jax_psroi/_cpu*.so)"
+grep -q __asan_report "$extension" && grep -q __ubsan_handle "$extension" \
+  || { echo "$extension was not built with the sanitizers" >&2; exit 1; }
+
+runtimes="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libubsan.so)"
+reports="$work/reports"
+mkdir -p "$reports"
+tests=(test_fuzz.py test_forward.py test_grad.py test_vmap.py test_layouts.py
+       test_low_precision.py test_golden.py test_gpu_schedule.py)
+echo "=== ${tests[*]} under ASan + UBSan; fuzz examples: $examples" \
+     "(first $reference_examples against the reference)"
+start=$SECONDS
+status=0
+(
+  cd "$work"   # not the checkout: import the installed, sanitized package
+  env LD_PRELOAD="$runtimes" \
+    ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=86:log_path=$reports/asan" \
+    UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87:log_path=$reports/ubsan" \
+    JAX_PLATFORMS=cpu JAX_PSROI_FUZZ_EXAMPLES="$examples" \
+    JAX_PSROI_FUZZ_REFERENCE_EXAMPLES="$reference_examples" \
+    python -m pytest -q -p no:cacheprovider "${tests[@]/#/$repo/tests/}"
+) || status=$?
+echo "=== $((SECONDS - start)) s"
+if compgen -G "$reports/*" >/dev/null; then
+  echo "=== sanitizer reports:"
+  cat "$reports"/*
+  status=1
+fi
+if [ "$status" -ne 0 ]; then
+  echo "=== sanitize: FAILED (status $status)"
+  exit 1
+fi
+echo "=== sanitize: clean"
