@@ -83,6 +83,28 @@ def lower(ctx, operand, rois, *, direction: str, local_call: LocalCall,
     return mlir.lower_fun(call, multiple_results=False)(ctx, operand, rois)
 
 
+def typed_result(direction: str, operand, rois, result, *, data_format: str,
+                 channel_order: str, image_blocks: int):
+    """`result` (an abstract value typed like its map operand) with the
+    split the partitioning gives it, when the operands live on a mesh with
+    explicit axes (whose shardings are part of the types); as it is
+    otherwise."""
+    sharding = getattr(operand, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return result
+    features, pooled = operand.shape, result.shape
+    if direction == "backward":
+        features, pooled = pooled, features
+    # Typed as if the call can split bin rows (the native kernels can; the
+    # reference lowering's result is resharded to this type).
+    partitioner = _Partitioner(None, features, pooled, data_format, channel_order,
+                               image_blocks, bin_rows_call=True)
+    spec = partitioner.result_spec(direction, mesh, _axes(sharding, 4),
+                                   _axes(getattr(rois, "sharding", None), 2))
+    return result.update(sharding=NamedSharding(mesh, spec))
+
+
 def lower_with_devices(*primitives) -> None:
     """Has jit lower `primitives` with the program's devices in hand, which
     ``custom_partitioning`` needs to build the mesh its callbacks get.
@@ -174,6 +196,9 @@ def _axes(sharding, ndim: int) -> tuple[tuple[str, ...], ...] | None:
                  for s in spec)
 
 
+_NO_MESH = jax.sharding.AbstractMesh((), ())
+
+
 def _count(mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
@@ -249,28 +274,56 @@ class _Partitioner:
         bin-major map split over C holds whole bin rows: each device
         computes its own rows of every RoI's grid, a static attribute of
         the kernel, so the program switches on the device's place.
+
+        Traced without the caller's mesh: under explicit mesh axes, JAX
+        would otherwise type (and annotate) the per-device values with
+        shardings of the whole mesh.
         """
-        if image_axes:
-            local_images = self.num_images // _count(mesh, image_axes)
-            first = jax.lax.axis_index(image_axes) * local_images
-            index = rois[:, :1] - first.astype(rois.dtype)
-            rois = jnp.concatenate([index, rois[:, 1:]], axis=1)
-        if not (self.bin_major and channel_axes):
-            return self.local_call(operand, rois, result_shape)
-        rows, shares = self.pooled_size[0], _count(mesh, channel_axes)
-        branches = [partial(self.local_call, result_shape=result_shape,
-                            first_bin_row=share * rows // shares, bin_rows=rows)
-                    for share in range(shares)]
-        return jax.lax.switch(jax.lax.axis_index(channel_axes), branches, operand, rois)
+        with jax.sharding.use_abstract_mesh(_NO_MESH):
+            if image_axes:
+                local_images = self.num_images // _count(mesh, image_axes)
+                first = jax.lax.axis_index(image_axes) * local_images
+                index = rois[:, :1] - first.astype(rois.dtype)
+                rois = jnp.concatenate([index, rois[:, 1:]], axis=1)
+            if not (self.bin_major and channel_axes):
+                return self.local_call(operand, rois, result_shape)
+            rows, shares = self.pooled_size[0], _count(mesh, channel_axes)
+            branches = [partial(self.local_call, result_shape=result_shape,
+                                first_bin_row=share * rows // shares, bin_rows=rows)
+                        for share in range(shares)]
+            return jax.lax.switch(jax.lax.axis_index(channel_axes), branches, operand, rois)
+
+    def forward_plan(self, mesh, features, rois):
+        """(images, RoIs, channels) axes of a forward whose features and RoIs
+        are split as `features` and `rois` (_axes), or None (unknown)."""
+        if features is None or rois is None:
+            return (), (), ()
+        return self._plan(mesh, features[self.axes[0]], rois[0], features[self.axes[1]])
+
+    def backward_plan(self, mesh, cotangent, rois, grad):
+        """The same for a backward, `grad` the split proposed for its result."""
+        if cotangent is None or rois is None:
+            return (), (), ()
+        roi_axes = cotangent[self.axes[0]] or rois[0]
+        # The images of the RoIs' devices, or those propagation chose for the
+        # gradient; the same for channels.
+        image_axes = roi_axes or (grad[self.axes[0]] if grad else ())
+        channel_axes = (cotangent[self.pooled_channel_axis]
+                        or (grad[self.axes[1]] if grad else ()))
+        return self._plan(mesh, image_axes, roi_axes, channel_axes)
+
+    def result_spec(self, direction, mesh, operand, rois) -> PartitionSpec:
+        """The split of the result for operands split as `operand` and
+        `rois` (_axes): the type of the result under explicit mesh axes."""
+        if direction == "forward":
+            _, roi_axes, channel_axes = self.forward_plan(mesh, operand, rois)
+            return self._map(mesh, roi_axes, channel_axes, pooled=True).spec
+        image_axes, _, channel_axes = self.backward_plan(mesh, operand, rois, None)
+        return self._map(mesh, image_axes, channel_axes, pooled=False).spec
 
     def forward(self, mesh, arg_shapes, result_shape):
-        features = _axes(arg_shapes[0].sharding, 4)
-        rois = _axes(arg_shapes[1].sharding, 2)
-        plan = ((), (), ())
-        if features is not None and rois is not None:
-            plan = self._plan(mesh, features[self.axes[0]], rois[0],
-                              features[self.axes[1]])
-        image_axes, roi_axes, channel_axes = plan
+        image_axes, roi_axes, channel_axes = self.forward_plan(
+            mesh, _axes(arg_shapes[0].sharding, 4), _axes(arg_shapes[1].sharding, 2))
         pooled = self._map(mesh, roi_axes, channel_axes, pooled=True)
         local_pooled = pooled.shard_shape(result_shape.shape)
 
@@ -282,19 +335,9 @@ class _Partitioner:
                  NamedSharding(mesh, PartitionSpec(roi_axes or None, None))))
 
     def backward(self, mesh, arg_shapes, result_shape):
-        cotangent = _axes(arg_shapes[0].sharding, 4)
-        rois = _axes(arg_shapes[1].sharding, 2)
-        grad = _axes(result_shape.sharding, 4)
-        plan = ((), (), ())
-        if cotangent is not None and rois is not None:
-            roi_axes = cotangent[self.axes[0]] or rois[0]
-            # The images of the RoIs' devices, or those propagation chose for
-            # the gradient; the same for channels.
-            image_axes = roi_axes or (grad[self.axes[0]] if grad else ())
-            channel_axes = (cotangent[self.pooled_channel_axis]
-                            or (grad[self.axes[1]] if grad else ()))
-            plan = self._plan(mesh, image_axes, roi_axes, channel_axes)
-        image_axes, roi_axes, channel_axes = plan
+        image_axes, roi_axes, channel_axes = self.backward_plan(
+            mesh, _axes(arg_shapes[0].sharding, 4), _axes(arg_shapes[1].sharding, 2),
+            _axes(result_shape.sharding, 4))
         # RoIs split without their images: every device's gradient is a part
         # of the sum.
         summed_axes = () if image_axes else roi_axes
@@ -303,7 +346,10 @@ class _Partitioner:
 
         def lower_fn(cotangent, rois):
             grad = self._local(mesh, cotangent, rois, local_grad, image_axes, channel_axes)
-            return jax.lax.psum(grad, summed_axes) if summed_axes else grad
+            if not summed_axes:
+                return grad
+            with jax.sharding.use_abstract_mesh(_NO_MESH):
+                return jax.lax.psum(grad, summed_axes)
 
         return (mesh, lower_fn, gradient,
                 (self._map(mesh, roi_axes, channel_axes, pooled=True),

@@ -56,15 +56,23 @@ def _result(operand, rois, shape):
     return result
 
 
-def _forward_abstract_eval(features, rois, *, pooled_size, data_format, **_):
+def _forward_abstract_eval(features, rois, *, pooled_size, data_format, channel_order,
+                           image_blocks, **_):
     ph, pw = pooled_size
     c_out = features.shape[_arguments.channel_axis(data_format)] // (ph * pw)
-    return _result(features, rois, _arguments.pooled_shape(
+    pooled = _result(features, rois, _arguments.pooled_shape(
         rois.shape[0], c_out, pooled_size, data_format))
+    return _partitioning.typed_result("forward", features, rois, pooled,
+                                      data_format=data_format, channel_order=channel_order,
+                                      image_blocks=image_blocks)
 
 
-def _backward_abstract_eval(cotangent, rois, *, input_shape, **_):
-    return _result(cotangent, rois, input_shape)
+def _backward_abstract_eval(cotangent, rois, *, input_shape, data_format, channel_order,
+                            image_blocks, **_):
+    return _partitioning.typed_result("backward", cotangent, rois,
+                                      _result(cotangent, rois, input_shape),
+                                      data_format=data_format, channel_order=channel_order,
+                                      image_blocks=image_blocks)
 
 
 forward_p.def_abstract_eval(_forward_abstract_eval)

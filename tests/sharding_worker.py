@@ -14,6 +14,7 @@ each kind of collective in the compiled sharded program.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -46,7 +47,10 @@ COMBINATIONS = [("NCHW", "torchvision", "float32"), ("NHWC", "torchvision", "flo
 # replicated; images over one mesh axis and channels over another; the
 # per-image call inside shard_map; and features split over rows of pixels,
 # which no rule splits (they are gathered).
-CASES = ["images", "rois", "channels", "images_and_channels", "shard_map", "pixels"]
+# The first three again on a mesh with explicit axes (jax.make_mesh's
+# default), where shardings are part of the types.
+CASES = ["images", "rois", "channels", "images_and_channels", "shard_map", "pixels",
+         "images_explicit", "rois_explicit", "channels_explicit"]
 DIRECTIONS = ["forward", "gradient"]
 
 
@@ -54,6 +58,8 @@ def _mesh(case):
     auto = jax.sharding.AxisType.Auto
     if case == "images_and_channels":
         return jax.make_mesh((4, 2), ("data", "model"), axis_types=(auto, auto))
+    if case.endswith("_explicit"):
+        return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
     return jax.make_mesh((8,), ("x",), axis_types=(auto,))
 
 
@@ -79,6 +85,7 @@ def _rois(boxes, rng):
 def _functions(case, layout, order, mesh):
     """(forward, placements): forward(features, boxes) -> pooled, and the
     sharding of each input."""
+    case = case.removesuffix("_explicit")
     pool = partial(jax_psroi.ps_roi_align, output_size=POOLED, spatial_scale=SCALE,
                    sampling_ratio=SAMPLING, data_format=layout, channel_order=order)
     channel_axis = 1 if layout == "NCHW" else 3
@@ -122,8 +129,8 @@ def _run(case, direction, layout, order, dtype):
     mesh = _mesh(case)
     features, boxes = _inputs(layout, dtype, rng)
     forward, specs = _functions(case, layout, order, mesh)
-    second = boxes if case in ("images", "images_and_channels", "shard_map") else _rois(
-        boxes, rng)
+    per_image = case in ("images", "images_and_channels", "shard_map", "images_explicit")
+    second = boxes if per_image else _rois(boxes, rng)
     pooled_shape = jax.eval_shape(forward, features, second).shape
     cotangent = jnp.asarray(rng.normal(size=pooled_shape), features.dtype)
 
@@ -132,8 +139,9 @@ def _run(case, direction, layout, order, dtype):
             return forward
 
         def gradient(features, second):
-            _, vjp = jax.vjp(lambda f: forward(f, second), features)
-            return vjp(cotangent)[0]
+            # The vjp with `cotangent`, written so that under explicit axes
+            # the cotangent takes the result's type.
+            return jax.grad(lambda f: jnp.sum(forward(f, second) * cotangent))(features)
         return gradient
 
     function = in_direction(forward)
@@ -141,8 +149,9 @@ def _run(case, direction, layout, order, dtype):
     placements = [NamedSharding(mesh, spec) for spec in specs]
     out_sharding = placements[0] if direction == "gradient" else None
     placed = [jax.device_put(x, s) for x, s in zip((features, second), placements, strict=True)]
-    sharded = jax.jit(function, out_shardings=out_sharding).lower(*placed).compile()
-    result = sharded(*placed)
+    with jax.set_mesh(mesh) if case.endswith("_explicit") else contextlib.nullcontext():
+        sharded = jax.jit(function, out_shardings=out_sharding).lower(*placed).compile()
+        result = sharded(*placed)
     if case == "shard_map":
         # Unsharded, its per-shard call is the per-image head.
         forward = _functions("images", layout, order, mesh)[0]
