@@ -17,14 +17,17 @@ device (the same kernel, on its shard). Per mesh axis, the call splits over
 * RoIs: RoIs sharded over K, features replicated over those axes. The
   forward's output is sharded over K; the backward's feature gradient is
   the sum of the devices' gradients (one all-reduce).
-* channel groups (torchvision order): features sharded over C in whole
-  output channels (the PH * PW input channels of one output channel are
-  contiguous), so the output is sharded over C_out and the gradient like
-  the features.
+* channel groups: features sharded over C in whole groups. In torchvision
+  order the PH * PW input channels of one output channel are contiguous, so
+  the output is sharded over C_out; in bin-major order the C_out channels of
+  one bin are, so a split holds whole bin rows and the output is sharded
+  over PH (each device computes its rows of every RoI's grid). The gradient
+  is sharded like the features.
 
-Any other sharding (H or W split, a split channel group, a bin-major map
-split over C, sizes the mesh does not divide) is resharded to one of these:
-a correct result, at the price of the communication that takes.
+Any other sharding (H or W split, a split channel group, sizes the mesh does
+not divide) is resharded to one of these: a correct result, at the price of
+the communication that takes. Under explicit mesh axes, where shardings are
+types, each result is typed with the split the same plan gives it.
 """
 
 from __future__ import annotations
