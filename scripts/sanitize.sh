@@ -51,7 +51,8 @@ status=0
     UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87:log_path=$reports/ubsan" \
     JAX_PLATFORMS=cpu JAX_PSROI_FUZZ_EXAMPLES="$examples" \
     JAX_PSROI_FUZZ_REFERENCE_EXAMPLES="$reference_examples" \
-    python -m pytest -q -p no:cacheprovider "${tests[@]/#/$repo/tests/}"
+    python -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+      "${tests[@]/#/$repo/tests/}"
 ) || status=$?
 echo "=== $((SECONDS - start)) s"
 if compgen -G "$reports/*" >/dev/null; then
