@@ -175,6 +175,10 @@ def test_fuzzed_calls(call):
     np.testing.assert_array_equal(np.asarray(twice[1]),
                                   np.asarray(forward(-features, rois[::-1])))
 
-    if next(_examples) < REFERENCE_EXAMPLES:
+    example = next(_examples)
+    if example % 500 == 499:
+        # Every example compiles new programs: keep long runs' memory flat.
+        jax.clear_caches()
+    if example < REFERENCE_EXAMPLES:
         _close(pooled, reference(features, rois, *args, **options), dtype)
         _close(gradient, reference_vjp(features, rois, cotangent, *args, **options), dtype)
