@@ -30,11 +30,12 @@
 //      For the backward, each (image, row of tiles) lists in order the RoIs
 //      whose box touches it, and each RoI's pixel span per bin row and bin
 //      column is kept.
-//   2. Forward. A block owns one bucket and a group of input channels (one
-//      plane in NCHW; 32 consecutive channels in NHWC, read as one
-//      contiguous run per tap). Its threads walk the bucket's RoIs, so the
-//      RoIs of one image read one plane (group) while it sits in L1/L2, and
-//      each output element is written by exactly one thread.
+//   2. Forward. A block owns a chunk of one bucket's RoIs and a group of
+//      input channels (one plane in NCHW; 32 consecutive channels in NHWC,
+//      read as one contiguous run per tap). Its threads walk the chunk's
+//      RoIs, so the RoIs of one image read one plane (group) while it sits
+//      in L1/L2, and each output element is written by exactly one thread.
+//      Buckets are split into chunks only as far as it takes to fill the GPU.
 //   3. Backward. A block owns one image, one tile of kTileRows x kTileCols
 //      pixels and one bin, that is every gradient element of those pixels
 //      in the bin's C_out channels; it writes each of them once (zeros
@@ -265,6 +266,12 @@ PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, boo
 
 // --- 2. Forward -------------------------------------------------------------
 
+// The blocks the forward wants at least: a bucket's RoIs are split into
+// chunks until it has them, so that a few images of few channel groups
+// still fill the GPU (a Light-Head map in NHWC, 8 images of 490 channels,
+// gave 144 blocks, 0.12 waves of an H200, before chunks).
+constexpr int64_t kForwardMinBlocks = 2048;
+
 // Channels a forward block owns: one NCHW plane; in NHWC, a run that a warp
 // reads as one contiguous segment per tap.
 template <typename Layout>
@@ -272,12 +279,30 @@ constexpr int forward_channel_group() {
   return Layout::kChannelsLast ? kNhwcChannelGroup : 1;
 }
 
-// Blocks of the forward: (bucket, channel group), the group fastest, so
-// that the blocks in flight share one image's RoIs.
+template <typename Layout>
+PSROI_HD int64_t forward_channel_groups(const PsRoiDims& d) {
+  constexpr int64_t g = forward_channel_group<Layout>();
+  return (d.channels + g - 1) / g;
+}
+
+// Chunks each bucket's RoIs are split into: enough for kForwardMinBlocks
+// blocks, but no more than one per kThreads RoIs of an average image.
+template <typename Layout>
+PSROI_HD int64_t forward_chunks(const PsRoiDims& d) {
+  const int64_t images = d.num_images > 0 ? d.num_images : 1;
+  const int64_t per_image = (d.num_rois + images - 1) / images;
+  const int64_t by_rois = (per_image + kThreads - 1) / kThreads;
+  const int64_t others = (d.num_images + 1) * forward_channel_groups<Layout>(d);
+  const int64_t wanted = (kForwardMinBlocks + others - 1) / others;
+  const int64_t chunks = by_rois < wanted ? by_rois : wanted;
+  return chunks > 0 ? chunks : 1;
+}
+
+// Blocks of the forward: (bucket, chunk, channel group), the group fastest,
+// so that the blocks in flight share one image's RoIs.
 template <typename Layout>
 PSROI_HD int64_t forward_blocks(const PsRoiDims& d) {
-  constexpr int64_t g = forward_channel_group<Layout>();
-  return (d.num_images + 1) * ((d.channels + g - 1) / g);
+  return (d.num_images + 1) * forward_chunks<Layout>(d) * forward_channel_groups<Layout>(d);
 }
 
 // Output channel and bin that input channel `c` feeds. In 32 bits: these
@@ -310,12 +335,19 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoi
                             T spatial_scale, int64_t sampling_ratio, const Workspace& ws,
                             int64_t block, S* output) {
   constexpr int64_t kGroup = forward_channel_group<Layout>();
-  const int64_t groups = (d.channels + kGroup - 1) / kGroup;
-  const int64_t bucket = block / groups;
+  const int64_t groups = forward_channel_groups<Layout>(d);
+  const int64_t chunks = forward_chunks<Layout>(d);
   const int64_t c0 = (block % groups) * kGroup;
-  const int64_t begin = ws.offsets[bucket], end = ws.offsets[bucket + 1];
+  const int64_t chunk = (block / groups) % chunks;
+  const int64_t bucket = block / (groups * chunks);
+  // Chunk `chunk` of the bucket's RoIs (some chunks of a small bucket are
+  // empty).
+  const int64_t bucket_begin = ws.offsets[bucket];
+  const int64_t bucket_size = ws.offsets[bucket + 1] - bucket_begin;
+  const int64_t begin = bucket_begin + bucket_size * chunk / chunks;
+  const int64_t end = bucket_begin + bucket_size * (chunk + 1) / chunks;
   const Layout layout = Layout::of(d);
-  // Element i: RoI i / kGroup of the bucket, channel c0 + i % kGroup.
+  // Element i: RoI i / kGroup of the chunk, channel c0 + i % kGroup.
   ex.each((end - begin) * kGroup, [&](int64_t i) {
     const int64_t c = c0 + i % kGroup;
     if (c >= d.channels) return;

@@ -22,9 +22,9 @@
 # racecheck over the fuzz test on the GPU; gradient determinism
 # (the same gradient 5 times, compared bitwise) on the CPU and on the GPU;
 # and, where ncu is present, one profile of each kernel on a GPU-sized
-# workload. A summary table comes last, with the installed package it
-# checked. Without a GPU it runs what it can and says what it skipped. Exits
-# 0 only if every step that ran passed.
+# workload, in NCHW and in NHWC bin-major. A summary table comes last, with
+# the installed package it checked. Without a GPU it runs what it can and
+# says what it skipped. Exits 0 only if every step that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
     --wheel) wheel="$(realpath "$2")"; shift 2 ;;
     --reinstall) reinstall=1; shift ;;
     --skip) skipped=",$2,"; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -194,7 +194,8 @@ elif ! command -v ncu >/dev/null; then
 elif step ncu_profile 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     ncu --clock-control none --csv --page raw --print-units base \
     --kernel-name regex:"roi_info|segment_kernel|start_kernel|forward_kernel|backward_kernel" \
-    --metrics "$metrics" python scripts/gpu_runs.py profile; then
+    --metrics "$metrics" python scripts/gpu_runs.py profile \
+    --variants NCHW:torchvision:float32,NHWC:bin_major:float32; then
   python scripts/gpu_runs.py ncu-summary "$out/ncu_profile.log" >"$out/ncu_summary.md" 2>&1
 fi
 

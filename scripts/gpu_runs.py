@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import pathlib
 import sys
 
@@ -127,21 +128,32 @@ def determinism(args) -> int:
     return 1 if failures else 0
 
 
-def profile(_args) -> int:
-    """One forward and one backward on each GPU-sized workload, for ncu."""
+def profile(args) -> int:
+    """One forward and one backward on each GPU-sized workload, for ncu, in
+    each of --variants (DATA_FORMAT:CHANNEL_ORDER:DTYPE, comma-separated)."""
     rng = np.random.default_rng(2)
     for shape, num_rois in PROFILE_WORKLOADS:
         n, c, h, w = shape
-        features = jax.device_put(rng.normal(size=shape).astype(np.float32))
+        features = rng.normal(size=shape).astype(np.float32)
         rois = jax.device_put(_rois(rng, num_rois, n, h, w, 1 / 16))
-        cotangent = jax.device_put(
-            rng.normal(size=(num_rois, c // 49, 7, 7)).astype(np.float32))
-        forward = jax.jit(lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 16, 2))
-        backward = jax.jit(lambda ct, r, f=features: jax.linear_transpose(
-            lambda x: jax_psroi.ps_roi_align(x, r, 7, 1 / 16, 2), f)(ct)[0])
-        jax.block_until_ready(forward(features, rois))
-        jax.block_until_ready(backward(cotangent, rois))
-        print(f"profiled {shape} K={num_rois}: one forward, one backward")
+        cotangent = rng.normal(size=(num_rois, c // 49, 7, 7)).astype(np.float32)
+        for variant in args.variants.split(","):
+            data_format, order, dtype = variant.split(":")
+            # The same values in another layout or order are another map; the
+            # profile is about bytes and instructions, not values.
+            f = features if data_format == "NCHW" else features.transpose(0, 2, 3, 1)
+            ct = cotangent if data_format == "NCHW" else cotangent.transpose(0, 2, 3, 1)
+            f = jax.device_put(np.ascontiguousarray(f).astype(dtype))
+            ct = jax.device_put(np.ascontiguousarray(ct).astype(dtype))
+            op = functools.partial(jax_psroi.ps_roi_align, output_size=7, spatial_scale=1 / 16,
+                                   sampling_ratio=2, data_format=data_format,
+                                   channel_order=order)
+            forward = jax.jit(lambda x, r, op=op: op(x, r))
+            backward = jax.jit(lambda c, r, x=f, op=op: jax.linear_transpose(
+                lambda y: op(y, r), x)(c)[0])
+            jax.block_until_ready(forward(f, rois))
+            jax.block_until_ready(backward(ct, rois))
+            print(f"profiled {shape} K={num_rois} {variant}: one forward, one backward")
     return 0
 
 
@@ -186,7 +198,8 @@ def main(argv=None) -> int:
     det = commands.add_parser("determinism", help=determinism.__doc__)
     det.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     det.add_argument("--runs", type=int, default=5)
-    commands.add_parser("profile", help=profile.__doc__)
+    prof = commands.add_parser("profile", help=profile.__doc__)
+    prof.add_argument("--variants", default="NCHW:torchvision:float32")
     summary = commands.add_parser("ncu-summary", help=ncu_summary.__doc__)
     summary.add_argument("file")
     args = parser.parse_args(argv)

@@ -94,6 +94,26 @@ def test_crowded_16_bit_gradient_is_rounded_once(dtype, data_format):
     np.testing.assert_array_less(np.abs(grad - exact), step * np.abs(exact) + 1e-6)
 
 
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
+def test_forward_buckets_split_into_chunks(dtype, data_format, channel_order):
+    # 700 RoIs on 2 images of few channels: every bucket's RoIs are split
+    # into chunks, each its own block (NCHW 3 chunks a bucket, NHWC 3 too: 2
+    # images of 66 channels are far from the blocks the forward wants);
+    # RoIs with a bad batch index fill bucket N, whose outputs are zeros.
+    rng = np.random.default_rng(13)
+    layout = dict(data_format=data_format, channel_order=channel_order)
+    features = features_as(rng.normal(size=(2, 11 * 6, 9, 13)).astype(dtype),
+                           data_format, channel_order, OUTPUT_SIZE)
+    rois = random_rois(rng, 700, 2, 9, 13, 0.5, dtype)
+    rois[::7, 0] = 5
+    rois[3::7, 0] = -3
+    expected = np.asarray(reference(features, rois, OUTPUT_SIZE, 0.5, 2, **layout))
+    assert np.count_nonzero(expected) > expected.size // 4
+    out = native_gpu_schedule("forward", features, rois, expected.shape, 0.5, 2, **layout)
+    np.testing.assert_allclose(out, expected, **TOLERANCE[np.dtype(dtype)])
+
+
 @pytest.mark.parametrize("data_format", LAYOUTS)
 def test_many_rois_bucketed_by_several_blocks(data_format):
     # 2,600 RoIs: three bucketing segments, every bucket fed by all three.
