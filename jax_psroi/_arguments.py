@@ -126,6 +126,15 @@ def pooled_shape(num_rois, channels_out, pooled_size, data_format) -> tuple:
     return tuple(shape)
 
 
+def features_and_pooled(direction: str, operand_shape, result_shape) -> tuple:
+    """(features shape, pooled shape) of one call of a primitive: the
+    forward maps features to pooled values, the backward pooled cotangents
+    to feature gradients."""
+    if direction == "forward":
+        return operand_shape, result_shape
+    return result_shape, operand_shape
+
+
 def pooled_size_of(pooled, data_format) -> tuple[int, int]:
     """(PH, PW) of a pooled tensor's shape."""
     axes = LAYOUT_AXES[data_format]

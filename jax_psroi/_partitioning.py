@@ -67,9 +67,8 @@ def lower(ctx, operand, rois, *, direction: str, local_call: LocalCall,
     if not _partitioned(ctx):
         return mlir.lower_fun(lambda x, r: local_call(x, r, result_shape),
                               multiple_results=False)(ctx, operand, rois)
-    features, pooled = ctx.avals_in[0].shape, result_shape
-    if direction == "backward":
-        features, pooled = pooled, features
+    features, pooled = _arguments.features_and_pooled(direction, ctx.avals_in[0].shape,
+                                                      result_shape)
     partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
                                image_blocks, bin_rows_call)
 
@@ -96,9 +95,7 @@ def typed_result(direction: str, operand, rois, result, *, data_format: str,
     mesh = getattr(sharding, "mesh", None)
     if jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
         return result
-    features, pooled = operand.shape, result.shape
-    if direction == "backward":
-        features, pooled = pooled, features
+    features, pooled = _arguments.features_and_pooled(direction, operand.shape, result.shape)
     # Typed as if the call can split bin rows (the native kernels can; the
     # reference lowering's result is resharded to this type).
     partitioner = _Partitioner(None, features, pooled, data_format, channel_order,

@@ -102,8 +102,7 @@ def _native_call(platform, direction, operand, rois, result_shape, *,
                  spatial_scale, sampling_ratio, data_format, channel_order,
                  first_bin_row=0, bin_rows=None):
     dtype = operand.dtype
-    features, pooled = ((operand.shape, result_shape) if direction == "forward"
-                        else (result_shape, operand.shape))
+    features, pooled = _arguments.features_and_pooled(direction, operand.shape, result_shape)
     pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
     results = [jax.ShapeDtypeStruct(result_shape, dtype)]
     if platform == "cuda":
