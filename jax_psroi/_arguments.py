@@ -113,6 +113,14 @@ def channel_order(value) -> str:
     return value
 
 
+def aligned(value) -> bool:
+    """``aligned`` of roi_align: a Python bool (it selects the geometry at
+    trace time)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"aligned must be a Python bool, got {_given(value)}")
+    return bool(value)
+
+
 def channel_axis(data_format: str) -> int:
     return LAYOUT_AXES[data_format][1]
 
@@ -142,9 +150,9 @@ def pooled_size_of(pooled, data_format) -> tuple[int, int]:
 
 
 def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
-             dtypes=None):
-    """``input``: a 4-d float map in `data_format` whose channel count is a
-    multiple of h * w.
+             dtypes=None, position_sensitive: bool = True):
+    """``input``: a 4-d float map in `data_format`; for the position-sensitive
+    operators, one whose channel count is a multiple of h * w.
 
     `dtypes`, when given, are the dtypes with native kernels; otherwise any
     floating dtype is accepted (the jax.numpy reference).
@@ -164,7 +172,7 @@ def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
     bins = ph * pw
     axis = channel_axis(data_format)
     channels = array.shape[axis]
-    if channels % bins:
+    if position_sensitive and channels % bins:
         message = (f"input channels (axis {axis} of {shape_name}) must be a "
                    f"multiple of output_size h * w = {ph} * {pw} = {bins}; got "
                    f"shape {array.shape}, so C = {channels}")
@@ -180,7 +188,8 @@ def features(value, pooled_size: tuple[int, int], data_format: str = "NCHW",
     return array
 
 
-def call(input, boxes, size, scale, ratio, layout, order, dtypes=None):
+def call(input, boxes, size, scale, ratio, layout, order, dtypes=None,
+         position_sensitive=True):
     """Every argument of a call of ``ps_roi_align`` (or, without `dtypes`, of
     its reference), in its signature's order, checked.
 
@@ -191,7 +200,7 @@ def call(input, boxes, size, scale, ratio, layout, order, dtypes=None):
     """
     pooled_size = output_size(size)
     layout = data_format(layout)
-    checked = features(input, pooled_size, layout, dtypes)
+    checked = features(input, pooled_size, layout, dtypes, position_sensitive)
     rois = rois_from_boxes(boxes, compute_dtype(checked.dtype))
     return checked, rois, dict(
         pooled_size=pooled_size, spatial_scale=spatial_scale(scale),

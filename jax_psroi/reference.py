@@ -1,7 +1,10 @@
-"""Pure ``jax.numpy`` reference of Position-Sensitive RoI Align.
+"""Pure ``jax.numpy`` references of Position-Sensitive RoI Align and RoI Align.
 
-This is the oracle of the tests and the lowering used on platforms without a
-native kernel; on CPU (and CUDA, when built) the native kernels run instead.
+``ps_roi_align_reference`` is the oracle of the tests and the lowering used
+on platforms without a native kernel; on CPU (and CUDA, when built) the
+native kernels run instead. ``roi_align_reference`` is torchvision's
+``roi_align`` on the same machinery (the first of the RoI family, issue 15;
+its native kernels do not exist yet).
 It has the same semantics as the kernels, torchvision's plus the documented
 safety deviations (see README, "Differences from torchvision"), but is
 written in a different shape so that the two check each other: instead of
@@ -147,6 +150,36 @@ def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     return pool(features, rois, **params)
 
 
+def roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
+                        sampling_ratio=-1, aligned=False, *, data_format="NCHW"):
+    """RoI Align in ``jax.numpy``: the arguments and semantics of
+    ``torchvision.ops.roi_align``, with ps_roi_align's safe deviations (an
+    RoI with a batch index outside [0, N) or non-finite coordinates gives 0),
+    for any floating dtype. Differentiable (it is linear in ``input``).
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
+        floating array.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
+        [L_i, 4] arrays of (x1, y1, x2, y2), one per image.
+      output_size: int or (h, w).
+      spatial_scale: box coordinates to feature-map pixels.
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      aligned: False (torchvision's default): RoI sizes are clamped to at
+        least 1 pixel and no half-pixel offset is applied; True: coordinates
+        are shifted by -0.5 pixel and sizes are not clamped.
+      data_format: "NCHW" or "NHWC".
+
+    Returns:
+      [K, C, h, w] (or [K, h, w, C]) array of the input's dtype.
+    """
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
+        "torchvision", position_sensitive=False)
+    del params["channel_order"]
+    return pool_roi_align(features, rois, aligned=_arguments.aligned(aligned), **params)
+
+
 def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
          data_format="NCHW", channel_order="torchvision"):
     """The reference on checked arguments.
@@ -176,22 +209,51 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
         features = features.reshape(n, bins, c // bins, h, w).transpose(
             0, 2, 1, 3, 4).reshape(n, c, h, w)
     pooled = _pool_nchw(features, rois.astype(features.dtype), pooled_size, spatial_scale,
-                        sampling_ratio).astype(storage)
+                        sampling_ratio, offset=0.5, clamp=False,
+                        position_sensitive=True).astype(storage)
     return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
 
 
-def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio):
+def pool_roi_align(features, rois, pooled_size, spatial_scale, sampling_ratio, aligned, *,
+                   data_format="NCHW"):
+    """``roi_align_reference`` on checked arguments: features [N, C, H, W]
+    (or [N, H, W, C]), rois [K, 5] of the features' compute dtype; returns
+    [K, C, PH, PW] (or [K, PH, PW, C]) of the features' dtype."""
+    storage = features.dtype
+    features = features.astype(_arguments.compute_dtype(storage))
+    if data_format == "NHWC":
+        features = features.transpose(0, 3, 1, 2)
+    pooled = _pool_nchw(features, rois.astype(features.dtype), pooled_size, spatial_scale,
+                        sampling_ratio, offset=0.5 if aligned else 0.0, clamp=not aligned,
+                        position_sensitive=False).astype(storage)
+    return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
+
+
+def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, offset,
+               clamp, position_sensitive):
+    """Pooled [K, C_out, PH, PW] of an NCHW map in its compute dtype.
+
+    offset: subtracted from every scaled coordinate (0.5 for ps_roi_align
+      and aligned roi_align, 0 for torchvision's default roi_align).
+    clamp: RoI sizes at least 1 pixel (roi_align with aligned=False).
+    position_sensitive: bin (i, j) of output channel c reads input channel
+      (c * PH + i) * PW + j (C_out = C / (PH * PW)); otherwise channel c.
+    """
     pooled_h, pooled_w = pooled_size
     n, c, h, w = features.shape
-    c_out = c // (pooled_h * pooled_w)
     dtype = features.dtype
     scale = jnp.asarray(spatial_scale, dtype)
-    start_w = rois[:, 1] * scale - 0.5
-    start_h = rois[:, 2] * scale - 0.5
-    end_w = rois[:, 3] * scale - 0.5
-    end_h = rois[:, 4] * scale - 0.5
-    bin_w = _divide_by_constant(end_w - start_w, pooled_w)
-    bin_h = _divide_by_constant(end_h - start_h, pooled_h)
+    start_w = rois[:, 1] * scale - offset
+    start_h = rois[:, 2] * scale - offset
+    end_w = rois[:, 3] * scale - offset
+    end_h = rois[:, 4] * scale - offset
+    size_w, size_h = end_w - start_w, end_h - start_h
+    if clamp:
+        # torchvision's std::max(size, 1): a NaN size stays NaN (and gives 0).
+        size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
+        size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
+    bin_w = _divide_by_constant(size_w, pooled_w)
+    bin_h = _divide_by_constant(size_h, pooled_h)
     finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
               & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
     # Non-finite RoIs give 0: compute their (discarded) weights from zeros.
@@ -217,6 +279,9 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio):
     # columns comes first so the largest intermediate is [K, C, H].
     select = jax.nn.one_hot(image, n, dtype=dtype)
     image_col_w = jnp.einsum("kn,kqx->knqx", select, col_w, precision=_EXACT)
-    x = features.reshape(n, c_out, pooled_h, pooled_w, h, w)
+    if not position_sensitive:
+        by_row = jnp.einsum("knqx,ncyx->kcqy", image_col_w, features, precision=_EXACT)
+        return jnp.einsum("kcqy,kpy->kcpq", by_row, row_w, precision=_EXACT)
+    x = features.reshape(n, c // (pooled_h * pooled_w), pooled_h, pooled_w, h, w)
     by_row = jnp.einsum("knqx,nopqyx->kopqy", image_col_w, x, precision=_EXACT)
     return jnp.einsum("kopqy,kpy->kopq", by_row, row_w, precision=_EXACT)
