@@ -195,17 +195,18 @@ def call(input, boxes, size, scale, ratio, layout, order, dtypes=None,
 
     Returns (features, rois [K, 5] in the compute dtype, params), params
     being the static parameters the primitives and the reference's ``pool``
-    take: pooled_size, spatial_scale, sampling_ratio, data_format and
-    channel_order.
+    take: pooled_size, spatial_scale, sampling_ratio (not for ratio=None,
+    the pools), data_format and channel_order.
     """
     pooled_size = output_size(size)
     layout = data_format(layout)
     checked = features(input, pooled_size, layout, dtypes, position_sensitive)
     rois = rois_from_boxes(boxes, compute_dtype(checked.dtype))
-    return checked, rois, dict(
-        pooled_size=pooled_size, spatial_scale=spatial_scale(scale),
-        sampling_ratio=sampling_ratio(ratio), data_format=layout,
-        channel_order=channel_order(order))
+    params = dict(pooled_size=pooled_size, spatial_scale=spatial_scale(scale),
+                  data_format=layout, channel_order=channel_order(order))
+    if ratio is not None:  # None: an operator without one (the pools)
+        params["sampling_ratio"] = sampling_ratio(ratio)
+    return checked, rois, params
 
 
 def image_blocks(boxes: Boxes, num_images: int) -> int:

@@ -2,9 +2,10 @@
 
 ``ps_roi_align_reference`` is the oracle of the tests and the lowering used
 on platforms without a native kernel; on CPU (and CUDA, when built) the
-native kernels run instead. ``roi_align_reference`` is torchvision's
-``roi_align`` on the same machinery (the first of the RoI family, issue 15;
-its native kernels do not exist yet).
+native kernels run instead. ``roi_align_reference`` and
+``ps_roi_pool_reference`` are torchvision's ``roi_align`` and ``ps_roi_pool``
+on the same machinery (the start of the RoI family, issue 15; their native
+kernels do not exist yet).
 It has the same semantics as the kernels, torchvision's plus the documented
 safety deviations (see README, "Differences from torchvision"), but is
 written in a different shape so that the two check each other: instead of
@@ -30,11 +31,14 @@ _EXACT = lax.Precision.HIGHEST
 def _divide_by_constant(x, divisor):
     """``x / divisor`` rounded as the kernels round it.
 
-    XLA on CPU rewrites division by a constant into multiplication by its
-    reciprocal (float32 21 / 7 becomes 3.0000002, whose ceil is 4 where
-    torchvision gets 3). The barrier hides the constant from that rewrite.
+    XLA on CPU rewrites division by a constant, or by a broadcast scalar,
+    into multiplication by its reciprocal (float32 21 / 7 becomes 3.0000002,
+    whose ceil is 4 where torchvision gets 3; 7 / 3 becomes 2.3333335, and
+    3 times it 7.0000005). The barrier hides a divisor of x's own shape from
+    that rewrite (a barrier around the scalar alone does not: the broadcast
+    after it is rewritten).
     """
-    return x / lax.optimization_barrier(jnp.asarray(divisor, x.dtype))
+    return x / lax.optimization_barrier(jnp.full(x.shape, divisor, x.dtype))
 
 
 def _grid_size(bin_size, sampling_ratio):
@@ -180,6 +184,33 @@ def roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     return pool_roi_align(features, rois, aligned=_arguments.aligned(aligned), **params)
 
 
+def ps_roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
+                          data_format="NCHW", channel_order="torchvision"):
+    """Position-Sensitive RoI Pool in ``jax.numpy``: the arguments and
+    forward of ``torchvision.ops.ps_roi_pool`` (the average of each bin's
+    window of whole pixels, box corners rounded), with the channel orders
+    and layouts of ``ps_roi_align`` and its safe deviations (a batch index
+    outside [0, N) or non-finite coordinates give 0). Its gradient is the
+    adjoint of this forward, which torchvision's is not (see README).
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
+        floating array, C = C_out * h * w.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
+        [L_i, 4] arrays of (x1, y1, x2, y2), one per image.
+      output_size: int or (h, w).
+      spatial_scale: box coordinates to feature-map pixels.
+      data_format: "NCHW" or "NHWC".
+      channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
+
+    Returns:
+      [K, C_out, h, w] (or [K, h, w, C_out]) array of the input's dtype.
+    """
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, None, data_format, channel_order)
+    return pool_ps_roi_pool(features, rois, **params)
+
+
 def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
          data_format="NCHW", channel_order="torchvision"):
     """The reference on checked arguments.
@@ -198,9 +229,25 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
     Returns:
       [K, C_out, PH, PW] (or [K, PH, PW, C_out]) array of the features' dtype.
     """
-    storage = features.dtype
-    # 16-bit maps are computed in float32 and rounded once, as the kernels do.
-    features = features.astype(_arguments.compute_dtype(storage))
+    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
+    pooled = _pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
+                        sampling_ratio, offset=0.5, clamp=False, position_sensitive=True)
+    return _from_nchw(pooled.astype(features.dtype), data_format)
+
+
+def pool_ps_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW",
+                     channel_order="torchvision"):
+    """``ps_roi_pool_reference`` on checked arguments (see ``pool``)."""
+    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
+    pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale)
+    return _from_nchw(pooled.astype(features.dtype), data_format)
+
+
+def _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order):
+    """The map in NCHW, torchvision's channel order and the compute dtype
+    (16-bit maps are computed in float32 and rounded once, as the kernels
+    do): the oracle of other layouts and orders is the permuted result."""
+    features = features.astype(_arguments.compute_dtype(features.dtype))
     if data_format == "NHWC":
         features = features.transpose(0, 3, 1, 2)
     if channel_order == "bin_major":
@@ -208,9 +255,10 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
         bins = pooled_size[0] * pooled_size[1]
         features = features.reshape(n, bins, c // bins, h, w).transpose(
             0, 2, 1, 3, 4).reshape(n, c, h, w)
-    pooled = _pool_nchw(features, rois.astype(features.dtype), pooled_size, spatial_scale,
-                        sampling_ratio, offset=0.5, clamp=False,
-                        position_sensitive=True).astype(storage)
+    return features
+
+
+def _from_nchw(pooled, data_format):
     return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
 
 
@@ -219,14 +267,11 @@ def pool_roi_align(features, rois, pooled_size, spatial_scale, sampling_ratio, a
     """``roi_align_reference`` on checked arguments: features [N, C, H, W]
     (or [N, H, W, C]), rois [K, 5] of the features' compute dtype; returns
     [K, C, PH, PW] (or [K, PH, PW, C]) of the features' dtype."""
-    storage = features.dtype
-    features = features.astype(_arguments.compute_dtype(storage))
-    if data_format == "NHWC":
-        features = features.transpose(0, 3, 1, 2)
-    pooled = _pool_nchw(features, rois.astype(features.dtype), pooled_size, spatial_scale,
+    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
+    pooled = _pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
                         sampling_ratio, offset=0.5 if aligned else 0.0, clamp=not aligned,
-                        position_sensitive=False).astype(storage)
-    return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
+                        position_sensitive=False)
+    return _from_nchw(pooled.astype(features.dtype), data_format)
 
 
 def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, offset,
@@ -240,7 +285,7 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
       (c * PH + i) * PW + j (C_out = C / (PH * PW)); otherwise channel c.
     """
     pooled_h, pooled_w = pooled_size
-    n, c, h, w = features.shape
+    n, _, h, w = features.shape
     dtype = features.dtype
     scale = jnp.asarray(spatial_scale, dtype)
     start_w = rois[:, 1] * scale - offset
@@ -275,9 +320,17 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     # Fold the average and the RoI's validity into the row weights.
     row_w = row_w * jnp.where(valid, 1 / jnp.where(valid, count, 1), 0)[:, None, None]
 
+    return _contract(features, image, row_w, col_w, position_sensitive)
+
+
+def _contract(features, image, row_w, col_w, position_sensitive):
+    """[K, C_out, PH, PW]: sum over y, x of row_w[k, p, y] * col_w[k, q, x]
+    times RoI k's image's channel for bin (p, q) (see _pool_nchw) at (y, x)."""
+    n, c, h, w = features.shape
+    pooled_h, pooled_w = row_w.shape[1], col_w.shape[1]
     # select[k, n] picks RoI k's image; the contraction over images and
     # columns comes first so the largest intermediate is [K, C, H].
-    select = jax.nn.one_hot(image, n, dtype=dtype)
+    select = jax.nn.one_hot(image, n, dtype=features.dtype)
     image_col_w = jnp.einsum("kn,kqx->knqx", select, col_w, precision=_EXACT)
     if not position_sensitive:
         by_row = jnp.einsum("knqx,ncyx->kcqy", image_col_w, features, precision=_EXACT)
@@ -285,3 +338,61 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     x = features.reshape(n, c // (pooled_h * pooled_w), pooled_h, pooled_w, h, w)
     by_row = jnp.einsum("knqx,nopqyx->kopqy", image_col_w, x, precision=_EXACT)
     return jnp.einsum("kopqy,kpy->kopq", by_row, row_w, precision=_EXACT)
+
+
+def _c_round(x):
+    """C's round(): halves away from zero (jnp.round takes them to even).
+    x - trunc(x) is exact, so no sum rounds a value across the half."""
+    whole = jnp.trunc(x)
+    return jnp.where(jnp.abs(x - whole) >= 0.5, whole + jnp.sign(x), whole)
+
+
+def _window_weights(start, bin_size, pooled, size):
+    """ps_roi_pool's integer windows along one axis.
+
+    Bin p covers pixels [floor(p * bin_size), ceil((p + 1) * bin_size)) + start,
+    clipped to [0, size - 1] as torchvision's forward clips them (its
+    backward clips to [0, size]; see README).
+
+    Returns:
+      [K, pooled, size] weights, 1 on the window's pixels; [K, pooled] their count.
+    """
+    dtype = start.dtype
+    bins = jnp.arange(pooled, dtype=dtype)[None, :]
+    first = jnp.clip(jnp.floor(bins * bin_size[:, None]) + start[:, None], 0, size - 1)
+    end = jnp.clip(jnp.ceil((bins + 1) * bin_size[:, None]) + start[:, None], 0, size - 1)
+    pixel = jnp.arange(size, dtype=dtype)
+    inside = (pixel >= first[..., None]) & (pixel < end[..., None])
+    return inside.astype(dtype), jnp.maximum(end - first, 0)
+
+
+def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale):
+    """ps_roi_pool of an NCHW map in torchvision's channel order, in its
+    compute dtype: [K, C_out, PH, PW] window averages."""
+    pooled_h, pooled_w = pooled_size
+    n, _, h, w = features.shape
+    dtype = features.dtype
+    scale = jnp.asarray(spatial_scale, dtype)
+    start_w, start_h, end_w, end_h = (_c_round(rois[:, i] * scale) for i in (1, 2, 3, 4))
+    # Too small RoIs are 1 x 1 (a NaN size stays NaN and gives 0).
+    size_w, size_h = end_w - start_w, end_h - start_h
+    size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
+    size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
+    bin_w = _divide_by_constant(size_w, pooled_w)
+    bin_h = _divide_by_constant(size_h, pooled_h)
+    finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
+              & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
+    start_w, start_h, bin_w, bin_h = (jnp.where(finite, v, 0)
+                                      for v in (start_w, start_h, bin_w, bin_h))
+    batch = rois[:, 0]
+    batch_ok = (batch > -1) & (batch < n) & (n > 0 and h > 0 and w > 0)
+    image = jnp.where(batch_ok, batch, 0).astype(jnp.int32)
+    valid = batch_ok & finite
+
+    row_w, rows = _window_weights(start_h, bin_h, pooled_h, h)
+    col_w, cols = _window_weights(start_w, bin_w, pooled_w, w)
+    row_w = row_w * valid[:, None, None].astype(dtype)
+    area = (rows[:, :, None] * cols[:, None, :])[:, None]  # [K, 1, PH, PW]
+    sums = _contract(features, image, row_w, col_w, position_sensitive=True)
+    # An empty window gives 0, as in torchvision.
+    return jnp.where(area > 0, sums / jnp.where(area > 0, area, 1), 0)

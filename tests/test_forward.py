@@ -177,6 +177,20 @@ def test_huge_box_matches_exhaustive_sum():
     np.testing.assert_allclose(out, loops, rtol=1e-12)
 
 
+def test_reference_divides_bin_sizes_exactly():
+    # A box 21 pixels wide in 7 bins: bins of exactly 3 pixels, 3 adaptive
+    # samples each. XLA on CPU turns a division by a broadcast scalar into a
+    # multiplication by its reciprocal (21 * (1 / 7) = 3.0000002 in float32,
+    # 4 samples); with several RoIs (a vector) the reference got that once.
+    rng = np.random.default_rng(21)
+    features = rng.normal(size=(1, 7, 4, 30)).astype(np.float32)
+    rois = np.array([[0, 0.0, 0.0, 21.0, 3.0], [0, 2.0, 1.0, 23.0, 2.0],
+                     [0, 5.0, 0.0, 26.0, 1.0]], np.float32)
+    expected = _native(features, rois, (1, 7), 1.0, -1)
+    np.testing.assert_allclose(reference(features, rois, (1, 7), 1.0, -1), expected,
+                               **TOLERANCE[np.dtype(np.float32)])
+
+
 def test_empty_boxes():
     features = np.ones((1, 8, 4, 4), np.float32)
     out = _native(features, np.zeros((0, 5), np.float32), 2, 1.0, -1)
