@@ -2,10 +2,9 @@
 
 ``ps_roi_align_reference`` is the oracle of the tests and the lowering used
 on platforms without a native kernel; on CPU (and CUDA, when built) the
-native kernels run instead. ``roi_align_reference`` and
-``ps_roi_pool_reference`` are torchvision's ``roi_align`` and ``ps_roi_pool``
-on the same machinery (the start of the RoI family, issue 15; their native
-kernels do not exist yet).
+native kernels run instead. ``roi_align_reference`` is torchvision's
+``roi_align`` on the same machinery (the start of the RoI family, issue 15;
+its native kernels do not exist yet); the pools are in reference_pools.py.
 It has the same semantics as the kernels, torchvision's plus the documented
 safety deviations (see README, "Differences from torchvision"), but is
 written in a different shape so that the two check each other: instead of
@@ -184,33 +183,6 @@ def roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     return pool_roi_align(features, rois, aligned=_arguments.aligned(aligned), **params)
 
 
-def ps_roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
-                          data_format="NCHW", channel_order="torchvision"):
-    """Position-Sensitive RoI Pool in ``jax.numpy``: the arguments and
-    forward of ``torchvision.ops.ps_roi_pool`` (the average of each bin's
-    window of whole pixels, box corners rounded), with the channel orders
-    and layouts of ``ps_roi_align`` and its safe deviations (a batch index
-    outside [0, N) or non-finite coordinates give 0). Its gradient is the
-    adjoint of this forward, which torchvision's is not (see README).
-
-    Args:
-      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
-        floating array, C = C_out * h * w.
-      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
-        [L_i, 4] arrays of (x1, y1, x2, y2), one per image.
-      output_size: int or (h, w).
-      spatial_scale: box coordinates to feature-map pixels.
-      data_format: "NCHW" or "NHWC".
-      channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
-
-    Returns:
-      [K, C_out, h, w] (or [K, h, w, C_out]) array of the input's dtype.
-    """
-    features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, None, data_format, channel_order)
-    return pool_ps_roi_pool(features, rois, **params)
-
-
 def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
          data_format="NCHW", channel_order="torchvision"):
     """The reference on checked arguments.
@@ -232,14 +204,6 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
     nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
     pooled = _pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
                         sampling_ratio, offset=0.5, clamp=False, position_sensitive=True)
-    return _from_nchw(pooled.astype(features.dtype), data_format)
-
-
-def pool_ps_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW",
-                     channel_order="torchvision"):
-    """``ps_roi_pool_reference`` on checked arguments (see ``pool``)."""
-    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
-    pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale)
     return _from_nchw(pooled.astype(features.dtype), data_format)
 
 
@@ -285,7 +249,7 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
       (c * PH + i) * PW + j (C_out = C / (PH * PW)); otherwise channel c.
     """
     pooled_h, pooled_w = pooled_size
-    n, _, h, w = features.shape
+    h, w = features.shape[2:]
     dtype = features.dtype
     scale = jnp.asarray(spatial_scale, dtype)
     start_w = rois[:, 1] * scale - offset
@@ -307,11 +271,7 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     grid_h = _grid_size(bin_h, sampling_ratio)
     grid_w = _grid_size(bin_w, sampling_ratio)
 
-    # torchvision truncates the batch index toward zero, accepting (-1, N).
-    batch = rois[:, 0]
-    # A map without images or pixels has nothing to read.
-    batch_ok = (batch > -1) & (batch < n) & (n > 0 and h > 0 and w > 0)
-    image = jnp.where(batch_ok, batch, 0).astype(jnp.int32)
+    image, batch_ok = _image_of(rois, features.shape)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
 
     count = grid_h.astype(dtype) * grid_w.astype(dtype)
@@ -321,6 +281,16 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     row_w = row_w * jnp.where(valid, 1 / jnp.where(valid, count, 1), 0)[:, None, None]
 
     return _contract(features, image, row_w, col_w, position_sensitive)
+
+
+def _image_of(rois, features_shape):
+    """[K] int32 image each RoI reads (0 where it reads none) and [K] bool:
+    does it read one. torchvision truncates the batch index toward zero,
+    accepting (-1, N); a map without images or pixels has nothing to read."""
+    n, _, h, w = features_shape
+    batch = rois[:, 0]
+    batch_ok = (batch > -1) & (batch < n) & (n > 0 and h > 0 and w > 0)
+    return jnp.where(batch_ok, batch, 0).astype(jnp.int32), batch_ok
 
 
 def _contract(features, image, row_w, col_w, position_sensitive):
@@ -338,61 +308,3 @@ def _contract(features, image, row_w, col_w, position_sensitive):
     x = features.reshape(n, c // (pooled_h * pooled_w), pooled_h, pooled_w, h, w)
     by_row = jnp.einsum("knqx,nopqyx->kopqy", image_col_w, x, precision=_EXACT)
     return jnp.einsum("kopqy,kpy->kopq", by_row, row_w, precision=_EXACT)
-
-
-def _c_round(x):
-    """C's round(): halves away from zero (jnp.round takes them to even).
-    x - trunc(x) is exact, so no sum rounds a value across the half."""
-    whole = jnp.trunc(x)
-    return jnp.where(jnp.abs(x - whole) >= 0.5, whole + jnp.sign(x), whole)
-
-
-def _window_weights(start, bin_size, pooled, size):
-    """ps_roi_pool's integer windows along one axis.
-
-    Bin p covers pixels [floor(p * bin_size), ceil((p + 1) * bin_size)) + start,
-    clipped to [0, size - 1] as torchvision's forward clips them (its
-    backward clips to [0, size]; see README).
-
-    Returns:
-      [K, pooled, size] weights, 1 on the window's pixels; [K, pooled] their count.
-    """
-    dtype = start.dtype
-    bins = jnp.arange(pooled, dtype=dtype)[None, :]
-    first = jnp.clip(jnp.floor(bins * bin_size[:, None]) + start[:, None], 0, size - 1)
-    end = jnp.clip(jnp.ceil((bins + 1) * bin_size[:, None]) + start[:, None], 0, size - 1)
-    pixel = jnp.arange(size, dtype=dtype)
-    inside = (pixel >= first[..., None]) & (pixel < end[..., None])
-    return inside.astype(dtype), jnp.maximum(end - first, 0)
-
-
-def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale):
-    """ps_roi_pool of an NCHW map in torchvision's channel order, in its
-    compute dtype: [K, C_out, PH, PW] window averages."""
-    pooled_h, pooled_w = pooled_size
-    n, _, h, w = features.shape
-    dtype = features.dtype
-    scale = jnp.asarray(spatial_scale, dtype)
-    start_w, start_h, end_w, end_h = (_c_round(rois[:, i] * scale) for i in (1, 2, 3, 4))
-    # Too small RoIs are 1 x 1 (a NaN size stays NaN and gives 0).
-    size_w, size_h = end_w - start_w, end_h - start_h
-    size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
-    size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
-    bin_w = _divide_by_constant(size_w, pooled_w)
-    bin_h = _divide_by_constant(size_h, pooled_h)
-    finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
-              & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
-    start_w, start_h, bin_w, bin_h = (jnp.where(finite, v, 0)
-                                      for v in (start_w, start_h, bin_w, bin_h))
-    batch = rois[:, 0]
-    batch_ok = (batch > -1) & (batch < n) & (n > 0 and h > 0 and w > 0)
-    image = jnp.where(batch_ok, batch, 0).astype(jnp.int32)
-    valid = batch_ok & finite
-
-    row_w, rows = _window_weights(start_h, bin_h, pooled_h, h)
-    col_w, cols = _window_weights(start_w, bin_w, pooled_w, w)
-    row_w = row_w * valid[:, None, None].astype(dtype)
-    area = (rows[:, :, None] * cols[:, None, :])[:, None]  # [K, 1, PH, PW]
-    sums = _contract(features, image, row_w, col_w, position_sensitive=True)
-    # An empty window gives 0, as in torchvision.
-    return jnp.where(area > 0, sums / jnp.where(area > 0, area, 1), 0)

@@ -1,0 +1,213 @@
+"""Pure ``jax.numpy`` references of the RoI pools: Position-Sensitive RoI
+Pool (window averages) and RoI Pool (window maxima).
+
+Both pool windows of whole pixels: box corners are rounded (half away from
+zero, as C's ``round``), bin p of an axis covers pixels
+[floor(p * bin_size), ceil((p + 1) * bin_size)) past the rounded start, and
+windows are clipped to the map. They are the oracles of the native kernels
+to come (issue 15); like the RoI Align references they are not fast.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_psroi import _arguments
+from jax_psroi.reference import (
+    _contract,
+    _divide_by_constant,
+    _from_nchw,
+    _image_of,
+    _to_nchw_torchvision_order,
+)
+
+
+def ps_roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
+                          data_format="NCHW", channel_order="torchvision"):
+    """Position-Sensitive RoI Pool in ``jax.numpy``: the arguments and
+    forward of ``torchvision.ops.ps_roi_pool`` (the average of each bin's
+    window of whole pixels), with the channel orders and layouts of
+    ``ps_roi_align`` and its safe deviations (a batch index outside [0, N)
+    or non-finite coordinates give 0). Its gradient is the adjoint of this
+    forward, which torchvision's is not (see README).
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
+        floating array, C = C_out * h * w.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
+        [L_i, 4] arrays of (x1, y1, x2, y2), one per image.
+      output_size: int or (h, w).
+      spatial_scale: box coordinates to feature-map pixels.
+      data_format: "NCHW" or "NHWC".
+      channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
+
+    Returns:
+      [K, C_out, h, w] (or [K, h, w, C_out]) array of the input's dtype.
+    """
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, None, data_format, channel_order)
+    nchw = _to_nchw_torchvision_order(features, params["pooled_size"], data_format,
+                                      params["channel_order"])
+    pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), params["pooled_size"],
+                               params["spatial_scale"])
+    return _from_nchw(pooled.astype(features.dtype), data_format)
+
+
+def roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
+                       data_format="NCHW"):
+    """RoI Pool in ``jax.numpy``: the arguments and semantics of
+    ``torchvision.ops.roi_pool`` (the maximum of each bin's window of whole
+    pixels; an empty window gives 0), with the layouts of ``ps_roi_align``
+    and its safe deviations (a batch index outside [0, N) or non-finite
+    coordinates give 0). The gradient of each output goes to its window's
+    first maximum in row-major order, as torchvision records it: the
+    operator is piecewise linear, and differentiable to any order.
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
+        floating array.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
+        [L_i, 4] arrays of (x1, y1, x2, y2), one per image.
+      output_size: int or (h, w).
+      spatial_scale: box coordinates to feature-map pixels.
+      data_format: "NCHW" or "NHWC".
+
+    Returns:
+      [K, C, h, w] (or [K, h, w, C]) array of the input's dtype.
+    """
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, None, data_format, "torchvision",
+        position_sensitive=False)
+    nchw = _to_nchw_torchvision_order(features, params["pooled_size"], data_format,
+                                      "torchvision")
+    pooled = _roi_pool_nchw(nchw, rois.astype(nchw.dtype), params["pooled_size"],
+                            params["spatial_scale"])
+    return _from_nchw(pooled.astype(features.dtype), data_format)
+
+
+def _c_round(x):
+    """C's round(): halves away from zero (jnp.round takes them to even).
+    x - trunc(x) is exact, so no sum rounds a value across the half."""
+    whole = jnp.trunc(x)
+    return jnp.where(jnp.abs(x - whole) >= 0.5, whole + jnp.sign(x), whole)
+
+
+def _windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
+    """First and end pixel [K, pooled] of each bin's window along one axis.
+
+    axis: 1 for x (columns), 2 for y (rows) in the RoIs' (b, x1, y1, x2, y2).
+    inclusive_end: the RoI spans end - start + 1 pixels (roi_pool) rather
+      than end - start (ps_roi_pool); at least 1 either way.
+    last: the largest first or end pixel (size for roi_pool; size - 1 for
+      ps_roi_pool's forward, which so never reads the last row or column).
+
+    Also returns [K] bool: are the RoI's coordinates finite.
+    """
+    start = _c_round(rois[:, axis] * scale)
+    end = _c_round(rois[:, axis + 2] * scale)
+    extent = end - start + (1 if inclusive_end else 0)
+    # std::max(extent, 1); a NaN extent stays NaN and the RoI gives 0.
+    extent = jnp.where(extent < 1, jnp.ones_like(extent), extent)
+    bin_size = _divide_by_constant(extent, pooled)
+    finite = jnp.isfinite(start) & jnp.isfinite(bin_size)
+    start, bin_size = jnp.where(finite, start, 0), jnp.where(finite, bin_size, 0)
+    bins = jnp.arange(pooled, dtype=start.dtype)[None, :]
+    first = jnp.clip(jnp.floor(bins * bin_size[:, None]) + start[:, None], 0, last)
+    stop = jnp.clip(jnp.ceil((bins + 1) * bin_size[:, None]) + start[:, None], 0, last)
+    return first, stop, finite
+
+
+def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale):
+    """[K, C_out, PH, PW] window averages of an NCHW map in torchvision's
+    channel order, in its compute dtype."""
+    pooled_h, pooled_w = pooled_size
+    h, w = features.shape[2:]
+    dtype = features.dtype
+    scale = jnp.asarray(spatial_scale, dtype)
+    first_y, stop_y, finite_y = _windows(rois, scale, pooled_h, h, 2, inclusive_end=False,
+                                         last=h - 1)
+    first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, w, 1, inclusive_end=False,
+                                         last=w - 1)
+    image, batch_ok = _image_of(rois, features.shape)
+    valid = (batch_ok & finite_y & finite_x).astype(dtype)
+
+    def weights(first, stop, size):  # [K, P, size]: 1 on the window's pixels
+        pixel = jnp.arange(size, dtype=dtype)
+        return ((pixel >= first[..., None]) & (pixel < stop[..., None])).astype(dtype)
+
+    row_w = weights(first_y, stop_y, h) * valid[:, None, None]
+    col_w = weights(first_x, stop_x, w)
+    rows = jnp.maximum(stop_y - first_y, 0)
+    cols = jnp.maximum(stop_x - first_x, 0)
+    area = (rows[:, :, None] * cols[:, None, :])[:, None]  # [K, 1, PH, PW]
+    sums = _contract(features, image, row_w, col_w, position_sensitive=True)
+    # An empty window gives 0, as in torchvision.
+    return jnp.where(area > 0, sums / jnp.where(area > 0, area, 1), 0)
+
+
+def _roi_pool_nchw(features, rois, pooled_size, spatial_scale):
+    """[K, C, PH, PW] window maxima of an NCHW map, in its compute dtype.
+
+    torchvision scans a window row by row from maxval = -FLT_MAX, taking a
+    value when it is strictly greater: the first maximum in row-major order
+    among values above -FLT_MAX (NaNs never), or -FLT_MAX with no arg-max
+    when there is none. Here a scan over columns finds each row's first
+    maximum within each bin's columns, then a scan over rows the first row
+    holding the window's maximum: the same element. The result is gathered
+    at that element, so the gradient flows to it alone.
+    """
+    pooled_h, pooled_w = pooled_size
+    num_rois = rois.shape[0]
+    _, c, h, w = features.shape
+    dtype = features.dtype
+    scale = jnp.asarray(spatial_scale, dtype)
+    first_y, stop_y, finite_y = _windows(rois, scale, pooled_h, h, 2, inclusive_end=True,
+                                         last=h)
+    first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, w, 1, inclusive_end=True,
+                                         last=w)
+    image, batch_ok = _image_of(rois, features.shape)
+    valid = batch_ok & finite_y & finite_x
+    # The arg-max search sees no gradient; the result is a gather below.
+    values = lax.stop_gradient(features)
+    lowest = jnp.asarray(-np.finfo(np.float32).max, dtype)  # torchvision's -FLT_MAX
+
+    def column_step(carry, x):  # carry: [K, PW, C, H] best value, its column
+        best, at = carry
+        column = values[image, :, :, x]  # [K, C, H]
+        inside = (x >= first_x) & (x < stop_x)  # [K, PW]
+        better = inside[:, :, None, None] & (column[:, None] > best)
+        return (jnp.where(better, column[:, None], best), jnp.where(better, x, at)), None
+
+    (row_best, row_at), _ = lax.scan(
+        column_step, (jnp.full((num_rois, pooled_w, c, h), lowest, dtype),
+                      jnp.full((num_rois, pooled_w, c, h), -1, jnp.int32)),
+        jnp.arange(w, dtype=jnp.int32))
+
+    def row_step(carry, y):  # carry: [K, PH, PW, C] best value, its pixel
+        best, at = carry
+        inside = (y >= first_y) & (y < stop_y)  # [K, PH]
+        # Row y's first maximum in each bin's columns: [K, 1, PW, C].
+        candidate = row_best[:, None, :, :, y]
+        column = row_at[:, None, :, :, y]
+        better = inside[:, :, None, None] & (column >= 0) & (candidate > best)
+        return (jnp.where(better, candidate, best),
+                jnp.where(better, y * w + column, at)), None
+
+    (_, pixel), _ = lax.scan(
+        row_step, (jnp.full((num_rois, pooled_h, pooled_w, c), lowest, dtype),
+                   jnp.full((num_rois, pooled_h, pooled_w, c), -1, jnp.int32)),
+        jnp.arange(h, dtype=jnp.int32))
+    pixel = pixel.transpose(0, 3, 1, 2)  # [K, C, PH, PW]
+
+    found = pixel >= 0
+    safe = jnp.where(found, pixel, 0)
+    channel = jnp.arange(c)[None, :, None, None]
+    gathered = features[image[:, None, None, None], channel, safe // w, safe % w]
+    rows = stop_y - first_y
+    cols = stop_x - first_x
+    empty = ((rows[:, :, None] <= 0) | (cols[:, None, :] <= 0))[:, None]  # [K, 1, PH, PW]
+    # A window with nothing above -FLT_MAX gives -FLT_MAX, an empty one 0.
+    out = jnp.where(found, gathered, jnp.where(empty, 0, lowest).astype(dtype))
+    return jnp.where(valid[:, None, None, None], out, 0)
