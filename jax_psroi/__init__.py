@@ -3,10 +3,15 @@
 from jax_psroi._arguments import rois_from_boxes
 from jax_psroi._extension import build_info
 from jax_psroi.ops import ps_roi_align
-from jax_psroi.reference import ps_roi_align_reference, roi_align_reference
+from jax_psroi.reference import (
+    multi_scale_roi_align_reference,
+    ps_roi_align_reference,
+    roi_align_reference,
+)
 from jax_psroi.reference_pools import ps_roi_pool_reference, roi_pool_reference
 
-__all__ = ["build_info", "ps_roi_align", "ps_roi_align_reference",
+__all__ = ["build_info", "multi_scale_roi_align_reference", "ps_roi_align",
+           "ps_roi_align_reference",
            "ps_roi_pool_reference", "roi_align_reference", "roi_pool_reference",
            "rois_from_boxes"]
 __version__ = "0.1.0"

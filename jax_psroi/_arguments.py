@@ -72,6 +72,18 @@ def output_size(value) -> tuple[int, int]:
     return size
 
 
+def image_size(value) -> tuple[int, int]:
+    """``image_size`` of multi_scale_roi_align: a pair (height, width) of
+    positive ints."""
+    expected = "a pair of ints (height, width)"
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"image_size must be {expected}, got {_given(value)}")
+    size = tuple(_static_int("image_size", v, expected) for v in value)
+    if min(size) <= 0:
+        raise ValueError(f"image_size must be positive, got {value!r}")
+    return size
+
+
 def sampling_ratio(value) -> int:
     """``sampling_ratio``: an int, at most MAX_GRID_PER_AXIS (<= 0: adaptive)."""
     ratio = _static_int("sampling_ratio", value, "an int")

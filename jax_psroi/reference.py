@@ -15,8 +15,11 @@ bilinear weights of the bin's samples) and contracts them with the features.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jax_psroi import _arguments
@@ -308,3 +311,59 @@ def _contract(features, image, row_w, col_w, position_sensitive):
     x = features.reshape(n, c // (pooled_h * pooled_w), pooled_h, pooled_w, h, w)
     by_row = jnp.einsum("knqx,nopqyx->kopqy", image_col_w, x, precision=_EXACT)
     return jnp.einsum("kopqy,kpy->kopq", by_row, row_w, precision=_EXACT)
+
+
+def multi_scale_roi_align_reference(features, boxes, output_size, sampling_ratio, image_size,
+                                    *, canonical_scale=224, canonical_level=4,
+                                    data_format="NCHW"):
+    """Multi-scale RoI Align over a feature pyramid in ``jax.numpy``: what
+    ``torchvision.ops.MultiScaleRoIAlign`` computes.
+
+    Each level's spatial scale is inferred as torchvision infers it, 2 to the
+    rounded log2 of (level height / image height); each RoI is pooled from
+    the level of the FPN paper's eq. 1, floor(canonical_level +
+    log2(sqrt(area) / canonical_scale) + 1e-6) clamped to the pyramid, with
+    ``roi_align`` (``aligned=False``).
+
+    Args:
+      features: sequence of [N, C, H_l, W_l] (or [N, H_l, W_l, C]) maps, the
+        finest first, of one dtype and channel count.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2), or a list of
+        [L_i, 4] arrays of (x1, y1, x2, y2), one per image, in image pixels.
+      output_size: int or (h, w).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      image_size: (height, width) of the (padded) input images: torchvision's
+        maximum over ``image_shapes``.
+      canonical_scale, canonical_level: eq. 1's 224 and k0 = 4.
+      data_format: "NCHW" or "NHWC".
+
+    Returns:
+      [K, C, h, w] (or [K, h, w, C]) array of the maps' dtype. The reference
+      pools every RoI at every level and keeps its own level's result.
+    """
+    levels = list(features)
+    if not levels:
+        raise ValueError("features must hold at least one level")
+    image_height, _ = _arguments.image_size(image_size)
+    height_axis = _arguments.LAYOUT_AXES[_arguments.data_format(data_format)][2]
+    # torchvision infers a level's scale from heights alone; round() takes
+    # halves to even, as torch.round does.
+    scales = [2.0 ** round(math.log2(np.shape(level)[height_axis] / image_height))
+              for level in levels]
+    pooled = [roi_align_reference(level, boxes, output_size, scale, sampling_ratio,
+                                  data_format=data_format)
+              for level, scale in zip(levels, scales, strict=True)]
+    if len(levels) == 1:
+        return pooled[0]
+    rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(pooled[0].dtype))
+    k_min = int(-math.log2(scales[0]))
+    k_max = int(-math.log2(scales[-1]))
+    size = jnp.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+    target = jnp.floor(canonical_level + jnp.log2(size / canonical_scale)
+                       + jnp.asarray(1e-6, size.dtype))
+    level_of = jnp.clip(target, k_min, k_max).astype(jnp.int32) - k_min  # [K]
+    result = pooled[0]
+    for index, level_result in enumerate(pooled[1:], start=1):
+        chosen = (level_of == index).reshape(-1, 1, 1, 1)
+        result = jnp.where(chosen, level_result, result)
+    return result
