@@ -80,7 +80,7 @@ def lower(ctx, operand, rois, *, direction: str, local_call: LocalCall,
     rule = _sharding_rule(direction, data_format, channel_order, sizes)
     call.def_partition(
         partition=(partitioner.forward if direction == "forward" else partitioner.backward),
-        sharding_rule=rule, **_special_factors(rule, direction),
+        sharding_rule=rule, **_special_factors(rule, direction, channel_order),
         **_compound_factor_sizes(rule, sizes))
     return mlir.lower_fun(call, multiple_results=False)(ctx, operand, rois)
 
@@ -150,7 +150,8 @@ def _dimension(factors, alone: str) -> str:
 def _sharding_rule(direction, data_format, channel_order, sizes) -> str:
     """The rule of a call whose factors have `sizes` (b, m, l given only
     with blocks of images)."""
-    channel_factors = ("d", "p", "q") if channel_order == "torchvision" else ("p", "q", "d")
+    channel_factors = {"torchvision": ("d", "p", "q"), "bin_major": ("p", "q", "d"),
+                       "shared": ("d",)}[channel_order]
     channels = _dimension([(f, sizes[f]) for f in channel_factors], "c")
     if "b" in sizes:
         images = _dimension([("b", sizes["b"]), ("m", sizes["m"])], "n")
@@ -173,12 +174,14 @@ def _compound_factor_sizes(rule: str, sizes: dict) -> dict:
     return {f: size for f, size in sizes.items() if f in rule and f not in whole}
 
 
-def _special_factors(rule: str, direction: str) -> dict:
-    # The map's pixels and the RoI fields are never split; the backward sums
-    # over RoIs (within a block). Shardy wants each list in the order the
-    # factors first appear in the rule.
+def _special_factors(rule: str, direction: str, channel_order: str) -> dict:
+    # The map's pixels and the RoI fields are never split, nor are bins that
+    # no input channel holds (shared channels); the backward sums over RoIs
+    # (within a block). Shardy wants each list in the order the factors
+    # first appear in the rule.
     order = [c for i, c in enumerate(rule) if c.isalpha() and c not in rule[:i]]
-    factors = {"need_replication_factors": tuple(f for f in order if f in "hwr")}
+    unsplit = "hwrpq" if channel_order == "shared" else "hwr"
+    factors = {"need_replication_factors": tuple(f for f in order if f in unsplit)}
     if direction == "backward":
         factors["reduction_factors"] = tuple(f for f in order if f in "kl")
     return factors

@@ -1,4 +1,4 @@
-"""The two primitives of PS-RoI Align and their JAX rules.
+"""The two primitives of PS-RoI Align and RoI Align and their JAX rules.
 
 ``forward_p``:  (features, rois [K, 5]) -> pooled
 ``backward_p``: (cotangent (pooled), rois [K, 5]) -> like features
@@ -16,8 +16,10 @@ Parameters, all static: ``pooled_size`` (PH, PW) on ``forward_p``,
 ``input_shape`` (the features' shape) on ``backward_p``; on both
 ``spatial_scale`` (a python float: an F64 FFI attribute), ``sampling_ratio``
 (a python int: S64), ``data_format`` ("NCHW" or "NHWC": the kernel-table row),
-``channel_order`` ("torchvision" or "bin_major": an S64 attribute) and
-``image_blocks``, a promise the kernels do not read: the images and the RoIs
+``channel_order`` ("torchvision" or "bin_major": ps_roi_align, its S64
+attribute; "shared": roi_align, output channel c of every bin reads input
+channel c), ``aligned`` (the box geometry: True for ps_roi_align; roi_align's
+S64 attribute) and ``image_blocks``, a promise the kernels do not read: the images and the RoIs
 come in that many equal consecutive blocks, and every RoI of block b reads an
 image of block b or nothing. It lets a partitioned program split the call
 over images without communication (_partitioning.py); 1 promises nothing.
@@ -59,7 +61,9 @@ def _result(operand, rois, shape):
 def _forward_abstract_eval(features, rois, *, pooled_size, data_format, channel_order,
                            image_blocks, **_):
     ph, pw = pooled_size
-    c_out = features.shape[_arguments.channel_axis(data_format)] // (ph * pw)
+    c_out = features.shape[_arguments.channel_axis(data_format)]
+    if channel_order != "shared":
+        c_out //= ph * pw
     pooled = _result(features, rois, _arguments.pooled_shape(
         rois.shape[0], c_out, pooled_size, data_format))
     return _partitioning.typed_result("forward", features, rois, pooled,
@@ -87,19 +91,28 @@ backward_p.def_impl(partial(xla.apply_primitive, backward_p))
 # platform. _partitioning.lower runs it on every device's shards when the
 # program is partitioned over a mesh.
 
+def _reference_pool(features, rois, pooled_size, *, spatial_scale, sampling_ratio,
+                    data_format, channel_order, aligned):
+    if channel_order == "shared":
+        return reference.pool_roi_align(features, rois, pooled_size, spatial_scale,
+                                        sampling_ratio, aligned, data_format=data_format)
+    return reference.pool(features, rois, pooled_size, spatial_scale, sampling_ratio,
+                          data_format=data_format, channel_order=channel_order)
+
+
 def _reference_call(direction, operand, rois, result_shape, *, data_format, **params):
     if direction == "forward":
         pooled_size = _arguments.pooled_size_of(result_shape, data_format)
-        return reference.pool(operand, rois, pooled_size, data_format=data_format, **params)
+        return _reference_pool(operand, rois, pooled_size, data_format=data_format, **params)
     pooled_size = _arguments.pooled_size_of(operand.shape, data_format)
-    _, vjp = jax.vjp(lambda x: reference.pool(x, rois, pooled_size, data_format=data_format,
-                                              **params),
+    _, vjp = jax.vjp(lambda x: _reference_pool(x, rois, pooled_size, data_format=data_format,
+                                               **params),
                      jnp.zeros(result_shape, operand.dtype))
     return vjp(operand)[0]
 
 
 def _native_call(platform, direction, operand, rois, result_shape, *,
-                 spatial_scale, sampling_ratio, data_format, channel_order,
+                 spatial_scale, sampling_ratio, data_format, channel_order, aligned,
                  first_bin_row=0, bin_rows=None):
     dtype = operand.dtype
     features, pooled = _arguments.features_and_pooled(direction, operand.shape, result_shape)
@@ -116,19 +129,25 @@ def _native_call(platform, direction, operand, rois, result_shape, *,
         n, _, height, _ = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
         results.append(jax.ShapeDtypeStruct((_extension.cuda_workspace_elements(
             direction == "backward", n, pooled[0], height, pooled_h, pooled_w),), np.int32))
-    name = _extension.target_name(platform, direction, dtype, data_format)
+    # roi_align's rows are the kernels with shared channels; the attribute
+    # its calls differ in is `aligned` (ps_roi_align's: the channel order).
+    if channel_order == "shared":
+        operation, attribute = "roi_align", dict(aligned=int(aligned))
+    else:
+        operation = "ps_roi_align"
+        attribute = dict(channel_order=_arguments.CHANNEL_ORDERS.index(channel_order))
+    name = _extension.target_name(platform, direction, dtype, data_format, operation)
     return jax.ffi.ffi_call(name, results)(
         operand, rois, spatial_scale=float(spatial_scale),
-        sampling_ratio=int(sampling_ratio),
-        channel_order=_arguments.CHANNEL_ORDERS.index(channel_order),
+        sampling_ratio=int(sampling_ratio), **attribute,
         first_bin_row=int(first_bin_row), bin_rows=int(bin_rows or pooled_h))[0]
 
 
 def _lowering(direction, call, ctx, operand, rois, *, spatial_scale, sampling_ratio,
-              data_format, channel_order, image_blocks, **_):
+              data_format, channel_order, aligned, image_blocks, **_):
     local_call = partial(call, direction, spatial_scale=spatial_scale,
                          sampling_ratio=sampling_ratio, data_format=data_format,
-                         channel_order=channel_order)
+                         channel_order=channel_order, aligned=aligned)
     return _partitioning.lower(ctx, operand, rois, direction=direction,
                                local_call=local_call, image_blocks=image_blocks,
                                data_format=data_format, channel_order=channel_order,

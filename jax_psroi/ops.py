@@ -1,4 +1,5 @@
-"""Public API: ``ps_roi_align``, with torchvision's signature and semantics."""
+"""Public API: ``ps_roi_align`` and ``roi_align``, with torchvision's
+signatures and semantics."""
 
 from __future__ import annotations
 
@@ -83,4 +84,48 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
         input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
         channel_order, _extension.SUPPORTED_DTYPES)
     blocks = _arguments.image_blocks(boxes, features.shape[0])
-    return _primitives.forward_p.bind(features, rois, image_blocks=blocks, **params)
+    return _primitives.forward_p.bind(features, rois, image_blocks=blocks, aligned=True,
+                                      **params)
+
+
+def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False, *,
+              data_format: str = "NCHW") -> jax.Array:
+    """RoI Align (Mask R-CNN, Faster R-CNN with RoI Align heads).
+
+    Same signature and semantics as ``torchvision.ops.roi_align``, on the
+    native kernels of ``ps_roi_align`` (with every bin of output channel c
+    reading input channel c): ``jax.jit``, ``jax.vmap`` and every mode and
+    order of differentiation.
+
+    Args:
+      input: [N, C, H, W] feature map (or [N, H, W, C] with
+        ``data_format="NHWC"``), float32, float64, bfloat16 or float16 (the
+        16-bit types computed in float32 and rounded once).
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
+        N arrays [L_i, 4] of (x1, y1, x2, y2), one per image, in input-image
+        coordinates.
+      output_size: int or (h, w): bins per RoI.
+      spatial_scale: maps box coordinates to feature-map pixels.
+      sampling_ratio: samples per bin along each axis; <= 0 uses
+        ``ceil(roi_size / output_size)`` per RoI (adaptive).
+      aligned: torchvision's ``aligned``. False (its default): no half-pixel
+        shift, RoI sizes clamped to at least one pixel; True: coordinates
+        shifted by -0.5 pixel (Detectron2's ROIAlignV2), no clamp.
+      data_format: "NCHW" or "NHWC", keyword-only; both native.
+
+    Returns:
+      [K, C, h, w] (NCHW) or [K, h, w, C] (NHWC), the input's dtype.
+
+    Differences from torchvision, as for ``ps_roi_align``: an RoI whose batch
+    index is outside [0, N) or NaN, or whose coordinates are not finite,
+    gives 0; huge boxes cost no more than the map; the grid is capped at
+    2**23 samples per bin axis.
+    """
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
+        "torchvision", _extension.SUPPORTED_DTYPES, position_sensitive=False)
+    params["channel_order"] = "shared"
+    blocks = _arguments.image_blocks(boxes, features.shape[0])
+    return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
+                                      aligned=_arguments.aligned(aligned), **params)

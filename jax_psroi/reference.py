@@ -30,17 +30,18 @@ from jax_psroi._arguments import MAX_GRID_PER_AXIS
 _EXACT = lax.Precision.HIGHEST
 
 
-def _divide_by_constant(x, divisor):
-    """``x / divisor`` rounded as the kernels round it.
+def _divide(x, divisor):
+    """``x / divisor`` rounded as the kernels round it (correctly).
 
-    XLA on CPU rewrites division by a constant, or by a broadcast scalar,
-    into multiplication by its reciprocal (float32 21 / 7 becomes 3.0000002,
-    whose ceil is 4 where torchvision gets 3; 7 / 3 becomes 2.3333335, and
-    3 times it 7.0000005). The barrier hides a divisor of x's own shape from
-    that rewrite (a barrier around the scalar alone does not: the broadcast
-    after it is rewritten).
+    XLA on CPU rewrites a division by a constant, or by a broadcast, into a
+    multiplication by the reciprocal (float32 21 / 7 becomes 3.0000002, whose
+    ceil is 4 where torchvision gets 3; a sample coordinate of -1 becomes
+    -0.99999994 or -1.0000001, on the map or off it). The barrier hides a
+    divisor of x's own shape from that rewrite (a barrier before the
+    broadcast does not: the broadcast after it is rewritten).
     """
-    return x / lax.optimization_barrier(jnp.full(x.shape, divisor, x.dtype))
+    divisor = jnp.broadcast_to(jnp.asarray(divisor, x.dtype), x.shape)
+    return x / lax.optimization_barrier(divisor)
 
 
 def _grid_size(bin_size, sampling_ratio):
@@ -57,7 +58,7 @@ def _sample_coordinates(bin_start, bin_size, grid, index):
     """Coordinate of sample ``index`` in torchvision's evaluation order."""
     dtype = bin_start.dtype
     step = (index.astype(dtype) + 0.5) * bin_size
-    return bin_start + step / grid.astype(dtype)
+    return bin_start + _divide(step, grid.astype(dtype))
 
 
 def _first_in_map_sample(bin_start, bin_size, grid):
@@ -264,8 +265,8 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
         # torchvision's std::max(size, 1): a NaN size stays NaN (and gives 0).
         size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
         size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
-    bin_w = _divide_by_constant(size_w, pooled_w)
-    bin_h = _divide_by_constant(size_h, pooled_h)
+    bin_w = _divide(size_w, pooled_w)
+    bin_h = _divide(size_h, pooled_h)
     finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
               & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
     # Non-finite RoIs give 0: compute their (discarded) weights from zeros.

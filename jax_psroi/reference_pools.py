@@ -17,7 +17,7 @@ from jax import lax
 from jax_psroi import _arguments
 from jax_psroi.reference import (
     _contract,
-    _divide_by_constant,
+    _divide,
     _from_nchw,
     _image_of,
     _to_nchw_torchvision_order,
@@ -110,7 +110,7 @@ def _windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
     extent = end - start + (1 if inclusive_end else 0)
     # std::max(extent, 1); a NaN extent stays NaN and the RoI gives 0.
     extent = jnp.where(extent < 1, jnp.ones_like(extent), extent)
-    bin_size = _divide_by_constant(extent, pooled)
+    bin_size = _divide(extent, pooled)
     finite = jnp.isfinite(start) & jnp.isfinite(bin_size)
     start, bin_size = jnp.where(finite, start, 0), jnp.where(finite, bin_size, 0)
     bins = jnp.arange(pooled, dtype=start.dtype)[None, :]

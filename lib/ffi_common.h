@@ -55,37 +55,52 @@ using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 // of a crowded tile before the one rounding into grad); then an int32
 // workspace (gpu_schedule.h) in both directions.
 // `binding` carries the platform's context (stream or thread pool).
+
+// The one attribute in which the operations' calls differ: ps_roi_align's
+// channel order (a ChannelOrder, 0 or 1), roi_align's `aligned` (0 or 1).
+template <typename Operation>
+struct OperationAttribute;
+template <>
+struct OperationAttribute<PsRoiAlign> {
+  static constexpr const char* kName = "channel_order";
+};
+template <>
+struct OperationAttribute<RoiAlign> {
+  static constexpr const char* kName = "aligned";
+};
+
 // The attributes both directions read, after their buffers.
-template <typename Binding>
+template <typename Operation, typename Binding>
 auto bind_attributes(Binding binding) {
   return std::move(binding)
       .template Attr<double>("spatial_scale")
       .template Attr<int64_t>("sampling_ratio")
-      .template Attr<int64_t>("channel_order")   // a ChannelOrder
+      .template Attr<int64_t>(OperationAttribute<Operation>::kName)
       .template Attr<int64_t>("first_bin_row")   // PsRoiDims::first_bin_row
       .template Attr<int64_t>("bin_rows");       // PsRoiDims::bin_rows
 }
 
 // Both directions take a pooled-or-feature map and the RoIs, and return a
 // map and further results.
-template <typename S, typename Binding>
+template <typename Operation, typename S, typename Binding>
 auto bind_buffers(Binding binding) {
-  return bind_attributes(std::move(binding)
-                             .template Arg<MapBuffer<S>>()   // input / cotangent
-                             .template Arg<RoisBuffer<S>>()  // rois
-                             .template Ret<MapBuffer<S>>()   // output / grad
-                             .RemainingRets());  // CUDA: (accumulator,) workspace
+  return bind_attributes<Operation>(std::move(binding)
+                                        .template Arg<MapBuffer<S>>()   // input / cotangent
+                                        .template Arg<RoisBuffer<S>>()  // rois
+                                        .template Ret<MapBuffer<S>>()   // output / grad
+                                        .RemainingRets());  // CUDA: (accumulator,) workspace
 }
 
 // A row's handler: the binding of its direction, after the platform's
 // context (which `context()` starts), bound to `forward` or `backward`.
-template <Direction D, typename S, typename Context, typename Forward, typename Backward>
+template <typename Operation, Direction D, typename S, typename Context, typename Forward,
+          typename Backward>
 auto bind_row(Context context, Forward forward, Backward backward,
               std::initializer_list<ffi::Traits> traits = {}) {
   if constexpr (D == Direction::kForward) {
-    return bind_buffers<S>(context()).To(forward, traits);
+    return bind_buffers<Operation, S>(context()).To(forward, traits);
   } else {
-    return bind_buffers<S>(context()).To(backward, traits);
+    return bind_buffers<Operation, S>(context()).To(backward, traits);
   }
 }
 
@@ -125,24 +140,27 @@ inline std::string shape_string(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
-// Dims of a call from its feature map, rois [K, 5] and pooled tensor (the
-// forward's output, the backward's input), in `Layout`.
-template <typename Layout>
+// Dims of a call of `Operation` from its feature map, rois [K, 5], pooled
+// tensor (the forward's output, the backward's input), in `Layout`, and its
+// attributes (`attribute`: OperationAttribute<Operation>).
+template <typename Operation, typename Layout>
 ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
                                   ffi::Span<const int64_t> rois,
-                                  ffi::Span<const int64_t> pooled,
-                                  int64_t channel_order, int64_t first_bin_row,
-                                  int64_t bin_rows) {
+                                  ffi::Span<const int64_t> pooled, int64_t attribute,
+                                  int64_t first_bin_row, int64_t bin_rows) {
+  auto invalid = [](const std::string& message) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument("jax_psroi: " + message));
+  };
   if (rois[1] != 5 || pooled[0] != rois[0]) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: rois must be [K, 5] and the pooled tensor's first axis K; "
-        "got rois " + shape_string(rois) + ", pooled " + shape_string(pooled)));
+    return invalid("rois must be [K, 5] and the pooled tensor's first axis K; got rois " +
+                   shape_string(rois) + ", pooled " + shape_string(pooled));
   }
-  if (channel_order != static_cast<int64_t>(ChannelOrder::kTorchvision) &&
-      channel_order != static_cast<int64_t>(ChannelOrder::kBinMajor)) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: channel_order must be 0 (torchvision) or 1 (bin_major), got " +
-        std::to_string(channel_order)));
+  constexpr bool kShared = std::is_same_v<Operation, RoiAlign>;
+  if (attribute != 0 && attribute != 1) {
+    return invalid(std::string(kShared ? "aligned must be 0 or 1"
+                                       : "channel_order must be 0 (torchvision) or 1 "
+                                         "(bin_major)") +
+                   ", got " + std::to_string(attribute));
   }
   constexpr const int* kAxes = Layout::kAxes;  // N, C, H, W (K, C_out, PH, PW)
   PsRoiDims d;
@@ -154,20 +172,21 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
   d.channels_out = pooled[kAxes[1]];
   d.pooled_h = pooled[kAxes[2]];
   d.pooled_w = pooled[kAxes[3]];
-  d.channel_order = static_cast<ChannelOrder>(channel_order);
+  d.channel_order = kShared ? ChannelOrder::kShared : static_cast<ChannelOrder>(attribute);
+  d.aligned = kShared ? attribute == 1 : true;
   d.first_bin_row = first_bin_row;
   d.bin_rows = bin_rows;
   if (d.pooled_h <= 0 || d.pooled_w <= 0 ||
-      d.channels != d.channels_out * d.pooled_h * d.pooled_w) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: feature channels must equal C_out * PH * PW; got features " +
-        shape_string(features) + ", pooled " + shape_string(pooled)));
+      d.channels != d.channels_out * (kShared ? 1 : d.pooled_h * d.pooled_w)) {
+    return invalid(std::string(kShared ? "feature channels must equal C_out"
+                                       : "feature channels must equal C_out * PH * PW") +
+                   "; got features " + shape_string(features) + ", pooled " +
+                   shape_string(pooled));
   }
   if (first_bin_row < 0 || bin_rows < first_bin_row + d.pooled_h) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: the pooled tensor's " + std::to_string(d.pooled_h) +
-        " bin rows from row " + std::to_string(first_bin_row) +
-        " must lie in a grid of " + std::to_string(bin_rows) + " rows"));
+    return invalid("the pooled tensor's " + std::to_string(d.pooled_h) +
+                   " bin rows from row " + std::to_string(first_bin_row) +
+                   " must lie in a grid of " + std::to_string(bin_rows) + " rows");
   }
   return d;
 }

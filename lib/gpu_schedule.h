@@ -38,7 +38,9 @@
 //      Buckets are split into chunks only as far as it takes to fill the GPU.
 //   3. Backward. A block owns one image, one tile of kTileRows x kTileCols
 //      pixels and one bin, that is every gradient element of those pixels
-//      in the bin's C_out channels; it writes each of them once (zeros
+//      in the bin's C_out channels (with shared channels, roi_align's, every
+//      bin feeds the same C_out channels: the block owns them and sums its
+//      bins in turn, as passes); it writes each of them once (zeros
 //      included, so no memset). It lists, in RoI order, the RoIs of its
 //      bucket whose bin window meets the tile, with their row and column
 //      weights on the tile; every pixel then keeps the list entries that
@@ -279,10 +281,12 @@ constexpr int forward_channel_group() {
   return Layout::kChannelsLast ? kNhwcChannelGroup : 1;
 }
 
+// Groups of (output channel, bin) pairs, numbered as channel_bin numbers
+// them: the input channels in the position-sensitive orders.
 template <typename Layout>
 PSROI_HD int64_t forward_channel_groups(const PsRoiDims& d) {
   constexpr int64_t g = forward_channel_group<Layout>();
-  return (d.channels + g - 1) / g;
+  return (d.channel_bins() + g - 1) / g;
 }
 
 // Chunks each bucket's RoIs are split into: enough for kForwardMinBlocks
@@ -305,9 +309,12 @@ PSROI_HD int64_t forward_blocks(const PsRoiDims& d) {
   return (d.num_images + 1) * forward_chunks<Layout>(d) * forward_channel_groups<Layout>(d);
 }
 
-// Output channel and bin that input channel `c` feeds. In 32 bits: these
-// divisions run per element, and 64-bit ones cost several times more on a
-// GPU (the CUDA handlers reject 2^31 channels or more).
+// Output channel and bin of pair `c` (< channel_bins()): in the
+// position-sensitive orders, those input channel `c` feeds; with shared
+// channels, numbered bin-major (C_out consecutive pairs read one pixel's
+// consecutive channels). In 32 bits: these divisions run per element, and
+// 64-bit ones cost several times more on a GPU (the CUDA handlers reject
+// 2^31 pairs or more).
 struct ChannelBin {
   int32_t c_out, bin, ph, pw;
 };
@@ -347,16 +354,17 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoi
   const int64_t begin = bucket_begin + bucket_size * chunk / chunks;
   const int64_t end = bucket_begin + bucket_size * (chunk + 1) / chunks;
   const Layout layout = Layout::of(d);
-  // Element i: RoI i / kGroup of the chunk, channel c0 + i % kGroup.
+  // Element i: RoI i / kGroup of the chunk, pair c0 + i % kGroup.
   ex.each((end - begin) * kGroup, [&](int64_t i) {
     const int64_t c = c0 + i % kGroup;
-    if (c >= d.channels) return;
+    if (c >= d.channel_bins()) return;
     const int64_t roi = ws.order[begin + i / kGroup];
     const ChannelBin cb = channel_bin(d, c);
+    const int64_t channel = d.first_channel(cb.bin) + cb.c_out * d.channel_step();
     const T value = bucket == d.num_images
                         ? static_cast<T>(0)
                         : pooled_value(input, rois, d, layout, spatial_scale,
-                                       sampling_ratio, roi, c, cb.ph, cb.pw);
+                                       sampling_ratio, roi, channel, cb.ph, cb.pw);
     output[Layout::pooled_offset(d, roi, cb.c_out, cb.bin)] = Storage<S>::store(value);
   });
 }
@@ -373,8 +381,13 @@ struct BackwardTiling {
   // Blocks: (image, tile, bin), the bin fastest, so that the blocks in
   // flight write neighbouring channels of the same pixels (one cache line
   // per NHWC pixel in torchvision order) and read neighbouring cotangents.
+  // With shared channels every bin feeds the same elements: (image, tile),
+  // each block summing its bins in turn.
   PSROI_HD int64_t blocks(const PsRoiDims& d) const {
-    return d.num_images * tiles_y * tiles_x * d.bins();
+    return d.num_images * tiles_y * tiles_x * block_bins(d);
+  }
+  static PSROI_HD int64_t block_bins(const PsRoiDims& d) {
+    return d.shared_channels() ? 1 : d.bins();
   }
 };
 
@@ -466,112 +479,120 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent
                              int64_t sampling_ratio, const Workspace& ws, int64_t block,
                              T* sums, S* grad) {
   const BackwardTiling tiling = BackwardTiling::of(d);
-  const int64_t bin = block % d.bins();
-  const int64_t tile = (block / d.bins()) % (tiling.tiles_y * tiling.tiles_x);
-  const int64_t image = block / (d.bins() * tiling.tiles_y * tiling.tiles_x);
+  const int64_t block_bins = BackwardTiling::block_bins(d);
+  const int64_t tile = (block / block_bins) % (tiling.tiles_y * tiling.tiles_x);
+  const int64_t image = block / (block_bins * tiling.tiles_y * tiling.tiles_x);
   const int64_t y0 = (tile / tiling.tiles_x) * kTileRows;
   const int64_t x0 = (tile % tiling.tiles_x) * kTileCols;
-  const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
   const int64_t bucket = image * tiling.tiles_y + tile / tiling.tiles_x;  // see in_bucket
   const int64_t begin = ws.offsets[bucket], end = ws.offsets[bucket + 1];
   const Layout layout = Layout::of(d);
   constexpr int kCapacity = BackwardShared<T>::kCapacity;
   constexpr int kChunk = list_chunk<T>();
-  const int32_t* row_spans = ws.spans + 2 * ph * d.num_rois;
-  const int32_t* col_spans = ws.spans + 2 * (d.pooled_h + pw) * d.num_rois;
+  // The block's bins: its own; with shared channels, every bin in turn, the
+  // partial sums carried between them as between passes.
+  const int64_t bin_begin = d.shared_channels() ? 0 : block % block_bins;
+  const int64_t bin_end = d.shared_channels() ? d.bins() : bin_begin + 1;
 
-  // Does bin (ph, pw) of RoI `roi` touch the tile?
-  auto meets_tile = [&](int64_t roi) {
-    const int32_t* row = row_spans + 2 * roi;
-    const int32_t* col = col_spans + 2 * roi;
-    return row[0] <= y0 + kTileRows - 1 && row[1] >= y0 &&
-           col[0] <= x0 + kTileCols - 1 && col[1] >= x0;
-  };
-
-  ex.single([&] { sh.next = begin; });
   bool first_pass = true;
-  for (;;) {
-    // List the RoIs that meet the tile, from sh.next on, chunk by chunk,
-    // until the bucket ends or a chunk would overflow the list.
-    ex.single([&] { sh.listed = 0; });
+  for (int64_t bin = bin_begin; bin < bin_end; ++bin) {
+    const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
+    const int32_t* row_spans = ws.spans + 2 * ph * d.num_rois;
+    const int32_t* col_spans = ws.spans + 2 * (d.pooled_h + pw) * d.num_rois;
+
+    // Does bin (ph, pw) of RoI `roi` touch the tile?
+    auto meets_tile = [&](int64_t roi) {
+      const int32_t* row = row_spans + 2 * roi;
+      const int32_t* col = col_spans + 2 * roi;
+      return row[0] <= y0 + kTileRows - 1 && row[1] >= y0 &&
+             col[0] <= x0 + kTileCols - 1 && col[1] >= x0;
+    };
+
+    ex.single([&] { sh.next = begin; });
     for (;;) {
-      const int64_t k0 = sh.next;
-      if (k0 >= end) break;
-      const int64_t n = end - k0 < kChunk ? end - k0 : kChunk;
+      // List the RoIs that meet the tile, from sh.next on, chunk by chunk,
+      // until the bucket ends or a chunk would overflow the list.
+      ex.single([&] { sh.listed = 0; });
+      for (;;) {
+        const int64_t k0 = sh.next;
+        if (k0 >= end) break;
+        const int64_t n = end - k0 < kChunk ? end - k0 : kChunk;
+        const int64_t listed = sh.listed;
+        const int64_t hits = ex.compact(
+            n, [&](int64_t i) { return meets_tile(ws.order[k0 + i]); }, listed, kCapacity,
+            [&](int64_t i, int64_t at) {
+              make_entry(rois, d, spatial_scale, sampling_ratio, row_spans, col_spans,
+                         ws.order[k0 + i], bin, y0, x0, at, sh);
+            });
+        if (listed + hits > kCapacity) break;
+        ex.single([&] {
+          sh.listed = static_cast<int32_t>(listed + hits);
+          sh.next = k0 + n;
+        });
+      }
+      const bool last_pass = sh.next >= end && bin + 1 == bin_end;
+      const bool bin_done = sh.next >= end;
       const int64_t listed = sh.listed;
-      const int64_t hits = ex.compact(
-          n, [&](int64_t i) { return meets_tile(ws.order[k0 + i]); }, listed, kCapacity,
-          [&](int64_t i, int64_t at) {
-            make_entry(rois, d, spatial_scale, sampling_ratio, row_spans, col_spans,
-                       ws.order[k0 + i], bin, y0, x0, at, sh);
-          });
-      if (listed + hits > kCapacity) break;
-      ex.single([&] {
-        sh.listed = static_cast<int32_t>(listed + hits);
-        sh.next = k0 + n;
-      });
-    }
-    const bool last_pass = sh.next >= end;
-    const int64_t listed = sh.listed;
 
-    // Each pixel keeps the entries that cover it, in list order.
-    ex.each(kTilePixels, [&](int64_t pixel) {
-      const int32_t p = static_cast<int32_t>(pixel);
-      const int32_t py = p / kTileCols, px = p % kTileCols;
-      int kept = 0;
-      int resume = static_cast<int>(listed);
-      int covering = 0;
-      for (int e = 0; e < listed; ++e) {
-        if (!entry_covers(sh, e, py, px)) continue;
-        ++covering;
-        if (kept < kCoverPerPixel) {
-          sh.cover_entry[kept][p] = static_cast<int16_t>(e);
-          sh.cover_weight[kept][p] = sh.row_weight[e][py] * sh.col_weight[e][px];
-          ++kept;
-          resume = e + 1;
-        }
-      }
-      sh.cover_count[p] = static_cast<int16_t>(covering);
-      sh.cover_resume[p] = static_cast<int16_t>(resume);
-    });
-
-    // Every element of the block: its sum over the entries covering its
-    // pixel, in list order, then written once per pass.
-    ex.each(kTilePixels * d.channels_out, [&](int64_t i) {
-      int32_t p, c_out;
-      tile_element<Layout>(static_cast<int32_t>(d.channels_out), static_cast<int32_t>(i), &p,
-                           &c_out);
-      const int32_t py = p / kTileCols, px = p % kTileCols;
-      const int64_t y = y0 + py, x = x0 + px;
-      if (y >= d.height || x >= d.width) return;
-      auto cot = [&](int64_t roi) {
-        return Storage<S>::load(cotangent[Layout::pooled_offset(d, roi, c_out, bin)]);
-      };
-      T sum = static_cast<T>(0);
-      const int covering = sh.cover_count[p];
-      const int kept = covering < kCoverPerPixel ? covering : kCoverPerPixel;
-      for (int m = 0; m < kept; ++m) {
-        sum += cot(sh.roi[sh.cover_entry[m][p]]) * sh.cover_weight[m][p];
-      }
-      if (covering > kept) {
-        for (int e = sh.cover_resume[p]; e < listed; ++e) {
-          if (entry_covers(sh, e, py, px)) {
-            sum += cot(sh.roi[e]) * (sh.row_weight[e][py] * sh.col_weight[e][px]);
+      // Each pixel keeps the entries that cover it, in list order.
+      ex.each(kTilePixels, [&](int64_t pixel) {
+        const int32_t p = static_cast<int32_t>(pixel);
+        const int32_t py = p / kTileCols, px = p % kTileCols;
+        int kept = 0;
+        int resume = static_cast<int>(listed);
+        int covering = 0;
+        for (int e = 0; e < listed; ++e) {
+          if (!entry_covers(sh, e, py, px)) continue;
+          ++covering;
+          if (kept < kCoverPerPixel) {
+            sh.cover_entry[kept][p] = static_cast<int16_t>(e);
+            sh.cover_weight[kept][p] = sh.row_weight[e][py] * sh.col_weight[e][px];
+            ++kept;
+            resume = e + 1;
           }
         }
-      }
-      const int64_t at = layout.plane_offset(image, d.first_channel(bin) +
-                                                        c_out * d.channel_step()) +
-                         layout.pixel_offset(y, x);
-      if (!first_pass) sum += sums[at];
-      if (last_pass) {
-        grad[at] = Storage<S>::store(sum);
-      } else {
-        sums[at] = sum;
-      }
-    });
-    if (last_pass) break;
-    first_pass = false;
+        sh.cover_count[p] = static_cast<int16_t>(covering);
+        sh.cover_resume[p] = static_cast<int16_t>(resume);
+      });
+
+      // Every element of the block: its sum over the entries covering its
+      // pixel, in list order, then written once per pass.
+      ex.each(kTilePixels * d.channels_out, [&](int64_t i) {
+        int32_t p, c_out;
+        tile_element<Layout>(static_cast<int32_t>(d.channels_out), static_cast<int32_t>(i),
+                             &p, &c_out);
+        const int32_t py = p / kTileCols, px = p % kTileCols;
+        const int64_t y = y0 + py, x = x0 + px;
+        if (y >= d.height || x >= d.width) return;
+        auto cot = [&](int64_t roi) {
+          return Storage<S>::load(cotangent[Layout::pooled_offset(d, roi, c_out, bin)]);
+        };
+        T sum = static_cast<T>(0);
+        const int covering = sh.cover_count[p];
+        const int kept = covering < kCoverPerPixel ? covering : kCoverPerPixel;
+        for (int m = 0; m < kept; ++m) {
+          sum += cot(sh.roi[sh.cover_entry[m][p]]) * sh.cover_weight[m][p];
+        }
+        if (covering > kept) {
+          for (int e = sh.cover_resume[p]; e < listed; ++e) {
+            if (entry_covers(sh, e, py, px)) {
+              sum += cot(sh.roi[e]) * (sh.row_weight[e][py] * sh.col_weight[e][px]);
+            }
+          }
+        }
+        const int64_t at = layout.plane_offset(image, d.first_channel(bin) +
+                                                          c_out * d.channel_step()) +
+                           layout.pixel_offset(y, x);
+        if (!first_pass) sum += sums[at];
+        if (last_pass) {
+          grad[at] = Storage<S>::store(sum);
+        } else {
+          sums[at] = sum;
+        }
+      });
+      first_pass = false;
+      if (bin_done) break;
+    }
   }
 }
 

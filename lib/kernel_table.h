@@ -11,8 +11,12 @@
 
 #include "psroi_math.h"
 
-// X(operation tag, operation name)
-#define JAX_PSROI_OPERATIONS(X) X(PsRoiAlign, ps_roi_align)
+// X(operation tag, operation name). roi_align is the kernels of
+// ps_roi_align with shared channels (ChannelOrder::kShared) and its choice of
+// box geometry: the rows differ only in how their handlers read the call.
+#define JAX_PSROI_OPERATIONS(X) \
+  X(PsRoiAlign, ps_roi_align)   \
+  X(RoiAlign, roi_align)
 
 // X(storage type (storage_types.h), dtype name as JAX spells it, XLA FFI
 // data type). The compute type of each is Storage<type>::Compute.

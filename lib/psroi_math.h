@@ -5,8 +5,9 @@
 // host (CPU kernels, and therefore every CPU test) and for the device (CUDA
 // kernels), so the GPU runs exactly the arithmetic the CPU tests check.
 //
-// Semantics follow torchvision's ps_roi_align kernel (0.29): a -0.5 pixel
-// offset, no clamp of the RoI size, an adaptive grid of ceil(bin_size) samples
+// Semantics follow torchvision's ps_roi_align kernel (0.29), and its
+// roi_align with kShared channels (PsRoiDims::aligned picks the geometry):
+// a -0.5 pixel offset, no clamp of the RoI size, an adaptive grid of ceil(bin_size) samples
 // per bin axis when sampling_ratio <= 0, samples in [-1, 0] reading the border,
 // samples outside [-1, size] contributing 0, and division by the sample count.
 // Deliberate deviations (each one a case where torchvision reads out of
@@ -39,6 +40,10 @@ enum class ChannelOrder : int64_t {
   // The TF Object Detection API's grouping: (i * PW + j) * C_out + c, so the
   // C_out channels of one bin are contiguous.
   kBinMajor = 1,
+  // RoI Align's: output channel c of every bin reads input channel c
+  // (C = C_out). Not position-sensitive; a pixel's bins all feed the same
+  // channels.
+  kShared = 2,
 };
 
 // Sizes of one call, shared by forward and backward.
@@ -58,6 +63,10 @@ struct PsRoiDims {
   // (jax_psroi/_partitioning.py); every other call computes the whole grid.
   int64_t first_bin_row = 0;
   int64_t bin_rows = 0;  // 0: pooled_h
+  // Box geometry: true, ps_roi_align's (and roi_align's with aligned=True):
+  // coordinates shifted by -0.5 pixel, sizes as they are; false, roi_align's
+  // default: no shift, RoI sizes clamped to at least 1 pixel.
+  bool aligned = true;
 
   PSROI_HD int64_t plane_size() const { return height * width; }
   PSROI_HD int64_t grid_rows() const { return bin_rows > 0 ? bin_rows : pooled_h; }
@@ -68,11 +77,22 @@ struct PsRoiDims {
   // Input channel read by output channel `c_out` at bin `bin` (= ph * PW + pw):
   // first_channel(bin) + c_out * channel_step().
   PSROI_HD int64_t first_channel(int64_t bin) const {
+    if (channel_order == ChannelOrder::kShared) return 0;
     return channel_order == ChannelOrder::kTorchvision ? bin : bin * channels_out;
   }
   PSROI_HD int64_t channel_step() const {
     return channel_order == ChannelOrder::kTorchvision ? bins() : 1;
   }
+  PSROI_HD bool shared_channels() const { return channel_order == ChannelOrder::kShared; }
+  // Where bin `bin`'s output channels start in a pixel's channels summed
+  // bin-major (the backward's layout): bins apart, or all at 0 when every
+  // bin reads the same channels.
+  PSROI_HD int64_t bin_major_first(int64_t bin) const {
+    return shared_channels() ? 0 : bin * channels_out;
+  }
+  // (output channel, bin) pairs: the input channels in the position-sensitive
+  // orders; C_out times as many as the input's channels when shared.
+  PSROI_HD int64_t channel_bins() const { return channels_out * bins(); }
 };
 
 // Layouts: where feature element (n, c, y, x) and pooled element
@@ -179,15 +199,22 @@ template <typename T>
 PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
                                      T spatial_scale, int64_t sampling_ratio) {
   RoiGeometry<T> g;
-  const T half = static_cast<T>(0.5);
-  const T start_w = roi[1] * spatial_scale - half;
-  const T start_h = roi[2] * spatial_scale - half;
-  const T end_w = roi[3] * spatial_scale - half;
-  const T end_h = roi[4] * spatial_scale - half;
+  const T offset = static_cast<T>(d.aligned ? 0.5 : 0.0);
+  const T start_w = roi[1] * spatial_scale - offset;
+  const T start_h = roi[2] * spatial_scale - offset;
+  const T end_w = roi[3] * spatial_scale - offset;
+  const T end_h = roi[4] * spatial_scale - offset;
+  T size_w = end_w - start_w, size_h = end_h - start_h;
+  if (!d.aligned) {
+    // torchvision's std::max(size, 1): a NaN size stays NaN.
+    const T one = static_cast<T>(1);
+    if (size_w < one) size_w = one;
+    if (size_h < one) size_h = one;
+  }
   g.x.start = start_w;
   g.y.start = start_h;
-  g.x.bin_size = (end_w - start_w) / static_cast<T>(d.pooled_w);
-  g.y.bin_size = (end_h - start_h) / static_cast<T>(d.grid_rows());
+  g.x.bin_size = size_w / static_cast<T>(d.pooled_w);
+  g.y.bin_size = size_h / static_cast<T>(d.grid_rows());
   g.x.first_bin = 0;
   g.y.first_bin = d.first_bin_row;
   g.x.grid = grid_size(g.x.bin_size, sampling_ratio);

@@ -138,19 +138,23 @@ _GPU_SCHEDULE = _register_gpu_schedule_targets()
 
 def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,
                         sampling_ratio, data_format="NCHW", channel_order="torchvision",
-                        first_bin_row=0, bin_rows=None):
+                        first_bin_row=0, bin_rows=None, aligned=None):
     """Runs the CUDA kernels' schedule (gpu_schedule.h: buckets, blocks, tile
     lists, passes), built for the CPU, serially on the CPU: bin rows
-    [first_bin_row, first_bin_row + PH) of a grid of bin_rows (default PH)."""
+    [first_bin_row, first_bin_row + PH) of a grid of bin_rows (default PH).
+    With `aligned` given, roi_align's rows (shared channels) instead of
+    ps_roi_align's."""
     dtype = jax.numpy.dtype(operand.dtype)
-    name = _GPU_SCHEDULE[(_extension.OPERATION, direction, data_format, dtype)]
+    operation = "ps_roi_align" if aligned is None else "roi_align"
+    name = _GPU_SCHEDULE[(operation, direction, data_format, dtype)]
     call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype)])
     pooled = out_shape if direction == "forward" else operand.shape
     pooled_h, _ = _arguments.pooled_size_of(pooled, data_format)
+    attribute = (dict(channel_order=CHANNEL_ORDERS.index(channel_order)) if aligned is None
+                 else dict(aligned=int(aligned)))
     with jax.default_device(jax.devices("cpu")[0]):
         out = call(operand, rois, spatial_scale=float(spatial_scale),
-                   sampling_ratio=int(sampling_ratio),
-                   channel_order=CHANNEL_ORDERS.index(channel_order),
+                   sampling_ratio=int(sampling_ratio), **attribute,
                    first_bin_row=first_bin_row, bin_rows=bin_rows or pooled_h)
         return np.asarray(out[0])
 

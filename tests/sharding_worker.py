@@ -36,11 +36,13 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
                "reduce-scatter")
 
 # (layout, channel order, dtype): every layout and order in float32, every
-# other dtype in one of them.
+# other dtype in one of them; "shared" is roi_align (aligned=False) on the
+# same map.
 COMBINATIONS = [("NCHW", "torchvision", "float32"), ("NHWC", "torchvision", "float32"),
                 ("NCHW", "bin_major", "float32"), ("NHWC", "bin_major", "float32"),
                 ("NCHW", "torchvision", "float64"), ("NHWC", "bin_major", "bfloat16"),
-                ("NCHW", "bin_major", "float16")]
+                ("NCHW", "bin_major", "float16"), ("NCHW", "shared", "float32"),
+                ("NHWC", "shared", "float32")]
 # How the inputs are split, as the issue names them: the per-image head
 # vmapped over a batch of images split over the mesh; RoIs split with the
 # features replicated; features split over channels with the RoIs
@@ -86,8 +88,12 @@ def _functions(case, layout, order, mesh):
     """(forward, placements): forward(features, boxes) -> pooled, and the
     sharding of each input."""
     case = case.removesuffix("_explicit")
-    pool = partial(jax_psroi.ps_roi_align, output_size=POOLED, spatial_scale=SCALE,
-                   sampling_ratio=SAMPLING, data_format=layout, channel_order=order)
+    if order == "shared":
+        pool = partial(jax_psroi.roi_align, output_size=POOLED, spatial_scale=SCALE,
+                       sampling_ratio=SAMPLING, data_format=layout)
+    else:
+        pool = partial(jax_psroi.ps_roi_align, output_size=POOLED, spatial_scale=SCALE,
+                       sampling_ratio=SAMPLING, data_format=layout, channel_order=order)
     channel_axis = 1 if layout == "NCHW" else 3
 
     def channels_spec(axis_name, images=None):

@@ -66,7 +66,9 @@ def test_build_info():
 def test_cuda_module_has_every_row_of_the_kernel_table():
     # Both modules instantiate the same table: same rows, same target names.
     assert _extension.KERNELS["cuda"] == _extension.KERNELS["cpu"]
-    assert len(TARGETS) == 2 * len(_extension.SUPPORTED_DTYPES) * len(
+    operations = {row.operation for row in _extension.KERNELS["cpu"].values()}
+    assert operations == {"ps_roi_align", "roi_align"}
+    assert len(TARGETS) == 2 * len(operations) * len(_extension.SUPPORTED_DTYPES) * len(
         _extension.SUPPORTED_LAYOUTS)
 
 

@@ -134,3 +134,33 @@ def test_missing_flax_names_the_extra(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=tmp_path)
     assert "jax_psroi[flax]" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_modules_equal_the_function(data_format, aligned):
+    features, rois = _data(data_format)
+    expected = np.asarray(jax_psroi.roi_align(features, rois, OUTPUT_SIZE, 0.5, 2, aligned,
+                                              data_format=data_format))
+    assert np.abs(expected).max() > 0.01
+    lin = linen.RoIAlign(OUTPUT_SIZE, 0.5, 2, aligned, data_format)
+    variables = lin.init(jax.random.key(0), features, rois)
+    assert jax.tree.leaves(variables) == []
+    np.testing.assert_array_equal(lin.apply(variables, features, rois), expected)
+    mod = nnx.RoIAlign(OUTPUT_SIZE, 0.5, 2, aligned, data_format=data_format)
+    np.testing.assert_array_equal(mod(features, rois), expected)
+    # NHWC by default: [K, h, w, C].
+    if data_format == "NHWC":
+        chex.assert_shape(nnx.RoIAlign(OUTPUT_SIZE, 0.5, 2)(features, rois), (9, 3, 2, 24))
+    grad = jax.grad(lambda f: jnp.sum(jax.jit(lin.apply)(variables, f, rois) ** 2))(features)
+    assert np.abs(np.asarray(grad)).max() > 0
+
+
+def test_roi_align_settings_are_checked_when_made_and_shown():
+    assert repr(linen.RoIAlign(7, 1 / 16, 2, True)) == (
+        "RoIAlign(output_size=7, spatial_scale=0.0625, sampling_ratio=2, aligned=True, "
+        "data_format='NHWC')")
+    with pytest.raises(TypeError, match="aligned must be a Python bool"):
+        nnx.RoIAlign(7, 1 / 16, 2, aligned="yes")
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        linen.RoIAlign(0)

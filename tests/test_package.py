@@ -22,12 +22,13 @@ def _run(code, cwd, **env):
                           text=True, timeout=120)
 
 
-def test_kernel_table_has_a_forward_and_a_backward_per_dtype_and_layout():
+def test_kernel_table_has_a_forward_and_a_backward_per_operation_dtype_and_layout():
     table = _extension.KERNELS["cpu"]
     dtypes = {np.dtype(d) for d in jax_psroi.build_info()["dtypes"]}
     assert dtypes >= {np.dtype(np.float32), np.dtype(np.float64)}
     assert set(_extension.SUPPORTED_DTYPES) == dtypes
-    expected = {("ps_roi_align", direction, layout, dtype)
+    expected = {(operation, direction, layout, dtype)
+                for operation in ("ps_roi_align", "roi_align")
                 for direction in ("forward", "backward")
                 for layout in _extension.SUPPORTED_LAYOUTS for dtype in dtypes}
     assert set(table) == expected

@@ -1,10 +1,10 @@
-"""``PSRoIAlign`` as a ``flax.linen.Module``."""
+"""``PSRoIAlign`` and ``RoIAlign`` as ``flax.linen.Module``s."""
 
 from __future__ import annotations
 
 import jax
 
-from jax_psroi.flax._config import PSRoIAlignConfig, import_flax
+from jax_psroi.flax._config import PSRoIAlignConfig, RoIAlignConfig, import_flax
 
 nn = import_flax("linen")
 
@@ -42,6 +42,45 @@ class PSRoIAlign(nn.Module):
         return PSRoIAlignConfig.make(self.output_size, self.spatial_scale,
                                      self.sampling_ratio, self.data_format,
                                      self.channel_order)
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return self._settings()(features, boxes)
+
+    def __repr__(self) -> str:
+        return self._settings().describe(type(self).__name__)
+
+
+class RoIAlign(nn.Module):
+    """RoI Align layer (no parameters), like ``torchvision.ops.RoIAlign``
+    with Flax's NHWC layout by default.
+
+    ``RoIAlign(7, 1 / 16, 2)(features, boxes)`` with features [N, H, W, C]
+    (or [N, C, H, W] with ``data_format="NCHW"``) and boxes [K, 5]
+    (batch_index, x1, y1, x2, y2) or a list of N arrays [L_i, 4], returns
+    [K, h, w, C] (or [K, C, h, w]). See ``jax_psroi.roi_align``; bad
+    settings raise when the module is made.
+
+    Attributes:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      aligned: torchvision's ``aligned`` (default False).
+      data_format: "NHWC" (default) or "NCHW".
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    aligned: bool = False
+    data_format: str = "NHWC"
+
+    def __post_init__(self):
+        self._settings()  # raises on a bad setting, here rather than at the first call
+        super().__post_init__()
+
+    def _settings(self) -> RoIAlignConfig:
+        return RoIAlignConfig.make(self.output_size, self.spatial_scale, self.sampling_ratio,
+                                   self.aligned, self.data_format)
 
     def __call__(self, features, boxes) -> jax.Array:
         return self._settings()(features, boxes)

@@ -1,10 +1,10 @@
-"""``PSRoIAlign`` as a ``flax.nnx.Module``."""
+"""``PSRoIAlign`` and ``RoIAlign`` as ``flax.nnx.Module``s."""
 
 from __future__ import annotations
 
 import jax
 
-from jax_psroi.flax._config import PSRoIAlignConfig, import_flax
+from jax_psroi.flax._config import PSRoIAlignConfig, RoIAlignConfig, import_flax
 
 nnx = import_flax("nnx")
 
@@ -32,6 +32,32 @@ class PSRoIAlign(nnx.Module):
                  data_format: str = "NHWC", channel_order: str = "torchvision"):
         self.settings = PSRoIAlignConfig.make(output_size, spatial_scale, sampling_ratio,
                                               data_format, channel_order)
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return self.settings(features, boxes)
+
+
+class RoIAlign(nnx.Module):
+    """RoI Align layer (no parameters), like ``torchvision.ops.RoIAlign``
+    with Flax's NHWC layout by default.
+
+    ``RoIAlign(7, 1 / 16, 2)(features, boxes)`` with features [N, H, W, C]
+    (or [N, C, H, W] with ``data_format="NCHW"``) and boxes [K, 5] or a list
+    of N arrays [L_i, 4], returns [K, h, w, C] (or [K, C, h, w]). See
+    ``jax_psroi.roi_align``; bad arguments raise here.
+
+    Args:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      aligned: torchvision's ``aligned`` (default False).
+      data_format: "NHWC" (default) or "NCHW", keyword-only.
+    """
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 aligned: bool = False, *, data_format: str = "NHWC"):
+        self.settings = RoIAlignConfig.make(output_size, spatial_scale, sampling_ratio,
+                                            aligned, data_format)
 
     def __call__(self, features, boxes) -> jax.Array:
         return self.settings(features, boxes)

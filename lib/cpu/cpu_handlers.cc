@@ -33,14 +33,14 @@ struct BackwardState {
   std::unique_ptr<T[]> bin_major;
 };
 
-template <typename S, typename Layout>
+template <typename Operation, typename S, typename Layout>
 ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
                     ffi::Result<MapBuffer<S>> output, ffi::RemainingRets,
-                    double spatial_scale, int64_t sampling_ratio, int64_t channel_order,
+                    double spatial_scale, int64_t sampling_ratio, int64_t attribute,
                     int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order,
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return ready_with(dims.error());
   const PsRoiDims d = dims.value();
@@ -57,15 +57,15 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
                     })});
 }
 
-template <typename S, typename Layout>
+template <typename Operation, typename S, typename Layout>
 ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                      ffi::Result<MapBuffer<S>> grad_input,
                      ffi::RemainingRets,
-                     double spatial_scale, int64_t sampling_ratio, int64_t channel_order,
+                     double spatial_scale, int64_t sampling_ratio, int64_t attribute,
                      int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order,
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return ready_with(dims.error());
   // Units sum 16-bit gradients in scratch of their own: the CPU takes no
@@ -97,13 +97,11 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
 }  // namespace
 
 template <typename Operation, Direction D, typename Layout, typename S>
-struct CpuHandler;
-
-template <Direction D, typename Layout, typename S>
-struct CpuHandler<PsRoiAlign, D, Layout, S> {
+struct CpuHandler {
   static auto make() {
-    return bind_row<D, S>([] { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); },
-                          forward<S, Layout>, backward<S, Layout>);
+    return bind_row<Operation, D, S>([] { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); },
+                                     forward<Operation, S, Layout>,
+                                     backward<Operation, S, Layout>);
   }
 };
 

@@ -80,15 +80,15 @@ gs::Workspace fill_workspace(std::vector<int32_t>& storage, const T* rois, const
   return ws;
 }
 
-template <typename S, typename Layout>
+template <typename Operation, typename S, typename Layout>
 ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
                              ffi::Result<MapBuffer<S>> output, ffi::RemainingRets,
                              double spatial_scale, int64_t sampling_ratio,
-                             int64_t channel_order,
+                             int64_t attribute,
                              int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order,
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
@@ -106,15 +106,15 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
 
 // A 16-bit gradient carries its partial sums in a float32 accumulator, as on
 // the GPU (where it is the call's further result).
-template <typename S, typename Layout>
+template <typename Operation, typename S, typename Layout>
 ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
                               ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
                               double spatial_scale, int64_t sampling_ratio,
-                              int64_t channel_order,
+                              int64_t attribute,
                               int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order,
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
@@ -145,13 +145,11 @@ ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
 }  // namespace
 
 template <typename Operation, Direction D, typename Layout, typename S>
-struct ScheduledHandler;
-
-template <Direction D, typename Layout, typename S>
-struct ScheduledHandler<PsRoiAlign, D, Layout, S> {
+struct ScheduledHandler {
   static auto make() {
-    return bind_row<D, S>([] { return ffi::Ffi::Bind(); }, forward_scheduled<S, Layout>,
-                          backward_scheduled<S, Layout>);
+    return bind_row<Operation, D, S>([] { return ffi::Ffi::Bind(); },
+                                     forward_scheduled<Operation, S, Layout>,
+                                     backward_scheduled<Operation, S, Layout>);
   }
 };
 

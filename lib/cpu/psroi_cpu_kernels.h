@@ -347,13 +347,15 @@ RoisByImage rois_by_image(const RoiTables<T>& tables, const PsRoiDims& d) {
 // split among threads: bitwise reproducible.
 //
 // The part follows the memory. In NCHW a unit takes the planes of one bin
-// and a chunk of output channels, as many as fit the budget. Channels-last,
+// and a chunk of output channels, as many as fit the budget (with shared
+// channels, roi_align's, every bin feeds the same planes: a unit takes a
+// chunk of planes and every bin). Channels-last,
 // where the channels of a pixel are contiguous and a bin's channels are not
 // (in torchvision's order they are bins() apart), a unit takes a band of
 // rows with all their channels: one contiguous block.
 struct Unit {
   int64_t image;
-  int64_t bin;               // NCHW
+  int64_t bin_begin, bin_end;  // NCHW: the bins feeding its planes
   int64_t c_begin, num_c;    // NCHW
   int64_t row_begin, row_end;  // channels-last
 };
@@ -372,21 +374,24 @@ class Units {
     } else {
       const int64_t plane_bytes = std::max<int64_t>(1, d.plane_size() * bytes);
       per_unit_ = balanced_chunk(d.channels_out, kBudgetBytes / plane_bytes);
-      chunks_ = d.bins() * ((d.channels_out + per_unit_ - 1) / per_unit_);
+      chunks_ = plane_sets(d) * ((d.channels_out + per_unit_ - 1) / per_unit_);
     }
   }
 
   int64_t count() const { return d_.num_images * chunks_; }
 
   Unit operator[](int64_t index) const {
-    Unit u{index / chunks_, 0, 0, d_.channels_out, 0, d_.height};
+    Unit u{index / chunks_, 0, d_.bins(), 0, d_.channels_out, 0, d_.height};
     const int64_t chunk = index % chunks_;
     if (channels_last_) {
       u.row_begin = chunk * per_unit_;
       u.row_end = std::min(u.row_begin + per_unit_, d_.height);
     } else {
-      const int64_t c_chunks = chunks_ / d_.bins();
-      u.bin = chunk / c_chunks;
+      const int64_t c_chunks = chunks_ / plane_sets(d_);
+      if (!d_.shared_channels()) {
+        u.bin_begin = chunk / c_chunks;
+        u.bin_end = u.bin_begin + 1;
+      }
       u.c_begin = chunk % c_chunks * per_unit_;
       u.num_c = std::min(per_unit_, d_.channels_out - u.c_begin);
     }
@@ -394,6 +399,10 @@ class Units {
   }
 
  private:
+  // NCHW: sets of planes that different bins feed (one set with shared
+  // channels).
+  static int64_t plane_sets(const PsRoiDims& d) { return d.shared_channels() ? 1 : d.bins(); }
+
   // Equal chunks of at most `most` (at least 1) covering `total`.
   static int64_t balanced_chunk(int64_t total, int64_t most) {
     most = std::max<int64_t>(1, most);
@@ -409,7 +418,8 @@ class Units {
 };
 
 // NCHW unit: zeroes its num_c planes, `channel_stride` apart from
-// `first_plane`, then adds every RoI's window of its bin.
+// `first_plane`, then adds every RoI's windows of its bins (RoI by RoI,
+// bins in order).
 template <typename T>
 void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
                      const RoiTables<T>& tables, const RoisByImage& by_image,
@@ -419,30 +429,35 @@ void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
     std::fill(first_plane + c * channel_stride,
               first_plane + c * channel_stride + d.plane_size(), T(0));
   }
-  const int64_t ph = u.bin / d.pooled_w, pw = u.bin % d.pooled_w;
   std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
     const int64_t k = by_image.rois[i];
-    Window<T> w;
-    bool fits;
-    if (!tables.window(k, ph, pw, /*needs_tile=*/true, &w, &fits)) continue;
     const RoiGeometry<T>& g = tables.geometry(k);
-    if (!fits) {
-      if (!weights) weights.emplace(d);
-      weights->compute(g);
-      weights->window(ph, pw, &w);
+    bool computed = false;
+    for (int64_t bin = u.bin_begin; bin < u.bin_end; ++bin) {
+      const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
+      Window<T> w;
+      bool fits;
+      if (!tables.window(k, ph, pw, /*needs_tile=*/true, &w, &fits)) continue;
+      if (!fits) {
+        if (!weights) weights.emplace(d);
+        if (!computed) weights->compute(g);
+        computed = true;
+        weights->window(ph, pw, &w);
+      }
+      scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
+                     channel_stride, u.num_c, g.count,
+                     cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out + u.c_begin,
+                     1);
     }
-    scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
-                   channel_stride, u.num_c, g.count,
-                   cotangent_bin_major + (u.bin * d.num_rois + k) * d.channels_out + u.c_begin,
-                   1);
   }
 }
 
 // Channels-last unit: zeroes its rows, whose first pixel is `band` (rows
 // and pixels laid out as in the map), then adds the part of every RoI's bin
 // windows that falls in them. Each pixel's channels are summed in bin-major
-// order, whatever the map's: bin b's output channels at b * C_out, one run.
+// order, whatever the map's: bin b's output channels at b * C_out, one run
+// (at 0 for every bin with shared channels).
 template <typename T>
 void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
@@ -475,7 +490,7 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
         w.rows = last_row - first_row + 1;
         const int64_t bin = ph * d.pooled_w + pw;
         scatter_channel_window(
-            w, band + bin * d.channels_out +
+            w, band + d.bin_major_first(bin) +
                    layout.pixel_offset(w.first_row - u.row_begin, w.first_col),
             layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), d.channels_out, g.count,
             cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out);
@@ -507,7 +522,7 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
     S* band = grad + layout.plane_offset(u.image, 0) + layout.pixel_offset(u.row_begin, 0);
     const int64_t size = layout.pixel_offset(u.row_end - u.row_begin, 0);
     if constexpr (kInPlace) {
-      if (d.channel_order == ChannelOrder::kBinMajor) {
+      if (d.channel_order != ChannelOrder::kTorchvision) {  // summed as laid out
         backward_rows(cotangent_bin_major, d, tables, by_image, u, band);
         return;
       }
@@ -517,20 +532,21 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
     // channels written out in the map's order and type.
     scratch.resize(static_cast<size_t>(size));
     backward_rows(cotangent_bin_major, d, tables, by_image, u, scratch.data());
+    const int64_t groups = d.shared_channels() ? 1 : d.bins();
     for (int64_t pixel = 0; pixel < size; pixel += d.channels) {
       const T* from = scratch.data() + pixel;
       S* to = band + pixel;
-      for (int64_t bin = 0; bin < d.bins(); ++bin) {
+      for (int64_t bin = 0; bin < groups; ++bin) {
         for (int64_t c = 0; c < d.channels_out; ++c) {
           to[d.first_channel(bin) + c * d.channel_step()] =
-              Storage<S>::store(from[bin * d.channels_out + c]);
+              Storage<S>::store(from[d.bin_major_first(bin) + c]);
         }
       }
     }
   } else {
     const int64_t channel_stride = d.channel_step() * layout.channel_stride();
     S* first_plane = grad + layout.plane_offset(
-        u.image, d.first_channel(u.bin) + u.c_begin * d.channel_step());
+        u.image, d.first_channel(u.bin_begin) + u.c_begin * d.channel_step());
     if constexpr (kInPlace) {
       backward_planes(cotangent_bin_major, d, tables, by_image, u, first_plane, channel_stride);
     } else {

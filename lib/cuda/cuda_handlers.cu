@@ -28,10 +28,11 @@ ffi::Error launch_result(const char* what, cudaError_t err) {
 ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index,
                                  const PsRoiDims& d, bool backward) {
   // The schedule keeps RoI indices, channels and a block's elements in 32 bits.
-  if (d.num_rois > INT32_MAX - d.num_images - 2 || d.channels > INT32_MAX ||
+  if (d.num_rois > INT32_MAX - d.num_images - 2 || d.channel_bins() > INT32_MAX ||
       gpu_schedule::kTilePixels * d.channels_out > INT32_MAX) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs and channels per call"));
+        "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs and (output channel, bin) "
+        "pairs per call"));
   }
   ffi::ErrorOr<WorkspaceBuffer> ws = further_result<WorkspaceBuffer>(
       further, index, gpu_schedule::workspace_elements(d, backward), "an int32 workspace");
@@ -39,14 +40,14 @@ ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index
   return data<int32_t>(*ws);
 }
 
-template <typename S, typename Layout>
+template <typename Operation, typename S, typename Layout>
 ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
                    ffi::Result<MapBuffer<S>> output, ffi::RemainingRets further,
-                   double spatial_scale, int64_t sampling_ratio, int64_t channel_order,
+                   double spatial_scale, int64_t sampling_ratio, int64_t attribute,
                    int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), channel_order,
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   ffi::ErrorOr<int32_t*> ws = workspace(further, 0, dims.value(), /*backward=*/false);
@@ -58,16 +59,16 @@ ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
                            data<S>(*output)));
 }
 
-template <typename S, typename Layout>
+template <typename Operation, typename S, typename Layout>
 ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                     ffi::Result<MapBuffer<S>> grad_input,
                     ffi::RemainingRets further, double spatial_scale,
-                    int64_t sampling_ratio, int64_t channel_order,
+                    int64_t sampling_ratio, int64_t attribute,
                     int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   constexpr bool kNarrow = !std::is_same_v<S, T>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), channel_order,
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
@@ -89,16 +90,14 @@ ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> r
 
 }  // namespace
 
-template <typename Operation, Direction D, typename Layout, typename S>
-struct CudaHandler;
-
 // Stateless launches on the given stream: safe inside CUDA graphs.
-template <Direction D, typename Layout, typename S>
-struct CudaHandler<PsRoiAlign, D, Layout, S> {
+template <typename Operation, Direction D, typename Layout, typename S>
+struct CudaHandler {
   static auto make() {
-    return bind_row<D, S>(
+    return bind_row<Operation, D, S>(
         [] { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); },
-        forward<S, Layout>, backward<S, Layout>, {ffi::Traits::kCmdBufferCompatible});
+        forward<Operation, S, Layout>, backward<Operation, S, Layout>,
+        {ffi::Traits::kCmdBufferCompatible});
   }
 };
 
