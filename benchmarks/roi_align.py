@@ -119,8 +119,13 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_gpu" if args.device == "gpu" else ""
     (args.out / f"roi_align{suffix}.json").write_text(json.dumps(rows, indent=1))
+    try:
+        import torchvision
+        versions = f", torchvision {torchvision.__version__}"
+    except ImportError:
+        versions = ", torchvision not installed"
     lines = [f"Machine: {platform.processor() or platform.machine()}, {device.device_kind}, "
-             f"{jax_cpu_threads()} threads, jax {jax.__version__}.", "",
+             f"{jax_cpu_threads()} threads, jax {jax.__version__}{versions}.", "",
              "Median milliseconds; `x ref` and `x tv`: how many times faster jax_psroi is "
              f"than the jitted jax.numpy reference and torchvision. {num_rois} RoIs, "
              f"{CHANNELS} channels, sampling_ratio {RATIO}, aligned={ALIGNED}.", "",
