@@ -6,9 +6,10 @@
 // kernels), so the GPU runs exactly the arithmetic the CPU tests check.
 //
 // Semantics follow torchvision's ps_roi_align kernel (0.29), and its
-// roi_align with kShared channels (PsRoiDims::aligned picks the geometry):
-// a -0.5 pixel offset, no clamp of the RoI size, an adaptive grid of ceil(bin_size) samples
-// per bin axis when sampling_ratio <= 0, samples in [-1, 0] reading the border,
+// roi_align with kShared channels: a -0.5 pixel offset and no clamp of the
+// RoI size (roi_align with aligned=False, PsRoiDims::aligned false: no
+// offset, sizes clamped to at least 1), an adaptive grid of ceil(bin_size)
+// samples per bin axis when sampling_ratio <= 0, samples in [-1, 0] reading the border,
 // samples outside [-1, size] contributing 0, and division by the sample count.
 // Deliberate deviations (each one a case where torchvision reads out of
 // bounds, returns NaN or never terminates):
