@@ -299,6 +299,29 @@ class RoiTables {
   std::vector<ColumnTile<T>> col_tiles_;
 };
 
+// Windows of bins too large for the tables: the RoI's weights, computed
+// when one of its bins first needs them and kept while the rest of its
+// bins are visited.
+template <typename T>
+class LargeWindows {
+ public:
+  explicit LargeWindows(const PsRoiDims& d) : d_(d) {}
+
+  void window(int64_t roi, const RoiGeometry<T>& g, int64_t ph, int64_t pw, Window<T>* w) {
+    if (!weights_) weights_.emplace(d_);
+    if (roi != roi_) {
+      weights_->compute(g);
+      roi_ = roi;
+    }
+    weights_->window(ph, pw, w);
+  }
+
+ private:
+  PsRoiDims d_;
+  std::optional<RoiWeights<T>> weights_;
+  int64_t roi_ = -1;  // whose weights weights_ holds
+};
+
 // The cotangent (pooled tensor in `Layout`, storage type S) of RoIs
 // [begin, end) laid out bin-major, [PH * PW][K][C_out], in compute type T,
 // so that a backward unit reads one bin's values contiguously; written in
@@ -429,22 +452,16 @@ void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
     std::fill(first_plane + c * channel_stride,
               first_plane + c * channel_stride + d.plane_size(), T(0));
   }
-  std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
+  LargeWindows<T> large(d);
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
     const int64_t k = by_image.rois[i];
     const RoiGeometry<T>& g = tables.geometry(k);
-    bool computed = false;
     for (int64_t bin = u.bin_begin; bin < u.bin_end; ++bin) {
       const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
       Window<T> w;
       bool fits;
       if (!tables.window(k, ph, pw, /*needs_tile=*/true, &w, &fits)) continue;
-      if (!fits) {
-        if (!weights) weights.emplace(d);
-        if (!computed) weights->compute(g);
-        computed = true;
-        weights->window(ph, pw, &w);
-      }
+      if (!fits) large.window(k, g, ph, pw, &w);
       scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
                      channel_stride, u.num_c, g.count,
                      cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out + u.c_begin,
@@ -464,11 +481,10 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
                    const Unit& u, T* band) {
   const NhwcLayout layout = NhwcLayout::of(d);
   std::fill(band, band + layout.pixel_offset(u.row_end - u.row_begin, 0), T(0));
-  std::optional<RoiWeights<T>> weights;  // for bins too large for the tables
+  LargeWindows<T> large(d);
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
     const int64_t k = by_image.rois[i];
     const RoiGeometry<T>& g = tables.geometry(k);
-    bool computed = false;
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       const AxisSpan rows = tables.row_span(k, ph);
       const int64_t first_row = std::max(rows.first, u.row_begin);
@@ -478,12 +494,7 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
         Window<T> w;
         bool fits;
         if (!tables.window(k, ph, pw, /*needs_tile=*/false, &w, &fits)) continue;
-        if (!fits) {
-          if (!weights) weights.emplace(d);
-          if (!computed) weights->compute(g);
-          computed = true;
-          weights->window(ph, pw, &w);
-        }
+        if (!fits) large.window(k, g, ph, pw, &w);
         // The rows of the window in this unit's band.
         w.row_w += first_row - w.first_row;
         w.first_row = first_row;
