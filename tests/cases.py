@@ -1,5 +1,6 @@
 """Random and hostile inputs, oracles and kernel names shared by the tests."""
 
+import pathlib
 from functools import partial
 
 import jax
@@ -134,6 +135,21 @@ def _register_gpu_schedule_targets():
 
 
 _GPU_SCHEDULE = _register_gpu_schedule_targets()
+
+
+def golden(operator):
+    """The torchvision golden fixture of `operator` (written by
+    tests/fixtures/make_golden.py) and its case keys."""
+    fixture = np.load(pathlib.Path(__file__).parent / "fixtures" / f"golden_{operator}.npz")
+    return fixture, [f"c{i:02d}" for i in range(int(fixture["num_cases"]))]
+
+
+def roi_align_case(fixture, key):
+    """(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    of case `key` of roi_align's golden fixture."""
+    ph, pw, ratio, aligned = (int(v) for v in fixture[f"{key}_params"])
+    return (fixture[f"{key}_input"], fixture[f"{key}_rois"], (ph, pw),
+            float(fixture[f"{key}_spatial_scale"]), ratio, bool(aligned))
 
 
 def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,

@@ -4,19 +4,15 @@ The fixtures were written by tests/fixtures/make_golden.py with torchvision;
 torchvision is not needed to run these tests.
 """
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE, reference
+from cases import TOLERANCE, golden, reference
 
-GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" /
-                 "golden_ps_roi_align.npz")
-CASES = [f"c{i:02d}" for i in range(int(GOLDEN["num_cases"]))]
+GOLDEN, CASES = golden("ps_roi_align")
 
 
 def _case(key):

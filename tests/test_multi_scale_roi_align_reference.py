@@ -2,19 +2,15 @@
 torchvision's MultiScaleRoIAlign (golden fixtures written by
 tests/fixtures/make_golden.py; torchvision is not needed here)."""
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE
+from cases import TOLERANCE, golden
 
-GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" /
-                 "golden_multi_scale_roi_align.npz")
-CASES = [f"c{i:02d}" for i in range(int(GOLDEN["num_cases"]))]
+GOLDEN, CASES = golden("multi_scale_roi_align")
 
 
 def _case(key):

@@ -9,8 +9,6 @@ window reaches the last row or column (the fixtures mark those cases
 `consistent`); ours is the adjoint of the forward always.
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +16,9 @@ import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE, features_as, pooled_as
+from cases import TOLERANCE, features_as, golden, pooled_as
 
-GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_ps_roi_pool.npz")
-CASES = [f"c{i:02d}" for i in range(int(GOLDEN["num_cases"]))]
+GOLDEN, CASES = golden("ps_roi_pool")
 
 reference = jax.jit(jax_psroi.ps_roi_pool_reference, static_argnums=(2, 3),
                     static_argnames=("data_format", "channel_order"))

@@ -3,8 +3,6 @@ torchvision's golden cases and the jax.numpy reference, through every JAX
 transformation; and the CUDA schedule's handling of shared channels (every
 bin of a backward tile summed in turn), run on the CPU."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +17,15 @@ from cases import (
     LAYOUTS,
     TOLERANCE,
     crowded_rois,
+    golden,
     hostile_rois,
     native_gpu_schedule,
     pooled_as,
     random_rois,
+    roi_align_case,
 )
 
-GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_roi_align.npz")
-CASES = [f"c{i:02d}" for i in range(int(GOLDEN["num_cases"]))]
+GOLDEN, CASES = golden("roi_align")
 
 native = jax.jit(jax_psroi.roi_align, static_argnums=(2, 3, 4, 5),
                  static_argnames=("data_format",))
@@ -34,16 +33,10 @@ reference = jax.jit(jax_psroi.roi_align_reference, static_argnums=(2, 3, 4, 5),
                     static_argnames=("data_format",))
 
 
-def _golden(key):
-    ph, pw, ratio, aligned = (int(v) for v in GOLDEN[f"{key}_params"])
-    return (GOLDEN[f"{key}_input"], GOLDEN[f"{key}_rois"], (ph, pw),
-            float(GOLDEN[f"{key}_spatial_scale"]), ratio, bool(aligned))
-
-
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("key", CASES)
 def test_forward_and_gradient_match_torchvision(key, data_format):
-    features, rois, output_size, scale, ratio, aligned = _golden(key)
+    features, rois, output_size, scale, ratio, aligned = roi_align_case(GOLDEN, key)
     x = pooled_as(features, data_format)
     out, vjp = jax.vjp(lambda f: native(f, rois, output_size, scale, ratio, aligned,
                                         data_format=data_format), x)

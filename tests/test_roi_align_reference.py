@@ -5,8 +5,6 @@ The golden fixtures were written by tests/fixtures/make_golden.py with
 torchvision; torchvision is not needed to run these tests.
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,24 +12,17 @@ import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE
+from cases import TOLERANCE, golden, roi_align_case
 from cases import reference as ps_reference
 
-GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_roi_align.npz")
-CASES = [f"c{i:02d}" for i in range(int(GOLDEN["num_cases"]))]
+GOLDEN, CASES = golden("roi_align")
 
 reference = jax.jit(jax_psroi.roi_align_reference, static_argnums=(2, 3, 4, 5),
                     static_argnames=("data_format",))
 
 
-def _case(key):
-    ph, pw, ratio, aligned = (int(v) for v in GOLDEN[f"{key}_params"])
-    return (GOLDEN[f"{key}_input"], GOLDEN[f"{key}_rois"], (ph, pw),
-            float(GOLDEN[f"{key}_spatial_scale"]), ratio, bool(aligned))
-
-
 def test_fixture_covers_the_issue_matrix():
-    params = [_case(key) for key in CASES]
+    params = [roi_align_case(GOLDEN, key) for key in CASES]
     assert {p[5] for p in params} == {False, True}                  # aligned both ways
     assert {p[4] for p in params} >= {-1, 0, 1, 2, 4}               # adaptive and fixed
     assert {p[0].dtype for p in params} == {np.dtype(np.float32), np.dtype(np.float64)}
@@ -47,7 +38,7 @@ def test_fixture_covers_the_issue_matrix():
 @pytest.mark.parametrize("key,data_format", [(key, "NCHW") for key in CASES] + [
     ("c00", "NHWC"), ("c11", "NHWC")])
 def test_forward_and_gradient_match_torchvision(key, data_format):
-    features, rois, output_size, scale, ratio, aligned = _case(key)
+    features, rois, output_size, scale, ratio, aligned = roi_align_case(GOLDEN, key)
     expected = GOLDEN[f"{key}_output"]
     expected_grad = GOLDEN[f"{key}_grad_input"]
     cotangent = GOLDEN[f"{key}_cotangent"]

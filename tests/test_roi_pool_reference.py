@@ -5,8 +5,6 @@ The golden fixtures were written by tests/fixtures/make_golden.py with
 torchvision; torchvision is not needed to run these tests.
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +12,9 @@ import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE, pooled_as
+from cases import TOLERANCE, golden, pooled_as
 
-GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_roi_pool.npz")
-CASES = [f"c{i:02d}" for i in range(int(GOLDEN["num_cases"]))]
+GOLDEN, CASES = golden("roi_pool")
 LOWEST = -np.finfo(np.float32).max  # torchvision's -FLT_MAX
 
 reference = jax.jit(jax_psroi.roi_pool_reference, static_argnums=(2, 3),
