@@ -1,4 +1,4 @@
-"""The two primitives of PS-RoI Align and RoI Align and their JAX rules.
+"""The two primitives of PS-RoI Align, RoI Align and PS-RoI Pool and their JAX rules.
 
 ``forward_p``:  (features, rois [K, 5]) -> pooled
 ``backward_p``: (cotangent (pooled), rois [K, 5]) -> like features
@@ -16,10 +16,14 @@ Parameters, all static: ``pooled_size`` (PH, PW) on ``forward_p``,
 ``input_shape`` (the features' shape) on ``backward_p``; on both
 ``spatial_scale`` (a python float: an F64 FFI attribute), ``sampling_ratio``
 (a python int: S64), ``data_format`` ("NCHW" or "NHWC": the kernel-table row),
-``channel_order`` ("torchvision" or "bin_major": ps_roi_align, its S64
-attribute; "shared": roi_align, output channel c of every bin reads input
-channel c), ``aligned`` (the box geometry: True for ps_roi_align; roi_align's
-S64 attribute) and ``image_blocks``, a promise the kernels do not read: the images and the RoIs
+``operation`` ("ps_roi_align", "roi_align" or "ps_roi_pool": the kernel
+table's operation, which all run the same kernels with other bins or
+channels), ``channel_order`` ("torchvision" or "bin_major": the
+position-sensitive operations, their S64 attribute; "shared": roi_align,
+output channel c of every bin reads input channel c), ``aligned`` (roi_align's
+box geometry, its S64 attribute; True for ps_roi_align, unread by
+ps_roi_pool, whose calls carry a sampling ratio of 0 that it ignores) and
+``image_blocks``, a promise the kernels do not read: the images and the RoIs
 come in that many equal consecutive blocks, and every RoI of block b reads an
 image of block b or nothing. It lets a partitioned program split the call
 over images without communication (_partitioning.py); 1 promises nothing.
@@ -36,7 +40,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _extension, _partitioning, reference
+from jax_psroi import _arguments, _extension, _partitioning, reference, reference_pools
 
 forward_p = Primitive("jax_psroi_forward")
 backward_p = Primitive("jax_psroi_backward")
@@ -91,11 +95,15 @@ backward_p.def_impl(partial(xla.apply_primitive, backward_p))
 # platform. _partitioning.lower runs it on every device's shards when the
 # program is partitioned over a mesh.
 
-def _reference_pool(features, rois, pooled_size, *, spatial_scale, sampling_ratio,
-                    data_format, channel_order, aligned):
-    if channel_order == "shared":
+def _reference_pool(features, rois, pooled_size, *, operation, spatial_scale,
+                    sampling_ratio, data_format, channel_order, aligned):
+    if operation == "roi_align":
         return reference.pool_roi_align(features, rois, pooled_size, spatial_scale,
                                         sampling_ratio, aligned, data_format=data_format)
+    if operation == "ps_roi_pool":
+        return reference_pools.pool_ps_roi_pool(features, rois, pooled_size, spatial_scale,
+                                                data_format=data_format,
+                                                channel_order=channel_order)
     return reference.pool(features, rois, pooled_size, spatial_scale, sampling_ratio,
                           data_format=data_format, channel_order=channel_order)
 
@@ -111,9 +119,12 @@ def _reference_call(direction, operand, rois, result_shape, *, data_format, **pa
     return vjp(operand)[0]
 
 
-def _native_call(platform, direction, operand, rois, result_shape, *,
+def _native_call(platform, direction, operand, rois, result_shape, *, operation,
                  spatial_scale, sampling_ratio, data_format, channel_order, aligned,
-                 first_bin_row=0, bin_rows=None):
+                 first_bin_row=0, bin_rows=None, updated=None):
+    """One kernel call. `updated` (a forward's only): the pooled tensor the
+    call updates in place, leaving the outputs of RoIs that read nothing
+    (multi-scale RoI Align, level after level)."""
     dtype = operand.dtype
     features, pooled = _arguments.features_and_pooled(direction, operand.shape, result_shape)
     pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
@@ -129,23 +140,25 @@ def _native_call(platform, direction, operand, rois, result_shape, *,
         n, _, height, _ = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
         results.append(jax.ShapeDtypeStruct((_extension.cuda_workspace_elements(
             direction == "backward", n, pooled[0], height, pooled_h, pooled_w),), np.int32))
-    # roi_align's rows are the kernels with shared channels; the attribute
-    # its calls differ in is `aligned` (ps_roi_align's: the channel order).
-    if channel_order == "shared":
-        operation, attribute = "roi_align", dict(aligned=int(aligned))
+    # The attribute the operations' calls differ in: roi_align's `aligned`,
+    # the position-sensitive ones' channel order.
+    if operation == "roi_align":
+        attribute = dict(aligned=int(aligned))
     else:
-        operation = "ps_roi_align"
         attribute = dict(channel_order=_arguments.CHANNEL_ORDERS.index(channel_order))
     name = _extension.target_name(platform, direction, dtype, data_format, operation)
-    return jax.ffi.ffi_call(name, results)(
-        operand, rois, spatial_scale=float(spatial_scale),
+    operands, aliases = (operand, rois), {}
+    if updated is not None:
+        operands, aliases = (operand, rois, updated), {2: 0}
+    return jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
+        *operands, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio), **attribute,
         first_bin_row=int(first_bin_row), bin_rows=int(bin_rows or pooled_h))[0]
 
 
-def _lowering(direction, call, ctx, operand, rois, *, spatial_scale, sampling_ratio,
-              data_format, channel_order, aligned, image_blocks, **_):
-    local_call = partial(call, direction, spatial_scale=spatial_scale,
+def _lowering(direction, call, ctx, operand, rois, *, operation, spatial_scale,
+              sampling_ratio, data_format, channel_order, aligned, image_blocks, **_):
+    local_call = partial(call, direction, operation=operation, spatial_scale=spatial_scale,
                          sampling_ratio=sampling_ratio, data_format=data_format,
                          channel_order=channel_order, aligned=aligned)
     return _partitioning.lower(ctx, operand, rois, direction=direction,

@@ -1,11 +1,11 @@
-"""Public API: ``ps_roi_align`` and ``roi_align``, with torchvision's
-signatures and semantics."""
+"""Public API: ``ps_roi_align``, ``roi_align``, ``ps_roi_pool`` and
+``multi_scale_roi_align``, with torchvision's signatures and semantics."""
 
 from __future__ import annotations
 
 import jax
 
-from jax_psroi import _arguments, _extension, _primitives
+from jax_psroi import _arguments, _extension, _levels, _multi_scale, _primitives
 
 
 def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
@@ -84,8 +84,8 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
         input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
         channel_order, _extension.SUPPORTED_DTYPES)
     blocks = _arguments.image_blocks(boxes, features.shape[0])
-    return _primitives.forward_p.bind(features, rois, image_blocks=blocks, aligned=True,
-                                      **params)
+    return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
+                                      operation="ps_roi_align", aligned=True, **params)
 
 
 def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
@@ -128,4 +128,119 @@ def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float 
     params["channel_order"] = "shared"
     blocks = _arguments.image_blocks(boxes, features.shape[0])
     return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
+                                      operation="roi_align",
                                       aligned=_arguments.aligned(aligned), **params)
+
+
+def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
+                data_format: str = "NCHW", channel_order: str = "torchvision") -> jax.Array:
+    """Position-Sensitive RoI Pool (R-FCN's original head).
+
+    Same signature and forward as ``torchvision.ops.ps_roi_pool``, on the
+    native kernels of ``ps_roi_align`` with bins that average windows of
+    whole pixels instead of bilinear samples: ``jax.jit``, ``jax.vmap`` and
+    every mode and order of differentiation.
+
+    Box corners are rounded to whole pixels (halves away from zero), RoI
+    sizes clamped to at least one pixel, and bin (i, j) averages the pixels
+    [floor(i * bin_h), ceil((i + 1) * bin_h)) x [floor(j * bin_w),
+    ceil((j + 1) * bin_w)) past the rounded corner, clipped to
+    [0, H - 1] x [0, W - 1] as torchvision's forward clips them (so no window
+    reaches the last row or column); an empty window gives 0. Output channel
+    c of bin (i, j) reads the input channel of ``ps_roi_align``'s
+    ``channel_order``.
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``),
+        float32, float64, bfloat16 or float16, C = C_out * h * w.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
+        N arrays [L_i, 4] of (x1, y1, x2, y2), one per image.
+      output_size: int or (h, w): bins per RoI.
+      spatial_scale: maps box coordinates to feature-map pixels.
+      data_format: "NCHW" or "NHWC", keyword-only; both native.
+      channel_order: "torchvision" or "bin_major", keyword-only (see
+        ``ps_roi_align``).
+
+    Returns:
+      [K, C_out, h, w] (NCHW) or [K, h, w, C_out] (NHWC), the input's dtype.
+
+    Gradient: the adjoint of this forward. torchvision's backward clips
+    windows to [0, H] x [0, W] instead, so where a window ends at the last
+    row or column its gradient is not its forward's; ours is. Bad batch
+    indices and non-finite coordinates give 0, as for ``ps_roi_align``.
+    """
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, None, data_format, channel_order,
+        _extension.SUPPORTED_DTYPES)
+    blocks = _arguments.image_blocks(boxes, features.shape[0])
+    # Pools take no samples: the kernels' sampling ratio is unread.
+    return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
+                                      operation="ps_roi_pool", aligned=False,
+                                      sampling_ratio=0, **params)
+
+
+def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampling_ratio: int,
+                          image_size, *, canonical_scale: int = 224,
+                          canonical_level: int = 4, data_format: str = "NCHW") -> jax.Array:
+    """Multi-scale RoI Align over a feature pyramid (FPN heads: Faster and
+    Mask R-CNN), what ``torchvision.ops.MultiScaleRoIAlign`` computes, each
+    RoI pooled from its own level only, on the native kernels of
+    ``roi_align``: ``jax.jit``, ``jax.vmap`` and every mode and order of
+    differentiation.
+
+    Each level's spatial scale is inferred from its height, as torchvision
+    infers it: 2 to the rounded log2 of (level height / image height). RoI
+    k goes to level floor(canonical_level + log2(sqrt(area_k) /
+    canonical_scale) + 1e-6), clamped to the pyramid (the FPN paper's eq. 1),
+    and is pooled there by ``roi_align`` with ``aligned=False``. A box of
+    negative area or with non-finite coordinates has no level and gives 0,
+    as in torchvision. With one level every RoI is pooled from it (as
+    torchvision does, without the mapping).
+
+    Args:
+      features: sequence of L feature maps [N, C, H_l, W_l] (or
+        [N, H_l, W_l, C] with ``data_format="NHWC"``), the finest first, of
+        one dtype (float32, float64, bfloat16 or float16) and the same N and C:
+        torchvision's ``x`` dict's values for ``featmap_names``.
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
+        N arrays [L_i, 4], in image pixels.
+      output_size: int or (h, w).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      image_size: (height, width) of the (padded) input images:
+        torchvision's maximum over ``image_shapes``, from which the scales
+        are inferred.
+      canonical_scale, canonical_level: eq. 1's 224 and k0 = 4.
+      data_format: "NCHW" or "NHWC", keyword-only.
+
+    Returns:
+      [K, C, h, w] (or [K, h, w, C]) of the maps' dtype.
+
+    The levels are computed with ``jax.numpy`` (a few operations on [K]);
+    the pooling is one native call per level, which visits only that level's
+    RoIs and writes into one result. No sharding rule yet: over a mesh the
+    maps are gathered (correct, not split).
+    """
+    pooled_size = _arguments.output_size(output_size)
+    layout = _arguments.data_format(data_format)
+    maps = [_arguments.features(level, pooled_size, layout, _extension.SUPPORTED_DTYPES,
+                                position_sensitive=False) for level in features]
+    if not maps:
+        raise ValueError("features must hold at least one level")
+    axes = _arguments.LAYOUT_AXES[layout]
+    first = maps[0]
+    for index, level in enumerate(maps[1:], start=1):
+        if (level.dtype != first.dtype or level.shape[axes[0]] != first.shape[axes[0]]
+                or level.shape[axes[1]] != first.shape[axes[1]]):
+            raise ValueError(
+                f"every level must have the dtype, images and channels of level 0 "
+                f"({first.dtype}, shape {first.shape}); level {index} is {level.dtype}, "
+                f"shape {level.shape}")
+    ratio = _arguments.sampling_ratio(sampling_ratio)
+    scales = _levels.level_scales([level.shape for level in maps], image_size, layout)
+    if len(maps) == 1:
+        return roi_align(first, boxes, pooled_size, scales[0], ratio, False, data_format=layout)
+    rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(first.dtype))
+    levels = _levels.roi_levels(rois, scales, canonical_scale, canonical_level)
+    return _multi_scale.multi_scale_p.bind(*maps, rois, levels, pooled_size=pooled_size,
+                                           spatial_scales=scales, sampling_ratio=ratio,
+                                           data_format=layout)

@@ -3,8 +3,8 @@
 ``ps_roi_align_reference`` is the oracle of the tests and the lowering used
 on platforms without a native kernel; on CPU (and CUDA, when built) the
 native kernels run instead. ``roi_align_reference`` is torchvision's
-``roi_align`` on the same machinery (the start of the RoI family, issue 15;
-its native kernels do not exist yet); the pools are in reference_pools.py.
+``roi_align`` on the same machinery, the oracle of ``roi_align``'s kernels;
+the pools are in reference_pools.py.
 It has the same semantics as the kernels, torchvision's plus the documented
 safety deviations (see README, "Differences from torchvision"), but is
 written in a different shape so that the two check each other: instead of
@@ -15,14 +15,12 @@ bilinear weights of the bin's samples) and contracts them with the features.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_psroi import _arguments
+from jax_psroi import _arguments, _levels
 from jax_psroi._arguments import MAX_GRID_PER_AXIS
 
 # Every contraction at full precision: GPUs would otherwise run float32 ones
@@ -324,7 +322,8 @@ def multi_scale_roi_align_reference(features, boxes, output_size, sampling_ratio
     rounded log2 of (level height / image height); each RoI is pooled from
     the level of the FPN paper's eq. 1, floor(canonical_level +
     log2(sqrt(area) / canonical_scale) + 1e-6) clamped to the pyramid, with
-    ``roi_align`` (``aligned=False``).
+    ``roi_align`` (``aligned=False``); an RoI whose level is NaN (negative
+    area, non-finite coordinates) gives 0, as in torchvision.
 
     Args:
       features: sequence of [N, C, H_l, W_l] (or [N, H_l, W_l, C]) maps, the
@@ -345,26 +344,17 @@ def multi_scale_roi_align_reference(features, boxes, output_size, sampling_ratio
     levels = list(features)
     if not levels:
         raise ValueError("features must hold at least one level")
-    image_height, _ = _arguments.image_size(image_size)
-    height_axis = _arguments.LAYOUT_AXES[_arguments.data_format(data_format)][2]
-    # torchvision infers a level's scale from heights alone; round() takes
-    # halves to even, as torch.round does.
-    scales = [2.0 ** round(math.log2(np.shape(level)[height_axis] / image_height))
-              for level in levels]
+    layout = _arguments.data_format(data_format)
+    scales = _levels.level_scales([np.shape(level) for level in levels], image_size, layout)
     pooled = [roi_align_reference(level, boxes, output_size, scale, sampling_ratio,
-                                  data_format=data_format)
+                                  data_format=layout)
               for level, scale in zip(levels, scales, strict=True)]
     if len(levels) == 1:
         return pooled[0]
     rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(pooled[0].dtype))
-    k_min = int(-math.log2(scales[0]))
-    k_max = int(-math.log2(scales[-1]))
-    size = jnp.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    target = jnp.floor(canonical_level + jnp.log2(size / canonical_scale)
-                       + jnp.asarray(1e-6, size.dtype))
-    level_of = jnp.clip(target, k_min, k_max).astype(jnp.int32) - k_min  # [K]
-    result = pooled[0]
-    for index, level_result in enumerate(pooled[1:], start=1):
+    level_of = _levels.roi_levels(rois, scales, canonical_scale, canonical_level)  # [K]
+    result = jnp.zeros_like(pooled[0])  # an RoI of no level gives 0
+    for index, level_result in enumerate(pooled):
         chosen = (level_of == index).reshape(-1, 1, 1, 1)
         result = jnp.where(chosen, level_result, result)
     return result

@@ -48,10 +48,17 @@ def ps_roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
     """
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, None, data_format, channel_order)
-    nchw = _to_nchw_torchvision_order(features, params["pooled_size"], data_format,
-                                      params["channel_order"])
-    pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), params["pooled_size"],
-                               params["spatial_scale"])
+    return pool_ps_roi_pool(features, rois, **params)
+
+
+def pool_ps_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW",
+                     channel_order="torchvision"):
+    """``ps_roi_pool_reference`` on checked arguments: features
+    [N, C, H, W] (or [N, H, W, C]), rois [K, 5] of the features' compute
+    dtype; returns [K, C_out, PH, PW] (or [K, PH, PW, C_out]) of the
+    features' dtype."""
+    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
+    pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale)
     return _from_nchw(pooled.astype(features.dtype), data_format)
 
 

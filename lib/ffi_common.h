@@ -8,8 +8,8 @@
 #include <cctype>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -42,8 +42,12 @@ using RoisBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 2>;
 template <typename S>
 using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 
-// Forward:  (input, rois [K, 5]) -> output (the pooled tensor), and further
-//           results a platform may ask for.
+// Forward:  (input, rois [K, 5], [updated]) -> output (the pooled tensor),
+//           and further results a platform may ask for. With the optional
+//           `updated` (the pooled tensor the call updates, which the call
+//           must alias to output), RoIs that read nothing leave their
+//           output as it was: multi-scale RoI Align pools each level's RoIs
+//           into one result, level after level.
 // Backward: (cotangent (the pooled tensor), rois [K, 5]) -> grad (as input),
 //           and further results.
 // Input and grad are [N, C, H, W] or [N, H, W, C], the pooled tensor
@@ -56,17 +60,30 @@ using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 // workspace (gpu_schedule.h) in both directions.
 // `binding` carries the platform's context (stream or thread pool).
 
-// The one attribute in which the operations' calls differ: ps_roi_align's
-// channel order (a ChannelOrder, 0 or 1), roi_align's `aligned` (0 or 1).
+// What an operation's calls say beyond the shared arguments: the name of
+// their one operation attribute (ps_roi_align's and ps_roi_pool's channel
+// order, a ChannelOrder, 0 or 1; roi_align's `aligned`, 0 or 1), whether
+// every bin reads the same channels, and whether bins are windows of whole
+// pixels. ps_roi_pool's calls carry a sampling ratio too, which it ignores.
 template <typename Operation>
-struct OperationAttribute;
+struct OperationTraits;
 template <>
-struct OperationAttribute<PsRoiAlign> {
-  static constexpr const char* kName = "channel_order";
+struct OperationTraits<PsRoiAlign> {
+  static constexpr const char* kAttribute = "channel_order";
+  static constexpr bool kSharedChannels = false;
+  static constexpr bool kWholePixels = false;
 };
 template <>
-struct OperationAttribute<RoiAlign> {
-  static constexpr const char* kName = "aligned";
+struct OperationTraits<RoiAlign> {
+  static constexpr const char* kAttribute = "aligned";
+  static constexpr bool kSharedChannels = true;
+  static constexpr bool kWholePixels = false;
+};
+template <>
+struct OperationTraits<PsRoiPool> {
+  static constexpr const char* kAttribute = "channel_order";
+  static constexpr bool kSharedChannels = false;
+  static constexpr bool kWholePixels = true;
 };
 
 // The attributes both directions read, after their buffers.
@@ -75,7 +92,7 @@ auto bind_attributes(Binding binding) {
   return std::move(binding)
       .template Attr<double>("spatial_scale")
       .template Attr<int64_t>("sampling_ratio")
-      .template Attr<int64_t>(OperationAttribute<Operation>::kName)
+      .template Attr<int64_t>(OperationTraits<Operation>::kAttribute)
       .template Attr<int64_t>("first_bin_row")   // PsRoiDims::first_bin_row
       .template Attr<int64_t>("bin_rows");       // PsRoiDims::bin_rows
 }
@@ -87,6 +104,7 @@ auto bind_buffers(Binding binding) {
   return bind_attributes<Operation>(std::move(binding)
                                         .template Arg<MapBuffer<S>>()   // input / cotangent
                                         .template Arg<RoisBuffer<S>>()  // rois
+                                        .template OptionalArg<MapBuffer<S>>()  // updated
                                         .template Ret<MapBuffer<S>>()   // output / grad
                                         .RemainingRets());  // CUDA: (accumulator,) workspace
 }
@@ -102,6 +120,25 @@ auto bind_row(Context context, Forward forward, Backward backward,
   } else {
     return bind_buffers<Operation, S>(context()).To(backward, traits);
   }
+}
+
+// The optional pooled tensor a call updates in place (see above), a
+// forward's only: marks `d` to leave the outputs of RoIs that read nothing.
+template <typename S>
+using UpdatedBuffer = std::optional<MapBuffer<S>>;
+
+template <typename Buffer>
+ffi::Error apply_update(const std::optional<Buffer>& updated, const Buffer& output,
+                        Direction direction, PsRoiDims* d) {
+  if (!updated) return ffi::Error::Success();
+  if (direction != Direction::kForward ||
+      updated->untyped_data() != output.untyped_data()) {
+    return ffi::Error::InvalidArgument(
+        "jax_psroi: a third operand is the pooled tensor a forward updates, and must be "
+        "aliased to its result");
+  }
+  d->skip_empty_rois = true;
+  return ffi::Error::Success();
 }
 
 // A buffer's elements as the kernel table's storage type (XLA's native type
@@ -155,7 +192,7 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
     return invalid("rois must be [K, 5] and the pooled tensor's first axis K; got rois " +
                    shape_string(rois) + ", pooled " + shape_string(pooled));
   }
-  constexpr bool kShared = std::is_same_v<Operation, RoiAlign>;
+  constexpr bool kShared = OperationTraits<Operation>::kSharedChannels;
   if (attribute != 0 && attribute != 1) {
     return invalid(std::string(kShared ? "aligned must be 0 or 1"
                                        : "channel_order must be 0 (torchvision) or 1 "
@@ -174,6 +211,7 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
   d.pooled_w = pooled[kAxes[3]];
   d.channel_order = kShared ? ChannelOrder::kShared : static_cast<ChannelOrder>(attribute);
   d.aligned = kShared ? attribute == 1 : true;
+  d.whole_pixels = OperationTraits<Operation>::kWholePixels;
   d.first_bin_row = first_bin_row;
   d.bin_rows = bin_rows;
   if (d.pooled_h <= 0 || d.pooled_w <= 0 ||

@@ -153,9 +153,11 @@ PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
 
 // Pixels of an axis that bin `bin`'s samples touch (low and high taps
 // included): sample coordinates, hence taps, are monotone in the sample
-// index, so the two end samples of the in-map range bound them.
+// index, so the two end samples of the in-map range bound them. A window of
+// whole pixels touches itself.
 template <typename T>
 PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t size) {
+  if (axis.whole_pixels) return axis.window(bin, size);
   AxisSpan span{size, -1};
   const SampleRange r = in_map_samples(axis, bin, size);
   if (r.begin >= r.end) return span;
@@ -347,6 +349,8 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoi
   const int64_t c0 = (block % groups) * kGroup;
   const int64_t chunk = (block / groups) % chunks;
   const int64_t bucket = block / (groups * chunks);
+  // RoIs that read nothing: zeros, or left as they were (the whole block).
+  if (bucket == d.num_images && d.skip_empty_rois) return;
   // Chunk `chunk` of the bucket's RoIs (some chunks of a small bucket are
   // empty).
   const int64_t bucket_begin = ws.offsets[bucket];
@@ -447,7 +451,8 @@ PSROI_HD void make_entry(const T* rois, const PsRoiDims& d, T spatial_scale,
   for_each_axis_tap(g.x, pw, d.width, [&](int64_t x, T weight) {
     if (x >= x0 && x < x0 + kTileCols) wx[x - x0] += weight;
   });
-  for (int r = 0; r < kTileRows; ++r) wy[r] /= g.count;
+  const T divisor = g.divisor(ph, pw, d);
+  for (int r = 0; r < kTileRows; ++r) wy[r] /= divisor;
 }
 
 template <typename T>

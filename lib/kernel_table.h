@@ -13,10 +13,13 @@
 
 // X(operation tag, operation name). roi_align is the kernels of
 // ps_roi_align with shared channels (ChannelOrder::kShared) and its choice of
-// box geometry: the rows differ only in how their handlers read the call.
+// box geometry; ps_roi_pool, the same kernels averaging windows of whole
+// pixels (PsRoiDims::whole_pixels): the rows differ only in how their
+// handlers read the call (ffi_common.h, OperationTraits).
 #define JAX_PSROI_OPERATIONS(X) \
   X(PsRoiAlign, ps_roi_align)   \
-  X(RoiAlign, roi_align)
+  X(RoiAlign, roi_align)        \
+  X(PsRoiPool, ps_roi_pool)
 
 // X(storage type (storage_types.h), dtype name as JAX spells it, XLA FFI
 // data type). The compute type of each is Storage<type>::Compute.

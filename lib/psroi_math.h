@@ -11,6 +11,9 @@
 // offset, sizes clamped to at least 1), an adaptive grid of ceil(bin_size)
 // samples per bin axis when sampling_ratio <= 0, samples in [-1, 0] reading the border,
 // samples outside [-1, size] contributing 0, and division by the sample count.
+// With PsRoiDims::whole_pixels (ps_roi_pool) a bin instead averages the whole
+// pixels of a window (RoiAxis::window): the same bins, channels and
+// separable form, another rule for which pixels a bin weighs.
 // Deliberate deviations (each one a case where torchvision reads out of
 // bounds, returns NaN or never terminates):
 //   * an RoI with a batch index outside [0, N) or NaN gives 0 and reads nothing;
@@ -68,6 +71,14 @@ struct PsRoiDims {
   // coordinates shifted by -0.5 pixel, sizes as they are; false, roi_align's
   // default: no shift, RoI sizes clamped to at least 1 pixel.
   bool aligned = true;
+  // ps_roi_pool's bins: corners rounded to whole pixels, sizes clamped to at
+  // least 1, each bin the plain average of a window of pixels (no samples;
+  // `aligned` and the sampling ratio play no part).
+  bool whole_pixels = false;
+  // Whether the forward leaves the outputs of RoIs that read nothing (bad
+  // batch index or geometry) as they were instead of writing zeros: a call
+  // that updates a result in place (ffi_common.h).
+  bool skip_empty_rois = false;
 
   PSROI_HD int64_t plane_size() const { return height * width; }
   PSROI_HD int64_t grid_rows() const { return bin_rows > 0 ? bin_rows : pooled_h; }
@@ -150,6 +161,11 @@ struct NhwcLayout {
   static PSROI_HD int64_t pooled_channel_stride(const PsRoiDims&) { return 1; }
 };
 
+// Pixels [first, last] of an axis; empty when first > last.
+struct AxisSpan {
+  int64_t first, last;
+};
+
 // One axis (y or x) of an RoI: where it starts, its bin size and how many
 // samples each bin takes along this axis.
 template <typename T>
@@ -158,6 +174,23 @@ struct RoiAxis {
   T bin_size;
   int64_t grid;  // samples per bin along this axis; 0 means "no samples"
   int64_t first_bin;  // the RoI's bin that this call's bin 0 is
+  bool whole_pixels;  // PsRoiDims::whole_pixels: bins are windows, not samples
+
+  // Window of bin `bin` on an axis of `size` pixels (whole_pixels), as
+  // torchvision's ps_roi_pool forward takes it: [floor(b * bin_size),
+  // ceil((b + 1) * bin_size)) past the rounded start, both ends clipped to
+  // [0, size - 1] (so its windows never reach the last pixel). Computed in
+  // T and clipped before any conversion: huge boxes give in-range windows.
+  PSROI_HD AxisSpan window(int64_t bin, int64_t size) const {
+    const T b = static_cast<T>(first_bin + bin);
+    const T last = static_cast<T>(size - 1);
+    auto clip = [&](T v) {
+      return v < static_cast<T>(0) ? static_cast<T>(0) : (v > last ? last : v);
+    };
+    const T begin = clip(floor(b * bin_size) + start);
+    const T end = clip(ceil((b + static_cast<T>(1)) * bin_size) + start);
+    return AxisSpan{static_cast<int64_t>(begin), static_cast<int64_t>(end) - 1};
+  }
 
   // Coordinate of sample `i` of bin `bin`, in torchvision's evaluation order
   // (bin start first, then (i + 0.5) * bin_size / grid added to it).
@@ -173,9 +206,18 @@ template <typename T>
 struct RoiGeometry {
   int64_t image;  // -1 when the RoI reads nothing (bad batch index or geometry)
   RoiAxis<T> y, x;
-  T count;        // samples per bin, the divisor of the average
+  T count;        // samples per bin, the divisor of the average (not whole_pixels)
 
   PSROI_HD bool empty() const { return image < 0 || y.grid <= 0 || x.grid <= 0; }
+
+  // The divisor of bin (ph, pw)'s average: its samples, or the pixels of its
+  // window (then 0 for an empty window, whose value is 0).
+  PSROI_HD T divisor(int64_t ph, int64_t pw, const PsRoiDims& d) const {
+    if (!y.whole_pixels) return count;
+    const AxisSpan r = y.window(ph, d.height), c = x.window(pw, d.width);
+    const int64_t rows = r.last - r.first + 1, cols = c.last - c.first + 1;
+    return rows > 0 && cols > 0 ? static_cast<T>(rows * cols) : static_cast<T>(0);
+  }
 };
 
 template <typename T>
@@ -200,13 +242,19 @@ template <typename T>
 PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
                                      T spatial_scale, int64_t sampling_ratio) {
   RoiGeometry<T> g;
-  const T offset = static_cast<T>(d.aligned ? 0.5 : 0.0);
-  const T start_w = roi[1] * spatial_scale - offset;
-  const T start_h = roi[2] * spatial_scale - offset;
-  const T end_w = roi[3] * spatial_scale - offset;
-  const T end_h = roi[4] * spatial_scale - offset;
+  const T offset = static_cast<T>(d.aligned && !d.whole_pixels ? 0.5 : 0.0);
+  T start_w = roi[1] * spatial_scale - offset;
+  T start_h = roi[2] * spatial_scale - offset;
+  T end_w = roi[3] * spatial_scale - offset;
+  T end_h = roi[4] * spatial_scale - offset;
+  if (d.whole_pixels) {  // C's round: halves away from zero
+    start_w = round(start_w);
+    start_h = round(start_h);
+    end_w = round(end_w);
+    end_h = round(end_h);
+  }
   T size_w = end_w - start_w, size_h = end_h - start_h;
-  if (!d.aligned) {
+  if (!d.aligned || d.whole_pixels) {
     // torchvision's std::max(size, 1): a NaN size stays NaN.
     const T one = static_cast<T>(1);
     if (size_w < one) size_w = one;
@@ -218,8 +266,10 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
   g.y.bin_size = size_h / static_cast<T>(d.grid_rows());
   g.x.first_bin = 0;
   g.y.first_bin = d.first_bin_row;
-  g.x.grid = grid_size(g.x.bin_size, sampling_ratio);
-  g.y.grid = grid_size(g.y.bin_size, sampling_ratio);
+  g.x.whole_pixels = g.y.whole_pixels = d.whole_pixels;
+  // A window is never a grid of samples: grid 1 marks the axis non-empty.
+  g.x.grid = d.whole_pixels ? 1 : grid_size(g.x.bin_size, sampling_ratio);
+  g.y.grid = d.whole_pixels ? 1 : grid_size(g.y.bin_size, sampling_ratio);
   g.count = static_cast<T>(g.y.grid) * static_cast<T>(g.x.grid);
 
   // torchvision truncates the index toward zero, so (-1, N) is accepted;
@@ -370,6 +420,14 @@ PSROI_HD T pooled_value(const S* input, const T* rois, const PsRoiDims& d,
     return Storage<S>::load(plane[layout.pixel_offset(y, x)]);
   };
   T sum = static_cast<T>(0);
+  if (d.whole_pixels) {  // torchvision's sum, row by row, over the window
+    const AxisSpan rows = g.y.window(ph, d.height), cols = g.x.window(pw, d.width);
+    for (int64_t y = rows.first; y <= rows.last; ++y) {
+      for (int64_t x = cols.first; x <= cols.last; ++x) sum += at(y, x);
+    }
+    const T divisor = g.divisor(ph, pw, d);
+    return divisor > static_cast<T>(0) ? sum / divisor : static_cast<T>(0);
+  }
   auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
     const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
     const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
@@ -387,16 +445,21 @@ PSROI_HD T pooled_value(const S* input, const T* rois, const PsRoiDims& d,
 // value is  sum_r sum_c row_w[r] * col_w[c] * plane[r, c] / count,  where
 // row_w[r] sums, over the bin's in-map row samples, the weight each gives row
 // r. `weights` must hold `size` zeros; on return the touched entries are in
-// [first, last] and the caller must zero them again after use.
-struct AxisSpan {
-  int64_t first, last;  // inclusive; empty when first > last
-};
+// [first, last] and the caller must zero them again after use. A window of
+// whole pixels is the same form with weights of 1 (and the window's area as
+// the divisor, RoiGeometry::divisor).
 
 // Calls add(pixel, weight) for the low and then the high tap of every sample
-// of bin `bin` on the map, in sample order: the weights a bin gives the
-// pixels of one axis, which the callers sum.
+// of bin `bin` on the map, in sample order (or for every pixel of a window,
+// with weight 1): the weights a bin gives the pixels of one axis, which the
+// callers sum.
 template <typename T, typename Add>
 PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t size, Add add) {
+  if (axis.whole_pixels) {
+    const AxisSpan w = axis.window(bin, size);
+    for (int64_t pixel = w.first; pixel <= w.last; ++pixel) add(pixel, static_cast<T>(1));
+    return;
+  }
   const SampleRange r = samples_to_visit(axis, bin, size);
   for (int64_t i = r.begin; i < r.end; ++i) {
     const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);

@@ -95,9 +95,9 @@ def hostile_rois(n, h, w, dtype):
     return np.array(rows, dtype)
 
 
-def target(direction, dtype, data_format="NCHW"):
+def target(direction, dtype, data_format="NCHW", operation="ps_roi_align"):
     """The FFI target of a kernel (the same name on every platform)."""
-    return _extension.target_name("cpu", direction, dtype, data_format)
+    return _extension.target_name("cpu", direction, dtype, data_format, operation)
 
 
 def features_as(features, data_format, channel_order, output_size):
@@ -154,14 +154,16 @@ def roi_align_case(fixture, key):
 
 def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,
                         sampling_ratio, data_format="NCHW", channel_order="torchvision",
-                        first_bin_row=0, bin_rows=None, aligned=None):
+                        first_bin_row=0, bin_rows=None, aligned=None,
+                        operation="ps_roi_align"):
     """Runs the CUDA kernels' schedule (gpu_schedule.h: buckets, blocks, tile
     lists, passes), built for the CPU, serially on the CPU: bin rows
-    [first_bin_row, first_bin_row + PH) of a grid of bin_rows (default PH).
-    With `aligned` given, roi_align's rows (shared channels) instead of
-    ps_roi_align's."""
+    [first_bin_row, first_bin_row + PH) of a grid of bin_rows (default PH),
+    of `operation`'s rows. With `aligned` given, roi_align's rows (shared
+    channels)."""
     dtype = jax.numpy.dtype(operand.dtype)
-    operation = "ps_roi_align" if aligned is None else "roi_align"
+    if aligned is not None:
+        operation = "roi_align"
     name = _GPU_SCHEDULE[(operation, direction, data_format, dtype)]
     call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype)])
     pooled = out_shape if direction == "forward" else operand.shape

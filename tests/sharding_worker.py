@@ -35,14 +35,20 @@ SCALE, SAMPLING = 0.5, 2
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
                "reduce-scatter")
 
-# (layout, channel order, dtype): every layout and order in float32, every
-# other dtype in one of them; "shared" is roi_align (aligned=False) on the
-# same map.
-COMBINATIONS = [("NCHW", "torchvision", "float32"), ("NHWC", "torchvision", "float32"),
-                ("NCHW", "bin_major", "float32"), ("NHWC", "bin_major", "float32"),
-                ("NCHW", "torchvision", "float64"), ("NHWC", "bin_major", "bfloat16"),
-                ("NCHW", "bin_major", "float16"), ("NCHW", "shared", "float32"),
-                ("NHWC", "shared", "float32")]
+# (operation, layout, channel order, dtype): ps_roi_align in every layout and
+# order in float32, every other dtype in one of them; roi_align ("shared"
+# channels, aligned=False) and ps_roi_pool (windows of whole pixels, bin rows
+# split with the channels of a bin-major map) on the same map.
+COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
+                ("ps_roi_align", "NHWC", "torchvision", "float32"),
+                ("ps_roi_align", "NCHW", "bin_major", "float32"),
+                ("ps_roi_align", "NHWC", "bin_major", "float32"),
+                ("ps_roi_align", "NCHW", "torchvision", "float64"),
+                ("ps_roi_align", "NHWC", "bin_major", "bfloat16"),
+                ("ps_roi_align", "NCHW", "bin_major", "float16"),
+                ("roi_align", "NCHW", "shared", "float32"),
+                ("roi_align", "NHWC", "shared", "float32"),
+                ("ps_roi_pool", "NHWC", "bin_major", "float32")]
 # How the inputs are split, as the issue names them: the per-image head
 # vmapped over a batch of images split over the mesh; RoIs split with the
 # features replicated; features split over channels with the RoIs
@@ -84,13 +90,16 @@ def _rois(boxes, rng):
     return jnp.concatenate([jnp.asarray(index)[:, None], boxes.reshape(k, 4)], axis=1)
 
 
-def _functions(case, layout, order, mesh):
+def _functions(case, operation, layout, order, mesh):
     """(forward, placements): forward(features, boxes) -> pooled, and the
     sharding of each input."""
     case = case.removesuffix("_explicit")
-    if order == "shared":
+    if operation == "roi_align":
         pool = partial(jax_psroi.roi_align, output_size=POOLED, spatial_scale=SCALE,
                        sampling_ratio=SAMPLING, data_format=layout)
+    elif operation == "ps_roi_pool":
+        pool = partial(jax_psroi.ps_roi_pool, output_size=POOLED, spatial_scale=SCALE,
+                       data_format=layout, channel_order=order)
     else:
         pool = partial(jax_psroi.ps_roi_align, output_size=POOLED, spatial_scale=SCALE,
                        sampling_ratio=SAMPLING, data_format=layout, channel_order=order)
@@ -130,11 +139,11 @@ def _collectives(compiled) -> dict:
     return {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
 
 
-def _run(case, direction, layout, order, dtype):
+def _run(case, direction, operation, layout, order, dtype):
     rng = np.random.default_rng(0)
     mesh = _mesh(case)
     features, boxes = _inputs(layout, dtype, rng)
-    forward, specs = _functions(case, layout, order, mesh)
+    forward, specs = _functions(case, operation, layout, order, mesh)
     per_image = case in ("images", "images_and_channels", "shard_map", "images_explicit")
     second = boxes if per_image else _rois(boxes, rng)
     pooled_shape = jax.eval_shape(forward, features, second).shape
@@ -160,12 +169,13 @@ def _run(case, direction, layout, order, dtype):
         result = sharded(*placed)
     if case == "shard_map":
         # Unsharded, its per-shard call is the per-image head.
-        forward = _functions("images", layout, order, mesh)[0]
+        forward = _functions("images", operation, layout, order, mesh)[0]
     # On one device.
     expected = jax.jit(in_direction(forward))(features, second)
     result = np.asarray(result, np.float64)
     expected = np.asarray(expected, np.float64)
-    return dict(case=case, direction=direction, layout=layout, order=order, dtype=dtype,
+    return dict(case=case, direction=direction, operation=operation, layout=layout,
+                order=order, dtype=dtype,
                 shape=list(result.shape), expected_shape=list(expected.shape),
                 max_difference=float(np.max(np.abs(result - expected))),
                 max_magnitude=float(np.max(np.abs(expected))),

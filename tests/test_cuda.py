@@ -67,7 +67,7 @@ def test_cuda_module_has_every_row_of_the_kernel_table():
     # Both modules instantiate the same table: same rows, same target names.
     assert _extension.KERNELS["cuda"] == _extension.KERNELS["cpu"]
     operations = {row.operation for row in _extension.KERNELS["cpu"].values()}
-    assert operations == {"ps_roi_align", "roi_align"}
+    assert operations == {"ps_roi_align", "roi_align", "ps_roi_pool"}
     assert len(TARGETS) == 2 * len(operations) * len(_extension.SUPPORTED_DTYPES) * len(
         _extension.SUPPORTED_LAYOUTS)
 

@@ -1,4 +1,5 @@
-"""The Flax modules: jax_psroi.flax.linen.PSRoIAlign and
+"""The Flax modules (PSRoIAlign, RoIAlign, PSRoIPool; shown for PSRoIAlign):
+jax_psroi.flax.linen.PSRoIAlign and
 jax_psroi.flax.nnx.PSRoIAlign equal the function, compose with jit, grad and
 vmap, check their settings when made, and say what to install without Flax."""
 
@@ -164,3 +165,33 @@ def test_roi_align_settings_are_checked_when_made_and_shown():
         nnx.RoIAlign(7, 1 / 16, 2, aligned="yes")
     with pytest.raises(ValueError, match="output_size must be positive"):
         linen.RoIAlign(0)
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("channel_order", ["torchvision", "bin_major"])
+def test_ps_roi_pool_modules_equal_the_function(data_format, channel_order):
+    features, rois = _data(data_format)
+    expected = np.asarray(jax_psroi.ps_roi_pool(features, rois, OUTPUT_SIZE, 0.5,
+                                                data_format=data_format,
+                                                channel_order=channel_order))
+    assert np.abs(expected).max() > 0.01
+    lin = linen.PSRoIPool(OUTPUT_SIZE, 0.5, data_format, channel_order)
+    variables = lin.init(jax.random.key(0), features, rois)
+    assert jax.tree.leaves(variables) == []
+    np.testing.assert_array_equal(lin.apply(variables, features, rois), expected)
+    mod = nnx.PSRoIPool(OUTPUT_SIZE, 0.5, data_format=data_format,
+                        channel_order=channel_order)
+    np.testing.assert_array_equal(mod(features, rois), expected)
+    grad = jax.grad(lambda f: jnp.sum(jax.jit(lin.apply)(variables, f, rois) ** 2))(features)
+    assert np.abs(np.asarray(grad)).max() > 0
+
+
+def test_ps_roi_pool_settings_are_checked_when_made_and_shown():
+    assert repr(linen.PSRoIPool(7, 1 / 16)) == (
+        "PSRoIPool(output_size=7, spatial_scale=0.0625, data_format='NHWC', "
+        "channel_order='torchvision')")
+    chex.assert_shape(nnx.PSRoIPool(OUTPUT_SIZE, 0.5)(*_data("NHWC")), (9, 3, 2, 4))
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        linen.PSRoIPool(0)
+    with pytest.raises(ValueError):
+        nnx.PSRoIPool(7, channel_order="class_major")

@@ -43,7 +43,7 @@ def records():
     run = subprocess.run([sys.executable, str(Path(worker.__file__))], env=env,
                          capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-4000:]
-    return {(r["case"], r["direction"], r["layout"], r["order"], r["dtype"]): r
+    return {(r["case"], r["direction"], r["operation"], r["layout"], r["order"], r["dtype"]): r
             for r in json.loads(run.stdout.splitlines()[-1])}
 
 
@@ -52,7 +52,7 @@ def records():
 @pytest.mark.parametrize("case", worker.CASES)
 def test_sharded_equals_unsharded_without_all_gather(records, case, direction, combination):
     record = records[(case, direction, *combination)]
-    dtype = combination[2]
+    dtype = combination[3]
     assert record["shape"] == record["expected_shape"]
     assert record["max_magnitude"] > 0.5  # the case pools something
     summed = case.startswith("rois") and direction == "gradient"
@@ -79,13 +79,15 @@ ROWS, COLUMNS, SHARES = 4, 3, 2
 SPATIAL_SCALE, SAMPLING_RATIO = 0.5, -1  # adaptive: the grid follows the whole rows
 
 
-def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin_row):
+def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin_row,
+            operation="ps_roi_align"):
     dtype = jnp.dtype(operand.dtype)
     if kernels == "gpu_schedule":
         return native_gpu_schedule(direction, operand, rois, out_shape, SPATIAL_SCALE,
                                    SAMPLING_RATIO, data_format, "bin_major",
-                                   first_bin_row=first_bin_row, bin_rows=ROWS)
-    call = jax.ffi.ffi_call(target(direction, dtype, data_format),
+                                   first_bin_row=first_bin_row, bin_rows=ROWS,
+                                   operation=operation)
+    call = jax.ffi.ffi_call(target(direction, dtype, data_format, operation),
                             [jax.ShapeDtypeStruct(out_shape, dtype)])
     with jax.default_device(jax.devices("cpu")[0]):
         return np.asarray(call(operand, rois, spatial_scale=SPATIAL_SCALE,
@@ -95,19 +97,23 @@ def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin
 
 
 
+@pytest.mark.parametrize("operation", ["ps_roi_align", "ps_roi_pool"])
 @pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
 @pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bin_rows_of_a_grid_are_those_rows_of_the_whole_call(kernels, data_format, dtype):
+def test_bin_rows_of_a_grid_are_those_rows_of_the_whole_call(kernels, data_format, dtype,
+                                                             operation):
     rng = np.random.default_rng(3)
     features = features_as(random_features(rng, 2, 5 * ROWS * COLUMNS, 9, 11, dtype),
                            data_format, "bin_major", (ROWS, COLUMNS))
     rois = random_rois(rng, 40, 2, 9, 11, SPATIAL_SCALE, dtype)
     # The whole call, on the same kernels.
     pooled_shape = pooled_as(np.zeros((40, 5, ROWS, COLUMNS)), data_format).shape
-    pooled = _kernel(kernels, "forward", features, rois, pooled_shape, data_format, 0)
+    pooled = _kernel(kernels, "forward", features, rois, pooled_shape, data_format, 0,
+                     operation)
     cotangent = rng.normal(size=pooled.shape).astype(dtype)
-    gradient = _kernel(kernels, "backward", cotangent, rois, features.shape, data_format, 0)
+    gradient = _kernel(kernels, "backward", cotangent, rois, features.shape, data_format, 0,
+                       operation)
     channel_axis = 1 if data_format == "NCHW" else 3
     row_axis = 2 if data_format == "NCHW" else 1
     rows = ROWS // SHARES
@@ -123,10 +129,10 @@ def test_bin_rows_of_a_grid_are_those_rows_of_the_whole_call(kernels, data_forma
         assert np.abs(local_pooled).max() > 0.1
         np.testing.assert_array_equal(
             _kernel(kernels, "forward", local_features, rois, local_pooled.shape,
-                    data_format, first), local_pooled)
+                    data_format, first, operation), local_pooled)
         np.testing.assert_array_equal(
             _kernel(kernels, "backward", local_cotangent, rois, local_gradient.shape,
-                    data_format, first), local_gradient)
+                    data_format, first, operation), local_gradient)
 
 
 def test_a_row_range_outside_the_grid_is_an_error():

@@ -1,10 +1,15 @@
-"""``PSRoIAlign`` and ``RoIAlign`` as ``flax.linen.Module``s."""
+"""``PSRoIAlign``, ``RoIAlign`` and ``PSRoIPool`` as ``flax.linen.Module``s."""
 
 from __future__ import annotations
 
 import jax
 
-from jax_psroi.flax._config import PSRoIAlignConfig, RoIAlignConfig, import_flax
+from jax_psroi.flax._config import (
+    PSRoIAlignConfig,
+    PSRoIPoolConfig,
+    RoIAlignConfig,
+    import_flax,
+)
 
 nn = import_flax("linen")
 
@@ -81,6 +86,43 @@ class RoIAlign(nn.Module):
     def _settings(self) -> RoIAlignConfig:
         return RoIAlignConfig.make(self.output_size, self.spatial_scale, self.sampling_ratio,
                                    self.aligned, self.data_format)
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return self._settings()(features, boxes)
+
+    def __repr__(self) -> str:
+        return self._settings().describe(type(self).__name__)
+
+
+class PSRoIPool(nn.Module):
+    """Position-Sensitive RoI Pool layer (no parameters), like
+    ``torchvision.ops.PSRoIPool`` with Flax's NHWC layout by default.
+
+    ``PSRoIPool(7, 1 / 16)(features, boxes)`` with features [N, H, W, C]
+    (or [N, C, H, W] with ``data_format="NCHW"``), C = C_out * h * w, and
+    boxes [K, 5] or a list of N arrays [L_i, 4], returns [K, h, w, C_out]
+    (or [K, C_out, h, w]). See ``jax_psroi.ps_roi_pool``; bad settings raise
+    when the module is made.
+
+    Attributes:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      data_format: "NHWC" (default) or "NCHW".
+      channel_order: "torchvision" (default) or "bin_major".
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float = 1.0
+    data_format: str = "NHWC"
+    channel_order: str = "torchvision"
+
+    def __post_init__(self):
+        self._settings()  # raises on a bad setting, here rather than at the first call
+        super().__post_init__()
+
+    def _settings(self) -> PSRoIPoolConfig:
+        return PSRoIPoolConfig.make(self.output_size, self.spatial_scale, self.data_format,
+                                    self.channel_order)
 
     def __call__(self, features, boxes) -> jax.Array:
         return self._settings()(features, boxes)

@@ -1,10 +1,15 @@
-"""``PSRoIAlign`` and ``RoIAlign`` as ``flax.nnx.Module``s."""
+"""``PSRoIAlign``, ``RoIAlign`` and ``PSRoIPool`` as ``flax.nnx.Module``s."""
 
 from __future__ import annotations
 
 import jax
 
-from jax_psroi.flax._config import PSRoIAlignConfig, RoIAlignConfig, import_flax
+from jax_psroi.flax._config import (
+    PSRoIAlignConfig,
+    PSRoIPoolConfig,
+    RoIAlignConfig,
+    import_flax,
+)
 
 nnx = import_flax("nnx")
 
@@ -58,6 +63,30 @@ class RoIAlign(nnx.Module):
                  aligned: bool = False, *, data_format: str = "NHWC"):
         self.settings = RoIAlignConfig.make(output_size, spatial_scale, sampling_ratio,
                                             aligned, data_format)
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return self.settings(features, boxes)
+
+
+class PSRoIPool(nnx.Module):
+    """Position-Sensitive RoI Pool layer (no parameters), like
+    ``torchvision.ops.PSRoIPool`` with Flax's NHWC layout by default.
+
+    ``PSRoIPool(7, 1 / 16)(features, boxes)``: see ``linen.PSRoIPool`` for
+    the shapes and ``jax_psroi.ps_roi_pool`` for the semantics; bad
+    arguments raise here.
+
+    Args:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      data_format: "NHWC" (default) or "NCHW", keyword-only.
+      channel_order: "torchvision" (default) or "bin_major", keyword-only.
+    """
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, *,
+                 data_format: str = "NHWC", channel_order: str = "torchvision"):
+        self.settings = PSRoIPoolConfig.make(output_size, spatial_scale, data_format,
+                                             channel_order)
 
     def __call__(self, features, boxes) -> jax.Array:
         return self.settings(features, boxes)

@@ -35,15 +35,18 @@ struct BackwardState {
 
 template <typename Operation, typename S, typename Layout>
 ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
-                    ffi::Result<MapBuffer<S>> output, ffi::RemainingRets,
-                    double spatial_scale, int64_t sampling_ratio, int64_t attribute,
-                    int64_t first_bin_row, int64_t bin_rows) {
+                    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
+                    ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
+                    int64_t attribute, int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
       input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return ready_with(dims.error());
-  const PsRoiDims d = dims.value();
+  PsRoiDims d = dims.value();
+  if (ffi::Error e = apply_update(updated, *output, Direction::kForward, &d); e.failure()) {
+    return ready_with(e);
+  }
   const S* in = data<S>(input);
   const T* boxes = data<T>(rois);
   S* out = data<S>(*output);
@@ -59,10 +62,9 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
 
 template <typename Operation, typename S, typename Layout>
 ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                     ffi::Result<MapBuffer<S>> grad_input,
-                     ffi::RemainingRets,
-                     double spatial_scale, int64_t sampling_ratio, int64_t attribute,
-                     int64_t first_bin_row, int64_t bin_rows) {
+                     UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> grad_input,
+                     ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
+                     int64_t attribute, int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
@@ -70,7 +72,11 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
   if (dims.has_error()) return ready_with(dims.error());
   // Units sum 16-bit gradients in scratch of their own: the CPU takes no
   // further results.
-  const PsRoiDims d = dims.value();
+  PsRoiDims d = dims.value();
+  if (ffi::Error e = apply_update(updated, *grad_input, Direction::kBackward, &d);
+      e.failure()) {
+    return ready_with(e);
+  }
   const S* cot = data<S>(cotangent);
   const T* boxes = data<T>(rois);
   S* grad = data<S>(*grad_input);
@@ -85,7 +91,8 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
                  [=](int64_t begin, int64_t end) {
                    RoiWeights<T> weights(d);
                    state->tables.compute(boxes, scale, sampling_ratio, begin, end, &weights);
-                   to_bin_major<S, Layout>(cot, d, begin, end, state->bin_major.get());
+                   to_bin_major<S, Layout>(cot, d, state->tables, begin, end,
+                                           state->bin_major.get());
                  }),
        Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d); }},
        Phase{state->units.count(), [=](int64_t unit) {

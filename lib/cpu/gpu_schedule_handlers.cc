@@ -82,16 +82,19 @@ gs::Workspace fill_workspace(std::vector<int32_t>& storage, const T* rois, const
 
 template <typename Operation, typename S, typename Layout>
 ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
-                             ffi::Result<MapBuffer<S>> output, ffi::RemainingRets,
-                             double spatial_scale, int64_t sampling_ratio,
-                             int64_t attribute,
+                             UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
+                             ffi::RemainingRets, double spatial_scale,
+                             int64_t sampling_ratio, int64_t attribute,
                              int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
       input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
-  const PsRoiDims d = dims.value();
+  PsRoiDims d = dims.value();
+  if (ffi::Error e = apply_update(updated, *output, Direction::kForward, &d); e.failure()) {
+    return e;
+  }
   const T scale = static_cast<T>(spatial_scale);
   std::vector<int32_t> storage;
   const gs::Workspace ws =
@@ -108,16 +111,20 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
 // the GPU (where it is the call's further result).
 template <typename Operation, typename S, typename Layout>
 ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                              ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
-                              double spatial_scale, int64_t sampling_ratio,
-                              int64_t attribute,
+                              UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> grad_input,
+                              ffi::RemainingRets, double spatial_scale,
+                              int64_t sampling_ratio, int64_t attribute,
                               int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
-  const PsRoiDims d = dims.value();
+  PsRoiDims d = dims.value();
+  if (ffi::Error e = apply_update(updated, *grad_input, Direction::kBackward, &d);
+      e.failure()) {
+    return e;
+  }
   const T scale = static_cast<T>(spatial_scale);
   std::vector<int32_t> storage;
   const gs::Workspace ws =

@@ -198,6 +198,7 @@ void forward_rois(const S* input, const T* rois, const PsRoiDims& d,
           const int64_t bin = ph * d.pooled_w + pw;
           S* out_bin = output + Layout::pooled_offset(d, order[first + j], 0, bin);
           Window<T> w;
+          if (g.empty() && d.skip_empty_rois) continue;  // left as it was
           if (g.empty() || !weights[j].window(ph, pw, &w)) {
             for (int64_t c = 0; c < d.channels_out; ++c) {
               out_bin[c * out_stride] = Storage<S>::store(T(0));
@@ -206,7 +207,8 @@ void forward_rois(const S* input, const T* rois, const PsRoiDims& d,
           }
           const S* first_pixel = input + layout.plane_offset(g.image, d.first_channel(bin)) +
                                  layout.pixel_offset(w.first_row, w.first_col);
-          gather_bin(layout, d, w, first_pixel, g.count, out_bin, out_stride, scratch.data());
+          gather_bin(layout, d, w, first_pixel, g.divisor(ph, pw, d), out_bin, out_stride,
+                     scratch.data());
         }
       }
     }
@@ -325,12 +327,15 @@ class LargeWindows {
 // The cotangent (pooled tensor in `Layout`, storage type S) of RoIs
 // [begin, end) laid out bin-major, [PH * PW][K][C_out], in compute type T,
 // so that a backward unit reads one bin's values contiguously; written in
-// runs of C_out, while the RoI's reads stay in cache.
+// runs of C_out, while the RoI's reads stay in cache. Only RoIs that read
+// something (in `tables`): no unit visits the others (a level of
+// multi-scale RoI Align sees the RoIs of the other levels as such).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-void to_bin_major(const S* values, const PsRoiDims& d, int64_t begin,
-                  int64_t end, T* bin_major) {
+void to_bin_major(const S* values, const PsRoiDims& d, const RoiTables<T>& tables,
+                  int64_t begin, int64_t end, T* bin_major) {
   const int64_t stride = Layout::pooled_channel_stride(d);
   for (int64_t k = begin; k < end; ++k) {
+    if (tables.geometry(k).empty()) continue;
     for (int64_t bin = 0; bin < d.bins(); ++bin) {
       T* to = bin_major + (bin * d.num_rois + k) * d.channels_out;
       const S* from = values + Layout::pooled_offset(d, k, 0, bin);
@@ -463,7 +468,7 @@ void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
       if (!tables.window(k, ph, pw, /*needs_tile=*/true, &w, &fits)) continue;
       if (!fits) large.window(k, g, ph, pw, &w);
       scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
-                     channel_stride, u.num_c, g.count,
+                     channel_stride, u.num_c, g.divisor(ph, pw, d),
                      cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out + u.c_begin,
                      1);
     }
@@ -495,6 +500,7 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
         bool fits;
         if (!tables.window(k, ph, pw, /*needs_tile=*/false, &w, &fits)) continue;
         if (!fits) large.window(k, g, ph, pw, &w);
+        const T divisor = g.divisor(ph, pw, d);
         // The rows of the window in this unit's band.
         w.row_w += first_row - w.first_row;
         w.first_row = first_row;
@@ -503,7 +509,7 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
         scatter_channel_window(
             w, band + d.bin_major_first(bin) +
                    layout.pixel_offset(w.first_row - u.row_begin, w.first_col),
-            layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), d.channels_out, g.count,
+            layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), d.channels_out, divisor,
             cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out);
       }
     }

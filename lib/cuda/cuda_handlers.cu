@@ -42,26 +42,30 @@ ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index
 
 template <typename Operation, typename S, typename Layout>
 ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
-                   ffi::Result<MapBuffer<S>> output, ffi::RemainingRets further,
-                   double spatial_scale, int64_t sampling_ratio, int64_t attribute,
-                   int64_t first_bin_row, int64_t bin_rows) {
+                   UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
+                   ffi::RemainingRets further, double spatial_scale, int64_t sampling_ratio,
+                   int64_t attribute, int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
       input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
-  ffi::ErrorOr<int32_t*> ws = workspace(further, 0, dims.value(), /*backward=*/false);
+  PsRoiDims d = dims.value();
+  if (ffi::Error e = apply_update(updated, *output, Direction::kForward, &d); e.failure()) {
+    return e;
+  }
+  ffi::ErrorOr<int32_t*> ws = workspace(further, 0, d, /*backward=*/false);
   if (ws.has_error()) return ws.error();
   return launch_result("forward kernel launch",
                        launch_forward<S, Layout>(
-                           stream, data<S>(input), data<T>(rois), dims.value(),
+                           stream, data<S>(input), data<T>(rois), d,
                            static_cast<T>(spatial_scale), sampling_ratio, ws.value(),
                            data<S>(*output)));
 }
 
 template <typename Operation, typename S, typename Layout>
 ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                    ffi::Result<MapBuffer<S>> grad_input,
+                    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> grad_input,
                     ffi::RemainingRets further, double spatial_scale,
                     int64_t sampling_ratio, int64_t attribute,
                     int64_t first_bin_row, int64_t bin_rows) {
@@ -71,7 +75,11 @@ ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> r
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
-  const PsRoiDims d = dims.value();
+  PsRoiDims d = dims.value();
+  if (ffi::Error e = apply_update(updated, *grad_input, Direction::kBackward, &d);
+      e.failure()) {
+    return e;
+  }
   T* sums = reinterpret_cast<T*>(data<S>(*grad_input));
   if constexpr (kNarrow) {
     ffi::ErrorOr<AccumulatorBuffer<S>> accumulator = further_result<AccumulatorBuffer<S>>(

@@ -1,0 +1,140 @@
+"""The primitive of multi-scale RoI Align and its JAX rules.
+
+``multi_scale_p``: (level_0, ..., level_{L-1}, rois [K, 5], levels [K] int32)
+-> pooled [K, C, PH, PW] (NCHW; [K, PH, PW, C] in NHWC), RoI k pooled by
+roi_align (aligned=False) from map ``levels[k]`` (none, giving 0, for -1).
+
+Native lowering: one roi_align kernel call per level, each given the RoIs of
+the other levels as RoIs that read nothing (_levels.level_rois) and updating
+the result of the call before in place (the kernels' `updated` operand), so
+each RoI is pooled from its level alone and the result is written once per
+RoI. Its transpose is roi_align's backward primitive once per level (on that
+level's RoIs), whose own transpose is roi_align's forward: every order of
+differentiation runs on the native kernels.
+
+Parameters, all static: ``pooled_size`` (PH, PW), ``spatial_scales`` (one
+python float per level), ``sampling_ratio`` and ``data_format``.
+
+No sharding rule: over a mesh, XLA gathers the operands of the calls onto
+every device (correct, not split).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir, xla
+
+from jax_psroi import _arguments, _levels, _primitives, reference
+
+multi_scale_p = Primitive("jax_psroi_multi_scale_roi_align")
+
+
+def _abstract_eval(*operands, pooled_size, data_format, **_):
+    features, rois = operands[0], operands[-2]
+    channels = features.shape[_arguments.channel_axis(data_format)]
+    return features.update(shape=_arguments.pooled_shape(
+        rois.shape[0], channels, pooled_size, data_format), weak_type=False)
+
+
+multi_scale_p.def_abstract_eval(_abstract_eval)
+multi_scale_p.def_impl(partial(xla.apply_primitive, multi_scale_p))
+
+
+def _level_params(spatial_scale, sampling_ratio, data_format):
+    """The parameters of roi_align's primitives for one level."""
+    return dict(operation="roi_align", spatial_scale=spatial_scale,
+                sampling_ratio=sampling_ratio, data_format=data_format,
+                channel_order="shared", aligned=False)
+
+
+def _native(platform, *operands, pooled_size, spatial_scales, sampling_ratio, data_format):
+    *maps, rois, levels = operands
+    shape = _arguments.pooled_shape(rois.shape[0], maps[0].shape[
+        _arguments.channel_axis(data_format)], pooled_size, data_format)
+    # RoIs of no level stay 0.
+    pooled = jnp.zeros(shape, maps[0].dtype)
+    for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
+        pooled = _primitives._native_call(
+            platform, "forward", features, _levels.level_rois(rois, levels, level), shape,
+            updated=pooled, **_level_params(scale, sampling_ratio, data_format))
+    return pooled
+
+
+def _reference(*operands, pooled_size, spatial_scales, sampling_ratio, data_format):
+    *maps, rois, levels = operands
+    return sum(reference.pool_roi_align(features, _levels.level_rois(rois, levels, level),
+                                        pooled_size, scale, sampling_ratio, False,
+                                        data_format=data_format)
+               for level, (features, scale) in enumerate(zip(maps, spatial_scales,
+                                                             strict=True)))
+
+
+mlir.register_lowering(multi_scale_p, mlir.lower_fun(_reference, multiple_results=False))
+for _platform in ("cpu", "cuda"):
+    mlir.register_lowering(
+        multi_scale_p, mlir.lower_fun(partial(_native, _platform), multiple_results=False),
+        platform=_platform)
+
+
+# --- Differentiation ---------------------------------------------------------
+# Linear in the maps; RoIs and levels are not differentiated.
+
+def _jvp(primals, tangents, **params):
+    *maps, rois, levels = primals
+    out = multi_scale_p.bind(*primals, **params)
+    map_tangents = tangents[:len(maps)]
+    if all(type(t) is ad.Zero for t in map_tangents):
+        return out, ad.Zero.from_primal_value(out)
+    map_tangents = [ad.instantiate_zeros(t) for t in map_tangents]
+    return out, multi_scale_p.bind(*map_tangents, rois, levels, **params)
+
+
+def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio,
+               data_format):
+    *maps, rois, levels = operands
+    assert not ad.is_undefined_primal(rois) and not ad.is_undefined_primal(levels)
+    grads = []
+    for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
+        if not ad.is_undefined_primal(features):
+            grads.append(None)
+        elif type(cotangent) is ad.Zero:
+            grads.append(ad.Zero(features.aval))
+        else:
+            grads.append(_primitives.backward_p.bind(
+                cotangent, _levels.level_rois(rois, levels, level),
+                input_shape=features.aval.shape, image_blocks=1,
+                **_level_params(scale, sampling_ratio, data_format)))
+    return [*grads, None, None]
+
+
+ad.primitive_jvps[multi_scale_p] = _jvp
+ad.primitive_transposes[multi_scale_p] = _transpose
+
+
+# --- Batching ----------------------------------------------------------------
+# As for roi_align's primitives: a mapped axis of size B folds into the
+# images of every level (RoI batch indices offset by b * N), or, with only
+# the RoIs mapped, the B RoI sets are concatenated over one set of maps.
+
+def _batch(args, dims, **params):
+    *maps, rois, levels = args
+    *map_dims, rois_dim, levels_dim = dims
+    size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+    rois = _primitives._to_front(rois, rois_dim, size)
+    levels = _primitives._to_front(levels, levels_dim, size).reshape(-1)
+    num_rois = rois.shape[1]
+    if all(d is None for d in map_dims):
+        out = multi_scale_p.bind(*maps, rois.reshape(-1, 5), levels, **params)
+    else:
+        maps = [_primitives._to_front(x, d, size) for x, d in zip(maps, map_dims, strict=True)]
+        num_images = maps[0].shape[1]
+        out = multi_scale_p.bind(
+            *(x.reshape((size * num_images, *x.shape[2:])) for x in maps),
+            _primitives._offset_batch_index(rois, num_images), levels, **params)
+    return out.reshape((size, num_rois, *out.shape[1:])), 0
+
+
+batching.primitive_batchers[multi_scale_p] = _batch

@@ -1,0 +1,211 @@
+"""multi_scale_roi_align: one native roi_align call per pyramid level, each
+visiting its level's RoIs and updating one result in place, against
+torchvision's golden cases and the jax.numpy reference, through every JAX
+transformation; and the kernels' in-place update (the CPU kernels and the
+CUDA schedule run on the CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import jax_psroi
+from jax_psroi import _extension
+
+from cases import _GPU_SCHEDULE, LAYOUTS, TOLERANCE, golden, random_rois, target
+
+GOLDEN, CASES = golden("multi_scale_roi_align")
+IMAGE = (64, 48)  # image height, width of the random pyramids
+# Eq. 1 scaled to the small image: boxes of sqrt(area) 24 pool from level
+# k0 = 4 (stride 16); every level of the random pyramids gets RoIs.
+SCALE24 = dict(canonical_scale=24)
+
+
+def _case(key):
+    ph, pw, ratio, scale0, level0, num_levels, n, height, width = (
+        int(v) for v in GOLDEN[f"{key}_params"])
+    levels = [GOLDEN[f"{key}_level{j}"] for j in range(num_levels)]
+    boxes = [GOLDEN[f"{key}_boxes{i}"] for i in range(n)]
+    return levels, boxes, (ph, pw), ratio, (height, width), dict(
+        canonical_scale=scale0, canonical_level=level0)
+
+
+def _nhwc(x):
+    return x.transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("key", CASES)
+def test_forward_and_gradients_match_torchvision(key, data_format):
+    levels, boxes, output_size, ratio, image_size, options = _case(key)
+    to = _nhwc if data_format == "NHWC" else (lambda x: x)
+
+    @jax.jit
+    def pool(xs):
+        return jax_psroi.multi_scale_roi_align(xs, boxes, output_size, ratio, image_size,
+                                               data_format=data_format, **options)
+
+    out, vjp = jax.vjp(pool, [to(x) for x in levels])
+    expected = to(GOLDEN[f"{key}_output"])
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    tolerance = TOLERANCE[levels[0].dtype]
+    np.testing.assert_allclose(out, expected, **tolerance)
+    (grads,) = vjp(to(GOLDEN[f"{key}_cotangent"]))
+    for j, grad in enumerate(grads):
+        np.testing.assert_allclose(grad, to(GOLDEN[f"{key}_grad_level{j}"]), **tolerance)
+
+
+def _pyramid(rng, dtype, data_format, channels=3, images=2):
+    """Four levels of a 64 x 48 image (strides 4 to 32), RoIs of every size
+    (so every level), and hostile ones: an inverted box (no level), a NaN
+    box, a bad batch index, a box off the map."""
+    levels = [rng.normal(size=(images, channels, IMAGE[0] // s, IMAGE[1] // s)).astype(dtype)
+              for s in (4, 8, 16, 32)]
+    if data_format == "NHWC":
+        levels = [_nhwc(x) for x in levels]
+    rois = random_rois(rng, 40, images, IMAGE[0], IMAGE[1], 1.0, dtype, outside=0.2)
+    hostile = np.array([[0, 30, 5, 10, 40], [1, np.nan, 0, 5, 5], [images, 0, 0, 40, 40],
+                        [1, 500, 500, 600, 620], [0, 0, 0, 64, 48]], dtype)
+    return levels, np.concatenate([rois, hostile])
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("dtype,ratio", [(np.float32, 2), (np.float64, 0)])
+def test_random_pyramids_match_the_reference(dtype, data_format, ratio):
+    rng = np.random.default_rng(20)
+    levels, rois = _pyramid(rng, dtype, data_format)
+    args = (rois, (3, 2), ratio, IMAGE)
+    out, vjp = jax.vjp(lambda xs: jax_psroi.multi_scale_roi_align(
+        xs, *args, data_format=data_format, **SCALE24), levels)
+    ref, ref_vjp = jax.vjp(lambda xs: jax_psroi.multi_scale_roi_align_reference(
+        xs, *args, data_format=data_format, **SCALE24), levels)
+    tolerance = TOLERANCE[np.dtype(dtype)]
+    np.testing.assert_allclose(out, ref, **tolerance)
+    cotangent = rng.normal(size=out.shape).astype(dtype)
+    for grad, ref_grad in zip(vjp(cotangent)[0], ref_vjp(cotangent)[0], strict=True):
+        assert np.abs(np.asarray(ref_grad)).max() > 0.01  # every level pools some RoI
+        np.testing.assert_allclose(grad, ref_grad, **tolerance)
+    # The inverted box has no level and gives 0, as in torchvision.
+    np.testing.assert_array_equal(np.asarray(out)[len(rois) - 5], 0)
+
+
+def test_one_call_per_level_each_updating_the_result():
+    rng = np.random.default_rng(21)
+    levels, rois = _pyramid(rng, np.float32, "NCHW")
+    pool = lambda xs: jax_psroi.multi_scale_roi_align(xs, rois, 7, 2, IMAGE)
+    text = jax.jit(pool).lower(levels).as_text()
+    assert text.count("jax_psroi_roi_align_forward_nchw_f32") == 4
+    assert text.count("output_operand_aliases") == 4
+    assert text.count("custom_call") == 4
+    loss = lambda xs: jnp.sum(pool(xs) ** 2)
+    text = jax.jit(jax.grad(loss)).lower(levels).as_text()
+    assert text.count("jax_psroi_roi_align_backward_nchw_f32") == 4
+
+
+def test_each_roi_reads_only_its_level():
+    rng = np.random.default_rng(22)
+    levels, _ = _pyramid(rng, np.float64, "NCHW")
+    gradient = jax.jit(jax.grad(lambda xs, r: jax_psroi.multi_scale_roi_align(
+        xs, r, 2, 2, IMAGE, **SCALE24).sum()))
+    # A small box pools from the finest level, a large one from the coarsest.
+    for box, level in (([0, 4, 4, 12, 12], 0), ([0, 0, 0, 60, 44], 3)):
+        grads = gradient(levels, np.array([box], np.float64))
+        touched = [bool(np.any(np.asarray(g) != 0)) for g in grads]
+        assert touched == [j == level for j in range(4)]
+
+
+def test_transformations_run_on_the_native_kernels():
+    rng = np.random.default_rng(23)
+    levels, _ = _pyramid(rng, np.float32, "NCHW", images=3)
+    boxes = rng.uniform(0, 40, size=(3, 6, 4)).astype(np.float32)
+    boxes[..., 2:] += rng.uniform(1, 40, size=(3, 6, 2))
+    op = lambda xs, b: jax_psroi.multi_scale_roi_align(xs, b, 2, 2, IMAGE, **SCALE24)
+
+    mapped = jax.vmap(lambda xs, b: op([x[None] for x in xs], [b]))(levels, boxes)
+    whole = op(levels, list(boxes))
+    np.testing.assert_allclose(mapped.reshape(whole.shape), whole, rtol=1e-6, atol=1e-6)
+    text = jax.jit(jax.vmap(lambda xs, b: op([x[None] for x in xs], [b]))).lower(
+        levels, boxes).as_text()
+    assert text.count("jax_psroi_roi_align_forward_nchw_f32") == 4
+
+    rois = jax_psroi.rois_from_boxes(list(boxes), jnp.float32)
+    tangents = [rng.normal(size=x.shape).astype(np.float32) for x in levels]
+    _, jvp_out = jax.jvp(lambda xs: op(xs, rois), (levels,), (tangents,))
+    np.testing.assert_allclose(jvp_out, op(tangents, rois), rtol=1e-6, atol=1e-6)
+    loss = lambda xs: 0.5 * jnp.sum(op(xs, rois) ** 2)
+    _, hvp = jax.jvp(jax.grad(loss), (levels,), (tangents,))
+    _, vjp = jax.vjp(lambda xs: op(xs, rois), levels)
+    for a, b in zip(hvp, vjp(jvp_out)[0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_is_the_float32_result_rounded_once(dtype):
+    rng = np.random.default_rng(24)
+    levels, rois = _pyramid(rng, np.float32, "NHWC")
+    narrow = [jnp.asarray(x, dtype) for x in levels]
+    wide = [x.astype(jnp.float32) for x in narrow]
+    pool = lambda xs: jax_psroi.multi_scale_roi_align(xs, rois, 3, 2, IMAGE,
+                                                      data_format="NHWC", **SCALE24)
+    out = pool(narrow)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, pool(wide).astype(dtype))
+
+
+def test_arguments_are_checked():
+    x = np.zeros((1, 2, 16, 16), np.float32)
+    rois = np.zeros((1, 5), np.float32)
+    with pytest.raises(ValueError, match="at least one level"):
+        jax_psroi.multi_scale_roi_align([], rois, 2, 2, (64, 64))
+    with pytest.raises(ValueError, match="level 1 is float32, shape \\(1, 3, 8, 8\\)"):
+        jax_psroi.multi_scale_roi_align([x, np.zeros((1, 3, 8, 8), np.float32)], rois, 2, 2,
+                                        (64, 64))
+    with pytest.raises(TypeError, match="image_size must be a pair"):
+        jax_psroi.multi_scale_roi_align([x], rois, 2, 2, 64)
+
+
+@pytest.mark.skipif(not _extension.KERNELS["cuda"], reason="built without CUDA")
+def test_export_for_cuda_calls_roi_align_per_level():
+    levels = [np.ones((1, 2, 16, 16), np.float32), np.ones((1, 2, 8, 8), np.float32)]
+    rois = np.array([[0, 1, 1, 9, 9], [0, 0, 0, 60, 60]], np.float32)
+    loss = lambda xs: jnp.sum(jax_psroi.multi_scale_roi_align(xs, rois, 2, 2, (64, 64)) ** 2)
+    targets = [row.name for row in _extension.KERNELS["cuda"].values()]
+    exported = export.export(
+        jax.jit(jax.grad(loss)), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets])(levels)
+    text = exported.mlir_module()
+    assert text.count("jax_psroi_roi_align_forward_nchw_f32") == 2
+    assert text.count("jax_psroi_roi_align_backward_nchw_f32") == 2
+    assert text.count("output_operand_aliases") == 2
+
+
+# --- The kernels' in-place update ---------------------------------------------
+
+@pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_an_update_leaves_the_rois_that_read_nothing(kernels, data_format):
+    # A forward given the pooled tensor it updates writes the RoIs that read
+    # something and leaves the rest (bad batch index, NaN) as they were.
+    rng = np.random.default_rng(25)
+    shape = (1, 2, 6, 7) if data_format == "NCHW" else (1, 6, 7, 2)
+    features = rng.normal(size=shape).astype(np.float32)
+    rois = np.array([[0, 1, 1, 4, 5], [-1, 1, 1, 4, 5], [np.nan, 0, 0, 2, 2],
+                     [0, 0, 0, 6, 5]], np.float32)
+    pooled_shape = (4, 2, 2, 2)
+    before = rng.normal(size=pooled_shape).astype(np.float32)
+    name = (target("forward", np.float32, data_format, "roi_align") if kernels == "cpu"
+            else _GPU_SCHEDULE[("roi_align", "forward", data_format, np.dtype(np.float32))])
+    attributes = dict(spatial_scale=1.0, sampling_ratio=2, aligned=0, first_bin_row=0,
+                      bin_rows=2)
+    result = jax.ShapeDtypeStruct(pooled_shape, np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        updated = jax.jit(lambda f, r, b: jax.ffi.ffi_call(
+            name, result, input_output_aliases={2: 0})(f, r, b, **attributes))(
+                features, rois, before)
+        whole = jax.ffi.ffi_call(name, result)(features, rois, **attributes)
+    updated, whole = np.asarray(updated), np.asarray(whole)
+    np.testing.assert_array_equal(updated[[0, 3]], whole[[0, 3]])
+    np.testing.assert_array_equal(updated[[1, 2]], before[[1, 2]])
+    np.testing.assert_array_equal(whole[[1, 2]], 0)
+    assert np.abs(whole[[0, 3]]).min() > 0
