@@ -84,6 +84,15 @@ def image_size(value) -> tuple[int, int]:
     return size
 
 
+def canonical(scale, level) -> tuple[int, int]:
+    """``canonical_scale`` (a positive int) and ``canonical_level`` (an int)
+    of multi_scale_roi_align: the FPN paper's 224 and k0 = 4."""
+    scale = _static_int("canonical_scale", scale, "a positive int")
+    if scale <= 0:
+        raise ValueError(f"canonical_scale must be positive, got {scale}")
+    return scale, _static_int("canonical_level", level, "an int")
+
+
 def sampling_ratio(value) -> int:
     """``sampling_ratio``: an int, at most MAX_GRID_PER_AXIS (<= 0: adaptive)."""
     ratio = _static_int("sampling_ratio", value, "an int")

@@ -236,6 +236,7 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
                 f"({first.dtype}, shape {first.shape}); level {index} is {level.dtype}, "
                 f"shape {level.shape}")
     ratio = _arguments.sampling_ratio(sampling_ratio)
+    canonical_scale, canonical_level = _arguments.canonical(canonical_scale, canonical_level)
     scales = _levels.level_scales([level.shape for level in maps], image_size, layout)
     if len(maps) == 1:
         return roi_align(first, boxes, pooled_size, scales[0], ratio, False, data_format=layout)

@@ -298,3 +298,43 @@ def test_gpu_vmap_matches_cpu():
                                _on("cpu", fwd, features, rois), atol=1e-5)
     np.testing.assert_allclose(_on("gpu", grad, features, rois),
                                _on("cpu", grad, features, rois), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("operator", ["roi_align", "ps_roi_pool", "multi_scale_roi_align"])
+def test_gpu_family_matches_cpu_and_repeats(operator, data_format):
+    # The operators beyond ps_roi_align on the GPU: results as on the CPU,
+    # gradients bitwise equal from run to run; multi_scale_roi_align's
+    # in-place update leaves the other levels' RoIs as they were.
+    rng = np.random.default_rng(36)
+    to = (lambda x: x.transpose(0, 2, 3, 1)) if data_format == "NHWC" else (lambda x: x)
+    rois = np.concatenate([random_rois(rng, 150, 2, 64, 96, 1.0, np.float32),
+                           crowded_rois(rng, 150, 1, (30.0, 20.0), 12.0, 1.0),
+                           hostile_rois(2, 64, 96, np.float32)]).astype(np.float32)
+    if operator == "multi_scale_roi_align":
+        features = [to(random_features(rng, 2, 8, 64 // s, 96 // s, np.float32))
+                    for s in (4, 8, 16, 32)]
+        fwd = lambda f, r: jax_psroi.multi_scale_roi_align(
+            f, r, 7, 2, (64, 96), canonical_scale=32, data_format=data_format)
+    elif operator == "roi_align":
+        features = to(random_features(rng, 2, 8, 16, 24, np.float32))
+        fwd = lambda f, r: jax_psroi.roi_align(f, r, 7, 1 / 4, 2, False,
+                                               data_format=data_format)
+    else:
+        features = to(random_features(rng, 2, 2 * 49, 16, 24, np.float32))
+        fwd = lambda f, r: jax_psroi.ps_roi_pool(f, r, 7, 1 / 4, data_format=data_format)
+    grad = jax.grad(lambda f, r: jnp.sum(jnp.sin(fwd(f, r))))
+    np.testing.assert_allclose(_on("gpu", fwd, features, rois),
+                               _on("cpu", fwd, features, rois), atol=1e-5, rtol=1e-5)
+    runs = [jax.tree.leaves(_on_tree("gpu", grad, features, rois)) for _ in range(3)]
+    assert len({b"".join(g.tobytes() for g in run) for run in runs}) == 1
+    for gpu, cpu in zip(runs[0], jax.tree.leaves(_on_tree("cpu", grad, features, rois)),
+                        strict=True):
+        np.testing.assert_allclose(gpu, cpu, atol=1e-4, rtol=1e-4)
+        assert np.abs(cpu).max() > 0.01
+
+
+def _on_tree(device_kind, fn, *args):
+    device = jax.devices(device_kind)[0]
+    return jax.tree.map(np.asarray, jax.jit(fn)(*jax.device_put(args, device)))

@@ -1,5 +1,5 @@
-"""The Flax modules (PSRoIAlign, RoIAlign, PSRoIPool; shown for PSRoIAlign):
-jax_psroi.flax.linen.PSRoIAlign and
+"""The Flax modules (PSRoIAlign, RoIAlign, PSRoIPool, MultiScaleRoIAlign; in
+full for PSRoIAlign): jax_psroi.flax.linen.PSRoIAlign and
 jax_psroi.flax.nnx.PSRoIAlign equal the function, compose with jit, grad and
 vmap, check their settings when made, and say what to install without Flax."""
 
@@ -195,3 +195,44 @@ def test_ps_roi_pool_settings_are_checked_when_made_and_shown():
         linen.PSRoIPool(0)
     with pytest.raises(ValueError):
         nnx.PSRoIPool(7, channel_order="class_major")
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_multi_scale_modules_equal_the_function(data_format):
+    rng = np.random.default_rng(81)
+    names = ["p2", "p3", "p4"]
+    nchw = [random_features(rng, 2, 5, 32 // s, 24 // s, np.float32) for s in (4, 8, 16)]
+    levels = [x.transpose(0, 2, 3, 1) if data_format == "NHWC" else x for x in nchw]
+    features = dict(zip(names, levels, strict=True), pool=levels[-1])  # extra levels ignored
+    boxes = [random_rois(rng, 6, 1, 32, 24, 1.0, np.float32)[:, 1:] for _ in range(2)]
+    # Images of 32 x 20 and 28 x 24: the scales follow the largest, 32 x 24.
+    image_shapes = [(32, 20), (28, 24)]
+    expected = np.asarray(jax_psroi.multi_scale_roi_align(
+        levels, boxes, OUTPUT_SIZE, 2, (32, 24), canonical_scale=16,
+        data_format=data_format))
+    assert np.abs(expected).max() > 0.01
+    lin = linen.MultiScaleRoIAlign(names, OUTPUT_SIZE, 2, canonical_scale=16,
+                                   data_format=data_format)
+    variables = lin.init(jax.random.key(0), features, boxes, image_shapes)
+    assert jax.tree.leaves(variables) == []
+    np.testing.assert_array_equal(lin.apply(variables, features, boxes, image_shapes),
+                                  expected)
+    mod = nnx.MultiScaleRoIAlign(names, OUTPUT_SIZE, 2, canonical_scale=16,
+                                 data_format=data_format)
+    np.testing.assert_array_equal(mod(features, boxes, image_shapes), expected)
+    grads = jax.grad(lambda f: jnp.sum(mod(f, boxes, image_shapes) ** 2))(features)
+    assert all(np.abs(np.asarray(grads[name])).max() > 0 for name in names)
+
+
+def test_multi_scale_settings_are_checked_when_made_and_shown():
+    assert repr(linen.MultiScaleRoIAlign(["p2", "p3"], 7, 2)) == (
+        "MultiScaleRoIAlign(featmap_names=['p2', 'p3'], output_size=7, sampling_ratio=2, "
+        "data_format='NHWC')")
+    with pytest.raises(TypeError, match="featmap_names must be a non-empty sequence"):
+        nnx.MultiScaleRoIAlign("p2", 7, 2)
+    with pytest.raises(ValueError, match="canonical_scale must be positive"):
+        linen.MultiScaleRoIAlign(["p2"], 7, 2, canonical_scale=0)
+    with pytest.raises(KeyError, match="no level named 'p3'"):
+        nnx.MultiScaleRoIAlign(["p2", "p3"], 7, 2)(
+            {"p2": np.zeros((1, 8, 8, 2), np.float32)}, [np.zeros((1, 4), np.float32)],
+            [(32, 32)])

@@ -1,9 +1,11 @@
 """Property-based fuzzing of every kernel (hypothesis).
 
-Random calls over the whole input space the kernels must survive: 0 to 3
-images, 0 to 9 output channels, maps of 1 to 40 pixels a side, non-square
-output sizes of 1 to 9, sampling ratios -1 to 5 and a few large ones, several
-spatial scales, every layout, channel order and dtype; and boxes drawn to
+Random calls over the whole input space the kernels must survive: every
+operator with kernels (ps_roi_align, roi_align with `aligned` both ways,
+ps_roi_pool), 0 to 3 images, 0 to 9 output channels, maps of 1 to 40 pixels
+a side, non-square output sizes of 1 to 9, sampling ratios -1 to 5 and a few
+large ones, several spatial scales, every layout, channel order and dtype;
+and boxes drawn to
 include NaN, +-inf, 1e30, negative, inverted, zero-size and off-map
 coordinates and out-of-range, fractional and NaN batch indices. Properties,
 forward, backward and vmap:
@@ -35,7 +37,7 @@ from hypothesis import strategies as st
 import jax_psroi
 from jax_psroi import _arguments
 
-from cases import CHANNEL_ORDERS, DTYPES, LAYOUTS, features_as, reference, reference_vjp
+from cases import CHANNEL_ORDERS, DTYPES, LAYOUTS, features_as
 
 EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_EXAMPLES", "20"))
 REFERENCE_EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_REFERENCE_EXAMPLES", str(EXAMPLES)))
@@ -96,25 +98,64 @@ def calls(draw):
         else:
             x2, y2 = x1 - abs(draw(st.floats(0, w / scale))), y1 - 1.0
         rois.append([draw(batch_indices(n)), x1, y1, x2, y2])
+    operator = draw(st.sampled_from(OPERATORS))
+    shared = operator == "roi_align"
     return dict(
-        shape=(n, c_out * pooled[0] * pooled[1], h, w), rois=rois, pooled=pooled,
-        ratio=ratio, scale=scale, dtype=draw(st.sampled_from(DTYPES)),
+        operator=operator, aligned=draw(st.booleans()),
+        shape=(n, c_out * (1 if shared else pooled[0] * pooled[1]), h, w), rois=rois,
+        pooled=pooled, ratio=ratio, scale=scale, dtype=draw(st.sampled_from(DTYPES)),
         data_format=draw(st.sampled_from(LAYOUTS)),
-        channel_order=draw(st.sampled_from(CHANNEL_ORDERS)),
+        channel_order="torchvision" if shared else draw(st.sampled_from(CHANNEL_ORDERS)),
         seed=draw(st.integers(0, 2**32 - 1)))
 
 
-def reads_nothing(rois, n, pooled, scale, ratio):
+OPERATORS = ["ps_roi_align", "roi_align", "ps_roi_pool"]
+
+
+def pools(call):
+    """(native, reference) of the call's operator, each (features, rois) ->
+    pooled."""
+    args = (call["pooled"], call["scale"])
+    if call["operator"] == "roi_align":
+        args += (call["ratio"], call["aligned"])
+        layout = dict(data_format=call["data_format"])
+        return (lambda f, r: jax_psroi.roi_align(f, r, *args, **layout),
+                lambda f, r: jax_psroi.roi_align_reference(f, r, *args, **layout))
+    layout = dict(data_format=call["data_format"], channel_order=call["channel_order"])
+    if call["operator"] == "ps_roi_pool":
+        return (lambda f, r: jax_psroi.ps_roi_pool(f, r, *args, **layout),
+                lambda f, r: jax_psroi.ps_roi_pool_reference(f, r, *args, **layout))
+    args += (call["ratio"],)
+    return (lambda f, r: jax_psroi.ps_roi_align(f, r, *args, **layout),
+            lambda f, r: jax_psroi.ps_roi_align_reference(f, r, *args, **layout))
+
+
+def reads_nothing(rois, n, call):
     """The RoIs the kernels must skip (lib/psroi_math.h: roi_geometry), in
     their compute dtype's arithmetic."""
     t = rois.dtype.type
+    pooled, scale, ratio = call["pooled"], call["scale"], call["ratio"]
+    window = call["operator"] == "ps_roi_pool"
+    clamped = window or (call["operator"] == "roi_align" and not call["aligned"])
+    offset = 0.5 if call["operator"] == "ps_roi_align" or (
+        call["operator"] == "roi_align" and call["aligned"]) else 0.0
     with np.errstate(all="ignore"):
-        start_w, start_h, end_w, end_h = (rois[:, i] * t(scale) - t(0.5) for i in range(1, 5))
-        bin_w = (end_w - start_w) / t(pooled[1])
-        bin_h = (end_h - start_h) / t(pooled[0])
+        start_w, start_h, end_w, end_h = (rois[:, i] * t(scale) - t(offset)
+                                          for i in range(1, 5))
+        if window:  # C's round: halves away from zero
+            start_w, start_h, end_w, end_h = (
+                np.where(np.abs(v - np.trunc(v)) >= 0.5, np.trunc(v) + np.sign(v),
+                         np.trunc(v)).astype(rois.dtype)
+                for v in (start_w, start_h, end_w, end_h))
+        size_w, size_h = end_w - start_w, end_h - start_h
+        if clamped:  # std::max(size, 1), NaN kept
+            size_w = np.where(size_w < 1, t(1), size_w)
+            size_h = np.where(size_h < 1, t(1), size_h)
+        bin_w = size_w / t(pooled[1])
+        bin_h = size_h / t(pooled[0])
         readable = ((rois[:, 0] > -1) & (rois[:, 0] < n) & np.isfinite(start_w)
                     & np.isfinite(start_h) & np.isfinite(bin_w) & np.isfinite(bin_h))
-        if ratio <= 0:
+        if ratio <= 0 and not window:
             readable &= (np.ceil(bin_w) > 0) & (np.ceil(bin_h) > 0)
     return ~readable | (n == 0)
 
@@ -147,12 +188,7 @@ def test_fuzzed_calls(call):
                            call["pooled"]).astype(dtype)
     compute = _arguments.compute_dtype(dtype)
     rois = np.asarray(call["rois"], np.float64).reshape(-1, 5).astype(compute)
-    args = (call["pooled"], call["scale"], call["ratio"])
-    options = dict(data_format=layout, channel_order=order)
-
-    def pool(f, r):
-        return jax_psroi.ps_roi_align(f, r, *args, **options)
-
+    pool, reference = pools(call)
     forward = jax.jit(pool)
     backward = jax.jit(lambda f, r, t: jax.vjp(lambda x: pool(x, r), f)[1](t)[0])
     pooled = np.asarray(forward(features, rois), np.float64)
@@ -164,7 +200,7 @@ def test_fuzzed_calls(call):
     np.testing.assert_array_equal(np.asarray(backward(features, rois, cotangent)), gradient)
 
     # RoIs that read nothing: zero out, and nothing to the gradient.
-    dead = reads_nothing(rois, n, call["pooled"], call["scale"], call["ratio"])
+    dead = reads_nothing(rois, n, call)
     assert not pooled[dead].any()
     only_dead = np.where(dead.reshape(-1, 1, 1, 1), cotangent, 0).astype(dtype)
     assert not np.asarray(backward(features, rois, only_dead), np.float64).any()
@@ -180,5 +216,10 @@ def test_fuzzed_calls(call):
         # Every example compiles new programs: keep long runs' memory flat.
         jax.clear_caches()
     if example < REFERENCE_EXAMPLES:
-        _close(pooled, reference(features, rois, *args, **options), dtype)
-        _close(gradient, reference_vjp(features, rois, cotangent, *args, **options), dtype)
+        def reference_and_gradient(f, r, t):
+            out, vjp = jax.vjp(lambda x: reference(x, r), f)
+            return out, vjp(t)[0]
+
+        expected, expected_gradient = jax.jit(reference_and_gradient)(features, rois, cotangent)
+        _close(pooled, expected, dtype)
+        _close(gradient, expected_gradient, dtype)

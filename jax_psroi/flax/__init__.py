@@ -1,5 +1,4 @@
-"""Flax modules around ``jax_psroi.ps_roi_align``, ``jax_psroi.roi_align`` and
-``jax_psroi.ps_roi_pool``.
+"""Flax modules around the native operators of ``jax_psroi``.
 
 ``jax_psroi.flax.linen.PSRoIAlign`` (a ``flax.linen.Module``) and
 ``jax_psroi.flax.nnx.PSRoIAlign`` (a ``flax.nnx.Module``) are configured
@@ -8,11 +7,20 @@ sampling_ratio)``, plus ``data_format`` (default ``"NHWC"``, Flax's) and
 ``channel_order``; ``RoIAlign`` in both like ``torchvision.ops.RoIAlign(
 output_size, spatial_scale, sampling_ratio, aligned)`` plus ``data_format``;
 ``PSRoIPool`` like ``torchvision.ops.PSRoIPool(output_size, spatial_scale)``
-plus ``data_format`` and ``channel_order``.
-All are called as ``module(features, boxes)`` and hold no parameters. Flax
-is optional: ``pip install "jax_psroi[flax]"``.
+plus ``data_format`` and ``channel_order``; ``MultiScaleRoIAlign`` like
+``torchvision.ops.MultiScaleRoIAlign(featmap_names, output_size,
+sampling_ratio)``, called as ``module(features, boxes, image_shapes)``
+with features a mapping of level names to maps. The others are called as
+``module(features, boxes)``; none holds parameters. Flax is optional:
+``pip install "jax_psroi[flax]"``.
 """
 
-from jax_psroi.flax._config import PSRoIAlignConfig, PSRoIPoolConfig, RoIAlignConfig
+from jax_psroi.flax._config import (
+    MultiScaleRoIAlignConfig,
+    PSRoIAlignConfig,
+    PSRoIPoolConfig,
+    RoIAlignConfig,
+)
 
-__all__ = ["PSRoIAlignConfig", "PSRoIPoolConfig", "RoIAlignConfig"]
+__all__ = ["MultiScaleRoIAlignConfig", "PSRoIAlignConfig", "PSRoIPoolConfig",
+           "RoIAlignConfig"]

@@ -4,11 +4,12 @@ message when Flax is missing."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 
 from jax_psroi import _arguments
-from jax_psroi.ops import ps_roi_align, ps_roi_pool, roi_align
+from jax_psroi.ops import multi_scale_roi_align, ps_roi_align, ps_roi_pool, roi_align
 
 FLAX_MISSING = ("jax_psroi.flax needs Flax, which is not installed: "
                 "pip install 'jax_psroi[flax]' (or pip install flax)")
@@ -140,3 +141,64 @@ class PSRoIPoolConfig:
         size = h if h == w else (h, w)
         return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
                 f"data_format={self.data_format!r}, channel_order={self.channel_order!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScaleRoIAlignConfig:
+    """A multi-scale RoI Align layer's settings, checked when made, like
+    ``torchvision.ops.MultiScaleRoIAlign(featmap_names, output_size,
+    sampling_ratio, canonical_scale=224, canonical_level=4)``.
+
+    Attributes:
+      featmap_names: the names of the levels to pool from, finest first,
+        looked up in the features mapping a call gets.
+      output_size: (h, w) bins per RoI (an int is made (n, n)).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      canonical_scale, canonical_level: the FPN paper's eq. 1 (224, 4).
+      data_format: "NHWC" (Flax's) or "NCHW".
+    """
+
+    featmap_names: tuple[str, ...]
+    output_size: tuple[int, int]
+    sampling_ratio: int
+    canonical_scale: int = 224
+    canonical_level: int = 4
+    data_format: str = "NHWC"
+
+    @classmethod
+    def make(cls, featmap_names, output_size, sampling_ratio, canonical_scale=224,
+             canonical_level=4, data_format="NHWC") -> MultiScaleRoIAlignConfig:
+        if isinstance(featmap_names, str) or not all(
+                isinstance(name, str) for name in featmap_names) or not featmap_names:
+            raise TypeError("featmap_names must be a non-empty sequence of level names, got "
+                            f"{featmap_names!r}")
+        return cls(tuple(featmap_names), _arguments.output_size(output_size),
+                   _arguments.sampling_ratio(sampling_ratio),
+                   *_arguments.canonical(canonical_scale, canonical_level),
+                   _arguments.data_format(data_format))
+
+    def __call__(self, features: Mapping, boxes, image_shapes) -> jax.Array:
+        """features: {name: [N, H, W, C] map} (or NCHW) holding every name of
+        featmap_names; boxes: a list of N [L_i, 4] arrays (or [K, 5]);
+        image_shapes: the (height, width) of every image, whose maximum
+        gives the level scales (torchvision's rule)."""
+        missing = [name for name in self.featmap_names if name not in features]
+        if missing:
+            raise KeyError(f"features has no level named {missing[0]!r}; it has "
+                           f"{sorted(features)}")
+        shapes = [_arguments.image_size(shape) for shape in image_shapes]
+        if not shapes:
+            raise ValueError("image_shapes must hold the (height, width) of every image")
+        image_size = (max(h for h, _ in shapes), max(w for _, w in shapes))
+        return multi_scale_roi_align([features[name] for name in self.featmap_names], boxes,
+                                     self.output_size, self.sampling_ratio, image_size,
+                                     canonical_scale=self.canonical_scale,
+                                     canonical_level=self.canonical_level,
+                                     data_format=self.data_format)
+
+    def describe(self, name: str) -> str:
+        """torchvision's repr, with the layout."""
+        h, w = self.output_size
+        size = h if h == w else (h, w)
+        return (f"{name}(featmap_names={list(self.featmap_names)}, output_size={size}, "
+                f"sampling_ratio={self.sampling_ratio}, data_format={self.data_format!r})")

@@ -1,10 +1,12 @@
-"""``PSRoIAlign``, ``RoIAlign`` and ``PSRoIPool`` as ``flax.linen.Module``s."""
+"""The RoI family as ``flax.linen.Module``s: ``PSRoIAlign``, ``RoIAlign``,
+``PSRoIPool`` and ``MultiScaleRoIAlign``."""
 
 from __future__ import annotations
 
 import jax
 
 from jax_psroi.flax._config import (
+    MultiScaleRoIAlignConfig,
     PSRoIAlignConfig,
     PSRoIPoolConfig,
     RoIAlignConfig,
@@ -126,6 +128,50 @@ class PSRoIPool(nn.Module):
 
     def __call__(self, features, boxes) -> jax.Array:
         return self._settings()(features, boxes)
+
+    def __repr__(self) -> str:
+        return self._settings().describe(type(self).__name__)
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """Multi-scale RoI Align layer (no parameters), like
+    ``torchvision.ops.MultiScaleRoIAlign`` with Flax's NHWC layout by
+    default.
+
+    ``MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2)(features, boxes,
+    image_shapes)`` with features a mapping of level name to [N, H_l, W_l, C]
+    (or NCHW with ``data_format="NCHW"``), boxes a list of N arrays [L_i, 4]
+    (or [K, 5]) in image pixels and image_shapes the (height, width) of every
+    image returns [K, h, w, C] (or [K, C, h, w]). See
+    ``jax_psroi.multi_scale_roi_align``; bad settings raise when the module
+    is made.
+
+    Attributes:
+      featmap_names: the levels to pool from, finest first.
+      output_size: int or (h, w), bins per RoI.
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      canonical_scale, canonical_level: eq. 1's 224 and 4.
+      data_format: "NHWC" (default) or "NCHW".
+    """
+
+    featmap_names: tuple[str, ...]
+    output_size: int | tuple[int, int]
+    sampling_ratio: int
+    canonical_scale: int = 224
+    canonical_level: int = 4
+    data_format: str = "NHWC"
+
+    def __post_init__(self):
+        self._settings()  # raises on a bad setting, here rather than at the first call
+        super().__post_init__()
+
+    def _settings(self) -> MultiScaleRoIAlignConfig:
+        return MultiScaleRoIAlignConfig.make(self.featmap_names, self.output_size,
+                                             self.sampling_ratio, self.canonical_scale,
+                                             self.canonical_level, self.data_format)
+
+    def __call__(self, features, boxes, image_shapes) -> jax.Array:
+        return self._settings()(features, boxes, image_shapes)
 
     def __repr__(self) -> str:
         return self._settings().describe(type(self).__name__)

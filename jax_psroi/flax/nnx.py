@@ -1,10 +1,12 @@
-"""``PSRoIAlign``, ``RoIAlign`` and ``PSRoIPool`` as ``flax.nnx.Module``s."""
+"""The RoI family as ``flax.nnx.Module``s: ``PSRoIAlign``, ``RoIAlign``,
+``PSRoIPool`` and ``MultiScaleRoIAlign``."""
 
 from __future__ import annotations
 
 import jax
 
 from jax_psroi.flax._config import (
+    MultiScaleRoIAlignConfig,
     PSRoIAlignConfig,
     PSRoIPoolConfig,
     RoIAlignConfig,
@@ -90,3 +92,30 @@ class PSRoIPool(nnx.Module):
 
     def __call__(self, features, boxes) -> jax.Array:
         return self.settings(features, boxes)
+
+
+class MultiScaleRoIAlign(nnx.Module):
+    """Multi-scale RoI Align layer (no parameters), like
+    ``torchvision.ops.MultiScaleRoIAlign`` with Flax's NHWC layout by
+    default: ``MultiScaleRoIAlign(["p2", "p3"], 7, 2)(features, boxes,
+    image_shapes)``; see ``linen.MultiScaleRoIAlign`` for the shapes and
+    ``jax_psroi.multi_scale_roi_align`` for the semantics. Bad arguments
+    raise here.
+
+    Args:
+      featmap_names: the levels to pool from, finest first.
+      output_size: int or (h, w), bins per RoI.
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      canonical_scale, canonical_level: eq. 1's 224 and 4, keyword-only.
+      data_format: "NHWC" (default) or "NCHW", keyword-only.
+    """
+
+    def __init__(self, featmap_names, output_size, sampling_ratio: int, *,
+                 canonical_scale: int = 224, canonical_level: int = 4,
+                 data_format: str = "NHWC"):
+        self.settings = MultiScaleRoIAlignConfig.make(featmap_names, output_size,
+                                                      sampling_ratio, canonical_scale,
+                                                      canonical_level, data_format)
+
+    def __call__(self, features, boxes, image_shapes) -> jax.Array:
+        return self.settings(features, boxes, image_shapes)

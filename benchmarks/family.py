@@ -1,0 +1,211 @@
+"""Speed of the RoI family's native operators against their jax.numpy
+references and torchvision (issue 15).
+
+    python benchmarks/family.py [--quick] [--device cpu|gpu] [--out DIR]
+
+Workloads, on an 800 x 1344 image with 1,000 RoIs of the benchmark's box
+distribution:
+  * roi_align, Mask R-CNN's RoI Align: one FPN level with 256 channels,
+    pooled 7 x 7 (the box head) and 14 x 14 (the mask head), sampling_ratio 2,
+    aligned=True (Detectron2's RoIAlignV2); levels P2 (stride 4, 200 x 336)
+    and P4 (stride 16, 50 x 84);
+  * multi_scale_roi_align, torchvision's MultiScaleRoIAlign over P2-P5 (each
+    RoI pooled from its own level), 7 x 7 and 14 x 14, sampling_ratio 2;
+  * ps_roi_pool, R-FCN's position-sensitive RoI Pool on a stride-16 map of
+    10 x 7 x 7 channels, 7 x 7.
+Forward and backward (the vjp of a stored forward), medians of calls on
+device-resident inputs, all in one process. Writes family.md and
+family.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+from collections import OrderedDict
+
+import bench  # run as a script: benchmarks/ is on sys.path
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_psroi
+
+CHANNELS, NUM_ROIS, RATIO, ALIGNED = 256, 1000, 2, True
+LEVELS = {"P2": 4, "P4": 16}
+PYRAMID = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
+SIZES = (7, 14)
+PS_CHANNELS_OUT, PS_STRIDE, PS_SIZE = 10, 16, 7
+
+
+def jax_cpu_threads() -> int:
+    """Threads of this process (XLA's CPU pool, and torchvision's)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _map(stride, channels, rng):
+    height, width = bench.IMAGE_HW[0] // stride, bench.IMAGE_HW[1] // stride
+    return rng.normal(size=(1, channels, height, width)).astype(np.float32)
+
+
+def _rois(num_rois, rng):
+    side = np.exp(rng.uniform(np.log(16), np.log(512), size=(num_rois, 2)))
+    x1 = rng.uniform(0, bench.IMAGE_HW[1] - side[:, 0])
+    y1 = rng.uniform(0, bench.IMAGE_HW[0] - side[:, 1])
+    return np.stack([np.zeros(num_rois), x1, y1, x1 + side[:, 0], y1 + side[:, 1]],
+                    axis=1).astype(np.float32)
+
+
+def _jax_times(pool, features, rois, repeats):
+    """pool(features, rois) -> pooled; features an array or a list of them."""
+    forward = jax.jit(pool)
+    out, vjp = jax.vjp(lambda f: pool(f, rois), features)
+    cotangent = jnp.ones_like(out)
+    backward = jax.jit(lambda fn, c: fn(c)[0])
+    return {
+        "forward": bench.median_seconds(
+            lambda: jax.block_until_ready(forward(features, rois)), **repeats),
+        "backward": bench.median_seconds(
+            lambda: jax.block_until_ready(backward(vjp, cotangent)), **repeats),
+    }
+
+
+def _torchvision_times(pool, features, rois, repeats, device):
+    """pool(torch features (a list for a pyramid), torch rois) -> pooled."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    dev = "cuda" if device == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    torch.set_num_threads(jax_cpu_threads())
+    as_torch = lambda x: torch.from_numpy(x).to(dev).requires_grad_(True)
+    f = [as_torch(x) for x in features] if isinstance(features, list) else as_torch(features)
+    r = torch.from_numpy(rois).to(dev)
+
+    def forward():
+        with torch.no_grad():
+            pool(f, r)
+        sync()
+
+    stored = pool(f, r)
+    ones = torch.ones_like(stored)
+
+    def backward():
+        torch.autograd.grad(stored, f, ones, retain_graph=True)
+        sync()
+
+    return {"forward": bench.median_seconds(forward, **repeats),
+            "backward": bench.median_seconds(backward, **repeats)}
+
+
+def _torchvision_ops():
+    """torchvision's operators as pool(features, rois, ...) callables, or None."""
+    try:
+        from torchvision import ops
+    except ImportError:
+        return None
+    return ops
+
+
+def _workloads(quick, rng):
+    """(operator, level, features, rois, output_size, ours, reference,
+    torchvision) of every row; the pools take (features, rois)."""
+    num_rois = 100 if quick else NUM_ROIS
+    rois = _rois(num_rois, rng)
+    tv = _torchvision_ops()
+    sizes = SIZES[:1] if quick else SIZES
+    for level, stride in ({"P4": 16} if quick else LEVELS).items():
+        features = _map(stride, CHANNELS, rng)
+        for size in sizes:
+            args = (size, 1 / stride, RATIO, ALIGNED)
+            yield ("roi_align", level, features, rois, size,
+                   lambda f, r, a=args: jax_psroi.roi_align(f, r, *a),
+                   lambda f, r, a=args: jax_psroi.roi_align_reference(f, r, *a),
+                   tv and (lambda f, r, a=args: tv.roi_align(f, r, *a)))
+    pyramid = [_map(stride, CHANNELS, rng) for stride in PYRAMID.values()]
+    for size in sizes:
+        pools = _multi_scale_pools(size, num_rois, tv)
+        yield ("multi_scale_roi_align", "P2-P5", pyramid, rois, size, *pools)
+    features = _map(PS_STRIDE, PS_CHANNELS_OUT * PS_SIZE * PS_SIZE, rng)
+    args = (PS_SIZE, 1 / PS_STRIDE)
+    yield ("ps_roi_pool", "stride 16", features, rois, PS_SIZE,
+           lambda f, r: jax_psroi.ps_roi_pool(f, r, *args),
+           lambda f, r: jax_psroi.ps_roi_pool_reference(f, r, *args),
+           tv and (lambda f, r: tv.ps_roi_pool(f, r, *args)))
+
+
+def _multi_scale_pools(size, num_rois, tv):
+    args = (size, RATIO, bench.IMAGE_HW)
+    ours = lambda f, r: jax_psroi.multi_scale_roi_align(f, r, *args)
+    reference = lambda f, r: jax_psroi.multi_scale_roi_align_reference(f, r, *args)
+    if not tv:
+        return ours, reference, None
+    module = tv.MultiScaleRoIAlign(list(PYRAMID), size, RATIO)
+
+    def theirs(features, rois):
+        return module(OrderedDict(zip(PYRAMID, features, strict=True)), [rois[:, 1:]],
+                      [bench.IMAGE_HW])
+    return ours, reference, theirs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 RoIs, P4 only, 7 x 7")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=pathlib.Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    device = jax.devices(args.device)[0]
+    repeats = dict(min_repeats=3, min_seconds=0.2) if args.quick else dict(
+        min_repeats=5, min_seconds=1.0)
+    rows = []
+    for operator, level, features, rois, size, ours, ref, tv in _workloads(
+            args.quick, np.random.default_rng(0)):
+        placed = jax.device_put((features, rois), device)
+        rows.append(dict(
+            operator=operator, level=level,
+            shape=[list(x.shape) for x in features] if isinstance(features, list)
+            else list(features.shape),
+            num_rois=len(rois), output_size=size,
+            jax_psroi=_jax_times(ours, *placed, repeats),
+            reference=_jax_times(ref, *placed, repeats),
+            torchvision=tv and _torchvision_times(tv, features, rois, repeats, args.device)))
+        print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_gpu" if args.device == "gpu" else ""
+    (args.out / f"family{suffix}.json").write_text(json.dumps(rows, indent=1))
+    try:
+        import torchvision
+        versions = f", torchvision {torchvision.__version__}"
+    except ImportError:
+        versions = ", torchvision not installed"
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {device.device_kind}, "
+             f"{jax_cpu_threads()} threads, jax {jax.__version__}{versions}.", "",
+             "Median milliseconds; `x ref` and `x tv`: how many times faster jax_psroi is "
+             f"than the jitted jax.numpy reference and torchvision. {rows[0]['num_rois']} "
+             f"RoIs; roi_align: {CHANNELS} channels, sampling_ratio {RATIO}, "
+             f"aligned={ALIGNED}; multi_scale_roi_align: the same over P2-P5 (aligned=False, "
+             f"torchvision's MultiScaleRoIAlign); ps_roi_pool: {PS_CHANNELS_OUT} x "
+             f"{PS_SIZE} x {PS_SIZE} channels.", "",
+             "| operator | level | output | pass | jax_psroi | reference | torchvision | "
+             "x ref | x tv |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        for mode in ("forward", "backward"):
+            ours, ref = row["jax_psroi"][mode], row["reference"][mode]
+            tv = row["torchvision"][mode] if row["torchvision"] else None
+            lines.append(
+                f"| {row['operator']} | {row['level']} | {row['output_size']} | {mode} | "
+                f"{ours * 1e3:.2f} | {ref * 1e3:.2f} | "
+                f"{'-' if tv is None else f'{tv * 1e3:.2f}'} | {ref / ours:.1f} | "
+                f"{'-' if tv is None else f'{tv / ours:.1f}'} |")
+    (args.out / f"family{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
