@@ -152,6 +152,65 @@ def roi_align_case(fixture, key):
             float(fixture[f"{key}_spatial_scale"]), ratio, bool(aligned))
 
 
+def ps_roi_pool_case(fixture, key):
+    """(features, rois, output_size, spatial_scale, consistent) of case `key`
+    of ps_roi_pool's golden fixture; `consistent`: whether torchvision's
+    gradient is its forward's adjoint there."""
+    ph, pw = (int(v) for v in fixture[f"{key}_params"])
+    return (fixture[f"{key}_input"], fixture[f"{key}_rois"], (ph, pw),
+            float(fixture[f"{key}_spatial_scale"]), bool(fixture[f"{key}_consistent"]))
+
+
+def multi_scale_case(fixture, key):
+    """(levels, boxes, output_size, sampling_ratio, image_size, options) of
+    case `key` of multi_scale_roi_align's golden fixture; options: its
+    canonical_scale and canonical_level."""
+    ph, pw, ratio, scale0, level0, num_levels, n, height, width = (
+        int(v) for v in fixture[f"{key}_params"])
+    levels = [fixture[f"{key}_level{j}"] for j in range(num_levels)]
+    boxes = [fixture[f"{key}_boxes{i}"] for i in range(n)]
+    return levels, boxes, (ph, pw), ratio, (height, width), dict(
+        canonical_scale=scale0, canonical_level=level0)
+
+
+def check_rounded_once(pool, features, cotangent):
+    """A 16-bit call of `pool` (features -> pooled) is its float32 call
+    rounded once, forward and gradient, bit for bit."""
+    wide = features.astype(np.float32)
+    out, vjp = jax.vjp(pool, features)
+    out32, vjp32 = jax.vjp(pool, wide)
+    assert out.dtype == features.dtype
+    np.testing.assert_array_equal(out, out32.astype(features.dtype))
+    np.testing.assert_array_equal(
+        vjp(cotangent)[0], vjp32(cotangent.astype(np.float32))[0].astype(features.dtype))
+
+
+def check_transformations(op, features, boxes, operation):
+    """What every linear operator owes JAX, on its native kernels:
+    `op(features, boxes)` with features [B, C, H, W] and boxes [B, L, 4]
+    (one list entry per image) under vmap per image is one forward call of
+    `operation` equal to the whole call; forward mode is the forward of the
+    tangent; the gradient of a quadratic's gradient is J^T J (the forward,
+    then the backward kernel)."""
+    rng = np.random.default_rng(9)
+    mapped = jax.vmap(lambda f, b: op(f[None], [b]))(features, boxes)
+    whole = op(features, list(boxes))
+    np.testing.assert_allclose(mapped.reshape(whole.shape), whole, rtol=1e-6, atol=1e-6)
+    text = jax.jit(jax.vmap(lambda f, b: op(f[None], [b]))).lower(features, boxes).as_text()
+    assert text.count(f"jax_psroi_{operation}_forward_nchw_f32") == 1
+
+    rois = _arguments.rois_from_boxes(list(boxes), jax.numpy.float32)
+    tangent = rng.normal(size=features.shape).astype(np.float32)
+    _, jvp_out = jax.jvp(lambda f: op(f, rois), (features,), (tangent,))
+    np.testing.assert_allclose(jvp_out, op(tangent, rois), rtol=1e-6, atol=1e-6)
+    loss = lambda f: 0.5 * jax.numpy.sum(op(f, rois) ** 2)
+    _, hvp = jax.jvp(jax.grad(loss), (features,), (tangent,))
+    _, vjp = jax.vjp(lambda f: op(f, rois), features)
+    np.testing.assert_allclose(hvp, vjp(jvp_out)[0], rtol=1e-5, atol=1e-5)
+    text = jax.jit(jax.grad(loss)).lower(features).as_text()
+    assert f"jax_psroi_{operation}_backward_nchw_f32" in text
+
+
 def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,
                         sampling_ratio, data_format="NCHW", channel_order="torchvision",
                         first_bin_row=0, bin_rows=None, aligned=None,

@@ -13,22 +13,13 @@ from jax import export
 import jax_psroi
 from jax_psroi import _extension
 
-from cases import _GPU_SCHEDULE, LAYOUTS, TOLERANCE, golden, random_rois, target
+from cases import _GPU_SCHEDULE, LAYOUTS, TOLERANCE, golden, multi_scale_case, random_rois, target
 
 GOLDEN, CASES = golden("multi_scale_roi_align")
 IMAGE = (64, 48)  # image height, width of the random pyramids
 # Eq. 1 scaled to the small image: boxes of sqrt(area) 24 pool from level
 # k0 = 4 (stride 16); every level of the random pyramids gets RoIs.
 SCALE24 = dict(canonical_scale=24)
-
-
-def _case(key):
-    ph, pw, ratio, scale0, level0, num_levels, n, height, width = (
-        int(v) for v in GOLDEN[f"{key}_params"])
-    levels = [GOLDEN[f"{key}_level{j}"] for j in range(num_levels)]
-    boxes = [GOLDEN[f"{key}_boxes{i}"] for i in range(n)]
-    return levels, boxes, (ph, pw), ratio, (height, width), dict(
-        canonical_scale=scale0, canonical_level=level0)
 
 
 def _nhwc(x):
@@ -38,7 +29,7 @@ def _nhwc(x):
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("key", CASES)
 def test_forward_and_gradients_match_torchvision(key, data_format):
-    levels, boxes, output_size, ratio, image_size, options = _case(key)
+    levels, boxes, output_size, ratio, image_size, options = multi_scale_case(GOLDEN, key)
     to = _nhwc if data_format == "NHWC" else (lambda x: x)
 
     @jax.jit

@@ -8,23 +8,14 @@ import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE, golden
+from cases import TOLERANCE, golden, multi_scale_case
 
 GOLDEN, CASES = golden("multi_scale_roi_align")
 
 
-def _case(key):
-    ph, pw, ratio, scale0, level0, num_levels, n, height, width = (
-        int(v) for v in GOLDEN[f"{key}_params"])
-    levels = [GOLDEN[f"{key}_level{j}"] for j in range(num_levels)]
-    boxes = [GOLDEN[f"{key}_boxes{i}"] for i in range(n)]
-    return levels, boxes, (ph, pw), ratio, (height, width), dict(
-        canonical_scale=scale0, canonical_level=level0)
-
-
 def _levels_used(key):
     """The pyramid level each RoI pools from, by eq. 1 (numpy, float64)."""
-    levels, boxes, _, _, (height, _), options = _case(key)
+    levels, boxes, _, _, (height, _), options = multi_scale_case(GOLDEN, key)
     b = np.concatenate(boxes).astype(np.float64)
     k = np.floor(options["canonical_level"] + np.log2(
         np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) / options["canonical_scale"]) + 1e-6)
@@ -35,13 +26,14 @@ def _levels_used(key):
 def test_fixture_pools_from_several_levels():
     used = [set(_levels_used(key)) for key in CASES]
     assert any(len(u) >= 3 for u in used)
-    assert any(len(_case(key)[0]) == 1 for key in CASES)  # torchvision's one-level path
+    # torchvision's one-level path
+    assert any(len(multi_scale_case(GOLDEN, key)[0]) == 1 for key in CASES)
 
 
 @pytest.mark.parametrize("key,data_format", [(key, "NCHW") for key in CASES] + [
     ("c00", "NHWC")])
 def test_forward_and_gradients_match_torchvision(key, data_format):
-    levels, boxes, output_size, ratio, image_size, options = _case(key)
+    levels, boxes, output_size, ratio, image_size, options = multi_scale_case(GOLDEN, key)
     to = (lambda x: x.transpose(0, 2, 3, 1)) if data_format == "NHWC" else (lambda x: x)
     expected = to(GOLDEN[f"{key}_output"])
     cotangent = to(GOLDEN[f"{key}_cotangent"])
@@ -63,7 +55,7 @@ def test_forward_and_gradients_match_torchvision(key, data_format):
 
 def test_each_roi_reads_only_its_level():
     # The gradient of an RoI's output reaches its own level and no other.
-    levels, boxes, output_size, ratio, image_size, options = _case("c00")
+    levels, boxes, output_size, ratio, image_size, options = multi_scale_case(GOLDEN, "c00")
     used = _levels_used("c00")
     rois = np.concatenate(boxes)
     gradient = jax.jit(jax.grad(lambda xs, box: jax_psroi.multi_scale_roi_align_reference(

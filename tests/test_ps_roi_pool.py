@@ -17,6 +17,8 @@ from cases import (
     EXACT_DTYPES,
     LAYOUTS,
     TOLERANCE,
+    check_rounded_once,
+    check_transformations,
     crowded_rois,
     features_as,
     features_from,
@@ -24,6 +26,7 @@ from cases import (
     hostile_rois,
     native_gpu_schedule,
     pooled_as,
+    ps_roi_pool_case,
     random_rois,
 )
 
@@ -36,16 +39,10 @@ reference = jax.jit(jax_psroi.ps_roi_pool_reference, static_argnums=(2, 3),
                     static_argnames=("data_format", "channel_order"))
 
 
-def _case(key):
-    ph, pw = (int(v) for v in GOLDEN[f"{key}_params"])
-    return (GOLDEN[f"{key}_input"], GOLDEN[f"{key}_rois"], (ph, pw),
-            float(GOLDEN[f"{key}_spatial_scale"]), bool(GOLDEN[f"{key}_consistent"]))
-
-
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
 @pytest.mark.parametrize("key", CASES)
 def test_forward_and_gradient_match_torchvision(key, data_format, channel_order):
-    features, rois, output_size, scale, consistent = _case(key)
+    features, rois, output_size, scale, consistent = ps_roi_pool_case(GOLDEN, key)
     layout = dict(data_format=data_format, channel_order=channel_order)
     x = features_as(features, data_format, channel_order, output_size)
     out, vjp = jax.vjp(lambda f: native(f, rois, output_size, scale, **layout), x)
@@ -65,7 +62,7 @@ def test_forward_and_gradient_match_torchvision(key, data_format, channel_order)
 
 
 def test_fixture_has_both_kinds_of_gradient_case():
-    assert {_case(key)[4] for key in CASES} == {False, True}
+    assert {ps_roi_pool_case(GOLDEN, key)[4] for key in CASES} == {False, True}
 
 
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
@@ -119,13 +116,8 @@ def test_16_bit_is_the_float32_result_rounded_once(dtype, data_format):
     features = jnp.asarray(pooled_as(rng.normal(size=(1, 18, 10, 11)), data_format), dtype)
     rois = random_rois(rng, 20, 1, 10, 11, 1.0, np.float32)
     cotangent = jnp.asarray(pooled_as(rng.normal(size=(20, 2, 3, 3)), data_format), dtype)
-    wide = features.astype(jnp.float32)
-    out, vjp = jax.vjp(lambda f: native(f, rois, 3, 1.0, data_format=data_format), features)
-    out32, vjp32 = jax.vjp(lambda f: native(f, rois, 3, 1.0, data_format=data_format), wide)
-    assert out.dtype == dtype
-    np.testing.assert_array_equal(out, out32.astype(dtype))
-    np.testing.assert_array_equal(vjp(cotangent)[0],
-                                  vjp32(cotangent.astype(jnp.float32))[0].astype(dtype))
+    check_rounded_once(lambda f: native(f, rois, 3, 1.0, data_format=data_format), features,
+                       cotangent)
 
 
 def test_transformations_run_on_the_native_kernels():
@@ -133,24 +125,8 @@ def test_transformations_run_on_the_native_kernels():
     features = rng.normal(size=(3, 8, 8, 9)).astype(np.float32)
     boxes = rng.uniform(0, 7, size=(3, 5, 4)).astype(np.float32)
     boxes[..., 2:] += boxes[..., :2]
-    op = lambda f, b: jax_psroi.ps_roi_pool(f, b, 2, 1.0)
-
-    mapped = jax.vmap(lambda f, b: op(f[None], [b]))(features, boxes)
-    whole = op(features, list(boxes))
-    np.testing.assert_allclose(mapped.reshape(whole.shape), whole, rtol=1e-6, atol=1e-6)
-    text = jax.jit(jax.vmap(lambda f, b: op(f[None], [b]))).lower(features, boxes).as_text()
-    assert text.count("jax_psroi_ps_roi_pool_forward_nchw_f32") == 1
-
-    rois = jax_psroi.rois_from_boxes(list(boxes), jnp.float32)
-    tangent = rng.normal(size=features.shape).astype(np.float32)
-    _, jvp_out = jax.jvp(lambda f: op(f, rois), (features,), (tangent,))
-    np.testing.assert_allclose(jvp_out, op(tangent, rois), rtol=1e-6, atol=1e-6)
-    loss = lambda f: 0.5 * jnp.sum(op(f, rois) ** 2)
-    _, hvp = jax.jvp(jax.grad(loss), (features,), (tangent,))
-    _, vjp = jax.vjp(lambda f: op(f, rois), features)
-    np.testing.assert_allclose(hvp, vjp(jvp_out)[0], rtol=1e-5, atol=1e-5)
-    text = jax.jit(jax.grad(loss)).lower(features).as_text()
-    assert "jax_psroi_ps_roi_pool_backward_nchw_f32" in text
+    check_transformations(lambda f, b: jax_psroi.ps_roi_pool(f, b, 2, 1.0), features, boxes,
+                          "ps_roi_pool")
 
 
 def test_channels_must_be_a_multiple_of_the_bins():

@@ -16,7 +16,7 @@ import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE, features_as, golden, pooled_as
+from cases import TOLERANCE, features_as, golden, pooled_as, ps_roi_pool_case
 
 GOLDEN, CASES = golden("ps_roi_pool")
 
@@ -24,14 +24,8 @@ reference = jax.jit(jax_psroi.ps_roi_pool_reference, static_argnums=(2, 3),
                     static_argnames=("data_format", "channel_order"))
 
 
-def _case(key):
-    ph, pw = (int(v) for v in GOLDEN[f"{key}_params"])
-    return (GOLDEN[f"{key}_input"], GOLDEN[f"{key}_rois"], (ph, pw),
-            float(GOLDEN[f"{key}_spatial_scale"]), bool(GOLDEN[f"{key}_consistent"]))
-
-
 def test_fixture_covers_the_issue_matrix():
-    params = [_case(key) for key in CASES]
+    params = [ps_roi_pool_case(GOLDEN, key) for key in CASES]
     assert {p[0].dtype for p in params} == {np.dtype(np.float32), np.dtype(np.float64)}
     assert {p[3] for p in params} >= {1.0, 0.5, 1 / 16}
     assert {p[4] for p in params} == {False, True}
@@ -43,7 +37,7 @@ def test_fixture_covers_the_issue_matrix():
 @pytest.mark.parametrize("key,layout", [(key, ("NCHW", "torchvision")) for key in CASES] + [
     ("c02", ("NHWC", "torchvision")), ("c05", ("NHWC", "bin_major"))])
 def test_forward_and_gradient_match_torchvision(key, layout):
-    features, rois, output_size, scale, consistent = _case(key)
+    features, rois, output_size, scale, consistent = ps_roi_pool_case(GOLDEN, key)
     data_format, order = layout
     x = features_as(features, data_format, order, output_size)
     cotangent = pooled_as(GOLDEN[f"{key}_cotangent"], data_format)
@@ -63,7 +57,7 @@ def test_forward_and_gradient_match_torchvision(key, layout):
 def test_gradient_is_the_adjoint_of_the_forward(key):
     # <forward(x), c> = <x, gradient(c)> for ours; torchvision's gradient
     # misses it exactly where its windows reach the last row or column.
-    features, rois, output_size, scale, consistent = _case(key)
+    features, rois, output_size, scale, consistent = ps_roi_pool_case(GOLDEN, key)
     features, rois = features.astype(np.float64), rois.astype(np.float64)
     cotangent = GOLDEN[f"{key}_cotangent"].astype(np.float64)
     out, vjp = jax.vjp(lambda f: reference(f, rois, output_size, scale), features)

@@ -16,6 +16,8 @@ from cases import (
     EXACT_DTYPES,
     LAYOUTS,
     TOLERANCE,
+    check_rounded_once,
+    check_transformations,
     crowded_rois,
     golden,
     hostile_rois,
@@ -75,15 +77,8 @@ def test_16_bit_is_the_float32_result_rounded_once(dtype, data_format):
     features = jnp.asarray(pooled_as(rng.normal(size=(1, 6, 10, 11)), data_format), dtype)
     rois = random_rois(rng, 20, 1, 10, 11, 1.0, np.float32)
     cotangent = jnp.asarray(pooled_as(rng.normal(size=(20, 6, 3, 3)), data_format), dtype)
-    wide = features.astype(jnp.float32)
-    out, vjp = jax.vjp(lambda f: native(f, rois, 3, 1.0, 2, False, data_format=data_format),
-                       features)
-    out32, vjp32 = jax.vjp(lambda f: native(f, rois, 3, 1.0, 2, False,
-                                            data_format=data_format), wide)
-    assert out.dtype == dtype
-    np.testing.assert_array_equal(out, out32.astype(dtype))
-    np.testing.assert_array_equal(vjp(cotangent)[0],
-                                  vjp32(cotangent.astype(jnp.float32))[0].astype(dtype))
+    check_rounded_once(lambda f: native(f, rois, 3, 1.0, 2, False, data_format=data_format),
+                       features, cotangent)
 
 
 def test_channels_need_not_be_a_multiple_of_the_bins():
@@ -98,27 +93,8 @@ def test_transformations_run_on_the_native_kernels():
     features = rng.normal(size=(3, 4, 8, 9)).astype(np.float32)
     boxes = rng.uniform(0, 7, size=(3, 5, 4)).astype(np.float32)
     boxes[..., 2:] += boxes[..., :2]
-    op = lambda f, b: jax_psroi.roi_align(f, b, 2, 1.0, 2, True)
-
-    # vmap per image is one call on the batch.
-    mapped = jax.vmap(lambda f, b: op(f[None], [b]))(features, boxes)
-    whole = op(features, list(boxes))
-    np.testing.assert_allclose(mapped.reshape(whole.shape), whole, rtol=1e-6, atol=1e-6)
-    text = jax.jit(jax.vmap(lambda f, b: op(f[None], [b]))).lower(features, boxes).as_text()
-    assert text.count("jax_psroi_roi_align_forward_nchw_f32") == 1
-
-    # Linear: forward mode is the forward of the tangent, and the gradient of
-    # a quadratic's gradient is J^T J (forward, then backward kernel).
-    rois = jax_psroi.rois_from_boxes(list(boxes), jnp.float32)
-    tangent = rng.normal(size=features.shape).astype(np.float32)
-    _, jvp_out = jax.jvp(lambda f: op(f, rois), (features,), (tangent,))
-    np.testing.assert_allclose(jvp_out, op(tangent, rois), rtol=1e-6, atol=1e-6)
-    loss = lambda f: 0.5 * jnp.sum(op(f, rois) ** 2)
-    _, hvp = jax.jvp(jax.grad(loss), (features,), (tangent,))
-    _, vjp = jax.vjp(lambda f: op(f, rois), features)
-    np.testing.assert_allclose(hvp, vjp(jvp_out)[0], rtol=1e-5, atol=1e-5)
-    text = jax.jit(jax.grad(loss)).lower(features).as_text()
-    assert "jax_psroi_roi_align_backward_nchw_f32" in text
+    check_transformations(lambda f, b: jax_psroi.roi_align(f, b, 2, 1.0, 2, True), features,
+                          boxes, "roi_align")
 
 
 def test_aligned_must_be_a_python_bool():

@@ -23,6 +23,12 @@ def import_flax(module: str):
         raise ImportError(FLAX_MISSING) from error
 
 
+def _size_text(output_size) -> str:
+    """An output size as torchvision's reprs show it: n for (n, n)."""
+    h, w = output_size
+    return str(h) if h == w else str((h, w))
+
+
 @dataclasses.dataclass(frozen=True)
 class PSRoIAlignConfig:
     """A PS-RoI Align layer's settings, checked when made (as
@@ -58,8 +64,7 @@ class PSRoIAlignConfig:
 
     def describe(self, name: str) -> str:
         """torchvision's repr, with the layout."""
-        h, w = self.output_size
-        size = h if h == w else (h, w)
+        size = _size_text(self.output_size)
         return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
                 f"sampling_ratio={self.sampling_ratio}, data_format={self.data_format!r}, "
                 f"channel_order={self.channel_order!r})")
@@ -99,8 +104,7 @@ class RoIAlignConfig:
 
     def describe(self, name: str) -> str:
         """torchvision's repr, with the layout."""
-        h, w = self.output_size
-        size = h if h == w else (h, w)
+        size = _size_text(self.output_size)
         return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
                 f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, "
                 f"data_format={self.data_format!r})")
@@ -137,8 +141,7 @@ class PSRoIPoolConfig:
 
     def describe(self, name: str) -> str:
         """torchvision's repr, with the layout."""
-        h, w = self.output_size
-        size = h if h == w else (h, w)
+        size = _size_text(self.output_size)
         return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
                 f"data_format={self.data_format!r}, channel_order={self.channel_order!r})")
 
@@ -198,7 +201,6 @@ class MultiScaleRoIAlignConfig:
 
     def describe(self, name: str) -> str:
         """torchvision's repr, with the layout."""
-        h, w = self.output_size
-        size = h if h == w else (h, w)
+        size = _size_text(self.output_size)
         return (f"{name}(featmap_names={list(self.featmap_names)}, output_size={size}, "
                 f"sampling_ratio={self.sampling_ratio}, data_format={self.data_format!r})")

@@ -16,7 +16,22 @@ from jax_psroi.flax._config import (
 nn = import_flax("linen")
 
 
-class PSRoIAlign(nn.Module):
+class _Layer(nn.Module):
+    """What every layer shares: its settings checked when it is made (the
+    subclass's ``_settings()``), its call and repr those of the settings."""
+
+    def __post_init__(self):
+        self._settings()  # raises on a bad setting, here rather than at the first call
+        super().__post_init__()
+
+    def __call__(self, *args) -> jax.Array:
+        return self._settings()(*args)
+
+    def __repr__(self) -> str:
+        return self._settings().describe(type(self).__name__)
+
+
+class PSRoIAlign(_Layer):
     """Position-Sensitive RoI Align layer (no parameters), like
     ``torchvision.ops.PSRoIAlign`` with Flax's NHWC layout by default.
 
@@ -41,23 +56,13 @@ class PSRoIAlign(nn.Module):
     data_format: str = "NHWC"
     channel_order: str = "torchvision"
 
-    def __post_init__(self):
-        self._settings()  # raises on a bad setting, here rather than at the first call
-        super().__post_init__()
-
     def _settings(self) -> PSRoIAlignConfig:
         return PSRoIAlignConfig.make(self.output_size, self.spatial_scale,
                                      self.sampling_ratio, self.data_format,
                                      self.channel_order)
 
-    def __call__(self, features, boxes) -> jax.Array:
-        return self._settings()(features, boxes)
 
-    def __repr__(self) -> str:
-        return self._settings().describe(type(self).__name__)
-
-
-class RoIAlign(nn.Module):
+class RoIAlign(_Layer):
     """RoI Align layer (no parameters), like ``torchvision.ops.RoIAlign``
     with Flax's NHWC layout by default.
 
@@ -81,22 +86,12 @@ class RoIAlign(nn.Module):
     aligned: bool = False
     data_format: str = "NHWC"
 
-    def __post_init__(self):
-        self._settings()  # raises on a bad setting, here rather than at the first call
-        super().__post_init__()
-
     def _settings(self) -> RoIAlignConfig:
         return RoIAlignConfig.make(self.output_size, self.spatial_scale, self.sampling_ratio,
                                    self.aligned, self.data_format)
 
-    def __call__(self, features, boxes) -> jax.Array:
-        return self._settings()(features, boxes)
 
-    def __repr__(self) -> str:
-        return self._settings().describe(type(self).__name__)
-
-
-class PSRoIPool(nn.Module):
+class PSRoIPool(_Layer):
     """Position-Sensitive RoI Pool layer (no parameters), like
     ``torchvision.ops.PSRoIPool`` with Flax's NHWC layout by default.
 
@@ -118,22 +113,12 @@ class PSRoIPool(nn.Module):
     data_format: str = "NHWC"
     channel_order: str = "torchvision"
 
-    def __post_init__(self):
-        self._settings()  # raises on a bad setting, here rather than at the first call
-        super().__post_init__()
-
     def _settings(self) -> PSRoIPoolConfig:
         return PSRoIPoolConfig.make(self.output_size, self.spatial_scale, self.data_format,
                                     self.channel_order)
 
-    def __call__(self, features, boxes) -> jax.Array:
-        return self._settings()(features, boxes)
 
-    def __repr__(self) -> str:
-        return self._settings().describe(type(self).__name__)
-
-
-class MultiScaleRoIAlign(nn.Module):
+class MultiScaleRoIAlign(_Layer):
     """Multi-scale RoI Align layer (no parameters), like
     ``torchvision.ops.MultiScaleRoIAlign`` with Flax's NHWC layout by
     default.
@@ -161,17 +146,7 @@ class MultiScaleRoIAlign(nn.Module):
     canonical_level: int = 4
     data_format: str = "NHWC"
 
-    def __post_init__(self):
-        self._settings()  # raises on a bad setting, here rather than at the first call
-        super().__post_init__()
-
     def _settings(self) -> MultiScaleRoIAlignConfig:
         return MultiScaleRoIAlignConfig.make(self.featmap_names, self.output_size,
                                              self.sampling_ratio, self.canonical_scale,
                                              self.canonical_level, self.data_format)
-
-    def __call__(self, features, boxes, image_shapes) -> jax.Array:
-        return self._settings()(features, boxes, image_shapes)
-
-    def __repr__(self) -> str:
-        return self._settings().describe(type(self).__name__)
