@@ -80,6 +80,8 @@ def _torchvision_times(pool, features, rois, repeats, device):
     except ImportError:
         return None
     dev = "cuda" if device == "gpu" else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        return None
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.set_num_threads(jax_cpu_threads())
     as_torch = lambda x: torch.from_numpy(x).to(dev).requires_grad_(True)

@@ -42,10 +42,14 @@ void gather_channel_window(const Window<T>& w, const S* first, int64_t row_strid
                            int64_t num_channels, T count, S* out, int64_t out_stride,
                            T* acc) {
   std::fill(acc, acc + num_channels, T(0));
+  // Pixels that weigh 0 (between a large bin's samples) are skipped: their
+  // runs would add +0.
   for (int64_t r = 0; r < w.rows; ++r) {
+    if (w.row_w[r] == T(0)) continue;
     const T row_weight = w.row_w[r] / count;
     const S* row = first + r * row_stride;
     for (int64_t c = 0; c < w.cols; ++c) {
+      if (w.col_w[c] == T(0)) continue;
       add_run(acc, row + c * pixel_stride, channel_step, num_channels,
               row_weight * w.col_w[c]);
     }
@@ -60,9 +64,11 @@ void scatter_channel_window(const Window<T>& w, T* first, int64_t row_stride,
                             int64_t pixel_stride, int64_t num_channels, T count,
                             const T* cot) {
   for (int64_t r = 0; r < w.rows; ++r) {
+    if (w.row_w[r] == T(0)) continue;
     const T row_weight = w.row_w[r] / count;
     T* row = first + r * row_stride;
     for (int64_t c = 0; c < w.cols; ++c) {
+      if (w.col_w[c] == T(0)) continue;
       T* run = row + c * pixel_stride;
       const T weight = row_weight * w.col_w[c];
       for (int64_t i = 0; i < num_channels; ++i) run[i] += weight * cot[i];
