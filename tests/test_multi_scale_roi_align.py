@@ -67,10 +67,10 @@ def test_random_pyramids_match_the_reference(dtype, data_format, ratio):
     rng = np.random.default_rng(20)
     levels, rois = _pyramid(rng, dtype, data_format)
     args = (rois, (3, 2), ratio, IMAGE)
-    out, vjp = jax.vjp(lambda xs: jax_psroi.multi_scale_roi_align(
-        xs, *args, data_format=data_format, **SCALE24), levels)
-    ref, ref_vjp = jax.vjp(lambda xs: jax_psroi.multi_scale_roi_align_reference(
-        xs, *args, data_format=data_format, **SCALE24), levels)
+    out, vjp = jax.vjp(jax.jit(lambda xs: jax_psroi.multi_scale_roi_align(
+        xs, *args, data_format=data_format, **SCALE24)), levels)
+    ref, ref_vjp = jax.vjp(jax.jit(lambda xs: jax_psroi.multi_scale_roi_align_reference(
+        xs, *args, data_format=data_format, **SCALE24)), levels)
     tolerance = TOLERANCE[np.dtype(dtype)]
     np.testing.assert_allclose(out, ref, **tolerance)
     cotangent = rng.normal(size=out.shape).astype(dtype)

@@ -65,9 +65,8 @@ def test_fixture_has_both_kinds_of_gradient_case():
     assert {ps_roi_pool_case(GOLDEN, key)[4] for key in CASES} == {False, True}
 
 
-@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1.0), (np.float64, 1 / 8)])
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
-@pytest.mark.parametrize("scale", [1.0, 1 / 8])
 def test_random_and_hostile_rois_match_the_reference(dtype, data_format, channel_order,
                                                      scale):
     rng = np.random.default_rng(12)

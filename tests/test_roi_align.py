@@ -13,7 +13,6 @@ import jax_psroi
 from jax_psroi import _extension
 
 from cases import (
-    EXACT_DTYPES,
     LAYOUTS,
     TOLERANCE,
     check_rounded_once,
@@ -50,10 +49,9 @@ def test_forward_and_gradient_match_torchvision(key, data_format):
                                **TOLERANCE[features.dtype])
 
 
-@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("dtype,scale,ratio", [(np.float32, 1.0, 2), (np.float64, 1 / 8, 0)])
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("aligned", [False, True])
-@pytest.mark.parametrize("scale,ratio", [(1.0, 2), (1 / 8, 0)])
 def test_random_and_hostile_rois_match_the_reference(dtype, data_format, aligned, scale,
                                                      ratio):
     rng = np.random.default_rng(7)
@@ -119,9 +117,8 @@ def test_export_for_cuda_calls_the_roi_align_rows():
 
 # --- The CUDA schedule with shared channels, on the CPU --------------------------
 
-@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("dtype,aligned", [(np.float32, False), (np.float64, True)])
 @pytest.mark.parametrize("data_format", LAYOUTS)
-@pytest.mark.parametrize("aligned", [False, True])
 def test_gpu_schedule_crowded_tiles_sum_every_bin(dtype, data_format, aligned):
     # 300 RoIs crowd one backward tile: its list overflows (passes) in every
     # one of the 6 bins, all of which feed the same channels.
