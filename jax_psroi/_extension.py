@@ -94,9 +94,9 @@ SUPPORTED_DTYPES = tuple(sorted({row.dtype for row in KERNELS["cpu"].values()},
 SUPPORTED_LAYOUTS = tuple(sorted({row.layout for row in KERNELS["cpu"].values()}))
 
 CUDA_MISSING_MESSAGE = (
-    "jax_psroi was built without its CUDA kernels, so it cannot lower "
-    "ps_roi_align or roi_align for the 'cuda' platform. Reinstall with nvcc on "
-    "PATH and CUDA forced on: JAX_PSROI_CUDA=ON pip install --no-cache-dir "
+    "jax_psroi was built without its CUDA kernels, so it cannot lower its "
+    "operators for the 'cuda' platform. Reinstall with nvcc on PATH and CUDA "
+    "forced on: JAX_PSROI_CUDA=ON pip install --no-cache-dir "
     "--force-reinstall . (see README, 'Building').")
 
 

@@ -97,16 +97,30 @@ auto bind_attributes(Binding binding) {
       .template Attr<int64_t>("bin_rows");       // PsRoiDims::bin_rows
 }
 
-// Both directions take a pooled-or-feature map and the RoIs, and return a
-// map and further results.
+// The results and attributes after a direction's operands.
 template <typename Operation, typename S, typename Binding>
-auto bind_buffers(Binding binding) {
+auto bind_results(Binding binding) {
   return bind_attributes<Operation>(std::move(binding)
-                                        .template Arg<MapBuffer<S>>()   // input / cotangent
-                                        .template Arg<RoisBuffer<S>>()  // rois
-                                        .template OptionalArg<MapBuffer<S>>()  // updated
-                                        .template Ret<MapBuffer<S>>()   // output / grad
+                                        .template Ret<MapBuffer<S>>()  // output / grad
                                         .RemainingRets());  // CUDA: (accumulator,) workspace
+}
+
+// Both directions take a pooled-or-feature map and the RoIs (and the
+// forward, optionally, the pooled tensor it updates), and return a map and
+// further results. (A binding is not movable: each is built in one
+// expression.)
+template <typename Operation, Direction D, typename S, typename Binding>
+auto bind_buffers(Binding binding) {
+  if constexpr (D == Direction::kForward) {
+    return bind_results<Operation, S>(std::move(binding)
+                                          .template Arg<MapBuffer<S>>()    // input
+                                          .template Arg<RoisBuffer<S>>()   // rois
+                                          .template OptionalArg<MapBuffer<S>>());  // updated
+  } else {
+    return bind_results<Operation, S>(std::move(binding)
+                                          .template Arg<MapBuffer<S>>()     // cotangent
+                                          .template Arg<RoisBuffer<S>>());  // rois
+  }
 }
 
 // A row's handler: the binding of its direction, after the platform's
@@ -116,23 +130,22 @@ template <typename Operation, Direction D, typename S, typename Context, typenam
 auto bind_row(Context context, Forward forward, Backward backward,
               std::initializer_list<ffi::Traits> traits = {}) {
   if constexpr (D == Direction::kForward) {
-    return bind_buffers<Operation, S>(context()).To(forward, traits);
+    return bind_buffers<Operation, D, S>(context()).To(forward, traits);
   } else {
-    return bind_buffers<Operation, S>(context()).To(backward, traits);
+    return bind_buffers<Operation, D, S>(context()).To(backward, traits);
   }
 }
 
-// The optional pooled tensor a call updates in place (see above), a
-// forward's only: marks `d` to leave the outputs of RoIs that read nothing.
+// The optional pooled tensor a forward updates in place (see above): marks
+// `d` to leave the outputs of RoIs that read nothing.
 template <typename S>
 using UpdatedBuffer = std::optional<MapBuffer<S>>;
 
 template <typename Buffer>
 ffi::Error apply_update(const std::optional<Buffer>& updated, const Buffer& output,
-                        Direction direction, PsRoiDims* d) {
+                        PsRoiDims* d) {
   if (!updated) return ffi::Error::Success();
-  if (direction != Direction::kForward ||
-      updated->untyped_data() != output.untyped_data()) {
+  if (updated->untyped_data() != output.untyped_data()) {
     return ffi::Error::InvalidArgument(
         "jax_psroi: a third operand is the pooled tensor a forward updates, and must be "
         "aliased to its result");
@@ -179,7 +192,7 @@ inline std::string shape_string(ffi::Span<const int64_t> dims) {
 
 // Dims of a call of `Operation` from its feature map, rois [K, 5], pooled
 // tensor (the forward's output, the backward's input), in `Layout`, and its
-// attributes (`attribute`: OperationAttribute<Operation>).
+// attributes (`attribute`: OperationTraits<Operation>::kAttribute).
 template <typename Operation, typename Layout>
 ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
                                   ffi::Span<const int64_t> rois,
@@ -210,8 +223,11 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
   d.pooled_h = pooled[kAxes[2]];
   d.pooled_w = pooled[kAxes[3]];
   d.channel_order = kShared ? ChannelOrder::kShared : static_cast<ChannelOrder>(attribute);
-  d.aligned = kShared ? attribute == 1 : true;
-  d.whole_pixels = OperationTraits<Operation>::kWholePixels;
+  // Windows of whole pixels take the unaligned geometry (no shift, sizes
+  // clamped to at least 1), after rounding.
+  constexpr bool kWholePixels = OperationTraits<Operation>::kWholePixels;
+  d.aligned = kShared ? attribute == 1 : !kWholePixels;
+  d.whole_pixels = kWholePixels;
   d.first_bin_row = first_bin_row;
   d.bin_rows = bin_rows;
   if (d.pooled_h <= 0 || d.pooled_w <= 0 ||

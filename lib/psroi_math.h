@@ -71,9 +71,10 @@ struct PsRoiDims {
   // coordinates shifted by -0.5 pixel, sizes as they are; false, roi_align's
   // default: no shift, RoI sizes clamped to at least 1 pixel.
   bool aligned = true;
-  // ps_roi_pool's bins: corners rounded to whole pixels, sizes clamped to at
-  // least 1, each bin the plain average of a window of pixels (no samples;
-  // `aligned` and the sampling ratio play no part).
+  // ps_roi_pool's bins: corners rounded to whole pixels, then the unaligned
+  // geometry (aligned false: sizes clamped to at least 1), each bin the plain
+  // average of a window of pixels (no samples: the sampling ratio plays no
+  // part).
   bool whole_pixels = false;
   // Whether the forward leaves the outputs of RoIs that read nothing (bad
   // batch index or geometry) as they were instead of writing zeros: a call
@@ -242,7 +243,7 @@ template <typename T>
 PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
                                      T spatial_scale, int64_t sampling_ratio) {
   RoiGeometry<T> g;
-  const T offset = static_cast<T>(d.aligned && !d.whole_pixels ? 0.5 : 0.0);
+  const T offset = static_cast<T>(d.aligned ? 0.5 : 0.0);
   T start_w = roi[1] * spatial_scale - offset;
   T start_h = roi[2] * spatial_scale - offset;
   T end_w = roi[3] * spatial_scale - offset;
@@ -254,7 +255,7 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
     end_h = round(end_h);
   }
   T size_w = end_w - start_w, size_h = end_h - start_h;
-  if (!d.aligned || d.whole_pixels) {
+  if (!d.aligned) {
     // torchvision's std::max(size, 1): a NaN size stays NaN.
     const T one = static_cast<T>(1);
     if (size_w < one) size_w = one;

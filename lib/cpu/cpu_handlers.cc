@@ -44,7 +44,7 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
       first_bin_row, bin_rows);
   if (dims.has_error()) return ready_with(dims.error());
   PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *output, Direction::kForward, &d); e.failure()) {
+  if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
     return ready_with(e);
   }
   const S* in = data<S>(input);
@@ -62,7 +62,7 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
 
 template <typename Operation, typename S, typename Layout>
 ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                     UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> grad_input,
+                     ffi::Result<MapBuffer<S>> grad_input,
                      ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
                      int64_t attribute, int64_t first_bin_row, int64_t bin_rows) {
   using T = ComputeType<S>;
@@ -72,11 +72,7 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
   if (dims.has_error()) return ready_with(dims.error());
   // Units sum 16-bit gradients in scratch of their own: the CPU takes no
   // further results.
-  PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *grad_input, Direction::kBackward, &d);
-      e.failure()) {
-    return ready_with(e);
-  }
+  const PsRoiDims d = dims.value();
   const S* cot = data<S>(cotangent);
   const T* boxes = data<T>(rois);
   S* grad = data<S>(*grad_input);

@@ -92,7 +92,7 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *output, Direction::kForward, &d); e.failure()) {
+  if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
     return e;
   }
   const T scale = static_cast<T>(spatial_scale);
@@ -111,7 +111,7 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
 // the GPU (where it is the call's further result).
 template <typename Operation, typename S, typename Layout>
 ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                              UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> grad_input,
+                              ffi::Result<MapBuffer<S>> grad_input,
                               ffi::RemainingRets, double spatial_scale,
                               int64_t sampling_ratio, int64_t attribute,
                               int64_t first_bin_row, int64_t bin_rows) {
@@ -120,11 +120,7 @@ ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
-  PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *grad_input, Direction::kBackward, &d);
-      e.failure()) {
-    return e;
-  }
+  const PsRoiDims d = dims.value();
   const T scale = static_cast<T>(spatial_scale);
   std::vector<int32_t> storage;
   const gs::Workspace ws =

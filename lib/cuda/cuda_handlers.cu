@@ -51,7 +51,7 @@ ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
   PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *output, Direction::kForward, &d); e.failure()) {
+  if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
     return e;
   }
   ffi::ErrorOr<int32_t*> ws = workspace(further, 0, d, /*backward=*/false);
@@ -65,7 +65,7 @@ ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
 
 template <typename Operation, typename S, typename Layout>
 ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> grad_input,
+                    ffi::Result<MapBuffer<S>> grad_input,
                     ffi::RemainingRets further, double spatial_scale,
                     int64_t sampling_ratio, int64_t attribute,
                     int64_t first_bin_row, int64_t bin_rows) {
@@ -75,11 +75,7 @@ ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> r
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
       first_bin_row, bin_rows);
   if (dims.has_error()) return dims.error();
-  PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *grad_input, Direction::kBackward, &d);
-      e.failure()) {
-    return e;
-  }
+  const PsRoiDims d = dims.value();
   T* sums = reinterpret_cast<T*>(data<S>(*grad_input));
   if constexpr (kNarrow) {
     ffi::ErrorOr<AccumulatorBuffer<S>> accumulator = further_result<AccumulatorBuffer<S>>(
