@@ -12,7 +12,9 @@ distribution:
   * multi_scale_roi_align, torchvision's MultiScaleRoIAlign over P2-P5 (each
     RoI pooled from its own level), 7 x 7 and 14 x 14, sampling_ratio 2;
   * ps_roi_pool, R-FCN's position-sensitive RoI Pool on a stride-16 map of
-    10 x 7 x 7 channels, 7 x 7.
+    10 x 7 x 7 channels, 7 x 7;
+  * roi_pool, Fast/Faster R-CNN's RoI Pool on a VGG-16 conv5 map (stride 16,
+    512 channels), 7 x 7.
 Forward and backward (the vjp of a stored forward), medians of calls on
 device-resident inputs, all in one process. Writes family.md and
 family.json to --out.
@@ -39,6 +41,7 @@ LEVELS = {"P2": 4, "P4": 16}
 PYRAMID = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
 SIZES = (7, 14)
 PS_CHANNELS_OUT, PS_STRIDE, PS_SIZE = 10, 16, 7
+POOL_CHANNELS, POOL_STRIDE, POOL_SIZE = 512, 16, 7
 
 
 def jax_cpu_threads() -> int:
@@ -138,6 +141,12 @@ def _workloads(quick, rng):
            lambda f, r: jax_psroi.ps_roi_pool(f, r, *args),
            lambda f, r: jax_psroi.ps_roi_pool_reference(f, r, *args),
            tv and (lambda f, r: tv.ps_roi_pool(f, r, *args)))
+    features = _map(POOL_STRIDE, POOL_CHANNELS, rng)
+    args = (POOL_SIZE, 1 / POOL_STRIDE)
+    yield ("roi_pool", "stride 16", features, rois, POOL_SIZE,
+           lambda f, r: jax_psroi.roi_pool(f, r, *args),
+           lambda f, r: jax_psroi.roi_pool_reference(f, r, *args),
+           tv and (lambda f, r: tv.roi_pool(f, r, *args)))
 
 
 def _multi_scale_pools(size, num_rois, tv):
@@ -192,7 +201,7 @@ def main(argv=None):
              f"RoIs; roi_align: {CHANNELS} channels, sampling_ratio {RATIO}, "
              f"aligned={ALIGNED}; multi_scale_roi_align: the same over P2-P5 (aligned=False, "
              f"torchvision's MultiScaleRoIAlign); ps_roi_pool: {PS_CHANNELS_OUT} x "
-             f"{PS_SIZE} x {PS_SIZE} channels.", "",
+             f"{PS_SIZE} x {PS_SIZE} channels; roi_pool: {POOL_CHANNELS} channels.", "",
              "| operator | level | output | pass | jax_psroi | reference | torchvision | "
              "x ref | x tv |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
@@ -87,7 +88,7 @@ def _jvp(primals, tangents, **params):
     out = multi_scale_p.bind(*primals, **params)
     map_tangents = tangents[:len(maps)]
     if all(type(t) is ad.Zero for t in map_tangents):
-        return out, ad.Zero.from_primal_value(out)
+        return out, ad.Zero(jax.typeof(out).to_tangent_aval())
     map_tangents = [ad.instantiate_zeros(t) for t in map_tangents]
     return out, multi_scale_p.bind(*map_tangents, rois, levels, **params)
 

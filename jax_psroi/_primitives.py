@@ -119,6 +119,22 @@ def _reference_call(direction, operand, rois, result_shape, *, data_format, **pa
     return vjp(operand)[0]
 
 
+def cuda_further_results(direction, dtype, features, pooled, data_format) -> list:
+    """Further results of a CUDA call, which XLA allocates as temporaries for
+    the kernels (only the first result is the primitive's): for a 16-bit
+    backward, the gradient's partial sums between the passes of a crowded
+    tile, in float32; then the schedule's int32 workspace (gpu_schedule.h)."""
+    results = []
+    compute = _arguments.compute_dtype(dtype)
+    if direction == "backward" and compute != dtype:
+        results.append(jax.ShapeDtypeStruct((math.prod(features),), compute))
+    n, _, height, _ = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
+    pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
+    results.append(jax.ShapeDtypeStruct((_extension.cuda_workspace_elements(
+        direction == "backward", n, pooled[0], height, pooled_h, pooled_w),), np.int32))
+    return results
+
+
 def _native_call(platform, direction, operand, rois, result_shape, *, operation,
                  spatial_scale, sampling_ratio, data_format, channel_order, aligned,
                  first_bin_row=0, bin_rows=None, updated=None):
@@ -127,19 +143,10 @@ def _native_call(platform, direction, operand, rois, result_shape, *, operation,
     (multi-scale RoI Align, level after level)."""
     dtype = operand.dtype
     features, pooled = _arguments.features_and_pooled(direction, operand.shape, result_shape)
-    pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
+    pooled_h, _ = _arguments.pooled_size_of(pooled, data_format)
     results = [jax.ShapeDtypeStruct(result_shape, dtype)]
     if platform == "cuda":
-        # Further results that XLA allocates as temporaries for the kernels;
-        # only the first is the primitive's result.
-        compute = _arguments.compute_dtype(dtype)
-        if direction == "backward" and compute != dtype:
-            # A 16-bit gradient's partial sums between the passes of a crowded
-            # tile, in float32.
-            results.append(jax.ShapeDtypeStruct((math.prod(features),), compute))
-        n, _, height, _ = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
-        results.append(jax.ShapeDtypeStruct((_extension.cuda_workspace_elements(
-            direction == "backward", n, pooled[0], height, pooled_h, pooled_w),), np.int32))
+        results += cuda_further_results(direction, dtype, features, pooled, data_format)
     # The attribute the operations' calls differ in: roi_align's `aligned`,
     # the position-sensitive ones' channel order.
     if operation == "roi_align":

@@ -1,11 +1,11 @@
-"""Public API: ``ps_roi_align``, ``roi_align``, ``ps_roi_pool`` and
-``multi_scale_roi_align``, with torchvision's signatures and semantics."""
+"""Public API: ``ps_roi_align``, ``roi_align``, ``ps_roi_pool``, ``roi_pool``
+and ``multi_scale_roi_align``, with torchvision's signatures and semantics."""
 
 from __future__ import annotations
 
 import jax
 
-from jax_psroi import _arguments, _extension, _levels, _multi_scale, _primitives
+from jax_psroi import _arguments, _extension, _levels, _multi_scale, _primitives, _roi_pool
 
 
 def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
@@ -177,6 +177,52 @@ def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: floa
     return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
                                       operation="ps_roi_pool", aligned=False,
                                       sampling_ratio=0, **params)
+
+
+def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
+             data_format: str = "NCHW") -> jax.Array:
+    """RoI Pool (Fast and Faster R-CNN): the maximum of each bin's window.
+
+    Same signature and semantics as ``torchvision.ops.roi_pool``, as a JAX
+    operation with native CPU and CUDA kernels: ``jax.jit``, ``jax.vmap``
+    and every mode and order of differentiation.
+
+    Box corners are rounded to whole pixels (halves away from zero); an RoI
+    spans both corner pixels (end - start + 1, at least 1), and bin (i, j)
+    is the maximum over the pixels [floor(i * bin_h), ceil((i + 1) * bin_h))
+    x [floor(j * bin_w), ceil((j + 1) * bin_w)) past the rounded corner,
+    clipped to [0, H] x [0, W]. As in torchvision, the scan starts from
+    -FLT_MAX and takes a value only when it is strictly greater: the first
+    maximum in row-major order wins ties, NaN is never taken, a window with
+    nothing above -FLT_MAX gives -FLT_MAX, and an empty window gives 0.
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``),
+        float32, float64, bfloat16 or float16 (16-bit maxima are exact).
+      boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
+        N arrays [L_i, 4] of (x1, y1, x2, y2), one per image.
+      output_size: int or (h, w): bins per RoI.
+      spatial_scale: maps box coordinates to feature-map pixels.
+      data_format: "NCHW" or "NHWC", keyword-only; both native.
+
+    Returns:
+      [K, C, h, w] (NCHW) or [K, h, w, C] (NHWC), the input's dtype.
+
+    Differentiation: piecewise linear. The forward records each maximum's
+    pixel (as torchvision's arg-max); the tangent is the input tangent at
+    those pixels and the gradient the cotangent added at them (a native,
+    deterministic scatter), so ``jax.grad``, ``jax.jvp`` and their
+    compositions all run on the native kernels. ``boxes`` get a zero
+    gradient. Bad batch indices and non-finite coordinates give 0 (and no
+    gradient), as for ``ps_roi_align``.
+    """
+    features, rois, params = _arguments.call(
+        input, boxes, output_size, spatial_scale, None, data_format, "torchvision",
+        _extension.SUPPORTED_DTYPES, position_sensitive=False)
+    _roi_pool.check_plane(features.shape, params["data_format"])
+    return _roi_pool.roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
+                                     spatial_scale=params["spatial_scale"],
+                                     data_format=params["data_format"])[0]
 
 
 def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampling_ratio: int,

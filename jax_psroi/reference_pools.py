@@ -5,7 +5,8 @@ Both pool windows of whole pixels: box corners are rounded (half away from
 zero, as C's ``round``), bin p of an axis covers pixels
 [floor(p * bin_size), ceil((p + 1) * bin_size)) past the rounded start, and
 windows are clipped to the map. They are the oracles of the native kernels
-to come (issue 15); like the RoI Align references they are not fast.
+and their lowering on platforms without one; like the RoI Align references
+they are not fast.
 """
 
 from __future__ import annotations
@@ -87,11 +88,39 @@ def roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, None, data_format, "torchvision",
         position_sensitive=False)
-    nchw = _to_nchw_torchvision_order(features, params["pooled_size"], data_format,
-                                      "torchvision")
-    pooled = _roi_pool_nchw(nchw, rois.astype(nchw.dtype), params["pooled_size"],
-                            params["spatial_scale"])
-    return _from_nchw(pooled.astype(features.dtype), data_format)
+    return pool_roi_pool(features, rois, params["pooled_size"], params["spatial_scale"],
+                         data_format=data_format)[0]
+
+
+def pool_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW"):
+    """``roi_pool_reference`` on checked arguments: features [N, C, H, W]
+    (or [N, H, W, C]), rois [K, 5] of the features' compute dtype; returns
+    the pooled tensor [K, C, PH, PW] (or [K, PH, PW, C]) of the features'
+    dtype and, shaped like it, the int32 pixel y * W + x of each maximum
+    (-1 for none), as the native kernels record them."""
+    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
+    pooled, pixels = _roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size,
+                                    spatial_scale)
+    return (_from_nchw(pooled.astype(features.dtype), data_format),
+            _from_nchw(pixels, data_format))
+
+
+def values_at_pixels(features, rois, pixels, *, data_format="NCHW"):
+    """RoI Pool's output as a function of the features at recorded pixels
+    (see ``pool_roi_pool``): [K, C, PH, PW] (or [K, PH, PW, C]), 0 where no
+    pixel was recorded. Linear in the features."""
+    nchw = features.transpose(0, 3, 1, 2) if data_format == "NHWC" else features
+    if data_format == "NHWC":
+        pixels = pixels.transpose(0, 3, 1, 2)
+    n, c, h, w = nchw.shape
+    if n * h * w == 0:  # no pixel was recorded
+        return _from_nchw(jnp.zeros(pixels.shape, nchw.dtype), data_format)
+    image, batch_ok = _image_of(rois, nchw.shape)
+    found = (pixels >= 0) & (pixels < h * w) & batch_ok[:, None, None, None]
+    safe = jnp.where(found, pixels, 0)
+    channel = jnp.arange(c)[None, :, None, None]
+    values = nchw[image[:, None, None, None], channel, safe // w, safe % w]
+    return _from_nchw(jnp.where(found, values, jnp.zeros((), nchw.dtype)), data_format)
 
 
 def _c_round(x):
@@ -155,7 +184,8 @@ def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale):
 
 
 def _roi_pool_nchw(features, rois, pooled_size, spatial_scale):
-    """[K, C, PH, PW] window maxima of an NCHW map, in its compute dtype.
+    """[K, C, PH, PW] window maxima of an NCHW map, in its compute dtype, and
+    [K, C, PH, PW] int32 pixels y * W + x they came from (-1: none).
 
     torchvision scans a window row by row from maxval = -FLT_MAX, taking a
     value when it is strictly greater: the first maximum in row-major order
@@ -167,8 +197,11 @@ def _roi_pool_nchw(features, rois, pooled_size, spatial_scale):
     """
     pooled_h, pooled_w = pooled_size
     num_rois = rois.shape[0]
-    _, c, h, w = features.shape
+    n, c, h, w = features.shape
     dtype = features.dtype
+    if n * h * w == 0:  # nothing to read: every RoI gives 0 and records no pixel
+        shape = (num_rois, c, pooled_h, pooled_w)
+        return jnp.zeros(shape, dtype), jnp.full(shape, -1, jnp.int32)
     scale = jnp.asarray(spatial_scale, dtype)
     first_y, stop_y, finite_y = _windows(rois, scale, pooled_h, h, 2, inclusive_end=True,
                                          last=h)
@@ -208,6 +241,8 @@ def _roi_pool_nchw(features, rois, pooled_size, spatial_scale):
         jnp.arange(h, dtype=jnp.int32))
     pixel = pixel.transpose(0, 3, 1, 2)  # [K, C, PH, PW]
 
+    valid = valid[:, None, None, None]
+    pixel = jnp.where(valid, pixel, -1)  # an RoI that reads nothing records none
     found = pixel >= 0
     safe = jnp.where(found, pixel, 0)
     channel = jnp.arange(c)[None, :, None, None]
@@ -217,4 +252,4 @@ def _roi_pool_nchw(features, rois, pooled_size, spatial_scale):
     empty = ((rows[:, :, None] <= 0) | (cols[:, None, :] <= 0))[:, None]  # [K, 1, PH, PW]
     # A window with nothing above -FLT_MAX gives -FLT_MAX, an empty one 0.
     out = jnp.where(found, gathered, jnp.where(empty, 0, lowest).astype(dtype))
-    return jnp.where(valid[:, None, None, None], out, 0)
+    return jnp.where(valid, out, 0), pixel

@@ -62,9 +62,11 @@ using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 
 // What an operation's calls say beyond the shared arguments: the name of
 // their one operation attribute (ps_roi_align's and ps_roi_pool's channel
-// order, a ChannelOrder, 0 or 1; roi_align's `aligned`, 0 or 1), whether
-// every bin reads the same channels, and whether bins are windows of whole
-// pixels. ps_roi_pool's calls carry a sampling ratio too, which it ignores.
+// order, a ChannelOrder, 0 or 1; roi_align's `aligned`, 0 or 1; none for
+// roi_pool), whether every bin reads the same channels, whether bins are
+// windows of whole pixels, and whether they are maxima (RoI Pool: its own
+// buffers, below, and windows of PsRoiDims::roi_pool_windows). ps_roi_pool's
+// calls carry a sampling ratio too, which it ignores.
 template <typename Operation>
 struct OperationTraits;
 template <>
@@ -72,19 +74,33 @@ struct OperationTraits<PsRoiAlign> {
   static constexpr const char* kAttribute = "channel_order";
   static constexpr bool kSharedChannels = false;
   static constexpr bool kWholePixels = false;
+  static constexpr bool kMaxPool = false;
 };
 template <>
 struct OperationTraits<RoiAlign> {
   static constexpr const char* kAttribute = "aligned";
   static constexpr bool kSharedChannels = true;
   static constexpr bool kWholePixels = false;
+  static constexpr bool kMaxPool = false;
 };
 template <>
 struct OperationTraits<PsRoiPool> {
   static constexpr const char* kAttribute = "channel_order";
   static constexpr bool kSharedChannels = false;
   static constexpr bool kWholePixels = true;
+  static constexpr bool kMaxPool = false;
 };
+template <>
+struct OperationTraits<RoiPool> {
+  static constexpr const char* kAttribute = nullptr;
+  static constexpr bool kSharedChannels = true;
+  static constexpr bool kWholePixels = true;
+  static constexpr bool kMaxPool = true;
+};
+
+// RoI Pool's arg-max: the plane pixel y * W + x of each pooled element's
+// maximum, -1 for none, shaped like the pooled tensor.
+using PixelsBuffer = ffi::Buffer<ffi::DataType::S32, 4>;
 
 // The attributes both directions read, after their buffers.
 template <typename Operation, typename Binding>
@@ -108,10 +124,33 @@ auto bind_results(Binding binding) {
 // Both directions take a pooled-or-feature map and the RoIs (and the
 // forward, optionally, the pooled tensor it updates), and return a map and
 // further results. (A binding is not movable: each is built in one
-// expression.)
+// expression.) RoI Pool's:
+//   forward:  (input, rois, [recorded]) -> (output, pixels), further results;
+//             with `recorded` (an earlier forward's pixels, which the call
+//             must alias to its `pixels` result) the output is the input at
+//             those pixels: the forward's tangent, linear in the input;
+//   backward: (cotangent, rois, pixels) -> grad, further results;
+// and their one attribute is the spatial scale.
 template <typename Operation, Direction D, typename S, typename Binding>
 auto bind_buffers(Binding binding) {
-  if constexpr (D == Direction::kForward) {
+  if constexpr (OperationTraits<Operation>::kMaxPool && D == Direction::kForward) {
+    return std::move(binding)
+        .template Arg<MapBuffer<S>>()              // input
+        .template Arg<RoisBuffer<S>>()             // rois
+        .template OptionalArg<PixelsBuffer>()      // recorded
+        .template Ret<MapBuffer<S>>()              // output
+        .template Ret<PixelsBuffer>()              // pixels
+        .RemainingRets()
+        .template Attr<double>("spatial_scale");
+  } else if constexpr (OperationTraits<Operation>::kMaxPool) {
+    return std::move(binding)
+        .template Arg<MapBuffer<S>>()              // cotangent
+        .template Arg<RoisBuffer<S>>()             // rois
+        .template Arg<PixelsBuffer>()              // pixels
+        .template Ret<MapBuffer<S>>()              // grad
+        .RemainingRets()                           // CUDA: (accumulator,) workspace
+        .template Attr<double>("spatial_scale");
+  } else if constexpr (D == Direction::kForward) {
     return bind_results<Operation, S>(std::move(binding)
                                           .template Arg<MapBuffer<S>>()    // input
                                           .template Arg<RoisBuffer<S>>()   // rois
@@ -226,8 +265,9 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
   // Windows of whole pixels take the unaligned geometry (no shift, sizes
   // clamped to at least 1), after rounding.
   constexpr bool kWholePixels = OperationTraits<Operation>::kWholePixels;
-  d.aligned = kShared ? attribute == 1 : !kWholePixels;
+  d.aligned = kWholePixels ? false : (kShared ? attribute == 1 : true);
   d.whole_pixels = kWholePixels;
+  d.roi_pool_windows = OperationTraits<Operation>::kMaxPool;
   d.first_bin_row = first_bin_row;
   d.bin_rows = bin_rows;
   if (d.pooled_h <= 0 || d.pooled_w <= 0 ||
@@ -241,6 +281,30 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
     return invalid("the pooled tensor's " + std::to_string(d.pooled_h) +
                    " bin rows from row " + std::to_string(first_bin_row) +
                    " must lie in a grid of " + std::to_string(bin_rows) + " rows");
+  }
+  return d;
+}
+
+// Dims of a RoI Pool call (features, rois, pooled tensor and its pixels),
+// which record pixels in 32 bits.
+template <typename Layout>
+ffi::ErrorOr<PsRoiDims> roi_pool_dims(ffi::Span<const int64_t> features,
+                                      ffi::Span<const int64_t> rois,
+                                      ffi::Span<const int64_t> pooled,
+                                      ffi::Span<const int64_t> pixels) {
+  ffi::ErrorOr<PsRoiDims> d = call_dims<RoiPool, Layout>(features, rois, pooled, 0, 0,
+                                                         pooled[Layout::kAxes[2]]);
+  if (d.has_error()) return d;
+  auto invalid = [](const std::string& message) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument("jax_psroi: " + message));
+  };
+  if (shape_string(pixels) != shape_string(pooled)) {
+    return invalid("roi_pool's pixels must be shaped like its pooled tensor " +
+                   shape_string(pooled) + "; got " + shape_string(pixels));
+  }
+  if (d->plane_size() > INT32_MAX) {
+    return invalid("roi_pool takes feature maps of fewer than 2^31 pixels per plane; got " +
+                   shape_string(features));
   }
   return d;
 }

@@ -36,6 +36,8 @@
 //      RoIs, so the RoIs of one image read one plane (group) while it sits
 //      in L1/L2, and each output element is written by exactly one thread.
 //      Buckets are split into chunks only as far as it takes to fill the GPU.
+//   2'. RoI Pool's forward (and its tangent) is one thread per output
+//      element (roi_pool_element): no buckets.
 //   3. Backward. A block owns one image, one tile of kTileRows x kTileCols
 //      pixels and one bin, that is every gradient element of those pixels
 //      in the bin's C_out channels (with shared channels, roi_align's, every
@@ -46,7 +48,8 @@
 //      weights on the tile; every pixel then keeps the list entries that
 //      cover it (up to kCoverPerPixel; beyond, the element re-reads the
 //      list); every element sums cotangent x weight over its pixel's
-//      entries in list order. A tile met by more RoIs than a list holds is
+//      entries in list order (RoI Pool: the cotangents of the entries whose
+//      recorded maximum is that pixel; backward_block's Term). A tile met by more RoIs than a list holds is
 //      done in passes over the RoIs in order, summing into the gradient (or
 //      into the float32 accumulator of a 16-bit gradient) between passes.
 #ifndef JAX_PSROI_GPU_SCHEDULE_H_
@@ -373,6 +376,41 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoi
   });
 }
 
+// RoI Pool's forward element i (in the pooled tensor's memory order): the
+// maximum of its window and its pixel, or with `recorded` the input at the
+// recorded pixel (then `pixels`, aliased to it, is not written).
+template <typename S, typename Layout, typename T = ComputeType<S>>
+PSROI_HD void roi_pool_element(const S* input, const T* rois, const PsRoiDims& d,
+                               T spatial_scale, const int32_t* recorded, int64_t i, S* output,
+                               int32_t* pixels) {
+  // Pooled layouts: [K, C, PH, PW] or [K, PH, PW, C].
+  const int64_t roi = i / (d.channels * d.bins());
+  const int64_t rest = i - roi * d.channels * d.bins();
+  int64_t c, bin;
+  if (Layout::kChannelsLast) {
+    bin = rest / d.channels;
+    c = rest - bin * d.channels;
+  } else {
+    c = rest / d.bins();
+    bin = rest - c * d.bins();
+  }
+  const RoiGeometry<T> g = roi_geometry(rois + 5 * roi, d, spatial_scale, 0);
+  if (g.empty()) {
+    output[i] = Storage<S>::store(static_cast<T>(0));
+    if (!recorded) pixels[i] = -1;
+    return;
+  }
+  const Layout layout = Layout::of(d);
+  const S* plane = input + layout.plane_offset(g.image, c);
+  if (recorded) {
+    output[i] = Storage<S>::store(value_at_pixel(plane, layout, d, recorded[i]));
+    return;
+  }
+  const WindowMax<T> m = window_max(plane, layout, g, d, bin / d.pooled_w, bin % d.pooled_w);
+  output[i] = Storage<S>::store(m.value);
+  pixels[i] = m.pixel;
+}
+
 // --- 3. Backward ------------------------------------------------------------
 
 struct BackwardTiling {
@@ -476,10 +514,39 @@ PSROI_HD void tile_element(int32_t channels_out, int32_t i, int32_t* pixel, int3
   }
 }
 
+// What a list entry covering a gradient element adds to it: term(roi,
+// c_out, bin, y, x, weight) for bin `bin` of RoI `roi` (its output channel
+// c_out) at pixel (y, x), to which the bin gives `weight`.
+// The averaging operations: the cotangent times the weight.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+struct WeightedCotangent {
+  const S* cotangent;
+  PsRoiDims d;
+  PSROI_HD T operator()(int64_t roi, int32_t c_out, int64_t bin, int64_t, int64_t,
+                        T weight) const {
+    return Storage<S>::load(cotangent[Layout::pooled_offset(d, roi, c_out, bin)]) * weight;
+  }
+};
+
+// RoI Pool: the cotangent where the bin's recorded maximum is the pixel.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+struct CotangentAtMaximum {
+  const S* cotangent;
+  const int32_t* pixels;
+  PsRoiDims d;
+  PSROI_HD T operator()(int64_t roi, int32_t c_out, int64_t bin, int64_t y, int64_t x,
+                        T) const {
+    const int64_t at = Layout::pooled_offset(d, roi, c_out, bin);
+    return pixels[at] == y * d.width + x ? Storage<S>::load(cotangent[at])
+                                         : static_cast<T>(0);
+  }
+};
+
 // `sums` is the gradient itself when S is the compute type, else the
 // compute-type accumulator; it carries partial sums between passes only.
-template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent,
+template <typename Exec, typename S, typename Layout, typename Term,
+          typename T = ComputeType<S>>
+PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
                              const T* rois, const PsRoiDims& d, T spatial_scale,
                              int64_t sampling_ratio, const Workspace& ws, int64_t block,
                              T* sums, S* grad) {
@@ -569,19 +636,17 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const S* cotangent
         const int32_t py = p / kTileCols, px = p % kTileCols;
         const int64_t y = y0 + py, x = x0 + px;
         if (y >= d.height || x >= d.width) return;
-        auto cot = [&](int64_t roi) {
-          return Storage<S>::load(cotangent[Layout::pooled_offset(d, roi, c_out, bin)]);
-        };
         T sum = static_cast<T>(0);
         const int covering = sh.cover_count[p];
         const int kept = covering < kCoverPerPixel ? covering : kCoverPerPixel;
         for (int m = 0; m < kept; ++m) {
-          sum += cot(sh.roi[sh.cover_entry[m][p]]) * sh.cover_weight[m][p];
+          sum += term(sh.roi[sh.cover_entry[m][p]], c_out, bin, y, x, sh.cover_weight[m][p]);
         }
         if (covering > kept) {
           for (int e = sh.cover_resume[p]; e < listed; ++e) {
             if (entry_covers(sh, e, py, px)) {
-              sum += cot(sh.roi[e]) * (sh.row_weight[e][py] * sh.col_weight[e][px]);
+              sum += term(sh.roi[e], c_out, bin, y, x,
+                          sh.row_weight[e][py] * sh.col_weight[e][px]);
             }
           }
         }

@@ -15,11 +15,15 @@
 // ps_roi_align with shared channels (ChannelOrder::kShared) and its choice of
 // box geometry; ps_roi_pool, the same kernels averaging windows of whole
 // pixels (PsRoiDims::whole_pixels): the rows differ only in how their
-// handlers read the call (ffi_common.h, OperationTraits).
+// handlers read the call (ffi_common.h, OperationTraits). roi_pool takes
+// maxima of windows of whole pixels, with kernels of its own for its
+// forward (and tangent) and its arg-max scatter, on the same geometry and,
+// on CUDA, the same backward schedule.
 #define JAX_PSROI_OPERATIONS(X) \
   X(PsRoiAlign, ps_roi_align)   \
   X(RoiAlign, roi_align)        \
-  X(PsRoiPool, ps_roi_pool)
+  X(PsRoiPool, ps_roi_pool)     \
+  X(RoiPool, roi_pool)
 
 // X(storage type (storage_types.h), dtype name as JAX spells it, XLA FFI
 // data type). The compute type of each is Storage<type>::Compute.

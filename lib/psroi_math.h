@@ -76,6 +76,11 @@ struct PsRoiDims {
   // average of a window of pixels (no samples: the sampling ratio plays no
   // part).
   bool whole_pixels = false;
+  // RoI Pool's windows (with whole_pixels): an RoI spans both of its rounded
+  // corners (end - start + 1 pixels, at least 1), and windows are clipped to
+  // [0, size], so they may reach the last row and column (ps_roi_pool's
+  // forward clips them to [0, size - 1]).
+  bool roi_pool_windows = false;
   // Whether the forward leaves the outputs of RoIs that read nothing (bad
   // batch index or geometry) as they were instead of writing zeros: a call
   // that updates a result in place (ffi_common.h).
@@ -176,15 +181,17 @@ struct RoiAxis {
   int64_t grid;  // samples per bin along this axis; 0 means "no samples"
   int64_t first_bin;  // the RoI's bin that this call's bin 0 is
   bool whole_pixels;  // PsRoiDims::whole_pixels: bins are windows, not samples
+  bool reaches_last;  // PsRoiDims::roi_pool_windows: windows clipped to [0, size]
 
   // Window of bin `bin` on an axis of `size` pixels (whole_pixels), as
-  // torchvision's ps_roi_pool forward takes it: [floor(b * bin_size),
-  // ceil((b + 1) * bin_size)) past the rounded start, both ends clipped to
-  // [0, size - 1] (so its windows never reach the last pixel). Computed in
-  // T and clipped before any conversion: huge boxes give in-range windows.
+  // torchvision's ps_roi_pool forward and roi_pool take it: [floor(b *
+  // bin_size), ceil((b + 1) * bin_size)) past the rounded start, both ends
+  // clipped to [0, size - 1] (ps_roi_pool: its windows never reach the last
+  // pixel) or to [0, size] (reaches_last, roi_pool). Computed in T and
+  // clipped before any conversion: huge boxes give in-range windows.
   PSROI_HD AxisSpan window(int64_t bin, int64_t size) const {
     const T b = static_cast<T>(first_bin + bin);
-    const T last = static_cast<T>(size - 1);
+    const T last = static_cast<T>(reaches_last ? size : size - 1);
     auto clip = [&](T v) {
       return v < static_cast<T>(0) ? static_cast<T>(0) : (v > last ? last : v);
     };
@@ -212,9 +219,11 @@ struct RoiGeometry {
   PSROI_HD bool empty() const { return image < 0 || y.grid <= 0 || x.grid <= 0; }
 
   // The divisor of bin (ph, pw)'s average: its samples, or the pixels of its
-  // window (then 0 for an empty window, whose value is 0).
+  // window (then 0 for an empty window, whose value is 0); 1 for RoI Pool's
+  // maxima, which average nothing.
   PSROI_HD T divisor(int64_t ph, int64_t pw, const PsRoiDims& d) const {
     if (!y.whole_pixels) return count;
+    if (y.reaches_last) return static_cast<T>(1);
     const AxisSpan r = y.window(ph, d.height), c = x.window(pw, d.width);
     const int64_t rows = r.last - r.first + 1, cols = c.last - c.first + 1;
     return rows > 0 && cols > 0 ? static_cast<T>(rows * cols) : static_cast<T>(0);
@@ -255,6 +264,10 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
     end_h = round(end_h);
   }
   T size_w = end_w - start_w, size_h = end_h - start_h;
+  if (d.roi_pool_windows) {  // both corner pixels count
+    size_w += static_cast<T>(1);
+    size_h += static_cast<T>(1);
+  }
   if (!d.aligned) {
     // torchvision's std::max(size, 1): a NaN size stays NaN.
     const T one = static_cast<T>(1);
@@ -268,6 +281,7 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
   g.x.first_bin = 0;
   g.y.first_bin = d.first_bin_row;
   g.x.whole_pixels = g.y.whole_pixels = d.whole_pixels;
+  g.x.reaches_last = g.y.reaches_last = d.roi_pool_windows;
   // A window is never a grid of samples: grid 1 marks the axis non-empty.
   g.x.grid = d.whole_pixels ? 1 : grid_size(g.x.bin_size, sampling_ratio);
   g.y.grid = d.whole_pixels ? 1 : grid_size(g.y.bin_size, sampling_ratio);
@@ -437,6 +451,62 @@ PSROI_HD T pooled_value(const S* input, const T* rois, const PsRoiDims& d,
   };
   for_each_sample_on_map(g, d, ph, pw, add_sample);
   return sum / g.count;
+}
+
+// ---------------------------------------------------------------------------
+// RoI Pool: the maximum of a bin's window (PsRoiDims::roi_pool_windows) and
+// the pixel it came from, which the gradient goes to. torchvision scans the
+// window row by row from -FLT_MAX (0 for an empty window) and takes a value
+// when it is strictly greater: the first maximum in row-major order among
+// values above -FLT_MAX (NaN never), or -FLT_MAX and no pixel when there is
+// none. Every RoI Pool kernel scans with these two functions.
+
+template <typename T>
+struct WindowMax {
+  T value;
+  int32_t pixel;  // y * W + x in the plane, -1 for none (the arg-max)
+};
+
+template <typename T>
+PSROI_HD WindowMax<T> window_max_start(const AxisSpan& rows, const AxisSpan& cols) {
+  const bool empty = rows.first > rows.last || cols.first > cols.last;
+  // -FLT_MAX in every compute type, as torchvision's kernels start.
+  return WindowMax<T>{empty ? static_cast<T>(0) : static_cast<T>(-3.40282346638528859812e+38F),
+                      -1};
+}
+
+template <typename T>
+PSROI_HD void window_max_fold(WindowMax<T>& m, T value, int64_t pixel) {
+  if (value > m.value) {
+    m.value = value;
+    m.pixel = static_cast<int32_t>(pixel);
+  }
+}
+
+// Maximum of bin (ph, pw) of an RoI of geometry `g` in one input plane
+// (features of the RoI's image, one channel, in `Layout`).
+template <typename S, typename Layout, typename T = ComputeType<S>>
+PSROI_HD WindowMax<T> window_max(const S* plane, const Layout& layout, const RoiGeometry<T>& g,
+                                 const PsRoiDims& d, int64_t ph, int64_t pw) {
+  const AxisSpan rows = g.y.window(ph, d.height), cols = g.x.window(pw, d.width);
+  WindowMax<T> m = window_max_start<T>(rows, cols);
+  for (int64_t y = rows.first; y <= rows.last; ++y) {
+    for (int64_t x = cols.first; x <= cols.last; ++x) {
+      window_max_fold(m, Storage<S>::load(plane[layout.pixel_offset(y, x)]), y * d.width + x);
+    }
+  }
+  return m;
+}
+
+// The value of a plane at a recorded arg-max: what RoI Pool's output is as a
+// function of the features, for its tangent. No pixel (or one off the
+// plane, which no kernel records) gives 0.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+PSROI_HD T value_at_pixel(const S* plane, const Layout& layout, const PsRoiDims& d,
+                          int32_t pixel) {
+  if (pixel < 0 || pixel >= d.plane_size()) return static_cast<T>(0);
+  const int64_t y = pixel / d.width;
+  return Storage<S>::load(plane[layout.pixel_offset(y, pixel - y * d.width)]);
 }
 
 // ---------------------------------------------------------------------------

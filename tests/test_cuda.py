@@ -67,7 +67,7 @@ def test_cuda_module_has_every_row_of_the_kernel_table():
     # Both modules instantiate the same table: same rows, same target names.
     assert _extension.KERNELS["cuda"] == _extension.KERNELS["cpu"]
     operations = {row.operation for row in _extension.KERNELS["cpu"].values()}
-    assert operations == {"ps_roi_align", "roi_align", "ps_roi_pool"}
+    assert operations == {"ps_roi_align", "roi_align", "ps_roi_pool", "roi_pool"}
     assert len(TARGETS) == 2 * len(operations) * len(_extension.SUPPORTED_DTYPES) * len(
         _extension.SUPPORTED_LAYOUTS)
 
@@ -302,7 +302,8 @@ def test_gpu_vmap_matches_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("data_format", LAYOUTS)
-@pytest.mark.parametrize("operator", ["roi_align", "ps_roi_pool", "multi_scale_roi_align"])
+@pytest.mark.parametrize("operator", ["roi_align", "ps_roi_pool", "roi_pool",
+                                      "multi_scale_roi_align"])
 def test_gpu_family_matches_cpu_and_repeats(operator, data_format):
     # The operators beyond ps_roi_align on the GPU: results as on the CPU,
     # gradients bitwise equal from run to run; multi_scale_roi_align's
@@ -321,6 +322,9 @@ def test_gpu_family_matches_cpu_and_repeats(operator, data_format):
         features = to(random_features(rng, 2, 8, 16, 24, np.float32))
         fwd = lambda f, r: jax_psroi.roi_align(f, r, 7, 1 / 4, 2, False,
                                                data_format=data_format)
+    elif operator == "roi_pool":
+        features = to(random_features(rng, 2, 8, 16, 24, np.float32))
+        fwd = lambda f, r: jax_psroi.roi_pool(f, r, 7, 1 / 4, data_format=data_format)
     else:
         features = to(random_features(rng, 2, 2 * 49, 16, 24, np.float32))
         fwd = lambda f, r: jax_psroi.ps_roi_pool(f, r, 7, 1 / 4, data_format=data_format)

@@ -1,4 +1,4 @@
-"""The Flax modules (PSRoIAlign, RoIAlign, PSRoIPool, MultiScaleRoIAlign; in
+"""The Flax modules (PSRoIAlign, RoIAlign, PSRoIPool, RoIPool, MultiScaleRoIAlign; in
 full for PSRoIAlign): jax_psroi.flax.linen.PSRoIAlign and
 jax_psroi.flax.nnx.PSRoIAlign equal the function, compose with jit, grad and
 vmap, check their settings when made, and say what to install without Flax."""
@@ -195,6 +195,35 @@ def test_ps_roi_pool_settings_are_checked_when_made_and_shown():
         linen.PSRoIPool(0)
     with pytest.raises(ValueError):
         nnx.PSRoIPool(7, channel_order="class_major")
+
+
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_roi_pool_modules_equal_the_function(data_format):
+    features, rois = _data(data_format)
+    expected = np.asarray(jax_psroi.roi_pool(features, rois, OUTPUT_SIZE, 0.5,
+                                             data_format=data_format))
+    assert np.abs(expected).max() > 0.01
+    lin = linen.RoIPool(OUTPUT_SIZE, 0.5, data_format)
+    variables = lin.init(jax.random.key(0), features, rois)
+    assert jax.tree.leaves(variables) == []
+    np.testing.assert_array_equal(lin.apply(variables, features, rois), expected)
+    mod = nnx.RoIPool(OUTPUT_SIZE, 0.5, data_format=data_format)
+    np.testing.assert_array_equal(mod(features, rois), expected)
+    grad = jax.grad(lambda f: jnp.sum(jax.jit(lin.apply)(variables, f, rois) ** 2))(features)
+    expected_grad = jax.grad(lambda f: jnp.sum(jax_psroi.roi_pool_reference(
+        f, rois, OUTPUT_SIZE, 0.5, data_format=data_format) ** 2))(features)
+    np.testing.assert_allclose(grad, expected_grad, **TOLERANCE[np.dtype(np.float32)])
+    assert np.abs(np.asarray(grad)).max() > 0
+
+
+def test_roi_pool_settings_are_checked_when_made_and_shown():
+    assert repr(linen.RoIPool(7, 1 / 16)) == (
+        "RoIPool(output_size=7, spatial_scale=0.0625, data_format='NHWC')")
+    chex.assert_shape(nnx.RoIPool(OUTPUT_SIZE, 0.5)(*_data("NHWC")), (9, 3, 2, 24))
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        linen.RoIPool(0)
+    with pytest.raises(ValueError):
+        nnx.RoIPool(7, data_format="NCWH")
 
 
 @pytest.mark.parametrize("data_format", LAYOUTS)

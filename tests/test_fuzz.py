@@ -2,7 +2,7 @@
 
 Random calls over the whole input space the kernels must survive: every
 operator with kernels (ps_roi_align, roi_align with `aligned` both ways,
-ps_roi_pool), 0 to 3 images, 0 to 9 output channels, maps of 1 to 40 pixels
+ps_roi_pool, roi_pool), 0 to 3 images, 0 to 9 output channels, maps of 1 to 40 pixels
 a side, non-square output sizes of 1 to 9, sampling ratios -1 to 5 and a few
 large ones, several spatial scales, every layout, channel order and dtype;
 and boxes drawn to
@@ -99,7 +99,7 @@ def calls(draw):
             x2, y2 = x1 - abs(draw(st.floats(0, w / scale))), y1 - 1.0
         rois.append([draw(batch_indices(n)), x1, y1, x2, y2])
     operator = draw(st.sampled_from(OPERATORS))
-    shared = operator == "roi_align"
+    shared = operator in ("roi_align", "roi_pool")
     return dict(
         operator=operator, aligned=draw(st.booleans()),
         shape=(n, c_out * (1 if shared else pooled[0] * pooled[1]), h, w), rois=rois,
@@ -109,7 +109,7 @@ def calls(draw):
         seed=draw(st.integers(0, 2**32 - 1)))
 
 
-OPERATORS = ["ps_roi_align", "roi_align", "ps_roi_pool"]
+OPERATORS = ["ps_roi_align", "roi_align", "ps_roi_pool", "roi_pool"]
 
 
 def pools(call):
@@ -121,6 +121,10 @@ def pools(call):
         layout = dict(data_format=call["data_format"])
         return (lambda f, r: jax_psroi.roi_align(f, r, *args, **layout),
                 lambda f, r: jax_psroi.roi_align_reference(f, r, *args, **layout))
+    if call["operator"] == "roi_pool":
+        layout = dict(data_format=call["data_format"])
+        return (lambda f, r: jax_psroi.roi_pool(f, r, *args, **layout),
+                lambda f, r: jax_psroi.roi_pool_reference(f, r, *args, **layout))
     layout = dict(data_format=call["data_format"], channel_order=call["channel_order"])
     if call["operator"] == "ps_roi_pool":
         return (lambda f, r: jax_psroi.ps_roi_pool(f, r, *args, **layout),
@@ -135,7 +139,7 @@ def reads_nothing(rois, n, call):
     their compute dtype's arithmetic."""
     t = rois.dtype.type
     pooled, scale, ratio = call["pooled"], call["scale"], call["ratio"]
-    window = call["operator"] == "ps_roi_pool"
+    window = call["operator"] in ("ps_roi_pool", "roi_pool")
     clamped = window or (call["operator"] == "roi_align" and not call["aligned"])
     offset = 0.5 if call["operator"] == "ps_roi_align" or (
         call["operator"] == "roi_align" and call["aligned"]) else 0.0
@@ -148,6 +152,8 @@ def reads_nothing(rois, n, call):
                          np.trunc(v)).astype(rois.dtype)
                 for v in (start_w, start_h, end_w, end_h))
         size_w, size_h = end_w - start_w, end_h - start_h
+        if call["operator"] == "roi_pool":  # both corner pixels count
+            size_w, size_h = size_w + t(1), size_h + t(1)
         if clamped:  # std::max(size, 1), NaN kept
             size_w = np.where(size_w < 1, t(1), size_w)
             size_h = np.where(size_h < 1, t(1), size_h)

@@ -28,7 +28,7 @@ def test_kernel_table_has_a_forward_and_a_backward_per_operation_dtype_and_layou
     assert dtypes >= {np.dtype(np.float32), np.dtype(np.float64)}
     assert set(_extension.SUPPORTED_DTYPES) == dtypes
     expected = {(operation, direction, layout, dtype)
-                for operation in ("ps_roi_align", "roi_align", "ps_roi_pool")
+                for operation in ("ps_roi_align", "roi_align", "ps_roi_pool", "roi_pool")
                 for direction in ("forward", "backward")
                 for layout in _extension.SUPPORTED_LAYOUTS for dtype in dtypes}
     assert set(table) == expected

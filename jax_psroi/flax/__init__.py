@@ -7,7 +7,9 @@ sampling_ratio)``, plus ``data_format`` (default ``"NHWC"``, Flax's) and
 ``channel_order``; ``RoIAlign`` in both like ``torchvision.ops.RoIAlign(
 output_size, spatial_scale, sampling_ratio, aligned)`` plus ``data_format``;
 ``PSRoIPool`` like ``torchvision.ops.PSRoIPool(output_size, spatial_scale)``
-plus ``data_format`` and ``channel_order``; ``MultiScaleRoIAlign`` like
+plus ``data_format`` and ``channel_order``; ``RoIPool`` like
+``torchvision.ops.RoIPool(output_size, spatial_scale)`` plus ``data_format``;
+``MultiScaleRoIAlign`` like
 ``torchvision.ops.MultiScaleRoIAlign(featmap_names, output_size,
 sampling_ratio)``, called as ``module(features, boxes, image_shapes)``
 with features a mapping of level names to maps. The others are called as
@@ -20,7 +22,8 @@ from jax_psroi.flax._config import (
     PSRoIAlignConfig,
     PSRoIPoolConfig,
     RoIAlignConfig,
+    RoIPoolConfig,
 )
 
 __all__ = ["MultiScaleRoIAlignConfig", "PSRoIAlignConfig", "PSRoIPoolConfig",
-           "RoIAlignConfig"]
+           "RoIAlignConfig", "RoIPoolConfig"]

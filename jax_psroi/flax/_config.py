@@ -9,7 +9,13 @@ from collections.abc import Mapping
 import jax
 
 from jax_psroi import _arguments
-from jax_psroi.ops import multi_scale_roi_align, ps_roi_align, ps_roi_pool, roi_align
+from jax_psroi.ops import (
+    multi_scale_roi_align,
+    ps_roi_align,
+    ps_roi_pool,
+    roi_align,
+    roi_pool,
+)
 
 FLAX_MISSING = ("jax_psroi.flax needs Flax, which is not installed: "
                 "pip install 'jax_psroi[flax]' (or pip install flax)")
@@ -144,6 +150,38 @@ class PSRoIPoolConfig:
         size = _size_text(self.output_size)
         return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
                 f"data_format={self.data_format!r}, channel_order={self.channel_order!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoIPoolConfig:
+    """A RoI Pool layer's settings, checked when made (as ``roi_pool``
+    checks them at trace time).
+
+    Attributes:
+      output_size: (h, w) bins per RoI (an int is made (n, n)).
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      data_format: "NHWC" (Flax's) or "NCHW".
+    """
+
+    output_size: tuple[int, int]
+    spatial_scale: float = 1.0
+    data_format: str = "NHWC"
+
+    @classmethod
+    def make(cls, output_size, spatial_scale=1.0, data_format="NHWC") -> RoIPoolConfig:
+        return cls(_arguments.output_size(output_size),
+                   _arguments.spatial_scale(spatial_scale),
+                   _arguments.data_format(data_format))
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return roi_pool(features, boxes, self.output_size, self.spatial_scale,
+                        data_format=self.data_format)
+
+    def describe(self, name: str) -> str:
+        """torchvision's repr, with the layout."""
+        size = _size_text(self.output_size)
+        return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
+                f"data_format={self.data_format!r})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The RoI family as ``flax.linen.Module``s: ``PSRoIAlign``, ``RoIAlign``,
-``PSRoIPool`` and ``MultiScaleRoIAlign``."""
+``PSRoIPool``, ``RoIPool`` and ``MultiScaleRoIAlign``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from jax_psroi.flax._config import (
     PSRoIAlignConfig,
     PSRoIPoolConfig,
     RoIAlignConfig,
+    RoIPoolConfig,
     import_flax,
 )
 
@@ -116,6 +117,30 @@ class PSRoIPool(_Layer):
     def _settings(self) -> PSRoIPoolConfig:
         return PSRoIPoolConfig.make(self.output_size, self.spatial_scale, self.data_format,
                                     self.channel_order)
+
+
+class RoIPool(_Layer):
+    """RoI Pool layer (no parameters), like ``torchvision.ops.RoIPool``
+    with Flax's NHWC layout by default.
+
+    ``RoIPool(7, 1 / 16)(features, boxes)`` with features [N, H, W, C] (or
+    [N, C, H, W] with ``data_format="NCHW"``) and boxes [K, 5] or a list of
+    N arrays [L_i, 4], returns [K, h, w, C] (or [K, C, h, w]): the maximum
+    of each bin's window. See ``jax_psroi.roi_pool``; bad settings raise
+    when the module is made.
+
+    Attributes:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      data_format: "NHWC" (default) or "NCHW".
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float = 1.0
+    data_format: str = "NHWC"
+
+    def _settings(self) -> RoIPoolConfig:
+        return RoIPoolConfig.make(self.output_size, self.spatial_scale, self.data_format)
 
 
 class MultiScaleRoIAlign(_Layer):

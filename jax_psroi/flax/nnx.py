@@ -1,5 +1,5 @@
 """The RoI family as ``flax.nnx.Module``s: ``PSRoIAlign``, ``RoIAlign``,
-``PSRoIPool`` and ``MultiScaleRoIAlign``."""
+``PSRoIPool``, ``RoIPool`` and ``MultiScaleRoIAlign``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from jax_psroi.flax._config import (
     PSRoIAlignConfig,
     PSRoIPoolConfig,
     RoIAlignConfig,
+    RoIPoolConfig,
     import_flax,
 )
 
@@ -89,6 +90,28 @@ class PSRoIPool(nnx.Module):
                  data_format: str = "NHWC", channel_order: str = "torchvision"):
         self.settings = PSRoIPoolConfig.make(output_size, spatial_scale, data_format,
                                              channel_order)
+
+    def __call__(self, features, boxes) -> jax.Array:
+        return self.settings(features, boxes)
+
+
+class RoIPool(nnx.Module):
+    """RoI Pool layer (no parameters), like ``torchvision.ops.RoIPool``
+    with Flax's NHWC layout by default.
+
+    ``RoIPool(7, 1 / 16)(features, boxes)``: see ``linen.RoIPool`` for the
+    shapes and ``jax_psroi.roi_pool`` for the semantics; bad arguments raise
+    here.
+
+    Args:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      data_format: "NHWC" (default) or "NCHW", keyword-only.
+    """
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, *,
+                 data_format: str = "NHWC"):
+        self.settings = RoIPoolConfig.make(output_size, spatial_scale, data_format)
 
     def __call__(self, features, boxes) -> jax.Array:
         return self.settings(features, boxes)

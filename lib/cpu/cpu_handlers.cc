@@ -3,11 +3,13 @@
 // never thrown. One handler per row of the kernel table.
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "cpu/huge_pages.h"
 #include "cpu/parallel.h"
 #include "cpu/psroi_cpu_kernels.h"
+#include "cpu/roi_pool_cpu_kernels.h"
 #include "ffi_common.h"
 #include "kernel_table.h"
 #include "targets.h"
@@ -97,14 +99,77 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
              }}});
 }
 
+// RoI Pool's forward: maxima and their pixels, or with `recorded` the
+// input at recorded pixels (ffi_common.h). By RoI.
+template <typename S, typename Layout>
+ffi::Future roi_pool_forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
+                             std::optional<PixelsBuffer> recorded,
+                             ffi::Result<MapBuffer<S>> output,
+                             ffi::Result<PixelsBuffer> pixels, ffi::RemainingRets,
+                             double spatial_scale) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), pixels->dimensions());
+  if (dims.has_error()) return ready_with(dims.error());
+  const PsRoiDims d = dims.value();
+  if (recorded && recorded->untyped_data() != pixels->untyped_data()) {
+    return ready_with(ffi::Error::InvalidArgument(
+        "jax_psroi: roi_pool's third operand is the pixels it gathers at, and must be "
+        "aliased to its pixels result"));
+  }
+  const S* in = data<S>(input);
+  const T* boxes = data<T>(rois);
+  const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;
+  S* out = data<S>(*output);
+  int32_t* px = data<int32_t>(*pixels);
+  const T scale = static_cast<T>(spatial_scale);
+  return run_phases(pool, call_work(d, Direction::kForward),
+                    {over_rois(pool, d.num_rois, [=](int64_t begin, int64_t end) {
+                      roi_pool_forward_rois<S, Layout>(in, boxes, d, scale, at, begin, end,
+                                                       out, px);
+                    })});
+}
+
+// RoI Pool's backward: the cotangent added at the recorded pixels, by
+// (image, channel run).
+template <typename S, typename Layout>
+ffi::Future roi_pool_backward(ffi::ThreadPool pool, MapBuffer<S> cotangent,
+                              RoisBuffer<S> rois, PixelsBuffer pixels,
+                              ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
+                              double spatial_scale) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
+      pixels.dimensions());
+  if (dims.has_error()) return ready_with(dims.error());
+  const PsRoiDims d = dims.value();
+  const S* cot = data<S>(cotangent);
+  const int32_t* px = data<int32_t>(pixels);
+  S* grad = data<S>(*grad_input);
+  advise_huge_pages(grad, grad_input->size_bytes());
+  const RoiPoolUnits units = RoiPoolUnits::of(d, pool.num_threads());
+  auto by_image = std::make_shared<const RoiPoolByImage>(
+      roi_pool_by_image(data<T>(rois), d, static_cast<T>(spatial_scale)));
+  return run_phases(pool, call_work(d, Direction::kBackward),
+                    {Phase{units.count(d), [=](int64_t unit) {
+                       roi_pool_backward_unit<S, Layout>(cot, px, d, *by_image, units, unit,
+                                                         grad);
+                     }}});
+}
+
 }  // namespace
 
 template <typename Operation, Direction D, typename Layout, typename S>
 struct CpuHandler {
   static auto make() {
-    return bind_row<Operation, D, S>([] { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); },
-                                     forward<Operation, S, Layout>,
-                                     backward<Operation, S, Layout>);
+    auto context = [] { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); };
+    if constexpr (OperationTraits<Operation>::kMaxPool) {
+      return bind_row<Operation, D, S>(context, roi_pool_forward<S, Layout>,
+                                       roi_pool_backward<S, Layout>);
+    } else {
+      return bind_row<Operation, D, S>(context, forward<Operation, S, Layout>,
+                                       backward<Operation, S, Layout>);
+    }
   }
 };
 

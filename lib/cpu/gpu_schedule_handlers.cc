@@ -5,6 +5,7 @@
 // them out under their own prefix, and only the tests register them.
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -107,8 +108,29 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
   return ffi::Error::Success();
 }
 
-// A 16-bit gradient carries its partial sums in a float32 accumulator, as on
-// the GPU (where it is the call's further result).
+// Every backward block, in turn, adding `term`s. A 16-bit gradient carries
+// its partial sums in a float32 accumulator, as on the GPU (where it is the
+// call's further result).
+template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
+void run_backward_blocks(const Term& term, const T* rois, const PsRoiDims& d, T scale,
+                         int64_t sampling_ratio, const gs::Workspace& ws, S* grad) {
+  std::vector<T> accumulator;
+  T* sums;
+  if constexpr (std::is_same_v<S, T>) {
+    sums = grad;
+  } else {
+    accumulator.assign(d.feature_elements(), T(0));
+    sums = accumulator.data();
+  }
+  SerialBlock block;
+  auto shared = std::make_unique<gs::BackwardShared<T>>();
+  const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
+  for (int64_t b = 0; b < blocks; ++b) {
+    gs::backward_block<SerialBlock, S, Layout>(block, *shared, term, rois, d, scale,
+                                               sampling_ratio, ws, b, sums, grad);
+  }
+}
+
 template <typename Operation, typename S, typename Layout>
 ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
                               ffi::Result<MapBuffer<S>> grad_input,
@@ -126,22 +148,48 @@ ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
   const gs::Workspace ws =
       fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, true);
   S* grad = data<S>(*grad_input);
-  std::vector<T> accumulator;
-  T* sums;
-  if constexpr (std::is_same_v<S, T>) {
-    sums = grad;
-  } else {
-    accumulator.assign(d.feature_elements(), T(0));
-    sums = accumulator.data();
+  run_backward_blocks<S, Layout>(gs::WeightedCotangent<S, Layout>{data<S>(cotangent), d},
+                                 data<T>(rois), d, scale, sampling_ratio, ws, grad);
+  return ffi::Error::Success();
+}
+
+template <typename S, typename Layout>
+ffi::Error roi_pool_forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
+                                      std::optional<PixelsBuffer> recorded,
+                                      ffi::Result<MapBuffer<S>> output,
+                                      ffi::Result<PixelsBuffer> pixels, ffi::RemainingRets,
+                                      double spatial_scale) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), pixels->dimensions());
+  if (dims.has_error()) return dims.error();
+  const PsRoiDims d = dims.value();
+  const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;
+  for (int64_t i = 0; i < d.outputs(); ++i) {
+    gs::roi_pool_element<S, Layout>(data<S>(input), data<T>(rois), d,
+                                    static_cast<T>(spatial_scale), at, i, data<S>(*output),
+                                    data<int32_t>(*pixels));
   }
-  SerialBlock block;
-  auto shared = std::make_unique<gs::BackwardShared<T>>();
-  const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
-  for (int64_t b = 0; b < blocks; ++b) {
-    gs::backward_block<SerialBlock, S, Layout>(block, *shared, data<S>(cotangent),
-                                               data<T>(rois), d, scale, sampling_ratio, ws,
-                                               b, sums, grad);
-  }
+  return ffi::Error::Success();
+}
+
+template <typename S, typename Layout>
+ffi::Error roi_pool_backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
+                                       PixelsBuffer pixels,
+                                       ffi::Result<MapBuffer<S>> grad_input,
+                                       ffi::RemainingRets, double spatial_scale) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
+      pixels.dimensions());
+  if (dims.has_error()) return dims.error();
+  const PsRoiDims d = dims.value();
+  const T scale = static_cast<T>(spatial_scale);
+  std::vector<int32_t> storage;
+  const gs::Workspace ws = fill_workspace(storage, data<T>(rois), d, scale, 0, true);
+  run_backward_blocks<S, Layout>(
+      gs::CotangentAtMaximum<S, Layout>{data<S>(cotangent), data<int32_t>(pixels), d},
+      data<T>(rois), d, scale, 0, ws, data<S>(*grad_input));
   return ffi::Error::Success();
 }
 
@@ -150,9 +198,14 @@ ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
 template <typename Operation, Direction D, typename Layout, typename S>
 struct ScheduledHandler {
   static auto make() {
-    return bind_row<Operation, D, S>([] { return ffi::Ffi::Bind(); },
-                                     forward_scheduled<Operation, S, Layout>,
-                                     backward_scheduled<Operation, S, Layout>);
+    auto context = [] { return ffi::Ffi::Bind(); };
+    if constexpr (OperationTraits<Operation>::kMaxPool) {
+      return bind_row<Operation, D, S>(context, roi_pool_forward_scheduled<S, Layout>,
+                                       roi_pool_backward_scheduled<S, Layout>);
+    } else {
+      return bind_row<Operation, D, S>(context, forward_scheduled<Operation, S, Layout>,
+                                       backward_scheduled<Operation, S, Layout>);
+    }
   }
 };
 

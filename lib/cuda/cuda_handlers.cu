@@ -2,6 +2,7 @@
 // stream. They never synchronize; launch errors come back as ffi::Error. One
 // handler per row of the kernel table.
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -63,19 +64,15 @@ ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
                            data<S>(*output)));
 }
 
-template <typename Operation, typename S, typename Layout>
-ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                    ffi::Result<MapBuffer<S>> grad_input,
-                    ffi::RemainingRets further, double spatial_scale,
-                    int64_t sampling_ratio, int64_t attribute,
-                    int64_t first_bin_row, int64_t bin_rows) {
+// A backward's launch after its dims: the accumulator (16-bit gradients)
+// and the workspace from the further results, then the schedule with `term`.
+template <typename S, typename Layout, typename Term>
+ffi::Error launch_backward_call(cudaStream_t stream, const Term& term, RoisBuffer<S> rois,
+                                const PsRoiDims& d, double spatial_scale,
+                                int64_t sampling_ratio, ffi::Result<MapBuffer<S>> grad_input,
+                                const ffi::RemainingRets& further) {
   using T = ComputeType<S>;
   constexpr bool kNarrow = !std::is_same_v<S, T>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
-      first_bin_row, bin_rows);
-  if (dims.has_error()) return dims.error();
-  const PsRoiDims d = dims.value();
   T* sums = reinterpret_cast<T*>(data<S>(*grad_input));
   if constexpr (kNarrow) {
     ffi::ErrorOr<AccumulatorBuffer<S>> accumulator = further_result<AccumulatorBuffer<S>>(
@@ -87,9 +84,66 @@ ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> r
   if (ws.has_error()) return ws.error();
   return launch_result("backward kernel launch",
                        launch_backward<S, Layout>(
-                           stream, data<S>(cotangent), data<T>(rois), d,
-                           static_cast<T>(spatial_scale), sampling_ratio, ws.value(), sums,
-                           data<S>(*grad_input)));
+                           stream, term, data<T>(rois), d, static_cast<T>(spatial_scale),
+                           sampling_ratio, ws.value(), sums, data<S>(*grad_input)));
+}
+
+template <typename Operation, typename S, typename Layout>
+ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
+                    ffi::Result<MapBuffer<S>> grad_input,
+                    ffi::RemainingRets further, double spatial_scale,
+                    int64_t sampling_ratio, int64_t attribute,
+                    int64_t first_bin_row, int64_t bin_rows) {
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
+      first_bin_row, bin_rows);
+  if (dims.has_error()) return dims.error();
+  const PsRoiDims d = dims.value();
+  return launch_backward_call<S, Layout>(
+      stream, gpu_schedule::WeightedCotangent<S, Layout>{data<S>(cotangent), d}, rois, d,
+      spatial_scale, sampling_ratio, grad_input, further);
+}
+
+// RoI Pool (ffi_common.h): maxima and pixels, or the input at recorded
+// pixels; a thread per output element.
+template <typename S, typename Layout>
+ffi::Error roi_pool_forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
+                            std::optional<PixelsBuffer> recorded,
+                            ffi::Result<MapBuffer<S>> output, ffi::Result<PixelsBuffer> pixels,
+                            ffi::RemainingRets, double spatial_scale) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+      input.dimensions(), rois.dimensions(), output->dimensions(), pixels->dimensions());
+  if (dims.has_error()) return dims.error();
+  if (recorded && recorded->untyped_data() != pixels->untyped_data()) {
+    return ffi::Error::InvalidArgument(
+        "jax_psroi: roi_pool's third operand is the pixels it gathers at, and must be "
+        "aliased to its pixels result");
+  }
+  return launch_result("roi_pool forward kernel launch",
+                       launch_roi_pool_forward<S, Layout>(
+                           stream, data<S>(input), data<T>(rois), dims.value(),
+                           static_cast<T>(spatial_scale),
+                           recorded ? data<int32_t>(*recorded) : nullptr, data<S>(*output),
+                           data<int32_t>(*pixels)));
+}
+
+// RoI Pool's backward: the backward schedule, each covering entry adding its
+// cotangent where its recorded maximum is the pixel (deterministic).
+template <typename S, typename Layout>
+ffi::Error roi_pool_backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
+                             PixelsBuffer pixels, ffi::Result<MapBuffer<S>> grad_input,
+                             ffi::RemainingRets further, double spatial_scale) {
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
+      pixels.dimensions());
+  if (dims.has_error()) return dims.error();
+  const PsRoiDims d = dims.value();
+  return launch_backward_call<S, Layout>(
+      stream,
+      gpu_schedule::CotangentAtMaximum<S, Layout>{data<S>(cotangent), data<int32_t>(pixels),
+                                                  d},
+      rois, d, spatial_scale, 0, grad_input, further);
 }
 
 }  // namespace
@@ -98,10 +152,16 @@ ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> r
 template <typename Operation, Direction D, typename Layout, typename S>
 struct CudaHandler {
   static auto make() {
-    return bind_row<Operation, D, S>(
-        [] { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); },
-        forward<Operation, S, Layout>, backward<Operation, S, Layout>,
-        {ffi::Traits::kCmdBufferCompatible});
+    auto context = [] { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); };
+    if constexpr (OperationTraits<Operation>::kMaxPool) {
+      return bind_row<Operation, D, S>(context, roi_pool_forward<S, Layout>,
+                                       roi_pool_backward<S, Layout>,
+                                       {ffi::Traits::kCmdBufferCompatible});
+    } else {
+      return bind_row<Operation, D, S>(context, forward<Operation, S, Layout>,
+                                       backward<Operation, S, Layout>,
+                                       {ffi::Traits::kCmdBufferCompatible});
+    }
   }
 };
 

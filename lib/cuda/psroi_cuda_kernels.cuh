@@ -1,4 +1,4 @@
-// CUDA kernels of PS-RoI Align and their launchers. What each block does is
+// CUDA kernels of the RoI operators and their launchers. What each block does is
 // in gpu_schedule.h (shared with the CPU tests), the arithmetic in
 // psroi_math.h; this file gives the schedule a real thread block and
 // launches it. No XLA types: the handlers in cuda_handlers.cu translate FFI
@@ -149,19 +149,33 @@ __global__ void __launch_bounds__(kThreads)
 // At least 7 blocks per SM: 72 registers a thread (ptxas for sm_90, no
 // spills) instead of the 74-96 it picks unbounded; float32 shared memory
 // (32 KB a block) allows 7 too.
-template <typename S, typename Layout, typename T = ComputeType<S>>
+// `term`: what a covering list entry adds (gpu_schedule.h: the weighted
+// cotangent, or RoI Pool's cotangent at its maximum).
+template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
 __global__ void __launch_bounds__(kThreads, 7)
-    backward_kernel(const S* __restrict__ cotangent, const T* __restrict__ rois, PsRoiDims d,
-                    T spatial_scale, int64_t sampling_ratio, gs::Workspace ws, T* sums,
-                    S* grad) {
+    backward_kernel(Term term, const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
+                    int64_t sampling_ratio, gs::Workspace ws, T* sums, S* grad) {
   __shared__ gs::BackwardShared<T> shared;
   __shared__ int warp_totals[kWarps];
   DeviceBlock block{warp_totals};
   const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::backward_block<DeviceBlock, S, Layout>(block, shared, cotangent, rois, d,
-                                               spatial_scale, sampling_ratio, ws, b, sums,
-                                               grad);
+    gs::backward_block<DeviceBlock, S, Layout>(block, shared, term, rois, d, spatial_scale,
+                                               sampling_ratio, ws, b, sums, grad);
+  }
+}
+
+// RoI Pool's forward (or, with `recorded`, its tangent): a thread per
+// output element (gpu_schedule.h, roi_pool_element).
+template <typename S, typename Layout, typename T = ComputeType<S>>
+__global__ void __launch_bounds__(kThreads)
+    roi_pool_forward_kernel(const S* __restrict__ input, const T* __restrict__ rois,
+                            PsRoiDims d, T spatial_scale, const int32_t* recorded, S* output,
+                            int32_t* pixels) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+       i < d.outputs(); i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    gs::roi_pool_element<S, Layout>(input, rois, d, spatial_scale, recorded, i, output,
+                                    pixels);
   }
 }
 
@@ -197,10 +211,21 @@ cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
   return cudaGetLastError();
 }
 
-// `sums` is the gradient when S is its own compute type, else the float32
-// accumulator of a 16-bit gradient.
 template <typename S, typename Layout, typename T = ComputeType<S>>
-cudaError_t launch_backward(cudaStream_t stream, const S* cotangent, const T* rois,
+cudaError_t launch_roi_pool_forward(cudaStream_t stream, const S* input, const T* rois,
+                                    const PsRoiDims& d, T spatial_scale,
+                                    const int32_t* recorded, S* output, int32_t* pixels) {
+  if (d.outputs() == 0) return cudaSuccess;
+  roi_pool_forward_kernel<S, Layout>
+      <<<grid_for((d.outputs() + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          input, rois, d, spatial_scale, recorded, output, pixels);
+  return cudaGetLastError();
+}
+
+// `sums` is the gradient when S is its own compute type, else the float32
+// accumulator of a 16-bit gradient; `term` what each covering entry adds.
+template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
+cudaError_t launch_backward(cudaStream_t stream, const Term& term, const T* rois,
                             const PsRoiDims& d, T spatial_scale, int64_t sampling_ratio,
                             int32_t* workspace, T* sums, S* grad) {
   if (d.feature_elements() == 0) return cudaSuccess;
@@ -210,7 +235,7 @@ cudaError_t launch_backward(cudaStream_t stream, const S* cotangent, const T* ro
   if (err != cudaSuccess) return err;
   backward_kernel<S, Layout>
       <<<grid_for(gs::BackwardTiling::of(d).blocks(d)), kThreads, 0, stream>>>(
-          cotangent, rois, d, spatial_scale, sampling_ratio, ws, sums, grad);
+          term, rois, d, spatial_scale, sampling_ratio, ws, sums, grad);
   return cudaGetLastError();
 }
 

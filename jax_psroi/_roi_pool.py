@@ -1,0 +1,248 @@
+"""The primitives of RoI Pool and their JAX rules.
+
+``roi_pool_p``: (features, rois [K, 5]) -> (pooled, pixels)
+    the maximum of each bin's window and the pixel y * W + x it came from
+    (int32, -1 for none), both shaped [K, C, PH, PW] (NCHW) or
+    [K, PH, PW, C] (NHWC);
+``gather_p``:   (features, rois, pixels) -> pooled
+    the features at recorded pixels: RoI Pool's output as the linear
+    function of the features it is near a point (its tangent);
+``scatter_p``:  (cotangent (pooled), rois, pixels) -> like features
+    the cotangent added at recorded pixels: ``gather_p``'s transpose.
+
+RoI Pool is piecewise linear: its JVP is ``gather_p`` at the pixels the
+forward recorded, and ``gather_p`` and ``scatter_p`` are linear and
+transposes of each other, so every mode and order of differentiation runs on
+native kernels (the pixels, like the RoIs, are not differentiated). Each has
+a native lowering on CPU and CUDA (the kernel table's ``roi_pool`` rows:
+``forward`` is the max and, given pixels, the gather; ``backward`` the
+scatter), the ``jax.numpy`` reference elsewhere, and a vmap rule that folds
+the mapped axis into images and RoIs as ``forward_p``'s does.
+
+Parameters, static: ``pooled_size`` (roi_pool_p), ``input_shape``
+(scatter_p), and on all three ``spatial_scale`` and ``data_format``. No
+sharding rule: over a mesh, XLA gathers the operands (correct, not split).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir, xla
+
+from jax_psroi import _arguments, _extension, _primitives, reference_pools
+
+roi_pool_p = Primitive("jax_psroi_roi_pool")
+roi_pool_p.multiple_results = True
+gather_p = Primitive("jax_psroi_roi_pool_gather")
+scatter_p = Primitive("jax_psroi_roi_pool_scatter")
+
+OPERATION = "roi_pool"
+
+
+def _pooled_shape(features_shape, num_rois, pooled_size, data_format):
+    channels = features_shape[_arguments.channel_axis(data_format)]
+    return _arguments.pooled_shape(num_rois, channels, pooled_size, data_format)
+
+
+def _roi_pool_abstract_eval(features, rois, *, pooled_size, data_format, **_):
+    pooled = _primitives._result(features, rois, _pooled_shape(
+        features.shape, rois.shape[0], pooled_size, data_format))
+    return pooled, pooled.update(dtype=np.dtype(np.int32))
+
+
+def _gather_abstract_eval(features, rois, pixels, **_):
+    return _primitives._result(features, rois, pixels.shape)
+
+
+def _scatter_abstract_eval(cotangent, rois, pixels, *, input_shape, **_):
+    return _primitives._result(cotangent, rois, input_shape)
+
+
+roi_pool_p.def_abstract_eval(_roi_pool_abstract_eval)
+gather_p.def_abstract_eval(_gather_abstract_eval)
+scatter_p.def_abstract_eval(_scatter_abstract_eval)
+for _prim in (roi_pool_p, gather_p, scatter_p):
+    _prim.def_impl(partial(xla.apply_primitive, _prim))
+
+
+# --- Lowerings ----------------------------------------------------------------
+
+def _native_forward(platform, features, rois, pixels=None, *, spatial_scale, data_format,
+                    pooled_shape):
+    """The forward row: maxima and pixels, or (given pixels, which the call
+    aliases to its pixels result) the features at them."""
+    name = _extension.target_name(platform, "forward", features.dtype, data_format, OPERATION)
+    results = (jax.ShapeDtypeStruct(pooled_shape, features.dtype),
+               jax.ShapeDtypeStruct(pooled_shape, np.int32))
+    operands, aliases = (features, rois), {}
+    if pixels is not None:
+        operands, aliases = (features, rois, pixels), {2: 1}
+    return jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
+        *operands, spatial_scale=float(spatial_scale))
+
+
+def _native_roi_pool(platform, features, rois, *, pooled_size, spatial_scale, data_format):
+    return _native_forward(platform, features, rois, spatial_scale=spatial_scale,
+                           data_format=data_format, pooled_shape=_pooled_shape(
+                               features.shape, rois.shape[0], pooled_size, data_format))
+
+
+def _native_gather(platform, features, rois, pixels, *, spatial_scale, data_format):
+    return _native_forward(platform, features, rois, pixels, spatial_scale=spatial_scale,
+                           data_format=data_format, pooled_shape=pixels.shape)[0]
+
+
+def _native_scatter(platform, cotangent, rois, pixels, *, input_shape, spatial_scale,
+                    data_format):
+    name = _extension.target_name(platform, "backward", cotangent.dtype, data_format,
+                                  OPERATION)
+    results = [jax.ShapeDtypeStruct(input_shape, cotangent.dtype)]
+    if platform == "cuda":
+        results += _primitives.cuda_further_results(
+            "backward", cotangent.dtype, input_shape, cotangent.shape, data_format)
+    return jax.ffi.ffi_call(name, results)(cotangent, rois, pixels,
+                                           spatial_scale=float(spatial_scale))[0]
+
+
+def _reference_roi_pool(features, rois, *, pooled_size, spatial_scale, data_format):
+    return reference_pools.pool_roi_pool(features, rois, pooled_size, spatial_scale,
+                                         data_format=data_format)
+
+
+def _reference_gather(features, rois, pixels, *, spatial_scale, data_format):
+    return reference_pools.values_at_pixels(features, rois, pixels, data_format=data_format)
+
+
+def _reference_scatter(cotangent, rois, pixels, *, input_shape, spatial_scale, data_format):
+    _, vjp = jax.vjp(lambda x: _reference_gather(x, rois, pixels, spatial_scale=spatial_scale,
+                                                 data_format=data_format),
+                     jnp.zeros(input_shape, cotangent.dtype))
+    return vjp(cotangent)[0]
+
+
+for _prim, _native, _reference, _multiple in (
+        (roi_pool_p, _native_roi_pool, _reference_roi_pool, True),
+        (gather_p, _native_gather, _reference_gather, False),
+        (scatter_p, _native_scatter, _reference_scatter, False)):
+    mlir.register_lowering(_prim, mlir.lower_fun(_reference, multiple_results=_multiple))
+    for _platform in ("cpu", "cuda"):
+        mlir.register_lowering(
+            _prim, mlir.lower_fun(partial(_native, _platform), multiple_results=_multiple),
+            platform=_platform)
+
+
+# --- Differentiation ---------------------------------------------------------
+
+def _zero_tangent(value):
+    return ad.Zero(jax.typeof(value).to_tangent_aval())
+
+
+def _roi_pool_jvp(primals, tangents, *, pooled_size, spatial_scale, data_format):
+    features, rois = primals
+    pooled, pixels = roi_pool_p.bind(features, rois, pooled_size=pooled_size,
+                                     spatial_scale=spatial_scale, data_format=data_format)
+    if type(tangents[0]) is ad.Zero:
+        tangent = _zero_tangent(pooled)
+    else:
+        tangent = gather_p.bind(tangents[0], rois, pixels, spatial_scale=spatial_scale,
+                                data_format=data_format)
+    return (pooled, pixels), (tangent, _zero_tangent(pixels))
+
+
+def _gather_transpose(cotangent, features, rois, pixels, **params):
+    assert ad.is_undefined_primal(features)
+    if type(cotangent) is ad.Zero:
+        return ad.Zero(features.aval), None, None
+    return scatter_p.bind(cotangent, rois, pixels, input_shape=features.aval.shape,
+                          **params), None, None
+
+
+def _scatter_transpose(grad, cotangent, rois, pixels, *, input_shape, **params):
+    assert ad.is_undefined_primal(cotangent)
+    if type(grad) is ad.Zero:
+        return ad.Zero(cotangent.aval), None, None
+    return gather_p.bind(grad, rois, pixels, **params), None, None
+
+
+ad.primitive_jvps[roi_pool_p] = _roi_pool_jvp
+ad.defjvp(gather_p, lambda t, _, rois, pixels, **params: gather_p.bind(t, rois, pixels,
+                                                                        **params),
+          None, None)
+ad.defjvp(scatter_p, lambda t, _, rois, pixels, **params: scatter_p.bind(t, rois, pixels,
+                                                                          **params),
+          None, None)
+ad.primitive_transposes[gather_p] = _gather_transpose
+ad.primitive_transposes[scatter_p] = _scatter_transpose
+
+
+# --- Batching ----------------------------------------------------------------
+# As forward_p's: a mapped axis of size B over N images becomes B * N images
+# (batch indices offset), and RoI sets and their pixels are concatenated.
+# Unmapped features are never copied.
+
+def _size(args, dims):
+    return next(arg.shape[dim] for arg, dim in zip(args, dims, strict=True) if dim is not None)
+
+
+def _fold(x, dim, size):
+    """[B, A, ...] (x mapped at dim, or broadcast) -> [B * A, ...]."""
+    x = _primitives._to_front(x, dim, size)
+    return x.reshape((size * x.shape[1], *x.shape[2:]))
+
+
+def _features_and_rois(features, features_dim, rois, rois_dim, size):
+    """Folded features (or unmapped ones) and the RoIs that read them."""
+    rois = _primitives._to_front(rois, rois_dim, size)
+    if features_dim is None:
+        return features, rois.reshape(-1, 5)
+    features = jnp.moveaxis(features, features_dim, 0)
+    return (features.reshape((size * features.shape[1], *features.shape[2:])),
+            _primitives._offset_batch_index(rois, features.shape[1]))
+
+
+def _unfold(x, size):
+    return x.reshape((size, x.shape[0] // size, *x.shape[1:]))
+
+
+def _roi_pool_batch(args, dims, **params):
+    size = _size(args, dims)
+    features, rois = _features_and_rois(args[0], dims[0], args[1], dims[1], size)
+    pooled, pixels = roi_pool_p.bind(features, rois, **params)
+    return (_unfold(pooled, size), _unfold(pixels, size)), (0, 0)
+
+
+def _gather_batch(args, dims, **params):
+    size = _size(args, dims)
+    features, rois = _features_and_rois(args[0], dims[0], args[1], dims[1], size)
+    out = gather_p.bind(features, rois, _fold(args[2], dims[2], size), **params)
+    return _unfold(out, size), 0
+
+
+def _scatter_batch(args, dims, *, input_shape, **params):
+    size = _size(args, dims)
+    cotangent, rois, pixels = args
+    rois = _primitives._offset_batch_index(_primitives._to_front(rois, dims[1], size),
+                                           input_shape[0])
+    grad = scatter_p.bind(_fold(cotangent, dims[0], size), rois,
+                          _fold(pixels, dims[2], size),
+                          input_shape=(size * input_shape[0], *input_shape[1:]), **params)
+    return grad.reshape((size, *input_shape)), 0
+
+
+batching.primitive_batchers[roi_pool_p] = _roi_pool_batch
+batching.primitive_batchers[gather_p] = _gather_batch
+batching.primitive_batchers[scatter_p] = _scatter_batch
+
+
+def check_plane(features_shape, data_format) -> None:
+    """The kernels record pixels in int32: a plane must have fewer than 2**31."""
+    axes = _arguments.LAYOUT_AXES[data_format]
+    height, width = features_shape[axes[2]], features_shape[axes[3]]
+    if height * width > np.iinfo(np.int32).max:
+        raise ValueError(f"roi_pool records maxima as int32 pixels: a plane of {height} x "
+                         f"{width} pixels is too large")
