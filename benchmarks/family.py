@@ -1,7 +1,8 @@
 """Speed of the RoI family's native operators against their jax.numpy
 references and torchvision (issue 15).
 
-    python benchmarks/family.py [--quick] [--device cpu|gpu] [--out DIR]
+    python benchmarks/family.py [--quick] [--device cpu|gpu] [--only OPERATOR ...]
+                                [--out DIR]
 
 Workloads, on an 800 x 1344 image with 1,000 RoIs of the benchmark's box
 distribution:
@@ -167,6 +168,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 RoIs, P4 only, 7 x 7")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--only", nargs="+", metavar="OPERATOR",
+                        help="rows of these operators only (the file names say which)")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -176,6 +179,8 @@ def main(argv=None):
     rows = []
     for operator, level, features, rois, size, ours, ref, tv in _workloads(
             args.quick, np.random.default_rng(0)):
+        if args.only and operator not in args.only:
+            continue
         placed = jax.device_put((features, rois), device)
         rows.append(dict(
             operator=operator, level=level,
@@ -187,7 +192,8 @@ def main(argv=None):
             torchvision=tv and _torchvision_times(tv, features, rois, repeats, args.device)))
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_gpu" if args.device == "gpu" else ""
+    suffix = ("_gpu" if args.device == "gpu" else "") + (
+        "_" + "_".join(args.only) if args.only else "")
     (args.out / f"family{suffix}.json").write_text(json.dumps(rows, indent=1))
     try:
         import torchvision

@@ -406,7 +406,8 @@ PSROI_HD void roi_pool_element(const S* input, const T* rois, const PsRoiDims& d
     output[i] = Storage<S>::store(value_at_pixel(plane, layout, d, recorded[i]));
     return;
   }
-  const WindowMax<T> m = window_max(plane, layout, g, d, bin / d.pooled_w, bin % d.pooled_w);
+  const WindowMax<T> m = window_max(plane, layout, g.y.window(bin / d.pooled_w, d.height),
+                                    g.x.window(bin % d.pooled_w, d.width), d);
   output[i] = Storage<S>::store(m.value);
   pixels[i] = m.pixel;
 }

@@ -475,20 +475,31 @@ PSROI_HD WindowMax<T> window_max_start(const AxisSpan& rows, const AxisSpan& col
                       -1};
 }
 
+// One step of the scan: a value strictly greater replaces the maximum (NaN
+// never does). Without a branch, which random data would mispredict, and
+// which vectorizes over channels (the CPU's channels-last scan).
 template <typename T>
-PSROI_HD void window_max_fold(WindowMax<T>& m, T value, int64_t pixel) {
-  if (value > m.value) {
-    m.value = value;
-    m.pixel = static_cast<int32_t>(pixel);
-  }
+PSROI_HD void fold_max(T& best, int32_t& pixel, T value, int32_t value_pixel) {
+  // Both stores unconditional and the pixel chosen by a mask: GCC then
+  // vectorizes the fold (with a select of the pixel, it does not).
+  const T old_best = best;
+  const int32_t old_pixel = pixel;
+  const bool greater = value > old_best;
+  const int32_t take = -static_cast<int32_t>(greater);
+  best = greater ? value : old_best;
+  pixel = (value_pixel & take) | (old_pixel & ~take);
 }
 
-// Maximum of bin (ph, pw) of an RoI of geometry `g` in one input plane
-// (features of the RoI's image, one channel, in `Layout`).
+template <typename T>
+PSROI_HD void window_max_fold(WindowMax<T>& m, T value, int64_t pixel) {
+  fold_max(m.value, m.pixel, value, static_cast<int32_t>(pixel));
+}
+
+// Maximum of the window rows x cols (a bin's: RoiAxis::window) in one input
+// plane (features of the RoI's image, one channel, in `Layout`).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD WindowMax<T> window_max(const S* plane, const Layout& layout, const RoiGeometry<T>& g,
-                                 const PsRoiDims& d, int64_t ph, int64_t pw) {
-  const AxisSpan rows = g.y.window(ph, d.height), cols = g.x.window(pw, d.width);
+PSROI_HD WindowMax<T> window_max(const S* plane, const Layout& layout, const AxisSpan& rows,
+                                 const AxisSpan& cols, const PsRoiDims& d) {
   WindowMax<T> m = window_max_start<T>(rows, cols);
   for (int64_t y = rows.first; y <= rows.last; ++y) {
     for (int64_t x = cols.first; x <= cols.last; ++x) {

@@ -68,7 +68,8 @@ def test_forward_and_gradient_match_torchvision(key, data_format):
                           (np.float32, 1 / 8, "NHWC"), (np.float64, 1.0, "NCHW")])
 def test_random_and_hostile_rois_match_the_reference(dtype, scale, data_format):
     rng = np.random.default_rng(21)
-    features = pooled_as(rng.normal(size=(2, 5, 9, 12)).astype(dtype), data_format)
+    # 21 channels: the NCHW forward's blocks of 16 planes and the rest
+    features = pooled_as(rng.normal(size=(2, 21, 9, 12)).astype(dtype), data_format)
     rois = np.concatenate([random_rois(rng, 40, 2, 9, 12, scale, dtype),
                            hostile_rois(2, 9, 12, dtype)])
     layout = dict(data_format=data_format)

@@ -147,7 +147,7 @@ ffi::Future roi_pool_backward(ffi::ThreadPool pool, MapBuffer<S> cotangent,
   const int32_t* px = data<int32_t>(pixels);
   S* grad = data<S>(*grad_input);
   advise_huge_pages(grad, grad_input->size_bytes());
-  const RoiPoolUnits units = RoiPoolUnits::of(d, pool.num_threads());
+  const RoiPoolUnits units = RoiPoolUnits::of(d, pool.num_threads(), Layout::kChannelsLast);
   auto by_image = std::make_shared<const RoiPoolByImage>(
       roi_pool_by_image(data<T>(rois), d, static_cast<T>(spatial_scale)));
   return run_phases(pool, call_work(d, Direction::kBackward),
