@@ -1,4 +1,6 @@
-"""How the primitives split over a device mesh (``jax.sharding``).
+"""How the primitives split over a device mesh (``jax.sharding``): those of
+``_primitives.py`` and RoI Pool's (``_roi_pool.py``, whose pixels operand
+or result splits like the pooled tensor).
 
 XLA's SPMD partitioner sees a kernel as an opaque custom call and gathers its
 operands onto every device. So when a program is partitioned over several
@@ -45,18 +47,22 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_psroi import _arguments
 
-# One device's call: (operand, rois, result_shape) -> result, traced with the
-# shapes of one device's shards. A call that can compute a range of bin rows
-# (`bin_rows_call` below) also takes first_bin_row= and bin_rows= (the rows of
-# the whole grid; lib/psroi_math.h: PsRoiDims).
+# One device's call: (operand, rois, *pooled_like, result_shape=) -> result
+# (or results), traced with the shapes of one device's shards. A call that can
+# compute a range of bin rows (`bin_rows_call` below) also takes
+# first_bin_row= and bin_rows= (the rows of the whole grid;
+# lib/psroi_math.h: PsRoiDims).
 LocalCall = Callable[..., jax.Array]
 
 
-def lower(ctx, operand, rois, *, direction: str, local_call: LocalCall,
+def lower(ctx, operand, rois, *pooled_like, direction: str, local_call: LocalCall,
           image_blocks: int, data_format: str, channel_order: str, bin_rows_call: bool):
     """Lowers ``local_call`` for the whole call, partitioned when the module
     is partitioned over several devices. `bin_rows_call`: whether
-    local_call takes first_bin_row= and bin_rows=.
+    local_call takes first_bin_row= and bin_rows=. `pooled_like`: further
+    operands shaped like the pooled tensor (RoI Pool's recorded pixels),
+    split as it is; the call may also have further results shaped like its
+    first (RoI Pool's forward: the pixels), split as it is.
 
     Not partitioned: a single device, inside ``shard_map`` (the call runs
     per shard as it is), and programs for ``jax.export``, whose serialized
@@ -64,25 +70,28 @@ def lower(ctx, operand, rois, *, direction: str, local_call: LocalCall,
     call's operands instead).
     """
     result_shape = ctx.avals_out[0].shape
+    results = len(ctx.avals_out)
+    operands = (operand, rois, *pooled_like)
     if not _partitioned(ctx):
-        return mlir.lower_fun(lambda x, r: local_call(x, r, result_shape),
-                              multiple_results=False)(ctx, operand, rois)
+        return mlir.lower_fun(lambda *args: local_call(*args, result_shape=result_shape),
+                              multiple_results=results > 1)(ctx, *operands)
     features, pooled = _arguments.features_and_pooled(direction, ctx.avals_in[0].shape,
                                                       result_shape)
     partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
-                               image_blocks, bin_rows_call)
+                               image_blocks, bin_rows_call, further_results=results - 1)
 
     @custom_partitioning
-    def call(x, r):
-        return local_call(x, r, result_shape)
+    def call(*args):
+        return local_call(*args, result_shape=result_shape)
 
     sizes = partitioner.factor_sizes()
-    rule = _sharding_rule(direction, data_format, channel_order, sizes)
+    rule = _sharding_rule(direction, data_format, channel_order, sizes,
+                          pooled_operands=len(pooled_like), further_results=results - 1)
     call.def_partition(
         partition=(partitioner.forward if direction == "forward" else partitioner.backward),
         sharding_rule=rule, **_special_factors(rule, direction, channel_order),
         **_compound_factor_sizes(rule, sizes))
-    return mlir.lower_fun(call, multiple_results=False)(ctx, operand, rois)
+    return mlir.lower_fun(call, multiple_results=results > 1)(ctx, *operands)
 
 
 def typed_result(direction: str, operand, rois, result, *, data_format: str,
@@ -147,9 +156,11 @@ def _dimension(factors, alone: str) -> str:
     return names[0] if names else alone
 
 
-def _sharding_rule(direction, data_format, channel_order, sizes) -> str:
+def _sharding_rule(direction, data_format, channel_order, sizes, pooled_operands=0,
+                   further_results=0) -> str:
     """The rule of a call whose factors have `sizes` (b, m, l given only
-    with blocks of images)."""
+    with blocks of images), with further operands and results shaped like
+    its pooled tensor."""
     channel_factors = {"torchvision": ("d", "p", "q"), "bin_major": ("p", "q", "d"),
                        "shared": ("d",)}[channel_order]
     channels = _dimension([(f, sizes[f]) for f in channel_factors], "c")
@@ -162,9 +173,11 @@ def _sharding_rule(direction, data_format, channel_order, sizes) -> str:
         features, pooled = f"{images} {channels} h w", f"{rois} d p q"
     else:
         features, pooled = f"{images} h w {channels}", f"{rois} p q d"
+    further = "".join(f", {pooled}" for _ in range(pooled_operands))
     if direction == "forward":
-        return f"{features}, {rois} r -> {pooled}"
-    return f"{pooled}, {rois} r -> {features}"
+        outputs = ", ".join([pooled] * (1 + further_results))
+        return f"{features}, {rois} r{further} -> {outputs}"
+    return f"{pooled}, {rois} r{further} -> {features}"
 
 
 def _compound_factor_sizes(rule: str, sizes: dict) -> dict:
@@ -212,8 +225,9 @@ class _Partitioner:
     the call of one device."""
 
     def __init__(self, local_call: LocalCall, features_shape, pooled_shape, data_format,
-                 channel_order, image_blocks, bin_rows_call: bool):
+                 channel_order, image_blocks, bin_rows_call: bool, further_results=0):
         self.local_call = local_call
+        self.further_results = further_results
         self.axes = _arguments.LAYOUT_AXES[data_format]  # N, C, H, W (K, C_out, PH, PW)
         self.num_images = features_shape[self.axes[0]]
         self.num_rois = pooled_shape[self.axes[0]]
@@ -268,8 +282,9 @@ class _Partitioner:
         spec[self.pooled_channel_axis if pooled else self.axes[1]] = channels or None
         return NamedSharding(mesh, PartitionSpec(*spec))
 
-    def _local(self, mesh, operand, rois, result_shape, image_axes, channel_axes):
-        """The call on one device's shards.
+    def _local(self, mesh, operands, result_shape, image_axes, channel_axes):
+        """The call on one device's shards (operands: the map, the RoIs,
+        any pooled-like further operands).
 
         Over images, its RoIs' batch indices are made local: by the block
         promise, the RoIs of a device's shard read its images or are
@@ -282,6 +297,7 @@ class _Partitioner:
         would otherwise type (and annotate) the per-device values with
         shardings of the whole mesh.
         """
+        operand, rois, *pooled_like = operands
         with jax.sharding.use_abstract_mesh(_NO_MESH):
             if image_axes:
                 local_images = self.num_images // _count(mesh, image_axes)
@@ -289,12 +305,13 @@ class _Partitioner:
                 index = rois[:, :1] - first.astype(rois.dtype)
                 rois = jnp.concatenate([index, rois[:, 1:]], axis=1)
             if not (self.bin_major and channel_axes):
-                return self.local_call(operand, rois, result_shape)
+                return self.local_call(operand, rois, *pooled_like, result_shape=result_shape)
             rows, shares = self.pooled_size[0], _count(mesh, channel_axes)
             branches = [partial(self.local_call, result_shape=result_shape,
                                 first_bin_row=share * rows // shares, bin_rows=rows)
                         for share in range(shares)]
-            return jax.lax.switch(jax.lax.axis_index(channel_axes), branches, operand, rois)
+            return jax.lax.switch(jax.lax.axis_index(channel_axes), branches, operand, rois,
+                                  *pooled_like)
 
     def forward_plan(self, mesh, features, rois):
         """(images, RoIs, channels) axes of a forward whose features and RoIs
@@ -328,14 +345,17 @@ class _Partitioner:
         image_axes, roi_axes, channel_axes = self.forward_plan(
             mesh, _axes(arg_shapes[0].sharding, 4), _axes(arg_shapes[1].sharding, 2))
         pooled = self._map(mesh, roi_axes, channel_axes, pooled=True)
-        local_pooled = pooled.shard_shape(result_shape.shape)
+        results = (pooled,) * (1 + self.further_results)
+        first_result = result_shape[0] if self.further_results else result_shape
+        local_pooled = pooled.shard_shape(first_result.shape)
 
-        def lower_fn(features, rois):
-            return self._local(mesh, features, rois, local_pooled, image_axes, channel_axes)
+        def lower_fn(*operands):
+            return self._local(mesh, operands, local_pooled, image_axes, channel_axes)
 
-        return (mesh, lower_fn, pooled,
+        return (mesh, lower_fn, results if self.further_results else pooled,
                 (self._map(mesh, image_axes, channel_axes, pooled=False),
-                 NamedSharding(mesh, PartitionSpec(roi_axes or None, None))))
+                 NamedSharding(mesh, PartitionSpec(roi_axes or None, None)),
+                 *(pooled,) * (len(arg_shapes) - 2)))
 
     def backward(self, mesh, arg_shapes, result_shape):
         image_axes, roi_axes, channel_axes = self.backward_plan(
@@ -347,13 +367,14 @@ class _Partitioner:
         gradient = self._map(mesh, image_axes, channel_axes, pooled=False)
         local_grad = gradient.shard_shape(result_shape.shape)
 
-        def lower_fn(cotangent, rois):
-            grad = self._local(mesh, cotangent, rois, local_grad, image_axes, channel_axes)
+        def lower_fn(*operands):
+            grad = self._local(mesh, operands, local_grad, image_axes, channel_axes)
             if not summed_axes:
                 return grad
             with jax.sharding.use_abstract_mesh(_NO_MESH):
                 return jax.lax.psum(grad, summed_axes)
 
+        pooled = self._map(mesh, roi_axes, channel_axes, pooled=True)
         return (mesh, lower_fn, gradient,
-                (self._map(mesh, roi_axes, channel_axes, pooled=True),
-                 NamedSharding(mesh, PartitionSpec(roi_axes or None, None))))
+                (pooled, NamedSharding(mesh, PartitionSpec(roi_axes or None, None)),
+                 *(pooled,) * (len(arg_shapes) - 2)))

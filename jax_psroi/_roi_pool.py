@@ -20,8 +20,10 @@ scatter), the ``jax.numpy`` reference elsewhere, and a vmap rule that folds
 the mapped axis into images and RoIs as ``forward_p``'s does.
 
 Parameters, static: ``pooled_size`` (roi_pool_p), ``input_shape``
-(scatter_p), and on all three ``spatial_scale`` and ``data_format``. No
-sharding rule: over a mesh, XLA gathers the operands (correct, not split).
+(scatter_p), and on all three ``spatial_scale``, ``data_format`` and
+``image_blocks`` (forward_p's promise, which its sharding rules use: these
+split over images, RoIs and channels as roi_align's do, the pixels split
+like the pooled tensor).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _extension, _primitives, reference_pools
+from jax_psroi import _arguments, _extension, _partitioning, _primitives, reference_pools
 
 roi_pool_p = Primitive("jax_psroi_roi_pool")
 roi_pool_p.multiple_results = True
@@ -49,18 +51,28 @@ def _pooled_shape(features_shape, num_rois, pooled_size, data_format):
     return _arguments.pooled_shape(num_rois, channels, pooled_size, data_format)
 
 
-def _roi_pool_abstract_eval(features, rois, *, pooled_size, data_format, **_):
-    pooled = _primitives._result(features, rois, _pooled_shape(
-        features.shape, rois.shape[0], pooled_size, data_format))
+def _typed(direction, operand, rois, shape, data_format, image_blocks):
+    """A result typed like forward_p's and backward_p's (shard_map's
+    varying axes, explicit mesh axes' shardings)."""
+    return _partitioning.typed_result(direction, operand, rois,
+                                      _primitives._result(operand, rois, shape),
+                                      data_format=data_format, channel_order="shared",
+                                      image_blocks=image_blocks)
+
+
+def _roi_pool_abstract_eval(features, rois, *, pooled_size, data_format, image_blocks, **_):
+    pooled = _typed("forward", features, rois, _pooled_shape(
+        features.shape, rois.shape[0], pooled_size, data_format), data_format, image_blocks)
     return pooled, pooled.update(dtype=np.dtype(np.int32))
 
 
-def _gather_abstract_eval(features, rois, pixels, **_):
-    return _primitives._result(features, rois, pixels.shape)
+def _gather_abstract_eval(features, rois, pixels, *, data_format, image_blocks, **_):
+    return _typed("forward", features, rois, pixels.shape, data_format, image_blocks)
 
 
-def _scatter_abstract_eval(cotangent, rois, pixels, *, input_shape, **_):
-    return _primitives._result(cotangent, rois, input_shape)
+def _scatter_abstract_eval(cotangent, rois, pixels, *, input_shape, data_format,
+                           image_blocks, **_):
+    return _typed("backward", cotangent, rois, input_shape, data_format, image_blocks)
 
 
 roi_pool_p.def_abstract_eval(_roi_pool_abstract_eval)
@@ -71,69 +83,74 @@ for _prim in (roi_pool_p, gather_p, scatter_p):
 
 
 # --- Lowerings ----------------------------------------------------------------
+# One device's calls, (operand, rois, [pixels,] result_shape=) -> result(s):
+# _partitioning.lower runs them on every device's shards when the program is
+# partitioned over a mesh (as forward_p's, with RoI Pool's shared channels;
+# the pixels are split like the pooled tensor).
 
-def _native_forward(platform, features, rois, pixels=None, *, spatial_scale, data_format,
-                    pooled_shape):
+def _native_forward(platform, features, rois, pixels=None, *, result_shape, spatial_scale,
+                    data_format):
     """The forward row: maxima and pixels, or (given pixels, which the call
     aliases to its pixels result) the features at them."""
     name = _extension.target_name(platform, "forward", features.dtype, data_format, OPERATION)
-    results = (jax.ShapeDtypeStruct(pooled_shape, features.dtype),
-               jax.ShapeDtypeStruct(pooled_shape, np.int32))
+    results = (jax.ShapeDtypeStruct(result_shape, features.dtype),
+               jax.ShapeDtypeStruct(result_shape, np.int32))
     operands, aliases = (features, rois), {}
     if pixels is not None:
         operands, aliases = (features, rois, pixels), {2: 1}
-    return jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
+    pooled, recorded = jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
         *operands, spatial_scale=float(spatial_scale))
+    return pooled if pixels is not None else (pooled, recorded)
 
 
-def _native_roi_pool(platform, features, rois, *, pooled_size, spatial_scale, data_format):
-    return _native_forward(platform, features, rois, spatial_scale=spatial_scale,
-                           data_format=data_format, pooled_shape=_pooled_shape(
-                               features.shape, rois.shape[0], pooled_size, data_format))
-
-
-def _native_gather(platform, features, rois, pixels, *, spatial_scale, data_format):
-    return _native_forward(platform, features, rois, pixels, spatial_scale=spatial_scale,
-                           data_format=data_format, pooled_shape=pixels.shape)[0]
-
-
-def _native_scatter(platform, cotangent, rois, pixels, *, input_shape, spatial_scale,
+def _native_scatter(platform, cotangent, rois, pixels, *, result_shape, spatial_scale,
                     data_format):
     name = _extension.target_name(platform, "backward", cotangent.dtype, data_format,
                                   OPERATION)
-    results = [jax.ShapeDtypeStruct(input_shape, cotangent.dtype)]
+    results = [jax.ShapeDtypeStruct(result_shape, cotangent.dtype)]
     if platform == "cuda":
         results += _primitives.cuda_further_results(
-            "backward", cotangent.dtype, input_shape, cotangent.shape, data_format)
+            "backward", cotangent.dtype, result_shape, cotangent.shape, data_format)
     return jax.ffi.ffi_call(name, results)(cotangent, rois, pixels,
                                            spatial_scale=float(spatial_scale))[0]
 
 
-def _reference_roi_pool(features, rois, *, pooled_size, spatial_scale, data_format):
-    return reference_pools.pool_roi_pool(features, rois, pooled_size, spatial_scale,
-                                         data_format=data_format)
+def _reference_forward(features, rois, pixels=None, *, result_shape, spatial_scale,
+                       data_format):
+    if pixels is not None:
+        return reference_pools.values_at_pixels(features, rois, pixels,
+                                                data_format=data_format)
+    return reference_pools.pool_roi_pool(
+        features, rois, _arguments.pooled_size_of(result_shape, data_format), spatial_scale,
+        data_format=data_format)
 
 
-def _reference_gather(features, rois, pixels, *, spatial_scale, data_format):
-    return reference_pools.values_at_pixels(features, rois, pixels, data_format=data_format)
-
-
-def _reference_scatter(cotangent, rois, pixels, *, input_shape, spatial_scale, data_format):
-    _, vjp = jax.vjp(lambda x: _reference_gather(x, rois, pixels, spatial_scale=spatial_scale,
-                                                 data_format=data_format),
-                     jnp.zeros(input_shape, cotangent.dtype))
+def _reference_scatter(cotangent, rois, pixels, *, result_shape, spatial_scale, data_format):
+    _, vjp = jax.vjp(lambda x: reference_pools.values_at_pixels(x, rois, pixels,
+                                                                data_format=data_format),
+                     jnp.zeros(result_shape, cotangent.dtype))
     return vjp(cotangent)[0]
 
 
-for _prim, _native, _reference, _multiple in (
-        (roi_pool_p, _native_roi_pool, _reference_roi_pool, True),
-        (gather_p, _native_gather, _reference_gather, False),
-        (scatter_p, _native_scatter, _reference_scatter, False)):
-    mlir.register_lowering(_prim, mlir.lower_fun(_reference, multiple_results=_multiple))
+def _lowering(direction, call, ctx, operand, rois, *pixels, spatial_scale, data_format,
+              image_blocks, **_):
+    return _partitioning.lower(
+        ctx, operand, rois, *pixels, direction=direction,
+        local_call=partial(call, spatial_scale=spatial_scale, data_format=data_format),
+        image_blocks=image_blocks, data_format=data_format, channel_order="shared",
+        bin_rows_call=False)
+
+
+_partitioning.lower_with_devices(roi_pool_p, gather_p, scatter_p)
+for _prim, _direction, _native, _reference in (
+        (roi_pool_p, "forward", _native_forward, _reference_forward),
+        (gather_p, "forward", _native_forward, _reference_forward),
+        (scatter_p, "backward", _native_scatter, _reference_scatter)):
+    mlir.register_lowering(_prim, partial(_lowering, _direction, _reference))
     for _platform in ("cpu", "cuda"):
-        mlir.register_lowering(
-            _prim, mlir.lower_fun(partial(_native, _platform), multiple_results=_multiple),
-            platform=_platform)
+        mlir.register_lowering(_prim, partial(_lowering, _direction,
+                                              partial(_native, _platform)),
+                               platform=_platform)
 
 
 # --- Differentiation ---------------------------------------------------------
@@ -142,15 +159,13 @@ def _zero_tangent(value):
     return ad.Zero(jax.typeof(value).to_tangent_aval())
 
 
-def _roi_pool_jvp(primals, tangents, *, pooled_size, spatial_scale, data_format):
+def _roi_pool_jvp(primals, tangents, *, pooled_size, **params):
     features, rois = primals
-    pooled, pixels = roi_pool_p.bind(features, rois, pooled_size=pooled_size,
-                                     spatial_scale=spatial_scale, data_format=data_format)
+    pooled, pixels = roi_pool_p.bind(features, rois, pooled_size=pooled_size, **params)
     if type(tangents[0]) is ad.Zero:
         tangent = _zero_tangent(pooled)
     else:
-        tangent = gather_p.bind(tangents[0], rois, pixels, spatial_scale=spatial_scale,
-                                data_format=data_format)
+        tangent = gather_p.bind(tangents[0], rois, pixels, **params)
     return (pooled, pixels), (tangent, _zero_tangent(pixels))
 
 
@@ -182,8 +197,9 @@ ad.primitive_transposes[scatter_p] = _scatter_transpose
 
 # --- Batching ----------------------------------------------------------------
 # As forward_p's: a mapped axis of size B over N images becomes B * N images
-# (batch indices offset), and RoI sets and their pixels are concatenated.
-# Unmapped features are never copied.
+# (batch indices offset; element b's image blocks become blocks of its own
+# images), and RoI sets and their pixels are concatenated. Unmapped features
+# are never copied (and promise no blocks: every RoI set reads them all).
 
 def _size(args, dims):
     return next(arg.shape[dim] for arg, dim in zip(args, dims, strict=True) if dim is not None)
@@ -195,42 +211,47 @@ def _fold(x, dim, size):
     return x.reshape((size * x.shape[1], *x.shape[2:]))
 
 
-def _features_and_rois(features, features_dim, rois, rois_dim, size):
-    """Folded features (or unmapped ones) and the RoIs that read them."""
+def _features_and_rois(features, features_dim, rois, rois_dim, size, image_blocks):
+    """Folded features (or unmapped ones), the RoIs that read them and the
+    image blocks of the folded call."""
     rois = _primitives._to_front(rois, rois_dim, size)
     if features_dim is None:
-        return features, rois.reshape(-1, 5)
+        return features, rois.reshape(-1, 5), 1
     features = jnp.moveaxis(features, features_dim, 0)
     return (features.reshape((size * features.shape[1], *features.shape[2:])),
-            _primitives._offset_batch_index(rois, features.shape[1]))
+            _primitives._offset_batch_index(rois, features.shape[1]), size * image_blocks)
 
 
 def _unfold(x, size):
     return x.reshape((size, x.shape[0] // size, *x.shape[1:]))
 
 
-def _roi_pool_batch(args, dims, **params):
+def _roi_pool_batch(args, dims, *, image_blocks, **params):
     size = _size(args, dims)
-    features, rois = _features_and_rois(args[0], dims[0], args[1], dims[1], size)
-    pooled, pixels = roi_pool_p.bind(features, rois, **params)
+    features, rois, blocks = _features_and_rois(args[0], dims[0], args[1], dims[1], size,
+                                                image_blocks)
+    pooled, pixels = roi_pool_p.bind(features, rois, image_blocks=blocks, **params)
     return (_unfold(pooled, size), _unfold(pixels, size)), (0, 0)
 
 
-def _gather_batch(args, dims, **params):
+def _gather_batch(args, dims, *, image_blocks, **params):
     size = _size(args, dims)
-    features, rois = _features_and_rois(args[0], dims[0], args[1], dims[1], size)
-    out = gather_p.bind(features, rois, _fold(args[2], dims[2], size), **params)
+    features, rois, blocks = _features_and_rois(args[0], dims[0], args[1], dims[1], size,
+                                                image_blocks)
+    out = gather_p.bind(features, rois, _fold(args[2], dims[2], size), image_blocks=blocks,
+                        **params)
     return _unfold(out, size), 0
 
 
-def _scatter_batch(args, dims, *, input_shape, **params):
+def _scatter_batch(args, dims, *, input_shape, image_blocks, **params):
     size = _size(args, dims)
     cotangent, rois, pixels = args
     rois = _primitives._offset_batch_index(_primitives._to_front(rois, dims[1], size),
                                            input_shape[0])
     grad = scatter_p.bind(_fold(cotangent, dims[0], size), rois,
                           _fold(pixels, dims[2], size),
-                          input_shape=(size * input_shape[0], *input_shape[1:]), **params)
+                          input_shape=(size * input_shape[0], *input_shape[1:]),
+                          image_blocks=size * image_blocks, **params)
     return grad.reshape((size, *input_shape)), 0
 
 

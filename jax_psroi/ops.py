@@ -220,9 +220,11 @@ def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float =
         input, boxes, output_size, spatial_scale, None, data_format, "torchvision",
         _extension.SUPPORTED_DTYPES, position_sensitive=False)
     _roi_pool.check_plane(features.shape, params["data_format"])
+    blocks = _arguments.image_blocks(boxes, features.shape[0])
     return _roi_pool.roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
                                      spatial_scale=params["spatial_scale"],
-                                     data_format=params["data_format"])[0]
+                                     data_format=params["data_format"],
+                                     image_blocks=blocks)[0]
 
 
 def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampling_ratio: int,

@@ -37,8 +37,9 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
 
 # (operation, layout, channel order, dtype): ps_roi_align in every layout and
 # order in float32, every other dtype in one of them; roi_align ("shared"
-# channels, aligned=False) and ps_roi_pool (windows of whole pixels, bin rows
-# split with the channels of a bin-major map) on the same map.
+# channels, aligned=False), ps_roi_pool (windows of whole pixels, bin rows
+# split with the channels of a bin-major map) and roi_pool (maxima, their
+# pixels split like the pooled tensor) on the same map.
 COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
                 ("ps_roi_align", "NHWC", "torchvision", "float32"),
                 ("ps_roi_align", "NCHW", "bin_major", "float32"),
@@ -48,7 +49,9 @@ COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
                 ("ps_roi_align", "NCHW", "bin_major", "float16"),
                 ("roi_align", "NCHW", "shared", "float32"),
                 ("roi_align", "NHWC", "shared", "float32"),
-                ("ps_roi_pool", "NHWC", "bin_major", "float32")]
+                ("ps_roi_pool", "NHWC", "bin_major", "float32"),
+                ("roi_pool", "NCHW", "shared", "float32"),
+                ("roi_pool", "NHWC", "shared", "float64")]
 # How the inputs are split, as the issue names them: the per-image head
 # vmapped over a batch of images split over the mesh; RoIs split with the
 # features replicated; features split over channels with the RoIs
@@ -97,6 +100,9 @@ def _functions(case, operation, layout, order, mesh):
     if operation == "roi_align":
         pool = partial(jax_psroi.roi_align, output_size=POOLED, spatial_scale=SCALE,
                        sampling_ratio=SAMPLING, data_format=layout)
+    elif operation == "roi_pool":
+        pool = partial(jax_psroi.roi_pool, output_size=POOLED, spatial_scale=SCALE,
+                       data_format=layout)
     elif operation == "ps_roi_pool":
         pool = partial(jax_psroi.ps_roi_pool, output_size=POOLED, spatial_scale=SCALE,
                        data_format=layout, channel_order=order)

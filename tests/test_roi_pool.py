@@ -42,7 +42,8 @@ def _case(key):
 def _recorded(features, rois, output_size, scale, data_format="NCHW"):
     """The native forward's (pooled, pixels)."""
     return jax.jit(lambda f, r: _roi_pool.roi_pool_p.bind(
-        f, r, pooled_size=output_size, spatial_scale=scale, data_format=data_format))(
+        f, r, pooled_size=output_size, spatial_scale=scale, data_format=data_format,
+        image_blocks=1))(
             features, jnp.asarray(rois, features.dtype if features.dtype.itemsize >= 4
                                   else np.float32))
 
@@ -243,15 +244,20 @@ def test_lowers_to_the_reference_where_no_kernel_exists():
     rng = np.random.default_rng(3)
     features = rng.normal(size=(1, 2, 8, 9)).astype(np.float64)
     rois = random_rois(rng, 10, 1, 8, 9, 1.0, np.float64)
-    pooled, pixels = _roi_pool._reference_roi_pool(jnp.asarray(features), jnp.asarray(rois),
-                                                   pooled_size=(2, 2),
-                                                   spatial_scale=1.0, data_format="NCHW")
+    pooled, pixels = _roi_pool._reference_forward(jnp.asarray(features), jnp.asarray(rois),
+                                                  result_shape=(10, 2, 2, 2),
+                                                  spatial_scale=1.0, data_format="NCHW")
     native_pooled, native_pixels = _recorded(features, rois, (2, 2), 1.0)
     np.testing.assert_array_equal(pooled, native_pooled)
     np.testing.assert_array_equal(pixels, native_pixels)
+    tangent = rng.normal(size=features.shape)
+    np.testing.assert_array_equal(
+        _roi_pool._reference_forward(tangent, rois, pixels, result_shape=pooled.shape,
+                                     spatial_scale=1.0, data_format="NCHW"),
+        jax.jvp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), (features,), (tangent,))[1])
     cotangent = rng.normal(size=pooled.shape)
     scattered = _roi_pool._reference_scatter(cotangent, rois, pixels,
-                                             input_shape=features.shape, spatial_scale=1.0,
+                                             result_shape=features.shape, spatial_scale=1.0,
                                              data_format="NCHW")
     _, vjp = jax.vjp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), features)
     np.testing.assert_allclose(scattered, vjp(cotangent)[0], **TOLERANCE[np.dtype(np.float64)])

@@ -1,8 +1,8 @@
 // CPU kernels of RoI Pool: window maxima with their arg-max (the forward),
 // the features at recorded arg-maxima (its tangent) and the cotangent
 // scattered to them (its gradient). The scan of a window is psroi_math.h's
-// (window_max_start / window_max_fold), so the CPU and CUDA kernels keep
-// the same element. No XLA types; each function does one share of a call.
+// (window_max_start, fold_max), so the CPU and CUDA kernels keep the same
+// element. No XLA types; each function does one share of a call.
 #ifndef JAX_PSROI_CPU_ROI_POOL_CPU_KERNELS_H_
 #define JAX_PSROI_CPU_ROI_POOL_CPU_KERNELS_H_
 
@@ -59,9 +59,10 @@ void nchw_window_maxima(const S* input, const Layout& layout, const PsRoiDims& d
 // Forward of RoIs [begin, end): every channel of every bin, into `output`
 // and `pixels` (both in the pooled layout). With `recorded` (the arg-max of
 // an earlier forward) each output is instead the input at that pixel, and
-// `pixels` (aliased to `recorded`) is left alone. In NCHW each channel's
-// windows are scanned plane by plane; channels-last, each pixel of a window
-// updates the running maxima of all channels (the same scan per channel).
+// `pixels` (aliased to `recorded`) is left alone. In NCHW the windows are
+// scanned kNchwChannelBlock planes at a time; channels-last, each pixel of a
+// window updates the running maxima of all channels (the same scan per
+// channel either way).
 template <typename S, typename Layout, typename T = ComputeType<S>>
 void roi_pool_forward_rois(const S* input, const T* rois, const PsRoiDims& d, T spatial_scale,
                            const int32_t* recorded, int64_t begin, int64_t end, S* output,
