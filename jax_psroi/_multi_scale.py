@@ -13,10 +13,13 @@ level's RoIs), whose own transpose is roi_align's forward: every order of
 differentiation runs on the native kernels.
 
 Parameters, all static: ``pooled_size`` (PH, PW), ``spatial_scales`` (one
-python float per level), ``sampling_ratio`` and ``data_format``.
+python float per level), ``sampling_ratio``, ``data_format`` and
+``image_blocks`` (forward_p's promise).
 
-No sharding rule: over a mesh, XLA gathers the operands of the calls onto
-every device (correct, not split).
+Over a device mesh it splits as roi_align does (_partitioning.py): over
+images (with blocks of images), RoIs or channels, every level alike and the
+RoIs' levels like the RoIs; its transpose is roi_align's backward, which has
+those rules too.
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _levels, _primitives, reference
+from jax_psroi import _arguments, _levels, _partitioning, _primitives, reference
 
 multi_scale_p = Primitive("jax_psroi_multi_scale_roi_align")
 
 
-def _abstract_eval(*operands, pooled_size, data_format, **_):
+def _abstract_eval(*operands, pooled_size, data_format, image_blocks, **_):
     features, rois = operands[0], operands[-2]
     channels = features.shape[_arguments.channel_axis(data_format)]
-    return features.update(shape=_arguments.pooled_shape(
-        rois.shape[0], channels, pooled_size, data_format), weak_type=False)
+    pooled = _primitives._result(features, rois, _arguments.pooled_shape(
+        rois.shape[0], channels, pooled_size, data_format))
+    return _partitioning.typed_result("forward", features, rois, pooled,
+                                      data_format=data_format, channel_order="shared",
+                                      image_blocks=image_blocks)
 
 
 multi_scale_p.def_abstract_eval(_abstract_eval)
@@ -51,10 +57,9 @@ def _level_params(spatial_scale, sampling_ratio, data_format):
                 channel_order="shared", aligned=False)
 
 
-def _native(platform, *operands, pooled_size, spatial_scales, sampling_ratio, data_format):
+def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, data_format):
     *maps, rois, levels = operands
-    shape = _arguments.pooled_shape(rois.shape[0], maps[0].shape[
-        _arguments.channel_axis(data_format)], pooled_size, data_format)
+    shape = result_shape
     # RoIs of no level stay 0.
     pooled = jnp.zeros(shape, maps[0].dtype)
     for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
@@ -64,8 +69,9 @@ def _native(platform, *operands, pooled_size, spatial_scales, sampling_ratio, da
     return pooled
 
 
-def _reference(*operands, pooled_size, spatial_scales, sampling_ratio, data_format):
+def _reference(*operands, result_shape, spatial_scales, sampling_ratio, data_format):
     *maps, rois, levels = operands
+    pooled_size = _arguments.pooled_size_of(result_shape, data_format)
     return sum(reference.pool_roi_align(features, _levels.level_rois(rois, levels, level),
                                         pooled_size, scale, sampling_ratio, False,
                                         data_format=data_format)
@@ -73,11 +79,19 @@ def _reference(*operands, pooled_size, spatial_scales, sampling_ratio, data_form
                                                              strict=True)))
 
 
-mlir.register_lowering(multi_scale_p, mlir.lower_fun(_reference, multiple_results=False))
+def _lowering(call, ctx, *operands, spatial_scales, sampling_ratio, data_format,
+              image_blocks, **_):
+    return _partitioning.lower_pyramid(
+        ctx, *operands, image_blocks=image_blocks, data_format=data_format,
+        local_call=partial(call, spatial_scales=spatial_scales,
+                           sampling_ratio=sampling_ratio, data_format=data_format))
+
+
+_partitioning.lower_with_devices(multi_scale_p)
+mlir.register_lowering(multi_scale_p, partial(_lowering, _reference))
 for _platform in ("cpu", "cuda"):
-    mlir.register_lowering(
-        multi_scale_p, mlir.lower_fun(partial(_native, _platform), multiple_results=False),
-        platform=_platform)
+    mlir.register_lowering(multi_scale_p, partial(_lowering, partial(_native, _platform)),
+                           platform=_platform)
 
 
 # --- Differentiation ---------------------------------------------------------
@@ -94,7 +108,7 @@ def _jvp(primals, tangents, **params):
 
 
 def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio,
-               data_format):
+               data_format, image_blocks):
     *maps, rois, levels = operands
     assert not ad.is_undefined_primal(rois) and not ad.is_undefined_primal(levels)
     grads = []
@@ -106,7 +120,7 @@ def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio
         else:
             grads.append(_primitives.backward_p.bind(
                 cotangent, _levels.level_rois(rois, levels, level),
-                input_shape=features.aval.shape, image_blocks=1,
+                input_shape=features.aval.shape, image_blocks=image_blocks,
                 **_level_params(scale, sampling_ratio, data_format)))
     return [*grads, None, None]
 
@@ -120,7 +134,7 @@ ad.primitive_transposes[multi_scale_p] = _transpose
 # images of every level (RoI batch indices offset by b * N), or, with only
 # the RoIs mapped, the B RoI sets are concatenated over one set of maps.
 
-def _batch(args, dims, **params):
+def _batch(args, dims, *, image_blocks, **params):
     *maps, rois, levels = args
     *map_dims, rois_dim, levels_dim = dims
     size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
@@ -128,13 +142,14 @@ def _batch(args, dims, **params):
     levels = _primitives._to_front(levels, levels_dim, size).reshape(-1)
     num_rois = rois.shape[1]
     if all(d is None for d in map_dims):
-        out = multi_scale_p.bind(*maps, rois.reshape(-1, 5), levels, **params)
+        out = multi_scale_p.bind(*maps, rois.reshape(-1, 5), levels, image_blocks=1, **params)
     else:
         maps = [_primitives._to_front(x, d, size) for x, d in zip(maps, map_dims, strict=True)]
         num_images = maps[0].shape[1]
         out = multi_scale_p.bind(
             *(x.reshape((size * num_images, *x.shape[2:])) for x in maps),
-            _primitives._offset_batch_index(rois, num_images), levels, **params)
+            _primitives._offset_batch_index(rois, num_images), levels,
+            image_blocks=size * image_blocks, **params)
     return out.reshape((size, num_rois, *out.shape[1:])), 0
 
 

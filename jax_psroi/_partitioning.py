@@ -1,6 +1,8 @@
 """How the primitives split over a device mesh (``jax.sharding``): those of
-``_primitives.py`` and RoI Pool's (``_roi_pool.py``, whose pixels operand
-or result splits like the pooled tensor).
+``_primitives.py``, RoI Pool's (``_roi_pool.py``, whose pixels operand or
+result splits like the pooled tensor) and multi-scale RoI Align's forward
+(``_multi_scale.py``: its levels split alike, the RoIs' levels like the
+RoIs).
 
 XLA's SPMD partitioner sees a kernel as an opaque custom call and gathers its
 operands onto every device. So when a program is partitioned over several
@@ -94,6 +96,31 @@ def lower(ctx, operand, rois, *pooled_like, direction: str, local_call: LocalCal
     return mlir.lower_fun(call, multiple_results=results > 1)(ctx, *operands)
 
 
+def lower_pyramid(ctx, *operands, local_call: LocalCall, image_blocks: int,
+                  data_format: str):
+    """Lowers multi-scale RoI Align's forward, ``local_call(map_0, ...,
+    map_{L-1}, rois, levels, result_shape=)``, partitioned as roi_align's
+    forward when the module is partitioned: every level split alike (images,
+    channels), the RoIs' levels [K] split like the RoIs."""
+    maps = len(operands) - 2
+    result_shape = ctx.avals_out[0].shape
+
+    def whole(*args):
+        return local_call(*args, result_shape=result_shape)
+
+    if not _partitioned(ctx):
+        return mlir.lower_fun(whole, multiple_results=False)(ctx, *operands)
+    partitioner = _Partitioner(local_call, ctx.avals_in[0].shape, result_shape, data_format,
+                               "shared", image_blocks, bin_rows_call=False, maps=maps)
+    call = custom_partitioning(whole)
+    sizes = partitioner.factor_sizes()
+    rule = _pyramid_rule(maps, data_format, sizes)
+    call.def_partition(partition=partitioner.forward, sharding_rule=rule,
+                       **_special_factors(rule, "forward", "shared"),
+                       **_compound_factor_sizes(rule, sizes))
+    return mlir.lower_fun(call, multiple_results=False)(ctx, *operands)
+
+
 def typed_result(direction: str, operand, rois, result, *, data_format: str,
                  channel_order: str, image_blocks: int):
     """`result` (an abstract value typed like its map operand) with the
@@ -156,11 +183,9 @@ def _dimension(factors, alone: str) -> str:
     return names[0] if names else alone
 
 
-def _sharding_rule(direction, data_format, channel_order, sizes, pooled_operands=0,
-                   further_results=0) -> str:
-    """The rule of a call whose factors have `sizes` (b, m, l given only
-    with blocks of images), with further operands and results shaped like
-    its pooled tensor."""
+def _dimensions(data_format, channel_order, sizes):
+    """The rule's images, RoIs and channel dimensions, and its pooled tensor,
+    for factors of `sizes` (b, m, l given only with blocks of images)."""
     channel_factors = {"torchvision": ("d", "p", "q"), "bin_major": ("p", "q", "d"),
                        "shared": ("d",)}[channel_order]
     channels = _dimension([(f, sizes[f]) for f in channel_factors], "c")
@@ -169,15 +194,38 @@ def _sharding_rule(direction, data_format, channel_order, sizes, pooled_operands
         rois = _dimension([("b", sizes["b"]), ("l", sizes["l"])], "k")
     else:
         images, rois = "n", "k"
+    pooled = f"{rois} d p q" if data_format == "NCHW" else f"{rois} p q d"
+    return images, rois, channels, pooled
+
+
+def _map_dimensions(data_format, images, channels, pixels=("h", "w")) -> str:
+    height, width = pixels
     if data_format == "NCHW":
-        features, pooled = f"{images} {channels} h w", f"{rois} d p q"
-    else:
-        features, pooled = f"{images} h w {channels}", f"{rois} p q d"
+        return f"{images} {channels} {height} {width}"
+    return f"{images} {height} {width} {channels}"
+
+
+def _sharding_rule(direction, data_format, channel_order, sizes, pooled_operands=0,
+                   further_results=0) -> str:
+    """The rule of a call whose factors have `sizes` (b, m, l given only
+    with blocks of images), with further operands and results shaped like
+    its pooled tensor."""
+    images, rois, channels, pooled = _dimensions(data_format, channel_order, sizes)
+    features = _map_dimensions(data_format, images, channels)
     further = "".join(f", {pooled}" for _ in range(pooled_operands))
     if direction == "forward":
         outputs = ", ".join([pooled] * (1 + further_results))
         return f"{features}, {rois} r{further} -> {outputs}"
     return f"{pooled}, {rois} r{further} -> {features}"
+
+
+def _pyramid_rule(maps, data_format, sizes) -> str:
+    """The rule of a pyramid's forward: `maps` levels, of pixels h<i> w<i>
+    and shared channels, then the RoIs and their levels [K]."""
+    images, rois, channels, pooled = _dimensions(data_format, "shared", sizes)
+    levels = ", ".join(_map_dimensions(data_format, images, channels, (f"h{i}", f"w{i}"))
+                       for i in range(maps))
+    return f"{levels}, {rois} r, {rois} -> {pooled}"
 
 
 def _compound_factor_sizes(rule: str, sizes: dict) -> dict:
@@ -192,9 +240,10 @@ def _special_factors(rule: str, direction: str, channel_order: str) -> dict:
     # no input channel holds (shared channels); the backward sums over RoIs
     # (within a block). Shardy wants each list in the order the factors
     # first appear in the rule.
-    order = [c for i, c in enumerate(rule) if c.isalpha() and c not in rule[:i]]
+    order = list(dict.fromkeys(re.findall(r"[A-Za-z_]\w*", rule)))
     unsplit = "hwrpq" if channel_order == "shared" else "hwr"
-    factors = {"need_replication_factors": tuple(f for f in order if f in unsplit)}
+    # (A pyramid's levels have pixels h0 w0, h1 w1, ...)
+    factors = {"need_replication_factors": tuple(f for f in order if f[0] in unsplit)}
     if direction == "backward":
         factors["reduction_factors"] = tuple(f for f in order if f in "kl")
     return factors
@@ -225,9 +274,15 @@ class _Partitioner:
     the call of one device."""
 
     def __init__(self, local_call: LocalCall, features_shape, pooled_shape, data_format,
-                 channel_order, image_blocks, bin_rows_call: bool, further_results=0):
+                 channel_order, image_blocks, bin_rows_call: bool, further_results=0,
+                 maps=1):
         self.local_call = local_call
         self.further_results = further_results
+        # The operands: `maps` feature maps (a pyramid's levels), the RoIs,
+        # then anything split like them (a pyramid's levels of the RoIs) or
+        # like the pooled tensor.
+        self.maps = maps
+        self.rois_operand = maps
         self.axes = _arguments.LAYOUT_AXES[data_format]  # N, C, H, W (K, C_out, PH, PW)
         self.num_images = features_shape[self.axes[0]]
         self.num_rois = pooled_shape[self.axes[0]]
@@ -283,8 +338,8 @@ class _Partitioner:
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     def _local(self, mesh, operands, result_shape, image_axes, channel_axes):
-        """The call on one device's shards (operands: the map, the RoIs,
-        any pooled-like further operands).
+        """The call on one device's shards (operands: the map, or a
+        pyramid's maps, the RoIs, then the further operands).
 
         Over images, its RoIs' batch indices are made local: by the block
         promise, the RoIs of a device's shard read its images or are
@@ -297,21 +352,21 @@ class _Partitioner:
         would otherwise type (and annotate) the per-device values with
         shardings of the whole mesh.
         """
-        operand, rois, *pooled_like = operands
+        operands = list(operands)
         with jax.sharding.use_abstract_mesh(_NO_MESH):
             if image_axes:
+                rois = operands[self.rois_operand]
                 local_images = self.num_images // _count(mesh, image_axes)
                 first = jax.lax.axis_index(image_axes) * local_images
                 index = rois[:, :1] - first.astype(rois.dtype)
-                rois = jnp.concatenate([index, rois[:, 1:]], axis=1)
+                operands[self.rois_operand] = jnp.concatenate([index, rois[:, 1:]], axis=1)
             if not (self.bin_major and channel_axes):
-                return self.local_call(operand, rois, *pooled_like, result_shape=result_shape)
+                return self.local_call(*operands, result_shape=result_shape)
             rows, shares = self.pooled_size[0], _count(mesh, channel_axes)
             branches = [partial(self.local_call, result_shape=result_shape,
                                 first_bin_row=share * rows // shares, bin_rows=rows)
                         for share in range(shares)]
-            return jax.lax.switch(jax.lax.axis_index(channel_axes), branches, operand, rois,
-                                  *pooled_like)
+            return jax.lax.switch(jax.lax.axis_index(channel_axes), branches, *operands)
 
     def forward_plan(self, mesh, features, rois):
         """(images, RoIs, channels) axes of a forward whose features and RoIs
@@ -343,7 +398,8 @@ class _Partitioner:
 
     def forward(self, mesh, arg_shapes, result_shape):
         image_axes, roi_axes, channel_axes = self.forward_plan(
-            mesh, _axes(arg_shapes[0].sharding, 4), _axes(arg_shapes[1].sharding, 2))
+            mesh, _axes(arg_shapes[0].sharding, 4),
+            _axes(arg_shapes[self.rois_operand].sharding, 2))
         pooled = self._map(mesh, roi_axes, channel_axes, pooled=True)
         results = (pooled,) * (1 + self.further_results)
         first_result = result_shape[0] if self.further_results else result_shape
@@ -352,10 +408,14 @@ class _Partitioner:
         def lower_fn(*operands):
             return self._local(mesh, operands, local_pooled, image_axes, channel_axes)
 
+        features = self._map(mesh, image_axes, channel_axes, pooled=False)
+        if self.maps > 1:  # a pyramid: its levels, the RoIs and their levels
+            further = (NamedSharding(mesh, PartitionSpec(roi_axes or None)),)
+        else:
+            further = (pooled,) * (len(arg_shapes) - 2)
         return (mesh, lower_fn, results if self.further_results else pooled,
-                (self._map(mesh, image_axes, channel_axes, pooled=False),
-                 NamedSharding(mesh, PartitionSpec(roi_axes or None, None)),
-                 *(pooled,) * (len(arg_shapes) - 2)))
+                (*(features,) * self.maps,
+                 NamedSharding(mesh, PartitionSpec(roi_axes or None, None)), *further))
 
     def backward(self, mesh, arg_shapes, result_shape):
         image_axes, roi_axes, channel_axes = self.backward_plan(

@@ -265,8 +265,8 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
 
     The levels are computed with ``jax.numpy`` (a few operations on [K]);
     the pooling is one native call per level, which visits only that level's
-    RoIs and writes into one result. No sharding rule yet: over a mesh the
-    maps are gathered (correct, not split).
+    RoIs and writes into one result. Over a device mesh it splits as
+    ``roi_align`` does (images, RoIs, channels; every level alike).
     """
     pooled_size = _arguments.output_size(output_size)
     layout = _arguments.data_format(data_format)
@@ -290,6 +290,8 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
         return roi_align(first, boxes, pooled_size, scales[0], ratio, False, data_format=layout)
     rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(first.dtype))
     levels = _levels.roi_levels(rois, scales, canonical_scale, canonical_level)
-    return _multi_scale.multi_scale_p.bind(*maps, rois, levels, pooled_size=pooled_size,
+    blocks = _arguments.image_blocks(boxes, first.shape[axes[0]])
+    return _multi_scale.multi_scale_p.bind(*maps, rois, levels, image_blocks=blocks,
+                                           pooled_size=pooled_size,
                                            spatial_scales=scales, sampling_ratio=ratio,
                                            data_format=layout)

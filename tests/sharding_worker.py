@@ -32,6 +32,7 @@ import jax_psroi
 # torchvision-order maps over C_out and bin-major maps over bin rows.
 IMAGES, ROIS_PER_IMAGE, CHANNELS_OUT, POOLED, SIZE = 8, 6, 8, (8, 3), 16
 SCALE, SAMPLING = 0.5, 2
+PYRAMID_LEVELS = 2
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
                "reduce-scatter")
 
@@ -39,7 +40,9 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
 # order in float32, every other dtype in one of them; roi_align ("shared"
 # channels, aligned=False), ps_roi_pool (windows of whole pixels, bin rows
 # split with the channels of a bin-major map) and roi_pool (maxima, their
-# pixels split like the pooled tensor) on the same map.
+# pixels split like the pooled tensor) on the same map; multi-scale RoI
+# Align on a pyramid of that map and its every other pixel (PYRAMID_LEVELS
+# levels, each RoI pooled from the one its size picks).
 COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
                 ("ps_roi_align", "NHWC", "torchvision", "float32"),
                 ("ps_roi_align", "NCHW", "bin_major", "float32"),
@@ -51,7 +54,9 @@ COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
                 ("roi_align", "NHWC", "shared", "float32"),
                 ("ps_roi_pool", "NHWC", "bin_major", "float32"),
                 ("roi_pool", "NCHW", "shared", "float32"),
-                ("roi_pool", "NHWC", "shared", "float64")]
+                ("roi_pool", "NHWC", "shared", "float64"),
+                ("multi_scale_roi_align", "NCHW", "shared", "float32"),
+                ("multi_scale_roi_align", "NHWC", "shared", "float32")]
 # How the inputs are split, as the issue names them: the per-image head
 # vmapped over a batch of images split over the mesh; RoIs split with the
 # features replicated; features split over channels with the RoIs
@@ -100,6 +105,15 @@ def _functions(case, operation, layout, order, mesh):
     if operation == "roi_align":
         pool = partial(jax_psroi.roi_align, output_size=POOLED, spatial_scale=SCALE,
                        sampling_ratio=SAMPLING, data_format=layout)
+    elif operation == "multi_scale_roi_align":
+        def pool(features, boxes):
+            # Level 1: every other pixel. Scales 1/2 and 1/4 of an image of
+            # SIZE / SCALE pixels; boxes under 24 pixels go to level 0.
+            coarse = (features[:, :, ::2, ::2] if layout == "NCHW"
+                      else features[:, ::2, ::2, :])
+            return jax_psroi.multi_scale_roi_align(
+                [features, coarse], boxes, POOLED, SAMPLING, (int(SIZE / SCALE),) * 2,
+                canonical_scale=24, canonical_level=2, data_format=layout)
     elif operation == "roi_pool":
         pool = partial(jax_psroi.roi_pool, output_size=POOLED, spatial_scale=SCALE,
                        data_format=layout)

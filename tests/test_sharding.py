@@ -1,4 +1,4 @@
-"""ps_roi_align over a device mesh: equal results, no all-gathers.
+"""The operators over a device mesh: equal results, no all-gathers.
 
 The cases run on 8 simulated CPU devices in one process of their own
 (tests/sharding_worker.py), so that this session keeps its one device; each
@@ -64,6 +64,10 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
         # gradient is computed whole and sliced), and the results are right.
         if direction == "forward":
             assert collectives.get("all-gather", 0) >= 1, record
+    elif summed and combination[0] == "multi_scale_roi_align":
+        # Over RoIs, one all-reduce per level's gradient (XLA may combine them).
+        assert set(collectives) == {"all-reduce"}, record
+        assert 1 <= collectives["all-reduce"] <= worker.PYRAMID_LEVELS, record
     else:
         # Over RoIs, the gradient is one all-reduce; everything else is local.
         assert collectives == ({"all-reduce": 1} if summed else {}), record
