@@ -309,6 +309,22 @@ ffi::ErrorOr<PsRoiDims> roi_pool_dims(ffi::Span<const int64_t> features,
   return d;
 }
 
+// Dims of a RoI Pool forward, whose optional `recorded` pixels (the gather
+// of its tangent) must be aliased to its pixels result.
+template <typename Layout, typename Input, typename Rois, typename Output>
+ffi::ErrorOr<PsRoiDims> roi_pool_forward_dims(const Input& input, const Rois& rois,
+                                              const std::optional<PixelsBuffer>& recorded,
+                                              const Output& output,
+                                              const PixelsBuffer& pixels) {
+  if (recorded && recorded->untyped_data() != pixels.untyped_data()) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+        "jax_psroi: roi_pool's third operand is the pixels it gathers at, and must be "
+        "aliased to its pixels result"));
+  }
+  return roi_pool_dims<Layout>(input.dimensions(), rois.dimensions(), output.dimensions(),
+                               pixels.dimensions());
+}
+
 // One FFI target: a row of the kernel table, its name and its handler.
 struct FfiTarget {
   std::string name;

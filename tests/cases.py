@@ -161,6 +161,14 @@ def ps_roi_pool_case(fixture, key):
             float(fixture[f"{key}_spatial_scale"]), bool(fixture[f"{key}_consistent"]))
 
 
+def roi_pool_case(fixture, key):
+    """(features, rois, output_size, spatial_scale) of case `key` of
+    roi_pool's golden fixture."""
+    ph, pw = (int(v) for v in fixture[f"{key}_params"])
+    return (fixture[f"{key}_input"], fixture[f"{key}_rois"], (ph, pw),
+            float(fixture[f"{key}_spatial_scale"]))
+
+
 def multi_scale_case(fixture, key):
     """(levels, boxes, output_size, sampling_ratio, image_size, options) of
     case `key` of multi_scale_roi_align's golden fixture; options: its

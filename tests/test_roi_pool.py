@@ -23,6 +23,7 @@ from cases import (
     hostile_rois,
     pooled_as,
     random_rois,
+    roi_pool_case,
 )
 
 GOLDEN, CASES = golden("roi_pool")
@@ -31,12 +32,6 @@ LOWEST = -np.finfo(np.float32).max  # torchvision's -FLT_MAX
 native = jax.jit(jax_psroi.roi_pool, static_argnums=(2, 3), static_argnames=("data_format",))
 reference = jax.jit(jax_psroi.roi_pool_reference, static_argnums=(2, 3),
                     static_argnames=("data_format",))
-
-
-def _case(key):
-    ph, pw = (int(v) for v in GOLDEN[f"{key}_params"])
-    return (GOLDEN[f"{key}_input"], GOLDEN[f"{key}_rois"], (ph, pw),
-            float(GOLDEN[f"{key}_spatial_scale"]))
 
 
 def _recorded(features, rois, output_size, scale, data_format="NCHW"):
@@ -51,7 +46,7 @@ def _recorded(features, rois, output_size, scale, data_format="NCHW"):
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("key", CASES)
 def test_forward_and_gradient_match_torchvision(key, data_format):
-    features, rois, output_size, scale = _case(key)
+    features, rois, output_size, scale = roi_pool_case(GOLDEN, key)
     x = pooled_as(features, data_format)
     out, vjp = jax.vjp(lambda f: native(f, rois, output_size, scale,
                                         data_format=data_format), x)
@@ -261,3 +256,24 @@ def test_lowers_to_the_reference_where_no_kernel_exists():
                                              data_format="NCHW")
     _, vjp = jax.vjp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), features)
     np.testing.assert_allclose(scattered, vjp(cotangent)[0], **TOLERANCE[np.dtype(np.float64)])
+
+
+def test_a_gather_must_update_the_pixels_it_reads():
+    # The forward row given recorded pixels gathers at them, and must alias
+    # them to its pixels result (which it then leaves as they are).
+    name = _extension.target_name("cpu", "forward", np.float32, "NCHW", "roi_pool")
+    shape = (1, 1, 2, 2)
+    call = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct(shape, np.float32),
+                                   jax.ShapeDtypeStruct(shape, np.int32)))
+    features = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    rois = np.array([[0, 0, 0, 3, 3]], np.float32)
+    pixels = np.array([5, 6, 9, -1], np.int32).reshape(shape)
+    with pytest.raises(Exception, match="aliased to its pixels result"):
+        jax.block_until_ready(call(features, rois, pixels, spatial_scale=1.0))
+    aliased = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct(shape, np.float32),
+                                      jax.ShapeDtypeStruct(shape, np.int32)),
+                               input_output_aliases={2: 1})
+    values, kept = jax.jit(lambda f, r, p: aliased(f, r, p, spatial_scale=1.0))(
+        features, rois, pixels)
+    np.testing.assert_array_equal(values.ravel(), [5, 6, 9, 0])
+    np.testing.assert_array_equal(kept, pixels)

@@ -12,7 +12,7 @@ import pytest
 
 import jax_psroi
 
-from cases import TOLERANCE, golden, pooled_as
+from cases import TOLERANCE, golden, pooled_as, roi_pool_case
 
 GOLDEN, CASES = golden("roi_pool")
 LOWEST = -np.finfo(np.float32).max  # torchvision's -FLT_MAX
@@ -21,14 +21,8 @@ reference = jax.jit(jax_psroi.roi_pool_reference, static_argnums=(2, 3),
                     static_argnames=("data_format",))
 
 
-def _case(key):
-    ph, pw = (int(v) for v in GOLDEN[f"{key}_params"])
-    return (GOLDEN[f"{key}_input"], GOLDEN[f"{key}_rois"], (ph, pw),
-            float(GOLDEN[f"{key}_spatial_scale"]))
-
-
 def test_fixture_covers_the_issue_matrix():
-    params = [_case(key) for key in CASES]
+    params = [roi_pool_case(GOLDEN, key) for key in CASES]
     assert {p[0].dtype for p in params} == {np.dtype(np.float32), np.dtype(np.float64)}
     assert {p[3] for p in params} >= {1.0, 0.5, 1 / 16}
     assert any(1 in p[0].shape[2:] for p in params)
@@ -40,7 +34,7 @@ def test_fixture_covers_the_issue_matrix():
 @pytest.mark.parametrize("key,data_format", [(key, "NCHW") for key in CASES] + [
     ("c00", "NHWC"), ("c08", "NHWC")])
 def test_forward_and_gradient_match_torchvision(key, data_format):
-    features, rois, output_size, scale = _case(key)
+    features, rois, output_size, scale = roi_pool_case(GOLDEN, key)
     expected = pooled_as(GOLDEN[f"{key}_output"], data_format)
     cotangent = pooled_as(GOLDEN[f"{key}_cotangent"], data_format)
     expected_grad = pooled_as(GOLDEN[f"{key}_grad_input"], data_format)

@@ -108,15 +108,10 @@ ffi::Future roi_pool_forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffe
                              ffi::Result<PixelsBuffer> pixels, ffi::RemainingRets,
                              double spatial_scale) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), pixels->dimensions());
+  ffi::ErrorOr<PsRoiDims> dims =
+      roi_pool_forward_dims<Layout>(input, rois, recorded, *output, *pixels);
   if (dims.has_error()) return ready_with(dims.error());
   const PsRoiDims d = dims.value();
-  if (recorded && recorded->untyped_data() != pixels->untyped_data()) {
-    return ready_with(ffi::Error::InvalidArgument(
-        "jax_psroi: roi_pool's third operand is the pixels it gathers at, and must be "
-        "aliased to its pixels result"));
-  }
   const S* in = data<S>(input);
   const T* boxes = data<T>(rois);
   const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;

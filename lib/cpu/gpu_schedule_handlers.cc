@@ -160,8 +160,8 @@ ffi::Error roi_pool_forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
                                       ffi::Result<PixelsBuffer> pixels, ffi::RemainingRets,
                                       double spatial_scale) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), pixels->dimensions());
+  ffi::ErrorOr<PsRoiDims> dims =
+      roi_pool_forward_dims<Layout>(input, rois, recorded, *output, *pixels);
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;

@@ -112,14 +112,9 @@ ffi::Error roi_pool_forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<
                             ffi::Result<MapBuffer<S>> output, ffi::Result<PixelsBuffer> pixels,
                             ffi::RemainingRets, double spatial_scale) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), pixels->dimensions());
+  ffi::ErrorOr<PsRoiDims> dims =
+      roi_pool_forward_dims<Layout>(input, rois, recorded, *output, *pixels);
   if (dims.has_error()) return dims.error();
-  if (recorded && recorded->untyped_data() != pixels->untyped_data()) {
-    return ffi::Error::InvalidArgument(
-        "jax_psroi: roi_pool's third operand is the pixels it gathers at, and must be "
-        "aliased to its pixels result");
-  }
   return launch_result("roi_pool forward kernel launch",
                        launch_roi_pool_forward<S, Layout>(
                            stream, data<S>(input), data<T>(rois), dims.value(),
