@@ -59,12 +59,12 @@ def _level_params(spatial_scale, sampling_ratio, data_format):
 
 def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, data_format):
     *maps, rois, levels = operands
-    shape = result_shape
     # RoIs of no level stay 0.
-    pooled = jnp.zeros(shape, maps[0].dtype)
+    pooled = jnp.zeros(result_shape, maps[0].dtype)
     for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
         pooled = _primitives._native_call(
-            platform, "forward", features, _levels.level_rois(rois, levels, level), shape,
+            platform, "forward", features, _levels.level_rois(rois, levels, level),
+            result_shape,
             updated=pooled, **_level_params(scale, sampling_ratio, data_format))
     return pooled
 
@@ -137,7 +137,7 @@ ad.primitive_transposes[multi_scale_p] = _transpose
 def _batch(args, dims, *, image_blocks, **params):
     *maps, rois, levels = args
     *map_dims, rois_dim, levels_dim = dims
-    size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+    size = _primitives._mapped_size(args, dims)
     rois = _primitives._to_front(rois, rois_dim, size)
     levels = _primitives._to_front(levels, levels_dim, size).reshape(-1)
     num_rois = rois.shape[1]

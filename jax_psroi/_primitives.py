@@ -219,6 +219,11 @@ ad.primitive_transposes[backward_p] = _backward_transpose
 # broadcast, except features, which are never copied: with only the RoIs
 # mapped, the B RoI sets are simply concatenated over one image set.
 
+def _mapped_size(args, dims) -> int:
+    """The size of the mapped axis: that of the first mapped operand."""
+    return next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+
+
 def _to_front(x, dim, size):
     if dim is None:
         return jnp.broadcast_to(x, (size, *x.shape))

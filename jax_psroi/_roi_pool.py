@@ -201,10 +201,6 @@ ad.primitive_transposes[scatter_p] = _scatter_transpose
 # images), and RoI sets and their pixels are concatenated. Unmapped features
 # are never copied (and promise no blocks: every RoI set reads them all).
 
-def _size(args, dims):
-    return next(arg.shape[dim] for arg, dim in zip(args, dims, strict=True) if dim is not None)
-
-
 def _fold(x, dim, size):
     """[B, A, ...] (x mapped at dim, or broadcast) -> [B * A, ...]."""
     x = _primitives._to_front(x, dim, size)
@@ -227,7 +223,7 @@ def _unfold(x, size):
 
 
 def _roi_pool_batch(args, dims, *, image_blocks, **params):
-    size = _size(args, dims)
+    size = _primitives._mapped_size(args, dims)
     features, rois, blocks = _features_and_rois(args[0], dims[0], args[1], dims[1], size,
                                                 image_blocks)
     pooled, pixels = roi_pool_p.bind(features, rois, image_blocks=blocks, **params)
@@ -235,7 +231,7 @@ def _roi_pool_batch(args, dims, *, image_blocks, **params):
 
 
 def _gather_batch(args, dims, *, image_blocks, **params):
-    size = _size(args, dims)
+    size = _primitives._mapped_size(args, dims)
     features, rois, blocks = _features_and_rois(args[0], dims[0], args[1], dims[1], size,
                                                 image_blocks)
     out = gather_p.bind(features, rois, _fold(args[2], dims[2], size), image_blocks=blocks,
@@ -244,7 +240,7 @@ def _gather_batch(args, dims, *, image_blocks, **params):
 
 
 def _scatter_batch(args, dims, *, input_shape, image_blocks, **params):
-    size = _size(args, dims)
+    size = _primitives._mapped_size(args, dims)
     cotangent, rois, pixels = args
     rois = _primitives._offset_batch_index(_primitives._to_front(rois, dims[1], size),
                                            input_shape[0])

@@ -344,29 +344,39 @@ void to_bin_major(const S* values, const PsRoiDims& d, const RoiTables<T>& table
   }
 }
 
-// The RoIs of each image that have samples, in index order: image n's are
-// rois[first[n] .. first[n + 1]).
+// The RoIs of each image that read something, in index order: image n's
+// are rois[first[n] .. first[n + 1]).
 struct RoisByImage {
   std::vector<int64_t> first, rois;
 };
 
-// Sorts the RoIs of filled `tables` by image (a counting sort).
-template <typename T>
-RoisByImage rois_by_image(const RoiTables<T>& tables, const PsRoiDims& d) {
+// Sorts RoIs by image (a counting sort); image_of(k) is RoI k's image, or
+// -1 when it reads nothing.
+template <typename ImageOf>
+RoisByImage rois_by_image(const PsRoiDims& d, ImageOf image_of) {
+  std::vector<int64_t> image(static_cast<size_t>(d.num_rois));
   RoisByImage by;
   by.first.assign(static_cast<size_t>(d.num_images + 1), 0);
   for (int64_t k = 0; k < d.num_rois; ++k) {
-    const RoiGeometry<T>& g = tables.geometry(k);
-    if (!g.empty()) ++by.first[g.image + 1];
+    image[k] = image_of(k);
+    if (image[k] >= 0) ++by.first[image[k] + 1];
   }
   for (int64_t n = 0; n < d.num_images; ++n) by.first[n + 1] += by.first[n];
   by.rois.resize(static_cast<size_t>(by.first[d.num_images]));
   std::vector<int64_t> next(by.first.begin(), by.first.end() - 1);
   for (int64_t k = 0; k < d.num_rois; ++k) {
-    const RoiGeometry<T>& g = tables.geometry(k);
-    if (!g.empty()) by.rois[next[g.image]++] = k;
+    if (image[k] >= 0) by.rois[next[image[k]]++] = k;
   }
   return by;
+}
+
+// The RoIs of filled `tables` that have samples, by image.
+template <typename T>
+RoisByImage rois_by_image(const RoiTables<T>& tables, const PsRoiDims& d) {
+  return rois_by_image(d, [&](int64_t k) {
+    const RoiGeometry<T>& g = tables.geometry(k);
+    return g.empty() ? int64_t{-1} : g.image;
+  });
 }
 
 // A backward work unit owns part of one image's gradient, which stays in

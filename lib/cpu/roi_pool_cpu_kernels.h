@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/psroi_cpu_kernels.h"
 #include "psroi_math.h"
 
 namespace jax_psroi {
@@ -134,34 +135,24 @@ void roi_pool_forward_rois(const S* input, const T* rois, const PsRoiDims& d, T 
   }
 }
 
-// The RoIs of each image that read something, in index order: image n's
-// are rois[first[n] .. first[n + 1]); and the window rows of every RoI's bin
-// rows, rows[roi * PH + ph].
+// The RoIs of each image that read something (psroi_cpu_kernels.h) and the
+// window rows of every RoI's bin rows, rows[roi * PH + ph].
 struct RoiPoolByImage {
-  std::vector<int64_t> first, rois;
+  RoisByImage images;
   std::vector<AxisSpan> rows;
 };
 
 template <typename T>
 RoiPoolByImage roi_pool_by_image(const T* rois, const PsRoiDims& d, T spatial_scale) {
-  std::vector<int64_t> image(static_cast<size_t>(d.num_rois));
   RoiPoolByImage by;
-  by.first.assign(static_cast<size_t>(d.num_images + 1), 0);
   by.rows.resize(static_cast<size_t>(d.num_rois * d.pooled_h));
-  for (int64_t k = 0; k < d.num_rois; ++k) {
+  by.images = rois_by_image(d, [&](int64_t k) {
     const RoiGeometry<T> g = roi_geometry(rois + 5 * k, d, spatial_scale, 0);
-    image[k] = g.empty() ? -1 : g.image;
-    if (image[k] >= 0) ++by.first[image[k] + 1];
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       by.rows[k * d.pooled_h + ph] = g.empty() ? AxisSpan{0, -1} : g.y.window(ph, d.height);
     }
-  }
-  for (int64_t n = 0; n < d.num_images; ++n) by.first[n + 1] += by.first[n];
-  by.rois.resize(static_cast<size_t>(by.first[d.num_images]));
-  std::vector<int64_t> next(by.first.begin(), by.first.end() - 1);
-  for (int64_t k = 0; k < d.num_rois; ++k) {
-    if (image[k] >= 0) by.rois[next[image[k]]++] = k;
-  }
+    return g.empty() ? int64_t{-1} : g.image;
+  });
   return by;
 }
 
@@ -243,8 +234,8 @@ void roi_pool_backward_unit(const S* cotangent, const int32_t* pixels, const PsR
     const int32_t p = pixels[at];
     if (p >= p0 && p < p1) sum_at(c, p) += Storage<S>::load(cotangent[at]);
   };
-  for (int64_t i = by.first[image]; i < by.first[image + 1]; ++i) {
-    const int64_t roi = by.rois[i];
+  for (int64_t i = by.images.first[image]; i < by.images.first[image + 1]; ++i) {
+    const int64_t roi = by.images.rois[i];
     if constexpr (Layout::kChannelsLast) {
       for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
         const AxisSpan rows = by.rows[roi * d.pooled_h + ph];
