@@ -102,12 +102,6 @@ struct PsRoiDims {
     return channel_order == ChannelOrder::kTorchvision ? bins() : 1;
   }
   PSROI_HD bool shared_channels() const { return channel_order == ChannelOrder::kShared; }
-  // Where bin `bin`'s output channels start in a pixel's channels summed
-  // bin-major (the backward's layout): bins apart, or all at 0 when every
-  // bin reads the same channels.
-  PSROI_HD int64_t bin_major_first(int64_t bin) const {
-    return shared_channels() ? 0 : bin * channels_out;
-  }
   // (output channel, bin) pairs: the input channels in the position-sensitive
   // orders; C_out times as many as the input's channels when shared.
   PSROI_HD int64_t channel_bins() const { return channels_out * bins(); }

@@ -111,14 +111,17 @@ def test_reference_agrees_in_every_layout(data_format, channel_order):
     np.testing.assert_allclose(out, ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("channels_out", [13, 17])
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
-def test_nhwc_on_large_planes_and_many_channels(dtype):
-    # Windows wider than the backward's tables (recomputed weights) and 13
-    # output channels; both orders, forward and backward.
+def test_nhwc_on_large_planes_and_many_channels(dtype, channels_out):
+    # Windows wider than the backward's tables (recomputed weights), bands of
+    # several rows, and output channels the channels-last backward pads to
+    # whole vectors (13) or walks as they are (17); both orders, forward and
+    # backward.
     rng = np.random.default_rng(43)
-    features = random_features(rng, 2, 13 * 4, 64, 64, dtype)
+    features = random_features(rng, 2, channels_out * 4, 64, 64, dtype)
     rois = random_rois(rng, 20, 2, 64, 64, 0.25, dtype, outside=0.2)
-    cotangent = rng.normal(size=(20, 13, 2, 2)).astype(dtype)
+    cotangent = rng.normal(size=(20, channels_out, 2, 2)).astype(dtype)
     nchw_op = _op("NCHW", "torchvision", (2, 2), 0.25, 2)
     nchw, nchw_vjp = jax.vjp(lambda f: nchw_op(f, rois), features)
     nchw_grad = nchw_vjp(cotangent)[0]

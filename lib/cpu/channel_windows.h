@@ -12,7 +12,9 @@
 #define JAX_PSROI_CPU_CHANNEL_WINDOWS_H_
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 #include "cpu/window_tiles.h"
 
@@ -57,23 +59,84 @@ void gather_channel_window(const Window<T>& w, const S* first, int64_t row_strid
   for (int64_t c = 0; c < num_channels; ++c) out[c * out_stride] = Storage<S>::store(acc[c]);
 }
 
-// Its adjoint, for channel runs that are contiguous (the backward sums in
-// bin-major order): adds weight * cot[c] to each pixel's run.
+// Its adjoint: adds weight * cot[i] to channel i < run of each pixel of
+// window `w` (pixels `pixel_stride` apart, rows `row_stride`, from `first`).
+// Runs of at most kMaxPaddedRun channels are padded to whole vectors
+// (padded_run), and windows small enough for the backward's tables take
+// scatter_vector_runs: a fixed number of vectors per tap, and no test of
+// zero weights (they add +0, which leaves every value but -0 unchanged), so
+// no branch to mispredict. Larger windows, mostly weightless pixels between
+// the samples of a large bin, and long runs (already vectors) take
+// scatter_sparse_runs.
+constexpr int64_t kMaxPaddedRun = 16;
+
 template <typename T>
-void scatter_channel_window(const Window<T>& w, T* first, int64_t row_stride,
-                            int64_t pixel_stride, int64_t num_channels, T count,
-                            const T* cot) {
+constexpr int64_t padded_run(int64_t channels) {
+  constexpr int64_t L = Lanes<T>::kCount;
+  return channels <= kMaxPaddedRun ? (channels + L - 1) / L * L : channels;
+}
+
+template <typename T, int V>
+inline void scatter_vector_runs(const Window<T>& w, T* first, int64_t row_stride,
+                         int64_t pixel_stride, T count, const T* cot) {
+  using Vec = typename Lanes<T>::Vec;
+  constexpr int L = Lanes<T>::kCount;
+  Vec g[V];
+  for (int v = 0; v < V; ++v) g[v] = load_vec(cot + v * L);
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const T row_weight = w.row_w[r] / count;
+    T* row = first + r * row_stride;
+    for (int64_t c = 0; c < w.cols; ++c) {
+      const T weight = row_weight * w.col_w[c];
+      T* at = row + c * pixel_stride;
+      for (int v = 0; v < V; ++v) store_vec(at + v * L, load_vec(at + v * L) + weight * g[v]);
+    }
+  }
+}
+
+template <typename T>
+void scatter_sparse_runs(const Window<T>& w, T* first, int64_t row_stride,
+                         int64_t pixel_stride, int64_t run, T count, const T* cot) {
   for (int64_t r = 0; r < w.rows; ++r) {
     if (w.row_w[r] == T(0)) continue;
     const T row_weight = w.row_w[r] / count;
     T* row = first + r * row_stride;
     for (int64_t c = 0; c < w.cols; ++c) {
       if (w.col_w[c] == T(0)) continue;
-      T* run = row + c * pixel_stride;
+      T* at = row + c * pixel_stride;
       const T weight = row_weight * w.col_w[c];
-      for (int64_t i = 0; i < num_channels; ++i) run[i] += weight * cot[i];
+      for (int64_t i = 0; i < run; ++i) at[i] += weight * cot[i];
     }
   }
+}
+
+// A vector transpose: lane i of v[j] becomes lane j of v[i].
+template <typename T>
+inline void transpose(typename Lanes<T>::Vec (&v)[Lanes<T>::kCount]) {
+  if constexpr (Lanes<T>::kCount == 4) {
+    const auto ab_low = __builtin_shufflevector(v[0], v[1], 0, 4, 1, 5);
+    const auto ab_high = __builtin_shufflevector(v[0], v[1], 2, 6, 3, 7);
+    const auto cd_low = __builtin_shufflevector(v[2], v[3], 0, 4, 1, 5);
+    const auto cd_high = __builtin_shufflevector(v[2], v[3], 2, 6, 3, 7);
+    v[0] = __builtin_shufflevector(ab_low, cd_low, 0, 1, 4, 5);
+    v[1] = __builtin_shufflevector(ab_low, cd_low, 2, 3, 6, 7);
+    v[2] = __builtin_shufflevector(ab_high, cd_high, 0, 1, 4, 5);
+    v[3] = __builtin_shufflevector(ab_high, cd_high, 2, 3, 6, 7);
+  } else {
+    static_assert(Lanes<T>::kCount == 2, "16-byte vectors of float or double");
+    const auto low = __builtin_shufflevector(v[0], v[1], 0, 2);
+    v[1] = __builtin_shufflevector(v[0], v[1], 1, 3);
+    v[0] = low;
+  }
+}
+
+// Calls f(std::integral_constant<int, v>()) for the runtime v in [0, kMost].
+template <int kMost, int kV = 0, typename F>
+void dispatch_vectors(int64_t v, F&& f) {
+  if constexpr (kV < kMost) {
+    if (v != kV) return dispatch_vectors<kMost, kV + 1>(v, f);
+  }
+  f(std::integral_constant<int, kV>());
 }
 
 }  // namespace cpu

@@ -28,7 +28,8 @@ struct BackwardState {
       : tables(d),
         units(d, sizeof(T), Layout::kChannelsLast),
         // Every element is written before it is read: no zero fill.
-        bin_major(new T[static_cast<size_t>(d.outputs())]) {}
+        bin_major(new T[static_cast<size_t>(d.num_rois * d.bins() *
+                                            staged_run<T>(d, Layout::kChannelsLast))]) {}
   RoiTables<T> tables;
   RoisByImage by_image;
   Units units;

@@ -228,6 +228,7 @@ class RoiTables {
   explicit RoiTables(const PsRoiDims& d)
       : d_(d),
         geometry_(static_cast<size_t>(d.num_rois)),
+        roi_rows_(static_cast<size_t>(d.num_rois), AxisSpan{d.height, -1}),
         row_spans_(static_cast<size_t>(d.num_rois * d.pooled_h), AxisSpan{d.height, -1}),
         col_spans_(static_cast<size_t>(d.num_rois * d.pooled_w), AxisSpan{d.width, -1}),
         row_w_(static_cast<size_t>(d.num_rois * d.pooled_h * kMaxTileRows)),
@@ -248,6 +249,10 @@ class RoiTables {
       for (int64_t ph = 0; ph < d_.pooled_h; ++ph) {
         const AxisSpan span = weights->row_span(ph);
         row_spans_[k * d_.pooled_h + ph] = span;
+        if (span.first <= span.last) {
+          roi_rows_[k].first = std::min(roi_rows_[k].first, span.first);
+          roi_rows_[k].last = std::max(roi_rows_[k].last, span.last);
+        }
         const int64_t rows = span.last - span.first + 1;
         if (rows > 0 && rows <= kMaxTileRows) {
           std::copy(weights->row_weights(ph) + span.first, weights->row_weights(ph) + span.last + 1,
@@ -268,7 +273,18 @@ class RoiTables {
   }
 
   const RoiGeometry<T>& geometry(int64_t k) const { return geometry_[k]; }
+  // The rows that any bin of RoI k reads.
+  AxisSpan roi_rows(int64_t k) const { return roi_rows_[k]; }
   AxisSpan row_span(int64_t k, int64_t ph) const { return row_spans_[k * d_.pooled_h + ph]; }
+  AxisSpan col_span(int64_t k, int64_t pw) const { return col_spans_[k * d_.pooled_w + pw]; }
+  // The weights of a span, kept when it has at most kMaxTileRows rows
+  // (kMaxTileColumns columns).
+  const T* row_weights(int64_t k, int64_t ph) const {
+    return row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows;
+  }
+  const T* col_weights(int64_t k, int64_t pw) const {
+    return col_w_.data() + (k * d_.pooled_w + pw) * kMaxTileColumns;
+  }
 
   // Window of bin (ph, pw) of RoI k. Returns false when the bin has no
   // sample on the map; sets *fits = false, without a window, when the bin
@@ -287,8 +303,8 @@ class RoiTables {
     w->first_row = r.first;
     w->first_col = c.first;
     w->width = d_.width;
-    w->row_w = row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows;
-    w->col_w = col_w_.data() + (k * d_.pooled_w + pw) * kMaxTileColumns;
+    w->row_w = row_weights(k, ph);
+    w->col_w = col_weights(k, pw);
     w->col_tile = &tile;
     return true;
   }
@@ -296,7 +312,7 @@ class RoiTables {
  private:
   PsRoiDims d_;
   std::vector<RoiGeometry<T>> geometry_;
-  std::vector<AxisSpan> row_spans_, col_spans_;
+  std::vector<AxisSpan> roi_rows_, row_spans_, col_spans_;
   std::vector<T> row_w_, col_w_;
   std::vector<ColumnTile<T>> col_tiles_;
 };
@@ -324,22 +340,33 @@ class LargeWindows {
   int64_t roi_ = -1;  // whose weights weights_ holds
 };
 
+// Values the backward keeps of each (bin, RoI): the bin's C_out output
+// channels, padded channels-last to whole vectors when a run is short (zero
+// cotangent in the padding), so that a tap is a fixed number of vector
+// multiply-adds (channel_windows.h).
+template <typename T>
+int64_t staged_run(const PsRoiDims& d, bool channels_last) {
+  return channels_last ? padded_run<T>(d.channels_out) : d.channels_out;
+}
+
 // The cotangent (pooled tensor in `Layout`, storage type S) of RoIs
-// [begin, end) laid out bin-major, [PH * PW][K][C_out], in compute type T,
+// [begin, end) laid out bin-major, [PH * PW][K][run], in compute type T,
 // so that a backward unit reads one bin's values contiguously; written in
-// runs of C_out, while the RoI's reads stay in cache. Only RoIs that read
+// runs, while the RoI's reads stay in cache. Only RoIs that read
 // something (in `tables`): no unit visits the others (a level of
 // multi-scale RoI Align sees the RoIs of the other levels as such).
 template <typename S, typename Layout, typename T = ComputeType<S>>
 void to_bin_major(const S* values, const PsRoiDims& d, const RoiTables<T>& tables,
                   int64_t begin, int64_t end, T* bin_major) {
   const int64_t stride = Layout::pooled_channel_stride(d);
+  const int64_t run = staged_run<T>(d, Layout::kChannelsLast);
   for (int64_t k = begin; k < end; ++k) {
     if (tables.geometry(k).empty()) continue;
     for (int64_t bin = 0; bin < d.bins(); ++bin) {
-      T* to = bin_major + (bin * d.num_rois + k) * d.channels_out;
+      T* to = bin_major + (bin * d.num_rois + k) * run;
       const S* from = values + Layout::pooled_offset(d, k, 0, bin);
       for (int64_t c = 0; c < d.channels_out; ++c) to[c] = Storage<S>::load(from[c * stride]);
+      std::fill(to + d.channels_out, to + run, T(0));
     }
   }
 }
@@ -485,43 +512,166 @@ void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
   }
 }
 
-// Channels-last unit: zeroes its rows, whose first pixel is `band` (rows
-// and pixels laid out as in the map), then adds the part of every RoI's bin
-// windows that falls in them. Each pixel's channels are summed in bin-major
-// order, whatever the map's: bin b's output channels at b * C_out, one run
-// (at 0 for every bin with shared channels).
-template <typename T>
+// Rows [first_row, last_row] of bin row ph of RoI k, whose rows are in the
+// tables, added to a band whose row first_row is `band_row`, in runs of V
+// vectors: row by row, skipping rows that weigh nothing (between the samples
+// of a large bin), then bin by bin along the row; bins whose columns are not
+// in the tables take the RoI's weights (`large`) and skip weightless
+// columns.
+template <typename T, int V>
+void add_bin_row(const T* cotangent_bin_major, const PsRoiDims& d, const RoiTables<T>& tables,
+                 int64_t k, int64_t ph, int64_t first_row, int64_t last_row, T* band_row,
+                 int64_t row_stride, int64_t pixel_stride, LargeWindows<T>& large) {
+  constexpr int64_t kRun = V * Lanes<T>::kCount;
+  const RoiGeometry<T>& g = tables.geometry(k);
+  const AxisSpan rows = tables.row_span(k, ph);
+  const T* row_weights = tables.row_weights(k, ph) - rows.first;
+  for (int64_t y = first_row; y <= last_row; ++y, band_row += row_stride) {
+    if (row_weights[y] == T(0)) continue;
+    for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
+      const AxisSpan cols = tables.col_span(k, pw);
+      if (cols.first > cols.last) continue;
+      const int64_t bin = ph * d.pooled_w + pw;
+      const T* cot = cotangent_bin_major + (bin * d.num_rois + k) * kRun;
+      T* first = band_row + (d.shared_channels() ? 0 : bin * kRun);
+      const T divisor = g.divisor(ph, pw, d);
+      Window<T> w{};
+      const bool cols_kept = cols.last - cols.first < RoiTables<T>::kMaxTileColumns;
+      if (cols_kept) {
+        w.first_col = cols.first;
+        w.cols = cols.last - cols.first + 1;
+        w.col_w = tables.col_weights(k, pw);
+      } else {
+        large.window(k, g, ph, pw, &w);
+      }
+      w.rows = 1;
+      w.row_w = row_weights + y;
+      T* at = first + w.first_col * pixel_stride;
+      if (cols_kept) {
+        scatter_vector_runs<T, V>(w, at, row_stride, pixel_stride, divisor, cot);
+      } else {
+        scatter_sparse_runs(w, at, row_stride, pixel_stride, kRun, divisor, cot);
+      }
+    }
+  }
+}
+
+// Channels-last unit: zeroes its rows, whose first pixel is `band`, then
+// adds the part of every RoI's bin windows that falls in them. Each pixel's
+// channels are summed bin-major, whatever the map's order: bin b's output
+// channels are a run at b * run (at 0 for every bin with shared channels),
+// `run` = staged_run() channels from the pixel's first; pixels are
+// `pixel_stride` apart, rows `width` pixels. V: vectors in a padded run, 0
+// for runs too long to pad. With padded runs, a bin row whose weights are in
+// the tables goes row by row (add_bin_row): a unit is often a single row of
+// the map, and the rows of a window between samples weigh nothing. Other
+// bins go window by window, skipping weightless pixels.
+template <typename T, int V>
 void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Unit& u, T* band) {
-  const NhwcLayout layout = NhwcLayout::of(d);
-  std::fill(band, band + layout.pixel_offset(u.row_end - u.row_begin, 0), T(0));
+                   const Unit& u, T* band, int64_t pixel_stride) {
+  const int64_t run = staged_run<T>(d, /*channels_last=*/true);
+  const int64_t row_stride = d.width * pixel_stride;
+  std::fill(band, band + (u.row_end - u.row_begin) * row_stride, T(0));
   LargeWindows<T> large(d);
   for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
     const int64_t k = by_image.rois[i];
+    const AxisSpan roi_rows = tables.roi_rows(k);
+    if (roi_rows.last < u.row_begin || roi_rows.first >= u.row_end) continue;
     const RoiGeometry<T>& g = tables.geometry(k);
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       const AxisSpan rows = tables.row_span(k, ph);
       const int64_t first_row = std::max(rows.first, u.row_begin);
       const int64_t last_row = std::min(rows.last, u.row_end - 1);
       if (first_row > last_row) continue;
+      if constexpr (V > 0) {
+        if (rows.last - rows.first < kMaxTileRows) {
+          add_bin_row<T, V>(cotangent_bin_major, d, tables, k, ph, first_row, last_row,
+                            band + (first_row - u.row_begin) * row_stride, row_stride,
+                            pixel_stride, large);
+          continue;
+        }
+      }
       for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
-        Window<T> w;
+        Window<T> w{};
         bool fits;
         if (!tables.window(k, ph, pw, /*needs_tile=*/false, &w, &fits)) continue;
         if (!fits) large.window(k, g, ph, pw, &w);
-        const T divisor = g.divisor(ph, pw, d);
         // The rows of the window in this unit's band.
         w.row_w += first_row - w.first_row;
         w.first_row = first_row;
         w.rows = last_row - first_row + 1;
         const int64_t bin = ph * d.pooled_w + pw;
-        scatter_channel_window(
-            w, band + d.bin_major_first(bin) +
-                   layout.pixel_offset(w.first_row - u.row_begin, w.first_col),
-            layout.pixel_offset(1, 0), layout.pixel_offset(0, 1), d.channels_out, divisor,
-            cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out);
+        scatter_sparse_runs(
+            w, band + (first_row - u.row_begin) * row_stride + w.first_col * pixel_stride +
+                   (d.shared_channels() ? 0 : bin * run),
+            row_stride, pixel_stride, run, g.divisor(ph, pw, d),
+            cotangent_bin_major + (bin * d.num_rois + k) * run);
       }
+    }
+  }
+}
+
+// backward_rows for runs of `run` channels.
+template <typename T>
+void backward_rows(const T* cotangent_bin_major, int64_t run, const PsRoiDims& d,
+                   const RoiTables<T>& tables, const RoisByImage& by_image, const Unit& u,
+                   T* band, int64_t pixel_stride) {
+  constexpr int64_t L = Lanes<T>::kCount;
+  const int64_t vectors = run <= kMaxPaddedRun ? run / L : 0;
+  auto rows = [&](auto v) {
+    backward_rows<T, decltype(v)::value>(cotangent_bin_major, d, tables, by_image, u, band,
+                                         pixel_stride);
+  };
+  dispatch_vectors<kMaxPaddedRun / L>(vectors, rows);
+}
+
+// One pixel's channels, summed bin-major in runs of `run` (backward_rows),
+// written in the map's channel order and storage type S. In torchvision's
+// order that is a transpose of [bins][C_out] into [C_out][bins], done in
+// blocks of kCount x kCount by vector shuffles.
+template <typename T, typename S>
+void pixel_from_bin_major(const T* from, int64_t run, const PsRoiDims& d, S* to) {
+  if (d.channel_order != ChannelOrder::kTorchvision) {
+    const int64_t groups = d.shared_channels() ? 1 : d.bins();
+    for (int64_t bin = 0; bin < groups; ++bin) {
+      for (int64_t c = 0; c < d.channels_out; ++c) {
+        to[bin * d.channels_out + c] = Storage<S>::store(from[bin * run + c]);
+      }
+    }
+    return;
+  }
+  using Vec = typename Lanes<T>::Vec;
+  constexpr int64_t L = Lanes<T>::kCount;
+  const int64_t bins = d.bins();
+  int64_t bin = 0;
+  for (; bin + L <= bins; bin += L) {
+    // Padded runs hold whole vectors; long ones may end in a partial one.
+    for (int64_t c = 0; c < d.channels_out; c += L) {
+      Vec v[L];
+      if (c + L <= run) {
+        for (int64_t j = 0; j < L; ++j) v[j] = load_vec(from + (bin + j) * run + c);
+        transpose<T>(v);
+        for (int64_t i = 0; i < L && c + i < d.channels_out; ++i) {
+          S* out = to + (c + i) * bins + bin;
+          if constexpr (std::is_same_v<S, T>) {
+            store_vec(out, v[i]);
+          } else {
+            for (int64_t j = 0; j < L; ++j) out[j] = Storage<S>::store(v[i][j]);
+          }
+        }
+      } else {
+        for (int64_t i = c; i < d.channels_out; ++i) {
+          for (int64_t j = 0; j < L; ++j) {
+            to[i * bins + bin + j] = Storage<S>::store(from[(bin + j) * run + i]);
+          }
+        }
+      }
+    }
+  }
+  for (; bin < bins; ++bin) {
+    for (int64_t c = 0; c < d.channels_out; ++c) {
+      to[c * bins + bin] = Storage<S>::store(from[bin * run + c]);
     }
   }
 }
@@ -529,7 +679,8 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
 // Backward for unit `index`: its part of the gradient, from the bin-major
 // cotangent, summed in compute type T. With a 16-bit storage type S the unit
 // sums in a scratch of its own (its part fits the cache budget) and rounds
-// each result into `grad` once; otherwise it sums in `grad` itself.
+// each result into `grad` once; otherwise it sums in `grad` itself where the
+// layout allows.
 template <typename S, typename Layout, typename T = ComputeType<S>>
 void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
                    const RoiTables<T>& tables, const RoisByImage& by_image,
@@ -547,28 +698,25 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
   } release;
   if constexpr (Layout::kChannelsLast) {
     S* band = grad + layout.plane_offset(u.image, 0) + layout.pixel_offset(u.row_begin, 0);
-    const int64_t size = layout.pixel_offset(u.row_end - u.row_begin, 0);
+    const int64_t pixels = (u.row_end - u.row_begin) * d.width;
+    const int64_t run = staged_run<T>(d, /*channels_last=*/true);
+    const int64_t groups = d.shared_channels() ? 1 : d.bins();
     if constexpr (kInPlace) {
-      if (d.channel_order != ChannelOrder::kTorchvision) {  // summed as laid out
-        backward_rows(cotangent_bin_major, d, tables, by_image, u, band);
-        return;
+      if (d.channel_order != ChannelOrder::kTorchvision && run == d.channels_out) {
+        backward_rows(cotangent_bin_major, run, d, tables, by_image, u, band, d.channels);
+        return;  // summed as laid out
       }
     }
-    // The band summed bin-major (in torchvision's order a tap's output
-    // channels would be bins() apart, a cache line each), then each pixel's
-    // channels written out in the map's order and type.
-    scratch.resize(static_cast<size_t>(size));
-    backward_rows(cotangent_bin_major, d, tables, by_image, u, scratch.data());
-    const int64_t groups = d.shared_channels() ? 1 : d.bins();
-    for (int64_t pixel = 0; pixel < size; pixel += d.channels) {
-      const T* from = scratch.data() + pixel;
-      S* to = band + pixel;
-      for (int64_t bin = 0; bin < groups; ++bin) {
-        for (int64_t c = 0; c < d.channels_out; ++c) {
-          to[d.first_channel(bin) + c * d.channel_step()] =
-              Storage<S>::store(from[d.bin_major_first(bin) + c]);
-        }
-      }
+    // The band summed bin-major in padded runs (in torchvision's order a
+    // tap's output channels would be bins() apart, a cache line each), then
+    // each pixel's channels written out in the map's order and type.
+    const int64_t pixel_stride = groups * run;
+    scratch.resize(static_cast<size_t>(pixels * pixel_stride));
+    backward_rows(cotangent_bin_major, run, d, tables, by_image, u, scratch.data(),
+                  pixel_stride);
+    for (int64_t pixel = 0; pixel < pixels; ++pixel) {
+      pixel_from_bin_major(scratch.data() + pixel * pixel_stride, run, d,
+                           band + pixel * d.channels);
     }
   } else {
     const int64_t channel_stride = d.channel_step() * layout.channel_stride();
