@@ -36,8 +36,9 @@
 //      RoIs, so the RoIs of one image read one plane (group) while it sits
 //      in L1/L2, and each output element is written by exactly one thread.
 //      Buckets are split into chunks only as far as it takes to fill the GPU.
-//   2'. RoI Pool's forward (and its tangent) is one thread per output
-//      element (roi_pool_element): no buckets.
+//   2'. RoI Pool's forward (and its tangent): a block owns a run of one
+//      RoI's outputs, whose geometry it computes once (roi_pool_block); a
+//      thread per output element; no buckets.
 //   3. Backward. A block owns one image, one tile of kTileRows x kTileCols
 //      pixels and one bin, that is every gradient element of those pixels
 //      in the bin's C_out channels (with shared channels, roi_align's, every
@@ -376,16 +377,36 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoi
   });
 }
 
-// RoI Pool's forward element i (in the pooled tensor's memory order): the
-// maximum of its window and its pixel, or with `recorded` the input at the
-// recorded pixel (then `pixels`, aliased to it, is not written).
+// RoI Pool's forward blocks: a block owns kRoiPoolBlockOutputs consecutive
+// outputs of one RoI (in the pooled tensor's memory order, all of one RoI's
+// outputs are consecutive), so the RoI's geometry is computed once per
+// block, not per element. Consecutive threads take consecutive outputs:
+// neighbouring bins of a plane in NCHW, consecutive channels of one pixel
+// channels-last.
+constexpr int64_t kRoiPoolBlockOutputs = 4 * kThreads;
+
+PSROI_HD int64_t roi_pool_chunks(const PsRoiDims& d) {
+  return (d.channels * d.bins() + kRoiPoolBlockOutputs - 1) / kRoiPoolBlockOutputs;
+}
+
+PSROI_HD int64_t roi_pool_blocks(const PsRoiDims& d) {
+  return d.num_rois * roi_pool_chunks(d);
+}
+
+template <typename T>
+struct RoiPoolShared {
+  RoiGeometry<T> geometry;
+};
+
+// RoI Pool's forward element i (in the pooled tensor's memory order), output
+// `rest` of an RoI of geometry g: the maximum of its window and its pixel,
+// or with `recorded` the input at the recorded pixel (then `pixels`, aliased
+// to it, is not written).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD void roi_pool_element(const S* input, const T* rois, const PsRoiDims& d,
-                               T spatial_scale, const int32_t* recorded, int64_t i, S* output,
+PSROI_HD void roi_pool_element(const S* input, const RoiGeometry<T>& g, const PsRoiDims& d,
+                               const int32_t* recorded, int64_t i, int64_t rest, S* output,
                                int32_t* pixels) {
   // Pooled layouts: [K, C, PH, PW] or [K, PH, PW, C].
-  const int64_t roi = i / (d.channels * d.bins());
-  const int64_t rest = i - roi * d.channels * d.bins();
   int64_t c, bin;
   if (Layout::kChannelsLast) {
     bin = rest / d.channels;
@@ -394,7 +415,6 @@ PSROI_HD void roi_pool_element(const S* input, const T* rois, const PsRoiDims& d
     c = rest / d.bins();
     bin = rest - c * d.bins();
   }
-  const RoiGeometry<T> g = roi_geometry(rois + 5 * roi, d, spatial_scale, 0);
   if (g.empty()) {
     output[i] = Storage<S>::store(static_cast<T>(0));
     if (!recorded) pixels[i] = -1;
@@ -410,6 +430,25 @@ PSROI_HD void roi_pool_element(const S* input, const T* rois, const PsRoiDims& d
                                     g.x.window(bin % d.pooled_w, d.width), d);
   output[i] = Storage<S>::store(m.value);
   pixels[i] = m.pixel;
+}
+
+template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
+PSROI_HD void roi_pool_block(Exec& ex, RoiPoolShared<T>& shared, const S* input, const T* rois,
+                             const PsRoiDims& d, T spatial_scale, const int32_t* recorded,
+                             int64_t block, S* output, int32_t* pixels) {
+  const int64_t chunks = roi_pool_chunks(d);
+  const int64_t roi = block / chunks;
+  const int64_t per_roi = d.channels * d.bins();
+  // Outputs [first, end) of the RoI's.
+  const int64_t first = (block % chunks) * kRoiPoolBlockOutputs;
+  const int64_t end = first + kRoiPoolBlockOutputs < per_roi ? first + kRoiPoolBlockOutputs
+                                                             : per_roi;
+  ex.single([&] { shared.geometry = roi_geometry(rois + 5 * roi, d, spatial_scale, 0); });
+  const RoiGeometry<T> g = shared.geometry;
+  ex.each(end - first, [&](int64_t j) {
+    roi_pool_element<S, Layout>(input, g, d, recorded, roi * per_roi + first + j, first + j,
+                                output, pixels);
+  });
 }
 
 // --- 3. Backward ------------------------------------------------------------

@@ -194,7 +194,8 @@ def test_a_plane_too_large_for_int32_pixels_is_refused_at_trace_time():
 
 def _scheduled(direction, operand, rois, pixels, out_shape, scale, data_format):
     """The CUDA kernels' schedule (gpu_schedule.h) serially on the CPU: the
-    forward's thread per element, or the backward's tile lists and passes."""
+    forward's blocks of one RoI's outputs, or the backward's tile lists and
+    passes."""
     dtype = jnp.dtype(operand.dtype)
     name = _GPU_SCHEDULE[("roi_pool", direction, data_format, dtype)]
     with jax.default_device(jax.devices("cpu")[0]):
@@ -206,14 +207,16 @@ def _scheduled(direction, operand, rois, pixels, out_shape, scale, data_format):
         return np.asarray(call(operand, rois, pixels, spatial_scale=scale)[0])
 
 
-@pytest.mark.parametrize("data_format,dtype", [("NCHW", np.float32), ("NHWC", np.float64),
-                                               ("NHWC", np.float16)])
-def test_cuda_schedule_matches_the_cpu_kernels(data_format, dtype):
+@pytest.mark.parametrize("data_format,dtype,channels", [
+    ("NCHW", np.float32, 3), ("NCHW", np.float32, 60), ("NHWC", np.float64, 60),
+    ("NHWC", np.float16, 3)])
+def test_cuda_schedule_matches_the_cpu_kernels(data_format, dtype, channels):
     # Crowded tiles overflow the backward's RoI lists (passes); boxes reach
-    # the last row and column and beyond.
+    # the last row and column and beyond. 60 channels: an RoI's 540 outputs
+    # take two forward blocks, the second partly filled.
     rng = np.random.default_rng(8)
     rois_dtype = np.float32 if np.dtype(dtype).itemsize < 4 else dtype
-    features = pooled_as(rng.normal(size=(2, 3, 13, 40)), data_format).astype(dtype)
+    features = pooled_as(rng.normal(size=(2, channels, 13, 40)), data_format).astype(dtype)
     rois = np.concatenate([crowded_rois(rng, 400, 1, (6, 20), 5, 1.0),
                            random_rois(rng, 40, 2, 13, 40, 1.0, np.float32),
                            hostile_rois(2, 13, 40, np.float32)]).astype(rois_dtype)

@@ -165,10 +165,12 @@ ffi::Error roi_pool_forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;
-  for (int64_t i = 0; i < d.outputs(); ++i) {
-    gs::roi_pool_element<S, Layout>(data<S>(input), data<T>(rois), d,
-                                    static_cast<T>(spatial_scale), at, i, data<S>(*output),
-                                    data<int32_t>(*pixels));
+  SerialBlock block;
+  gs::RoiPoolShared<T> shared;
+  for (int64_t b = 0; b < gs::roi_pool_blocks(d); ++b) {
+    gs::roi_pool_block<SerialBlock, S, Layout>(block, shared, data<S>(input), data<T>(rois), d,
+                                               static_cast<T>(spatial_scale), at, b,
+                                               data<S>(*output), data<int32_t>(*pixels));
   }
   return ffi::Error::Success();
 }

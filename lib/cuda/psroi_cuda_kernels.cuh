@@ -165,17 +165,19 @@ __global__ void __launch_bounds__(kThreads, 7)
   }
 }
 
-// RoI Pool's forward (or, with `recorded`, its tangent): a thread per
-// output element (gpu_schedule.h, roi_pool_element).
+// RoI Pool's forward (or, with `recorded`, its tangent): a block per run of
+// one RoI's outputs (gpu_schedule.h, roi_pool_block).
 template <typename S, typename Layout, typename T = ComputeType<S>>
 __global__ void __launch_bounds__(kThreads)
     roi_pool_forward_kernel(const S* __restrict__ input, const T* __restrict__ rois,
                             PsRoiDims d, T spatial_scale, const int32_t* recorded, S* output,
                             int32_t* pixels) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-       i < d.outputs(); i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    gs::roi_pool_element<S, Layout>(input, rois, d, spatial_scale, recorded, i, output,
-                                    pixels);
+  __shared__ gs::RoiPoolShared<T> shared;
+  DeviceBlock block{nullptr};  // never compacts
+  const int64_t blocks = gs::roi_pool_blocks(d);
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    gs::roi_pool_block<DeviceBlock, S, Layout>(block, shared, input, rois, d, spatial_scale,
+                                               recorded, b, output, pixels);
   }
 }
 
@@ -216,9 +218,8 @@ cudaError_t launch_roi_pool_forward(cudaStream_t stream, const S* input, const T
                                     const PsRoiDims& d, T spatial_scale,
                                     const int32_t* recorded, S* output, int32_t* pixels) {
   if (d.outputs() == 0) return cudaSuccess;
-  roi_pool_forward_kernel<S, Layout>
-      <<<grid_for((d.outputs() + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          input, rois, d, spatial_scale, recorded, output, pixels);
+  roi_pool_forward_kernel<S, Layout><<<grid_for(gs::roi_pool_blocks(d)), kThreads, 0, stream>>>(
+      input, rois, d, spatial_scale, recorded, output, pixels);
   return cudaGetLastError();
 }
 
