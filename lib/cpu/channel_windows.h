@@ -21,29 +21,26 @@
 namespace jax_psroi {
 namespace cpu {
 
-// Adds weight * run[c * step] to acc[c] for c < n; the unit step separately,
-// so that it vectorizes. The run is in storage type S.
-template <typename T, typename S>
-inline void add_run(T* acc, const S* run, int64_t step, int64_t n, T weight) {
-  if (step == 1) {
-    for (int64_t c = 0; c < n; ++c) acc[c] += weight * Storage<S>::load(run[c]);
-  } else {
-    for (int64_t c = 0; c < n; ++c) acc[c] += weight * Storage<S>::load(run[c * step]);
-  }
-}
-
+// Runs of at most this many channels have their length fixed at compile
+// time (the forward) or are padded to whole vectors (the backward).
+constexpr int64_t kMaxPaddedRun = 16;
 
 // out[c * out_stride] = the weighted average of window `w` of channel run c,
-// for c < num_channels. `first` points at channel 0 of the window's first
-// pixel; pixels are `pixel_stride` elements apart, rows `row_stride`;
-// `acc` is scratch for num_channels values. The map and out are in storage
+// for c < num_channels (N when N > 0). `first` points at channel 0 of the
+// window's first pixel; pixels are `pixel_stride` elements apart, rows
+// `row_stride`, a run's channels `channel_step` (1 when kUnitStep). `acc` is
+// scratch for num_channels values; with N > 0 the sums stay in registers
+// instead and the loop over a run unrolls. The map and out are in storage
 // type S, the rest in compute type T.
-template <typename T, typename S>
-void gather_channel_window(const Window<T>& w, const S* first, int64_t row_stride,
-                           int64_t pixel_stride, int64_t channel_step,
-                           int64_t num_channels, T count, S* out, int64_t out_stride,
-                           T* acc) {
-  std::fill(acc, acc + num_channels, T(0));
+template <typename T, typename S, int N, bool kUnitStep>
+void gather_runs(const Window<T>& w, const S* first, int64_t row_stride, int64_t pixel_stride,
+                 int64_t channel_step, int64_t num_channels, T count, S* out,
+                 int64_t out_stride, T* acc) {
+  T fixed[N > 0 ? N : 1] = {};
+  T* sums = N > 0 ? fixed : acc;
+  const int64_t n = N > 0 ? N : num_channels;
+  const int64_t step = kUnitStep ? 1 : channel_step;
+  if constexpr (N == 0) std::fill(acc, acc + n, T(0));
   // Pixels that weigh 0 (between a large bin's samples) are skipped: their
   // runs would add +0.
   for (int64_t r = 0; r < w.rows; ++r) {
@@ -52,11 +49,39 @@ void gather_channel_window(const Window<T>& w, const S* first, int64_t row_strid
     const S* row = first + r * row_stride;
     for (int64_t c = 0; c < w.cols; ++c) {
       if (w.col_w[c] == T(0)) continue;
-      add_run(acc, row + c * pixel_stride, channel_step, num_channels,
-              row_weight * w.col_w[c]);
+      const T weight = row_weight * w.col_w[c];
+      const S* run = row + c * pixel_stride;
+      for (int64_t i = 0; i < n; ++i) sums[i] += weight * Storage<S>::load(run[i * step]);
     }
   }
-  for (int64_t c = 0; c < num_channels; ++c) out[c * out_stride] = Storage<S>::store(acc[c]);
+  for (int64_t i = 0; i < n; ++i) out[i * out_stride] = Storage<S>::store(sums[i]);
+}
+
+template <typename T, typename S>
+using GatherRunsFn = void (*)(const Window<T>&, const S*, int64_t, int64_t, int64_t, int64_t,
+                              T, S*, int64_t, T*);
+
+template <typename T, typename S, bool kUnitStep, size_t... I>
+constexpr std::array<GatherRunsFn<T, S>, sizeof...(I)> gather_runs_table(
+    std::index_sequence<I...>) {
+  return {{&gather_runs<T, S, static_cast<int>(I), kUnitStep>...}};
+}
+
+// The forward's gather of one bin's window over its channel runs: runs of
+// at most kMaxPaddedRun channels (Light-Head's 10) with their length fixed
+// at compile time, longer ones (R-FCN's 81) walked as they are.
+template <typename T, typename S>
+void gather_channel_window(const Window<T>& w, const S* first, int64_t row_stride,
+                           int64_t pixel_stride, int64_t channel_step,
+                           int64_t num_channels, T count, S* out, int64_t out_stride,
+                           T* acc) {
+  constexpr auto kShort = std::make_index_sequence<kMaxPaddedRun + 1>();
+  static constexpr auto unit_step = gather_runs_table<T, S, true>(kShort);
+  static constexpr auto strided = gather_runs_table<T, S, false>(kShort);
+  const int64_t fixed = num_channels <= kMaxPaddedRun ? num_channels : 0;
+  (channel_step == 1 ? unit_step : strided)[fixed](w, first, row_stride, pixel_stride,
+                                                   channel_step, num_channels, count, out,
+                                                   out_stride, acc);
 }
 
 // Its adjoint: adds weight * cot[i] to channel i < run of each pixel of
@@ -68,7 +93,6 @@ void gather_channel_window(const Window<T>& w, const S* first, int64_t row_strid
 // no branch to mispredict. Larger windows, mostly weightless pixels between
 // the samples of a large bin, and long runs (already vectors) take
 // scatter_sparse_runs.
-constexpr int64_t kMaxPaddedRun = 16;
 
 template <typename T>
 constexpr int64_t padded_run(int64_t channels) {
