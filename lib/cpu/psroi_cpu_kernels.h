@@ -643,34 +643,38 @@ void pixel_from_bin_major(const T* from, int64_t run, const PsRoiDims& d, S* to)
   }
   using Vec = typename Lanes<T>::Vec;
   constexpr int64_t L = Lanes<T>::kCount;
-  const int64_t bins = d.bins();
+  const int64_t bins = d.bins(), channels_out = d.channels_out;
+  // Output channels c..c + L of bins bin..bin + L; `lanes` of them are real.
+  auto block = [&](int64_t bin, int64_t c, int64_t lanes) {
+    Vec v[L];
+    for (int64_t j = 0; j < L; ++j) v[j] = load_vec(from + (bin + j) * run + c);
+    transpose<T>(v);
+    for (int64_t i = 0; i < lanes; ++i) {
+      S* out = to + (c + i) * bins + bin;
+      if constexpr (std::is_same_v<S, T>) {
+        store_vec(out, v[i]);
+      } else {
+        for (int64_t j = 0; j < L; ++j) out[j] = Storage<S>::store(v[i][j]);
+      }
+    }
+  };
   int64_t bin = 0;
   for (; bin + L <= bins; bin += L) {
-    // Padded runs hold whole vectors; long ones may end in a partial one.
-    for (int64_t c = 0; c < d.channels_out; c += L) {
-      Vec v[L];
-      if (c + L <= run) {
-        for (int64_t j = 0; j < L; ++j) v[j] = load_vec(from + (bin + j) * run + c);
-        transpose<T>(v);
-        for (int64_t i = 0; i < L && c + i < d.channels_out; ++i) {
-          S* out = to + (c + i) * bins + bin;
-          if constexpr (std::is_same_v<S, T>) {
-            store_vec(out, v[i]);
-          } else {
-            for (int64_t j = 0; j < L; ++j) out[j] = Storage<S>::store(v[i][j]);
-          }
-        }
-      } else {
-        for (int64_t i = c; i < d.channels_out; ++i) {
-          for (int64_t j = 0; j < L; ++j) {
-            to[i * bins + bin + j] = Storage<S>::store(from[(bin + j) * run + i]);
-          }
+    int64_t c = 0;
+    for (; c + L <= channels_out; c += L) block(bin, c, L);
+    if (c == channels_out) continue;
+    if (c + L <= run) {  // a padded run: whole vectors
+      block(bin, c, channels_out - c);
+    } else {
+      for (; c < channels_out; ++c) {
+        for (int64_t j = 0; j < L; ++j) {
+          to[c * bins + bin + j] = Storage<S>::store(from[(bin + j) * run + c]);
         }
       }
     }
   }
   for (; bin < bins; ++bin) {
-    for (int64_t c = 0; c < d.channels_out; ++c) {
+    for (int64_t c = 0; c < channels_out; ++c) {
       to[c * bins + bin] = Storage<S>::store(from[bin * run + c]);
     }
   }
