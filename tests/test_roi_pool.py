@@ -174,6 +174,7 @@ def test_gradient_is_bitwise_reproducible_and_boxes_get_zero():
         np.testing.assert_array_equal(grad(features, rois)[0], first)
 
 
+@pytest.mark.skipif(not _extension.KERNELS["cuda"], reason="built without CUDA")
 def test_cuda_export_lowers_to_the_native_targets():
     features = jax.ShapeDtypeStruct((2, 4, 16, 16), jnp.float32)
     rois = jax.ShapeDtypeStruct((5, 5), jnp.float32)
