@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "cpu/window_tiles.h"
@@ -93,7 +94,6 @@ void gather_channel_window(const Window<T>& w, const S* first, int64_t row_strid
 // no branch to mispredict. Larger windows, mostly weightless pixels between
 // the samples of a large bin, and long runs (already vectors) take
 // scatter_sparse_runs.
-
 template <typename T>
 constexpr int64_t padded_run(int64_t channels) {
   constexpr int64_t L = Lanes<T>::kCount;
@@ -102,7 +102,7 @@ constexpr int64_t padded_run(int64_t channels) {
 
 template <typename T, int V>
 inline void scatter_vector_runs(const Window<T>& w, T* first, int64_t row_stride,
-                         int64_t pixel_stride, T count, const T* cot) {
+                                int64_t pixel_stride, T count, const T* cot) {
   using Vec = typename Lanes<T>::Vec;
   constexpr int L = Lanes<T>::kCount;
   Vec g[V];
