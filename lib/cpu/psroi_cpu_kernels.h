@@ -255,8 +255,7 @@ class RoiTables {
           roi_rows_[k].first = std::min(roi_rows_[k].first, span.first);
           roi_rows_[k].last = std::max(roi_rows_[k].last, span.last);
         }
-        const int64_t rows = span.last - span.first + 1;
-        if (rows > 0 && rows <= kMaxTileRows) {
+        if (keeps_rows(span)) {
           std::copy(weights->row_weights(ph) + span.first, weights->row_weights(ph) + span.last + 1,
                     row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows);
         }
@@ -265,8 +264,7 @@ class RoiTables {
         const AxisSpan span = weights->col_span(pw);
         col_spans_[k * d_.pooled_w + pw] = span;
         col_tiles_[k * d_.pooled_w + pw] = weights->col_tile(pw);
-        const int64_t cols = span.last - span.first + 1;
-        if (cols > 0 && cols <= kMaxTileColumns) {
+        if (keeps_cols(span)) {
           std::copy(weights->col_weights(pw) + span.first, weights->col_weights(pw) + span.last + 1,
                     col_w_.data() + (k * d_.pooled_w + pw) * kMaxTileColumns);
         }
@@ -279,8 +277,15 @@ class RoiTables {
   AxisSpan roi_rows(int64_t k) const { return roi_rows_[k]; }
   AxisSpan row_span(int64_t k, int64_t ph) const { return row_spans_[k * d_.pooled_h + ph]; }
   AxisSpan col_span(int64_t k, int64_t pw) const { return col_spans_[k * d_.pooled_w + pw]; }
-  // The weights of a span, kept when it has at most kMaxTileRows rows
-  // (kMaxTileColumns columns).
+  // Whether the tables keep the weights of a bin row's (column's) span: a
+  // span of 1 to kMaxTileRows rows (kMaxTileColumns columns).
+  static bool keeps_rows(AxisSpan span) {
+    return span.first <= span.last && span.last - span.first < kMaxTileRows;
+  }
+  static bool keeps_cols(AxisSpan span) {
+    return span.first <= span.last && span.last - span.first < kMaxTileColumns;
+  }
+  // The weights of a span the tables keep.
   const T* row_weights(int64_t k, int64_t ph) const {
     return row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows;
   }
@@ -299,8 +304,7 @@ class RoiTables {
     const ColumnTile<T>& tile = col_tiles_[k * d_.pooled_w + pw];
     w->rows = r.last - r.first + 1;
     w->cols = c.last - c.first + 1;
-    *fits = w->rows <= kMaxTileRows && w->cols <= kMaxTileColumns &&
-            (!needs_tile || tile.vectors > 0);
+    *fits = keeps_rows(r) && keeps_cols(c) && (!needs_tile || tile.vectors > 0);
     if (!*fits) return true;
     w->first_row = r.first;
     w->first_col = c.first;
@@ -555,7 +559,7 @@ void add_bin_row(const T* cotangent_bin_major, const PsRoiDims& d, const RoiTabl
       T* first = band_row + (d.shared_channels() ? 0 : bin * kRun);
       const T divisor = g.divisor(ph, pw, d);
       Window<T> w{};
-      const bool cols_kept = cols.last - cols.first < RoiTables<T>::kMaxTileColumns;
+      const bool cols_kept = RoiTables<T>::keeps_cols(cols);
       if (cols_kept) {
         w.first_col = cols.first;
         w.cols = cols.last - cols.first + 1;
@@ -604,7 +608,7 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
       const int64_t last_row = std::min(rows.last, u.row_end - 1);
       if (first_row > last_row) continue;
       if constexpr (V > 0) {
-        if (rows.last - rows.first < kMaxTileRows) {
+        if (RoiTables<T>::keeps_rows(rows)) {
           add_bin_row<T, V>(cotangent_bin_major, d, tables, k, ph, first_row, last_row,
                             band + (first_row - u.row_begin) * row_stride, row_stride,
                             pixel_stride, large);
