@@ -24,18 +24,21 @@
 // Three stages, all deterministic (no atomics on floats, every sum in a
 // fixed order):
 //   1. Buckets (four small launches: per-RoI facts, then count, start and
-//      place over (bucket, segment of 1,024 RoIs) blocks). For the forward,
-//      RoIs are sorted stably by the image they read (bucket N holds those
-//      that read nothing: bad batch index, non-finite geometry, empty grid).
-//      For the backward, each (image, row of tiles) lists in order the RoIs
-//      whose box touches it, and each RoI's pixel span per bin row and bin
-//      column is kept.
+//      place over (bucket, segment of 1,024 RoIs) blocks). Each RoI's box
+//      (start and bin size per axis) is computed once and kept. For the
+//      forward, RoIs are sorted stably by the image they read (bucket N
+//      holds those that read nothing: bad batch index, non-finite geometry,
+//      empty grid). For the backward, each (image, row of tiles) lists in
+//      order the RoIs whose box touches it, and each RoI's pixel span per
+//      bin row and bin column is kept.
 //   2. Forward. A block owns a chunk of one bucket's RoIs and a group of
-//      input channels (one plane in NCHW; 32 consecutive channels in NHWC,
-//      read as one contiguous run per tap). Its threads walk the chunk's
-//      RoIs, so the RoIs of one image read one plane (group) while it sits
-//      in L1/L2, and each output element is written by exactly one thread.
-//      Buckets are split into chunks only as far as it takes to fill the GPU.
+//      input channels (one plane in NCHW, copied into shared memory first
+//      when it fits and the RoIs read enough of it; 32 consecutive channels
+//      in NHWC, read as one contiguous run per tap). Its threads walk the
+//      chunk's RoIs, so the RoIs of one image read one plane (group) while
+//      it sits in shared memory or L1/L2, and each output element is
+//      written by exactly one thread. Buckets are split into chunks only as
+//      far as it takes to fill the GPU.
 //   2'. RoI Pool's forward (and its tangent): a block owns a run of one
 //      RoI's outputs, whose geometry it computes once (roi_pool_block); a
 //      thread per output element; no buckets.
@@ -57,6 +60,7 @@
 #define JAX_PSROI_GPU_SCHEDULE_H_
 
 #include <cstdint>
+#include <cstring>
 
 #include "psroi_math.h"
 
@@ -83,11 +87,11 @@ constexpr int kNhwcChannelGroup = 32;
 // in float32, 292 in float64); RoIs are examined kListChunk at a time, and a
 // chunk that no longer fits ends the pass.
 template <typename T>
-constexpr int list_capacity() {
+PSROI_HD constexpr int list_capacity() {
   return sizeof(T) == 8 ? 64 : 128;
 }
 template <typename T>
-constexpr int list_chunk() {
+PSROI_HD constexpr int list_chunk() {
   return list_capacity<T>() < kThreads ? list_capacity<T>() : kThreads;
 }
 
@@ -95,14 +99,17 @@ constexpr int list_chunk() {
 // One int32 buffer that XLA allocates as a further result of each CUDA call,
 // of workspace_elements(d, backward) elements (jax_psroi._primitives asks
 // the CPU module, which compiles this header, for the number).
-//   forward:  image [K] | order [K] | offsets [B + 1] | counts [B * S]
-//   backward: image [K] | tile_rows [K, 2] | spans [PH + PW, K, 2] |
-//             offsets [B + 1] | counts [B * S] | lists [K * TY]
+//   forward:  boxes [K, kBoxWords] | image [K] | order [K] |
+//             offsets [B + 1] | counts [B * S]
+//   backward: boxes [K, kBoxWords] | image [K] | tile_rows [K, 2] |
+//             spans [PH + PW, K, 2] | offsets [B + 1] | counts [B * S] |
+//             lists [K * TY]
 // B buckets: for the forward an image, or N for the RoIs that read nothing
 // (B = N + 1); for the backward an (image, tile row) holding every RoI whose
 // box touches that row of tiles (B = N * TY, TY the map's tile rows). S:
 // segments of kBucketSegment RoIs, bucketed by blocks of their own.
 struct Workspace {
+  int32_t* boxes;      // [K, kBoxWords]: each RoI's RoiBox values, in T
   int32_t* image;      // [K]: the image an RoI reads, N if none
   int32_t* order;      // the buckets' RoIs, bucket after bucket
   int32_t* offsets;    // bucket b is order[offsets[b], offsets[b + 1])
@@ -115,6 +122,27 @@ struct Workspace {
 
 // RoIs a bucketing block examines.
 constexpr int64_t kBucketSegment = 1024;
+
+// Words of an RoI's box in the workspace: RoiBox's four values, room for
+// float64 (first in the buffer, so 8-byte aligned). Computed once per RoI
+// (roi_info), so that no kernel recomputes a box per element or per tile.
+constexpr int64_t kBoxWords = 4 * sizeof(double) / sizeof(int32_t);
+
+template <typename T>
+PSROI_HD void store_box(const Workspace& ws, int64_t roi, const RoiBox<T>& box) {
+  const T values[4] = {box.start_y, box.start_x, box.bin_h, box.bin_w};
+  memcpy(ws.boxes + kBoxWords * roi, values, sizeof(values));
+}
+
+// The geometry of RoI `roi`, which reads image `image` (its bucket's).
+template <typename T>
+PSROI_HD RoiGeometry<T> stored_geometry(const Workspace& ws, int64_t roi, int64_t image,
+                                        const PsRoiDims& d, int64_t sampling_ratio) {
+  T values[4];
+  memcpy(values, ws.boxes + kBoxWords * roi, sizeof(values));
+  return geometry_of_box(RoiBox<T>{image, values[0], values[1], values[2], values[3]}, d,
+                         sampling_ratio);
+}
 
 PSROI_HD int64_t tile_rows_of(const PsRoiDims& d) {
   return (d.height + kTileRows - 1) / kTileRows;
@@ -133,8 +161,9 @@ PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backwar
   const int64_t K = d.num_rois;
   const int64_t buckets = buckets_of(d, backward);
   Workspace w{};
-  w.image = ws;
-  int32_t* next = ws + K;
+  w.boxes = ws;
+  w.image = ws + kBoxWords * K;
+  int32_t* next = w.image + K;
   if (backward) {
     w.tile_rows = next;
     w.spans = w.tile_rows + 2 * K;
@@ -148,7 +177,7 @@ PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backwar
 
 PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
   const int64_t K = d.num_rois;
-  const int64_t fixed = buckets_of(d, backward) * (1 + segments_of(d)) + 1;
+  const int64_t fixed = kBoxWords * K + buckets_of(d, backward) * (1 + segments_of(d)) + 1;
   if (!backward) return 2 * K + fixed;
   return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + fixed + K * tile_rows_of(d);
 }
@@ -172,13 +201,16 @@ PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t si
   return span;
 }
 
-// What the buckets need of RoI `roi`: its image and, for the backward, the
-// pixels each bin row and column touches and the tile rows its box touches.
+// What the kernels need of RoI `roi`: its box, its image and, for the
+// backward, the pixels each bin row and column touches and the tile rows
+// its box touches.
 template <typename T>
 PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
                        int64_t sampling_ratio, int64_t roi, bool backward,
                        const Workspace& ws) {
-  const RoiGeometry<T> g = roi_geometry(rois + 5 * roi, d, spatial_scale, sampling_ratio);
+  const RoiBox<T> box = roi_box(rois + 5 * roi, d, spatial_scale);
+  store_box(ws, roi, box);
+  const RoiGeometry<T> g = geometry_of_box(box, d, sampling_ratio);
   ws.image[roi] = static_cast<int32_t>(g.empty() ? d.num_images : g.image);
   if (!backward) return;
   int64_t first_row = d.height, last_row = -1;
@@ -283,7 +315,7 @@ constexpr int64_t kForwardMinBlocks = 2048;
 // Channels a forward block owns: one NCHW plane; in NHWC, a run that a warp
 // reads as one contiguous segment per tap.
 template <typename Layout>
-constexpr int forward_channel_group() {
+PSROI_HD constexpr int forward_channel_group() {
   return Layout::kChannelsLast ? kNhwcChannelGroup : 1;
 }
 
@@ -343,10 +375,33 @@ PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
   return cb;
 }
 
+// NCHW forward blocks read one plane, each RoI a few pixels of it at
+// places that differ from thread to thread. A block copies its plane into
+// shared memory first (neighbouring threads reading neighbouring pixels,
+// each line of the plane once) when it fits kForwardStageBytes, the dynamic
+// shared memory of a forward block (with it six blocks fit an SM of sm_90,
+// more than the forward's registers allow: ptxas gives it 96 a thread, five
+// blocks of 128), and when the block's RoIs read it enough: at least one RoI per
+// kStagePixelsPerRoi pixels (an element reads 16 or more pixels over
+// several lines; with 2x2 samples, 4 taps a sample). Channels-last blocks
+// read one contiguous run of channels per tap and never stage.
+constexpr int64_t kForwardStageBytes = 32 * 1024;
+constexpr int64_t kStagePixelsPerRoi = 64;
+constexpr int64_t kStageLoads = 4;
+
+template <typename S, typename Layout>
+PSROI_HD int64_t forward_stage_elements(const PsRoiDims& d) {
+  if (Layout::kChannelsLast) return 0;
+  const int64_t bytes = d.plane_size() * static_cast<int64_t>(sizeof(S));
+  return bytes <= kForwardStageBytes ? d.plane_size() : 0;
+}
+
+// `stage`: forward_stage_elements(d) elements of the block's own (shared
+// memory on the GPU).
 template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoiDims& d,
-                            T spatial_scale, int64_t sampling_ratio, const Workspace& ws,
-                            int64_t block, S* output) {
+PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
+                            int64_t sampling_ratio, const Workspace& ws, int64_t block,
+                            S* stage, S* output) {
   constexpr int64_t kGroup = forward_channel_group<Layout>();
   const int64_t groups = forward_channel_groups<Layout>(d);
   const int64_t chunks = forward_chunks<Layout>(d);
@@ -362,17 +417,44 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const T* rois, const PsRoi
   const int64_t begin = bucket_begin + bucket_size * chunk / chunks;
   const int64_t end = bucket_begin + bucket_size * (chunk + 1) / chunks;
   const Layout layout = Layout::of(d);
+  // The plane (channels-last: the first channel) pair `cb` reads.
+  auto plane_of = [&](const ChannelBin& cb) {
+    return input + layout.plane_offset(bucket, d.first_channel(cb.bin) +
+                                                   cb.c_out * d.channel_step());
+  };
+  const bool staged = bucket < d.num_images && forward_stage_elements<S, Layout>(d) > 0 &&
+                      (end - begin) * kStagePixelsPerRoi >= d.plane_size();
+  if (staged) {  // NCHW: one pair, one plane
+    const S* plane = plane_of(channel_bin(d, c0));
+    // In rounds of kStageLoads elements a thread, loads before stores, so
+    // that each thread has several loads in flight.
+    const int64_t n = d.plane_size(), round = ex.threads * kStageLoads;
+    ex.each((n + round - 1) / round * ex.threads, [&](int64_t j) {
+      const int64_t first = (j / ex.threads) * round + j % ex.threads;
+      S loaded[kStageLoads];
+      for (int64_t u = 0; u < kStageLoads; ++u) {
+        if (first + u * ex.threads < n) loaded[u] = plane[first + u * ex.threads];
+      }
+      for (int64_t u = 0; u < kStageLoads; ++u) {
+        if (first + u * ex.threads < n) stage[first + u * ex.threads] = loaded[u];
+      }
+    });
+  }
   // Element i: RoI i / kGroup of the chunk, pair c0 + i % kGroup.
   ex.each((end - begin) * kGroup, [&](int64_t i) {
     const int64_t c = c0 + i % kGroup;
     if (c >= d.channel_bins()) return;
     const int64_t roi = ws.order[begin + i / kGroup];
     const ChannelBin cb = channel_bin(d, c);
-    const int64_t channel = d.first_channel(cb.bin) + cb.c_out * d.channel_step();
-    const T value = bucket == d.num_images
-                        ? static_cast<T>(0)
-                        : pooled_value(input, rois, d, layout, spatial_scale,
-                                       sampling_ratio, roi, channel, cb.ph, cb.pw);
+    T value = static_cast<T>(0);
+    if (bucket < d.num_images) {
+      const RoiGeometry<T> g = stored_geometry<T>(ws, roi, bucket, d, sampling_ratio);
+      // Two calls, not one of a chosen pointer: on the GPU each then reads
+      // one known memory space (shared, or global through the read-only
+      // cache).
+      value = staged ? pooled_value<S>(stage, layout, g, d, cb.ph, cb.pw)
+                     : pooled_value<S>(plane_of(cb), layout, g, d, cb.ph, cb.pw);
+    }
     output[Layout::pooled_offset(d, roi, cb.c_out, cb.bin)] = Storage<S>::store(value);
   });
 }
@@ -499,10 +581,10 @@ struct BackwardShared {
 // Adds bin `bin` of RoI `roi` to the list at `entry`, for the tile at
 // (y0, x0).
 template <typename T>
-PSROI_HD void make_entry(const T* rois, const PsRoiDims& d, T spatial_scale,
-                         int64_t sampling_ratio, const int32_t* row_spans,
-                         const int32_t* col_spans, int64_t roi, int64_t bin, int64_t y0,
-                         int64_t x0, int64_t entry, BackwardShared<T>& sh) {
+PSROI_HD void make_entry(const Workspace& ws, const PsRoiDims& d, int64_t sampling_ratio,
+                         const int32_t* row_spans, const int32_t* col_spans, int64_t roi,
+                         int64_t image, int64_t bin, int64_t y0, int64_t x0, int64_t entry,
+                         BackwardShared<T>& sh) {
   const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
   const int32_t* row = row_spans + 2 * roi;
   const int32_t* col = col_spans + 2 * roi;
@@ -516,7 +598,7 @@ PSROI_HD void make_entry(const T* rois, const PsRoiDims& d, T spatial_scale,
   sh.col_first[entry] = static_cast<int8_t>(c0 - x0);
   sh.col_last[entry] = static_cast<int8_t>(c1 - x0);
 
-  const RoiGeometry<T> g = roi_geometry(rois + 5 * roi, d, spatial_scale, sampling_ratio);
+  const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
   T* wy = sh.row_weight[entry];
   T* wx = sh.col_weight[entry];
   for (int r = 0; r < kTileRows; ++r) wy[r] = static_cast<T>(0);
@@ -587,9 +669,8 @@ struct CotangentAtMaximum {
 template <typename Exec, typename S, typename Layout, typename Term,
           typename T = ComputeType<S>>
 PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
-                             const T* rois, const PsRoiDims& d, T spatial_scale,
-                             int64_t sampling_ratio, const Workspace& ws, int64_t block,
-                             T* sums, S* grad) {
+                             const PsRoiDims& d, int64_t sampling_ratio, const Workspace& ws,
+                             int64_t block, T* sums, S* grad) {
   const BackwardTiling tiling = BackwardTiling::of(d);
   const int64_t block_bins = BackwardTiling::block_bins(d);
   const int64_t tile = (block / block_bins) % (tiling.tiles_y * tiling.tiles_x);
@@ -633,8 +714,8 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
         const int64_t hits = ex.compact(
             n, [&](int64_t i) { return meets_tile(ws.order[k0 + i]); }, listed, kCapacity,
             [&](int64_t i, int64_t at) {
-              make_entry(rois, d, spatial_scale, sampling_ratio, row_spans, col_spans,
-                         ws.order[k0 + i], bin, y0, x0, at, sh);
+              make_entry(ws, d, sampling_ratio, row_spans, col_spans, ws.order[k0 + i],
+                         image, bin, y0, x0, at, sh);
             });
         if (listed + hits > kCapacity) break;
         ex.single([&] {

@@ -240,12 +240,19 @@ PSROI_HD int64_t grid_size(T bin_size, int64_t sampling_ratio) {
   return static_cast<int64_t>(g);
 }
 
-// Geometry of RoI `roi` = (batch_index, x1, y1, x2, y2), as torchvision
-// computes it in T.
+// What RoI `roi` = (batch_index, x1, y1, x2, y2) is on the map before any
+// sampling, as torchvision computes it in T: its image (-1 when it reads
+// nothing: bad batch index or non-finite geometry) and, per axis, where it
+// starts and its bin size. The CUDA kernels keep it per RoI in their
+// workspace (gpu_schedule.h) and derive the rest with geometry_of_box.
 template <typename T>
-PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
-                                     T spatial_scale, int64_t sampling_ratio) {
-  RoiGeometry<T> g;
+struct RoiBox {
+  int64_t image;
+  T start_y, start_x, bin_h, bin_w;
+};
+
+template <typename T>
+PSROI_HD RoiBox<T> roi_box(const T* roi, const PsRoiDims& d, T spatial_scale) {
   const T offset = static_cast<T>(d.aligned ? 0.5 : 0.0);
   T start_w = roi[1] * spatial_scale - offset;
   T start_h = roi[2] * spatial_scale - offset;
@@ -268,18 +275,11 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
     if (size_w < one) size_w = one;
     if (size_h < one) size_h = one;
   }
-  g.x.start = start_w;
-  g.y.start = start_h;
-  g.x.bin_size = size_w / static_cast<T>(d.pooled_w);
-  g.y.bin_size = size_h / static_cast<T>(d.grid_rows());
-  g.x.first_bin = 0;
-  g.y.first_bin = d.first_bin_row;
-  g.x.whole_pixels = g.y.whole_pixels = d.whole_pixels;
-  g.x.reaches_last = g.y.reaches_last = d.roi_pool_windows;
-  // A window is never a grid of samples: grid 1 marks the axis non-empty.
-  g.x.grid = d.whole_pixels ? 1 : grid_size(g.x.bin_size, sampling_ratio);
-  g.y.grid = d.whole_pixels ? 1 : grid_size(g.y.bin_size, sampling_ratio);
-  g.count = static_cast<T>(g.y.grid) * static_cast<T>(g.x.grid);
+  RoiBox<T> box;
+  box.start_x = start_w;
+  box.start_y = start_h;
+  box.bin_w = size_w / static_cast<T>(d.pooled_w);
+  box.bin_h = size_h / static_cast<T>(d.grid_rows());
 
   // torchvision truncates the index toward zero, so (-1, N) is accepted;
   // the comparisons are false for NaN. A map without images or pixels has
@@ -290,9 +290,36 @@ PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
                         batch < static_cast<T>(d.num_images);
   const bool map_ok = d.num_images > 0 && d.height > 0 && d.width > 0;
   const bool finite = is_finite(start_w) && is_finite(start_h) &&
-                      is_finite(g.x.bin_size) && is_finite(g.y.bin_size);
-  g.image = (batch_ok && map_ok && finite) ? static_cast<int64_t>(batch) : -1;
+                      is_finite(box.bin_w) && is_finite(box.bin_h);
+  box.image = (batch_ok && map_ok && finite) ? static_cast<int64_t>(batch) : -1;
+  return box;
+}
+
+// The sampling geometry of a box: its grids, windows and divisor.
+template <typename T>
+PSROI_HD RoiGeometry<T> geometry_of_box(const RoiBox<T>& box, const PsRoiDims& d,
+                                        int64_t sampling_ratio) {
+  RoiGeometry<T> g;
+  g.image = box.image;
+  g.x.start = box.start_x;
+  g.y.start = box.start_y;
+  g.x.bin_size = box.bin_w;
+  g.y.bin_size = box.bin_h;
+  g.x.first_bin = 0;
+  g.y.first_bin = d.first_bin_row;
+  g.x.whole_pixels = g.y.whole_pixels = d.whole_pixels;
+  g.x.reaches_last = g.y.reaches_last = d.roi_pool_windows;
+  // A window is never a grid of samples: grid 1 marks the axis non-empty.
+  g.x.grid = d.whole_pixels ? 1 : grid_size(g.x.bin_size, sampling_ratio);
+  g.y.grid = d.whole_pixels ? 1 : grid_size(g.y.bin_size, sampling_ratio);
+  g.count = static_cast<T>(g.y.grid) * static_cast<T>(g.x.grid);
   return g;
+}
+
+template <typename T>
+PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
+                                     T spatial_scale, int64_t sampling_ratio) {
+  return geometry_of_box(roi_box(roi, d, spatial_scale), d, sampling_ratio);
 }
 
 // Bilinear interpolation along one axis for coordinate `v` on an axis of
@@ -397,13 +424,29 @@ PSROI_HD SampleRange samples_to_visit(const RoiAxis<T>& axis, int64_t bin, int64
 }
 
 // Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
-// map, in torchvision's order (rows outer, columns inner).
+// map, in torchvision's order (rows outer, columns inner). A row of at most
+// kWalkWholeGrid samples has its column taps computed once for all rows
+// (loops of fixed length, so that on the GPU they stay in registers).
 template <typename T, typename Visit>
 PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
                                      const PsRoiDims& d, int64_t ph,
                                      int64_t pw, Visit& visit) {
   const SampleRange ry = samples_to_visit(g.y, ph, d.height);
   const SampleRange rx = samples_to_visit(g.x, pw, d.width);
+  if (rx.end - rx.begin <= kWalkWholeGrid) {
+    AxisTap<T> columns[kWalkWholeGrid] = {};  // invalid past the row's end
+    for (int64_t j = 0; j < kWalkWholeGrid; ++j) {
+      if (rx.begin + j < rx.end) columns[j] = axis_tap(g.x.sample(pw, rx.begin + j), d.width);
+    }
+    for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
+      const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
+      if (!ty.valid) continue;
+      for (int64_t j = 0; j < kWalkWholeGrid; ++j) {
+        if (columns[j].valid) visit(ty, columns[j]);
+      }
+    }
+    return;
+  }
   for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
     const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
     if (!ty.valid) continue;
@@ -414,17 +457,13 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
   }
 }
 
-// Pooled value of bin (ph, pw) of RoI `roi` from input channel `channel`
-// (the one the bin's output channel reads), in the compute type T of storage
-// type S (the caller stores it).
+// Pooled value of bin (ph, pw) of a non-empty RoI of geometry g, read from
+// `plane`, the input channel the bin's output channel reads (pixel (y, x) at
+// layout.pixel_offset(y, x)), in the compute type T of storage type S (the
+// caller stores it).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD T pooled_value(const S* input, const T* rois, const PsRoiDims& d,
-                        const Layout& layout, T spatial_scale, int64_t sampling_ratio,
-                        int64_t roi, int64_t channel, int64_t ph, int64_t pw) {
-  const RoiGeometry<T> g =
-      roi_geometry(rois + 5 * roi, d, spatial_scale, sampling_ratio);
-  if (g.empty()) return static_cast<T>(0);
-  const S* plane = input + layout.plane_offset(g.image, channel);
+PSROI_HD T pooled_value(const S* plane, const Layout& layout, const RoiGeometry<T>& g,
+                        const PsRoiDims& d, int64_t ph, int64_t pw) {
   auto at = [&](int64_t y, int64_t x) {
     return Storage<S>::load(plane[layout.pixel_offset(y, x)]);
   };

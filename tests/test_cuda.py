@@ -122,11 +122,13 @@ def test_export_grad_for_cuda():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
 def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
     # CUDA calls return the result, then temporaries XLA allocates: an int32
-    # workspace (lib/gpu_schedule.h; forward: RoI order by image with B = N + 1
-    # buckets and S = 1 segment, 2K + B(1 + S) + 1 = 17 here; backward: spans
-    # and lists per image and row of 4-pixel tiles, B = N*TY = 4,
-    # 3K + 2K(PH + PW) + B(1 + S) + 1 + K*TY = 94) and, first, for a 16-bit
-    # backward the float32 partial sums. CPU calls return the result alone.
+    # workspace (lib/gpu_schedule.h; both directions: 8 words of box per RoI,
+    # 8K = 40 here; forward: RoI order by image with B = N + 1 buckets and
+    # S = 1 segment, 40 + 2K + B(1 + S) + 1 = 57; backward: spans and lists
+    # per image and row of 4-pixel tiles, B = N*TY = 4,
+    # 40 + 3K + 2K(PH + PW) + B(1 + S) + 1 + K*TY = 134) and, first, for a
+    # 16-bit backward the float32 partial sums. CPU calls return the result
+    # alone.
     features, rois = _data(np.float32)
     features = features.astype(dtype)
     if np.dtype(dtype) == np.float64:
@@ -134,9 +136,9 @@ def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
     element = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(
         np.dtype(dtype), "bf16")
     pooled, grad = f"tensor<5x2x3x3x{element}>", f"tensor<2x18x8x10x{element}>"
-    further = {"forward": "tensor<17xi32>",
-               "backward": ("tensor<2880xf32>, tensor<94xi32>" if element == "bf16"
-                            else "tensor<94xi32>")}
+    further = {"forward": "tensor<57xi32>",
+               "backward": ("tensor<2880xf32>, tensor<134xi32>" if element == "bf16"
+                            else "tensor<134xi32>")}
     loss = lambda f, r: jnp.sum(_forward(f, r).astype(jnp.float32) ** 2)
     for platform in ("cpu", "cuda"):
         exported = export.export(jax.jit(jax.grad(loss)), platforms=[platform],

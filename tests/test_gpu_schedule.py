@@ -131,3 +131,61 @@ def test_many_rois_bucketed_by_several_blocks(data_format):
     grad = native_gpu_schedule("backward", cotangent, rois, features.shape, 1.0, 2, **layout)
     assert np.abs(expected).max() > 1
     np.testing.assert_allclose(grad, expected, **TOLERANCE[np.dtype(np.float64)])
+
+
+
+def _assert_forward_matches_reference(out, features, rois, spatial_scale, layout):
+    """Exact types: within TOLERANCE of the reference. 16-bit types: the
+    float32 forward of the same (16-bit) values rounded once."""
+    dtype = np.dtype(features.dtype)
+    if dtype in TOLERANCE:
+        expected = reference(features, rois, OUTPUT_SIZE, spatial_scale, 2, **layout)
+        np.testing.assert_allclose(out, expected, **TOLERANCE[dtype])
+        return
+    exact = np.asarray(reference(features.astype(np.float32), rois, OUTPUT_SIZE,
+                                 spatial_scale, 2, **layout))
+    step = 2.0 ** -jnp.finfo(dtype).nmant
+    assert np.abs(exact).max() > 0.1
+    np.testing.assert_array_less(np.abs(out.astype(np.float32) - exact),
+                                 step * np.abs(exact) + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channel_order", CHANNEL_ORDERS)
+def test_nchw_planes_staged_or_read_in_place(dtype, channel_order):
+    # An NCHW forward block copies its plane into shared memory when the
+    # plane fits 32 KB and its RoIs number at least one per 64 pixels
+    # (gpu_schedule.h, forward_stage_elements). Image 0 of a 20 x 30 map
+    # (600 pixels) has 200 RoIs: staged. Image 1, the same pixels, has 3 of
+    # those boxes: 192 < 600, read in place. Staging changes where a pixel is
+    # read from, not what is summed: the three RoIs' outputs are bitwise
+    # those of their twins on image 0.
+    rng = np.random.default_rng(17)
+    layout = dict(data_format="NCHW", channel_order=channel_order)
+    image = rng.normal(size=(1, 2 * 6, 20, 30))
+    features = jnp.asarray(np.concatenate([image, image]), dtype)
+    rois = random_rois(rng, 200, 1, 20, 30, 1.0, np.float64, outside=0.2)
+    twins = rois[:3].copy()
+    twins[:, 0] = 1
+    rois = np.concatenate([rois, twins]).astype(jnp.promote_types(dtype, np.float32))
+    out = native_gpu_schedule("forward", features, rois, (203, 2, *OUTPUT_SIZE), 1.0, 2,
+                              **layout)
+    np.testing.assert_array_equal(out[200:], out[:3])
+    assert np.abs(out[:3].astype(np.float32)).max() > 0.1
+    _assert_forward_matches_reference(out, features, rois, 1.0, layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nchw_planes_over_the_stage_read_in_place(dtype):
+    # A 96 x 96 plane is 36 KB in float32 (and 72 KB in float64): over the
+    # 32 KB stage, every block reads it in place however many RoIs it has;
+    # 18 KB in the 16-bit types: staged.
+    rng = np.random.default_rng(18)
+    layout = dict(data_format="NCHW", channel_order="torchvision")
+    features = jnp.asarray(rng.normal(size=(2, 1 * 6, 96, 96)), dtype)
+    rois = random_rois(rng, 400, 2, 96, 96, 0.5, np.float64).astype(
+        jnp.promote_types(dtype, np.float32))
+    out = native_gpu_schedule("forward", features, rois, (400, 1, *OUTPUT_SIZE), 0.5, 2,
+                              **layout)
+    assert np.count_nonzero(out.astype(np.float32)) > out.size // 2
+    _assert_forward_matches_reference(out, features, rois, 0.5, layout)

@@ -101,9 +101,10 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
   const gs::Workspace ws =
       fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, false);
   SerialBlock block;
+  std::vector<S> stage(gs::forward_stage_elements<S, Layout>(d));  // shared memory
   for (int64_t b = 0; b < gs::forward_blocks<Layout>(d); ++b) {
-    gs::forward_block<SerialBlock, S, Layout>(block, data<S>(input), data<T>(rois), d, scale,
-                                              sampling_ratio, ws, b, data<S>(*output));
+    gs::forward_block<SerialBlock, S, Layout>(block, data<S>(input), d, sampling_ratio, ws, b,
+                                              stage.data(), data<S>(*output));
   }
   return ffi::Error::Success();
 }
@@ -112,8 +113,8 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
 // its partial sums in a float32 accumulator, as on the GPU (where it is the
 // call's further result).
 template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
-void run_backward_blocks(const Term& term, const T* rois, const PsRoiDims& d, T scale,
-                         int64_t sampling_ratio, const gs::Workspace& ws, S* grad) {
+void run_backward_blocks(const Term& term, const PsRoiDims& d, int64_t sampling_ratio,
+                         const gs::Workspace& ws, S* grad) {
   std::vector<T> accumulator;
   T* sums;
   if constexpr (std::is_same_v<S, T>) {
@@ -126,8 +127,8 @@ void run_backward_blocks(const Term& term, const T* rois, const PsRoiDims& d, T 
   auto shared = std::make_unique<gs::BackwardShared<T>>();
   const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
   for (int64_t b = 0; b < blocks; ++b) {
-    gs::backward_block<SerialBlock, S, Layout>(block, *shared, term, rois, d, scale,
-                                               sampling_ratio, ws, b, sums, grad);
+    gs::backward_block<SerialBlock, S, Layout>(block, *shared, term, d, sampling_ratio, ws, b,
+                                               sums, grad);
   }
 }
 
@@ -148,8 +149,8 @@ ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
   const gs::Workspace ws =
       fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, true);
   S* grad = data<S>(*grad_input);
-  run_backward_blocks<S, Layout>(gs::WeightedCotangent<S, Layout>{data<S>(cotangent), d},
-                                 data<T>(rois), d, scale, sampling_ratio, ws, grad);
+  run_backward_blocks<S, Layout>(gs::WeightedCotangent<S, Layout>{data<S>(cotangent), d}, d,
+                                 sampling_ratio, ws, grad);
   return ffi::Error::Success();
 }
 
@@ -191,7 +192,7 @@ ffi::Error roi_pool_backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> roi
   const gs::Workspace ws = fill_workspace(storage, data<T>(rois), d, scale, 0, true);
   run_backward_blocks<S, Layout>(
       gs::CotangentAtMaximum<S, Layout>{data<S>(cotangent), data<int32_t>(pixels), d},
-      data<T>(rois), d, scale, 0, ws, data<S>(*grad_input));
+      d, 0, ws, data<S>(*grad_input));
   return ffi::Error::Success();
 }
 

@@ -133,16 +133,18 @@ __global__ void __launch_bounds__(kThreads)
   gs::start_block(block, d, ws, backward);
 }
 
-template <typename S, typename Layout, typename T = ComputeType<S>>
+// Dynamic shared memory: the NCHW plane a block stages
+// (gs::forward_stage_elements, at most gs::kForwardStageBytes).
+template <typename S, typename Layout>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const S* __restrict__ input, const T* __restrict__ rois, PsRoiDims d,
-                   T spatial_scale, int64_t sampling_ratio, gs::Workspace ws,
-                   S* __restrict__ output) {
+    forward_kernel(const S* __restrict__ input, PsRoiDims d, int64_t sampling_ratio,
+                   gs::Workspace ws, S* __restrict__ output) {
+  extern __shared__ __align__(16) unsigned char forward_stage[];
   DeviceBlock block{nullptr};  // the forward never compacts
   const int64_t blocks = gs::forward_blocks<Layout>(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::forward_block<DeviceBlock, S, Layout>(block, input, rois, d, spatial_scale,
-                                              sampling_ratio, ws, b, output);
+    gs::forward_block<DeviceBlock, S, Layout>(block, input, d, sampling_ratio, ws, b,
+                                              reinterpret_cast<S*>(forward_stage), output);
   }
 }
 
@@ -153,15 +155,15 @@ __global__ void __launch_bounds__(kThreads)
 // cotangent, or RoI Pool's cotangent at its maximum).
 template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
 __global__ void __launch_bounds__(kThreads, 7)
-    backward_kernel(Term term, const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
-                    int64_t sampling_ratio, gs::Workspace ws, T* sums, S* grad) {
+    backward_kernel(Term term, PsRoiDims d, int64_t sampling_ratio, gs::Workspace ws, T* sums,
+                    S* grad) {
   __shared__ gs::BackwardShared<T> shared;
   __shared__ int warp_totals[kWarps];
   DeviceBlock block{warp_totals};
   const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::backward_block<DeviceBlock, S, Layout>(block, shared, term, rois, d, spatial_scale,
-                                               sampling_ratio, ws, b, sums, grad);
+    gs::backward_block<DeviceBlock, S, Layout>(block, shared, term, d, sampling_ratio, ws, b,
+                                               sums, grad);
   }
 }
 
@@ -208,8 +210,10 @@ cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
   cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
                                    /*backward=*/false, &ws);
   if (err != cudaSuccess) return err;
-  forward_kernel<S, Layout><<<grid_for(gs::forward_blocks<Layout>(d)), kThreads, 0, stream>>>(
-      input, rois, d, spatial_scale, sampling_ratio, ws, output);
+  const size_t stage_bytes = gs::forward_stage_elements<S, Layout>(d) * sizeof(S);
+  forward_kernel<S, Layout>
+      <<<grid_for(gs::forward_blocks<Layout>(d)), kThreads, stage_bytes, stream>>>(
+          input, d, sampling_ratio, ws, output);
   return cudaGetLastError();
 }
 
@@ -236,7 +240,7 @@ cudaError_t launch_backward(cudaStream_t stream, const Term& term, const T* rois
   if (err != cudaSuccess) return err;
   backward_kernel<S, Layout>
       <<<grid_for(gs::BackwardTiling::of(d).blocks(d)), kThreads, 0, stream>>>(
-          term, rois, d, spatial_scale, sampling_ratio, ws, sums, grad);
+          term, d, sampling_ratio, ws, sums, grad);
   return cudaGetLastError();
 }
 
