@@ -26,12 +26,13 @@
 //   1. Buckets (four small launches: per-RoI facts, then count, start and
 //      place over (bucket, segment of 1,024 RoIs) blocks). Each RoI's box
 //      (start and bin size per axis) is computed once and kept. For the
-//      forward, RoIs are sorted stably by the image they read (bucket N
-//      holds those that read nothing: bad batch index, non-finite geometry,
-//      empty grid). For the backward, each (image, row of tiles) lists in
-//      order the RoIs whose box touches it, and each RoI's pixel span per
-//      bin row and bin column is kept.
-//   2. Forward. A block owns a chunk of one bucket's RoIs and a group of
+//      forward, RoIs are sorted stably by the image they read and, within
+//      it, by the band of rows their box starts in (the last bucket holds
+//      those that read nothing: bad batch index, non-finite geometry, empty
+//      grid). For the backward, each (image, row of tiles) lists in order
+//      the RoIs whose box touches it, and each RoI's pixel span per bin row
+//      and bin column is kept.
+//   2. Forward. A block owns a chunk of one image's RoIs and a group of
 //      input channels (one plane in NCHW, copied into shared memory first
 //      when it fits and the RoIs read enough of it; 32 consecutive channels
 //      in NHWC, read as one contiguous run per tap). Its threads walk the
@@ -99,18 +100,20 @@ PSROI_HD constexpr int list_chunk() {
 // One int32 buffer that XLA allocates as a further result of each CUDA call,
 // of workspace_elements(d, backward) elements (jax_psroi._primitives asks
 // the CPU module, which compiles this header, for the number).
-//   forward:  boxes [K, kBoxWords] | image [K] | order [K] |
+//   forward:  boxes [K, kBoxWords] | image [K] | band [K] | order [K] |
 //             offsets [B + 1] | counts [B * S]
 //   backward: boxes [K, kBoxWords] | image [K] | tile_rows [K, 2] |
 //             spans [PH + PW, K, 2] | offsets [B + 1] | counts [B * S] |
 //             lists [K * TY]
-// B buckets: for the forward an image, or N for the RoIs that read nothing
-// (B = N + 1); for the backward an (image, tile row) holding every RoI whose
-// box touches that row of tiles (B = N * TY, TY the map's tile rows). S:
-// segments of kBucketSegment RoIs, bucketed by blocks of their own.
+// B buckets: for the forward an (image, band of rows) and, last, the RoIs
+// that read nothing (B = N * kForwardBands + 1); for the backward an (image,
+// tile row) holding every RoI whose box touches that row of tiles (B = N *
+// TY, TY the map's tile rows). S: segments of kBucketSegment RoIs, bucketed
+// by blocks of their own.
 struct Workspace {
   int32_t* boxes;      // [K, kBoxWords]: each RoI's RoiBox values, in T
   int32_t* image;      // [K]: the image an RoI reads, N if none
+  int32_t* band;       // forward: [K], the band of rows an RoI starts in
   int32_t* order;      // the buckets' RoIs, bucket after bucket
   int32_t* offsets;    // bucket b is order[offsets[b], offsets[b + 1])
   int32_t* counts;     // [B, S]: RoIs of segment s in bucket b, then where
@@ -122,6 +125,18 @@ struct Workspace {
 
 // RoIs a bucketing block examines.
 constexpr int64_t kBucketSegment = 1024;
+
+// The forward's buckets split each image's RoIs by the band of map rows
+// their box starts in (kForwardBands bands of equal height, the last
+// shorter): an image's buckets are consecutive in `order`, so a forward
+// block that walks them walks the image's RoIs top to bottom, and the
+// windows of neighbouring boxes meet in L1/L2 (issue 18: a locality order).
+constexpr int64_t kForwardBands = 8;
+
+PSROI_HD int64_t band_rows_of(const PsRoiDims& d) {
+  const int64_t rows = (d.height + kForwardBands - 1) / kForwardBands;
+  return rows > 0 ? rows : 1;
+}
 
 // Words of an RoI's box in the workspace: RoiBox's four values, room for
 // float64 (first in the buffer, so 8-byte aligned). Computed once per RoI
@@ -149,7 +164,7 @@ PSROI_HD int64_t tile_rows_of(const PsRoiDims& d) {
 }
 
 PSROI_HD int64_t buckets_of(const PsRoiDims& d, bool backward) {
-  return backward ? d.num_images * tile_rows_of(d) : d.num_images + 1;
+  return backward ? d.num_images * tile_rows_of(d) : d.num_images * kForwardBands + 1;
 }
 
 PSROI_HD int64_t segments_of(const PsRoiDims& d) {
@@ -168,6 +183,9 @@ PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backwar
     w.tile_rows = next;
     w.spans = w.tile_rows + 2 * K;
     next = w.spans + 2 * K * (d.pooled_h + d.pooled_w);
+  } else {
+    w.band = next;
+    next += K;
   }
   w.offsets = next;
   w.counts = w.offsets + buckets + 1;
@@ -178,7 +196,7 @@ PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backwar
 PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
   const int64_t K = d.num_rois;
   const int64_t fixed = kBoxWords * K + buckets_of(d, backward) * (1 + segments_of(d)) + 1;
-  if (!backward) return 2 * K + fixed;
+  if (!backward) return 3 * K + fixed;
   return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + fixed + K * tile_rows_of(d);
 }
 
@@ -212,7 +230,16 @@ PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
   store_box(ws, roi, box);
   const RoiGeometry<T> g = geometry_of_box(box, d, sampling_ratio);
   ws.image[roi] = static_cast<int32_t>(g.empty() ? d.num_images : g.image);
-  if (!backward) return;
+  if (!backward) {
+    // The row the box starts at, clipped to the map (in T first: it may be
+    // huge; RoIs that read nothing, NaN included, take band 0 unused).
+    T top = box.start_y;
+    const T last_row = static_cast<T>(d.height - 1);
+    if (!(top > static_cast<T>(0))) top = static_cast<T>(0);
+    if (top > last_row) top = last_row;
+    ws.band[roi] = static_cast<int32_t>(static_cast<int64_t>(top) / band_rows_of(d));
+    return;
+  }
   int64_t first_row = d.height, last_row = -1;
   for (int64_t a = 0; a < d.pooled_h + d.pooled_w; ++a) {
     AxisSpan s{0, -1};
@@ -236,7 +263,10 @@ PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
 // Is RoI k in bucket b? roi_info must be complete for every RoI.
 PSROI_HD bool in_bucket(const PsRoiDims& d, const Workspace& ws, bool backward, int64_t k,
                         int64_t b) {
-  if (!backward) return ws.image[k] == b;
+  if (!backward) {
+    const int64_t n = b / kForwardBands;  // N: the last bucket
+    return ws.image[k] == n && (n == d.num_images || ws.band[k] == b - n * kForwardBands);
+  }
   const int64_t rows = tile_rows_of(d);
   const int64_t n = b / rows, t = b - n * rows;
   return ws.image[k] == n && ws.tile_rows[2 * k] <= t && t <= ws.tile_rows[2 * k + 1];
@@ -306,7 +336,7 @@ PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, boo
 
 // --- 2. Forward -------------------------------------------------------------
 
-// The blocks the forward wants at least: a bucket's RoIs are split into
+// The blocks the forward wants at least: an image's RoIs are split into
 // chunks until it has them, so that a few images of few channel groups
 // still fill the GPU (a Light-Head map in NHWC, 8 images of 490 channels,
 // gave 144 blocks, 0.12 waves of an H200, before chunks).
@@ -327,8 +357,9 @@ PSROI_HD int64_t forward_channel_groups(const PsRoiDims& d) {
   return (d.channel_bins() + g - 1) / g;
 }
 
-// Chunks each bucket's RoIs are split into: enough for kForwardMinBlocks
-// blocks, but no more than one per kThreads RoIs of an average image.
+// Chunks each image's RoIs (and those that read nothing) are split into:
+// enough for kForwardMinBlocks blocks, but no more than one per kThreads
+// RoIs of an average image.
 template <typename Layout>
 PSROI_HD int64_t forward_chunks(const PsRoiDims& d) {
   const int64_t images = d.num_images > 0 ? d.num_images : 1;
@@ -340,8 +371,8 @@ PSROI_HD int64_t forward_chunks(const PsRoiDims& d) {
   return chunks > 0 ? chunks : 1;
 }
 
-// Blocks of the forward: (bucket, chunk, channel group), the group fastest,
-// so that the blocks in flight share one image's RoIs.
+// Blocks of the forward: (image or N, chunk, channel group), the group
+// fastest, so that the blocks in flight share one image's RoIs.
 template <typename Layout>
 PSROI_HD int64_t forward_blocks(const PsRoiDims& d) {
   return (d.num_images + 1) * forward_chunks<Layout>(d) * forward_channel_groups<Layout>(d);
@@ -407,22 +438,25 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
   const int64_t chunks = forward_chunks<Layout>(d);
   const int64_t c0 = (block % groups) * kGroup;
   const int64_t chunk = (block / groups) % chunks;
-  const int64_t bucket = block / (groups * chunks);
+  const int64_t image = block / (groups * chunks);  // N: the RoIs that read nothing
   // RoIs that read nothing: zeros, or left as they were (the whole block).
-  if (bucket == d.num_images && d.skip_empty_rois) return;
-  // Chunk `chunk` of the bucket's RoIs (some chunks of a small bucket are
-  // empty).
-  const int64_t bucket_begin = ws.offsets[bucket];
-  const int64_t bucket_size = ws.offsets[bucket + 1] - bucket_begin;
-  const int64_t begin = bucket_begin + bucket_size * chunk / chunks;
-  const int64_t end = bucket_begin + bucket_size * (chunk + 1) / chunks;
+  if (image == d.num_images && d.skip_empty_rois) return;
+  // Chunk `chunk` of the image's RoIs, its buckets (bands) one after
+  // another in `order` (some chunks of a small image are empty).
+  const int64_t first_bucket = image * kForwardBands;
+  const int64_t last_bucket = image < d.num_images ? first_bucket + kForwardBands - 1
+                                                   : first_bucket;
+  const int64_t image_begin = ws.offsets[first_bucket];
+  const int64_t image_size = ws.offsets[last_bucket + 1] - image_begin;
+  const int64_t begin = image_begin + image_size * chunk / chunks;
+  const int64_t end = image_begin + image_size * (chunk + 1) / chunks;
   const Layout layout = Layout::of(d);
   // The plane (channels-last: the first channel) pair `cb` reads.
   auto plane_of = [&](const ChannelBin& cb) {
-    return input + layout.plane_offset(bucket, d.first_channel(cb.bin) +
+    return input + layout.plane_offset(image, d.first_channel(cb.bin) +
                                                    cb.c_out * d.channel_step());
   };
-  const bool staged = bucket < d.num_images && forward_stage_elements<S, Layout>(d) > 0 &&
+  const bool staged = image < d.num_images && forward_stage_elements<S, Layout>(d) > 0 &&
                       (end - begin) * kStagePixelsPerRoi >= d.plane_size();
   if (staged) {  // NCHW: one pair, one plane
     const S* plane = plane_of(channel_bin(d, c0));
@@ -447,8 +481,8 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
     const int64_t roi = ws.order[begin + i / kGroup];
     const ChannelBin cb = channel_bin(d, c);
     T value = static_cast<T>(0);
-    if (bucket < d.num_images) {
-      const RoiGeometry<T> g = stored_geometry<T>(ws, roi, bucket, d, sampling_ratio);
+    if (image < d.num_images) {
+      const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
       // Two calls, not one of a chosen pointer: on the GPU each then reads
       // one known memory space (shared, or global through the read-only
       // cache).

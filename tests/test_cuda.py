@@ -123,12 +123,12 @@ def test_export_grad_for_cuda():
 def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
     # CUDA calls return the result, then temporaries XLA allocates: an int32
     # workspace (lib/gpu_schedule.h; both directions: 8 words of box per RoI,
-    # 8K = 40 here; forward: RoI order by image with B = N + 1 buckets and
-    # S = 1 segment, 40 + 2K + B(1 + S) + 1 = 57; backward: spans and lists
-    # per image and row of 4-pixel tiles, B = N*TY = 4,
-    # 40 + 3K + 2K(PH + PW) + B(1 + S) + 1 + K*TY = 134) and, first, for a
-    # 16-bit backward the float32 partial sums. CPU calls return the result
-    # alone.
+    # 8K = 40 here; forward: RoI order by image and band of rows with
+    # B = 8N + 1 buckets and S = 1 segment, 40 + 3K + B(1 + S) + 1 = 90;
+    # backward: spans and lists per image and row of 4-pixel tiles,
+    # B = N*TY = 4, 40 + 3K + 2K(PH + PW) + B(1 + S) + 1 + K*TY = 134) and,
+    # first, for a 16-bit backward the float32 partial sums. CPU calls return
+    # the result alone.
     features, rois = _data(np.float32)
     features = features.astype(dtype)
     if np.dtype(dtype) == np.float64:
@@ -136,7 +136,7 @@ def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
     element = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}.get(
         np.dtype(dtype), "bf16")
     pooled, grad = f"tensor<5x2x3x3x{element}>", f"tensor<2x18x8x10x{element}>"
-    further = {"forward": "tensor<57xi32>",
+    further = {"forward": "tensor<90xi32>",
                "backward": ("tensor<2880xf32>, tensor<134xi32>" if element == "bf16"
                             else "tensor<134xi32>")}
     loss = lambda f, r: jnp.sum(_forward(f, r).astype(jnp.float32) ** 2)

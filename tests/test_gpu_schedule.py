@@ -96,11 +96,13 @@ def test_crowded_16_bit_gradient_is_rounded_once(dtype, data_format):
 
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
-def test_forward_buckets_split_into_chunks(dtype, data_format, channel_order):
-    # 700 RoIs on 2 images of few channels: every bucket's RoIs are split
-    # into chunks, each its own block (NCHW 3 chunks a bucket, NHWC 3 too: 2
-    # images of 66 channels are far from the blocks the forward wants);
-    # RoIs with a bad batch index fill bucket N, whose outputs are zeros.
+def test_forward_images_split_into_chunks(dtype, data_format, channel_order):
+    # 700 RoIs on 2 images of few channels: every image's RoIs (its buckets,
+    # one per band of rows, in turn) are split into chunks, each its own
+    # block (NCHW 3 chunks an image, NHWC 3 too: 2 images of 66 channels are
+    # far from the blocks the forward wants), and chunks cut across bands;
+    # RoIs with a bad batch index fill the last bucket, whose outputs are
+    # zeros.
     rng = np.random.default_rng(13)
     layout = dict(data_format=data_format, channel_order=channel_order)
     features = features_as(rng.normal(size=(2, 11 * 6, 9, 13)).astype(dtype),
