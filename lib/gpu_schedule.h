@@ -409,30 +409,42 @@ PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
 // NCHW forward blocks read one plane, each RoI a few pixels of it at
 // places that differ from thread to thread. A block copies its plane into
 // shared memory first (neighbouring threads reading neighbouring pixels,
-// each line of the plane once) when it fits kForwardStageBytes, the dynamic
-// shared memory of a forward block (with it six blocks fit an SM of sm_90,
-// more than the forward's registers allow: ptxas gives it 96 a thread, five
-// blocks of 128), and when the block's RoIs read it enough: at least one RoI per
-// kStagePixelsPerRoi pixels (an element reads 16 or more pixels over
-// several lines; with 2x2 samples, 4 taps a sample). Channels-last blocks
-// read one contiguous run of channels per tap and never stage.
+// each line of the plane once) when it fits the stage, and when the
+// block's RoIs read it enough: at least one RoI per kStagePixelsPerRoi
+// pixels (an element reads 16 or more pixels over several lines; with 2x2
+// samples, 4 taps a sample). Channels-last blocks read one contiguous run
+// of channels per tap and never stage.
+//
+// The stage is the dynamic shared memory of a forward block: at most
+// kForwardStageBytes, and no more than lets kForwardStageBlocksPerSm blocks
+// share an SM (CUDA keeps 1 KB of each block's): 32 KB on sm_80 and sm_90,
+// 24 KB on sm_86 and sm_89 (100 KB an SM), 15 KB on sm_75 (64 KB). The CPU
+// run of the schedule takes kForwardStageBytes.
 constexpr int64_t kForwardStageBytes = 32 * 1024;
+constexpr int64_t kForwardStageBlocksPerSm = 4;
 constexpr int64_t kStagePixelsPerRoi = 64;
 constexpr int64_t kStageLoads = 4;
 
-template <typename S, typename Layout>
-PSROI_HD int64_t forward_stage_elements(const PsRoiDims& d) {
-  if (Layout::kChannelsLast) return 0;
-  const int64_t bytes = d.plane_size() * static_cast<int64_t>(sizeof(S));
-  return bytes <= kForwardStageBytes ? d.plane_size() : 0;
+PSROI_HD int64_t forward_stage_bytes(int64_t shared_bytes_per_sm) {
+  const int64_t share = shared_bytes_per_sm / kForwardStageBlocksPerSm - 1024;
+  return share < kForwardStageBytes ? share : kForwardStageBytes;
 }
 
-// `stage`: forward_stage_elements(d) elements of the block's own (shared
-// memory on the GPU).
+// Elements of the stage a forward block needs: a plane, or none when it
+// does not fit `stage_bytes` (or the layout is channels-last).
+template <typename S, typename Layout>
+PSROI_HD int64_t forward_stage_elements(const PsRoiDims& d, int64_t stage_bytes) {
+  if (Layout::kChannelsLast) return 0;
+  const int64_t bytes = d.plane_size() * static_cast<int64_t>(sizeof(S));
+  return bytes <= stage_bytes ? d.plane_size() : 0;
+}
+
+// `stage`: stage_elements (forward_stage_elements) elements of the block's
+// own (shared memory on the GPU).
 template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
                             int64_t sampling_ratio, const Workspace& ws, int64_t block,
-                            S* stage, S* output) {
+                            S* stage, int64_t stage_elements, S* output) {
   constexpr int64_t kGroup = forward_channel_group<Layout>();
   const int64_t groups = forward_channel_groups<Layout>(d);
   const int64_t chunks = forward_chunks<Layout>(d);
@@ -456,7 +468,7 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
     return input + layout.plane_offset(image, d.first_channel(cb.bin) +
                                                    cb.c_out * d.channel_step());
   };
-  const bool staged = image < d.num_images && forward_stage_elements<S, Layout>(d) > 0 &&
+  const bool staged = image < d.num_images && stage_elements > 0 &&
                       (end - begin) * kStagePixelsPerRoi >= d.plane_size();
   if (staged) {  // NCHW: one pair, one plane
     const S* plane = plane_of(channel_bin(d, c0));
