@@ -273,6 +273,34 @@ def test_gpu_runs_the_schedule_the_cpu_tests_check(data_format, channel_order, d
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("height,width", [(20, 30), (130, 130)])
+def test_gpu_forward_planes_staged_and_read_in_place(dtype, height, width):
+    # NCHW forward blocks copy their plane into shared memory when it fits
+    # the stage (at most 32 KB) and their RoIs number one per 64 pixels
+    # (gpu_schedule.h). 20 x 30: image 0's 200 RoIs stage, image 1's 3 twins
+    # of them read in place, and give bitwise the same values. 130 x 130
+    # (66 KB in float32, 33 KB in 16-bit types): over every stage, in place.
+    rng = np.random.default_rng(37)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    image = random_features(rng, 1, 2 * 49, height, width, np.float32)
+    features = np.concatenate([image, image]).astype(dtype)
+    rois = random_rois(rng, 200, 1, height, width, 1 / 8, np.float64, outside=0.2)
+    twins = rois[:3].copy()
+    twins[:, 0] = 1
+    rois = np.concatenate([rois, twins]).astype(compute)
+    fwd = lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 8, 2)
+    out = _on("gpu", fwd, features, rois)
+    np.testing.assert_array_equal(out[200:], out[:3])
+    as_wide = lambda a: np.asarray(a, compute)
+    tol = TOLERANCE.get(np.dtype(dtype), dict(atol=2.0 ** -7, rtol=2.0 ** -7))
+    np.testing.assert_allclose(as_wide(out), as_wide(native_gpu_schedule(
+        "forward", features, rois, out.shape, 1 / 8, 2)), **tol)
+    np.testing.assert_allclose(as_wide(out), as_wide(_on("cpu", fwd, features, rois)), **tol)
+    assert np.abs(as_wide(out)).max() > 0.1
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 def test_gpu_hostile_rois(sampling_ratio):
     rng = np.random.default_rng(33)
