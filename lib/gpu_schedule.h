@@ -33,13 +33,13 @@
 //      the RoIs whose box touches it, and each RoI's pixel span per bin row
 //      and bin column is kept.
 //   2. Forward. A block owns a chunk of one image's RoIs and a group of
-//      input channels (one plane in NCHW, copied into shared memory first
-//      when it fits and the RoIs read enough of it; 32 consecutive channels
-//      in NHWC, read as one contiguous run per tap). Its threads walk the
-//      chunk's RoIs, so the RoIs of one image read one plane (group) while
-//      it sits in shared memory or L1/L2, and each output element is
-//      written by exactly one thread. Buckets are split into chunks only as
-//      far as it takes to fill the GPU.
+//      input channels (in NCHW, the planes of up to 8 output channels of one
+//      bin, a thread summing all of them for its RoI from taps it finds
+//      once; in NHWC, 32 consecutive channels, read as one contiguous run
+//      per tap). Its threads walk the chunk's RoIs, so the RoIs of one image
+//      read the same planes while they sit in L1/L2, and each output element
+//      is written by exactly one thread. Images are split into chunks only
+//      as far as it takes to fill the GPU.
 //   2'. RoI Pool's forward (and its tangent): a block owns a run of one
 //      RoI's outputs, whose geometry it computes once (roi_pool_block); a
 //      thread per output element; no buckets.
@@ -342,19 +342,32 @@ PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, boo
 // gave 144 blocks, 0.12 waves of an H200, before chunks).
 constexpr int64_t kForwardMinBlocks = 2048;
 
-// Channels a forward block owns: one NCHW plane; in NHWC, a run that a warp
-// reads as one contiguous segment per tap.
-template <typename Layout>
-PSROI_HD constexpr int forward_channel_group() {
-  return Layout::kChannelsLast ? kNhwcChannelGroup : 1;
+// NCHW: a forward thread computes one RoI's bin in up to kForwardPlanes
+// planes, those of consecutive output channels of that bin, and its box's
+// taps once for all of them (an H200 profile of one plane a thread: ~910
+// instructions an output, most of them geometry and taps, IPC 2.8:
+// instruction-bound). A block takes forward_planes(d) output channels of
+// one bin: C_out split evenly into as few runs of at most kForwardPlanes as
+// it takes. NHWC: a block takes kNhwcChannelGroup consecutive channels
+// (pairs, as channel_bin numbers them), which a warp reads as one
+// contiguous run per tap.
+constexpr int kForwardPlanes = 8;
+
+PSROI_HD int64_t forward_planes(const PsRoiDims& d) {
+  const int64_t runs = (d.channels_out + kForwardPlanes - 1) / kForwardPlanes;
+  return runs > 0 ? (d.channels_out + runs - 1) / runs : 1;
 }
 
-// Groups of (output channel, bin) pairs, numbered as channel_bin numbers
-// them: the input channels in the position-sensitive orders.
+// Groups of (output channel, bin) pairs the forward splits its blocks by:
+// NCHW (bin, run of forward_planes output channels), the run fastest; NHWC
+// runs of kNhwcChannelGroup pairs.
 template <typename Layout>
 PSROI_HD int64_t forward_channel_groups(const PsRoiDims& d) {
-  constexpr int64_t g = forward_channel_group<Layout>();
-  return (d.channel_bins() + g - 1) / g;
+  if (Layout::kChannelsLast) {
+    return (d.channel_bins() + kNhwcChannelGroup - 1) / kNhwcChannelGroup;
+  }
+  const int64_t planes = forward_planes(d);
+  return d.bins() * ((d.channels_out + planes - 1) / planes);
 }
 
 // Chunks each image's RoIs (and those that read nothing) are split into:
@@ -406,49 +419,13 @@ PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
   return cb;
 }
 
-// NCHW forward blocks read one plane, each RoI a few pixels of it at
-// places that differ from thread to thread. A block copies its plane into
-// shared memory first (neighbouring threads reading neighbouring pixels,
-// each line of the plane once) when it fits the stage, and when the
-// block's RoIs read it enough: at least one RoI per kStagePixelsPerRoi
-// pixels (an element reads 16 or more pixels over several lines; with 2x2
-// samples, 4 taps a sample). Channels-last blocks read one contiguous run
-// of channels per tap and never stage.
-//
-// The stage is the dynamic shared memory of a forward block: at most
-// kForwardStageBytes, and no more than lets kForwardStageBlocksPerSm blocks
-// share an SM (CUDA keeps 1 KB of each block's): 32 KB on sm_80 and sm_90,
-// 24 KB on sm_86 and sm_89 (100 KB an SM), 15 KB on sm_75 (64 KB). The CPU
-// run of the schedule takes kForwardStageBytes.
-constexpr int64_t kForwardStageBytes = 32 * 1024;
-constexpr int64_t kForwardStageBlocksPerSm = 4;
-constexpr int64_t kStagePixelsPerRoi = 64;
-constexpr int64_t kStageLoads = 4;
-
-PSROI_HD int64_t forward_stage_bytes(int64_t shared_bytes_per_sm) {
-  const int64_t share = shared_bytes_per_sm / kForwardStageBlocksPerSm - 1024;
-  return share < kForwardStageBytes ? share : kForwardStageBytes;
-}
-
-// Elements of the stage a forward block needs: a plane, or none when it
-// does not fit `stage_bytes` (or the layout is channels-last).
-template <typename S, typename Layout>
-PSROI_HD int64_t forward_stage_elements(const PsRoiDims& d, int64_t stage_bytes) {
-  if (Layout::kChannelsLast) return 0;
-  const int64_t bytes = d.plane_size() * static_cast<int64_t>(sizeof(S));
-  return bytes <= stage_bytes ? d.plane_size() : 0;
-}
-
-// `stage`: stage_elements (forward_stage_elements) elements of the block's
-// own (shared memory on the GPU).
 template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
                             int64_t sampling_ratio, const Workspace& ws, int64_t block,
-                            S* stage, int64_t stage_elements, S* output) {
-  constexpr int64_t kGroup = forward_channel_group<Layout>();
+                            S* output) {
   const int64_t groups = forward_channel_groups<Layout>(d);
   const int64_t chunks = forward_chunks<Layout>(d);
-  const int64_t c0 = (block % groups) * kGroup;
+  const int64_t group = block % groups;
   const int64_t chunk = (block / groups) % chunks;
   const int64_t image = block / (groups * chunks);  // N: the RoIs that read nothing
   // RoIs that read nothing: zeros, or left as they were (the whole block).
@@ -463,46 +440,54 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
   const int64_t begin = image_begin + image_size * chunk / chunks;
   const int64_t end = image_begin + image_size * (chunk + 1) / chunks;
   const Layout layout = Layout::of(d);
-  // The plane (channels-last: the first channel) pair `cb` reads.
-  auto plane_of = [&](const ChannelBin& cb) {
-    return input + layout.plane_offset(image, d.first_channel(cb.bin) +
-                                                   cb.c_out * d.channel_step());
+  // The plane (channels-last: the first channel) output channel c_out of
+  // bin `bin` reads; the next output channel's is plane_step further.
+  auto plane_of = [&](int64_t c_out, int64_t bin) {
+    return input + layout.plane_offset(image, d.first_channel(bin) + c_out * d.channel_step());
   };
-  const bool staged = image < d.num_images && stage_elements > 0 &&
-                      (end - begin) * kStagePixelsPerRoi >= d.plane_size();
-  if (staged) {  // NCHW: one pair, one plane
-    const S* plane = plane_of(channel_bin(d, c0));
-    // In rounds of kStageLoads elements a thread, loads before stores, so
-    // that each thread has several loads in flight.
-    const int64_t n = d.plane_size(), round = ex.threads * kStageLoads;
-    ex.each((n + round - 1) / round * ex.threads, [&](int64_t j) {
-      const int64_t first = (j / ex.threads) * round + j % ex.threads;
-      S loaded[kStageLoads];
-      for (int64_t u = 0; u < kStageLoads; ++u) {
-        if (first + u * ex.threads < n) loaded[u] = plane[first + u * ex.threads];
+  const int64_t plane_step = d.channel_step() * layout.channel_stride();
+
+  if constexpr (Layout::kChannelsLast) {
+    // Element i: RoI i / kNhwcChannelGroup of the chunk, pair c0 + i %
+    // kNhwcChannelGroup.
+    const int64_t c0 = group * kNhwcChannelGroup;
+    ex.each((end - begin) * kNhwcChannelGroup, [&](int64_t i) {
+      const int64_t c = c0 + i % kNhwcChannelGroup;
+      if (c >= d.channel_bins()) return;
+      const int64_t roi = ws.order[begin + i / kNhwcChannelGroup];
+      const ChannelBin cb = channel_bin(d, c);
+      T value[1] = {static_cast<T>(0)};
+      if (image < d.num_images) {
+        const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
+        pooled_values<1>(plane_of(cb.c_out, cb.bin), plane_step, 1, layout, g, d, cb.ph, cb.pw,
+                         value);
       }
-      for (int64_t u = 0; u < kStageLoads; ++u) {
-        if (first + u * ex.threads < n) stage[first + u * ex.threads] = loaded[u];
+      output[Layout::pooled_offset(d, roi, cb.c_out, cb.bin)] = Storage<S>::store(value[0]);
+    });
+  } else {
+    // Thread i: RoI i of the chunk, bin `bin` in output channels [c_out0,
+    // c_out0 + planes).
+    const int64_t per_bin = groups / d.bins();
+    const int64_t bin = group / per_bin;
+    const int64_t c_out0 = (group - bin * per_bin) * forward_planes(d);
+    const int64_t left = d.channels_out - c_out0;
+    const int64_t planes = left < forward_planes(d) ? left : forward_planes(d);
+    const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
+    ex.each(end - begin, [&](int64_t i) {
+      const int64_t roi = ws.order[begin + i];
+      T values[kForwardPlanes] = {};
+      if (image < d.num_images) {
+        const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
+        pooled_values<kForwardPlanes>(plane_of(c_out0, bin), plane_step, planes, layout, g, d,
+                                      ph, pw, values);
+      }
+      for (int k = 0; k < kForwardPlanes; ++k) {
+        if (k < planes) {
+          output[Layout::pooled_offset(d, roi, c_out0 + k, bin)] = Storage<S>::store(values[k]);
+        }
       }
     });
   }
-  // Element i: RoI i / kGroup of the chunk, pair c0 + i % kGroup.
-  ex.each((end - begin) * kGroup, [&](int64_t i) {
-    const int64_t c = c0 + i % kGroup;
-    if (c >= d.channel_bins()) return;
-    const int64_t roi = ws.order[begin + i / kGroup];
-    const ChannelBin cb = channel_bin(d, c);
-    T value = static_cast<T>(0);
-    if (image < d.num_images) {
-      const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
-      // Two calls, not one of a chosen pointer: on the GPU each then reads
-      // one known memory space (shared, or global through the read-only
-      // cache).
-      value = staged ? pooled_value<S>(stage, layout, g, d, cb.ph, cb.pw)
-                     : pooled_value<S>(plane_of(cb), layout, g, d, cb.ph, cb.pw);
-    }
-    output[Layout::pooled_offset(d, roi, cb.c_out, cb.bin)] = Storage<S>::store(value);
-  });
 }
 
 // RoI Pool's forward blocks: a block owns kRoiPoolBlockOutputs consecutive

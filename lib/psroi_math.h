@@ -411,7 +411,7 @@ PSROI_HD SampleRange in_map_samples(const RoiAxis<T>& axis, int64_t bin,
 }
 
 // ---------------------------------------------------------------------------
-// One pooled value, as the CUDA forward computes it (gpu_schedule.h).
+// Pooled values, as the CUDA forward computes them (gpu_schedule.h).
 
 // Grids of at most this many samples per axis are walked whole (axis_tap
 // skips the samples off the map): cheaper than finding the in-map range.
@@ -424,29 +424,13 @@ PSROI_HD SampleRange samples_to_visit(const RoiAxis<T>& axis, int64_t bin, int64
 }
 
 // Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
-// map, in torchvision's order (rows outer, columns inner). A row of at most
-// kWalkWholeGrid samples has its column taps computed once for all rows
-// (loops of fixed length, so that on the GPU they stay in registers).
+// map, in torchvision's order (rows outer, columns inner).
 template <typename T, typename Visit>
 PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
                                      const PsRoiDims& d, int64_t ph,
                                      int64_t pw, Visit& visit) {
   const SampleRange ry = samples_to_visit(g.y, ph, d.height);
   const SampleRange rx = samples_to_visit(g.x, pw, d.width);
-  if (rx.end - rx.begin <= kWalkWholeGrid) {
-    AxisTap<T> columns[kWalkWholeGrid] = {};  // invalid past the row's end
-    for (int64_t j = 0; j < kWalkWholeGrid; ++j) {
-      if (rx.begin + j < rx.end) columns[j] = axis_tap(g.x.sample(pw, rx.begin + j), d.width);
-    }
-    for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
-      const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
-      if (!ty.valid) continue;
-      for (int64_t j = 0; j < kWalkWholeGrid; ++j) {
-        if (columns[j].valid) visit(ty, columns[j]);
-      }
-    }
-    return;
-  }
   for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
     const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
     if (!ty.valid) continue;
@@ -457,33 +441,52 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
   }
 }
 
-// Pooled value of bin (ph, pw) of a non-empty RoI of geometry g, read from
-// `plane`, the input channel the bin's output channel reads (pixel (y, x) at
-// layout.pixel_offset(y, x)), in the compute type T of storage type S (the
-// caller stores it).
-template <typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD T pooled_value(const S* plane, const Layout& layout, const RoiGeometry<T>& g,
-                        const PsRoiDims& d, int64_t ph, int64_t pw) {
-  auto at = [&](int64_t y, int64_t x) {
-    return Storage<S>::load(plane[layout.pixel_offset(y, x)]);
+// Pooled values of bin (ph, pw) of a non-empty RoI of geometry g in
+// `planes` (<= kPlanes) input planes, the first at `plane` and each next
+// `plane_step` elements further (the input channels consecutive output
+// channels of the bin read; pixel (y, x) of a plane at
+// layout.pixel_offset(y, x)), into values[0, planes) in the compute type T
+// of storage type S (the caller stores them). The taps are found once for
+// all planes; each value is summed as for a plane alone.
+template <int kPlanes, typename S, typename Layout, typename T = ComputeType<S>>
+PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
+                            const Layout& layout, const RoiGeometry<T>& g, const PsRoiDims& d,
+                            int64_t ph, int64_t pw, T (&values)[kPlanes]) {
+  for (int k = 0; k < kPlanes; ++k) values[k] = static_cast<T>(0);
+  auto at = [&](int k, int64_t offset) {
+    return Storage<S>::load(plane[k * plane_step + offset]);
   };
-  T sum = static_cast<T>(0);
   if (d.whole_pixels) {  // torchvision's sum, row by row, over the window
     const AxisSpan rows = g.y.window(ph, d.height), cols = g.x.window(pw, d.width);
     for (int64_t y = rows.first; y <= rows.last; ++y) {
-      for (int64_t x = cols.first; x <= cols.last; ++x) sum += at(y, x);
+      for (int64_t x = cols.first; x <= cols.last; ++x) {
+        const int64_t offset = layout.pixel_offset(y, x);
+        for (int k = 0; k < kPlanes; ++k) {
+          if (k < planes) values[k] += at(k, offset);
+        }
+      }
     }
     const T divisor = g.divisor(ph, pw, d);
-    return divisor > static_cast<T>(0) ? sum / divisor : static_cast<T>(0);
+    for (int k = 0; k < kPlanes; ++k) {
+      values[k] = divisor > static_cast<T>(0) ? values[k] / divisor : static_cast<T>(0);
+    }
+    return;
   }
   auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
     const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
     const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
-    sum += w1 * at(ty.low, tx.low) + w2 * at(ty.low, tx.high) +
-           w3 * at(ty.high, tx.low) + w4 * at(ty.high, tx.high);
+    const int64_t o1 = layout.pixel_offset(ty.low, tx.low);
+    const int64_t o2 = layout.pixel_offset(ty.low, tx.high);
+    const int64_t o3 = layout.pixel_offset(ty.high, tx.low);
+    const int64_t o4 = layout.pixel_offset(ty.high, tx.high);
+    for (int k = 0; k < kPlanes; ++k) {
+      if (k < planes) {
+        values[k] += w1 * at(k, o1) + w2 * at(k, o2) + w3 * at(k, o3) + w4 * at(k, o4);
+      }
+    }
   };
   for_each_sample_on_map(g, d, ph, pw, add_sample);
-  return sum / g.count;
+  for (int k = 0; k < kPlanes; ++k) values[k] /= g.count;
 }
 
 // ---------------------------------------------------------------------------

@@ -274,29 +274,27 @@ def test_gpu_runs_the_schedule_the_cpu_tests_check(data_format, channel_order, d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("height,width", [(20, 30), (130, 130)])
-def test_gpu_forward_planes_staged_and_read_in_place(dtype, height, width):
-    # NCHW forward blocks copy their plane into shared memory when it fits
-    # the stage (at most 32 KB) and their RoIs number one per 64 pixels
-    # (gpu_schedule.h). 20 x 30: image 0's 200 RoIs stage, image 1's 3 twins
-    # of them read in place, and give bitwise the same values. 130 x 130
-    # (66 KB in float32, 33 KB in 16-bit types): over every stage, in place.
+@pytest.mark.parametrize("channels_out", [11, 17])
+def test_gpu_nchw_threads_sum_runs_of_output_channels(dtype, channels_out):
+    # An NCHW forward thread sums its RoI's bin in the planes of up to 8
+    # output channels (11: 6 + 5, 17: 6 + 6 + 5; gpu_schedule.h) from taps it
+    # finds once: as the CPU's run of the schedule and the CPU kernels, and
+    # as the NHWC kernels, where a thread takes one channel.
     rng = np.random.default_rng(37)
     compute = np.float64 if dtype == np.float64 else np.float32
-    image = random_features(rng, 1, 2 * 49, height, width, np.float32)
-    features = np.concatenate([image, image]).astype(dtype)
-    rois = random_rois(rng, 200, 1, height, width, 1 / 8, np.float64, outside=0.2)
-    twins = rois[:3].copy()
-    twins[:, 0] = 1
-    rois = np.concatenate([rois, twins]).astype(compute)
-    fwd = lambda f, r: jax_psroi.ps_roi_align(f, r, 7, 1 / 8, 2)
+    features = random_features(rng, 2, channels_out * 49, 20, 30, np.float32).astype(dtype)
+    rois = np.concatenate([random_rois(rng, 200, 2, 20, 30, 1 / 8, np.float64),
+                           hostile_rois(2, 20, 30, np.float64)]).astype(compute)
+    fwd = lambda f, r, data_format="NCHW": jax_psroi.ps_roi_align(
+        f, r, 7, 1 / 8, 2, data_format=data_format)
     out = _on("gpu", fwd, features, rois)
-    np.testing.assert_array_equal(out[200:], out[:3])
     as_wide = lambda a: np.asarray(a, compute)
     tol = TOLERANCE.get(np.dtype(dtype), dict(atol=2.0 ** -7, rtol=2.0 ** -7))
     np.testing.assert_allclose(as_wide(out), as_wide(native_gpu_schedule(
         "forward", features, rois, out.shape, 1 / 8, 2)), **tol)
     np.testing.assert_allclose(as_wide(out), as_wide(_on("cpu", fwd, features, rois)), **tol)
+    nhwc = _on("gpu", lambda f, r: fwd(f, r, "NHWC"), features.transpose(0, 2, 3, 1), rois)
+    np.testing.assert_array_equal(out, nhwc.transpose(0, 3, 1, 2))
     assert np.abs(as_wide(out)).max() > 0.1
 
 

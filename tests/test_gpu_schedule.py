@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_psroi
+
 from cases import (
     CHANNEL_ORDERS,
     DTYPES,
@@ -154,40 +156,46 @@ def _assert_forward_matches_reference(out, features, rois, spatial_scale, layout
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channel_order", CHANNEL_ORDERS)
-def test_nchw_planes_staged_or_read_in_place(dtype, channel_order):
-    # An NCHW forward block copies its plane into shared memory when the
-    # plane fits 32 KB and its RoIs number at least one per 64 pixels
-    # (gpu_schedule.h, forward_stage_elements). Image 0 of a 20 x 30 map
-    # (600 pixels) has 200 RoIs: staged. Image 1, the same pixels, has 3 of
-    # those boxes: 192 < 600, read in place. Staging changes where a pixel is
-    # read from, not what is summed: the three RoIs' outputs are bitwise
-    # those of their twins on image 0.
-    rng = np.random.default_rng(17)
+@pytest.mark.parametrize("channels_out", [1, 8, 11, 17])
+def test_nchw_threads_sum_runs_of_output_channels(dtype, channel_order, channels_out):
+    # An NCHW forward thread sums its RoI's bin in the planes of up to 8
+    # consecutive output channels, from taps it finds once; C_out is split
+    # evenly: 1 -> 1, 8 -> 8, 11 -> 6 + 5, 17 -> 6 + 6 + 5 (gpu_schedule.h,
+    # forward_planes). Each value is summed as for a plane alone: bitwise the
+    # NHWC schedule's, where a thread takes one channel.
+    rng = np.random.default_rng(channels_out)
     layout = dict(data_format="NCHW", channel_order=channel_order)
-    image = rng.normal(size=(1, 2 * 6, 20, 30))
-    features = jnp.asarray(np.concatenate([image, image]), dtype)
-    rois = random_rois(rng, 200, 1, 20, 30, 1.0, np.float64, outside=0.2)
-    twins = rois[:3].copy()
-    twins[:, 0] = 1
-    rois = np.concatenate([rois, twins]).astype(jnp.promote_types(dtype, np.float32))
-    out = native_gpu_schedule("forward", features, rois, (203, 2, *OUTPUT_SIZE), 1.0, 2,
-                              **layout)
-    np.testing.assert_array_equal(out[200:], out[:3])
-    assert np.abs(out[:3].astype(np.float32)).max() > 0.1
-    _assert_forward_matches_reference(out, features, rois, 1.0, layout)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_nchw_planes_over_the_stage_read_in_place(dtype):
-    # A 96 x 96 plane is 36 KB in float32 (and 72 KB in float64): over the
-    # 32 KB stage, every block reads it in place however many RoIs it has;
-    # 18 KB in the 16-bit types: staged.
-    rng = np.random.default_rng(18)
-    layout = dict(data_format="NCHW", channel_order="torchvision")
-    features = jnp.asarray(rng.normal(size=(2, 1 * 6, 96, 96)), dtype)
-    rois = random_rois(rng, 400, 2, 96, 96, 0.5, np.float64).astype(
+    canonical = rng.normal(size=(2, channels_out * 6, 9, 13))
+    features = jnp.asarray(features_as(canonical, "NCHW", channel_order, OUTPUT_SIZE), dtype)
+    rois = random_rois(rng, 60, 2, 9, 13, 1.0, np.float64).astype(
         jnp.promote_types(dtype, np.float32))
-    out = native_gpu_schedule("forward", features, rois, (400, 1, *OUTPUT_SIZE), 0.5, 2,
-                              **layout)
-    assert np.count_nonzero(out.astype(np.float32)) > out.size // 2
-    _assert_forward_matches_reference(out, features, rois, 0.5, layout)
+    shape = (60, channels_out, *OUTPUT_SIZE)
+    out = native_gpu_schedule("forward", features, rois, shape, 1.0, 2, **layout)
+    _assert_forward_matches_reference(out, features, rois, 1.0, layout)
+    nhwc = native_gpu_schedule(
+        "forward", jnp.asarray(features_as(canonical, "NHWC", channel_order, OUTPUT_SIZE), dtype),
+        rois, pooled_as(np.zeros(shape), "NHWC").shape, 1.0, 2, data_format="NHWC",
+        channel_order=channel_order)
+    np.testing.assert_array_equal(out, nhwc.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+@pytest.mark.parametrize("operation", ["roi_align", "ps_roi_pool"])
+def test_nchw_runs_of_planes_for_the_family(dtype, operation):
+    # The same runs for roi_align (every bin of output channel c reads plane
+    # c: a run is 6 planes of one bin) and ps_roi_pool (windows of whole
+    # pixels, summed plane by plane over a run), 11 output channels.
+    rng = np.random.default_rng(19)
+    bins = 1 if operation == "roi_align" else 6
+    features = jnp.asarray(rng.normal(size=(2, 11 * bins, 9, 13)), dtype)
+    rois = random_rois(rng, 60, 2, 9, 13, 1.0, np.float64).astype(dtype)
+    if operation == "roi_align":
+        expected = jax_psroi.roi_align_reference(features, rois, OUTPUT_SIZE, 1.0, 2, True)
+        out = native_gpu_schedule("forward", features, rois, expected.shape, 1.0, 2,
+                                  aligned=True)
+    else:
+        expected = jax_psroi.ps_roi_pool_reference(features, rois, OUTPUT_SIZE, 1.0)
+        out = native_gpu_schedule("forward", features, rois, expected.shape, 1.0, 0,
+                                  operation="ps_roi_pool")
+    assert np.count_nonzero(np.asarray(expected)) > expected.size // 2
+    np.testing.assert_allclose(out, expected, **TOLERANCE[np.dtype(dtype)])

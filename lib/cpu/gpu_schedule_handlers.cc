@@ -101,11 +101,9 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
   const gs::Workspace ws =
       fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, false);
   SerialBlock block;
-  // A block's shared memory.
-  std::vector<S> stage(gs::forward_stage_elements<S, Layout>(d, gs::kForwardStageBytes));
   for (int64_t b = 0; b < gs::forward_blocks<Layout>(d); ++b) {
     gs::forward_block<SerialBlock, S, Layout>(block, data<S>(input), d, sampling_ratio, ws, b,
-                                              stage.data(), stage.size(), data<S>(*output));
+                                              data<S>(*output));
   }
   return ffi::Error::Success();
 }

@@ -133,19 +133,19 @@ __global__ void __launch_bounds__(kThreads)
   gs::start_block(block, d, ws, backward);
 }
 
-// Dynamic shared memory: the NCHW plane a block stages, of stage_elements
-// (gs::forward_stage_elements).
+// At least 5 blocks per SM: unbounded, ptxas (sm_90) gives the NCHW forward,
+// whose threads keep the sums of up to 8 planes, 128-157 registers, 4
+// blocks an SM (the 25 % occupancy that left an earlier variant latency
+// bound on an H200); bounded, 96 registers and 28 bytes of spills in
+// float32, as the forward had before.
 template <typename S, typename Layout>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 5)
     forward_kernel(const S* __restrict__ input, PsRoiDims d, int64_t sampling_ratio,
-                   gs::Workspace ws, int64_t stage_elements, S* __restrict__ output) {
-  extern __shared__ __align__(16) unsigned char forward_stage[];
+                   gs::Workspace ws, S* __restrict__ output) {
   DeviceBlock block{nullptr};  // the forward never compacts
   const int64_t blocks = gs::forward_blocks<Layout>(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::forward_block<DeviceBlock, S, Layout>(block, input, d, sampling_ratio, ws, b,
-                                              reinterpret_cast<S*>(forward_stage),
-                                              stage_elements, output);
+    gs::forward_block<DeviceBlock, S, Layout>(block, input, d, sampling_ratio, ws, b, output);
   }
 }
 
@@ -211,19 +211,8 @@ cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
   cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
                                    /*backward=*/false, &ws);
   if (err != cudaSuccess) return err;
-  // The stage this GPU's shared memory allows (gpu_schedule.h).
-  int device = 0, shared_per_sm = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
-                                 device);
-  }
-  if (err != cudaSuccess) return err;
-  const int64_t stage_elements =
-      gs::forward_stage_elements<S, Layout>(d, gs::forward_stage_bytes(shared_per_sm));
-  forward_kernel<S, Layout>
-      <<<grid_for(gs::forward_blocks<Layout>(d)), kThreads, stage_elements * sizeof(S),
-         stream>>>(input, d, sampling_ratio, ws, stage_elements, output);
+  forward_kernel<S, Layout><<<grid_for(gs::forward_blocks<Layout>(d)), kThreads, 0, stream>>>(
+      input, d, sampling_ratio, ws, output);
   return cudaGetLastError();
 }
 
