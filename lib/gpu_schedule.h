@@ -379,6 +379,7 @@ PSROI_HD int64_t forward_chunks(const PsRoiDims& d) {
   const int64_t per_image = (d.num_rois + images - 1) / images;
   const int64_t by_rois = (per_image + kThreads - 1) / kThreads;
   const int64_t others = (d.num_images + 1) * forward_channel_groups<Layout>(d);
+  if (others == 0) return 1;  // no output channels: no blocks
   const int64_t wanted = (kForwardMinBlocks + others - 1) / others;
   const int64_t chunks = by_rois < wanted ? by_rois : wanted;
   return chunks > 0 ? chunks : 1;
