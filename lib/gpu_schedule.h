@@ -353,8 +353,13 @@ constexpr int64_t kForwardMinBlocks = 2048;
 // contiguous run per tap.
 constexpr int kForwardPlanes = 8;
 
+// NCHW: the runs of output channels a bin's C_out is split into, and their
+// length (the last may be shorter).
+PSROI_HD int64_t forward_runs(const PsRoiDims& d) {
+  return (d.channels_out + kForwardPlanes - 1) / kForwardPlanes;
+}
 PSROI_HD int64_t forward_planes(const PsRoiDims& d) {
-  const int64_t runs = (d.channels_out + kForwardPlanes - 1) / kForwardPlanes;
+  const int64_t runs = forward_runs(d);
   return runs > 0 ? (d.channels_out + runs - 1) / runs : 1;
 }
 
@@ -366,8 +371,7 @@ PSROI_HD int64_t forward_channel_groups(const PsRoiDims& d) {
   if (Layout::kChannelsLast) {
     return (d.channel_bins() + kNhwcChannelGroup - 1) / kNhwcChannelGroup;
   }
-  const int64_t planes = forward_planes(d);
-  return d.bins() * ((d.channels_out + planes - 1) / planes);
+  return d.bins() * forward_runs(d);
 }
 
 // Chunks each image's RoIs (and those that read nothing) are split into:
@@ -468,11 +472,11 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
   } else {
     // Thread i: RoI i of the chunk, bin `bin` in output channels [c_out0,
     // c_out0 + planes).
-    const int64_t per_bin = groups / d.bins();
-    const int64_t bin = group / per_bin;
-    const int64_t c_out0 = (group - bin * per_bin) * forward_planes(d);
+    const int64_t runs = forward_runs(d), run_planes = forward_planes(d);
+    const int64_t bin = group / runs;
+    const int64_t c_out0 = (group - bin * runs) * run_planes;
     const int64_t left = d.channels_out - c_out0;
-    const int64_t planes = left < forward_planes(d) ? left : forward_planes(d);
+    const int64_t planes = left < run_planes ? left : run_planes;
     const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
     ex.each(end - begin, [&](int64_t i) {
       const int64_t roi = ws.order[begin + i];

@@ -137,7 +137,6 @@ def test_many_rois_bucketed_by_several_blocks(data_format):
     np.testing.assert_allclose(grad, expected, **TOLERANCE[np.dtype(np.float64)])
 
 
-
 def _assert_forward_matches_reference(out, features, rois, spatial_scale, layout):
     """Exact types: within TOLERANCE of the reference. 16-bit types: the
     float32 forward of the same (16-bit) values rounded once."""

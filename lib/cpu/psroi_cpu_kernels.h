@@ -437,7 +437,8 @@ struct Unit {
 inline int64_t half_l2_bytes() {
   constexpr int64_t kLeast = int64_t{256} << 10, kMost = int64_t{1} << 20;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
-  static const int64_t half = std::clamp<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE) / 2, kLeast, kMost);
+  static const int64_t half =
+      std::clamp<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE) / 2, kLeast, kMost);
   return half;
 #else
   return kLeast;
