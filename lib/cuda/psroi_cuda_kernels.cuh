@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
 // At least 5 blocks per SM: unbounded, ptxas (sm_90) gives the NCHW forward,
 // whose threads keep the sums of up to 8 planes, 128-157 registers, 4
 // blocks an SM (the 25 % occupancy that left an earlier variant latency
-// bound on an H200); bounded, 96 registers and 28 bytes of spills in
+// bound on an H200); bounded, 96 registers and 20-30 bytes of spills in
 // float32, as the forward had before.
 template <typename S, typename Layout>
 __global__ void __launch_bounds__(kThreads, 5)
