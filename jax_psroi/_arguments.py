@@ -230,18 +230,6 @@ def call(input, boxes, size, scale, ratio, layout, order, dtypes=None,
     return checked, rois, params
 
 
-def image_blocks(boxes: Boxes, num_images: int) -> int:
-    """The primitives' ``image_blocks`` for `boxes` over `num_images` images:
-    one block per image for a list of as many [L, 4] arrays of one length L
-    (the K = N * L RoIs come in N blocks, block i reading image i), 1 (no
-    promise) otherwise."""
-    if (isinstance(boxes, (list, tuple)) and num_images > 1
-            and len(boxes) == num_images
-            and len({np.shape(b)[0] for b in boxes}) == 1):
-        return num_images
-    return 1
-
-
 def compute_dtype(dtype):
     """The dtype the kernels compute in for features of `dtype`: float32 for
     the 16-bit types (box coordinates are never rounded to 16 bits), the

@@ -14,7 +14,8 @@ differentiation runs on the native kernels.
 
 Parameters, all static: ``pooled_size`` (PH, PW), ``spatial_scales`` (one
 python float per level), ``sampling_ratio``, ``data_format`` and
-``image_blocks`` (forward_p's promise).
+``image_groups`` (forward_p's: which image each RoI's batch index counts
+from).
 
 Over a device mesh it splits as roi_align does (_partitioning.py): over
 images (with blocks of images), RoIs or channels, every level alike and the
@@ -31,33 +32,34 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _levels, _partitioning, _primitives, reference
+from jax_psroi import _arguments, _image_groups, _levels, _partitioning, _primitives, reference
 
 multi_scale_p = Primitive("jax_psroi_multi_scale_roi_align")
 
 
-def _abstract_eval(*operands, pooled_size, data_format, image_blocks, **_):
+def _abstract_eval(*operands, pooled_size, data_format, image_groups, **_):
     features, rois = operands[0], operands[-2]
     channels = features.shape[_arguments.channel_axis(data_format)]
     pooled = _primitives._result(features, rois, _arguments.pooled_shape(
         rois.shape[0], channels, pooled_size, data_format))
-    return _partitioning.typed_result("forward", features, rois, pooled,
-                                      data_format=data_format, channel_order="shared",
-                                      image_blocks=image_blocks)
+    return _partitioning.typed_result(
+        "forward", features, rois, pooled, data_format=data_format, channel_order="shared",
+        image_blocks=_primitives.image_blocks(features, rois, image_groups, data_format))
 
 
 multi_scale_p.def_abstract_eval(_abstract_eval)
 multi_scale_p.def_impl(partial(xla.apply_primitive, multi_scale_p))
 
 
-def _level_params(spatial_scale, sampling_ratio, data_format):
+def _level_params(spatial_scale, sampling_ratio, data_format, image_groups):
     """The parameters of roi_align's primitives for one level."""
     return dict(operation="roi_align", spatial_scale=spatial_scale,
                 sampling_ratio=sampling_ratio, data_format=data_format,
-                channel_order="shared", aligned=False)
+                channel_order="shared", aligned=False, image_groups=image_groups)
 
 
-def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, data_format):
+def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, data_format,
+            image_groups):
     *maps, rois, levels = operands
     # RoIs of no level stay 0.
     pooled = jnp.zeros(result_shape, maps[0].dtype)
@@ -65,26 +67,31 @@ def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, d
         pooled = _primitives._native_call(
             platform, "forward", features, _levels.level_rois(rois, levels, level),
             result_shape,
-            updated=pooled, **_level_params(scale, sampling_ratio, data_format))
+            updated=pooled,
+            **_level_params(scale, sampling_ratio, data_format, image_groups))
     return pooled
 
 
-def _reference(*operands, result_shape, spatial_scales, sampling_ratio, data_format):
+def _reference(*operands, result_shape, spatial_scales, sampling_ratio, data_format,
+               image_groups):
     *maps, rois, levels = operands
     pooled_size = _arguments.pooled_size_of(result_shape, data_format)
     return sum(reference.pool_roi_align(features, _levels.level_rois(rois, levels, level),
                                         pooled_size, scale, sampling_ratio, False,
-                                        data_format=data_format)
+                                        data_format=data_format, image_groups=image_groups)
                for level, (features, scale) in enumerate(zip(maps, spatial_scales,
                                                              strict=True)))
 
 
 def _lowering(call, ctx, *operands, spatial_scales, sampling_ratio, data_format,
-              image_blocks, **_):
+              image_groups, **_):
+    blocks = _primitives.image_blocks(ctx.avals_in[0].shape, ctx.avals_in[-2], image_groups,
+                                      data_format)
     return _partitioning.lower_pyramid(
-        ctx, *operands, image_blocks=image_blocks, data_format=data_format,
+        ctx, *operands, image_blocks=blocks, data_format=data_format,
         local_call=partial(call, spatial_scales=spatial_scales,
-                           sampling_ratio=sampling_ratio, data_format=data_format))
+                           sampling_ratio=sampling_ratio, data_format=data_format,
+                           image_groups=image_groups))
 
 
 _partitioning.lower_with_devices(multi_scale_p)
@@ -108,7 +115,7 @@ def _jvp(primals, tangents, **params):
 
 
 def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio,
-               data_format, image_blocks):
+               data_format, image_groups):
     *maps, rois, levels = operands
     assert not ad.is_undefined_primal(rois) and not ad.is_undefined_primal(levels)
     grads = []
@@ -120,8 +127,8 @@ def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio
         else:
             grads.append(_primitives.backward_p.bind(
                 cotangent, _levels.level_rois(rois, levels, level),
-                input_shape=features.aval.shape, image_blocks=image_blocks,
-                **_level_params(scale, sampling_ratio, data_format)))
+                input_shape=features.aval.shape,
+                **_level_params(scale, sampling_ratio, data_format, image_groups)))
     return [*grads, None, None]
 
 
@@ -131,26 +138,23 @@ ad.primitive_transposes[multi_scale_p] = _transpose
 
 # --- Batching ----------------------------------------------------------------
 # As for roi_align's primitives: a mapped axis of size B folds into the
-# images of every level (RoI batch indices offset by b * N), or, with only
-# the RoIs mapped, the B RoI sets are concatenated over one set of maps.
+# images of every level, in the same image groups, or, with only the RoIs
+# mapped, the B RoI sets are concatenated over one set of maps.
 
-def _batch(args, dims, *, image_blocks, **params):
+def _batch(args, dims, *, image_groups, **params):
     *maps, rois, levels = args
     *map_dims, rois_dim, levels_dim = dims
     size = _primitives._mapped_size(args, dims)
     rois = _primitives._to_front(rois, rois_dim, size)
-    levels = _primitives._to_front(levels, levels_dim, size).reshape(-1)
-    num_rois = rois.shape[1]
-    if all(d is None for d in map_dims):
-        out = multi_scale_p.bind(*maps, rois.reshape(-1, 5), levels, image_blocks=1, **params)
-    else:
+    copies = 1  # without mapped maps, the B RoI sets read the same images
+    if any(d is not None for d in map_dims):
         maps = [_primitives._to_front(x, d, size) for x, d in zip(maps, map_dims, strict=True)]
-        num_images = maps[0].shape[1]
-        out = multi_scale_p.bind(
-            *(x.reshape((size * num_images, *x.shape[2:])) for x in maps),
-            _primitives._offset_batch_index(rois, num_images), levels,
-            image_blocks=size * image_blocks, **params)
-    return out.reshape((size, num_rois, *out.shape[1:])), 0
+        copies = _image_groups.copies(image_groups, rois.shape[1], maps[0].shape[1])
+        maps = [x.reshape((size * x.shape[1], *x.shape[2:])) for x in maps]
+    levels = _image_groups.fold(_primitives._to_front(levels, levels_dim, size), copies)
+    out = multi_scale_p.bind(*maps, _image_groups.fold(rois, copies), levels,
+                             image_groups=image_groups, **params)
+    return _image_groups.unfold(out, size, copies), 0
 
 
 batching.primitive_batchers[multi_scale_p] = _batch

@@ -14,10 +14,12 @@ device (the same kernel, on its shard). Per mesh axis, the call splits over
 
 * images: features sharded over N and RoIs over K by the same mesh axes,
   when the RoIs are known to come in equal blocks that read only the images
-  of their block (the primitives' ``image_blocks``: set by the vmap rule and
-  by a list of equally many boxes per image). Each device pools its own
-  images; its RoIs' batch indices are made local by subtracting its first
-  image. No communication, forward or backward.
+  of their block (``image_blocks``: the primitives' image groups when they
+  are such blocks, as after a vmap over images or for a list of equally
+  many boxes per image; _image_groups.py). Each device pools its own
+  images with the same groups: batch indices count from their group's
+  first image, so they are local as they are. No communication, forward or
+  backward.
 * RoIs: RoIs sharded over K, features replicated over those axes. The
   forward's output is sharded over K; the backward's feature gradient is
   the sum of the devices' gradients (one all-reduce).
@@ -42,7 +44,6 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
@@ -337,29 +338,22 @@ class _Partitioner:
         spec[self.pooled_channel_axis if pooled else self.axes[1]] = channels or None
         return NamedSharding(mesh, PartitionSpec(*spec))
 
-    def _local(self, mesh, operands, result_shape, image_axes, channel_axes):
+    def _local(self, mesh, operands, result_shape, channel_axes):
         """The call on one device's shards (operands: the map, or a
         pyramid's maps, the RoIs, then the further operands).
 
-        Over images, its RoIs' batch indices are made local: by the block
-        promise, the RoIs of a device's shard read its images or are
-        invalid, and invalid indices stay outside [0, local images). A
-        bin-major map split over C holds whole bin rows: each device
-        computes its own rows of every RoI's grid, a static attribute of
-        the kernel, so the program switches on the device's place.
+        Over images, a device holds whole image groups and their RoIs, whose
+        batch indices count from their group's first image: the call is the
+        same. A bin-major map split over C holds whole bin rows: each
+        device computes its own rows of every RoI's grid, a static
+        attribute of the kernel, so the program switches on the device's
+        place.
 
         Traced without the caller's mesh: under explicit mesh axes, JAX
         would otherwise type (and annotate) the per-device values with
         shardings of the whole mesh.
         """
-        operands = list(operands)
         with jax.sharding.use_abstract_mesh(_NO_MESH):
-            if image_axes:
-                rois = operands[self.rois_operand]
-                local_images = self.num_images // _count(mesh, image_axes)
-                first = jax.lax.axis_index(image_axes) * local_images
-                index = rois[:, :1] - first.astype(rois.dtype)
-                operands[self.rois_operand] = jnp.concatenate([index, rois[:, 1:]], axis=1)
             if not (self.bin_major and channel_axes):
                 return self.local_call(*operands, result_shape=result_shape)
             rows, shares = self.pooled_size[0], _count(mesh, channel_axes)
@@ -406,7 +400,7 @@ class _Partitioner:
         local_pooled = pooled.shard_shape(first_result.shape)
 
         def lower_fn(*operands):
-            return self._local(mesh, operands, local_pooled, image_axes, channel_axes)
+            return self._local(mesh, operands, local_pooled, channel_axes)
 
         features = self._map(mesh, image_axes, channel_axes, pooled=False)
         if self.maps > 1:  # a pyramid: its levels, the RoIs and their levels
@@ -428,7 +422,7 @@ class _Partitioner:
         local_grad = gradient.shard_shape(result_shape.shape)
 
         def lower_fn(*operands):
-            grad = self._local(mesh, operands, local_grad, image_axes, channel_axes)
+            grad = self._local(mesh, operands, local_grad, channel_axes)
             if not summed_axes:
                 return grad
             with jax.sharding.use_abstract_mesh(_NO_MESH):

@@ -23,10 +23,11 @@ position-sensitive operations, their S64 attribute; "shared": roi_align,
 output channel c of every bin reads input channel c), ``aligned`` (roi_align's
 box geometry, its S64 attribute; True for ps_roi_align, unread by
 ps_roi_pool, whose calls carry a sampling ratio of 0 that it ignores) and
-``image_blocks``, a promise the kernels do not read: the images and the RoIs
-come in that many equal consecutive blocks, and every RoI of block b reads an
-image of block b or nothing. It lets a partitioned program split the call
-over images without communication (_partitioning.py); 1 promises nothing.
+``image_groups`` (rois_per_group, images_per_group): which image each RoI's
+batch index counts from, the kernels' S64 attributes of those names
+(_image_groups.py). The vmap rules fold a mapped axis into the images
+without touching batch indices, and a partitioned program splits a call
+whose groups are blocks of images without communication (_partitioning.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _extension, _partitioning, reference, reference_pools
+from jax_psroi import (
+    _arguments,
+    _extension,
+    _image_groups,
+    _partitioning,
+    reference,
+    reference_pools,
+)
 
 forward_p = Primitive("jax_psroi_forward")
 backward_p = Primitive("jax_psroi_backward")
@@ -62,8 +70,16 @@ def _result(operand, rois, shape):
     return result
 
 
+def image_blocks(operand_or_shape, rois, image_groups, data_format) -> int:
+    """_partitioning's blocks of images of a call with features (or a
+    shape) `operand_or_shape` and `rois` [K, 5]."""
+    shape = getattr(operand_or_shape, "shape", operand_or_shape)
+    num_images = shape[_arguments.LAYOUT_AXES[data_format][0]]
+    return _image_groups.blocks(image_groups, rois.shape[0], num_images)
+
+
 def _forward_abstract_eval(features, rois, *, pooled_size, data_format, channel_order,
-                           image_blocks, **_):
+                           image_groups, **_):
     ph, pw = pooled_size
     c_out = features.shape[_arguments.channel_axis(data_format)]
     if channel_order != "shared":
@@ -72,15 +88,17 @@ def _forward_abstract_eval(features, rois, *, pooled_size, data_format, channel_
         rois.shape[0], c_out, pooled_size, data_format))
     return _partitioning.typed_result("forward", features, rois, pooled,
                                       data_format=data_format, channel_order=channel_order,
-                                      image_blocks=image_blocks)
+                                      image_blocks=image_blocks(features, rois, image_groups,
+                                                                data_format))
 
 
 def _backward_abstract_eval(cotangent, rois, *, input_shape, data_format, channel_order,
-                            image_blocks, **_):
+                            image_groups, **_):
     return _partitioning.typed_result("backward", cotangent, rois,
                                       _result(cotangent, rois, input_shape),
                                       data_format=data_format, channel_order=channel_order,
-                                      image_blocks=image_blocks)
+                                      image_blocks=image_blocks(input_shape, rois,
+                                                                image_groups, data_format))
 
 
 forward_p.def_abstract_eval(_forward_abstract_eval)
@@ -96,16 +114,19 @@ backward_p.def_impl(partial(xla.apply_primitive, backward_p))
 # program is partitioned over a mesh.
 
 def _reference_pool(features, rois, pooled_size, *, operation, spatial_scale,
-                    sampling_ratio, data_format, channel_order, aligned):
+                    sampling_ratio, data_format, channel_order, aligned, image_groups):
     if operation == "roi_align":
         return reference.pool_roi_align(features, rois, pooled_size, spatial_scale,
-                                        sampling_ratio, aligned, data_format=data_format)
+                                        sampling_ratio, aligned, data_format=data_format,
+                                        image_groups=image_groups)
     if operation == "ps_roi_pool":
         return reference_pools.pool_ps_roi_pool(features, rois, pooled_size, spatial_scale,
                                                 data_format=data_format,
-                                                channel_order=channel_order)
+                                                channel_order=channel_order,
+                                                image_groups=image_groups)
     return reference.pool(features, rois, pooled_size, spatial_scale, sampling_ratio,
-                          data_format=data_format, channel_order=channel_order)
+                          data_format=data_format, channel_order=channel_order,
+                          image_groups=image_groups)
 
 
 def _reference_call(direction, operand, rois, result_shape, *, data_format, **params):
@@ -137,7 +158,7 @@ def cuda_further_results(direction, dtype, features, pooled, data_format) -> lis
 
 def _native_call(platform, direction, operand, rois, result_shape, *, operation,
                  spatial_scale, sampling_ratio, data_format, channel_order, aligned,
-                 first_bin_row=0, bin_rows=None, updated=None):
+                 image_groups, first_bin_row=0, bin_rows=None, updated=None):
     """One kernel call. `updated` (a forward's only): the pooled tensor the
     call updates in place, leaving the outputs of RoIs that read nothing
     (multi-scale RoI Align, level after level)."""
@@ -160,16 +181,26 @@ def _native_call(platform, direction, operand, rois, result_shape, *, operation,
     return jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
         *operands, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio), **attribute,
-        first_bin_row=int(first_bin_row), bin_rows=int(bin_rows or pooled_h))[0]
+        first_bin_row=int(first_bin_row), bin_rows=int(bin_rows or pooled_h),
+        **group_attributes(image_groups))[0]
+
+
+def group_attributes(image_groups) -> dict:
+    """The kernels' image-group attributes (S64) of `image_groups`."""
+    rois_per_group, images_per_group = image_groups
+    return dict(rois_per_group=int(rois_per_group), images_per_group=int(images_per_group))
 
 
 def _lowering(direction, call, ctx, operand, rois, *, operation, spatial_scale,
-              sampling_ratio, data_format, channel_order, aligned, image_blocks, **_):
+              sampling_ratio, data_format, channel_order, aligned, image_groups, **params):
     local_call = partial(call, direction, operation=operation, spatial_scale=spatial_scale,
                          sampling_ratio=sampling_ratio, data_format=data_format,
-                         channel_order=channel_order, aligned=aligned)
+                         channel_order=channel_order, aligned=aligned,
+                         image_groups=image_groups)
+    features = (ctx.avals_out if direction == "backward" else ctx.avals_in)[0].shape
+    blocks = image_blocks(features, ctx.avals_in[1], image_groups, data_format)
     return _partitioning.lower(ctx, operand, rois, direction=direction,
-                               local_call=local_call, image_blocks=image_blocks,
+                               local_call=local_call, image_blocks=blocks,
                                data_format=data_format, channel_order=channel_order,
                                bin_rows_call=call is not _reference_call)
 
@@ -213,11 +244,12 @@ ad.primitive_transposes[backward_p] = _backward_transpose
 
 
 # --- Batching ----------------------------------------------------------------
-# A mapped axis of size B over N images becomes B * N images: RoI batch
-# indices are offset by b * N, and invalid ones are set to -1 first so they
-# stay invalid instead of pointing into another image. Unmapped operands are
-# broadcast, except features, which are never copied: with only the RoIs
-# mapped, the B RoI sets are simply concatenated over one image set.
+# A mapped axis of size B over N images becomes B * N images and B * K RoIs
+# in the same image groups (_image_groups.py: element b's RoIs read element
+# b's images by integer arithmetic in the kernels; batch indices are left as
+# they are). Unmapped operands are broadcast, except features, which are
+# never copied: with only the RoIs mapped, the B RoI sets are simply
+# concatenated over one image set.
 
 def _mapped_size(args, dims) -> int:
     """The size of the mapped axis: that of the first mapped operand."""
@@ -230,50 +262,47 @@ def _to_front(x, dim, size):
     return jnp.moveaxis(x, dim, 0)
 
 
-def _offset_batch_index(rois, num_images):
-    """rois [B, K, 5] over N images each -> [B * K, 5] over B * N images."""
-    index = rois[..., 0]
-    valid = (index > -1) & (index < num_images) & (num_images > 0)
-    batch = jnp.arange(rois.shape[0], dtype=rois.dtype)[:, None]
-    new_index = jnp.where(valid, jnp.trunc(index) + batch * num_images, -1)
-    rois = jnp.concatenate([new_index[..., None], rois[..., 1:]], axis=-1)
-    return rois.reshape(-1, 5)
-
-
-def _forward_batch(args, dims, *, image_blocks, **params):
-    features, rois = args
-    features_dim, rois_dim = dims
-    size = (features.shape[features_dim] if features_dim is not None
-            else rois.shape[rois_dim])
+def fold_call(features, features_dim, rois, rois_dim, size, image_groups):
+    """The operands of a forward call folded over a mapped axis of `size`:
+    (features [B * N, ...], or unmapped ones, rois [B * K, 5] in the folded
+    call's order, and how many copies of the groups that order put first;
+    _image_groups.fold)."""
     rois = _to_front(rois, rois_dim, size)
-    num_rois = rois.shape[1]
     if features_dim is None:
-        # The B RoI sets read the same images: no blocks.
-        out = forward_p.bind(features, rois.reshape(-1, 5), image_blocks=1, **params)
-    else:
-        features = jnp.moveaxis(features, features_dim, 0)
-        num_images = features.shape[1]
-        # Element b's blocks become blocks of its own images.
-        # Explicit sizes: with a zero-size axis, -1 is ambiguous.
-        out = forward_p.bind(features.reshape((size * num_images, *features.shape[2:])),
-                             _offset_batch_index(rois, num_images),
-                             image_blocks=size * image_blocks, **params)
-    return out.reshape((size, num_rois, *out.shape[1:])), 0
+        # The B RoI sets read the same images: copies of the groups, in order.
+        return features, _image_groups.fold(rois, 1), 1
+    features = jnp.moveaxis(features, features_dim, 0)
+    copies = _image_groups.copies(image_groups, rois.shape[1], features.shape[1])
+    # Explicit sizes: with a zero-size axis, -1 is ambiguous.
+    features = features.reshape((size * features.shape[1], *features.shape[2:]))
+    return features, _image_groups.fold(rois, copies), copies
 
 
-def _backward_batch(args, dims, *, input_shape, image_blocks, **params):
-    cotangent, rois = args
-    cotangent_dim, rois_dim = dims
-    size = (cotangent.shape[cotangent_dim] if cotangent_dim is not None
-            else rois.shape[rois_dim])
-    cotangent = _to_front(cotangent, cotangent_dim, size)
+def fold_backward_call(cotangent, cotangent_dim, rois, rois_dim, size, image_groups,
+                       num_images):
+    """The pooled-like and RoI operands of a backward call folded over a
+    mapped axis of `size` (the gradient is per element: its images are
+    always folded), and the copies of the groups put first."""
     rois = _to_front(rois, rois_dim, size)
-    num_images = input_shape[0]
-    grad = backward_p.bind(
-        cotangent.reshape((size * cotangent.shape[1], *cotangent.shape[2:])),
-        _offset_batch_index(rois, num_images),
-        input_shape=(size * num_images, *input_shape[1:]),
-        image_blocks=size * image_blocks, **params)
+    copies = _image_groups.copies(image_groups, rois.shape[1], num_images)
+    return (_image_groups.fold(_to_front(cotangent, cotangent_dim, size), copies),
+            _image_groups.fold(rois, copies), copies)
+
+
+def _forward_batch(args, dims, *, image_groups, **params):
+    size = _mapped_size(args, dims)
+    features, rois, copies = fold_call(*args[:1], dims[0], args[1], dims[1], size,
+                                       image_groups)
+    out = forward_p.bind(features, rois, image_groups=image_groups, **params)
+    return _image_groups.unfold(out, size, copies), 0
+
+
+def _backward_batch(args, dims, *, input_shape, image_groups, **params):
+    size = _mapped_size(args, dims)
+    cotangent, rois, _ = fold_backward_call(args[0], dims[0], args[1], dims[1], size,
+                                            image_groups, input_shape[0])
+    grad = backward_p.bind(cotangent, rois, input_shape=(size * input_shape[0], *input_shape[1:]),
+                           image_groups=image_groups, **params)
     return grad.reshape((size, *input_shape)), 0
 
 

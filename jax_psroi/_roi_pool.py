@@ -21,9 +21,9 @@ the mapped axis into images and RoIs as ``forward_p``'s does.
 
 Parameters, static: ``pooled_size`` (roi_pool_p), ``input_shape``
 (scatter_p), and on all three ``spatial_scale``, ``data_format`` and
-``image_blocks`` (forward_p's promise, which its sharding rules use: these
-split over images, RoIs and channels as roi_align's do, the pixels split
-like the pooled tensor).
+``image_groups`` (forward_p's: which image each RoI's batch index counts
+from). Their sharding rules split over images, RoIs and channels as
+roi_align's do, the pixels split like the pooled tensor.
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _extension, _partitioning, _primitives, reference_pools
+from jax_psroi import (
+    _arguments,
+    _extension,
+    _image_groups,
+    _partitioning,
+    _primitives,
+    reference_pools,
+)
 
 roi_pool_p = Primitive("jax_psroi_roi_pool")
 roi_pool_p.multiple_results = True
@@ -51,28 +58,29 @@ def _pooled_shape(features_shape, num_rois, pooled_size, data_format):
     return _arguments.pooled_shape(num_rois, channels, pooled_size, data_format)
 
 
-def _typed(direction, operand, rois, shape, data_format, image_blocks):
+def _typed(direction, operand, rois, shape, data_format, image_groups):
     """A result typed like forward_p's and backward_p's (shard_map's
     varying axes, explicit mesh axes' shardings)."""
-    return _partitioning.typed_result(direction, operand, rois,
-                                      _primitives._result(operand, rois, shape),
-                                      data_format=data_format, channel_order="shared",
-                                      image_blocks=image_blocks)
+    features = operand.shape if direction == "forward" else shape
+    return _partitioning.typed_result(
+        direction, operand, rois, _primitives._result(operand, rois, shape),
+        data_format=data_format, channel_order="shared",
+        image_blocks=_primitives.image_blocks(features, rois, image_groups, data_format))
 
 
-def _roi_pool_abstract_eval(features, rois, *, pooled_size, data_format, image_blocks, **_):
+def _roi_pool_abstract_eval(features, rois, *, pooled_size, data_format, image_groups, **_):
     pooled = _typed("forward", features, rois, _pooled_shape(
-        features.shape, rois.shape[0], pooled_size, data_format), data_format, image_blocks)
+        features.shape, rois.shape[0], pooled_size, data_format), data_format, image_groups)
     return pooled, pooled.update(dtype=np.dtype(np.int32))
 
 
-def _gather_abstract_eval(features, rois, pixels, *, data_format, image_blocks, **_):
-    return _typed("forward", features, rois, pixels.shape, data_format, image_blocks)
+def _gather_abstract_eval(features, rois, pixels, *, data_format, image_groups, **_):
+    return _typed("forward", features, rois, pixels.shape, data_format, image_groups)
 
 
 def _scatter_abstract_eval(cotangent, rois, pixels, *, input_shape, data_format,
-                           image_blocks, **_):
-    return _typed("backward", cotangent, rois, input_shape, data_format, image_blocks)
+                           image_groups, **_):
+    return _typed("backward", cotangent, rois, input_shape, data_format, image_groups)
 
 
 roi_pool_p.def_abstract_eval(_roi_pool_abstract_eval)
@@ -89,7 +97,7 @@ for _prim in (roi_pool_p, gather_p, scatter_p):
 # the pixels are split like the pooled tensor).
 
 def _native_forward(platform, features, rois, pixels=None, *, result_shape, spatial_scale,
-                    data_format):
+                    data_format, image_groups):
     """The forward row: maxima and pixels, or (given pixels, which the call
     aliases to its pixels result) the features at them."""
     name = _extension.target_name(platform, "forward", features.dtype, data_format, OPERATION)
@@ -99,12 +107,13 @@ def _native_forward(platform, features, rois, pixels=None, *, result_shape, spat
     if pixels is not None:
         operands, aliases = (features, rois, pixels), {2: 1}
     pooled, recorded = jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
-        *operands, spatial_scale=float(spatial_scale))
+        *operands, spatial_scale=float(spatial_scale),
+        **_primitives.group_attributes(image_groups))
     return pooled if pixels is not None else (pooled, recorded)
 
 
 def _native_scatter(platform, cotangent, rois, pixels, *, result_shape, spatial_scale,
-                    data_format):
+                    data_format, image_groups):
     name = _extension.target_name(platform, "backward", cotangent.dtype, data_format,
                                   OPERATION)
     results = [jax.ShapeDtypeStruct(result_shape, cotangent.dtype)]
@@ -112,33 +121,39 @@ def _native_scatter(platform, cotangent, rois, pixels, *, result_shape, spatial_
         results += _primitives.cuda_further_results(
             "backward", cotangent.dtype, result_shape, cotangent.shape, data_format)
     return jax.ffi.ffi_call(name, results)(cotangent, rois, pixels,
-                                           spatial_scale=float(spatial_scale))[0]
+                                           spatial_scale=float(spatial_scale),
+                                           **_primitives.group_attributes(image_groups))[0]
 
 
 def _reference_forward(features, rois, pixels=None, *, result_shape, spatial_scale,
-                       data_format):
+                       data_format, image_groups):
     if pixels is not None:
         return reference_pools.values_at_pixels(features, rois, pixels,
-                                                data_format=data_format)
+                                                data_format=data_format,
+                                                image_groups=image_groups)
     return reference_pools.pool_roi_pool(
         features, rois, _arguments.pooled_size_of(result_shape, data_format), spatial_scale,
-        data_format=data_format)
+        data_format=data_format, image_groups=image_groups)
 
 
-def _reference_scatter(cotangent, rois, pixels, *, result_shape, spatial_scale, data_format):
-    _, vjp = jax.vjp(lambda x: reference_pools.values_at_pixels(x, rois, pixels,
-                                                                data_format=data_format),
+def _reference_scatter(cotangent, rois, pixels, *, result_shape, spatial_scale, data_format,
+                       image_groups):
+    _, vjp = jax.vjp(lambda x: reference_pools.values_at_pixels(
+        x, rois, pixels, data_format=data_format, image_groups=image_groups),
                      jnp.zeros(result_shape, cotangent.dtype))
     return vjp(cotangent)[0]
 
 
 def _lowering(direction, call, ctx, operand, rois, *pixels, spatial_scale, data_format,
-              image_blocks, **_):
+              image_groups, **_):
+    features = (ctx.avals_out if direction == "backward" else ctx.avals_in)[0].shape
     return _partitioning.lower(
         ctx, operand, rois, *pixels, direction=direction,
-        local_call=partial(call, spatial_scale=spatial_scale, data_format=data_format),
-        image_blocks=image_blocks, data_format=data_format, channel_order="shared",
-        bin_rows_call=False)
+        local_call=partial(call, spatial_scale=spatial_scale, data_format=data_format,
+                           image_groups=image_groups),
+        image_blocks=_primitives.image_blocks(features, ctx.avals_in[1], image_groups,
+                                              data_format),
+        data_format=data_format, channel_order="shared", bin_rows_call=False)
 
 
 _partitioning.lower_with_devices(roi_pool_p, gather_p, scatter_p)
@@ -197,57 +212,35 @@ ad.primitive_transposes[scatter_p] = _scatter_transpose
 
 # --- Batching ----------------------------------------------------------------
 # As forward_p's: a mapped axis of size B over N images becomes B * N images
-# (batch indices offset; element b's image blocks become blocks of its own
-# images), and RoI sets and their pixels are concatenated. Unmapped features
-# are never copied (and promise no blocks: every RoI set reads them all).
+# in the same image groups, and RoI sets and their pixels are concatenated
+# (in the folded call's order). Unmapped features are never copied.
 
-def _fold(x, dim, size):
-    """[B, A, ...] (x mapped at dim, or broadcast) -> [B * A, ...]."""
-    x = _primitives._to_front(x, dim, size)
-    return x.reshape((size * x.shape[1], *x.shape[2:]))
-
-
-def _features_and_rois(features, features_dim, rois, rois_dim, size, image_blocks):
-    """Folded features (or unmapped ones), the RoIs that read them and the
-    image blocks of the folded call."""
-    rois = _primitives._to_front(rois, rois_dim, size)
-    if features_dim is None:
-        return features, rois.reshape(-1, 5), 1
-    features = jnp.moveaxis(features, features_dim, 0)
-    return (features.reshape((size * features.shape[1], *features.shape[2:])),
-            _primitives._offset_batch_index(rois, features.shape[1]), size * image_blocks)
-
-
-def _unfold(x, size):
-    return x.reshape((size, x.shape[0] // size, *x.shape[1:]))
-
-
-def _roi_pool_batch(args, dims, *, image_blocks, **params):
+def _roi_pool_batch(args, dims, *, image_groups, **params):
     size = _primitives._mapped_size(args, dims)
-    features, rois, blocks = _features_and_rois(args[0], dims[0], args[1], dims[1], size,
-                                                image_blocks)
-    pooled, pixels = roi_pool_p.bind(features, rois, image_blocks=blocks, **params)
-    return (_unfold(pooled, size), _unfold(pixels, size)), (0, 0)
+    features, rois, copies = _primitives.fold_call(args[0], dims[0], args[1], dims[1], size,
+                                                   image_groups)
+    pooled, pixels = roi_pool_p.bind(features, rois, image_groups=image_groups, **params)
+    return ((_image_groups.unfold(pooled, size, copies),
+             _image_groups.unfold(pixels, size, copies)), (0, 0))
 
 
-def _gather_batch(args, dims, *, image_blocks, **params):
+def _gather_batch(args, dims, *, image_groups, **params):
     size = _primitives._mapped_size(args, dims)
-    features, rois, blocks = _features_and_rois(args[0], dims[0], args[1], dims[1], size,
-                                                image_blocks)
-    out = gather_p.bind(features, rois, _fold(args[2], dims[2], size), image_blocks=blocks,
-                        **params)
-    return _unfold(out, size), 0
+    features, rois, copies = _primitives.fold_call(args[0], dims[0], args[1], dims[1], size,
+                                                   image_groups)
+    pixels = _image_groups.fold(_primitives._to_front(args[2], dims[2], size), copies)
+    out = gather_p.bind(features, rois, pixels, image_groups=image_groups, **params)
+    return _image_groups.unfold(out, size, copies), 0
 
 
-def _scatter_batch(args, dims, *, input_shape, image_blocks, **params):
+def _scatter_batch(args, dims, *, input_shape, image_groups, **params):
     size = _primitives._mapped_size(args, dims)
-    cotangent, rois, pixels = args
-    rois = _primitives._offset_batch_index(_primitives._to_front(rois, dims[1], size),
-                                           input_shape[0])
-    grad = scatter_p.bind(_fold(cotangent, dims[0], size), rois,
-                          _fold(pixels, dims[2], size),
+    cotangent, rois, copies = _primitives.fold_backward_call(
+        args[0], dims[0], args[1], dims[1], size, image_groups, input_shape[0])
+    pixels = _image_groups.fold(_primitives._to_front(args[2], dims[2], size), copies)
+    grad = scatter_p.bind(cotangent, rois, pixels,
                           input_shape=(size * input_shape[0], *input_shape[1:]),
-                          image_blocks=size * image_blocks, **params)
+                          image_groups=image_groups, **params)
     return grad.reshape((size, *input_shape)), 0
 
 

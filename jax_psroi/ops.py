@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import jax
 
-from jax_psroi import _arguments, _extension, _levels, _multi_scale, _primitives, _roi_pool
+from jax_psroi import (
+    _arguments,
+    _extension,
+    _image_groups,
+    _levels,
+    _multi_scale,
+    _primitives,
+    _roi_pool,
+)
 
 
 def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
@@ -83,8 +91,8 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
         channel_order, _extension.SUPPORTED_DTYPES)
-    blocks = _arguments.image_blocks(boxes, features.shape[0])
-    return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
+    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
+    return _primitives.forward_p.bind(features, rois, image_groups=groups,
                                       operation="ps_roi_align", aligned=True, **params)
 
 
@@ -126,8 +134,8 @@ def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float 
         input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
         "torchvision", _extension.SUPPORTED_DTYPES, position_sensitive=False)
     params["channel_order"] = "shared"
-    blocks = _arguments.image_blocks(boxes, features.shape[0])
-    return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
+    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
+    return _primitives.forward_p.bind(features, rois, image_groups=groups,
                                       operation="roi_align",
                                       aligned=_arguments.aligned(aligned), **params)
 
@@ -172,9 +180,9 @@ def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: floa
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, None, data_format, channel_order,
         _extension.SUPPORTED_DTYPES)
-    blocks = _arguments.image_blocks(boxes, features.shape[0])
+    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     # Pools take no samples: the kernels' sampling ratio is unread.
-    return _primitives.forward_p.bind(features, rois, image_blocks=blocks,
+    return _primitives.forward_p.bind(features, rois, image_groups=groups,
                                       operation="ps_roi_pool", aligned=False,
                                       sampling_ratio=0, **params)
 
@@ -220,11 +228,11 @@ def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float =
         input, boxes, output_size, spatial_scale, None, data_format, "torchvision",
         _extension.SUPPORTED_DTYPES, position_sensitive=False)
     _roi_pool.check_plane(features.shape, params["data_format"])
-    blocks = _arguments.image_blocks(boxes, features.shape[0])
+    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return _roi_pool.roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
                                      spatial_scale=params["spatial_scale"],
                                      data_format=params["data_format"],
-                                     image_blocks=blocks)[0]
+                                     image_groups=groups)[0]
 
 
 def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampling_ratio: int,
@@ -290,8 +298,8 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
         return roi_align(first, boxes, pooled_size, scales[0], ratio, False, data_format=layout)
     rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(first.dtype))
     levels = _levels.roi_levels(rois, scales, canonical_scale, canonical_level)
-    blocks = _arguments.image_blocks(boxes, first.shape[axes[0]])
-    return _multi_scale.multi_scale_p.bind(*maps, rois, levels, image_blocks=blocks,
+    rois, groups = _image_groups.of_call(boxes, rois, first.shape[axes[0]])
+    return _multi_scale.multi_scale_p.bind(*maps, rois, levels, image_groups=groups,
                                            pooled_size=pooled_size,
                                            spatial_scales=scales, sampling_ratio=ratio,
                                            data_format=layout)

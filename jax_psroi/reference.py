@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_psroi import _arguments, _levels
+from jax_psroi import _arguments, _image_groups, _levels
 from jax_psroi._arguments import MAX_GRID_PER_AXIS
 
 # Every contraction at full precision: GPUs would otherwise run float32 ones
@@ -186,7 +186,7 @@ def roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
 
 
 def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
-         data_format="NCHW", channel_order="torchvision"):
+         data_format="NCHW", channel_order="torchvision", image_groups=None):
     """The reference on checked arguments.
 
     Other layouts and channel orders are brought to NCHW and torchvision's
@@ -199,13 +199,17 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
       spatial_scale: python float.
       sampling_ratio: python int.
       data_format, channel_order: as in ``ps_roi_align_reference``.
+      image_groups: which image each batch index counts from (the
+        primitives' parameter, _image_groups.py); None: the index is the
+        image.
 
     Returns:
       [K, C_out, PH, PW] (or [K, PH, PW, C_out]) array of the features' dtype.
     """
     nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
     pooled = _pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
-                        sampling_ratio, offset=0.5, clamp=False, position_sensitive=True)
+                        sampling_ratio, offset=0.5, clamp=False, position_sensitive=True,
+                        image_groups=image_groups)
     return _from_nchw(pooled.astype(features.dtype), data_format)
 
 
@@ -229,19 +233,20 @@ def _from_nchw(pooled, data_format):
 
 
 def pool_roi_align(features, rois, pooled_size, spatial_scale, sampling_ratio, aligned, *,
-                   data_format="NCHW"):
+                   data_format="NCHW", image_groups=None):
     """``roi_align_reference`` on checked arguments: features [N, C, H, W]
-    (or [N, H, W, C]), rois [K, 5] of the features' compute dtype; returns
-    [K, C, PH, PW] (or [K, PH, PW, C]) of the features' dtype."""
+    (or [N, H, W, C]), rois [K, 5] of the features' compute dtype (batch
+    indices counting from their image group's first image, ``pool``);
+    returns [K, C, PH, PW] (or [K, PH, PW, C]) of the features' dtype."""
     nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
     pooled = _pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
                         sampling_ratio, offset=0.5 if aligned else 0.0, clamp=not aligned,
-                        position_sensitive=False)
+                        position_sensitive=False, image_groups=image_groups)
     return _from_nchw(pooled.astype(features.dtype), data_format)
 
 
 def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, offset,
-               clamp, position_sensitive):
+               clamp, position_sensitive, image_groups):
     """Pooled [K, C_out, PH, PW] of an NCHW map in its compute dtype.
 
     offset: subtracted from every scaled coordinate (0.5 for ps_roi_align
@@ -273,7 +278,7 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     grid_h = _grid_size(bin_h, sampling_ratio)
     grid_w = _grid_size(bin_w, sampling_ratio)
 
-    image, batch_ok = _image_of(rois, features.shape)
+    image, batch_ok = image_of(rois, features.shape, image_groups)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
 
     count = grid_h.astype(dtype) * grid_w.astype(dtype)
@@ -285,14 +290,14 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     return _contract(features, image, row_w, col_w, position_sensitive)
 
 
-def _image_of(rois, features_shape):
+def image_of(rois, features_shape, image_groups=None):
     """[K] int32 image each RoI reads (0 where it reads none) and [K] bool:
     does it read one. torchvision truncates the batch index toward zero,
-    accepting (-1, N); a map without images or pixels has nothing to read."""
+    accepting (-1, N) (N: of its image group); a map without images or
+    pixels has nothing to read."""
     n, _, h, w = features_shape
-    batch = rois[:, 0]
-    batch_ok = (batch > -1) & (batch < n) & (n > 0 and h > 0 and w > 0)
-    return jnp.where(batch_ok, batch, 0).astype(jnp.int32), batch_ok
+    image, batch_ok = _image_groups.images(rois, image_groups, n)
+    return image, batch_ok & (h > 0 and w > 0)
 
 
 def _contract(features, image, row_w, col_w, position_sensitive):

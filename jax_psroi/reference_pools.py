@@ -20,8 +20,8 @@ from jax_psroi.reference import (
     _contract,
     _divide,
     _from_nchw,
-    _image_of,
     _to_nchw_torchvision_order,
+    image_of,
 )
 
 
@@ -53,13 +53,14 @@ def ps_roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
 
 
 def pool_ps_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW",
-                     channel_order="torchvision"):
+                     channel_order="torchvision", image_groups=None):
     """``ps_roi_pool_reference`` on checked arguments: features
     [N, C, H, W] (or [N, H, W, C]), rois [K, 5] of the features' compute
     dtype; returns [K, C_out, PH, PW] (or [K, PH, PW, C_out]) of the
     features' dtype."""
     nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
-    pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale)
+    pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
+                               image_groups)
     return _from_nchw(pooled.astype(features.dtype), data_format)
 
 
@@ -92,7 +93,8 @@ def roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
                          data_format=data_format)[0]
 
 
-def pool_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW"):
+def pool_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW",
+                  image_groups=None):
     """``roi_pool_reference`` on checked arguments: features [N, C, H, W]
     (or [N, H, W, C]), rois [K, 5] of the features' compute dtype; returns
     the pooled tensor [K, C, PH, PW] (or [K, PH, PW, C]) of the features'
@@ -100,12 +102,12 @@ def pool_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NC
     (-1 for none), as the native kernels record them."""
     nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
     pooled, pixels = _roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size,
-                                    spatial_scale)
+                                    spatial_scale, image_groups)
     return (_from_nchw(pooled.astype(features.dtype), data_format),
             _from_nchw(pixels, data_format))
 
 
-def values_at_pixels(features, rois, pixels, *, data_format="NCHW"):
+def values_at_pixels(features, rois, pixels, *, data_format="NCHW", image_groups=None):
     """RoI Pool's output as a function of the features at recorded pixels
     (see ``pool_roi_pool``): [K, C, PH, PW] (or [K, PH, PW, C]), 0 where no
     pixel was recorded. Linear in the features."""
@@ -115,7 +117,7 @@ def values_at_pixels(features, rois, pixels, *, data_format="NCHW"):
     n, c, h, w = nchw.shape
     if n * h * w == 0:  # no pixel was recorded
         return _from_nchw(jnp.zeros(pixels.shape, nchw.dtype), data_format)
-    image, batch_ok = _image_of(rois, nchw.shape)
+    image, batch_ok = image_of(rois, nchw.shape, image_groups)
     found = (pixels >= 0) & (pixels < h * w) & batch_ok[:, None, None, None]
     safe = jnp.where(found, pixels, 0)
     channel = jnp.arange(c)[None, :, None, None]
@@ -155,7 +157,7 @@ def _windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
     return first, stop, finite
 
 
-def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale):
+def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale, image_groups):
     """[K, C_out, PH, PW] window averages of an NCHW map in torchvision's
     channel order, in its compute dtype."""
     pooled_h, pooled_w = pooled_size
@@ -166,7 +168,7 @@ def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale):
                                          last=h - 1)
     first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, w, 1, inclusive_end=False,
                                          last=w - 1)
-    image, batch_ok = _image_of(rois, features.shape)
+    image, batch_ok = image_of(rois, features.shape, image_groups)
     valid = (batch_ok & finite_y & finite_x).astype(dtype)
 
     def weights(first, stop, size):  # [K, P, size]: 1 on the window's pixels
@@ -183,7 +185,7 @@ def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale):
     return jnp.where(area > 0, sums / jnp.where(area > 0, area, 1), 0)
 
 
-def _roi_pool_nchw(features, rois, pooled_size, spatial_scale):
+def _roi_pool_nchw(features, rois, pooled_size, spatial_scale, image_groups):
     """[K, C, PH, PW] window maxima of an NCHW map, in its compute dtype, and
     [K, C, PH, PW] int32 pixels y * W + x they came from (-1: none).
 
@@ -207,7 +209,7 @@ def _roi_pool_nchw(features, rois, pooled_size, spatial_scale):
                                          last=h)
     first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, w, 1, inclusive_end=True,
                                          last=w)
-    image, batch_ok = _image_of(rois, features.shape)
+    image, batch_ok = image_of(rois, features.shape, image_groups)
     valid = batch_ok & finite_y & finite_x
     # The arg-max search sees no gradient; the result is a gather below.
     values = lax.stop_gradient(features)

@@ -102,15 +102,47 @@ struct OperationTraits<RoiPool> {
 // maximum, -1 for none, shaped like the pooled tensor.
 using PixelsBuffer = ffi::Buffer<ffi::DataType::S32, 4>;
 
+// The image groups every call takes last (PsRoiDims::rois_per_group and
+// images_per_group, jax.vmap's; 0 and 0: one group).
+template <typename Binding>
+auto bind_image_groups(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("rois_per_group")
+      .template Attr<int64_t>("images_per_group");
+}
+
 // The attributes both directions read, after their buffers.
 template <typename Operation, typename Binding>
 auto bind_attributes(Binding binding) {
-  return std::move(binding)
-      .template Attr<double>("spatial_scale")
-      .template Attr<int64_t>("sampling_ratio")
-      .template Attr<int64_t>(OperationTraits<Operation>::kAttribute)
-      .template Attr<int64_t>("first_bin_row")   // PsRoiDims::first_bin_row
-      .template Attr<int64_t>("bin_rows");       // PsRoiDims::bin_rows
+  return bind_image_groups(std::move(binding)
+                               .template Attr<double>("spatial_scale")
+                               .template Attr<int64_t>("sampling_ratio")
+                               .template Attr<int64_t>(OperationTraits<Operation>::kAttribute)
+                               .template Attr<int64_t>("first_bin_row")  // PsRoiDims
+                               .template Attr<int64_t>("bin_rows"));     // PsRoiDims
+}
+
+// A call's attributes, as bound above, before call_dims checks them. They
+// come from the program, which need not be one jax_psroi's Python wrote (a
+// hand-written or deserialized one): every value is checked before use.
+struct CallAttributes {
+  double spatial_scale = 1.0;
+  int64_t sampling_ratio = 0;  // RoI Pool: none (0)
+  int64_t operation = 0;       // OperationTraits::kAttribute's value (RoI Pool: none, 0)
+  int64_t first_bin_row = 0;
+  int64_t bin_rows = 0;        // RoI Pool: none (0: the pooled tensor's PH)
+  int64_t rois_per_group = 0;
+  int64_t images_per_group = 0;
+};
+
+// RoI Pool's attributes: a scale and the image groups.
+inline CallAttributes roi_pool_attributes(double spatial_scale, int64_t rois_per_group,
+                                          int64_t images_per_group) {
+  CallAttributes a;
+  a.spatial_scale = spatial_scale;
+  a.rois_per_group = rois_per_group;
+  a.images_per_group = images_per_group;
+  return a;
 }
 
 // The results and attributes after a direction's operands.
@@ -130,26 +162,26 @@ auto bind_results(Binding binding) {
 //             must alias to its `pixels` result) the output is the input at
 //             those pixels: the forward's tangent, linear in the input;
 //   backward: (cotangent, rois, pixels) -> grad, further results;
-// and their one attribute is the spatial scale.
+// and their attributes are the spatial scale and the image groups.
 template <typename Operation, Direction D, typename S, typename Binding>
 auto bind_buffers(Binding binding) {
   if constexpr (OperationTraits<Operation>::kMaxPool && D == Direction::kForward) {
-    return std::move(binding)
+    return bind_image_groups(std::move(binding)
         .template Arg<MapBuffer<S>>()              // input
         .template Arg<RoisBuffer<S>>()             // rois
         .template OptionalArg<PixelsBuffer>()      // recorded
         .template Ret<MapBuffer<S>>()              // output
         .template Ret<PixelsBuffer>()              // pixels
         .RemainingRets()
-        .template Attr<double>("spatial_scale");
+        .template Attr<double>("spatial_scale"));
   } else if constexpr (OperationTraits<Operation>::kMaxPool) {
-    return std::move(binding)
+    return bind_image_groups(std::move(binding)
         .template Arg<MapBuffer<S>>()              // cotangent
         .template Arg<RoisBuffer<S>>()             // rois
         .template Arg<PixelsBuffer>()              // pixels
         .template Ret<MapBuffer<S>>()              // grad
         .RemainingRets()                           // CUDA: (accumulator,) workspace
-        .template Attr<double>("spatial_scale");
+        .template Attr<double>("spatial_scale"));
   } else if constexpr (D == Direction::kForward) {
     return bind_results<Operation, S>(std::move(binding)
                                           .template Arg<MapBuffer<S>>()    // input
@@ -229,27 +261,65 @@ inline std::string shape_string(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
+// a * b into *product, false when it overflows int64 (a, b >= 0). Written
+// with a division: these checks compile under nvcc's host compiler too.
+inline bool multiply(int64_t a, int64_t b, int64_t* product) {
+  if (a != 0 && b > INT64_MAX / a) return false;
+  *product = a * b;
+  return true;
+}
+
+// Whether the elements of a shape, every extent counted as at least 1, fit
+// int64: so do the products the kernels form of its extents (a zero-size
+// buffer may still have huge extents).
+inline bool extents_fit(ffi::Span<const int64_t> dims) {
+  int64_t product = 1;
+  for (int64_t extent : dims) {
+    if (extent < 0 || !multiply(product, extent > 0 ? extent : 1, &product)) return false;
+  }
+  return true;
+}
+
+inline ffi::Unexpected<ffi::Error> invalid_call(const std::string& message) {
+  return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument("jax_psroi: " + message));
+}
+
 // Dims of a call of `Operation` from its feature map, rois [K, 5], pooled
-// tensor (the forward's output, the backward's input), in `Layout`, and its
-// attributes (`attribute`: OperationTraits<Operation>::kAttribute).
-template <typename Operation, typename Layout>
+// tensor (the forward's output, the backward's input), in `Layout`, with
+// boxes of type T, and its attributes, every one checked: an error names
+// what is wrong, and nothing the kernels compute from an accepted call
+// overflows or runs without bound.
+template <typename Operation, typename Layout, typename T>
 ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
                                   ffi::Span<const int64_t> rois,
-                                  ffi::Span<const int64_t> pooled, int64_t attribute,
-                                  int64_t first_bin_row, int64_t bin_rows) {
-  auto invalid = [](const std::string& message) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument("jax_psroi: " + message));
-  };
+                                  ffi::Span<const int64_t> pooled, const CallAttributes& a) {
   if (rois[1] != 5 || pooled[0] != rois[0]) {
-    return invalid("rois must be [K, 5] and the pooled tensor's first axis K; got rois " +
-                   shape_string(rois) + ", pooled " + shape_string(pooled));
+    return invalid_call("rois must be [K, 5] and the pooled tensor's first axis K; got rois " +
+                        shape_string(rois) + ", pooled " + shape_string(pooled));
+  }
+  if (!extents_fit(features) || !extents_fit(pooled)) {
+    return invalid_call("the extents of features " + shape_string(features) +
+                        " and of the pooled tensor " + shape_string(pooled) +
+                        " must multiply to less than 2^63");
   }
   constexpr bool kShared = OperationTraits<Operation>::kSharedChannels;
-  if (attribute != 0 && attribute != 1) {
-    return invalid(std::string(kShared ? "aligned must be 0 or 1"
-                                       : "channel_order must be 0 (torchvision) or 1 "
-                                         "(bin_major)") +
-                   ", got " + std::to_string(attribute));
+  constexpr bool kMaxPool = OperationTraits<Operation>::kMaxPool;
+  if (a.operation != 0 && a.operation != 1) {
+    return invalid_call(std::string(kShared ? "aligned must be 0 or 1"
+                                            : "channel_order must be 0 (torchvision) or 1 "
+                                              "(bin_major)") +
+                        ", got " + std::to_string(a.operation));
+  }
+  // In T, where the kernels use it: 1e300 is inf in float32, 1e-50 zero.
+  const T scale = static_cast<T>(a.spatial_scale);
+  if (!(is_finite(scale) && scale > static_cast<T>(0))) {
+    return invalid_call("spatial_scale must be finite and positive in the boxes' type, got " +
+                        std::to_string(a.spatial_scale));
+  }
+  if (a.sampling_ratio > kMaxGridPerAxis) {
+    return invalid_call("sampling_ratio must be at most " + std::to_string(kMaxGridPerAxis) +
+                        " samples per bin axis (<= 0: adaptive), got " +
+                        std::to_string(a.sampling_ratio));
   }
   constexpr const int* kAxes = Layout::kAxes;  // N, C, H, W (K, C_out, PH, PW)
   PsRoiDims d;
@@ -261,68 +331,77 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
   d.channels_out = pooled[kAxes[1]];
   d.pooled_h = pooled[kAxes[2]];
   d.pooled_w = pooled[kAxes[3]];
-  d.channel_order = kShared ? ChannelOrder::kShared : static_cast<ChannelOrder>(attribute);
+  d.channel_order = kShared ? ChannelOrder::kShared : static_cast<ChannelOrder>(a.operation);
   // Windows of whole pixels take the unaligned geometry (no shift, sizes
   // clamped to at least 1), after rounding.
   constexpr bool kWholePixels = OperationTraits<Operation>::kWholePixels;
-  d.aligned = kWholePixels ? false : (kShared ? attribute == 1 : true);
+  d.aligned = kWholePixels ? false : (kShared ? a.operation == 1 : true);
   d.whole_pixels = kWholePixels;
-  d.roi_pool_windows = OperationTraits<Operation>::kMaxPool;
-  d.first_bin_row = first_bin_row;
-  d.bin_rows = bin_rows;
+  d.roi_pool_windows = kMaxPool;
+  int64_t channels = 0;
   if (d.pooled_h <= 0 || d.pooled_w <= 0 ||
-      d.channels != d.channels_out * (kShared ? 1 : d.pooled_h * d.pooled_w)) {
-    return invalid(std::string(kShared ? "feature channels must equal C_out"
-                                       : "feature channels must equal C_out * PH * PW") +
-                   "; got features " + shape_string(features) + ", pooled " +
-                   shape_string(pooled));
+      !multiply(d.channels_out, kShared ? 1 : d.bins(), &channels) || d.channels != channels) {
+    return invalid_call(std::string(kShared ? "feature channels must equal C_out"
+                                            : "feature channels must equal C_out * PH * PW") +
+                        "; got features " + shape_string(features) + ", pooled " +
+                        shape_string(pooled));
   }
-  if (first_bin_row < 0 || bin_rows < first_bin_row + d.pooled_h) {
-    return invalid("the pooled tensor's " + std::to_string(d.pooled_h) +
-                   " bin rows from row " + std::to_string(first_bin_row) +
-                   " must lie in a grid of " + std::to_string(bin_rows) + " rows");
+  // Both non-negative: their difference does not overflow.
+  d.first_bin_row = a.first_bin_row;
+  d.bin_rows = kMaxPool ? d.pooled_h : a.bin_rows;
+  if (d.first_bin_row < 0 || d.bin_rows < 0 || d.bin_rows - d.first_bin_row < d.pooled_h) {
+    return invalid_call("the pooled tensor's " + std::to_string(d.pooled_h) +
+                        " bin rows from row " + std::to_string(a.first_bin_row) +
+                        " must lie in a grid of " + std::to_string(a.bin_rows) + " rows");
+  }
+  d.rois_per_group = a.rois_per_group;
+  d.images_per_group = a.images_per_group;
+  if (d.rois_per_group < 0 || d.images_per_group < 0 ||
+      (d.images_per_group > 0 && d.num_images % d.images_per_group != 0)) {
+    return invalid_call("rois_per_group and images_per_group must be >= 0 (0: one group), "
+                        "images_per_group a divisor of the " + std::to_string(d.num_images) +
+                        " images; got " + std::to_string(d.rois_per_group) + " and " +
+                        std::to_string(d.images_per_group));
   }
   return d;
 }
 
 // Dims of a RoI Pool call (features, rois, pooled tensor and its pixels),
 // which record pixels in 32 bits.
-template <typename Layout>
+template <typename Layout, typename T>
 ffi::ErrorOr<PsRoiDims> roi_pool_dims(ffi::Span<const int64_t> features,
                                       ffi::Span<const int64_t> rois,
                                       ffi::Span<const int64_t> pooled,
-                                      ffi::Span<const int64_t> pixels) {
-  ffi::ErrorOr<PsRoiDims> d = call_dims<RoiPool, Layout>(features, rois, pooled, 0, 0,
-                                                         pooled[Layout::kAxes[2]]);
+                                      ffi::Span<const int64_t> pixels,
+                                      const CallAttributes& attributes) {
+  ffi::ErrorOr<PsRoiDims> d =
+      call_dims<RoiPool, Layout, T>(features, rois, pooled, attributes);
   if (d.has_error()) return d;
-  auto invalid = [](const std::string& message) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument("jax_psroi: " + message));
-  };
   if (shape_string(pixels) != shape_string(pooled)) {
-    return invalid("roi_pool's pixels must be shaped like its pooled tensor " +
-                   shape_string(pooled) + "; got " + shape_string(pixels));
+    return invalid_call("roi_pool's pixels must be shaped like its pooled tensor " +
+                        shape_string(pooled) + "; got " + shape_string(pixels));
   }
   if (d->plane_size() > INT32_MAX) {
-    return invalid("roi_pool takes feature maps of fewer than 2^31 pixels per plane; got " +
-                   shape_string(features));
+    return invalid_call("roi_pool takes feature maps of fewer than 2^31 pixels per plane; got " +
+                        shape_string(features));
   }
   return d;
 }
 
 // Dims of a RoI Pool forward, whose optional `recorded` pixels (the gather
 // of its tangent) must be aliased to its pixels result.
-template <typename Layout, typename Input, typename Rois, typename Output>
+template <typename Layout, typename T, typename Input, typename Rois, typename Output>
 ffi::ErrorOr<PsRoiDims> roi_pool_forward_dims(const Input& input, const Rois& rois,
                                               const std::optional<PixelsBuffer>& recorded,
-                                              const Output& output,
-                                              const PixelsBuffer& pixels) {
+                                              const Output& output, const PixelsBuffer& pixels,
+                                              const CallAttributes& attributes) {
   if (recorded && recorded->untyped_data() != pixels.untyped_data()) {
-    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: roi_pool's third operand is the pixels it gathers at, and must be "
-        "aliased to its pixels result"));
+    return invalid_call(
+        "roi_pool's third operand is the pixels it gathers at, and must be aliased to its "
+        "pixels result");
   }
-  return roi_pool_dims<Layout>(input.dimensions(), rois.dimensions(), output.dimensions(),
-                               pixels.dimensions());
+  return roi_pool_dims<Layout, T>(input.dimensions(), rois.dimensions(), output.dimensions(),
+                                  pixels.dimensions(), attributes);
 }
 
 // One FFI target: a row of the kernel table, its name and its handler.

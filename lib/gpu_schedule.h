@@ -226,7 +226,7 @@ template <typename T>
 PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
                        int64_t sampling_ratio, int64_t roi, bool backward,
                        const Workspace& ws) {
-  const RoiBox<T> box = roi_box(rois + 5 * roi, d, spatial_scale);
+  const RoiBox<T> box = roi_box(rois, roi, d, spatial_scale);
   store_box(ws, roi, box);
   const RoiGeometry<T> g = geometry_of_box(box, d, sampling_ratio);
   ws.image[roi] = static_cast<int32_t>(g.empty() ? d.num_images : g.image);
@@ -561,7 +561,7 @@ PSROI_HD void roi_pool_block(Exec& ex, RoiPoolShared<T>& shared, const S* input,
   const int64_t first = (block % chunks) * kRoiPoolBlockOutputs;
   const int64_t end = first + kRoiPoolBlockOutputs < per_roi ? first + kRoiPoolBlockOutputs
                                                              : per_roi;
-  ex.single([&] { shared.geometry = roi_geometry(rois + 5 * roi, d, spatial_scale, 0); });
+  ex.single([&] { shared.geometry = roi_geometry(rois, roi, d, spatial_scale, 0); });
   const RoiGeometry<T> g = shared.geometry;
   ex.each(end - first, [&](int64_t j) {
     roi_pool_element<S, Layout>(input, g, d, recorded, roi * per_roi + first + j, first + j,

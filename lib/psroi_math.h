@@ -85,7 +85,22 @@ struct PsRoiDims {
   // batch index or geometry) as they were instead of writing zeros: a call
   // that updates a result in place (ffi_common.h).
   bool skip_empty_rois = false;
+  // Image groups, which let jax.vmap fold its mapped axis into the images
+  // without rewriting batch indices: the RoIs come in groups of
+  // rois_per_group, group g reads the images_per_group images of image group
+  // g % (N / images_per_group), and an RoI's batch index counts from its
+  // group's first image. 0 (the default) for either: one group, the batch
+  // index is the image. Integers, so the image is exact however many images
+  // a batch folds together (a float32 batch index is not past 2^24).
+  int64_t rois_per_group = 0;
+  int64_t images_per_group = 0;
 
+  PSROI_HD int64_t group_rois() const {
+    return rois_per_group > 0 ? rois_per_group : (num_rois > 0 ? num_rois : 1);
+  }
+  PSROI_HD int64_t group_images() const {
+    return images_per_group > 0 ? images_per_group : num_images;
+  }
   PSROI_HD int64_t plane_size() const { return height * width; }
   PSROI_HD int64_t grid_rows() const { return bin_rows > 0 ? bin_rows : pooled_h; }
   PSROI_HD int64_t bins() const { return pooled_h * pooled_w; }
@@ -251,13 +266,34 @@ struct RoiBox {
   T start_y, start_x, bin_h, bin_w;
 };
 
+// The image RoI `roi` reads, from its batch index `batch`, or -1 when it
+// reads none. torchvision truncates the index toward zero, so (-1, N) is
+// accepted; the comparisons are false for NaN. The index counts from the
+// first image of the RoI's group (PsRoiDims::rois_per_group); the group's
+// offset is integer arithmetic. A map without images has nothing to read.
 template <typename T>
-PSROI_HD RoiBox<T> roi_box(const T* roi, const PsRoiDims& d, T spatial_scale) {
+PSROI_HD int64_t roi_image(T batch, int64_t roi, const PsRoiDims& d) {
+  const int64_t per_group = d.group_images();
+  if (d.num_images <= 0 || per_group <= 0) return -1;
+  // Bounded by the group's size before any conversion (no undefined
+  // float-to-int conversion of a huge index); the integer test catches a
+  // size that rounded up in T.
+  if (!(batch > static_cast<T>(-1) && batch < static_cast<T>(per_group))) return -1;
+  const int64_t index = static_cast<int64_t>(batch);
+  if (index >= per_group) return -1;
+  const int64_t group = (roi / d.group_rois()) % (d.num_images / per_group);
+  return group * per_group + index;
+}
+
+// Box `roi` of `rois` [K, 5] = (batch_index, x1, y1, x2, y2).
+template <typename T>
+PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const PsRoiDims& d, T spatial_scale) {
+  const T* values = rois + 5 * roi;
   const T offset = static_cast<T>(d.aligned ? 0.5 : 0.0);
-  T start_w = roi[1] * spatial_scale - offset;
-  T start_h = roi[2] * spatial_scale - offset;
-  T end_w = roi[3] * spatial_scale - offset;
-  T end_h = roi[4] * spatial_scale - offset;
+  T start_w = values[1] * spatial_scale - offset;
+  T start_h = values[2] * spatial_scale - offset;
+  T end_w = values[3] * spatial_scale - offset;
+  T end_h = values[4] * spatial_scale - offset;
   if (d.whole_pixels) {  // C's round: halves away from zero
     start_w = round(start_w);
     start_h = round(start_h);
@@ -281,17 +317,13 @@ PSROI_HD RoiBox<T> roi_box(const T* roi, const PsRoiDims& d, T spatial_scale) {
   box.bin_w = size_w / static_cast<T>(d.pooled_w);
   box.bin_h = size_h / static_cast<T>(d.grid_rows());
 
-  // torchvision truncates the index toward zero, so (-1, N) is accepted;
-  // the comparisons are false for NaN. A map without images or pixels has
-  // nothing to read (with N = 0, (-1, 0) would truncate to image 0; with
-  // H or W = 0, the border rule would take pixel -1).
-  const T batch = roi[0];
-  const bool batch_ok = batch > static_cast<T>(-1) &&
-                        batch < static_cast<T>(d.num_images);
-  const bool map_ok = d.num_images > 0 && d.height > 0 && d.width > 0;
+  // A map without pixels has nothing to read (with H or W = 0, the border
+  // rule would take pixel -1).
+  const bool map_ok = d.height > 0 && d.width > 0;
   const bool finite = is_finite(start_w) && is_finite(start_h) &&
                       is_finite(box.bin_w) && is_finite(box.bin_h);
-  box.image = (batch_ok && map_ok && finite) ? static_cast<int64_t>(batch) : -1;
+  const int64_t image = roi_image(values[0], roi, d);
+  box.image = (map_ok && finite) ? image : -1;
   return box;
 }
 
@@ -317,9 +349,9 @@ PSROI_HD RoiGeometry<T> geometry_of_box(const RoiBox<T>& box, const PsRoiDims& d
 }
 
 template <typename T>
-PSROI_HD RoiGeometry<T> roi_geometry(const T* roi, const PsRoiDims& d,
+PSROI_HD RoiGeometry<T> roi_geometry(const T* rois, int64_t roi, const PsRoiDims& d,
                                      T spatial_scale, int64_t sampling_ratio) {
-  return geometry_of_box(roi_box(roi, d, spatial_scale), d, sampling_ratio);
+  return geometry_of_box(roi_box(rois, roi, d, spatial_scale), d, sampling_ratio);
 }
 
 // Bilinear interpolation along one axis for coordinate `v` on an axis of

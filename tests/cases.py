@@ -18,6 +18,9 @@ EXACT_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize >= 4]
 LOW_PRECISION_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize < 4]
 LAYOUTS = list(_extension.SUPPORTED_LAYOUTS)
 CHANNEL_ORDERS = list(_arguments.CHANNEL_ORDERS)
+# The kernels' image-group attributes of a direct call with [K, 5] RoIs whose
+# batch indices are their images (0 and 0: one group; lib/psroi_math.h).
+ONE_GROUP = dict(rois_per_group=0, images_per_group=0)
 
 # Tolerances keyed by dtype: summation order differs between the kernels and
 # the oracles, nothing else.
@@ -240,7 +243,7 @@ def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,
     with jax.default_device(jax.devices("cpu")[0]):
         out = call(operand, rois, spatial_scale=float(spatial_scale),
                    sampling_ratio=int(sampling_ratio), **attribute,
-                   first_bin_row=first_bin_row, bin_rows=bin_rows or pooled_h)
+                   first_bin_row=first_bin_row, bin_rows=bin_rows or pooled_h, **ONE_GROUP)
         return np.asarray(out[0])
 
 

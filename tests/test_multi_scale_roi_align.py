@@ -13,7 +13,16 @@ from jax import export
 import jax_psroi
 from jax_psroi import _extension
 
-from cases import _GPU_SCHEDULE, LAYOUTS, TOLERANCE, golden, multi_scale_case, random_rois, target
+from cases import (
+    _GPU_SCHEDULE,
+    LAYOUTS,
+    ONE_GROUP,
+    TOLERANCE,
+    golden,
+    multi_scale_case,
+    random_rois,
+    target,
+)
 
 GOLDEN, CASES = golden("multi_scale_roi_align")
 IMAGE = (64, 48)  # image height, width of the random pyramids
@@ -193,7 +202,7 @@ def test_an_update_leaves_the_rois_that_read_nothing(kernels, data_format):
     name = (target("forward", np.float32, data_format, "roi_align") if kernels == "cpu"
             else _GPU_SCHEDULE[("roi_align", "forward", data_format, np.dtype(np.float32))])
     attributes = dict(spatial_scale=1.0, sampling_ratio=2, aligned=0, first_bin_row=0,
-                      bin_rows=2)
+                      bin_rows=2, **ONE_GROUP)
     result = jax.ShapeDtypeStruct(pooled_shape, np.float32)
     with jax.default_device(jax.devices("cpu")[0]):
         updated = jax.jit(lambda f, r, b: jax.ffi.ffi_call(

@@ -56,7 +56,7 @@ def test_import_registers_no_test_only_targets(tmp_path):
         "        out = call(np.ones((1, 1, 2, 2), np.float32),\n"
         "                   np.array([[0, 0, 0, 2, 2]], np.float32), spatial_scale=1.0,\n"
         "                   sampling_ratio=1, channel_order=0, first_bin_row=0,\n"
-        "                   bin_rows=1)\n"
+        "                   bin_rows=1, rois_per_group=0, images_per_group=0)\n"
         "        print('ran', float(np.asarray(out).ravel()[0]))\n"
         "    except Exception as e:\n"
         "        print(type(e).__name__, e)\n"

@@ -16,6 +16,7 @@ from cases import (
     _GPU_SCHEDULE,
     LAYOUTS,
     LOW_PRECISION_DTYPES,
+    ONE_GROUP,
     TOLERANCE,
     check_rounded_once,
     crowded_rois,
@@ -38,7 +39,7 @@ def _recorded(features, rois, output_size, scale, data_format="NCHW"):
     """The native forward's (pooled, pixels)."""
     return jax.jit(lambda f, r: _roi_pool.roi_pool_p.bind(
         f, r, pooled_size=output_size, spatial_scale=scale, data_format=data_format,
-        image_blocks=1))(
+        image_groups=(max(len(rois), 1), features.shape[0])))(
             features, jnp.asarray(rois, features.dtype if features.dtype.itemsize >= 4
                                   else np.float32))
 
@@ -203,9 +204,10 @@ def _scheduled(direction, operand, rois, pixels, out_shape, scale, data_format):
         if direction == "forward":
             call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype),
                                            jax.ShapeDtypeStruct(out_shape, np.int32)])
-            return [np.asarray(r) for r in call(operand, rois, spatial_scale=scale)]
+            return [np.asarray(r) for r in call(operand, rois, spatial_scale=scale,
+                                                **ONE_GROUP)]
         call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype)])
-        return np.asarray(call(operand, rois, pixels, spatial_scale=scale)[0])
+        return np.asarray(call(operand, rois, pixels, spatial_scale=scale, **ONE_GROUP)[0])
 
 
 @pytest.mark.parametrize("data_format,dtype,channels", [
@@ -245,19 +247,21 @@ def test_lowers_to_the_reference_where_no_kernel_exists():
     rois = random_rois(rng, 10, 1, 8, 9, 1.0, np.float64)
     pooled, pixels = _roi_pool._reference_forward(jnp.asarray(features), jnp.asarray(rois),
                                                   result_shape=(10, 2, 2, 2),
-                                                  spatial_scale=1.0, data_format="NCHW")
+                                                  spatial_scale=1.0, data_format="NCHW",
+                                                  image_groups=(10, 1))
     native_pooled, native_pixels = _recorded(features, rois, (2, 2), 1.0)
     np.testing.assert_array_equal(pooled, native_pooled)
     np.testing.assert_array_equal(pixels, native_pixels)
     tangent = rng.normal(size=features.shape)
     np.testing.assert_array_equal(
         _roi_pool._reference_forward(tangent, rois, pixels, result_shape=pooled.shape,
-                                     spatial_scale=1.0, data_format="NCHW"),
+                                     spatial_scale=1.0, data_format="NCHW",
+                                     image_groups=(10, 1)),
         jax.jvp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), (features,), (tangent,))[1])
     cotangent = rng.normal(size=pooled.shape)
     scattered = _roi_pool._reference_scatter(cotangent, rois, pixels,
                                              result_shape=features.shape, spatial_scale=1.0,
-                                             data_format="NCHW")
+                                             data_format="NCHW", image_groups=(10, 1))
     _, vjp = jax.vjp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), features)
     np.testing.assert_allclose(scattered, vjp(cotangent)[0], **TOLERANCE[np.dtype(np.float64)])
 
@@ -273,11 +277,11 @@ def test_a_gather_must_update_the_pixels_it_reads():
     rois = np.array([[0, 0, 0, 3, 3]], np.float32)
     pixels = np.array([5, 6, 9, -1], np.int32).reshape(shape)
     with pytest.raises(Exception, match="aliased to its pixels result"):
-        jax.block_until_ready(call(features, rois, pixels, spatial_scale=1.0))
+        jax.block_until_ready(call(features, rois, pixels, spatial_scale=1.0, **ONE_GROUP))
     aliased = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct(shape, np.float32),
                                       jax.ShapeDtypeStruct(shape, np.int32)),
                                input_output_aliases={2: 1})
-    values, kept = jax.jit(lambda f, r, p: aliased(f, r, p, spatial_scale=1.0))(
+    values, kept = jax.jit(lambda f, r, p: aliased(f, r, p, spatial_scale=1.0, **ONE_GROUP))(
         features, rois, pixels)
     np.testing.assert_array_equal(values.ravel(), [5, 6, 9, 0])
     np.testing.assert_array_equal(kept, pixels)

@@ -19,6 +19,7 @@ import pytest
 import sharding_worker as worker
 
 from cases import (
+    ONE_GROUP,
     features_as,
     native_gpu_schedule,
     pooled_as,
@@ -96,7 +97,8 @@ def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin
     with jax.default_device(jax.devices("cpu")[0]):
         return np.asarray(call(operand, rois, spatial_scale=SPATIAL_SCALE,
                                sampling_ratio=SAMPLING_RATIO, channel_order=1,
-                               first_bin_row=first_bin_row, bin_rows=ROWS)[0])
+                               first_bin_row=first_bin_row, bin_rows=ROWS,
+                               **ONE_GROUP)[0])
 
 
 

@@ -40,11 +40,13 @@ template <typename Operation, typename S, typename Layout>
 ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
                     UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
                     ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
-                    int64_t attribute, int64_t first_bin_row, int64_t bin_rows) {
+                    int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
+                    int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
-      first_bin_row, bin_rows);
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
+      input.dimensions(), rois.dimensions(), output->dimensions(),
+      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
+       images_per_group});
   if (dims.has_error()) return ready_with(dims.error());
   PsRoiDims d = dims.value();
   if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
@@ -67,11 +69,13 @@ template <typename Operation, typename S, typename Layout>
 ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                      ffi::Result<MapBuffer<S>> grad_input,
                      ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
-                     int64_t attribute, int64_t first_bin_row, int64_t bin_rows) {
+                     int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
+                     int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
-      first_bin_row, bin_rows);
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
+      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
+       images_per_group});
   if (dims.has_error()) return ready_with(dims.error());
   // Units sum 16-bit gradients in scratch of their own: the CPU takes no
   // further results.
@@ -107,10 +111,12 @@ ffi::Future roi_pool_forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffe
                              std::optional<PixelsBuffer> recorded,
                              ffi::Result<MapBuffer<S>> output,
                              ffi::Result<PixelsBuffer> pixels, ffi::RemainingRets,
-                             double spatial_scale) {
+                             double spatial_scale, int64_t rois_per_group,
+                             int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims =
-      roi_pool_forward_dims<Layout>(input, rois, recorded, *output, *pixels);
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_forward_dims<Layout, T>(
+      input, rois, recorded, *output, *pixels,
+      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (dims.has_error()) return ready_with(dims.error());
   const PsRoiDims d = dims.value();
   const S* in = data<S>(input);
@@ -132,11 +138,13 @@ template <typename S, typename Layout>
 ffi::Future roi_pool_backward(ffi::ThreadPool pool, MapBuffer<S> cotangent,
                               RoisBuffer<S> rois, PixelsBuffer pixels,
                               ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
-                              double spatial_scale) {
+                              double spatial_scale, int64_t rois_per_group,
+                              int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout, T>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      pixels.dimensions());
+      pixels.dimensions(),
+      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (dims.has_error()) return ready_with(dims.error());
   const PsRoiDims d = dims.value();
   const S* cot = data<S>(cotangent);

@@ -128,7 +128,7 @@ std::vector<int64_t> locality_order(const T* rois, const PsRoiDims& d,
   std::vector<Key> keys(static_cast<size_t>(d.num_rois));
   for (int64_t k = 0; k < d.num_rois; ++k) {
     const RoiGeometry<T> g =
-        roi_geometry(rois + 5 * k, d, spatial_scale, sampling_ratio);
+        roi_geometry(rois, k, d, spatial_scale, sampling_ratio);
     Key& key = keys[k];
     key.index = k;
     if (g.empty()) {
@@ -189,8 +189,7 @@ void forward_rois(const S* input, const T* rois, const PsRoiDims& d,
   for (int64_t first = begin; first < end; first += block) {
     const int64_t count = std::min(block, end - first);
     for (int64_t j = 0; j < count; ++j) {
-      geometry[j] = roi_geometry(rois + 5 * order[first + j], d, spatial_scale,
-                                 sampling_ratio);
+      geometry[j] = roi_geometry(rois, order[first + j], d, spatial_scale, sampling_ratio);
       if (!geometry[j].empty()) weights[j].compute(geometry[j]);
     }
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
@@ -244,7 +243,7 @@ class RoiTables {
                int64_t begin, int64_t end, RoiWeights<T>* weights) {
     for (int64_t k = begin; k < end; ++k) {
       const RoiGeometry<T> g =
-          roi_geometry(rois + 5 * k, d_, spatial_scale, sampling_ratio);
+          roi_geometry(rois, k, d_, spatial_scale, sampling_ratio);
       geometry_[k] = g;
       if (g.empty()) continue;
       weights->compute(g);

@@ -78,7 +78,7 @@ void roi_pool_forward_rois(const S* input, const T* rois, const PsRoiDims& d, T 
   std::vector<AxisSpan> rows(static_cast<size_t>(d.pooled_h));
   std::vector<AxisSpan> cols(static_cast<size_t>(d.pooled_w));
   for (int64_t roi = begin; roi < end; ++roi) {
-    const RoiGeometry<T> g = roi_geometry(rois + 5 * roi, d, spatial_scale, 0);
+    const RoiGeometry<T> g = roi_geometry(rois, roi, d, spatial_scale, 0);
     if (g.empty() || recorded) {
       for (int64_t c = 0; c < d.channels; ++c) {
         const S* plane = g.empty() ? nullptr : input + layout.plane_offset(g.image, c);
@@ -147,7 +147,7 @@ RoiPoolByImage roi_pool_by_image(const T* rois, const PsRoiDims& d, T spatial_sc
   RoiPoolByImage by;
   by.rows.resize(static_cast<size_t>(d.num_rois * d.pooled_h));
   by.images = rois_by_image(d, [&](int64_t k) {
-    const RoiGeometry<T> g = roi_geometry(rois + 5 * k, d, spatial_scale, 0);
+    const RoiGeometry<T> g = roi_geometry(rois, k, d, spatial_scale, 0);
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       by.rows[k * d.pooled_h + ph] = g.empty() ? AxisSpan{0, -1} : g.y.window(ph, d.height);
     }

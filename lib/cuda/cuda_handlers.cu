@@ -45,11 +45,13 @@ template <typename Operation, typename S, typename Layout>
 ffi::Error forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
                    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
                    ffi::RemainingRets further, double spatial_scale, int64_t sampling_ratio,
-                   int64_t attribute, int64_t first_bin_row, int64_t bin_rows) {
+                   int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
+                   int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
-      input.dimensions(), rois.dimensions(), output->dimensions(), attribute,
-      first_bin_row, bin_rows);
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
+      input.dimensions(), rois.dimensions(), output->dimensions(),
+      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
+       images_per_group});
   if (dims.has_error()) return dims.error();
   PsRoiDims d = dims.value();
   if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
@@ -93,10 +95,12 @@ ffi::Error backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> r
                     ffi::Result<MapBuffer<S>> grad_input,
                     ffi::RemainingRets further, double spatial_scale,
                     int64_t sampling_ratio, int64_t attribute,
-                    int64_t first_bin_row, int64_t bin_rows) {
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), attribute,
-      first_bin_row, bin_rows);
+                    int64_t first_bin_row, int64_t bin_rows, int64_t rois_per_group,
+                    int64_t images_per_group) {
+  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, ComputeType<S>>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
+      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
+       images_per_group});
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   return launch_backward_call<S, Layout>(
@@ -110,10 +114,12 @@ template <typename S, typename Layout>
 ffi::Error roi_pool_forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<S> rois,
                             std::optional<PixelsBuffer> recorded,
                             ffi::Result<MapBuffer<S>> output, ffi::Result<PixelsBuffer> pixels,
-                            ffi::RemainingRets, double spatial_scale) {
+                            ffi::RemainingRets, double spatial_scale, int64_t rois_per_group,
+                            int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims =
-      roi_pool_forward_dims<Layout>(input, rois, recorded, *output, *pixels);
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_forward_dims<Layout, T>(
+      input, rois, recorded, *output, *pixels,
+      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (dims.has_error()) return dims.error();
   return launch_result("roi_pool forward kernel launch",
                        launch_roi_pool_forward<S, Layout>(
@@ -128,10 +134,12 @@ ffi::Error roi_pool_forward(cudaStream_t stream, MapBuffer<S> input, RoisBuffer<
 template <typename S, typename Layout>
 ffi::Error roi_pool_backward(cudaStream_t stream, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                              PixelsBuffer pixels, ffi::Result<MapBuffer<S>> grad_input,
-                             ffi::RemainingRets further, double spatial_scale) {
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout>(
+                             ffi::RemainingRets further, double spatial_scale,
+                             int64_t rois_per_group, int64_t images_per_group) {
+  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout, ComputeType<S>>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      pixels.dimensions());
+      pixels.dimensions(),
+      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
   return launch_backward_call<S, Layout>(
