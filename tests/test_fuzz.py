@@ -18,6 +18,15 @@ forward, backward and vmap:
 * a bitwise-deterministic backward;
 * vmap equal to the separate calls, bit for bit.
 
+And the kernels' own checks, past Python: direct FFI calls of every
+operation, direction, layout and dtype, on the CPU kernels and on the CUDA
+kernels' schedule, with hostile attributes (what a hand-written or tampered
+exported program may hold: NaN, zero, negative and overflowing scales,
+sampling ratios up to 2^63, bin rows that overflow, impossible image
+groups). Each either fails with the kernels' error or, exactly when every
+attribute is valid, runs; valid image groups pool as the jax.numpy lowering
+of the same groups does.
+
 Examples: JAX_PSROI_FUZZ_EXAMPLES (default 20 here, so the suite stays
 quick; scripts/sanitize.sh runs 10,000 under ASan and UBSan). The reference
 compiles once per shape, which dominates long runs: only the first
@@ -31,13 +40,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_psroi
-from jax_psroi import _arguments
+from jax_psroi import _arguments, _primitives, reference_pools
 
-from cases import CHANNEL_ORDERS, DTYPES, LAYOUTS, features_as
+from cases import _GPU_SCHEDULE, CHANNEL_ORDERS, DTYPES, LAYOUTS, features_as, target
 
 EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_EXAMPLES", "20"))
 REFERENCE_EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_REFERENCE_EXAMPLES", str(EXAMPLES)))
@@ -229,3 +239,155 @@ def test_fuzzed_calls(call):
         expected, expected_gradient = jax.jit(reference_and_gradient)(features, rois, cotangent)
         _close(pooled, expected, dtype)
         _close(gradient, expected_gradient, dtype)
+
+
+# Values of each attribute (the kernels' S64 and F64 attributes): as often
+# valid as hostile, so that every check also meets calls it must let run.
+INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
+SCALES = [1.0, 0.5, 1e-300, 1e300, 0.0, -0.0, -1.0, np.nan, np.inf, -np.inf]
+RATIOS = [-1, 0, 2, 2**23, -1, 0, 2, 2**23 + 1, 2**40, INT64_MAX, INT64_MIN]
+INTS = [0, 1, 2, 0, 1, 2, 3, -1, 2**40, INT64_MAX, INT64_MIN]
+
+
+def _mostly(valid, values):
+    """Draws from `values` or, three times as often, from `valid`."""
+    return st.one_of(st.sampled_from(valid), st.sampled_from(valid),
+                     st.sampled_from(valid), st.sampled_from(values))
+
+
+@st.composite
+def attribute_calls(draw):
+    operation = draw(st.sampled_from(OPERATORS))
+    direction = draw(st.sampled_from(["forward", "backward"]))
+    pooled = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    # Results of at least one element: XLA does not run a call whose result
+    # is empty (a forward's N and a backward's K may still be 0).
+    n = draw(st.integers(0 if direction == "forward" else 1, 4))
+    k = draw(st.integers(1 if direction == "forward" else 0, 4))
+    shared = operation in ("roi_align", "roi_pool")
+    attributes = dict(spatial_scale=draw(_mostly([1.0, 0.5], SCALES)),
+                      rois_per_group=draw(_mostly([0, 1, 2], INTS)),
+                      images_per_group=draw(_mostly([0, 1, n or 1], INTS)))
+    if operation != "roi_pool":
+        attributes.update(
+            sampling_ratio=draw(_mostly([-1, 2], RATIOS)),
+            first_bin_row=draw(_mostly([0], INTS)),
+            bin_rows=draw(_mostly([pooled[0]], [*INTS, pooled[0] + 1])))
+        attributes["aligned" if shared else "channel_order"] = draw(
+            _mostly([0, 1], [2, -1, INT64_MAX]))
+    return dict(operation=operation, direction=direction,
+                kernels=draw(st.sampled_from(["cpu", "gpu_schedule"])),
+                dtype=draw(st.sampled_from(DTYPES)), data_format=draw(st.sampled_from(LAYOUTS)),
+                shape=(n, 2 * (1 if shared else pooled[0] * pooled[1]), 5, 6), pooled=pooled,
+                rois=[[float(draw(st.integers(-1, 4))), 0.5, 1.0, 5.0, 4.0]
+                      for _ in range(k)],
+                attributes=attributes, seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def attribute_errors(call) -> list[str]:
+    """The attributes the kernels must refuse (lib/ffi_common.h: call_dims)."""
+    a, n = call["attributes"], call["shape"][0]
+    compute = _arguments.compute_dtype(call["dtype"]).type
+    with np.errstate(all="ignore"):
+        scale = compute(a["spatial_scale"])
+    errors = []
+    if not (np.isfinite(scale) and scale > 0):
+        errors.append("spatial_scale")
+    if a.get("sampling_ratio", 0) > _arguments.MAX_GRID_PER_AXIS:
+        errors.append("sampling_ratio")
+    if a.get("aligned", a.get("channel_order", 0)) not in (0, 1):
+        errors.append("aligned" if "aligned" in a else "channel_order")
+    first, rows = a.get("first_bin_row", 0), a.get("bin_rows", call["pooled"][0])
+    if first < 0 or rows < 0 or rows - first < call["pooled"][0]:
+        errors.append("bin rows")
+    groups = a["rois_per_group"], a["images_per_group"]
+    if min(groups) < 0 or (groups[1] > 0 and n % groups[1]):
+        errors.append("rois_per_group")
+    return errors
+
+
+@FUZZ
+@given(attribute_calls())
+def test_fuzzed_attributes_of_direct_calls(call):
+    rng = np.random.default_rng(call["seed"])
+    dtype, layout, operation = call["dtype"], call["data_format"], call["operation"]
+    k = len(call["rois"])
+    features = features_as(rng.normal(size=call["shape"]), layout, "torchvision",
+                           call["pooled"]).astype(dtype)
+    rois = np.asarray(call["rois"], np.float64).reshape(k, 5).astype(
+        _arguments.compute_dtype(dtype))
+    c_out = call["shape"][1] // (1 if operation in ("roi_align", "roi_pool")
+                                 else call["pooled"][0] * call["pooled"][1])
+    pooled_shape = (k, c_out, *call["pooled"])
+    if layout == "NHWC":
+        pooled_shape = (k, *call["pooled"], c_out)
+    operand = features
+    if call["direction"] == "backward":
+        operand = rng.normal(size=pooled_shape).astype(dtype)
+    results = [jax.ShapeDtypeStruct(pooled_shape if call["direction"] == "forward"
+                                    else features.shape, dtype)]
+    operands = [operand, rois]
+    if operation == "roi_pool":
+        if call["direction"] == "forward":
+            results.append(jax.ShapeDtypeStruct(pooled_shape, np.int32))
+        else:
+            operands.append(np.full(pooled_shape, -1, np.int32))
+    name = (target(call["direction"], dtype, layout, operation) if call["kernels"] == "cpu"
+            else _GPU_SCHEDULE[(operation, call["direction"], layout, np.dtype(dtype))])
+    errors = attribute_errors(call)
+    with jax.default_device(jax.devices("cpu")[0]):
+        run = jax.ffi.ffi_call(name, results)
+        if errors:
+            with np.testing.assert_raises_regex(Exception, "jax_psroi: "):
+                jax.block_until_ready(run(*operands, **call["attributes"]))
+            return
+        out = np.asarray(run(*operands, **call["attributes"])[0], np.float64)
+    assert np.isfinite(out).all()
+    a = call["attributes"]
+    if (call["direction"] == "forward" and a.get("first_bin_row", 0) == 0
+            and a.get("bin_rows", call["pooled"][0]) == call["pooled"][0]
+            and a.get("sampling_ratio", 0) <= 2):
+        # Image groups as the jax.numpy lowering takes them (0: one group).
+        groups = (a["rois_per_group"] or k, a["images_per_group"] or call["shape"][0])
+        with jax.default_device(jax.devices("cpu")[0]):
+            expected = _reference_forward(call, jnp.asarray(features), jnp.asarray(rois),
+                                          groups)
+        _close(out, expected, dtype)
+
+
+def _reference_forward(call, features, rois, image_groups):
+    """The jax.numpy lowering of a forward call with `image_groups`."""
+    a, pooled_size = call["attributes"], call["pooled"]
+    if call["operation"] == "roi_pool":
+        return reference_pools.pool_roi_pool(features, rois, pooled_size, a["spatial_scale"],
+                                             data_format=call["data_format"],
+                                             image_groups=image_groups)[0]
+    return _primitives._reference_pool(
+        features, rois, pooled_size, operation=call["operation"],
+        spatial_scale=a["spatial_scale"], sampling_ratio=a["sampling_ratio"],
+        data_format=call["data_format"],
+        channel_order=("shared" if call["operation"] == "roi_align"
+                       else CHANNEL_ORDERS[a["channel_order"]]),
+        aligned=bool(a.get("aligned", 1)), image_groups=image_groups)
+
+
+@pytest.mark.parametrize("attributes,message", [
+    # Hung (a grid of 2**40 samples per bin axis) before the kernels checked it.
+    (dict(sampling_ratio=2**40), "sampling_ratio must be at most 8388608"),
+    # Passed the range check through signed overflow before.
+    (dict(first_bin_row=INT64_MAX, bin_rows=INT64_MAX), "bin rows from row"),
+    (dict(spatial_scale=np.nan), "spatial_scale must be finite and positive"),
+    (dict(spatial_scale=1e300), "spatial_scale must be finite and positive"),
+    (dict(images_per_group=3), "images_per_group a divisor"),
+    (dict(rois_per_group=-1), "rois_per_group and images_per_group must be >= 0"),
+])
+def test_a_direct_call_with_a_bad_attribute_fails(attributes, message):
+    call = jax.ffi.ffi_call(target("forward", np.float32),
+                            jax.ShapeDtypeStruct((1, 1, 1, 1), np.float32))
+    valid = dict(spatial_scale=1.0, sampling_ratio=2, channel_order=0, first_bin_row=0,
+                 bin_rows=1, rois_per_group=0, images_per_group=0)
+    features, rois = np.ones((2, 1, 4, 4), np.float32), np.array([[1, 0, 0, 2, 2]], np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        np.testing.assert_array_equal(call(features, rois, **valid), 1)
+        with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+            jax.block_until_ready(call(features, rois, **(valid | attributes)))

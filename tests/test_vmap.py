@@ -164,3 +164,78 @@ def test_vmap_with_empty_axes(n, c_out, k):
         [jax_psroi.ps_roi_align(features[b], rois[b], 2, 1.0, 2) for b in range(B)]))
     (gradient,) = vjp(jnp.ones_like(out))
     assert gradient.shape == features.shape
+
+
+def test_vmap_image_offsets_are_exact_past_float32_integers():
+    # 2 x (2**24 + 2) images: folded into one call, element 1's image 1 is
+    # image 2**24 + 3, which a float32 batch index cannot hold (it would
+    # read image 2**24 + 4, whose value is 1002). The kernels add the
+    # offset of whole image groups in integers.
+    n = 2**24 + 2
+    images = jnp.arange(n, dtype=jnp.float32) % 1000
+    features = jnp.stack([images, 1000 + images])[:, :, None, None, None]
+    boxes = jnp.asarray([[[1, 0, 0, 0.5, 0.5]]] * 2, jnp.float32)
+    for op in (lambda f, b: jax_psroi.roi_align(f, b, 1, 1.0, 1),
+               lambda f, b: jax_psroi.roi_pool(f, b, 1, 1.0)):
+        np.testing.assert_array_equal(jax.vmap(op)(features, boxes).ravel(), [1, 1001])
+    # The gradient goes to that image too.
+    grads = jax.vmap(jax.grad(lambda f, b: jax_psroi.roi_align(f, b, 1, 1.0, 1).sum()))(
+        features, boxes)
+    assert grads[0, 1].sum() == grads[1, 1].sum() == 1
+    assert grads.sum() == 2
+
+
+# Every operator, as (features [N, C, H, W], rois [K, 5]) -> pooled.
+OPERATORS = {
+    "ps_roi_align": _op,
+    "roi_align": lambda f, r: jax_psroi.roi_align(f, r, OUT, 1.0, 2, True),
+    "ps_roi_pool": lambda f, r: jax_psroi.ps_roi_pool(f, r, OUT, 1.0),
+    "roi_pool": lambda f, r: jax_psroi.roi_pool(f, r, OUT, 1.0),
+    "multi_scale": lambda f, r: jax_psroi.multi_scale_roi_align(
+        [f, f[..., ::2, ::2]], r, OUT, 2, (H, W)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_vmap_over_images_of_a_vmap_over_boxes(data, name):
+    # The inner vmap concatenates B RoI sets over the same images (copies
+    # of its image groups); the outer one folds 2 feature sets into the
+    # images: its RoI order puts the copies first (_image_groups.fold).
+    features, rois = data
+    op = OPERATORS[name]
+    scaled = np.stack([features[0], -2 * features[1]])  # [2, N, C, H, W]
+    nested = jax.jit(jax.vmap(jax.vmap(op, in_axes=(None, 0)), in_axes=(0, None)))
+    expected = np.stack([np.stack([op(f, r) for r in rois]) for f in scaled])
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(nested(scaled, rois), expected, atol=1e-12)
+    # And its gradient, through the backward's batching rule.
+    loss = lambda f, r: jnp.sum(jnp.sin(op(f, r)))
+    grad = jax.jit(jax.vmap(jax.vmap(jax.grad(loss), in_axes=(None, 0)), in_axes=(0, None)))
+    expected = np.stack([np.stack([jax.grad(loss)(f, r) for r in rois]) for f in scaled])
+    np.testing.assert_allclose(grad(scaled, rois), expected, atol=1e-12)
+
+
+def test_vmap_alternating_three_deep(data):
+    # Features, then boxes, then features again: groups of groups.
+    features, rois = data
+    pairs = np.stack([features, 3 * features], axis=1)  # [B, 2, N, C, H, W]
+    inner = jax.vmap(_op, in_axes=(0, None))             # over the pair
+    middle = jax.vmap(inner, in_axes=(None, 0))          # over RoI sets
+    outer = jax.jit(jax.vmap(middle, in_axes=(0, None)))  # over B
+    out = outer(pairs[:2], rois)                          # [2, B, 2, K, ...]
+    for b in range(2):
+        for r in range(B):
+            for p in range(2):
+                np.testing.assert_allclose(out[b, r, p], _op(pairs[b, p], rois[r]),
+                                           atol=1e-12)
+
+
+def test_vmap_of_the_per_image_list(data):
+    # A list of equally many boxes per image: one image group per image,
+    # batch indices 0; folded by vmap over features and boxes.
+    features, rois = data
+    boxes = rois[..., 1:]  # [B, K, 4]
+    per_image = lambda f, b: _op(f, [b[: K // 2], b[K // 2:]])  # N = 2 images
+    out = jax.jit(jax.vmap(per_image))(features, boxes)
+    for b in range(B):
+        np.testing.assert_allclose(out[b], per_image(features[b], boxes[b]), atol=1e-12)
