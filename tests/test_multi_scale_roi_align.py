@@ -166,10 +166,8 @@ def test_export_for_cuda_calls_roi_align_per_level():
     levels = [np.ones((1, 2, 16, 16), np.float32), np.ones((1, 2, 8, 8), np.float32)]
     rois = np.array([[0, 1, 1, 9, 9], [0, 0, 0, 60, 60]], np.float32)
     loss = lambda xs: jnp.sum(jax_psroi.multi_scale_roi_align(xs, rois, 2, 2, (64, 64)) ** 2)
-    targets = [row.name for row in _extension.KERNELS["cuda"].values()]
-    exported = export.export(
-        jax.jit(jax.grad(loss)), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets])(levels)
+    exported = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"],
+                             disabled_checks=jax_psroi.export_safety_checks())(levels)
     text = exported.mlir_module()
     assert text.count("jax_psroi_roi_align_forward_nchw_f32") == 2
     assert text.count("jax_psroi_roi_align_backward_nchw_f32") == 2
