@@ -5,6 +5,7 @@ vmap, check their settings when made, and say what to install without Flax."""
 
 import subprocess
 import sys
+from functools import partial
 
 import chex
 import jax
@@ -123,6 +124,24 @@ def test_settings_are_checked_when_made_and_shown():
     shown = repr(nnx.PSRoIAlign((7, 5), 0.25, -1, channel_order="bin_major"))
     assert "PSRoIAlign" in shown and "output_size=(7, 5)" in shown
     assert "spatial_scale=0.25" in shown and "'bin_major'" in shown
+
+
+@pytest.mark.parametrize("module", [linen.PSRoIAlign, nnx.PSRoIAlign, linen.RoIAlign,
+                                    nnx.RoIAlign, linen.PSRoIPool, nnx.PSRoIPool, linen.RoIPool,
+                                    nnx.RoIPool])
+def test_every_module_checks_its_scale_when_made(module):
+    with pytest.raises(TypeError, match=r"spatial_scale must be a real number, got '0\.5'"):
+        module(OUTPUT_SIZE, "0.5")
+    for bad in (float("nan"), float("inf"), 0.0, -0.5):
+        with pytest.raises(ValueError, match="spatial_scale must be finite and positive"):
+            module(OUTPUT_SIZE, bad)
+    # Whether a scale fits float32 depends on the map, so a call says it.
+    features, rois = _data("NHWC")
+    made = module(OUTPUT_SIZE, 1e300)
+    call = made if isinstance(made, flax_nnx.Module) else partial(made.apply, {})
+    with pytest.raises(ValueError, match="spatial_scale must be representable in float32"):
+        call(features, rois)
+    assert call(features.astype(np.float64), rois).dtype == np.float64
 
 
 def test_missing_flax_names_the_extra(tmp_path):
