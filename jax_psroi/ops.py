@@ -251,11 +251,19 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
     as in torchvision. With one level every RoI is pooled from it (as
     torchvision does, without the mapping).
 
+    The mapping assumes, as torchvision's does without checking it, that
+    level i has scale 2**-(k_min + i): the levels come finest first, each
+    half the scale of the one before. Any other pyramid (levels out of
+    order, two of one scale, a level missing between two, a level of height
+    0) raises a ``ValueError`` naming the level, where torchvision pools
+    some RoIs to 0 or from the wrong level.
+
     Args:
-      features: sequence of L feature maps [N, C, H_l, W_l] (or
+      features: list or tuple of L feature maps [N, C, H_l, W_l] (or
         [N, H_l, W_l, C] with ``data_format="NHWC"``), the finest first, of
         one dtype (float32, float64, bfloat16 or float16) and the same N and C:
-        torchvision's ``x`` dict's values for ``featmap_names``.
+        torchvision's ``x`` dict's values for ``featmap_names``, in the
+        dict's order (the Flax modules take the dict).
       boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
         N arrays [L_i, 4], in image pixels.
       output_size: int or (h, w).

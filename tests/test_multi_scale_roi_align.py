@@ -174,6 +174,51 @@ def _level(stride):
     return np.full((1, 1, size, size), STRIDE[stride] + 1, np.float32)
 
 
+@pytest.mark.parametrize("pool", [jax_psroi.multi_scale_roi_align,
+                                  jax_psroi.multi_scale_roi_align_reference])
+def test_a_finest_first_pyramid_pools_each_box_from_its_level(pool):
+    levels = [_level(4), _level(8), _level(16)]
+    out = np.asarray(pool(levels, SIDES, 1, 2, (PIXELS, PIXELS)))
+    np.testing.assert_array_equal(out.ravel(), [1, 2, 3])
+    # Two levels: the large boxes clamp to the coarser one, as in torchvision.
+    out = np.asarray(pool(tuple(levels[:2]), SIDES, 1, 2, (PIXELS, PIXELS)))
+    np.testing.assert_array_equal(out.ravel(), [1, 2, 2])
+
+
+# Pyramids torchvision's level mapping pools wrongly (it silently gave some
+# or all RoIs 0), each with the reason the error gives.
+BAD_PYRAMIDS = {
+    "missing_level": ((4, 16), "level 1 is 4 times coarser than level 0: a level between "
+                               "them is missing"),
+    "coarsest_first": ((16, 8, 4), "level 1 is finer than level 0"),
+    "out_of_order": ((4, 16, 8), "level 1 is 4 times coarser than level 0"),
+    "duplicate": ((4, 8, 8), "level 2 has the scale of level 1"),
+}
+
+
+@pytest.mark.parametrize("pool", [jax_psroi.multi_scale_roi_align,
+                                  jax_psroi.multi_scale_roi_align_reference])
+@pytest.mark.parametrize("case", sorted(BAD_PYRAMIDS))
+def test_a_pyramid_that_cannot_be_pooled_raises_at_trace_time(case, pool):
+    strides, why = BAD_PYRAMIDS[case]
+    levels = [_level(s) for s in strides]
+    heights = ", ".join(str(PIXELS // s) for s in strides)
+    with pytest.raises(ValueError, match=(
+            rf"features must be the levels of a pyramid, the finest first, .* got levels "
+            rf"of heights {heights} for image height {PIXELS}, .*: {why}")):
+        jax.eval_shape(lambda xs: pool(xs, SIDES, 1, 2, (PIXELS, PIXELS)), levels)
+
+
+@pytest.mark.parametrize("pool", [jax_psroi.multi_scale_roi_align,
+                                  jax_psroi.multi_scale_roi_align_reference])
+def test_a_level_of_height_zero_raises_naming_it(pool):
+    empty = np.zeros((1, 1, 0, 16), np.float32)
+    for levels, index in (([_level(4), empty], 1), ([empty], 0)):
+        with pytest.raises(ValueError, match=rf"features\[{index}\] has height 0 .* every "
+                                             r"level needs H >= 1"):
+            jax.eval_shape(lambda xs: pool(xs, SIDES, 1, 2, (PIXELS, PIXELS)), levels)
+
+
 def _call(**changes):
     """multi_scale_roi_align of a good pyramid with some arguments changed."""
     arguments = dict(features=[_level(4), _level(8)], boxes=SIDES, output_size=1,
