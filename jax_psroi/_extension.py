@@ -122,6 +122,28 @@ def cuda_workspace_elements(backward: bool, num_images: int, num_rois: int, heig
                                         pooled_w)
 
 
+def export_safety_checks() -> list:
+    """The ``disabled_checks`` that ``jax.export`` needs for programs that
+    call jax_psroi's kernels.
+
+    ``jax.export.export`` refuses custom calls it does not know to be
+    stable; jax_psroi's targets are (their names and attributes are ABI,
+    README "The kernel table"). This returns one
+    ``jax.export.DisabledSafetyCheck.custom_call(name)`` for every FFI target
+    the package registers, on every platform (the CPU and CUDA targets share
+    their names)::
+
+        exported = jax.export.export(jax.jit(f), platforms=["cpu", "cuda"],
+                                     disabled_checks=jax_psroi.export_safety_checks())(*args)
+
+    Exporting for ``cuda`` needs the CUDA build, not a GPU. A process that
+    deserializes and calls the program must ``import jax_psroi`` first: the
+    import registers the targets it calls.
+    """
+    names = sorted({row.name for table in KERNELS.values() for row in table.values()})
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in names]
+
+
 def build_info() -> dict:
     """What this installation of jax_psroi was built with.
 

@@ -13,13 +13,47 @@ from jax_psroi import _arguments
 
 
 def level_scales(level_shapes, image_size, data_format: str) -> tuple[float, ...]:
-    """Each level's spatial scale: 2 to the rounded log2 of (level height /
-    image height), from heights alone as torchvision infers it (``round``
-    takes halves to even, as ``torch.round`` does). Python floats."""
+    """Each level's spatial scale, as torchvision infers it: 2 to the rounded
+    log2 of (level height / image height), from heights alone (``round``
+    takes halves to even, as ``torch.round`` does). Python floats.
+
+    torchvision's level mapping assumes what it does not check: that the
+    levels come finest first at consecutive powers of two, level i at scale
+    2**-(k_min + i) (it clamps eq. 1 to [k_min, k_max], read off the first
+    and last levels, and indexes the levels by k - k_min). Any other pyramid
+    pools some RoIs from no level, or from the wrong one, so it raises here,
+    naming the level and the reason.
+    """
     image_height, _ = _arguments.image_size(image_size)
     height_axis = _arguments.LAYOUT_AXES[data_format][2]
-    return tuple(2.0 ** round(math.log2(shape[height_axis] / image_height))
-                 for shape in level_shapes)
+    heights = [shape[height_axis] for shape in level_shapes]
+    exponents = []
+    for index, height in enumerate(heights):
+        if height == 0:
+            raise ValueError(
+                f"features[{index}] has height 0 (shape {tuple(level_shapes[index])}): a "
+                "level's scale is inferred from its height, 2**round(log2(H / image "
+                "height)), so every level needs H >= 1")
+        exponents.append(round(math.log2(height / image_height)))
+    for index in range(1, len(exponents)):
+        step = exponents[index - 1] - exponents[index]
+        if step == 1:
+            continue
+        if step == 0:
+            why = f"level {index} has the scale of level {index - 1}"
+        elif step < 0:
+            why = f"level {index} is finer than level {index - 1}"
+        else:
+            why = (f"level {index} is {2**step} times coarser than level {index - 1}: a "
+                   "level between them is missing")
+        raise ValueError(
+            "features must be the levels of a pyramid, the finest first, each half the "
+            "scale of the one before (torchvision's level mapping assumes it: it pools "
+            "level i at scale 2**-(k_min + i)); got levels of heights "
+            f"{', '.join(map(str, heights))} for image height {image_height}, so of scales "
+            f"{', '.join(f'2**{e}' for e in exponents)} (2**round(log2(H / image height))): "
+            f"{why}")
+    return tuple(2.0 ** e for e in exponents)
 
 
 def roi_levels(rois, scales, canonical_scale, canonical_level):

@@ -50,15 +50,18 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
       boxes: the RoIs in input-image coordinates, either a [K, 5] array of
         (batch_index, x1, y1, x2, y2) or a list/tuple of N arrays [L_i, 4] of
         (x1, y1, x2, y2), one per image, in which case K = sum L_i and the
-        RoIs come out in list order. Boxes are cast to float32 for 16-bit
-        input (never rounded to 16 bits), to the input's dtype otherwise.
+        RoIs come out in list order. Floating-point or integer (bool and
+        complex boxes raise); cast to float32 for 16-bit input (never
+        rounded to 16 bits), to the input's dtype otherwise.
       output_size: int or (h, w): bins per RoI.
       spatial_scale: maps box coordinates to feature-map pixels. For a
         backbone of stride 16 applied to an 800 x 1344 image the features
         are [N, C, 50, 84] and ``spatial_scale=1/16``: the box
         (x1, y1, x2, y2) = (160, 320, 480, 640) covers feature pixels 10 to
         30 horizontally and 20 to 40 vertically (minus torchvision's half
-        pixel offset, applied always).
+        pixel offset, applied always). A real number, finite and positive,
+        and within float32's range unless the input is float64 (the
+        kernels compute in float32 for float32 and 16-bit input).
       sampling_ratio: samples per bin along each axis; <= 0 uses
         ``ceil(roi_size / output_size)`` per RoI (adaptive).
       data_format: "NCHW" (torchvision's) or "NHWC" (Flax's), keyword-only.
@@ -114,7 +117,8 @@ def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float 
         N arrays [L_i, 4] of (x1, y1, x2, y2), one per image, in input-image
         coordinates.
       output_size: int or (h, w): bins per RoI.
-      spatial_scale: maps box coordinates to feature-map pixels.
+      spatial_scale: maps box coordinates to feature-map pixels; finite and
+        positive (and within float32 for all but float64 input).
       sampling_ratio: samples per bin along each axis; <= 0 uses
         ``ceil(roi_size / output_size)`` per RoI (adaptive).
       aligned: torchvision's ``aligned``. False (its default): no half-pixel
@@ -164,7 +168,8 @@ def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: floa
       boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
         N arrays [L_i, 4] of (x1, y1, x2, y2), one per image.
       output_size: int or (h, w): bins per RoI.
-      spatial_scale: maps box coordinates to feature-map pixels.
+      spatial_scale: maps box coordinates to feature-map pixels; finite and
+        positive (and within float32 for all but float64 input).
       data_format: "NCHW" or "NHWC", keyword-only; both native.
       channel_order: "torchvision" or "bin_major", keyword-only (see
         ``ps_roi_align``).
@@ -178,8 +183,8 @@ def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: floa
     indices and non-finite coordinates give 0, as for ``ps_roi_align``.
     """
     features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, None, data_format, channel_order,
-        _extension.SUPPORTED_DTYPES)
+        input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
+        channel_order, _extension.SUPPORTED_DTYPES)
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     # Pools take no samples: the kernels' sampling ratio is unread.
     return _primitives.forward_p.bind(features, rois, image_groups=groups,
@@ -210,7 +215,8 @@ def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float =
       boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
         N arrays [L_i, 4] of (x1, y1, x2, y2), one per image.
       output_size: int or (h, w): bins per RoI.
-      spatial_scale: maps box coordinates to feature-map pixels.
+      spatial_scale: maps box coordinates to feature-map pixels; finite and
+        positive (and within float32 for all but float64 input).
       data_format: "NCHW" or "NHWC", keyword-only; both native.
 
     Returns:
@@ -225,8 +231,8 @@ def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float =
     gradient), as for ``ps_roi_align``.
     """
     features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, None, data_format, "torchvision",
-        _extension.SUPPORTED_DTYPES, position_sensitive=False)
+        input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
+        "torchvision", _extension.SUPPORTED_DTYPES, position_sensitive=False)
     _roi_pool.check_plane(features.shape, params["data_format"])
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return _roi_pool.roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
@@ -253,11 +259,19 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
     as in torchvision. With one level every RoI is pooled from it (as
     torchvision does, without the mapping).
 
+    The mapping assumes, as torchvision's does without checking it, that
+    level i has scale 2**-(k_min + i): the levels come finest first, each
+    half the scale of the one before. Any other pyramid (levels out of
+    order, two of one scale, a level missing between two, a level of height
+    0) raises a ``ValueError`` naming the level, where torchvision pools
+    some RoIs to 0 or from the wrong level.
+
     Args:
-      features: sequence of L feature maps [N, C, H_l, W_l] (or
+      features: list or tuple of L feature maps [N, C, H_l, W_l] (or
         [N, H_l, W_l, C] with ``data_format="NHWC"``), the finest first, of
         one dtype (float32, float64, bfloat16 or float16) and the same N and C:
-        torchvision's ``x`` dict's values for ``featmap_names``.
+        torchvision's ``x`` dict's values for ``featmap_names``, in the
+        dict's order (the Flax modules take the dict).
       boxes: [K, 5] array of (batch_index, x1, y1, x2, y2) or a list/tuple of
         N arrays [L_i, 4], in image pixels.
       output_size: int or (h, w).
@@ -278,19 +292,8 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
     """
     pooled_size = _arguments.output_size(output_size)
     layout = _arguments.data_format(data_format)
-    maps = [_arguments.features(level, pooled_size, layout, _extension.SUPPORTED_DTYPES,
-                                position_sensitive=False) for level in features]
-    if not maps:
-        raise ValueError("features must hold at least one level")
-    axes = _arguments.LAYOUT_AXES[layout]
+    maps = _arguments.pyramid(features, pooled_size, layout, _extension.SUPPORTED_DTYPES)
     first = maps[0]
-    for index, level in enumerate(maps[1:], start=1):
-        if (level.dtype != first.dtype or level.shape[axes[0]] != first.shape[axes[0]]
-                or level.shape[axes[1]] != first.shape[axes[1]]):
-            raise ValueError(
-                f"every level must have the dtype, images and channels of level 0 "
-                f"({first.dtype}, shape {first.shape}); level {index} is {level.dtype}, "
-                f"shape {level.shape}")
     ratio = _arguments.sampling_ratio(sampling_ratio)
     canonical_scale, canonical_level = _arguments.canonical(canonical_scale, canonical_level)
     scales = _levels.level_scales([level.shape for level in maps], image_size, layout)
@@ -298,7 +301,8 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
         return roi_align(first, boxes, pooled_size, scales[0], ratio, False, data_format=layout)
     rois = _arguments.rois_from_boxes(boxes, _arguments.compute_dtype(first.dtype))
     levels = _levels.roi_levels(rois, scales, canonical_scale, canonical_level)
-    rois, groups = _image_groups.of_call(boxes, rois, first.shape[axes[0]])
+    rois, groups = _image_groups.of_call(boxes, rois,
+                                         first.shape[_arguments.LAYOUT_AXES[layout][0]])
     return _multi_scale.multi_scale_p.bind(*maps, rois, levels, image_groups=groups,
                                            pooled_size=pooled_size,
                                            spatial_scales=scales, sampling_ratio=ratio,

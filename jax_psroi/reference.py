@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jax_psroi import _arguments, _image_groups, _levels
@@ -346,11 +345,9 @@ def multi_scale_roi_align_reference(features, boxes, output_size, sampling_ratio
       [K, C, h, w] (or [K, h, w, C]) array of the maps' dtype. The reference
       pools every RoI at every level and keeps its own level's result.
     """
-    levels = list(features)
-    if not levels:
-        raise ValueError("features must hold at least one level")
     layout = _arguments.data_format(data_format)
-    scales = _levels.level_scales([np.shape(level) for level in levels], image_size, layout)
+    levels = _arguments.pyramid(features, _arguments.output_size(output_size), layout)
+    scales = _levels.level_scales([level.shape for level in levels], image_size, layout)
     pooled = [roi_align_reference(level, boxes, output_size, scale, sampling_ratio,
                                   data_format=layout)
               for level, scale in zip(levels, scales, strict=True)]

@@ -48,7 +48,8 @@ def ps_roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
       [K, C_out, h, w] (or [K, h, w, C_out]) array of the input's dtype.
     """
     features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, None, data_format, channel_order)
+        input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
+        channel_order)
     return pool_ps_roi_pool(features, rois, **params)
 
 
@@ -87,8 +88,8 @@ def roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
       [K, C, h, w] (or [K, h, w, C]) array of the input's dtype.
     """
     features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, None, data_format, "torchvision",
-        position_sensitive=False)
+        input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
+        "torchvision", position_sensitive=False)
     return pool_roi_pool(features, rois, params["pooled_size"], params["spatial_scale"],
                          data_format=data_format)[0]
 

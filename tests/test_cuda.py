@@ -29,7 +29,7 @@ from cases import (
 
 CUDA_BUILT = bool(_extension.KERNELS["cuda"])
 TARGETS = sorted(row.name for row in _extension.KERNELS["cuda"].values())
-DISABLED = [export.DisabledSafetyCheck.custom_call(t) for t in TARGETS]
+DISABLED = jax_psroi.export_safety_checks()
 
 needs_cuda_build = pytest.mark.skipif(
     not CUDA_BUILT, reason="built without CUDA (JAX_PSROI_CUDA=OFF or no nvcc)")

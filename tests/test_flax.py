@@ -3,8 +3,10 @@ full for PSRoIAlign): jax_psroi.flax.linen.PSRoIAlign and
 jax_psroi.flax.nnx.PSRoIAlign equal the function, compose with jit, grad and
 vmap, check their settings when made, and say what to install without Flax."""
 
+import collections
 import subprocess
 import sys
+from functools import partial
 
 import chex
 import jax
@@ -123,6 +125,24 @@ def test_settings_are_checked_when_made_and_shown():
     shown = repr(nnx.PSRoIAlign((7, 5), 0.25, -1, channel_order="bin_major"))
     assert "PSRoIAlign" in shown and "output_size=(7, 5)" in shown
     assert "spatial_scale=0.25" in shown and "'bin_major'" in shown
+
+
+@pytest.mark.parametrize("module", [linen.PSRoIAlign, nnx.PSRoIAlign, linen.RoIAlign,
+                                    nnx.RoIAlign, linen.PSRoIPool, nnx.PSRoIPool, linen.RoIPool,
+                                    nnx.RoIPool])
+def test_every_module_checks_its_scale_when_made(module):
+    with pytest.raises(TypeError, match=r"spatial_scale must be a real number, got '0\.5'"):
+        module(OUTPUT_SIZE, "0.5")
+    for bad in (float("nan"), float("inf"), 0.0, -0.5):
+        with pytest.raises(ValueError, match="spatial_scale must be finite and positive"):
+            module(OUTPUT_SIZE, bad)
+    # Whether a scale fits float32 depends on the map, so a call says it.
+    features, rois = _data("NHWC")
+    made = module(OUTPUT_SIZE, 1e300)
+    call = made if isinstance(made, flax_nnx.Module) else partial(made.apply, {})
+    with pytest.raises(ValueError, match="spatial_scale must be representable in float32"):
+        call(features, rois)
+    assert call(features.astype(np.float64), rois).dtype == np.float64
 
 
 def test_missing_flax_names_the_extra(tmp_path):
@@ -261,7 +281,80 @@ def test_multi_scale_settings_are_checked_when_made_and_shown():
         nnx.MultiScaleRoIAlign("p2", 7, 2)
     with pytest.raises(ValueError, match="canonical_scale must be positive"):
         linen.MultiScaleRoIAlign(["p2"], 7, 2, canonical_scale=0)
-    with pytest.raises(KeyError, match="no level named 'p3'"):
-        nnx.MultiScaleRoIAlign(["p2", "p3"], 7, 2)(
-            {"p2": np.zeros((1, 8, 8, 2), np.float32)}, [np.zeros((1, 4), np.float32)],
-            [(32, 32)])
+
+    # torchvision's rules apply when the module is made, as at trace time.
+    with pytest.raises(TypeError, match=r"sampling_ratio must be an int, got None"):
+        linen.MultiScaleRoIAlign(["p2"], 7, None)
+    with pytest.raises(ValueError, match="canonical_level must be between"):
+        nnx.MultiScaleRoIAlign(["p2"], 7, 2, canonical_level=2**40)
+    with pytest.raises(ValueError, match="output_size must be at most 2147483647"):
+        linen.MultiScaleRoIAlign(["p2"], 2**31, 2)
+
+
+# Levels p2-p4 of a 64 x 64 image, NHWC, every pixel of p<k> equal to k.
+PYRAMID = {f"p{k}": np.full((1, 64 >> k, 64 >> k, 1), k, np.float32) for k in (2, 3, 4)}
+# Boxes of sides 10, 28 and 56 px: eq. 1 with canonical_scale=56 sends them
+# to levels 2 (clamped from 1), 3 and 4.
+SIDES = [np.array([[0, 0, 10, 10], [0, 0, 28, 28], [0, 0, 56, 56]], np.float32)]
+
+
+def _pool_both(names, features, **kwargs):
+    """(linen, nnx) MultiScaleRoIAlign(names, 1, 2) of `features` and SIDES."""
+    settings = dict(canonical_scale=56, **kwargs)
+    lin = linen.MultiScaleRoIAlign(names, 1, 2, **settings).apply({}, features, SIDES,
+                                                                 [(64, 64)])
+    mod = nnx.MultiScaleRoIAlign(names, 1, 2, **settings)(features, SIDES, [(64, 64)])
+    return np.asarray(lin).ravel(), np.asarray(mod).ravel()
+
+
+def test_multi_scale_modules_take_the_levels_in_the_mappings_order():
+    # As torchvision's _filter_input: featmap_names selects, the mapping
+    # orders. This configuration once pooled zeros (levels in the names' order).
+    for names in (["p2", "p3", "p4"], ["p4", "p3", "p2"], ["p3", "p4", "p2"]):
+        for pooled in _pool_both(names, PYRAMID):
+            np.testing.assert_array_equal(pooled, [2, 3, 4])
+    for pooled in _pool_both(["p3", "p2"], PYRAMID):
+        np.testing.assert_array_equal(pooled, [2, 3, 3])
+
+
+# Each module as a function of (features, boxes, image_shapes), made with
+# featmap_names p2-p4.
+MADE = {"linen": lambda: partial(linen.MultiScaleRoIAlign(["p2", "p3", "p4"], 1, 2).apply, {}),
+        "nnx": lambda: nnx.MultiScaleRoIAlign(["p2", "p3", "p4"], 1, 2)}
+
+
+@pytest.mark.parametrize("kind", sorted(MADE))
+def test_multi_scale_modules_reject_what_they_cannot_pool(kind):
+    module = MADE[kind]()
+    # Where torchvision would pool zeros: a mapping coarsest first (ordered:
+    # eval_shape would rebuild a plain dict with sorted keys, finest first).
+    coarsest_first = collections.OrderedDict((name, PYRAMID[name]) for name in ("p4", "p3", "p2"))
+    with pytest.raises(ValueError, match=r"features must be the levels of a pyramid, the "
+                                         r"finest first.* level 1 is finer than level 0"):
+        jax.eval_shape(lambda f: module(f, SIDES, [(64, 64)]), coarsest_first)
+    with pytest.raises(ValueError, match=r"features must hold every level of "
+                                         r"featmap_names \['p2', 'p3', 'p4'\]; it has no "
+                                         r"level named 'p4', only \['p2', 'p3'\]"):
+        module({"p2": PYRAMID["p2"], "p3": PYRAMID["p3"]}, SIDES, [(64, 64)])
+    with pytest.raises(TypeError, match=r"features must be a mapping from level name to "
+                                        r"feature map .* got list"):
+        module(list(PYRAMID.values()), SIDES, [(64, 64)])
+    with pytest.raises(ValueError, match=r"image_shapes\[1\] must be positive"):
+        module(PYRAMID, SIDES, [(64, 64), (0, 64)])
+    with pytest.raises(ValueError, match="image_shapes must hold the"):
+        module(PYRAMID, SIDES, [])
+
+
+def test_an_ordered_mapping_keeps_its_order_under_jit():
+    # JAX rebuilds a plain dict argument with its keys sorted, an
+    # OrderedDict in its own order: with names whose sorted order is not
+    # the pyramid's, only the OrderedDict pools (the dict raises, never
+    # silently pools zeros).
+    names = ["fine", "mid", "coarse"]
+    renamed = dict(zip(names, PYRAMID.values(), strict=True))
+    pool = nnx.MultiScaleRoIAlign(names, 1, 2, canonical_scale=56)
+    call = jax.jit(lambda f: pool(f, SIDES, [(64, 64)]))
+    np.testing.assert_array_equal(np.asarray(call(collections.OrderedDict(renamed))).ravel(),
+                                  [2, 3, 4])
+    with pytest.raises(ValueError, match=r"heights 4, 16, 8 .* level 1 is finer than level 0"):
+        call(renamed)

@@ -1,5 +1,8 @@
 """Forward pass: native CPU kernel against the oracles."""
 
+import fractions
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -265,12 +268,33 @@ BAD_INPUTS = {
     "boxes_columns": (lambda f, b: jax_psroi.ps_roi_align(f, b[:, :4], 2), ValueError,
                       r"boxes must be a \[K, 5\] array .* got \(2, 4\)"),
     "boxes_string": (lambda f, b: jax_psroi.ps_roi_align(f, "boxes", 2), TypeError,
-                     r"boxes must be an array of numbers, got 'boxes' \(str\)"),
+                     r"boxes must be a real floating-point or integer array, got 'boxes' "
+                     r"\(str\)"),
+    "boxes_bool": (lambda f, b: jax_psroi.ps_roi_align(f, b.astype(bool), 2), TypeError,
+                   "boxes must be a real floating-point or integer array, got an array of "
+                   "dtype bool"),
+    "boxes_complex": (lambda f, b: jax_psroi.ps_roi_align(f, b.astype(np.complex64), 2),
+                      TypeError, "boxes must be a real floating-point or integer array, "
+                                 "got an array of dtype complex64"),
+    "boxes_list_bool": (lambda f, b: jax_psroi.ps_roi_align(f, [b[:, 1:].astype(bool)], 2),
+                        TypeError, r"boxes\[0\] must be a real floating-point or integer "
+                                   "array, got an array of dtype bool"),
+    "input_none": (lambda f, b: jax_psroi.ps_roi_align(None, b, 2), TypeError,
+                   r"input must be a 4-d floating-point array \[N, C, H, W\], got None "
+                   r"\(NoneType\)"),
     "boxes_list": (lambda f, b: jax_psroi.ps_roi_align(f, [b], 2), ValueError,
                    r"\[L, 4\] arrays; element 0 is \(2, 5\)"),
     "sampling_ratio_large": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 2**24),
                              ValueError, f"sampling_ratio must be at most {2**23} .* "
                                          f"got {2**24}"),
+    "sampling_ratio_none": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, None),
+                            TypeError, r"sampling_ratio must be an int, got None \(NoneType\)"),
+    "sampling_ratio_below_int64": (
+        lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, -2**63 - 1), ValueError,
+        f"sampling_ratio must be at least {-2**63} .* got {-2**63 - 1}"),
+    "output_size_beyond_int32": (lambda f, b: jax_psroi.ps_roi_align(f, b, (1, 2**31)),
+                                 ValueError, r"output_size must be at most 2147483647 bins "
+                                             r"per axis .* got \(1, 2147483648\)"),
     "sampling_ratio_float": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 2.0),
                              TypeError, r"sampling_ratio must be an int, got 2.0 \(float\)"),
     "sampling_ratio_fraction": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 1.0, 1.5),
@@ -284,6 +308,28 @@ BAD_INPUTS = {
     "spatial_scale_string": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, "1/16"),
                              TypeError, r"spatial_scale must be a real number, got "
                                         r"'1/16' \(str\)"),
+    "spatial_scale_number_string": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, "0.5"),
+                                    TypeError, r"spatial_scale must be a real number, got "
+                                               r"'0.5' \(str\)"),
+    "spatial_scale_complex": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, 0.5 + 0j),
+                              TypeError, r"spatial_scale must be a real number, got "
+                                         r"\(0.5\+0j\) \(complex\)"),
+    "spatial_scale_bool": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, True), TypeError,
+                           r"spatial_scale must be a real number, got True \(bool\)"),
+    "spatial_scale_vector": (lambda f, b: jax_psroi.ps_roi_align(f, b, 2, np.array([0.5])),
+                             TypeError, r"spatial_scale must be a real number, got an "
+                                        r"array of shape \(1,\)"),
+    **{f"spatial_scale_{name}": (
+        lambda f, b, scale=scale: jax_psroi.ps_roi_align(f, b, 2, scale), ValueError,
+        f"spatial_scale must be finite and positive .* got {shown}")
+       for name, scale, shown in (("nan", np.nan, "nan"), ("inf", np.inf, "inf"),
+                                  ("zero", 0, "0"), ("negative", -0.5, "-0.5"),
+                                  ("huge_int", 10**400, "1000"))},
+    # float32 input computes in float32, where these become inf and 0.
+    **{f"spatial_scale_{name}_in_float32": (
+        lambda f, b, scale=scale: jax_psroi.ps_roi_align(f, b, 2, scale), ValueError,
+        rf"spatial_scale must be representable in float32, .* got {re.escape(str(scale))}")
+       for name, scale in (("overflow", 1e300), ("underflow", 1e-300))},
 }
 
 
@@ -292,8 +338,77 @@ def test_bad_input_raises_at_trace_time_naming_the_argument(case):
     call, exception, message = BAD_INPUTS[case]
     features = np.zeros((1, 8, 4, 4), np.float32)
     boxes = np.zeros((2, 5), np.float32)
+    # Under eval_shape nothing is lowered or run: the error comes from tracing.
     with pytest.raises(exception, match=message):
-        call(features, boxes)
+        jax.eval_shape(call, features, boxes)
+
+
+# Every operator and reference with a spatial scale, every argument but the
+# map, the boxes and the scale fixed.
+SCALED_OPERATORS = {
+    "ps_roi_align": lambda x, b, s: jax_psroi.ps_roi_align(x, b, 2, s, 2),
+    "roi_align": lambda x, b, s: jax_psroi.roi_align(x, b, 2, s, 2),
+    "ps_roi_pool": lambda x, b, s: jax_psroi.ps_roi_pool(x, b, 2, s),
+    "roi_pool": lambda x, b, s: jax_psroi.roi_pool(x, b, 2, s),
+    "ps_roi_align_reference": lambda x, b, s: jax_psroi.ps_roi_align_reference(x, b, 2, s, 2),
+    "roi_align_reference": lambda x, b, s: jax_psroi.roi_align_reference(x, b, 2, s, 2),
+    "ps_roi_pool_reference": lambda x, b, s: jax_psroi.ps_roi_pool_reference(x, b, 2, s),
+    "roi_pool_reference": lambda x, b, s: jax_psroi.roi_pool_reference(x, b, 2, s),
+}
+# (input, boxes, spatial_scale) -> bad arguments, the error and its message.
+BAD_FOR_EVERY_OPERATOR = {
+    "input_none": (lambda x, b, s: (None, b, s), TypeError,
+                   r"input must be a 4-d floating-point array .* got None"),
+    "boxes_bool": (lambda x, b, s: (x, b > 0, s), TypeError,
+                   "boxes must be a real floating-point or integer array, got an array of "
+                   "dtype bool"),
+    "boxes_complex": (lambda x, b, s: (x, b + 1j, s), TypeError,
+                      "boxes must be a real floating-point or integer array, got an array "
+                      "of dtype complex"),
+    "scale_string": (lambda x, b, s: (x, b, "0.5"), TypeError,
+                     "spatial_scale must be a real number, got '0.5'"),
+    "scale_nan": (lambda x, b, s: (x, b, float("nan")), ValueError,
+                  "spatial_scale must be finite and positive"),
+    "scale_negative": (lambda x, b, s: (x, b, -s), ValueError,
+                       "spatial_scale must be finite and positive"),
+    "scale_float32_overflow": (lambda x, b, s: (x, b, 1e300), ValueError,
+                               "spatial_scale must be representable in float32"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_FOR_EVERY_OPERATOR))
+@pytest.mark.parametrize("name", sorted(SCALED_OPERATORS))
+def test_every_operator_checks_input_boxes_and_scale_at_trace_time(name, bad):
+    arguments, exception, message = BAD_FOR_EVERY_OPERATOR[bad]
+    features = np.ones((1, 8, 4, 4), np.float32)
+    boxes = np.array([[0, 0, 0, 4, 4]], np.float32)
+    x, b, scale = arguments(features, boxes, 0.5)
+    with pytest.raises(exception, match=message):
+        jax.eval_shape(lambda b: SCALED_OPERATORS[name](x, b, scale), b)
+
+
+@pytest.mark.parametrize("name", sorted(SCALED_OPERATORS))
+def test_every_kind_of_real_scale_and_integer_boxes_are_accepted(name):
+    op = SCALED_OPERATORS[name]
+    rng = np.random.default_rng(9)
+    features = random_features(rng, 2, 8, 6, 7, np.float32)
+    boxes = np.array([[0, 1, 2, 9, 11], [1, 0, 0, 13, 12], [1, 4, 3, 7, 12]], np.float32)
+    expected = np.asarray(op(features, boxes, 0.5))
+    assert np.abs(expected).max() > 0.01
+    for scale in (np.float32(0.5), np.float64(0.5), fractions.Fraction(1, 2), np.array(0.5),
+                  jnp.array(0.5, jnp.float32)):
+        np.testing.assert_array_equal(op(features, boxes, scale), expected, err_msg=repr(scale))
+    at_one = np.asarray(op(features, boxes / 2, 1))
+    np.testing.assert_array_equal(op(features, boxes / 2, np.int64(1)), at_one)
+    np.testing.assert_array_equal(op(features, boxes / 2, jnp.array(1)), at_one)
+    # Integer boxes are cast to the compute dtype (torchvision raises).
+    for dtype in (np.int32, np.int64, np.uint8):
+        np.testing.assert_array_equal(op(features, boxes.astype(dtype), 0.5), expected)
+        np.testing.assert_array_equal(
+            op(features, [boxes[:1, 1:].astype(dtype), boxes[1:, 1:].astype(dtype)], 0.5),
+            expected)
+    # float64 maps compute in float64, where 1e300 is a finite scale.
+    assert op(features.astype(np.float64), boxes, 1e300).dtype == np.float64
 
 
 def test_reference_checks_its_arguments_by_the_same_rules():

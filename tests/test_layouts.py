@@ -187,11 +187,9 @@ def test_nhwc_exports_for_cpu_and_cuda():
     features = np.zeros((2, 6, 7, 8 * 4), np.float32)
     rois = np.zeros((3, 5), np.float32)
     op = _op("NHWC", "bin_major", 2, 1.0, 2)
-    names = [row.name for row in _extension.KERNELS["cuda"].values()]
     exported = export.export(
         jax.jit(jax.grad(lambda f, r: jnp.sum(op(f, r) ** 2))), platforms=["cpu", "cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(n) for n in names])(
-            features, rois)
+        disabled_checks=jax_psroi.export_safety_checks())(features, rois)
     text = exported.mlir_module()
     assert text.count(f"@{target('forward', np.float32, 'NHWC')}") == 2
     assert text.count(f"@{target('backward', np.float32, 'NHWC')}") == 2

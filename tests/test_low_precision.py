@@ -183,10 +183,9 @@ def test_16_bit_exports_for_cuda(dtype):
     features = jnp.zeros((2, 9, 37, 5 * 6), dtype)
     rois = np.zeros((4, 5), np.float32)
     op = _op("NHWC", "bin_major", 2)
-    names = [row.name for row in _extension.KERNELS["cuda"].values()]
     exported = export.export(
         jax.jit(jax.value_and_grad(lambda f: jnp.sum(op(f, rois)))), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(n) for n in names])(features)
+        disabled_checks=jax_psroi.export_safety_checks())(features)
     calls = [line for line in exported.mlir_module().splitlines()
              if "stablehlo.custom_call" in line]
     backward = [line for line in calls if target("backward", dtype, "NHWC") in line]

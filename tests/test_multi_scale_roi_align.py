@@ -170,15 +170,135 @@ def test_arguments_are_checked():
         jax_psroi.multi_scale_roi_align([x], rois, 2, 2, 64)
 
 
+# Levels of a 256 x 256 image at strides 4, 8 and 16, every pixel of level j
+# equal to j + 1; boxes of sides 40, 112 and 224 px, which eq. 1 sends to
+# levels 2 (clamped up from 1), 3 and 4, i.e. to the stride-4, -8 and -16 maps.
+PIXELS = 256
+STRIDE = {4: 0, 8: 1, 16: 2}
+SIDES = np.array([[0, 0, 0, 40, 40], [0, 0, 0, 112, 112], [0, 0, 0, 224, 224]], np.float32)
+
+
+def _level(stride):
+    size = PIXELS // stride
+    return np.full((1, 1, size, size), STRIDE[stride] + 1, np.float32)
+
+
+@pytest.mark.parametrize("pool", [jax_psroi.multi_scale_roi_align,
+                                  jax_psroi.multi_scale_roi_align_reference])
+def test_a_finest_first_pyramid_pools_each_box_from_its_level(pool):
+    levels = [_level(4), _level(8), _level(16)]
+    out = np.asarray(pool(levels, SIDES, 1, 2, (PIXELS, PIXELS)))
+    np.testing.assert_array_equal(out.ravel(), [1, 2, 3])
+    # Two levels: the large boxes clamp to the coarser one, as in torchvision.
+    out = np.asarray(pool(tuple(levels[:2]), SIDES, 1, 2, (PIXELS, PIXELS)))
+    np.testing.assert_array_equal(out.ravel(), [1, 2, 2])
+
+
+# Pyramids torchvision's level mapping pools wrongly (it silently gave some
+# or all RoIs 0), each with the reason the error gives.
+BAD_PYRAMIDS = {
+    "missing_level": ((4, 16), "level 1 is 4 times coarser than level 0: a level between "
+                               "them is missing"),
+    "coarsest_first": ((16, 8, 4), "level 1 is finer than level 0"),
+    "out_of_order": ((4, 16, 8), "level 1 is 4 times coarser than level 0"),
+    "duplicate": ((4, 8, 8), "level 2 has the scale of level 1"),
+}
+
+
+@pytest.mark.parametrize("pool", [jax_psroi.multi_scale_roi_align,
+                                  jax_psroi.multi_scale_roi_align_reference])
+@pytest.mark.parametrize("case", sorted(BAD_PYRAMIDS))
+def test_a_pyramid_that_cannot_be_pooled_raises_at_trace_time(case, pool):
+    strides, why = BAD_PYRAMIDS[case]
+    levels = [_level(s) for s in strides]
+    heights = ", ".join(str(PIXELS // s) for s in strides)
+    with pytest.raises(ValueError, match=(
+            rf"features must be the levels of a pyramid, the finest first, .* got levels "
+            rf"of heights {heights} for image height {PIXELS}, .*: {why}")):
+        jax.eval_shape(lambda xs: pool(xs, SIDES, 1, 2, (PIXELS, PIXELS)), levels)
+
+
+@pytest.mark.parametrize("pool", [jax_psroi.multi_scale_roi_align,
+                                  jax_psroi.multi_scale_roi_align_reference])
+def test_a_level_of_height_zero_raises_naming_it(pool):
+    empty = np.zeros((1, 1, 0, 16), np.float32)
+    for levels, index in (([_level(4), empty], 1), ([empty], 0)):
+        with pytest.raises(ValueError, match=rf"features\[{index}\] has height 0 .* every "
+                                             r"level needs H >= 1"):
+            jax.eval_shape(lambda xs: pool(xs, SIDES, 1, 2, (PIXELS, PIXELS)), levels)
+
+
+def _call(**changes):
+    """multi_scale_roi_align of a good pyramid with some arguments changed."""
+    arguments = dict(features=[_level(4), _level(8)], boxes=SIDES, output_size=1,
+                     sampling_ratio=2, image_size=(PIXELS, PIXELS))
+    arguments.update(changes)
+    return lambda: jax_psroi.multi_scale_roi_align(**arguments)
+
+
+# (call, exception, message), as tests/test_forward.py's BAD_INPUTS.
+BAD_ARGUMENTS = {
+    "features_dict": (_call(features={"p2": _level(4), "p3": _level(8)}), TypeError,
+                      r"features must be a list or tuple of feature maps, the finest first, "
+                      r"got a mapping \(torchvision's dict of named levels\)"),
+    "features_none": (_call(features=None), TypeError,
+                      r"features must be a list or tuple .* got None \(NoneType\)"),
+    "features_array": (_call(features=_level(4)), TypeError,
+                       r"features must be a list or tuple .* got an array of shape "
+                       r"\(1, 1, 64, 64\)"),
+    "level_none": (_call(features=[_level(4), None]), TypeError,
+                   r"features\[1\] must be a 4-d floating-point array \[N, C, H, W\], got "
+                   r"None"),
+    "level_rank": (_call(features=[_level(4), _level(8)[0]]), ValueError,
+                   r"features\[1\] must be a 4-d feature map"),
+    "level_dtype": (_call(features=[_level(4).astype(np.int32)]), TypeError,
+                    r"features\[0\] must be bfloat16, float16, float32 or float64, got int32"),
+    "boxes_bool": (_call(boxes=SIDES > 0), TypeError,
+                   "boxes must be a real floating-point or integer array, got an array of "
+                   "dtype bool"),
+    "sampling_ratio_none": (_call(sampling_ratio=None), TypeError,
+                            r"sampling_ratio must be an int, got None"),
+    "sampling_ratio_below_int64": (_call(sampling_ratio=-2**63 - 1), ValueError,
+                                   f"sampling_ratio must be at least {-2**63}"),
+    "output_size_beyond_int32": (_call(output_size=2**31), ValueError,
+                                 "output_size must be at most 2147483647"),
+    "image_size_zero": (_call(image_size=(0, PIXELS)), ValueError,
+                        r"image_size must be positive, got \(0, 256\)"),
+    "image_size_huge": (_call(image_size=(2**1100, PIXELS)), ValueError,
+                        "image_size must be at most 2147483647 pixels a side"),
+    "canonical_scale_huge": (_call(canonical_scale=2**70), ValueError,
+                             f"canonical_scale must be at most 2147483647 pixels, got "
+                             f"{2**70}"),
+    "canonical_level_huge": (_call(canonical_level=-2**70), ValueError,
+                             f"canonical_level must be between -2147483647 and 2147483647, "
+                             f"got {-2**70}"),
+    "canonical_level_float": (_call(canonical_level=4.0), TypeError,
+                              r"canonical_level must be an int, got 4.0 \(float\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_raise_at_trace_time_naming_them(case):
+    call, exception, message = BAD_ARGUMENTS[case]
+    with pytest.raises(exception, match=message):
+        jax.eval_shape(call)
+
+
+def test_the_bounds_of_the_canonical_settings_are_accepted():
+    levels = [_level(4), _level(8), _level(16)]
+    for scale, level, expected in ((2**31 - 1, 2**31 - 1, 3), (1, -(2**31 - 1), 1)):
+        out = jax_psroi.multi_scale_roi_align(levels, SIDES, 1, 2, (PIXELS, PIXELS),
+                                              canonical_scale=scale, canonical_level=level)
+        np.testing.assert_array_equal(np.asarray(out).ravel(), [expected] * 3)
+
+
 @pytest.mark.skipif(not _extension.KERNELS["cuda"], reason="built without CUDA")
 def test_export_for_cuda_calls_roi_align_per_level():
     levels = [np.ones((1, 2, 16, 16), np.float32), np.ones((1, 2, 8, 8), np.float32)]
     rois = np.array([[0, 1, 1, 9, 9], [0, 0, 0, 60, 60]], np.float32)
     loss = lambda xs: jnp.sum(jax_psroi.multi_scale_roi_align(xs, rois, 2, 2, (64, 64)) ** 2)
-    targets = [row.name for row in _extension.KERNELS["cuda"].values()]
-    exported = export.export(
-        jax.jit(jax.grad(loss)), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets])(levels)
+    exported = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"],
+                             disabled_checks=jax_psroi.export_safety_checks())(levels)
     text = exported.mlir_module()
     assert text.count("jax_psroi_roi_align_forward_nchw_f32") == 2
     assert text.count("jax_psroi_roi_align_backward_nchw_f32") == 2

@@ -105,10 +105,8 @@ def test_aligned_must_be_a_python_bool():
 def test_export_for_cuda_calls_the_roi_align_rows():
     features, rois = np.ones((2, 3, 8, 8), np.float32), np.zeros((4, 5), np.float32)
     loss = lambda f: jnp.sum(jax_psroi.roi_align(f, rois, 2, 0.5, 2) ** 2)
-    targets = [row.name for row in _extension.KERNELS["cuda"].values()]
-    exported = export.export(
-        jax.jit(jax.grad(loss)), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets])(features)
+    exported = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"],
+                             disabled_checks=jax_psroi.export_safety_checks())(features)
     text = exported.mlir_module()
     assert "jax_psroi_roi_align_forward_nchw_f32" in text
     assert "jax_psroi_roi_align_backward_nchw_f32" in text

@@ -180,9 +180,8 @@ def test_cuda_export_lowers_to_the_native_targets():
     features = jax.ShapeDtypeStruct((2, 4, 16, 16), jnp.float32)
     rois = jax.ShapeDtypeStruct((5, 5), jnp.float32)
     fn = jax.jit(jax.grad(lambda f, r: jnp.sum(jax_psroi.roi_pool(f, r, 7, 0.5) ** 2)))
-    targets = [row.name for row in _extension.KERNELS["cuda"].values()]
-    text = export.export(fn, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call(t) for t in targets])(features, rois).mlir_module()
+    text = export.export(fn, platforms=["cuda"], disabled_checks=jax_psroi.export_safety_checks())(
+        features, rois).mlir_module()
     assert "jax_psroi_roi_pool_forward_nchw_f32" in text
     assert "jax_psroi_roi_pool_backward_nchw_f32" in text
 

@@ -191,8 +191,9 @@ class MultiScaleRoIAlignConfig:
     sampling_ratio, canonical_scale=224, canonical_level=4)``.
 
     Attributes:
-      featmap_names: the names of the levels to pool from, finest first,
-        looked up in the features mapping a call gets.
+      featmap_names: the names of the levels to pool from, looked up in the
+        features mapping a call gets; the levels are taken in the mapping's
+        order, as torchvision takes them, which must be finest first.
       output_size: (h, w) bins per RoI (an int is made (n, n)).
       sampling_ratio: samples per bin axis; <= 0 is adaptive.
       canonical_scale, canonical_level: the FPN paper's eq. 1 (224, 4).
@@ -220,20 +221,31 @@ class MultiScaleRoIAlignConfig:
 
     def __call__(self, features: Mapping, boxes, image_shapes) -> jax.Array:
         """features: {name: [N, H, W, C] map} (or NCHW) holding every name of
-        featmap_names; boxes: a list of N [L_i, 4] arrays (or [K, 5]);
-        image_shapes: the (height, width) of every image, whose maximum
-        gives the level scales (torchvision's rule)."""
+        featmap_names, whose levels are pooled in the mapping's order (as
+        torchvision's ``_filter_input`` takes them: finest first); boxes: a
+        list of N [L_i, 4] arrays (or [K, 5]); image_shapes: the (height,
+        width) of every image, whose maximum gives the level scales
+        (torchvision's rule)."""
+        if not isinstance(features, Mapping):
+            raise TypeError("features must be a mapping from level name to feature map "
+                            f"(torchvision's OrderedDict), got {type(features).__name__}")
         missing = [name for name in self.featmap_names if name not in features]
         if missing:
-            raise KeyError(f"features has no level named {missing[0]!r}; it has "
-                           f"{sorted(features)}")
-        shapes = [_arguments.image_size(shape) for shape in image_shapes]
-        if not shapes:
-            raise ValueError("image_shapes must hold the (height, width) of every image")
+            raise ValueError(f"features must hold every level of featmap_names "
+                             f"{list(self.featmap_names)}; it has no level named "
+                             f"{missing[0]!r}, only {list(features)}")
+        levels = [level for name, level in features.items() if name in self.featmap_names]
+        if not isinstance(image_shapes, (list, tuple)):
+            raise TypeError("image_shapes must be a list of the (height, width) of every "
+                            f"image, got {type(image_shapes).__name__}")
+        if not image_shapes:
+            raise ValueError("image_shapes must hold the (height, width) of every image, "
+                             "got an empty list")
+        shapes = [_arguments.image_size(shape, f"image_shapes[{index}]")
+                  for index, shape in enumerate(image_shapes)]
         image_size = (max(h for h, _ in shapes), max(w for _, w in shapes))
-        return multi_scale_roi_align([features[name] for name in self.featmap_names], boxes,
-                                     self.output_size, self.sampling_ratio, image_size,
-                                     canonical_scale=self.canonical_scale,
+        return multi_scale_roi_align(levels, boxes, self.output_size, self.sampling_ratio,
+                                     image_size, canonical_scale=self.canonical_scale,
                                      canonical_level=self.canonical_level,
                                      data_format=self.data_format)
 

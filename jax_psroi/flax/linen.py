@@ -154,10 +154,14 @@ class MultiScaleRoIAlign(_Layer):
     (or [K, 5]) in image pixels and image_shapes the (height, width) of every
     image returns [K, h, w, C] (or [K, C, h, w]). See
     ``jax_psroi.multi_scale_roi_align``; bad settings raise when the module
-    is made.
+    is made. The levels are pooled in the mapping's order, which must be
+    finest first: an ``OrderedDict`` keeps its order through ``jax.jit`` and
+    ``jax.grad``, where a plain ``dict`` comes back with its keys sorted.
 
     Attributes:
-      featmap_names: the levels to pool from, finest first.
+      featmap_names: the names of the levels to pool from, in any order: the
+        levels are taken in the order of the features mapping, as torchvision
+        takes them, and must come there finest first.
       output_size: int or (h, w), bins per RoI.
       sampling_ratio: samples per bin axis; <= 0 is adaptive.
       canonical_scale, canonical_level: eq. 1's 224 and 4.

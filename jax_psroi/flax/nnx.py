@@ -126,7 +126,9 @@ class MultiScaleRoIAlign(nnx.Module):
     raise here.
 
     Args:
-      featmap_names: the levels to pool from, finest first.
+      featmap_names: the names of the levels to pool from, in any order: the
+        levels are taken in the order of the features mapping, as torchvision
+        takes them, and must come there finest first.
       output_size: int or (h, w), bins per RoI.
       sampling_ratio: samples per bin axis; <= 0 is adaptive.
       canonical_scale, canonical_level: eq. 1's 224 and 4, keyword-only.
