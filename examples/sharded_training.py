@@ -94,9 +94,12 @@ def main(argv=None) -> dict:
     for name, array in zip(("images", "boxes", "classes"), batch, strict=True):
         shard = array.addressable_shards[0]
         print(f"  {name}: global {array.shape}, each device {shard.data.shape}")
-    # The kernels' calls in the partitioned program, with their per-device shapes.
+    # The kernels' calls in the partitioned program, with their per-device
+    # shapes (a call's first result; the backward's further result is its
+    # workspace).
     kernels = sorted(set(re.findall(
-        r"= (\w+\[[\d,]*\])\S* custom-call\([^)]*\), custom_call_target=\"(jax_psroi_\w+)\", "
+        r"= \(?(\w+\[[\d,]*\])\S*(?: \w+\[[\d,]*\]\S*)* custom-call\([^)]*\), "
+        r"custom_call_target=\"(jax_psroi_\w+)\", "
         r"operand_layout_constraints=\{(\w+\[[\d,]*\])\S*, (\w+\[[\d,]*\])", text)))
     if not kernels:
         raise SystemExit("the compiled step does not call jax_psroi's kernels")

@@ -122,6 +122,17 @@ def cuda_workspace_elements(backward: bool, num_images: int, num_rois: int, heig
                                         pooled_w)
 
 
+def cpu_backward_workspace_bytes(operation: str, layout: str, dtype, features, pooled,
+                                 channel_order: int, pass_rois: int = -1) -> int:
+    """Bytes of the workspace a CPU backward call takes as its last result,
+    for `features` (N, C, H, W) and `pooled` (K, C_out, PH, PW): what the
+    lowering asks for (the RoIs in passes whose tables fit the larger of 8
+    MiB and the gradient in its compute type; lib/cpu/psroi_cpu_kernels.h
+    computes it), or with `pass_rois` room for passes of that many RoIs."""
+    return _cpu.cpu_backward_workspace_bytes(operation, layout, jax.numpy.dtype(dtype).name,
+                                             *features, *pooled, channel_order, pass_rois)
+
+
 def export_safety_checks() -> list:
     """The ``disabled_checks`` that ``jax.export`` needs for programs that
     call jax_psroi's kernels.

@@ -156,6 +156,21 @@ def cuda_further_results(direction, dtype, features, pooled, data_format) -> lis
     return results
 
 
+def cpu_further_results(direction, operation, dtype, features, pooled, data_format,
+                        channel_order) -> list:
+    """Further results of a CPU call, which XLA allocates for the kernels: a
+    backward's workspace of bytes (its passes of RoIs' tables and cotangent,
+    and the sums it carries between passes)."""
+    if direction == "forward":
+        return []
+    axes = _arguments.LAYOUT_AXES[data_format]
+    order = 0 if channel_order == "shared" else _arguments.CHANNEL_ORDERS.index(channel_order)
+    size = _extension.cpu_backward_workspace_bytes(
+        operation, data_format, dtype, [features[a] for a in axes], [pooled[a] for a in axes],
+        order)
+    return [jax.ShapeDtypeStruct((size,), np.uint8)]
+
+
 def _native_call(platform, direction, operand, rois, result_shape, *, operation,
                  spatial_scale, sampling_ratio, data_format, channel_order, aligned,
                  image_groups, first_bin_row=0, bin_rows=None, updated=None):
@@ -168,6 +183,9 @@ def _native_call(platform, direction, operand, rois, result_shape, *, operation,
     results = [jax.ShapeDtypeStruct(result_shape, dtype)]
     if platform == "cuda":
         results += cuda_further_results(direction, dtype, features, pooled, data_format)
+    else:
+        results += cpu_further_results(direction, operation, dtype, features, pooled,
+                                       data_format, channel_order)
     # The attribute the operations' calls differ in: roi_align's `aligned`,
     # the position-sensitive ones' channel order.
     if operation == "roi_align":

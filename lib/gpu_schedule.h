@@ -202,23 +202,6 @@ PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
 
 // --- 1. Buckets -------------------------------------------------------------
 
-// Pixels of an axis that bin `bin`'s samples touch (low and high taps
-// included): sample coordinates, hence taps, are monotone in the sample
-// index, so the two end samples of the in-map range bound them. A window of
-// whole pixels touches itself.
-template <typename T>
-PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t size) {
-  if (axis.whole_pixels) return axis.window(bin, size);
-  AxisSpan span{size, -1};
-  const SampleRange r = in_map_samples(axis, bin, size);
-  if (r.begin >= r.end) return span;
-  const AxisTap<T> a = axis_tap(axis.sample(bin, r.begin), size);
-  const AxisTap<T> b = axis_tap(axis.sample(bin, r.end - 1), size);
-  span.first = a.low < b.low ? a.low : b.low;
-  span.last = a.high > b.high ? a.high : b.high;
-  return span;
-}
-
 // What the kernels need of RoI `roi`: its box, its image and, for the
 // backward, the pixels each bin row and column touches and the tile rows
 // its box touches.
@@ -640,7 +623,7 @@ PSROI_HD void make_entry(const Workspace& ws, const PsRoiDims& d, int64_t sampli
   for (int r = 0; r < kTileRows; ++r) wy[r] = static_cast<T>(0);
   for (int c = 0; c < kTileCols; ++c) wx[c] = static_cast<T>(0);
   // The weights the bin gives the tile's rows and columns (its separable
-  // form, as accumulate_axis_weights sums it for a whole axis).
+  // form, as the CPU's RoiWeights sums it over a bin's span).
   for_each_axis_tap(g.y, ph, d.height, [&](int64_t y, T weight) {
     if (y >= y0 && y < y0 + kTileRows) wy[y - y0] += weight;
   });

@@ -594,15 +594,34 @@ PSROI_HD T value_at_pixel(const S* plane, const Layout& layout, const PsRoiDims&
 // part and a column part, and the in-map test is separable too, so a bin's
 // value is  sum_r sum_c row_w[r] * col_w[c] * plane[r, c] / count,  where
 // row_w[r] sums, over the bin's in-map row samples, the weight each gives row
-// r. `weights` must hold `size` zeros; on return the touched entries are in
-// [first, last] and the caller must zero them again after use. A window of
-// whole pixels is the same form with weights of 1 (and the window's area as
-// the divisor, RoiGeometry::divisor).
+// r. Only the rows (columns) a bin touches can weigh anything: tables of
+// these weights need the span of touched_pixels, not the whole axis. A
+// window of whole pixels is the same form with weights of 1 (and the
+// window's area as the divisor, RoiGeometry::divisor).
+
+// Pixels of an axis that bin `bin`'s samples touch (low and high taps
+// included): sample coordinates, hence taps, are monotone in the sample
+// index, so the two end samples of the in-map range bound them. A window of
+// whole pixels touches itself. At most min(size, ceil(|bin size|) + 3)
+// pixels: a bin's samples lie within its extent, and each reaches one pixel
+// past where it falls.
+template <typename T>
+PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t size) {
+  if (axis.whole_pixels) return axis.window(bin, size);
+  AxisSpan span{size, -1};
+  const SampleRange r = in_map_samples(axis, bin, size);
+  if (r.begin >= r.end) return span;
+  const AxisTap<T> a = axis_tap(axis.sample(bin, r.begin), size);
+  const AxisTap<T> b = axis_tap(axis.sample(bin, r.end - 1), size);
+  span.first = a.low < b.low ? a.low : b.low;
+  span.last = a.high > b.high ? a.high : b.high;
+  return span;
+}
 
 // Calls add(pixel, weight) for the low and then the high tap of every sample
 // of bin `bin` on the map, in sample order (or for every pixel of a window,
 // with weight 1): the weights a bin gives the pixels of one axis, which the
-// callers sum.
+// callers sum. Every pixel lies in touched_pixels(axis, bin, size).
 template <typename T, typename Add>
 PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t size, Add add) {
   if (axis.whole_pixels) {
@@ -617,18 +636,6 @@ PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t siz
     add(t.low, t.w_low);
     add(t.high, t.w_high);
   }
-}
-
-template <typename T>
-PSROI_HD AxisSpan accumulate_axis_weights(const RoiAxis<T>& axis, int64_t bin,
-                                          int64_t size, T* weights) {
-  AxisSpan span{size, -1};
-  for_each_axis_tap(axis, bin, size, [&](int64_t pixel, T weight) {
-    weights[pixel] += weight;
-    if (pixel < span.first) span.first = pixel;
-    if (pixel > span.last) span.last = pixel;
-  });
-  return span;
 }
 
 }  // namespace jax_psroi

@@ -120,15 +120,16 @@ def test_export_grad_for_cuda():
 
 @needs_cuda_build
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
-def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
+def test_calls_take_their_workspaces(dtype):
     # CUDA calls return the result, then temporaries XLA allocates: an int32
     # workspace (lib/gpu_schedule.h; both directions: 8 words of box per RoI,
     # 8K = 40 here; forward: RoI order by image and band of rows with
     # B = 8N + 1 buckets and S = 1 segment, 40 + 3K + B(1 + S) + 1 = 90;
     # backward: spans and lists per image and row of 4-pixel tiles,
     # B = N*TY = 4, 40 + 3K + 2K(PH + PW) + B(1 + S) + 1 + K*TY = 134) and,
-    # first, for a 16-bit backward the float32 partial sums. CPU calls return
-    # the result alone.
+    # first, for a 16-bit backward the float32 partial sums. A CPU forward
+    # returns the result alone, a CPU backward its byte workspace too (its
+    # passes of RoI tables; lib/cpu/psroi_cpu_kernels.h sizes it).
     features, rois = _data(np.float32)
     features = features.astype(dtype)
     if np.dtype(dtype) == np.float64:
@@ -139,6 +140,9 @@ def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
     further = {"forward": "tensor<90xi32>",
                "backward": ("tensor<2880xf32>, tensor<134xi32>" if element == "bf16"
                             else "tensor<134xi32>")}
+    cpu_workspace = _extension.cpu_backward_workspace_bytes(
+        "ps_roi_align", "NCHW", dtype, (2, 18, 8, 10), (5, 2, 3, 3), 0)
+    assert cpu_workspace > 0
     loss = lambda f, r: jnp.sum(_forward(f, r).astype(jnp.float32) ** 2)
     for platform in ("cpu", "cuda"):
         exported = export.export(jax.jit(jax.grad(loss)), platforms=[platform],
@@ -146,8 +150,13 @@ def test_cuda_calls_take_their_workspace_and_cpu_calls_nothing_more(dtype):
         calls = _custom_calls(exported)
         for direction, result in (("forward", pooled), ("backward", grad)):
             line, = [c for c in calls if _target(direction, dtype) in c]
-            expected = (f"-> {result}" if platform == "cpu"
-                        else f"-> ({result}, {further[direction]})")
+            if platform == "cuda":
+                expected = f"-> ({result}, {further[direction]})"
+            elif direction == "backward":
+                expected = f"-> ({result}, tensor<{cpu_workspace}xui8>)"
+            else:
+                expected = f"-> {result}"
+
             assert expected + " loc(" in line, (platform, line)
 
 

@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_psroi
-from jax_psroi import _arguments, _primitives, reference_pools
+from jax_psroi import _arguments, _extension, _primitives, reference_pools
 
 from cases import _GPU_SCHEDULE, CHANNEL_ORDERS, DTYPES, LAYOUTS, features_as, target
 
@@ -327,6 +327,12 @@ def test_fuzzed_attributes_of_direct_calls(call):
     results = [jax.ShapeDtypeStruct(pooled_shape if call["direction"] == "forward"
                                     else features.shape, dtype)]
     operands = [operand, rois]
+    if (call["direction"] == "backward" and call["kernels"] == "cpu"
+            and operation != "roi_pool"):  # the CPU backward's byte workspace
+        size = _extension.cpu_backward_workspace_bytes(
+            operation, layout, dtype, call["shape"], (k, c_out, *call["pooled"]),
+            call["attributes"].get("channel_order", 0) == 1)  # the size of a valid order
+        results.append(jax.ShapeDtypeStruct((size,), np.uint8))
     if operation == "roi_pool":
         if call["direction"] == "forward":
             results.append(jax.ShapeDtypeStruct(pooled_shape, np.int32))

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import sharding_worker as worker
 
+from jax_psroi import _arguments, _primitives
+
 from cases import (
     ONE_GROUP,
     features_as,
@@ -92,8 +94,13 @@ def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin
                                    SAMPLING_RATIO, data_format, "bin_major",
                                    first_bin_row=first_bin_row, bin_rows=ROWS,
                                    operation=operation)
+    # The CPU backward's further result: its workspace.
+    features, pooled = _arguments.features_and_pooled(direction, operand.shape, out_shape)
     call = jax.ffi.ffi_call(target(direction, dtype, data_format, operation),
-                            [jax.ShapeDtypeStruct(out_shape, dtype)])
+                            [jax.ShapeDtypeStruct(out_shape, dtype),
+                             *_primitives.cpu_further_results(direction, operation, dtype,
+                                                              features, pooled, data_format,
+                                                              "bin_major")])
     with jax.default_device(jax.devices("cpu")[0]):
         return np.asarray(call(operand, rois, spatial_scale=SPATIAL_SCALE,
                                sampling_ratio=SAMPLING_RATIO, channel_order=1,

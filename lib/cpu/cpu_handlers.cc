@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/huge_pages.h"
@@ -19,21 +21,31 @@ namespace jax_psroi {
 namespace cpu {
 namespace {
 
-// The shared state of a backward call: every RoI's tables, its RoIs by
-// image, its work units and the cotangent bin-major, in the compute type T.
-// Built by the handler, filled by the phases.
+// A backward call's workspace, its further result (psroi_cpu_kernels.h,
+// BackwardPlan).
+using WorkspaceBytes = ffi::Buffer<ffi::DataType::U8, 1>;
+
+// The shared state of a backward call, in the compute type T: its plan, its
+// work units, the tables and bin-major cotangent of the pass at hand and the
+// accumulator (in the workspace), and the pass's RoIs by image. Built by the
+// handler, filled by the phases.
 template <typename T, typename Layout>
 struct BackwardState {
-  explicit BackwardState(const PsRoiDims& d)
-      : tables(d),
+  BackwardState(const PsRoiDims& d, const BackwardPlan& plan, Carver memory)
+      : plan(plan),
         units(d, sizeof(T), Layout::kChannelsLast),
+        run(staged_run<T>(d, Layout::kChannelsLast)),
+        tables(d, plan.pass_rois, memory),
         // Every element is written before it is read: no zero fill.
-        bin_major(new T[static_cast<size_t>(d.num_rois * d.bins() *
-                                            staged_run<T>(d, Layout::kChannelsLast))]) {}
-  RoiTables<T> tables;
-  RoisByImage by_image;
+        bin_major(memory.take<T>(plan.pass_rois * d.bins() * run)),
+        accumulator(plan.accumulates ? memory.take<T>(apart_elements<T, Layout>(d)) : nullptr) {}
+  BackwardPlan plan;
   Units units;
-  std::unique_ptr<T[]> bin_major;
+  int64_t run;
+  RoiTables<T> tables;
+  T* bin_major;
+  T* accumulator;
+  RoisByImage by_image;
 };
 
 template <typename Operation, typename S, typename Layout>
@@ -68,40 +80,54 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
 template <typename Operation, typename S, typename Layout>
 ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
                      ffi::Result<MapBuffer<S>> grad_input,
-                     ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
-                     int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
-                     int64_t rois_per_group, int64_t images_per_group) {
+                     ffi::RemainingRets further, double spatial_scale,
+                     int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row,
+                     int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
   ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
       {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
        images_per_group});
   if (dims.has_error()) return ready_with(dims.error());
-  // Units sum 16-bit gradients in scratch of their own: the CPU takes no
-  // further results.
   const PsRoiDims d = dims.value();
+  // The lowering asks for backward_workspace_bytes; less works too, in more
+  // passes.
+  ffi::ErrorOr<WorkspaceBytes> workspace = further_result<WorkspaceBytes>(
+      further, 0, static_cast<int64_t>(least_workspace_bytes<S, Layout>(d)),
+      "a workspace of bytes");
+  if (workspace.has_error()) return ready_with(workspace.error());
+  const BackwardPlan plan = plan_backward<S, Layout>(d, workspace->size_bytes());
   const S* cot = data<S>(cotangent);
   const T* boxes = data<T>(rois);
   S* grad = data<S>(*grad_input);
   advise_huge_pages(grad, grad_input->size_bytes());
   const T scale = static_cast<T>(spatial_scale);
-  auto state = std::make_shared<BackwardState<T, Layout>>(d);
-  // Every RoI's windows and its cotangent bin-major (by RoI); the RoIs of
+  auto state = std::make_shared<BackwardState<T, Layout>>(
+      d, plan, Carver(workspace->untyped_data()));
+  // Per pass: its RoIs' tables and cotangent bin-major (by RoI); its RoIs of
   // each image (one item); then the gradient (by unit).
-  return run_phases(
-      pool, call_work(d, Direction::kBackward),
-      {over_rois(pool, d.num_rois,
-                 [=](int64_t begin, int64_t end) {
-                   RoiWeights<T> weights(d);
-                   state->tables.compute(boxes, scale, sampling_ratio, begin, end, &weights);
-                   to_bin_major<S, Layout>(cot, d, state->tables, begin, end,
-                                           state->bin_major.get());
-                 }),
-       Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d); }},
-       Phase{state->units.count(), [=](int64_t unit) {
-               backward_unit<S, Layout>(state->bin_major.get(), d, state->tables,
-                                        state->by_image, state->units, unit, grad);
-             }}});
+  std::vector<Phase> phases;
+  for (int64_t p = 0; p < plan.passes; ++p) {
+    const int64_t first = p * plan.pass_rois;
+    const int64_t n = std::min(plan.pass_rois, d.num_rois - first);
+    const PassOrder<T> order{p == 0, p + 1 == plan.passes, state->accumulator};
+    phases.push_back(over_rois(pool, n, [=](int64_t begin, int64_t end) {
+      RoiWeights<T> weights(d);
+      state->tables.compute(boxes, scale, sampling_ratio, first, first + begin,
+                            first + end, &weights);
+      to_bin_major<S, Layout>(cot, d, state->tables, first, n, first + begin, first + end,
+                              state->bin_major);
+    }));
+    phases.push_back(
+        Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d, n); }});
+    phases.push_back(Phase{state->units.count(), [=](int64_t unit) {
+                             const Pass<T> pass{state->tables, state->by_image,
+                                                state->bin_major, n, state->run};
+                             backward_unit<S, Layout>(pass, d, state->units, unit, order,
+                                                      grad);
+                           }});
+  }
+  return run_phases(pool, call_work(d, Direction::kBackward), std::move(phases));
 }
 
 // RoI Pool's forward: maxima and their pixels, or with `recorded` the
@@ -181,6 +207,55 @@ struct CpuHandler {
 
 std::vector<FfiTarget> cpu_targets() {
   return ffi_targets<cpu::CpuHandler>("jax_psroi_");
+}
+
+int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::string& layout,
+                                     const std::string& dtype, PsRoiDims d,
+                                     int64_t pass_rois) {
+  int64_t bytes = 0;
+  for_each_kernel([&](auto op, auto direction, auto row_layout, auto row_dtype) {
+    using Operation = typename decltype(op)::type;
+    using Layout = typename decltype(row_layout)::type;
+    using S = typename decltype(row_dtype)::type;
+    if constexpr (decltype(direction)::value == Direction::kBackward &&
+                  !OperationTraits<Operation>::kMaxPool) {
+      if (operation == KernelName<Operation>::value && layout == KernelName<Layout>::value &&
+          dtype == KernelName<S>::value) {
+        if (OperationTraits<Operation>::kSharedChannels) d.channel_order = ChannelOrder::kShared;
+        bytes = static_cast<int64_t>(
+            pass_rois < 0 ? cpu::backward_workspace_bytes<S, Layout>(d)
+                          : cpu::pass_workspace_bytes<S, Layout>(d, pass_rois));
+      }
+    }
+  });
+  return bytes;
+}
+
+int64_t cpu_forward_scratch_bytes(const std::string& operation, const std::string& layout,
+                                  PsRoiDims d, const std::vector<float>& rois,
+                                  double spatial_scale, int64_t sampling_ratio) {
+  int64_t bytes = 0;
+  for_each_kernel([&](auto op, auto direction, auto row_layout, auto row_dtype) {
+    using Operation = typename decltype(op)::type;
+    using Layout = typename decltype(row_layout)::type;
+    using S = typename decltype(row_dtype)::type;
+    if constexpr (decltype(direction)::value == Direction::kForward &&
+                  !OperationTraits<Operation>::kMaxPool && std::is_same_v<S, float>) {
+      if (operation == KernelName<Operation>::value && layout == KernelName<Layout>::value) {
+        if (OperationTraits<Operation>::kSharedChannels) d.channel_order = ChannelOrder::kShared;
+        d.whole_pixels = OperationTraits<Operation>::kWholePixels;
+        const std::vector<float> input(static_cast<size_t>(d.feature_elements()));
+        std::vector<float> output(static_cast<size_t>(d.outputs()));
+        const float scale = static_cast<float>(spatial_scale);
+        const std::vector<int64_t> order =
+            cpu::locality_order(rois.data(), d, scale, sampling_ratio);
+        bytes = static_cast<int64_t>(cpu::forward_rois<float, Layout>(
+            input.data(), rois.data(), d, scale, sampling_ratio, order.data(), 0, d.num_rois,
+            output.data()));
+      }
+    }
+  });
+  return bytes;
 }
 
 }  // namespace jax_psroi

@@ -1,5 +1,7 @@
 // Python module `jax_psroi._cpu`: the CPU handlers as FFI capsules.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "gpu_schedule.h"
 #include "python_targets.h"
@@ -31,4 +33,45 @@ NB_MODULE(_cpu, m) {
         return jax_psroi::gpu_schedule::workspace_elements(d, backward);
       },
       "Int32 elements of a CUDA call's workspace (lib/gpu_schedule.h).");
+  m.def(
+      "cpu_backward_workspace_bytes",
+      [](const std::string& operation, const std::string& layout, const std::string& dtype,
+         int64_t num_images, int64_t channels, int64_t height, int64_t width, int64_t num_rois,
+         int64_t channels_out, int64_t pooled_h, int64_t pooled_w, int64_t channel_order,
+         int64_t pass_rois) {
+        jax_psroi::PsRoiDims d{};
+        d.num_images = num_images;
+        d.channels = channels;
+        d.height = height;
+        d.width = width;
+        d.num_rois = num_rois;
+        d.channels_out = channels_out;
+        d.pooled_h = pooled_h;
+        d.pooled_w = pooled_w;
+        d.channel_order = static_cast<jax_psroi::ChannelOrder>(channel_order);
+        return jax_psroi::cpu_backward_workspace_bytes(operation, layout, dtype, d, pass_rois);
+      },
+      "Bytes of a CPU backward call's workspace (lib/cpu/psroi_cpu_kernels.h): what the "
+      "lowering asks for (pass_rois -1), or room for passes of pass_rois RoIs.");
+  m.def(
+      "forward_scratch_bytes",
+      [](const std::string& operation, const std::string& layout, int64_t num_images,
+         int64_t channels, int64_t height, int64_t width, int64_t channels_out,
+         int64_t pooled_h, int64_t pooled_w, bool aligned, const std::vector<float>& rois,
+         double spatial_scale, int64_t sampling_ratio) {
+        jax_psroi::PsRoiDims d{};
+        d.num_images = num_images;
+        d.channels = channels;
+        d.height = height;
+        d.width = width;
+        d.num_rois = static_cast<int64_t>(rois.size() / 5);
+        d.channels_out = channels_out;
+        d.pooled_h = pooled_h;
+        d.pooled_w = pooled_w;
+        d.aligned = aligned;
+        return jax_psroi::cpu_forward_scratch_bytes(operation, layout, d, rois, spatial_scale,
+                                                    sampling_ratio);
+      },
+      "Test-only: the most scratch one task of the float32 CPU forward holds for `rois` (a "
+      "flat list of [K, 5]) on a map of zeros (lib/cpu/psroi_cpu_kernels.h).");
 }

@@ -6,10 +6,14 @@
 // row and column weights of an RoI's bins are computed once, each bin's
 // window becomes a tile of combined weights, and that tile serves every
 // output channel (window_tiles.h). The forward goes RoI by RoI, in an order
-// that keeps neighbouring boxes together. The backward first tabulates every
-// RoI's windows, then goes plane by plane: a work unit takes the planes of
-// one bin (and image) and lets every RoI visit them while they are in cache,
-// reading the cotangent staged bin-major. (The same plane-by-plane scheme
+// that keeps neighbouring boxes together. The backward first tabulates the
+// RoIs' windows (in passes of RoIs, when they are many: BackwardPlan), then
+// goes plane by plane: a work unit takes the planes of one bin (and image)
+// and lets every RoI visit them while they are in cache, reading the
+// cotangent staged bin-major. Scratch follows what the RoIs touch, not the
+// map or the channels (RoiWeights, forward_rois, BackwardPlan); the
+// backward's, which grows with the RoIs, is a workspace XLA allocates.
+// (The same plane-by-plane scheme
 // for the forward, with the output staged bin-major, measured slower than
 // RoI by RoI on Light-Head and R-FCN box shapes, and no faster on the R-FCN
 // class map.)
@@ -38,71 +42,165 @@
 namespace jax_psroi {
 namespace cpu {
 
-// Row weights of every bin row and column weights of every bin column of one
-// RoI: PH arrays of H and PW arrays of W, zero outside their spans, and the
-// column tile of every bin column.
+// The separable weights (psroi_math.h) of the bins of a few RoIs, each in a
+// slot: for each bin row the weights of the rows it touches (its span,
+// touched_pixels), for each bin column those of its columns, packed one
+// after another, and the column tile of every bin column. Sized by what the
+// RoIs touch, not by the map: a span holds at most min(size, ceil(|bin
+// size|) + 3) pixels, and the spans of an RoI's bin rows (columns) overlap
+// only where its bins meet, so a slot holds at most min(PH * H, H + 3 * PH)
+// + min(PW * W, W + 3 * PW) weights (fewer for an RoI smaller than the map)
+// and PW tiles. (Arrays over the whole axis per bin, PH * H + PW * W, held
+// 7.7 million weights for one RoI of 256 x 256 bins on a map 30,000 pixels
+// wide.) clear() keeps the memory for the next RoIs.
 template <typename T>
 class RoiWeights {
  public:
   explicit RoiWeights(const PsRoiDims& d)
       : d_(d),
-        rows_(static_cast<size_t>(d.pooled_h * d.height), T(0)),
-        cols_(static_cast<size_t>(d.pooled_w * d.width), T(0)),
-        row_spans_(static_cast<size_t>(d.pooled_h), AxisSpan{d.height, -1}),
-        col_spans_(static_cast<size_t>(d.pooled_w), AxisSpan{d.width, -1}),
-        col_tiles_(static_cast<size_t>(d.pooled_w)) {}
+        axes_(d.pooled_h + d.pooled_w),
+        taps_(static_cast<size_t>(axes_ * kKeptTaps)),
+        tap_counts_(static_cast<size_t>(axes_)) {}
 
-  void compute(const RoiGeometry<T>& g) {
-    for (int64_t ph = 0; ph < d_.pooled_h; ++ph) {
-      clear(row(ph), row_spans_[ph]);
-      row_spans_[ph] = accumulate_axis_weights(g.y, ph, d_.height, row(ph));
-    }
-    for (int64_t pw = 0; pw < d_.pooled_w; ++pw) {
-      clear(col(pw), col_spans_[pw]);
-      const AxisSpan span = accumulate_axis_weights(g.x, pw, d_.width, col(pw));
-      col_spans_[pw] = span;
-      if (span.first <= span.last) {
-        make_column_tile(col(pw) + span.first, span.first, span.last - span.first + 1,
-                         d_.width, &col_tiles_[pw]);
-      }
-    }
+  void clear() {
+    slots_ = 0;
+    weights_.clear();
   }
 
-  AxisSpan row_span(int64_t ph) const { return row_spans_[ph]; }
-  AxisSpan col_span(int64_t pw) const { return col_spans_[pw]; }
-  const T* row_weights(int64_t ph) const { return rows_.data() + ph * d_.height; }
-  const T* col_weights(int64_t pw) const { return cols_.data() + pw * d_.width; }
-  const ColumnTile<T>& col_tile(int64_t pw) const { return col_tiles_[pw]; }
+  // Tabulates the bins of geometry g (not empty) in a new slot; returns it.
+  int64_t add(const RoiGeometry<T>& g) {
+    const int64_t slot = slots_++;
+    if (entries_.size() < static_cast<size_t>(slots_ * axes_)) {
+      entries_.resize(static_cast<size_t>(slots_ * axes_));
+      col_tiles_.resize(static_cast<size_t>(slots_ * d_.pooled_w));
+    }
+    Entry* entries = entries_.data() + slot * axes_;
+    // The spans first, so that the weights grow once. A bin of a few samples
+    // keeps its taps, whose pixels are its span; others take touched_pixels
+    // and go over their samples again below.
+    size_t end = weights_.size();
+    for (int64_t a = 0; a < axes_; ++a) {
+      const Axis axis = axis_of(g, a);
+      AxisSpan span{axis.size, -1};
+      if (keeps_taps(axis.axis)) {
+        Tap* taps = taps_.data() + a * kKeptTaps;
+        int64_t count = 0;
+        for_each_axis_tap(axis.axis, axis.bin, axis.size, [&](int64_t pixel, T weight) {
+          taps[count++] = Tap{pixel, weight};
+          span.first = std::min(span.first, pixel);
+          span.last = std::max(span.last, pixel);
+        });
+        tap_counts_[a] = count;
+      } else {
+        span = touched_pixels(axis.axis, axis.bin, axis.size);
+      }
+      entries[a] = Entry{span, end};
+      if (span.first <= span.last) end += static_cast<size_t>(span.last - span.first + 1);
+    }
+    weights_.resize(end, T(0));
+    for (int64_t a = 0; a < axes_; ++a) {
+      const AxisSpan span = entries[a].span;
+      if (span.first > span.last) continue;
+      const Axis axis = axis_of(g, a);
+      T* weights = weights_.data() + entries[a].offset;
+      if (keeps_taps(axis.axis)) {
+        const Tap* taps = taps_.data() + a * kKeptTaps;
+        for (int64_t t = 0; t < tap_counts_[a]; ++t) {
+          weights[taps[t].pixel - span.first] += taps[t].weight;
+        }
+      } else {
+        for_each_axis_tap(axis.axis, axis.bin, axis.size, [&](int64_t pixel, T weight) {
+          weights[pixel - span.first] += weight;
+        });
+      }
+      if (a >= d_.pooled_h) {
+        make_column_tile(weights, span.first, span.last - span.first + 1, d_.width,
+                         &col_tiles_[slot * d_.pooled_w + axis.bin]);
+      }
+    }
+    return slot;
+  }
 
-  // Window of bin (ph, pw). Returns false when the bin has no sample on the
-  // map.
-  bool window(int64_t ph, int64_t pw, Window<T>* w) const {
-    const AxisSpan r = row_spans_[ph], c = col_spans_[pw];
+  // Bytes the slots fill now, and the most the object has held.
+  size_t bytes() const {
+    return weights_.size() * sizeof(T) + static_cast<size_t>(slots_ * axes_) * sizeof(Entry) +
+           static_cast<size_t>(slots_ * d_.pooled_w) * sizeof(ColumnTile<T>);
+  }
+  size_t capacity_bytes() const {
+    return weights_.capacity() * sizeof(T) + entries_.capacity() * sizeof(Entry) +
+           col_tiles_.capacity() * sizeof(ColumnTile<T>) + taps_.capacity() * sizeof(Tap) +
+           tap_counts_.capacity() * sizeof(int64_t);
+  }
+
+  AxisSpan row_span(int64_t slot, int64_t ph) const { return entry(slot, ph).span; }
+  AxisSpan col_span(int64_t slot, int64_t pw) const {
+    return entry(slot, d_.pooled_h + pw).span;
+  }
+  // The weights of a span, from its first pixel.
+  const T* row_weights(int64_t slot, int64_t ph) const {
+    return weights_.data() + entry(slot, ph).offset;
+  }
+  const T* col_weights(int64_t slot, int64_t pw) const {
+    return weights_.data() + entry(slot, d_.pooled_h + pw).offset;
+  }
+  const ColumnTile<T>& col_tile(int64_t slot, int64_t pw) const {
+    return col_tiles_[slot * d_.pooled_w + pw];
+  }
+
+  // Window of bin (ph, pw) of a slot. Returns false when the bin has no
+  // sample on the map.
+  bool window(int64_t slot, int64_t ph, int64_t pw, Window<T>* w) const {
+    const Entry& row = entry(slot, ph);
+    const Entry& col = entry(slot, d_.pooled_h + pw);
+    const AxisSpan r = row.span, c = col.span;
     if (r.first > r.last || c.first > c.last) return false;
     w->first_row = r.first;
     w->first_col = c.first;
     w->rows = r.last - r.first + 1;
     w->cols = c.last - c.first + 1;
     w->width = d_.width;
-    w->row_w = rows_.data() + ph * d_.height + r.first;
-    w->col_w = cols_.data() + pw * d_.width + c.first;
-    w->col_tile = &col_tiles_[pw];
+    w->row_w = weights_.data() + row.offset;
+    w->col_w = weights_.data() + col.offset;
+    w->col_tile = &col_tile(slot, pw);
     return true;
   }
 
  private:
-  T* row(int64_t ph) { return rows_.data() + ph * d_.height; }
-  T* col(int64_t pw) { return cols_.data() + pw * d_.width; }
+  // Taps add() keeps of a bin of at most kWalkWholeGrid samples.
+  static constexpr int64_t kKeptTaps = 2 * kWalkWholeGrid;
 
-  // Zeroes only what the previous compute() touched.
-  static void clear(T* weights, AxisSpan span) {
-    if (span.first <= span.last) std::fill(weights + span.first, weights + span.last + 1, T(0));
+  // A bin row's or column's span and where its weights start in weights_.
+  struct Entry {
+    AxisSpan span;
+    size_t offset;
+  };
+  const Entry& entry(int64_t slot, int64_t axis) const { return entries_[slot * axes_ + axis]; }
+
+  // Axis a of an RoI: its bin rows, then its bin columns.
+  struct Axis {
+    const RoiAxis<T>& axis;
+    int64_t bin, size;
+  };
+  Axis axis_of(const RoiGeometry<T>& g, int64_t a) const {
+    if (a < d_.pooled_h) return Axis{g.y, a, d_.height};
+    return Axis{g.x, a - d_.pooled_h, d_.width};
   }
+  static bool keeps_taps(const RoiAxis<T>& axis) {
+    return !axis.whole_pixels && axis.grid <= kWalkWholeGrid;
+  }
+  struct Tap {
+    int64_t pixel;
+    T weight;
+  };
 
   PsRoiDims d_;
-  std::vector<T> rows_, cols_;
-  std::vector<AxisSpan> row_spans_, col_spans_;
+  int64_t axes_;
+  int64_t slots_ = 0;
+  std::vector<T> weights_;
+  std::vector<Entry> entries_;  // per slot: its bin rows, then its bin columns
   std::vector<ColumnTile<T>> col_tiles_;
+  std::vector<Tap> taps_;            // add()'s: the kept taps of each bin of one RoI
+  std::vector<int64_t> tap_counts_;  // and how many each has
 };
 
 // Order in which the kernels visit RoIs: by image, then by band of rows,
@@ -156,6 +254,11 @@ inline int64_t forward_roi_block(const PsRoiDims& d) {
   return d.channels_out >= 32 ? 32 : 1;
 }
 
+// A block takes no further RoI once its weight tables fill this much
+// (half a typical L2: a block is about locality). 32 R-FCN boxes take about
+// 30 KB; a single RoI may take more.
+constexpr size_t kForwardTableBytes = size_t{256} << 10;
+
 // Weighted averages of window `w` of the bin's channels, from `first` (the
 // window's first pixel of the bin's first channel), into out[c * out_stride].
 // Consecutive output channels of a bin read channels channel_step() apart,
@@ -175,23 +278,31 @@ void gather_bin(const Layout& layout, const PsRoiDims& d, const Window<T>& w,
 
 // Forward for RoIs order[begin..end): every output channel of every bin.
 // Input and output in storage type S, RoIs and all arithmetic in its compute
-// type T.
+// type T. Returns the most scratch it held, in bytes: the weight tables of a
+// block (at most kForwardTableBytes plus one RoI's, RoiWeights), C_out sums
+// and a block's geometry, whatever the number of RoIs.
 template <typename S, typename Layout, typename T = ComputeType<S>>
-void forward_rois(const S* input, const T* rois, const PsRoiDims& d,
-                  T spatial_scale, int64_t sampling_ratio, const int64_t* order,
-                  int64_t begin, int64_t end, S* output) {
+size_t forward_rois(const S* input, const T* rois, const PsRoiDims& d,
+                    T spatial_scale, int64_t sampling_ratio, const int64_t* order,
+                    int64_t begin, int64_t end, S* output) {
   const Layout layout = Layout::of(d);
   const int64_t out_stride = Layout::pooled_channel_stride(d);
   std::vector<T> scratch(static_cast<size_t>(d.channels_out));
   const int64_t block = forward_roi_block(d);
-  std::vector<RoiWeights<T>> weights(static_cast<size_t>(block), RoiWeights<T>(d));
+  RoiWeights<T> weights(d);
   std::vector<RoiGeometry<T>> geometry(static_cast<size_t>(block));
-  for (int64_t first = begin; first < end; first += block) {
-    const int64_t count = std::min(block, end - first);
-    for (int64_t j = 0; j < count; ++j) {
-      geometry[j] = roi_geometry(rois, order[first + j], d, spatial_scale, sampling_ratio);
-      if (!geometry[j].empty()) weights[j].compute(geometry[j]);
+  std::vector<int64_t> slot(static_cast<size_t>(block));
+  size_t tables = 0;
+  for (int64_t first = begin, count; first < end; first += count) {
+    weights.clear();
+    for (count = 0; count < block && first + count < end &&
+                    (count == 0 || weights.bytes() < kForwardTableBytes);
+         ++count) {
+      geometry[count] =
+          roi_geometry(rois, order[first + count], d, spatial_scale, sampling_ratio);
+      slot[count] = geometry[count].empty() ? -1 : weights.add(geometry[count]);
     }
+    tables = std::max(tables, weights.capacity_bytes());
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
       for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
         for (int64_t j = 0; j < count; ++j) {
@@ -200,7 +311,7 @@ void forward_rois(const S* input, const T* rois, const PsRoiDims& d,
           S* out_bin = output + Layout::pooled_offset(d, order[first + j], 0, bin);
           Window<T> w;
           if (g.empty() && d.skip_empty_rois) continue;  // left as it was
-          if (g.empty() || !weights[j].window(ph, pw, &w)) {
+          if (g.empty() || !weights.window(slot[j], ph, pw, &w)) {
             for (int64_t c = 0; c < d.channels_out; ++c) {
               out_bin[c * out_stride] = Storage<S>::store(T(0));
             }
@@ -214,68 +325,98 @@ void forward_rois(const S* input, const T* rois, const PsRoiDims& d,
       }
     }
   }
+  return tables + scratch.capacity() * sizeof(T) +
+         geometry.capacity() * (sizeof(RoiGeometry<T>) + sizeof(int64_t));
 }
 
-// What the backward needs of every RoI's bins, computed once per call (in
-// parallel, by RoI) and then shared by all tasks: for each bin row its
-// window rows and their weights, for each bin column its window columns,
-// their weights and their column tile. Only windows of at most kMaxTileRows
-// rows and kMaxTileColumns columns are kept (and, for NCHW, only bin columns
-// that fit a tile); tasks recompute the weights of larger ones (boxes whose
-// bins exceed 8 x 12 pixels of the map in float32, 8 x 6 in float64).
+// A call's memory carved into arrays one after another, each from a cache
+// line (the backward's workspace, which XLA allocates as the call's further
+// result). With no memory it only counts the bytes.
+class Carver {
+ public:
+  explicit Carver(void* memory) : memory_(static_cast<char*>(memory)) {}
+
+  template <typename U>
+  U* take(int64_t count) {
+    U* p = memory_ ? reinterpret_cast<U*>(memory_ + used_) : nullptr;
+    used_ += (static_cast<size_t>(count) * sizeof(U) + 63) / 64 * 64;
+    return p;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* memory_;
+  size_t used_ = 0;
+};
+
+// What the backward needs of the bins of a pass's RoIs (a pass: the RoIs
+// [first, first + n) that the workspace holds at once; slot i is RoI
+// first + i), computed once per pass (in parallel, by RoI) and then shared
+// by all units: for each bin row its window rows and their weights, for
+// each bin column its window columns, their weights and their column tile.
+// Only windows of at most kMaxTileRows rows and kMaxTileColumns columns are
+// kept (and, for NCHW, only bin columns that fit a tile); units recompute
+// the weights of larger ones (boxes whose bins exceed 8 x 12 pixels of the
+// map in float32, 8 x 6 in float64), LargeWindows. About 1.3 KB a slot for
+// 7 x 7 bins in float32.
 template <typename T>
 class RoiTables {
  public:
-  explicit RoiTables(const PsRoiDims& d)
-      : d_(d),
-        geometry_(static_cast<size_t>(d.num_rois)),
-        roi_rows_(static_cast<size_t>(d.num_rois), AxisSpan{d.height, -1}),
-        row_spans_(static_cast<size_t>(d.num_rois * d.pooled_h), AxisSpan{d.height, -1}),
-        col_spans_(static_cast<size_t>(d.num_rois * d.pooled_w), AxisSpan{d.width, -1}),
-        row_w_(static_cast<size_t>(d.num_rois * d.pooled_h * kMaxTileRows)),
-        col_w_(static_cast<size_t>(d.num_rois * d.pooled_w * kMaxTileColumns)),
-        col_tiles_(static_cast<size_t>(d.num_rois * d.pooled_w)) {}
-
   static constexpr int64_t kMaxTileColumns = kMaxTileVectors * Lanes<T>::kCount;
 
-  // Fills the entries of RoIs [begin, end); `weights` is scratch.
-  void compute(const T* rois, T spatial_scale, int64_t sampling_ratio,
+  // The tables of up to `slots` RoIs, carved from `memory`.
+  RoiTables(const PsRoiDims& d, int64_t slots, Carver& memory)
+      : d_(d),
+        geometry_(memory.take<RoiGeometry<T>>(slots)),
+        roi_rows_(memory.take<AxisSpan>(slots)),
+        row_spans_(memory.take<AxisSpan>(slots * d.pooled_h)),
+        col_spans_(memory.take<AxisSpan>(slots * d.pooled_w)),
+        row_w_(memory.take<T>(slots * d.pooled_h * kMaxTileRows)),
+        col_w_(memory.take<T>(slots * d.pooled_w * kMaxTileColumns)),
+        col_tiles_(memory.take<ColumnTile<T>>(slots * d.pooled_w)) {}
+
+  // Fills the slots of RoIs [begin, end) of the pass from RoI `first`;
+  // `weights` is scratch.
+  void compute(const T* rois, T spatial_scale, int64_t sampling_ratio, int64_t first,
                int64_t begin, int64_t end, RoiWeights<T>* weights) {
     for (int64_t k = begin; k < end; ++k) {
+      const int64_t i = k - first;
       const RoiGeometry<T> g =
           roi_geometry(rois, k, d_, spatial_scale, sampling_ratio);
-      geometry_[k] = g;
+      geometry_[i] = g;
+      roi_rows_[i] = AxisSpan{d_.height, -1};
       if (g.empty()) continue;
-      weights->compute(g);
+      weights->clear();
+      const int64_t slot = weights->add(g);
       for (int64_t ph = 0; ph < d_.pooled_h; ++ph) {
-        const AxisSpan span = weights->row_span(ph);
-        row_spans_[k * d_.pooled_h + ph] = span;
+        const AxisSpan span = weights->row_span(slot, ph);
+        row_spans_[i * d_.pooled_h + ph] = span;
         if (span.first <= span.last) {
-          roi_rows_[k].first = std::min(roi_rows_[k].first, span.first);
-          roi_rows_[k].last = std::max(roi_rows_[k].last, span.last);
+          roi_rows_[i].first = std::min(roi_rows_[i].first, span.first);
+          roi_rows_[i].last = std::max(roi_rows_[i].last, span.last);
         }
         if (keeps_rows(span)) {
-          std::copy(weights->row_weights(ph) + span.first, weights->row_weights(ph) + span.last + 1,
-                    row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows);
+          std::copy_n(weights->row_weights(slot, ph), span.last - span.first + 1,
+                      row_w_ + (i * d_.pooled_h + ph) * kMaxTileRows);
         }
       }
       for (int64_t pw = 0; pw < d_.pooled_w; ++pw) {
-        const AxisSpan span = weights->col_span(pw);
-        col_spans_[k * d_.pooled_w + pw] = span;
-        col_tiles_[k * d_.pooled_w + pw] = weights->col_tile(pw);
+        const AxisSpan span = weights->col_span(slot, pw);
+        col_spans_[i * d_.pooled_w + pw] = span;
+        col_tiles_[i * d_.pooled_w + pw] = weights->col_tile(slot, pw);
         if (keeps_cols(span)) {
-          std::copy(weights->col_weights(pw) + span.first, weights->col_weights(pw) + span.last + 1,
-                    col_w_.data() + (k * d_.pooled_w + pw) * kMaxTileColumns);
+          std::copy_n(weights->col_weights(slot, pw), span.last - span.first + 1,
+                      col_w_ + (i * d_.pooled_w + pw) * kMaxTileColumns);
         }
       }
     }
   }
 
-  const RoiGeometry<T>& geometry(int64_t k) const { return geometry_[k]; }
-  // The rows that any bin of RoI k reads.
-  AxisSpan roi_rows(int64_t k) const { return roi_rows_[k]; }
-  AxisSpan row_span(int64_t k, int64_t ph) const { return row_spans_[k * d_.pooled_h + ph]; }
-  AxisSpan col_span(int64_t k, int64_t pw) const { return col_spans_[k * d_.pooled_w + pw]; }
+  const RoiGeometry<T>& geometry(int64_t i) const { return geometry_[i]; }
+  // The rows that any bin of slot i reads.
+  AxisSpan roi_rows(int64_t i) const { return roi_rows_[i]; }
+  AxisSpan row_span(int64_t i, int64_t ph) const { return row_spans_[i * d_.pooled_h + ph]; }
+  AxisSpan col_span(int64_t i, int64_t pw) const { return col_spans_[i * d_.pooled_w + pw]; }
   // Whether the tables keep the weights of a bin row's (column's) span: a
   // span of 1 to kMaxTileRows rows (kMaxTileColumns columns).
   static bool keeps_rows(AxisSpan span) {
@@ -285,22 +426,22 @@ class RoiTables {
     return span.first <= span.last && span.last - span.first < kMaxTileColumns;
   }
   // The weights of a span the tables keep.
-  const T* row_weights(int64_t k, int64_t ph) const {
-    return row_w_.data() + (k * d_.pooled_h + ph) * kMaxTileRows;
+  const T* row_weights(int64_t i, int64_t ph) const {
+    return row_w_ + (i * d_.pooled_h + ph) * kMaxTileRows;
   }
-  const T* col_weights(int64_t k, int64_t pw) const {
-    return col_w_.data() + (k * d_.pooled_w + pw) * kMaxTileColumns;
+  const T* col_weights(int64_t i, int64_t pw) const {
+    return col_w_ + (i * d_.pooled_w + pw) * kMaxTileColumns;
   }
 
-  // Window of bin (ph, pw) of RoI k. Returns false when the bin has no
+  // Window of bin (ph, pw) of slot i. Returns false when the bin has no
   // sample on the map; sets *fits = false, without a window, when the bin
   // needs the RoI's full weights (NCHW windows also need a column tile).
-  bool window(int64_t k, int64_t ph, int64_t pw, bool needs_tile, Window<T>* w,
+  bool window(int64_t i, int64_t ph, int64_t pw, bool needs_tile, Window<T>* w,
               bool* fits) const {
-    const AxisSpan r = row_spans_[k * d_.pooled_h + ph];
-    const AxisSpan c = col_spans_[k * d_.pooled_w + pw];
+    const AxisSpan r = row_spans_[i * d_.pooled_h + ph];
+    const AxisSpan c = col_spans_[i * d_.pooled_w + pw];
     if (r.first > r.last || c.first > c.last) return false;
-    const ColumnTile<T>& tile = col_tiles_[k * d_.pooled_w + pw];
+    const ColumnTile<T>& tile = col_tiles_[i * d_.pooled_w + pw];
     w->rows = r.last - r.first + 1;
     w->cols = c.last - c.first + 1;
     *fits = keeps_rows(r) && keeps_cols(c) && (!needs_tile || tile.vectors > 0);
@@ -308,18 +449,18 @@ class RoiTables {
     w->first_row = r.first;
     w->first_col = c.first;
     w->width = d_.width;
-    w->row_w = row_weights(k, ph);
-    w->col_w = col_weights(k, pw);
+    w->row_w = row_weights(i, ph);
+    w->col_w = col_weights(i, pw);
     w->col_tile = &tile;
     return true;
   }
 
  private:
   PsRoiDims d_;
-  std::vector<RoiGeometry<T>> geometry_;
-  std::vector<AxisSpan> roi_rows_, row_spans_, col_spans_;
-  std::vector<T> row_w_, col_w_;
-  std::vector<ColumnTile<T>> col_tiles_;
+  RoiGeometry<T>* geometry_;
+  AxisSpan *roi_rows_, *row_spans_, *col_spans_;
+  T *row_w_, *col_w_;
+  ColumnTile<T>* col_tiles_;
 };
 
 // Windows of bins too large for the tables: the RoI's weights, computed
@@ -333,10 +474,11 @@ class LargeWindows {
   void window(int64_t roi, const RoiGeometry<T>& g, int64_t ph, int64_t pw, Window<T>* w) {
     if (!weights_) weights_.emplace(d_);
     if (roi != roi_) {
-      weights_->compute(g);
+      weights_->clear();
+      weights_->add(g);
       roi_ = roi;
     }
-    weights_->window(ph, pw, w);
+    weights_->window(0, ph, pw, w);
   }
 
  private:
@@ -354,21 +496,23 @@ int64_t staged_run(const PsRoiDims& d, bool channels_last) {
   return channels_last ? padded_run<T>(d.channels_out) : d.channels_out;
 }
 
-// The cotangent (pooled tensor in `Layout`, storage type S) of RoIs
-// [begin, end) laid out bin-major, [PH * PW][K][run], in compute type T,
-// so that a backward unit reads one bin's values contiguously; written in
-// runs, while the RoI's reads stay in cache. Only RoIs that read
-// something (in `tables`): no unit visits the others (a level of
-// multi-scale RoI Align sees the RoIs of the other levels as such).
+// The cotangent (pooled tensor in `Layout`, storage type S) of a pass's
+// RoIs [begin, end), slots [0, n) from RoI `first`, laid out bin-major,
+// [PH * PW][n][run], in compute type T, so that a backward unit reads one
+// bin's values contiguously; written in runs, while the RoI's reads stay in
+// cache. Only RoIs that read something (in `tables`): no unit visits the
+// others (a level of multi-scale RoI Align sees the RoIs of the other
+// levels as such).
 template <typename S, typename Layout, typename T = ComputeType<S>>
 void to_bin_major(const S* values, const PsRoiDims& d, const RoiTables<T>& tables,
-                  int64_t begin, int64_t end, T* bin_major) {
+                  int64_t first, int64_t n, int64_t begin, int64_t end, T* bin_major) {
   const int64_t stride = Layout::pooled_channel_stride(d);
   const int64_t run = staged_run<T>(d, Layout::kChannelsLast);
   for (int64_t k = begin; k < end; ++k) {
-    if (tables.geometry(k).empty()) continue;
+    const int64_t i = k - first;
+    if (tables.geometry(i).empty()) continue;
     for (int64_t bin = 0; bin < d.bins(); ++bin) {
-      T* to = bin_major + (bin * d.num_rois + k) * run;
+      T* to = bin_major + (bin * n + i) * run;
       const S* from = values + Layout::pooled_offset(d, k, 0, bin);
       for (int64_t c = 0; c < d.channels_out; ++c) to[c] = Storage<S>::load(from[c * stride]);
       std::fill(to + d.channels_out, to + run, T(0));
@@ -402,14 +546,28 @@ RoisByImage rois_by_image(const PsRoiDims& d, ImageOf image_of) {
   return by;
 }
 
-// The RoIs of filled `tables` that have samples, by image.
+// The slots [0, n) of filled `tables` that have samples, by image.
 template <typename T>
-RoisByImage rois_by_image(const RoiTables<T>& tables, const PsRoiDims& d) {
-  return rois_by_image(d, [&](int64_t k) {
-    const RoiGeometry<T>& g = tables.geometry(k);
+RoisByImage rois_by_image(const RoiTables<T>& tables, const PsRoiDims& d, int64_t n) {
+  PsRoiDims pass = d;
+  pass.num_rois = n;
+  return rois_by_image(pass, [&](int64_t i) {
+    const RoiGeometry<T>& g = tables.geometry(i);
     return g.empty() ? int64_t{-1} : g.image;
   });
 }
+
+// What the units of one pass read: its tables, its RoIs by image (slots)
+// and its n slots' cotangent bin-major in runs of `run`.
+template <typename T>
+struct Pass {
+  const RoiTables<T>& tables;
+  const RoisByImage& by_image;
+  const T* bin_major;
+  int64_t n, run;
+
+  const T* cotangent(int64_t i, int64_t bin) const { return bin_major + (bin * n + i) * run; }
+};
 
 // A backward work unit owns part of one image's gradient, which stays in
 // cache while every RoI of the image visits it, in index order. Units write
@@ -505,57 +663,53 @@ class Units {
   int64_t chunks_;    // units per image
 };
 
-// NCHW unit: zeroes its num_c planes, `channel_stride` apart from
-// `first_plane`, then adds every RoI's windows of its bins (RoI by RoI,
-// bins in order).
+// NCHW unit: adds every RoI's windows of its bins (RoI by RoI, bins in
+// order) of one pass to its num_c planes, `channel_stride` apart from
+// `first_plane`.
 template <typename T>
-void backward_planes(const T* cotangent_bin_major, const PsRoiDims& d,
-                     const RoiTables<T>& tables, const RoisByImage& by_image,
-                     const Unit& u, T* first_plane, int64_t channel_stride) {
+void backward_planes(const Pass<T>& pass, const PsRoiDims& d, const Unit& u, T* first_plane,
+                     int64_t channel_stride) {
   const NchwLayout layout = NchwLayout::of(d);
-  for (int64_t c = 0; c < u.num_c; ++c) {
-    std::fill(first_plane + c * channel_stride,
-              first_plane + c * channel_stride + d.plane_size(), T(0));
-  }
+  const RoisByImage& by_image = pass.by_image;
   LargeWindows<T> large(d);
-  for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
-    const int64_t k = by_image.rois[i];
-    const RoiGeometry<T>& g = tables.geometry(k);
+  for (int64_t j = by_image.first[u.image]; j < by_image.first[u.image + 1]; ++j) {
+    const int64_t i = by_image.rois[j];
+    const RoiGeometry<T>& g = pass.tables.geometry(i);
     for (int64_t bin = u.bin_begin; bin < u.bin_end; ++bin) {
       const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
       Window<T> w;
       bool fits;
-      if (!tables.window(k, ph, pw, /*needs_tile=*/true, &w, &fits)) continue;
-      if (!fits) large.window(k, g, ph, pw, &w);
+      if (!pass.tables.window(i, ph, pw, /*needs_tile=*/true, &w, &fits)) continue;
+      if (!fits) large.window(i, g, ph, pw, &w);
       scatter_window(w, first_plane + layout.pixel_offset(w.first_row, w.first_col),
                      channel_stride, u.num_c, g.divisor(ph, pw, d),
-                     cotangent_bin_major + (bin * d.num_rois + k) * d.channels_out + u.c_begin,
-                     1);
+                     pass.cotangent(i, bin) + u.c_begin, 1);
     }
   }
 }
 
-// Rows [first_row, last_row] of bin row ph of RoI k, whose rows are in the
+// Rows [first_row, last_row] of bin row ph of slot i, whose rows are in the
 // tables, added to a band whose row first_row is `band_row`, in runs of V
 // vectors: row by row, skipping rows that weigh nothing (between the samples
 // of a large bin), then bin by bin along the row; bins whose columns are not
 // in the tables take the RoI's weights (`large`) and skip weightless
 // columns.
 template <typename T, int V>
-void add_bin_row(const T* cotangent_bin_major, const PsRoiDims& d, const RoiTables<T>& tables,
-                 int64_t k, int64_t ph, int64_t first_row, int64_t last_row, T* band_row,
-                 int64_t row_stride, int64_t pixel_stride, LargeWindows<T>& large) {
+void add_bin_row(const Pass<T>& pass, const PsRoiDims& d, int64_t i, int64_t ph,
+                 int64_t first_row, int64_t last_row, T* band_row, int64_t row_stride,
+                 int64_t pixel_stride, LargeWindows<T>& large) {
   constexpr int64_t kRun = V * Lanes<T>::kCount;
-  const RoiGeometry<T>& g = tables.geometry(k);
-  const AxisSpan rows = tables.row_span(k, ph);
-  const T* row_weights = tables.row_weights(k, ph) - rows.first;
+  const RoiTables<T>& tables = pass.tables;
+  const RoiGeometry<T>& g = tables.geometry(i);
+  const AxisSpan rows = tables.row_span(i, ph);
+  const T* row_weights = tables.row_weights(i, ph) - rows.first;
   for (int64_t y = first_row; y <= last_row; ++y, band_row += row_stride) {
     if (row_weights[y] == T(0)) continue;
     for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
-      const AxisSpan cols = tables.col_span(k, pw);
+      const AxisSpan cols = tables.col_span(i, pw);
       if (cols.first > cols.last) continue;
       const int64_t bin = ph * d.pooled_w + pw;
-      const T* cot = cotangent_bin_major + (bin * d.num_rois + k) * kRun;
+      const T* cot = pass.cotangent(i, bin);
       T* first = band_row + (d.shared_channels() ? 0 : bin * kRun);
       const T divisor = g.divisor(ph, pw, d);
       Window<T> w{};
@@ -563,9 +717,9 @@ void add_bin_row(const T* cotangent_bin_major, const PsRoiDims& d, const RoiTabl
       if (cols_kept) {
         w.first_col = cols.first;
         w.cols = cols.last - cols.first + 1;
-        w.col_w = tables.col_weights(k, pw);
+        w.col_w = tables.col_weights(i, pw);
       } else {
-        large.window(k, g, ph, pw, &w);
+        large.window(i, g, ph, pw, &w);
       }
       w.rows = 1;
       w.row_w = row_weights + y;
@@ -579,8 +733,8 @@ void add_bin_row(const T* cotangent_bin_major, const PsRoiDims& d, const RoiTabl
   }
 }
 
-// Channels-last unit: zeroes its rows, whose first pixel is `band`, then
-// adds the part of every RoI's bin windows that falls in them. Each pixel's
+// Channels-last unit: adds the part of every RoI's bin windows of one pass
+// that falls in its rows, whose first pixel is `band`. Each pixel's
 // channels are summed bin-major, whatever the map's order: bin b's output
 // channels are a run at b * run (at 0 for every bin with shared channels),
 // `run` = staged_run() channels from the pixel's first; pixels are
@@ -590,26 +744,26 @@ void add_bin_row(const T* cotangent_bin_major, const PsRoiDims& d, const RoiTabl
 // the map, and the rows of a window between samples weigh nothing. Other
 // bins go window by window, skipping weightless pixels.
 template <typename T, int V>
-void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
-                   const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Unit& u, T* band, int64_t pixel_stride) {
-  const int64_t run = staged_run<T>(d, /*channels_last=*/true);
+void backward_rows(const Pass<T>& pass, const PsRoiDims& d, const Unit& u, T* band,
+                   int64_t pixel_stride) {
+  const RoiTables<T>& tables = pass.tables;
+  const RoisByImage& by_image = pass.by_image;
+  const int64_t run = pass.run;
   const int64_t row_stride = d.width * pixel_stride;
-  std::fill(band, band + (u.row_end - u.row_begin) * row_stride, T(0));
   LargeWindows<T> large(d);
-  for (int64_t i = by_image.first[u.image]; i < by_image.first[u.image + 1]; ++i) {
-    const int64_t k = by_image.rois[i];
-    const AxisSpan roi_rows = tables.roi_rows(k);
+  for (int64_t j = by_image.first[u.image]; j < by_image.first[u.image + 1]; ++j) {
+    const int64_t i = by_image.rois[j];
+    const AxisSpan roi_rows = tables.roi_rows(i);
     if (roi_rows.last < u.row_begin || roi_rows.first >= u.row_end) continue;
-    const RoiGeometry<T>& g = tables.geometry(k);
+    const RoiGeometry<T>& g = tables.geometry(i);
     for (int64_t ph = 0; ph < d.pooled_h; ++ph) {
-      const AxisSpan rows = tables.row_span(k, ph);
+      const AxisSpan rows = tables.row_span(i, ph);
       const int64_t first_row = std::max(rows.first, u.row_begin);
       const int64_t last_row = std::min(rows.last, u.row_end - 1);
       if (first_row > last_row) continue;
       if constexpr (V > 0) {
         if (RoiTables<T>::keeps_rows(rows)) {
-          add_bin_row<T, V>(cotangent_bin_major, d, tables, k, ph, first_row, last_row,
+          add_bin_row<T, V>(pass, d, i, ph, first_row, last_row,
                             band + (first_row - u.row_begin) * row_stride, row_stride,
                             pixel_stride, large);
           continue;
@@ -618,8 +772,8 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
       for (int64_t pw = 0; pw < d.pooled_w; ++pw) {
         Window<T> w{};
         bool fits;
-        if (!tables.window(k, ph, pw, /*needs_tile=*/false, &w, &fits)) continue;
-        if (!fits) large.window(k, g, ph, pw, &w);
+        if (!tables.window(i, ph, pw, /*needs_tile=*/false, &w, &fits)) continue;
+        if (!fits) large.window(i, g, ph, pw, &w);
         // The rows of the window in this unit's band.
         w.row_w += first_row - w.first_row;
         w.first_row = first_row;
@@ -628,23 +782,20 @@ void backward_rows(const T* cotangent_bin_major, const PsRoiDims& d,
         scatter_sparse_runs(
             w, band + (first_row - u.row_begin) * row_stride + w.first_col * pixel_stride +
                    (d.shared_channels() ? 0 : bin * run),
-            row_stride, pixel_stride, run, g.divisor(ph, pw, d),
-            cotangent_bin_major + (bin * d.num_rois + k) * run);
+            row_stride, pixel_stride, run, g.divisor(ph, pw, d), pass.cotangent(i, bin));
       }
     }
   }
 }
 
-// backward_rows for runs of `run` channels.
+// backward_rows for the pass's runs.
 template <typename T>
-void backward_rows(const T* cotangent_bin_major, int64_t run, const PsRoiDims& d,
-                   const RoiTables<T>& tables, const RoisByImage& by_image, const Unit& u,
-                   T* band, int64_t pixel_stride) {
+void backward_rows(const Pass<T>& pass, const PsRoiDims& d, const Unit& u, T* band,
+                   int64_t pixel_stride) {
   constexpr int64_t L = Lanes<T>::kCount;
-  const int64_t vectors = run <= kMaxPaddedRun ? run / L : 0;
+  const int64_t vectors = pass.run <= kMaxPaddedRun ? pass.run / L : 0;
   auto rows = [&](auto v) {
-    backward_rows<T, decltype(v)::value>(cotangent_bin_major, d, tables, by_image, u, band,
-                                         pixel_stride);
+    backward_rows<T, decltype(v)::value>(pass, d, u, band, pixel_stride);
   };
   dispatch_vectors<kMaxPaddedRun / L>(vectors, rows);
 }
@@ -703,18 +854,136 @@ void pixel_from_bin_major(const T* from, int64_t run, const PsRoiDims& d, S* to)
   }
 }
 
-// Backward for unit `index`: its part of the gradient, from the bin-major
-// cotangent, summed in compute type T. With a 16-bit storage type S the unit
-// sums in a scratch of its own (its part fits the cache budget) and rounds
-// each result into `grad` once; otherwise it sums in `grad` itself where the
-// layout allows.
+// Whether backward units sum their part of the gradient apart from it (and
+// then write it out): 16-bit gradients sum in float32, and channels-last
+// ones bin-major in padded runs unless the map's order is that (bin-major
+// or shared channels, runs unpadded).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
-                   const RoiTables<T>& tables, const RoisByImage& by_image,
-                   const Units& units, int64_t index, S* grad) {
+bool sums_apart(const PsRoiDims& d) {
+  if (!std::is_same_v<S, T>) return true;
+  return Layout::kChannelsLast && !(d.channel_order != ChannelOrder::kTorchvision &&
+                                    staged_run<T>(d, true) == d.channels_out);
+}
+
+// Elements of the sums of every unit apart from the gradient: the gradient
+// in NCHW, each pixel's bin-major runs channels-last.
+template <typename T, typename Layout>
+int64_t apart_elements(const PsRoiDims& d) {
+  if constexpr (Layout::kChannelsLast) {
+    const int64_t groups = d.shared_channels() ? 1 : d.bins();
+    return d.num_images * d.plane_size() * groups * staged_run<T>(d, true);
+  } else {
+    return d.feature_elements();
+  }
+}
+
+// A backward call takes its RoIs in passes: the tables and the bin-major
+// cotangent of a pass's RoIs are made in the workspace that XLA allocates
+// as the call's further result, then every unit adds them to its part of
+// the gradient. A pass holds as many RoIs as fit max(kPassBytes, the
+// gradient's size in the compute type): every RoI's tables at once took
+// 1.6-2.1 KB per RoI outside XLA's sight, and with 10^6 RoIs every unit
+// streamed them all from memory (11 s where the forward took 1.4 s). Each
+// further pass makes each unit that meets its RoIs visit its part again;
+// with passes the size of the gradient that costs at most what the pass
+// itself moves. Units whose sums are apart from the gradient keep them
+// between passes in an accumulator in the workspace (the gradient's size,
+// in float32 for 16-bit types; channels-last, padded runs). Each element
+// still sums its terms in RoI order from zero: the gradient does not depend
+// on the passes, bit for bit.
+constexpr int64_t kPassBytes = int64_t{8} << 20;
+
+struct BackwardPlan {
+  int64_t pass_rois;  // RoIs of a pass (the last may have fewer)
+  int64_t passes;     // at least 1: a call without RoIs still zeroes the gradient
+  bool accumulates;   // whether units keep their sums in the workspace's accumulator
+};
+
+// Workspace bytes of a plan.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+size_t workspace_bytes(const PsRoiDims& d, int64_t pass_rois, bool accumulates) {
+  Carver memory(nullptr);
+  RoiTables<T>(d, pass_rois, memory);
+  memory.take<T>(pass_rois * d.bins() * staged_run<T>(d, Layout::kChannelsLast));
+  if (accumulates) memory.take<T>(apart_elements<T, Layout>(d));
+  return memory.used();
+}
+
+// The most RoIs, up to all, whose pass fits `limit` bytes of workspace.
+template <typename S, typename Layout>
+int64_t largest_pass(const PsRoiDims& d, size_t limit, bool accumulates) {
+  int64_t lo = 0, hi = d.num_rois;  // the answer is in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = hi - (hi - lo) / 2;
+    if (workspace_bytes<S, Layout>(d, mid, accumulates) <= limit) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// The workspace of passes of `pass_rois` RoIs (all of them: one pass, no
+// accumulator).
+template <typename S, typename Layout>
+size_t pass_workspace_bytes(const PsRoiDims& d, int64_t pass_rois) {
+  return workspace_bytes<S, Layout>(d, pass_rois,
+                                    pass_rois < d.num_rois && sums_apart<S, Layout>(d));
+}
+
+// The least workspace that any plan fits: all RoIs in one pass, or passes
+// of one RoI beside the accumulator.
+template <typename S, typename Layout>
+size_t least_workspace_bytes(const PsRoiDims& d) {
+  return std::min(pass_workspace_bytes<S, Layout>(d, d.num_rois),
+                  pass_workspace_bytes<S, Layout>(d, std::min<int64_t>(1, d.num_rois)));
+}
+
+// The plan of a call given `available` workspace bytes, at least
+// least_workspace_bytes: one pass when every RoI fits, else passes of as
+// many RoIs as fit beside the accumulator.
+template <typename S, typename Layout>
+BackwardPlan plan_backward(const PsRoiDims& d, size_t available) {
+  const int64_t k = d.num_rois;
+  if (workspace_bytes<S, Layout>(d, k, false) <= available) return {k, 1, false};
+  const bool accumulates = sums_apart<S, Layout>(d);
+  const int64_t n = largest_pass<S, Layout>(d, available, accumulates);
+  return {n, (k + n - 1) / n, accumulates};
+}
+
+// The workspace a backward call asks XLA for (jax_psroi._primitives): all
+// RoIs in one pass when their tables and cotangent fit max(kPassBytes, the
+// gradient in the compute type), else passes of that size (at least one
+// RoI) and the accumulator.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+size_t backward_workspace_bytes(const PsRoiDims& d) {
+  const size_t budget = std::max<size_t>(
+      kPassBytes, static_cast<size_t>(d.feature_elements()) * sizeof(T));
+  const int64_t n = std::max<int64_t>(1, largest_pass<S, Layout>(d, budget, false));
+  return pass_workspace_bytes<S, Layout>(d, std::min(n, d.num_rois));
+}
+
+// Where a unit's sums go in one pass: the first zeroes them, the last
+// writes them into the gradient (when apart from it); with several passes,
+// sums apart from the gradient are kept in `accumulator`, laid out as
+// apart_elements says.
+template <typename T>
+struct PassOrder {
+  bool first, last;
+  T* accumulator;  // null with a single pass
+};
+
+// Backward for unit `index` and one pass: its part of the gradient, from
+// the pass's bin-major cotangent, summed in compute type T. With a 16-bit
+// storage type S the unit sums apart (its part fits the cache budget, or in
+// the accumulator) and rounds each result into `grad` once; otherwise it
+// sums in `grad` itself where the layout allows.
+template <typename S, typename Layout, typename T = ComputeType<S>>
+void backward_unit(const Pass<T>& pass, const PsRoiDims& d, const Units& units, int64_t index,
+                   const PassOrder<T>& order, S* grad) {
   const Layout layout = Layout::of(d);
   const Unit u = units[index];
-  constexpr bool kInPlace = std::is_same_v<S, T>;
   thread_local std::vector<T> scratch;
   // A unit is at least a row or a plane, which can exceed the cache budget
   // on large maps: such scratch goes back when the unit is done.
@@ -726,40 +995,62 @@ void backward_unit(const T* cotangent_bin_major, const PsRoiDims& d,
   if constexpr (Layout::kChannelsLast) {
     S* band = grad + layout.plane_offset(u.image, 0) + layout.pixel_offset(u.row_begin, 0);
     const int64_t pixels = (u.row_end - u.row_begin) * d.width;
-    const int64_t run = staged_run<T>(d, /*channels_last=*/true);
-    const int64_t groups = d.shared_channels() ? 1 : d.bins();
-    if constexpr (kInPlace) {
-      if (d.channel_order != ChannelOrder::kTorchvision && run == d.channels_out) {
-        backward_rows(cotangent_bin_major, run, d, tables, by_image, u, band, d.channels);
-        return;  // summed as laid out
+    if constexpr (std::is_same_v<S, T>) {
+      if (!sums_apart<S, Layout>(d)) {  // summed as laid out
+        if (order.first) std::fill(band, band + pixels * d.channels, T(0));
+        backward_rows(pass, d, u, band, d.channels);
+        return;
       }
     }
     // The band summed bin-major in padded runs (in torchvision's order a
     // tap's output channels would be bins() apart, a cache line each), then
     // each pixel's channels written out in the map's order and type.
-    const int64_t pixel_stride = groups * run;
-    scratch.resize(static_cast<size_t>(pixels * pixel_stride));
-    backward_rows(cotangent_bin_major, run, d, tables, by_image, u, scratch.data(),
-                  pixel_stride);
+    const int64_t pixel_stride = (d.shared_channels() ? 1 : d.bins()) * pass.run;
+    T* sums;
+    if (order.accumulator) {
+      sums = order.accumulator + (u.image * d.height + u.row_begin) * d.width * pixel_stride;
+    } else {
+      scratch.resize(static_cast<size_t>(pixels * pixel_stride));
+      sums = scratch.data();
+    }
+    if (order.first) std::fill(sums, sums + pixels * pixel_stride, T(0));
+    backward_rows(pass, d, u, sums, pixel_stride);
+    if (!order.last) return;
     for (int64_t pixel = 0; pixel < pixels; ++pixel) {
-      pixel_from_bin_major(scratch.data() + pixel * pixel_stride, run, d,
-                           band + pixel * d.channels);
+      pixel_from_bin_major(sums + pixel * pixel_stride, pass.run, d, band + pixel * d.channels);
     }
   } else {
     const int64_t channel_stride = d.channel_step() * layout.channel_stride();
-    S* first_plane = grad + layout.plane_offset(
+    const int64_t first_offset = layout.plane_offset(
         u.image, d.first_channel(u.bin_begin) + u.c_begin * d.channel_step());
-    if constexpr (kInPlace) {
-      backward_planes(cotangent_bin_major, d, tables, by_image, u, first_plane, channel_stride);
-    } else {
-      // The unit's planes, packed.
-      scratch.resize(static_cast<size_t>(u.num_c * d.plane_size()));
-      backward_planes(cotangent_bin_major, d, tables, by_image, u, scratch.data(),
-                      d.plane_size());
+    auto zero = [&](T* planes, int64_t stride) {
       for (int64_t c = 0; c < u.num_c; ++c) {
-        const T* from = scratch.data() + c * d.plane_size();
-        S* to = first_plane + c * channel_stride;
-        for (int64_t i = 0; i < d.plane_size(); ++i) to[i] = Storage<S>::store(from[i]);
+        std::fill(planes + c * stride, planes + c * stride + d.plane_size(), T(0));
+      }
+    };
+    if constexpr (std::is_same_v<S, T>) {
+      T* planes = grad + first_offset;
+      if (order.first) zero(planes, channel_stride);
+      backward_planes(pass, d, u, planes, channel_stride);
+    } else {
+      // The unit's planes in the accumulator, at the gradient's places, or
+      // packed in scratch.
+      T* sums;
+      int64_t stride = channel_stride;
+      if (order.accumulator) {
+        sums = order.accumulator + first_offset;
+      } else {
+        scratch.resize(static_cast<size_t>(u.num_c * d.plane_size()));
+        sums = scratch.data();
+        stride = d.plane_size();
+      }
+      if (order.first) zero(sums, stride);
+      backward_planes(pass, d, u, sums, stride);
+      if (!order.last) return;
+      for (int64_t c = 0; c < u.num_c; ++c) {
+        const T* from = sums + c * stride;
+        S* to = grad + first_offset + c * channel_stride;
+        for (int64_t p = 0; p < d.plane_size(); ++p) to[p] = Storage<S>::store(from[p]);
       }
     }
   }
