@@ -200,6 +200,12 @@ PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
   return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + fixed + K * tile_rows_of(d);
 }
 
+// Whether a call's forward and backward blocks sum the samples of a grid
+// past kPerSampleGrid pixel by pixel (psroi_math.h): only a fixed sampling
+// ratio past it puts many samples in a pixel, and the blocks for those calls
+// are instantiated apart, so that the others carry none of their code.
+PSROI_HD bool pixel_sums(int64_t sampling_ratio) { return sampling_ratio > kPerSampleGrid; }
+
 // --- 1. Buckets -------------------------------------------------------------
 
 // What the kernels need of RoI `roi`: its box, its image and, for the
@@ -407,7 +413,8 @@ PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
   return cb;
 }
 
-template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
+template <typename Exec, typename S, typename Layout, bool kPixelSums,
+          typename T = ComputeType<S>>
 PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
                             int64_t sampling_ratio, const Workspace& ws, int64_t block,
                             S* output) {
@@ -447,8 +454,8 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
       T value[1] = {static_cast<T>(0)};
       if (image < d.num_images) {
         const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
-        pooled_values<1>(plane_of(cb.c_out, cb.bin), plane_step, 1, layout, g, d, cb.ph, cb.pw,
-                         value);
+        pooled_values<1, kPixelSums>(plane_of(cb.c_out, cb.bin), plane_step, 1, layout, g, d,
+                                     cb.ph, cb.pw, value);
       }
       output[Layout::pooled_offset(d, roi, cb.c_out, cb.bin)] = Storage<S>::store(value[0]);
     });
@@ -466,8 +473,8 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
       T values[kForwardPlanes] = {};
       if (image < d.num_images) {
         const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
-        pooled_values<kForwardPlanes>(plane_of(c_out0, bin), plane_step, planes, layout, g, d,
-                                      ph, pw, values);
+        pooled_values<kForwardPlanes, kPixelSums>(plane_of(c_out0, bin), plane_step, planes,
+                                                  layout, g, d, ph, pw, values);
       }
       for (int k = 0; k < kForwardPlanes; ++k) {
         if (k < planes) {
@@ -599,7 +606,7 @@ struct BackwardShared {
 
 // Adds bin `bin` of RoI `roi` to the list at `entry`, for the tile at
 // (y0, x0).
-template <typename T>
+template <bool kPixelSums, typename T>
 PSROI_HD void make_entry(const Workspace& ws, const PsRoiDims& d, int64_t sampling_ratio,
                          const int32_t* row_spans, const int32_t* col_spans, int64_t roi,
                          int64_t image, int64_t bin, int64_t y0, int64_t x0, int64_t entry,
@@ -624,10 +631,10 @@ PSROI_HD void make_entry(const Workspace& ws, const PsRoiDims& d, int64_t sampli
   for (int c = 0; c < kTileCols; ++c) wx[c] = static_cast<T>(0);
   // The weights the bin gives the tile's rows and columns (its separable
   // form, as the CPU's RoiWeights sums it over a bin's span).
-  for_each_axis_tap(g.y, ph, d.height, [&](int64_t y, T weight) {
+  for_each_axis_tap<kPixelSums>(g.y, ph, d.height, [&](int64_t y, T weight) {
     if (y >= y0 && y < y0 + kTileRows) wy[y - y0] += weight;
   });
-  for_each_axis_tap(g.x, pw, d.width, [&](int64_t x, T weight) {
+  for_each_axis_tap<kPixelSums>(g.x, pw, d.width, [&](int64_t x, T weight) {
     if (x >= x0 && x < x0 + kTileCols) wx[x - x0] += weight;
   });
   const T divisor = g.divisor(ph, pw, d);
@@ -685,7 +692,7 @@ struct CotangentAtMaximum {
 
 // `sums` is the gradient itself when S is the compute type, else the
 // compute-type accumulator; it carries partial sums between passes only.
-template <typename Exec, typename S, typename Layout, typename Term,
+template <typename Exec, typename S, typename Layout, bool kPixelSums, typename Term,
           typename T = ComputeType<S>>
 PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
                              const PsRoiDims& d, int64_t sampling_ratio, const Workspace& ws,
@@ -733,8 +740,8 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
         const int64_t hits = ex.compact(
             n, [&](int64_t i) { return meets_tile(ws.order[k0 + i]); }, listed, kCapacity,
             [&](int64_t i, int64_t at) {
-              make_entry(ws, d, sampling_ratio, row_spans, col_spans, ws.order[k0 + i],
-                         image, bin, y0, x0, at, sh);
+              make_entry<kPixelSums>(ws, d, sampling_ratio, row_spans, col_spans,
+                                     ws.order[k0 + i], image, bin, y0, x0, at, sh);
             });
         if (listed + hits > kCapacity) break;
         ex.single([&] {

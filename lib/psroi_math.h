@@ -443,7 +443,7 @@ PSROI_HD SampleRange in_map_samples(const RoiAxis<T>& axis, int64_t bin,
 }
 
 // ---------------------------------------------------------------------------
-// Pooled values, as the CUDA forward computes them (gpu_schedule.h).
+// The samples a kernel visits.
 
 // Grids of at most this many samples per axis are walked whole (axis_tap
 // skips the samples off the map): cheaper than finding the in-map range.
@@ -453,72 +453,6 @@ template <typename T>
 PSROI_HD SampleRange samples_to_visit(const RoiAxis<T>& axis, int64_t bin, int64_t size) {
   if (axis.grid <= kWalkWholeGrid) return SampleRange{0, axis.grid};
   return in_map_samples(axis, bin, size);
-}
-
-// Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
-// map, in torchvision's order (rows outer, columns inner).
-template <typename T, typename Visit>
-PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
-                                     const PsRoiDims& d, int64_t ph,
-                                     int64_t pw, Visit& visit) {
-  const SampleRange ry = samples_to_visit(g.y, ph, d.height);
-  const SampleRange rx = samples_to_visit(g.x, pw, d.width);
-  for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
-    const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
-    if (!ty.valid) continue;
-    for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
-      const AxisTap<T> tx = axis_tap(g.x.sample(pw, ix), d.width);
-      if (tx.valid) visit(ty, tx);
-    }
-  }
-}
-
-// Pooled values of bin (ph, pw) of a non-empty RoI of geometry g in
-// `planes` (<= kPlanes) input planes, the first at `plane` and each next
-// `plane_step` elements further (the input channels consecutive output
-// channels of the bin read; pixel (y, x) of a plane at
-// layout.pixel_offset(y, x)), into values[0, planes) in the compute type T
-// of storage type S (the caller stores them). The taps are found once for
-// all planes; each value is summed as for a plane alone.
-template <int kPlanes, typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
-                            const Layout& layout, const RoiGeometry<T>& g, const PsRoiDims& d,
-                            int64_t ph, int64_t pw, T (&values)[kPlanes]) {
-  for (int k = 0; k < kPlanes; ++k) values[k] = static_cast<T>(0);
-  auto at = [&](int k, int64_t offset) {
-    return Storage<S>::load(plane[k * plane_step + offset]);
-  };
-  if (d.whole_pixels) {  // torchvision's sum, row by row, over the window
-    const AxisSpan rows = g.y.window(ph, d.height), cols = g.x.window(pw, d.width);
-    for (int64_t y = rows.first; y <= rows.last; ++y) {
-      for (int64_t x = cols.first; x <= cols.last; ++x) {
-        const int64_t offset = layout.pixel_offset(y, x);
-        for (int k = 0; k < kPlanes; ++k) {
-          if (k < planes) values[k] += at(k, offset);
-        }
-      }
-    }
-    const T divisor = g.divisor(ph, pw, d);
-    for (int k = 0; k < kPlanes; ++k) {
-      values[k] = divisor > static_cast<T>(0) ? values[k] / divisor : static_cast<T>(0);
-    }
-    return;
-  }
-  auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
-    const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
-    const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
-    const int64_t o1 = layout.pixel_offset(ty.low, tx.low);
-    const int64_t o2 = layout.pixel_offset(ty.low, tx.high);
-    const int64_t o3 = layout.pixel_offset(ty.high, tx.low);
-    const int64_t o4 = layout.pixel_offset(ty.high, tx.high);
-    for (int k = 0; k < kPlanes; ++k) {
-      if (k < planes) {
-        values[k] += w1 * at(k, o1) + w2 * at(k, o2) + w3 * at(k, o3) + w4 * at(k, o4);
-      }
-    }
-  };
-  for_each_sample_on_map(g, d, ph, pw, add_sample);
-  for (int k = 0; k < kPlanes; ++k) values[k] /= g.count;
 }
 
 // ---------------------------------------------------------------------------
@@ -618,17 +552,24 @@ PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t si
   return span;
 }
 
+// Grids of more than this many samples per axis sum their samples' weights
+// pixel by pixel in double before handing them over (for_each_axis_tap),
+// and the CUDA forward sums their bins in the separable form
+// (pooled_values). One by one in float32, the weights of 2^22 samples that
+// fall in one pixel drifted by up to 5e-2 (0.5 added to a sum past 2^21 is
+// rounded to a quarter), and a bin of 2^23 x 2^23 samples was out of reach
+// for a GPU thread. Below it, at most 64 samples of a bin fall in one pixel
+// (and at most 64 x 64 make one bin of the CUDA forward): torchvision's
+// per-sample sums, unchanged, good to 64 roundings, 4e-6 relative. Only a
+// fixed sampling ratio past it puts many samples in a pixel: an adaptive
+// grid, ceil(bin size), puts at most two there.
+constexpr int64_t kPerSampleGrid = 64;
+
 // Calls add(pixel, weight) for the low and then the high tap of every sample
-// of bin `bin` on the map, in sample order (or for every pixel of a window,
-// with weight 1): the weights a bin gives the pixels of one axis, which the
-// callers sum. Every pixel lies in touched_pixels(axis, bin, size).
+// of bin `bin` on the map, in sample order: the weights a bin's samples give
+// the pixels of one axis, as torchvision sums them.
 template <typename T, typename Add>
-PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t size, Add add) {
-  if (axis.whole_pixels) {
-    const AxisSpan w = axis.window(bin, size);
-    for (int64_t pixel = w.first; pixel <= w.last; ++pixel) add(pixel, static_cast<T>(1));
-    return;
-  }
+PSROI_HD void for_each_sample_tap(const RoiAxis<T>& axis, int64_t bin, int64_t size, Add add) {
   const SampleRange r = samples_to_visit(axis, bin, size);
   for (int64_t i = r.begin; i < r.end; ++i) {
     const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);
@@ -636,6 +577,167 @@ PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t siz
     add(t.low, t.w_low);
     add(t.high, t.w_high);
   }
+}
+
+// Calls add(pixel, weight) once for every pixel that the samples of bin
+// `bin` on the map reach, with the weights of all its taps summed in double,
+// in the order the samples reach the pixels: the large grids' part of
+// for_each_axis_tap.
+template <typename T, typename Add>
+PSROI_HD void for_each_pixel_weight(const RoiAxis<T>& axis, int64_t bin, int64_t size,
+                                    Add add) {
+  // Coordinates are monotone in the sample index, so the samples come in
+  // runs with the same two taps: each run's weights are summed per tap,
+  // and handed to the pixel (in the direction of travel, so that the pixel
+  // two runs share gets both of their sums before it is handed over).
+  const bool increasing = axis.bin_size >= static_cast<T>(0);
+  int64_t pixel = -1;
+  double pixel_weight = 0;
+  auto give = [&](int64_t p, double weight) {
+    if (p != pixel) {
+      if (pixel >= 0) add(pixel, static_cast<T>(pixel_weight));
+      pixel = p;
+      pixel_weight = 0;
+    }
+    pixel_weight += weight;
+  };
+  int64_t low = -1, high = -1;
+  double w_low = 0, w_high = 0;
+  auto end_run = [&] {
+    if (low < 0) return;
+    if (increasing) {
+      give(low, w_low);
+      give(high, w_high);
+    } else {
+      give(high, w_high);
+      give(low, w_low);
+    }
+  };
+  const SampleRange r = samples_to_visit(axis, bin, size);
+  for (int64_t i = r.begin; i < r.end; ++i) {
+    const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);
+    if (!t.valid) continue;
+    if (t.low != low) {
+      end_run();
+      low = t.low;
+      high = t.high;
+      w_low = w_high = 0;
+    }
+    w_low += t.w_low;
+    w_high += t.w_high;
+  }
+  end_run();
+  if (pixel >= 0) add(pixel, static_cast<T>(pixel_weight));
+}
+
+// Calls add(pixel, weight) with the weights that bin `bin`'s samples on the
+// map give the pixels of one axis (or with weight 1 for every pixel of a
+// window), which the callers sum; every pixel lies in touched_pixels(axis,
+// bin, size). Grids of at most kPerSampleGrid samples: for_each_sample_tap;
+// larger ones: for_each_pixel_weight, unless kPixelSums is false (CUDA
+// kernels of calls whose grids put few samples in a pixel, which carry no
+// code of the other: gpu_schedule.h, pixel_sums).
+template <bool kPixelSums = true, typename T, typename Add>
+PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t size, Add add) {
+  if (axis.whole_pixels) {
+    const AxisSpan w = axis.window(bin, size);
+    for (int64_t pixel = w.first; pixel <= w.last; ++pixel) add(pixel, static_cast<T>(1));
+    return;
+  }
+  if constexpr (kPixelSums) {
+    if (axis.grid > kPerSampleGrid) {
+      for_each_pixel_weight(axis, bin, size, add);
+      return;
+    }
+  }
+  for_each_sample_tap(axis, bin, size, add);
+}
+
+// ---------------------------------------------------------------------------
+// Pooled values, as the CUDA forward computes them (gpu_schedule.h).
+
+// Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
+// map, in torchvision's order (rows outer, columns inner).
+template <typename T, typename Visit>
+PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
+                                     const PsRoiDims& d, int64_t ph,
+                                     int64_t pw, Visit& visit) {
+  const SampleRange ry = samples_to_visit(g.y, ph, d.height);
+  const SampleRange rx = samples_to_visit(g.x, pw, d.width);
+  for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
+    const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
+    if (!ty.valid) continue;
+    for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
+      const AxisTap<T> tx = axis_tap(g.x.sample(pw, ix), d.width);
+      if (tx.valid) visit(ty, tx);
+    }
+  }
+}
+
+// Pooled values of bin (ph, pw) of a non-empty RoI of geometry g in
+// `planes` (<= kPlanes) input planes, the first at `plane` and each next
+// `plane_step` elements further (the input channels consecutive output
+// channels of the bin read; pixel (y, x) of a plane at
+// layout.pixel_offset(y, x)), into values[0, planes) in the compute type T
+// of storage type S (the caller stores them). The taps are found once for
+// all planes; each value is summed as for a plane alone. kPixelSums: as
+// for_each_axis_tap; grids past kPerSampleGrid are then summed in the
+// separable form, each row's summed weight times each column's (sample by
+// sample, a bin at the cap holds 2^46 samples).
+template <int kPlanes, bool kPixelSums, typename S, typename Layout,
+          typename T = ComputeType<S>>
+PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
+                            const Layout& layout, const RoiGeometry<T>& g, const PsRoiDims& d,
+                            int64_t ph, int64_t pw, T (&values)[kPlanes]) {
+  for (int k = 0; k < kPlanes; ++k) values[k] = static_cast<T>(0);
+  auto at = [&](int k, int64_t offset) {
+    return Storage<S>::load(plane[k * plane_step + offset]);
+  };
+  if (d.whole_pixels) {  // torchvision's sum, row by row, over the window
+    const AxisSpan rows = g.y.window(ph, d.height), cols = g.x.window(pw, d.width);
+    for (int64_t y = rows.first; y <= rows.last; ++y) {
+      for (int64_t x = cols.first; x <= cols.last; ++x) {
+        const int64_t offset = layout.pixel_offset(y, x);
+        for (int k = 0; k < kPlanes; ++k) {
+          if (k < planes) values[k] += at(k, offset);
+        }
+      }
+    }
+    const T divisor = g.divisor(ph, pw, d);
+    for (int k = 0; k < kPlanes; ++k) {
+      values[k] = divisor > static_cast<T>(0) ? values[k] / divisor : static_cast<T>(0);
+    }
+    return;
+  }
+  auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
+    const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
+    const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
+    const int64_t o1 = layout.pixel_offset(ty.low, tx.low);
+    const int64_t o2 = layout.pixel_offset(ty.low, tx.high);
+    const int64_t o3 = layout.pixel_offset(ty.high, tx.low);
+    const int64_t o4 = layout.pixel_offset(ty.high, tx.high);
+    for (int k = 0; k < kPlanes; ++k) {
+      if (k < planes) {
+        values[k] += w1 * at(k, o1) + w2 * at(k, o2) + w3 * at(k, o3) + w4 * at(k, o4);
+      }
+    }
+  };
+  bool separable = false;
+  if constexpr (kPixelSums) separable = g.y.grid > kPerSampleGrid || g.x.grid > kPerSampleGrid;
+  if (separable) {
+    for_each_axis_tap(g.y, ph, d.height, [&](int64_t y, T w_y) {
+      for_each_axis_tap(g.x, pw, d.width, [&](int64_t x, T w_x) {
+        const T w = w_y * w_x;
+        const int64_t offset = layout.pixel_offset(y, x);
+        for (int k = 0; k < kPlanes; ++k) {
+          if (k < planes) values[k] += w * at(k, offset);
+        }
+      });
+    });
+  } else {
+    for_each_sample_on_map(g, d, ph, pw, add_sample);
+  }
+  for (int k = 0; k < kPlanes; ++k) values[k] /= g.count;
 }
 
 }  // namespace jax_psroi

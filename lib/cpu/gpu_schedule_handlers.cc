@@ -104,8 +104,13 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
       fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, false);
   SerialBlock block;
   for (int64_t b = 0; b < gs::forward_blocks<Layout>(d); ++b) {
-    gs::forward_block<SerialBlock, S, Layout>(block, data<S>(input), d, sampling_ratio, ws, b,
-                                              data<S>(*output));
+    if (gs::pixel_sums(sampling_ratio)) {
+      gs::forward_block<SerialBlock, S, Layout, true>(block, data<S>(input), d, sampling_ratio,
+                                                      ws, b, data<S>(*output));
+    } else {
+      gs::forward_block<SerialBlock, S, Layout, false>(block, data<S>(input), d, sampling_ratio,
+                                                       ws, b, data<S>(*output));
+    }
   }
   return ffi::Error::Success();
 }
@@ -128,8 +133,13 @@ void run_backward_blocks(const Term& term, const PsRoiDims& d, int64_t sampling_
   auto shared = std::make_unique<gs::BackwardShared<T>>();
   const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
   for (int64_t b = 0; b < blocks; ++b) {
-    gs::backward_block<SerialBlock, S, Layout>(block, *shared, term, d, sampling_ratio, ws, b,
-                                               sums, grad);
+    if (gs::pixel_sums(sampling_ratio)) {
+      gs::backward_block<SerialBlock, S, Layout, true>(block, *shared, term, d, sampling_ratio,
+                                                       ws, b, sums, grad);
+    } else {
+      gs::backward_block<SerialBlock, S, Layout, false>(block, *shared, term, d, sampling_ratio,
+                                                        ws, b, sums, grad);
+    }
   }
 }
 

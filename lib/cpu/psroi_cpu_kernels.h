@@ -85,7 +85,7 @@ class RoiWeights {
       if (keeps_taps(axis.axis)) {
         Tap* taps = taps_.data() + a * kKeptTaps;
         int64_t count = 0;
-        for_each_axis_tap(axis.axis, axis.bin, axis.size, [&](int64_t pixel, T weight) {
+        for_each_sample_tap(axis.axis, axis.bin, axis.size, [&](int64_t pixel, T weight) {
           taps[count++] = Tap{pixel, weight};
           span.first = std::min(span.first, pixel);
           span.last = std::max(span.last, pixel);
@@ -185,6 +185,8 @@ class RoiWeights {
     if (a < d_.pooled_h) return Axis{g.y, a, d_.height};
     return Axis{g.x, a - d_.pooled_h, d_.width};
   }
+  // Bins whose taps add() keeps: few samples, each its own taps
+  // (for_each_sample_tap).
   static bool keeps_taps(const RoiAxis<T>& axis) {
     return !axis.whole_pixels && axis.grid <= kWalkWholeGrid;
   }

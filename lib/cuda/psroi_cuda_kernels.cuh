@@ -138,14 +138,15 @@ __global__ void __launch_bounds__(kThreads)
 // blocks an SM (the 25 % occupancy that left an earlier variant latency
 // bound on an H200); bounded, 96 registers and 20-30 bytes of spills in
 // float32, as the forward had before.
-template <typename S, typename Layout>
+template <typename S, typename Layout, bool kPixelSums>
 __global__ void __launch_bounds__(kThreads, 5)
     forward_kernel(const S* __restrict__ input, PsRoiDims d, int64_t sampling_ratio,
                    gs::Workspace ws, S* __restrict__ output) {
   DeviceBlock block{nullptr};  // the forward never compacts
   const int64_t blocks = gs::forward_blocks<Layout>(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::forward_block<DeviceBlock, S, Layout>(block, input, d, sampling_ratio, ws, b, output);
+    gs::forward_block<DeviceBlock, S, Layout, kPixelSums>(block, input, d, sampling_ratio, ws,
+                                                          b, output);
   }
 }
 
@@ -154,7 +155,8 @@ __global__ void __launch_bounds__(kThreads, 5)
 // (32 KB a block) allows 7 too.
 // `term`: what a covering list entry adds (gpu_schedule.h: the weighted
 // cotangent, or RoI Pool's cotangent at its maximum).
-template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
+template <typename S, typename Layout, bool kPixelSums, typename Term,
+          typename T = ComputeType<S>>
 __global__ void __launch_bounds__(kThreads, 7)
     backward_kernel(Term term, PsRoiDims d, int64_t sampling_ratio, gs::Workspace ws, T* sums,
                     S* grad) {
@@ -163,8 +165,8 @@ __global__ void __launch_bounds__(kThreads, 7)
   DeviceBlock block{warp_totals};
   const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::backward_block<DeviceBlock, S, Layout>(block, shared, term, d, sampling_ratio, ws, b,
-                                               sums, grad);
+    gs::backward_block<DeviceBlock, S, Layout, kPixelSums>(block, shared, term, d,
+                                                           sampling_ratio, ws, b, sums, grad);
   }
 }
 
@@ -211,8 +213,14 @@ cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
   cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
                                    /*backward=*/false, &ws);
   if (err != cudaSuccess) return err;
-  forward_kernel<S, Layout><<<grid_for(gs::forward_blocks<Layout>(d)), kThreads, 0, stream>>>(
-      input, d, sampling_ratio, ws, output);
+  const int blocks = grid_for(gs::forward_blocks<Layout>(d));
+  if (gs::pixel_sums(sampling_ratio)) {
+    forward_kernel<S, Layout, true><<<blocks, kThreads, 0, stream>>>(input, d, sampling_ratio,
+                                                                     ws, output);
+  } else {
+    forward_kernel<S, Layout, false><<<blocks, kThreads, 0, stream>>>(input, d, sampling_ratio,
+                                                                      ws, output);
+  }
   return cudaGetLastError();
 }
 
@@ -237,9 +245,14 @@ cudaError_t launch_backward(cudaStream_t stream, const Term& term, const T* rois
   cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
                                    /*backward=*/true, &ws);
   if (err != cudaSuccess) return err;
-  backward_kernel<S, Layout>
-      <<<grid_for(gs::BackwardTiling::of(d).blocks(d)), kThreads, 0, stream>>>(
-          term, d, sampling_ratio, ws, sums, grad);
+  const int blocks = grid_for(gs::BackwardTiling::of(d).blocks(d));
+  if (gs::pixel_sums(sampling_ratio)) {
+    backward_kernel<S, Layout, true><<<blocks, kThreads, 0, stream>>>(term, d, sampling_ratio,
+                                                                      ws, sums, grad);
+  } else {
+    backward_kernel<S, Layout, false><<<blocks, kThreads, 0, stream>>>(term, d, sampling_ratio,
+                                                                       ws, sums, grad);
+  }
   return cudaGetLastError();
 }
 
