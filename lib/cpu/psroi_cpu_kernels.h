@@ -56,11 +56,7 @@ namespace cpu {
 template <typename T>
 class RoiWeights {
  public:
-  explicit RoiWeights(const PsRoiDims& d)
-      : d_(d),
-        axes_(d.pooled_h + d.pooled_w),
-        taps_(static_cast<size_t>(axes_ * kKeptTaps)),
-        tap_counts_(static_cast<size_t>(axes_)) {}
+  explicit RoiWeights(const PsRoiDims& d) : d_(d), axes_(d.pooled_h + d.pooled_w) {}
 
   void clear() {
     slots_ = 0;
@@ -75,49 +71,54 @@ class RoiWeights {
       col_tiles_.resize(static_cast<size_t>(slots_ * d_.pooled_w));
     }
     Entry* entries = entries_.data() + slot * axes_;
-    // The spans first, so that the weights grow once. A bin of a few samples
-    // keeps its taps, whose pixels are its span; others take touched_pixels
-    // and go over their samples again below.
+    // Zeros for the most the spans should take (a few pixels more where
+    // rounding moves a sample, which grows them), then the spans one after
+    // another, then the size they took.
     size_t end = weights_.size();
+    weights_.resize(end + most_weights(g.y, d_.pooled_h, d_.height) +
+                        most_weights(g.x, d_.pooled_w, d_.width),
+                    T(0));
     for (int64_t a = 0; a < axes_; ++a) {
-      const Axis axis = axis_of(g, a);
-      AxisSpan span{axis.size, -1};
-      if (keeps_taps(axis.axis)) {
-        Tap* taps = taps_.data() + a * kKeptTaps;
-        int64_t count = 0;
-        for_each_sample_tap(axis.axis, axis.bin, axis.size, [&](int64_t pixel, T weight) {
-          taps[count++] = Tap{pixel, weight};
+      const bool row = a < d_.pooled_h;
+      const RoiAxis<T>& axis = row ? g.y : g.x;
+      const int64_t bin = row ? a : a - d_.pooled_h;
+      const int64_t size = row ? d_.height : d_.width;
+      // Few samples: their taps, kept, give the span; more: touched_pixels,
+      // and the samples are gone over again below.
+      constexpr int64_t kMostTaps = 2 * kWalkWholeGrid;
+      int64_t tap_pixels[kMostTaps];
+      T tap_weights[kMostTaps];
+      int64_t taps = 0;
+      const bool keeps_taps = !axis.whole_pixels && axis.grid <= kWalkWholeGrid;
+      AxisSpan span{size, -1};
+      if (keeps_taps) {
+        for_each_sample_tap(axis, bin, size, [&](int64_t pixel, T weight) {
+          tap_pixels[taps] = pixel;
+          tap_weights[taps++] = weight;
           span.first = std::min(span.first, pixel);
           span.last = std::max(span.last, pixel);
         });
-        tap_counts_[a] = count;
       } else {
-        span = touched_pixels(axis.axis, axis.bin, axis.size);
+        span = touched_pixels(axis, bin, size);
       }
       entries[a] = Entry{span, end};
-      if (span.first <= span.last) end += static_cast<size_t>(span.last - span.first + 1);
-    }
-    weights_.resize(end, T(0));
-    for (int64_t a = 0; a < axes_; ++a) {
-      const AxisSpan span = entries[a].span;
       if (span.first > span.last) continue;
-      const Axis axis = axis_of(g, a);
-      T* weights = weights_.data() + entries[a].offset;
-      if (keeps_taps(axis.axis)) {
-        const Tap* taps = taps_.data() + a * kKeptTaps;
-        for (int64_t t = 0; t < tap_counts_[a]; ++t) {
-          weights[taps[t].pixel - span.first] += taps[t].weight;
-        }
+      const int64_t pixels = span.last - span.first + 1;
+      if (weights_.size() < end + pixels) weights_.resize(end + pixels, T(0));
+      T* weights = weights_.data() + end;
+      if (keeps_taps) {
+        for (int64_t t = 0; t < taps; ++t) weights[tap_pixels[t] - span.first] += tap_weights[t];
       } else {
-        for_each_axis_tap(axis.axis, axis.bin, axis.size, [&](int64_t pixel, T weight) {
-          weights[pixel - span.first] += weight;
-        });
+        for_each_axis_tap(axis, bin, size,
+                          [&](int64_t pixel, T weight) { weights[pixel - span.first] += weight; });
       }
-      if (a >= d_.pooled_h) {
-        make_column_tile(weights, span.first, span.last - span.first + 1, d_.width,
-                         &col_tiles_[slot * d_.pooled_w + axis.bin]);
+      if (!row) {
+        make_column_tile(weights, span.first, pixels, d_.width,
+                         &col_tiles_[slot * d_.pooled_w + bin]);
       }
+      end += static_cast<size_t>(pixels);
     }
+    weights_.resize(end);
     return slot;
   }
 
@@ -128,8 +129,7 @@ class RoiWeights {
   }
   size_t capacity_bytes() const {
     return weights_.capacity() * sizeof(T) + entries_.capacity() * sizeof(Entry) +
-           col_tiles_.capacity() * sizeof(ColumnTile<T>) + taps_.capacity() * sizeof(Tap) +
-           tap_counts_.capacity() * sizeof(int64_t);
+           col_tiles_.capacity() * sizeof(ColumnTile<T>);
   }
 
   AxisSpan row_span(int64_t slot, int64_t ph) const { return entry(slot, ph).span; }
@@ -166,9 +166,6 @@ class RoiWeights {
   }
 
  private:
-  // Taps add() keeps of a bin of at most kWalkWholeGrid samples.
-  static constexpr int64_t kKeptTaps = 2 * kWalkWholeGrid;
-
   // A bin row's or column's span and where its weights start in weights_.
   struct Entry {
     AxisSpan span;
@@ -176,24 +173,14 @@ class RoiWeights {
   };
   const Entry& entry(int64_t slot, int64_t axis) const { return entries_[slot * axes_ + axis]; }
 
-  // Axis a of an RoI: its bin rows, then its bin columns.
-  struct Axis {
-    const RoiAxis<T>& axis;
-    int64_t bin, size;
-  };
-  Axis axis_of(const RoiGeometry<T>& g, int64_t a) const {
-    if (a < d_.pooled_h) return Axis{g.y, a, d_.height};
-    return Axis{g.x, a - d_.pooled_h, d_.width};
+  // The most weights the spans of `bins` bins of `axis` take on an axis of
+  // `size` pixels: a span at most min(size, ceil(|bin size|) + 3), the spans
+  // of neighbouring bins overlapping only where the bins meet.
+  static size_t most_weights(const RoiAxis<T>& axis, int64_t bins, int64_t size) {
+    const T span = ceil(fabs(axis.bin_size)) + static_cast<T>(3);
+    const int64_t each = span < static_cast<T>(size) ? static_cast<int64_t>(span) : size;
+    return static_cast<size_t>(std::min(bins * each, size + 3 * bins));
   }
-  // Bins whose taps add() keeps: few samples, each its own taps
-  // (for_each_sample_tap).
-  static bool keeps_taps(const RoiAxis<T>& axis) {
-    return !axis.whole_pixels && axis.grid <= kWalkWholeGrid;
-  }
-  struct Tap {
-    int64_t pixel;
-    T weight;
-  };
 
   PsRoiDims d_;
   int64_t axes_;
@@ -201,8 +188,6 @@ class RoiWeights {
   std::vector<T> weights_;
   std::vector<Entry> entries_;  // per slot: its bin rows, then its bin columns
   std::vector<ColumnTile<T>> col_tiles_;
-  std::vector<Tap> taps_;            // add()'s: the kept taps of each bin of one RoI
-  std::vector<int64_t> tap_counts_;  // and how many each has
 };
 
 // Order in which the kernels visit RoIs: by image, then by band of rows,
