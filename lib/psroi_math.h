@@ -555,9 +555,9 @@ PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t si
 // Grids of more than this many samples per axis sum their samples' weights
 // pixel by pixel in double before handing them over (for_each_axis_tap),
 // and the CUDA forward sums their bins in the separable form
-// (pooled_values). One by one in float32, the weights of 2^22 samples that
-// fall in one pixel drifted by up to 5e-2 (0.5 added to a sum past 2^21 is
-// rounded to a quarter), and a bin of 2^23 x 2^23 samples was out of reach
+// (pooled_values). One by one in float32, the weights of millions of
+// samples that fall in one pixel drift (0.5 added to a sum past 2^21 is
+// rounded to a quarter), and a bin of 2^23 x 2^23 samples is out of reach
 // for a GPU thread. Below it, at most 64 samples of a bin fall in one pixel
 // (and at most 64 x 64 make one bin of the CUDA forward): torchvision's
 // per-sample sums, unchanged, good to 64 roundings, 4e-6 relative. Only a

@@ -378,9 +378,9 @@ def _reference_forward(call, features, rois, image_groups):
 
 
 @pytest.mark.parametrize("attributes,message", [
-    # Hung (a grid of 2**40 samples per bin axis) before the kernels checked it.
+    # A grid of 2**40 samples per bin axis would never finish.
     (dict(sampling_ratio=2**40), "sampling_ratio must be at most 8388608"),
-    # Passed the range check through signed overflow before.
+    # first_bin_row + PH overflows int64: the check subtracts instead.
     (dict(first_bin_row=INT64_MAX, bin_rows=INT64_MAX), "bin rows from row"),
     (dict(spatial_scale=np.nan), "spatial_scale must be finite and positive"),
     (dict(spatial_scale=1e300), "spatial_scale must be finite and positive"),

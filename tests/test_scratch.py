@@ -1,10 +1,10 @@
-"""The CPU kernels' memory (issue 28): scratch bounded by what the RoIs touch,
+"""The CPU kernels' memory: scratch bounded by what the RoIs touch,
 and the backward's large scratch allocated by XLA.
 
 The forward's weight tables hold, for each RoI, the pixels its bins touch
 (not the whole map for every bin), and a task keeps those of one block of
-RoIs within a budget (not one copy per RoI of a 32-RoI block, which made
-roi_align on a [1, 32, 1, 30000] map hold about 1 GB per task). The backward
+RoIs within a budget (not one copy per RoI of a 32-RoI block, which on a
+[1, 32, 1, 30000] map would be about 1 GB per task). The backward
 takes its RoIs in passes whose tables fit its workspace, a further result
 of the call, and gives the same gradient, bit for bit, whatever the passes.
 """
