@@ -54,9 +54,13 @@
 //      cover it (up to kCoverPerPixel; beyond, the element re-reads the
 //      list); every element sums cotangent x weight over its pixel's
 //      entries in list order (RoI Pool: the cotangents of the entries whose
-//      recorded maximum is that pixel; backward_block's Term). A tile met by more RoIs than a list holds is
-//      done in passes over the RoIs in order, summing into the gradient (or
-//      into the float32 accumulator of a 16-bit gradient) between passes.
+//      recorded maximum is that pixel; backward_block's Term). A tile met
+//      by more RoIs than a list holds is done in passes over the RoIs in
+//      order, the running sums kept in the gradient (or in the float32
+//      accumulator of a 16-bit gradient) between passes, so every element
+//      is one sum in RoI order whatever the tile and list sizes.
+// The sizes (threads, tiles, lists, channels a thread or block takes) are a
+// Tuning (below), a template parameter of every step.
 #ifndef JAX_PSROI_GPU_SCHEDULE_H_
 #define JAX_PSROI_GPU_SCHEDULE_H_
 
@@ -68,33 +72,96 @@
 namespace jax_psroi {
 namespace gpu_schedule {
 
-// Threads of every block of every kernel.
-constexpr int kThreads = 128;
-// Backward tile: rows x columns of pixels; one thread per pixel.
-constexpr int kTileRows = 4;
-constexpr int kTileCols = 32;
-constexpr int kTilePixels = kTileRows * kTileCols;
-static_assert(kTilePixels == kThreads, "the cover step gives each pixel a thread");
-// List entries a pixel keeps in shared memory; more are re-read from the list.
-// 16: on a Light-Head training batch (8 images, 2,000 RoIs each, 7x7 bins,
-// the benchmark's boxes) half of the (tile, bin) blocks hold a pixel covered
-// more than 8 times and 0.1 % one covered more than 16 (a numpy count); an
-// element of such a pixel re-reads the whole list, and its warp waits.
-constexpr int kCoverPerPixel = 16;
-// NHWC forward: consecutive channels a warp reads per tap.
-constexpr int kNhwcChannelGroup = 32;
+// The schedule's compile-time choices, one type per set of them. The shipped
+// kernels use DefaultTuning; the GPU driver (benchmarks/gpu_driver.cu)
+// instantiates others beside it to time them on a GPU and runs each
+// serially on the host against the default's outputs, so a variant is
+// checked before a GPU minute is spent on it.
+//   Threads                threads of every block of every kernel
+//   TileRows               backward tile rows; its columns fill the block
+//                          (one thread per pixel)
+//   CoverPerPixel          list entries a pixel keeps in shared memory;
+//                          more are re-read from the list
+//   ForwardPlanes          NCHW forward: output channels a thread sums
+//   NhwcChannelGroup       NHWC forward: consecutive channels per block
+//                          group, read as contiguous runs per tap
+//   NhwcPlanes             0: that; else the NHWC forward takes NCHW's
+//                          form, a thread summing up to NhwcPlanes output
+//                          channels of one bin from taps it finds once
+//                          (bin-major: a contiguous run of channels)
+//   ForwardMinBlocks       forward blocks wanted at least (images split into
+//                          chunks of RoIs until there are)
+//   ForwardBlocksPerSm,    __launch_bounds__ minimum blocks per SM of the
+//   BackwardBlocksPerSm    forward and backward kernels (register budget)
+//   ListCapacity           entries of a backward tile's RoI list in float32
+//                          and 16-bit (float64: half)
+template <int Threads, int TileRows, int CoverPerPixel, int ForwardPlanes,
+          int NhwcChannelGroup, int NhwcPlanes, int ForwardMinBlocks,
+          int ForwardBlocksPerSm, int BackwardBlocksPerSm, int ListCapacity>
+struct Tuning {
+  static constexpr int kThreads = Threads;
+  static constexpr int kTileRows = TileRows;
+  static constexpr int kTileCols = Threads / TileRows;
+  static constexpr int kTilePixels = kTileRows * kTileCols;
+  static constexpr int kCoverPerPixel = CoverPerPixel;
+  static constexpr int kForwardPlanes = ForwardPlanes;
+  static constexpr int kNhwcChannelGroup = NhwcChannelGroup;
+  static constexpr int kNhwcPlanes = NhwcPlanes;
+  static constexpr int64_t kForwardMinBlocks = ForwardMinBlocks;
+  static constexpr int kForwardBlocksPerSm = ForwardBlocksPerSm;
+  static constexpr int kBackwardBlocksPerSm = BackwardBlocksPerSm;
+  // RoI Pool's forward: outputs of one RoI a block owns.
+  static constexpr int64_t kRoiPoolBlockOutputs = 4 * int64_t{Threads};
+  // Whether the launchers carry the kernels of sampling ratios past
+  // kPerSampleGrid (pixel_sums). The shipped kernels do; a tuning that only
+  // the GPU driver times may leave them out (its launches of such a ratio
+  // then fail) to halve its build.
+  static constexpr bool kLargeGrids = true;
 
-// Entries of a backward tile's RoI list (shared memory: 164 bytes per entry
-// in float32, 292 in float64); RoIs are examined kListChunk at a time, and a
-// chunk that no longer fits ends the pass.
-template <typename T>
-PSROI_HD constexpr int list_capacity() {
-  return sizeof(T) == 8 ? 64 : 128;
-}
-template <typename T>
-PSROI_HD constexpr int list_chunk() {
-  return list_capacity<T>() < kThreads ? list_capacity<T>() : kThreads;
-}
+  static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, at most 1,024 threads");
+  static_assert(kTilePixels == Threads, "the cover step gives each pixel a thread");
+  static_assert(kTileRows <= 127 && kTileCols <= 127, "tile coordinates are int8");
+  static_assert(ForwardPlanes >= 1 && NhwcChannelGroup >= 1 && CoverPerPixel >= 1 &&
+                    NhwcPlanes >= 0,
+                "positive counts");
+
+  // Whether a forward in `Layout` gives each thread a run of output channels
+  // of one bin (else each a channel of a group, NHWC), and how many at most.
+  template <typename Layout>
+  static PSROI_HD constexpr bool forward_runs_planes() {
+    return !Layout::kChannelsLast || NhwcPlanes > 0;
+  }
+  template <typename Layout>
+  static PSROI_HD constexpr int forward_planes() {
+    return Layout::kChannelsLast && NhwcPlanes > 0 ? NhwcPlanes : ForwardPlanes;
+  }
+
+  // Entries of a backward tile's RoI list (shared memory: 4 + 4 + sizeof(T)
+  // * (kTileRows + kTileCols) bytes an entry); RoIs are examined list_chunk
+  // at a time, and a chunk that no longer fits ends the pass.
+  template <typename T>
+  static PSROI_HD constexpr int list_capacity() {
+    return sizeof(T) == 8 ? ListCapacity / 2 : ListCapacity;
+  }
+  template <typename T>
+  static PSROI_HD constexpr int list_chunk() {
+    return list_capacity<T>() < kThreads ? list_capacity<T>() : kThreads;
+  }
+};
+
+// 16 entries a pixel: on a Light-Head training batch (8 images, 2,000 RoIs
+// each, 7x7 bins, the benchmark's boxes) half of the (tile, bin) blocks hold
+// a pixel covered more than 8 times and 0.1 % one covered more than 16; an
+// element of such a pixel re-reads the whole list, and its warp waits.
+// Launch bounds: unbounded, ptxas (sm_90) gives the NCHW forward, whose
+// threads keep the sums of up to 8 planes, 128-157 registers, 4 blocks an
+// SM; 5 bounds it to 96 registers and 20-30 bytes of spills in float32. The
+// backward at 7: 72 registers (no spills) where it picks 74-96 unbounded,
+// and float32 shared memory (32 KB a block) allows 7 too.
+using DefaultTuning = Tuning</*Threads=*/128, /*TileRows=*/4, /*CoverPerPixel=*/16,
+                             /*ForwardPlanes=*/8, /*NhwcChannelGroup=*/32, /*NhwcPlanes=*/0,
+                             /*ForwardMinBlocks=*/2048, /*ForwardBlocksPerSm=*/5,
+                             /*BackwardBlocksPerSm=*/7, /*ListCapacity=*/128>;
 
 // --- Workspace --------------------------------------------------------------
 // One int32 buffer that XLA allocates as a further result of each CUDA call,
@@ -130,7 +197,7 @@ constexpr int64_t kBucketSegment = 1024;
 // their box starts in (kForwardBands bands of equal height, the last
 // shorter): an image's buckets are consecutive in `order`, so a forward
 // block that walks them walks the image's RoIs top to bottom, and the
-// windows of neighbouring boxes meet in L1/L2 (issue 18: a locality order).
+// windows of neighbouring boxes meet in L1/L2.
 constexpr int64_t kForwardBands = 8;
 
 PSROI_HD int64_t band_rows_of(const PsRoiDims& d) {
@@ -159,12 +226,14 @@ PSROI_HD RoiGeometry<T> stored_geometry(const Workspace& ws, int64_t roi, int64_
                          sampling_ratio);
 }
 
+template <typename Tune>
 PSROI_HD int64_t tile_rows_of(const PsRoiDims& d) {
-  return (d.height + kTileRows - 1) / kTileRows;
+  return (d.height + Tune::kTileRows - 1) / Tune::kTileRows;
 }
 
+template <typename Tune>
 PSROI_HD int64_t buckets_of(const PsRoiDims& d, bool backward) {
-  return backward ? d.num_images * tile_rows_of(d) : d.num_images * kForwardBands + 1;
+  return backward ? d.num_images * tile_rows_of<Tune>(d) : d.num_images * kForwardBands + 1;
 }
 
 PSROI_HD int64_t segments_of(const PsRoiDims& d) {
@@ -172,9 +241,10 @@ PSROI_HD int64_t segments_of(const PsRoiDims& d) {
   return s > 0 ? s : 1;
 }
 
+template <typename Tune>
 PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backward) {
   const int64_t K = d.num_rois;
-  const int64_t buckets = buckets_of(d, backward);
+  const int64_t buckets = buckets_of<Tune>(d, backward);
   Workspace w{};
   w.boxes = ws;
   w.image = ws + kBoxWords * K;
@@ -193,11 +263,13 @@ PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backwar
   return w;
 }
 
+template <typename Tune>
 PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
   const int64_t K = d.num_rois;
-  const int64_t fixed = kBoxWords * K + buckets_of(d, backward) * (1 + segments_of(d)) + 1;
+  const int64_t fixed =
+      kBoxWords * K + buckets_of<Tune>(d, backward) * (1 + segments_of(d)) + 1;
   if (!backward) return 3 * K + fixed;
-  return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + fixed + K * tile_rows_of(d);
+  return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + fixed + K * tile_rows_of<Tune>(d);
 }
 
 // Whether a call's forward and backward blocks sum the samples of a grid
@@ -211,7 +283,7 @@ PSROI_HD bool pixel_sums(int64_t sampling_ratio) { return sampling_ratio > kPerS
 // What the kernels need of RoI `roi`: its box, its image and, for the
 // backward, the pixels each bin row and column touches and the tile rows
 // its box touches.
-template <typename T>
+template <typename Tune, typename T>
 PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
                        int64_t sampling_ratio, int64_t roi, bool backward,
                        const Workspace& ws) {
@@ -245,18 +317,19 @@ PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
     }
   }
   const bool touches = first_row <= last_row;
-  ws.tile_rows[2 * roi] = static_cast<int32_t>(touches ? first_row / kTileRows : 0);
-  ws.tile_rows[2 * roi + 1] = static_cast<int32_t>(touches ? last_row / kTileRows : -1);
+  ws.tile_rows[2 * roi] = static_cast<int32_t>(touches ? first_row / Tune::kTileRows : 0);
+  ws.tile_rows[2 * roi + 1] = static_cast<int32_t>(touches ? last_row / Tune::kTileRows : -1);
 }
 
 // Is RoI k in bucket b? roi_info must be complete for every RoI.
+template <typename Tune>
 PSROI_HD bool in_bucket(const PsRoiDims& d, const Workspace& ws, bool backward, int64_t k,
                         int64_t b) {
   if (!backward) {
     const int64_t n = b / kForwardBands;  // N: the last bucket
     return ws.image[k] == n && (n == d.num_images || ws.band[k] == b - n * kForwardBands);
   }
-  const int64_t rows = tile_rows_of(d);
+  const int64_t rows = tile_rows_of<Tune>(d);
   const int64_t n = b / rows, t = b - n * rows;
   return ws.image[k] == n && ws.tile_rows[2 * k] <= t && t <= ws.tile_rows[2 * k + 1];
 }
@@ -282,20 +355,20 @@ PSROI_HD int64_t for_segment_chunks(Exec& ex, const PsRoiDims& d, int64_t segmen
   return total;
 }
 
-template <typename Exec>
+template <typename Tune, typename Exec>
 PSROI_HD void count_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward,
                           int64_t block) {
   const int64_t b = block / segments_of(d), segment = block % segments_of(d);
   const int64_t members = for_segment_chunks(ex, d, segment, [&](int64_t k0, int64_t n) {
-    return ex.sum(n, [&](int64_t i) { return in_bucket(d, ws, backward, k0 + i, b) ? 1 : 0; });
+    return ex.sum(n, [&](int64_t i) { return in_bucket<Tune>(d, ws, backward, k0 + i, b) ? 1 : 0; });
   });
   ex.single([&] { ws.counts[block] = static_cast<int32_t>(members); });
 }
 
-template <typename Exec>
+template <typename Tune, typename Exec>
 PSROI_HD void start_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward) {
   const int64_t segments = segments_of(d);
-  const int64_t blocks = buckets_of(d, backward) * segments;
+  const int64_t blocks = buckets_of<Tune>(d, backward) * segments;
   int64_t start = 0;
   for (int64_t i0 = 0; i0 < blocks; i0 += ex.threads) {
     const int64_t n = blocks - i0 < ex.threads ? blocks - i0 : ex.threads;
@@ -306,17 +379,17 @@ PSROI_HD void start_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, boo
           if ((i0 + i) % segments == 0) ws.offsets[(i0 + i) / segments] = static_cast<int32_t>(at);
         });
   }
-  ex.single([&] { ws.offsets[buckets_of(d, backward)] = static_cast<int32_t>(start); });
+  ex.single([&] { ws.offsets[buckets_of<Tune>(d, backward)] = static_cast<int32_t>(start); });
 }
 
-template <typename Exec>
+template <typename Tune, typename Exec>
 PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward,
                           int64_t block) {
   const int64_t b = block / segments_of(d), segment = block % segments_of(d);
   int64_t placed = ws.counts[block];
   for_segment_chunks(ex, d, segment, [&](int64_t k0, int64_t n) {
     const int64_t members = ex.compact(
-        n, [&](int64_t i) { return in_bucket(d, ws, backward, k0 + i, b); }, placed, INT64_MAX,
+        n, [&](int64_t i) { return in_bucket<Tune>(d, ws, backward, k0 + i, b); }, placed, INT64_MAX,
         [&](int64_t i, int64_t at) { ws.order[at] = static_cast<int32_t>(k0 + i); });
     placed += members;
     return members;
@@ -325,12 +398,11 @@ PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, boo
 
 // --- 2. Forward -------------------------------------------------------------
 
-// The blocks the forward wants at least: an image's RoIs are split into
-// chunks until it has them, so that a few images of few channel groups
-// still fill the GPU (a Light-Head map in NHWC, 8 images of 490 channels,
-// gave 144 blocks, 0.12 waves of an H200, before chunks).
-constexpr int64_t kForwardMinBlocks = 2048;
-
+// The forward wants at least Tune::kForwardMinBlocks blocks: an image's RoIs
+// are split into chunks until it has them, so that a few images of few
+// channel groups still fill the GPU (a Light-Head map in NHWC, 8 images of
+// 490 channels, is 144 blocks unsplit, 0.12 waves of an H200).
+//
 // NCHW: a forward thread computes one RoI's bin in up to kForwardPlanes
 // planes, those of consecutive output channels of that bin, and its box's
 // taps once for all of them (an H200 profile of one plane a thread: ~910
@@ -339,50 +411,55 @@ constexpr int64_t kForwardMinBlocks = 2048;
 // one bin: C_out split evenly into as few runs of at most kForwardPlanes as
 // it takes. NHWC: a block takes kNhwcChannelGroup consecutive channels
 // (pairs, as channel_bin numbers them), which a warp reads as one
-// contiguous run per tap.
-constexpr int kForwardPlanes = 8;
+// contiguous run per tap; or, with Tune::kNhwcPlanes, NCHW's form, where a
+// thread's planes are a contiguous run of channels in bin-major order.
 
-// NCHW: the runs of output channels a bin's C_out is split into, and their
-// length (the last may be shorter).
+// The runs of output channels a bin's C_out is split into, and their length
+// (the last may be shorter), where threads take runs (NCHW; NHWC with
+// Tune::kNhwcPlanes).
+template <typename Tune, typename Layout>
 PSROI_HD int64_t forward_runs(const PsRoiDims& d) {
-  return (d.channels_out + kForwardPlanes - 1) / kForwardPlanes;
+  constexpr int kPlanes = Tune::template forward_planes<Layout>();
+  return (d.channels_out + kPlanes - 1) / kPlanes;
 }
+template <typename Tune, typename Layout>
 PSROI_HD int64_t forward_planes(const PsRoiDims& d) {
-  const int64_t runs = forward_runs(d);
+  const int64_t runs = forward_runs<Tune, Layout>(d);
   return runs > 0 ? (d.channels_out + runs - 1) / runs : 1;
 }
 
 // Groups of (output channel, bin) pairs the forward splits its blocks by:
-// NCHW (bin, run of forward_planes output channels), the run fastest; NHWC
+// (bin, run of forward_planes output channels), the run fastest; or NHWC
 // runs of kNhwcChannelGroup pairs.
-template <typename Layout>
+template <typename Tune, typename Layout>
 PSROI_HD int64_t forward_channel_groups(const PsRoiDims& d) {
-  if (Layout::kChannelsLast) {
-    return (d.channel_bins() + kNhwcChannelGroup - 1) / kNhwcChannelGroup;
+  if (!Tune::template forward_runs_planes<Layout>()) {
+    return (d.channel_bins() + Tune::kNhwcChannelGroup - 1) / Tune::kNhwcChannelGroup;
   }
-  return d.bins() * forward_runs(d);
+  return d.bins() * forward_runs<Tune, Layout>(d);
 }
 
 // Chunks each image's RoIs (and those that read nothing) are split into:
 // enough for kForwardMinBlocks blocks, but no more than one per kThreads
 // RoIs of an average image.
-template <typename Layout>
+template <typename Tune, typename Layout>
 PSROI_HD int64_t forward_chunks(const PsRoiDims& d) {
   const int64_t images = d.num_images > 0 ? d.num_images : 1;
   const int64_t per_image = (d.num_rois + images - 1) / images;
-  const int64_t by_rois = (per_image + kThreads - 1) / kThreads;
-  const int64_t others = (d.num_images + 1) * forward_channel_groups<Layout>(d);
+  const int64_t by_rois = (per_image + Tune::kThreads - 1) / Tune::kThreads;
+  const int64_t others = (d.num_images + 1) * forward_channel_groups<Tune, Layout>(d);
   if (others == 0) return 1;  // no output channels: no blocks
-  const int64_t wanted = (kForwardMinBlocks + others - 1) / others;
+  const int64_t wanted = (Tune::kForwardMinBlocks + others - 1) / others;
   const int64_t chunks = by_rois < wanted ? by_rois : wanted;
   return chunks > 0 ? chunks : 1;
 }
 
 // Blocks of the forward: (image or N, chunk, channel group), the group
 // fastest, so that the blocks in flight share one image's RoIs.
-template <typename Layout>
+template <typename Tune, typename Layout>
 PSROI_HD int64_t forward_blocks(const PsRoiDims& d) {
-  return (d.num_images + 1) * forward_chunks<Layout>(d) * forward_channel_groups<Layout>(d);
+  return (d.num_images + 1) * forward_chunks<Tune, Layout>(d) *
+         forward_channel_groups<Tune, Layout>(d);
 }
 
 // Output channel and bin of pair `c` (< channel_bins()): in the
@@ -413,13 +490,15 @@ PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
   return cb;
 }
 
-template <typename Exec, typename S, typename Layout, bool kPixelSums,
+template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums,
           typename T = ComputeType<S>>
 PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
                             int64_t sampling_ratio, const Workspace& ws, int64_t block,
                             S* output) {
-  const int64_t groups = forward_channel_groups<Layout>(d);
-  const int64_t chunks = forward_chunks<Layout>(d);
+  constexpr int kNhwcChannelGroup = Tune::kNhwcChannelGroup;
+  constexpr int kForwardPlanes = Tune::template forward_planes<Layout>();
+  const int64_t groups = forward_channel_groups<Tune, Layout>(d);
+  const int64_t chunks = forward_chunks<Tune, Layout>(d);
   const int64_t group = block % groups;
   const int64_t chunk = (block / groups) % chunks;
   const int64_t image = block / (groups * chunks);  // N: the RoIs that read nothing
@@ -442,7 +521,7 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
   };
   const int64_t plane_step = d.channel_step() * layout.channel_stride();
 
-  if constexpr (Layout::kChannelsLast) {
+  if constexpr (!Tune::template forward_runs_planes<Layout>()) {
     // Element i: RoI i / kNhwcChannelGroup of the chunk, pair c0 + i %
     // kNhwcChannelGroup.
     const int64_t c0 = group * kNhwcChannelGroup;
@@ -462,7 +541,8 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
   } else {
     // Thread i: RoI i of the chunk, bin `bin` in output channels [c_out0,
     // c_out0 + planes).
-    const int64_t runs = forward_runs(d), run_planes = forward_planes(d);
+    const int64_t runs = forward_runs<Tune, Layout>(d);
+    const int64_t run_planes = forward_planes<Tune, Layout>(d);
     const int64_t bin = group / runs;
     const int64_t c_out0 = (group - bin * runs) * run_planes;
     const int64_t left = d.channels_out - c_out0;
@@ -491,14 +571,14 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
 // block, not per element. Consecutive threads take consecutive outputs:
 // neighbouring bins of a plane in NCHW, consecutive channels of one pixel
 // channels-last.
-constexpr int64_t kRoiPoolBlockOutputs = 4 * kThreads;
-
+template <typename Tune>
 PSROI_HD int64_t roi_pool_chunks(const PsRoiDims& d) {
-  return (d.channels * d.bins() + kRoiPoolBlockOutputs - 1) / kRoiPoolBlockOutputs;
+  return (d.channels * d.bins() + Tune::kRoiPoolBlockOutputs - 1) / Tune::kRoiPoolBlockOutputs;
 }
 
+template <typename Tune>
 PSROI_HD int64_t roi_pool_blocks(const PsRoiDims& d) {
-  return d.num_rois * roi_pool_chunks(d);
+  return d.num_rois * roi_pool_chunks<Tune>(d);
 }
 
 template <typename T>
@@ -540,11 +620,13 @@ PSROI_HD void roi_pool_element(const S* input, const RoiGeometry<T>& g, const Ps
   pixels[i] = m.pixel;
 }
 
-template <typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
+template <typename Tune, typename Exec, typename S, typename Layout,
+          typename T = ComputeType<S>>
 PSROI_HD void roi_pool_block(Exec& ex, RoiPoolShared<T>& shared, const S* input, const T* rois,
                              const PsRoiDims& d, T spatial_scale, const int32_t* recorded,
                              int64_t block, S* output, int32_t* pixels) {
-  const int64_t chunks = roi_pool_chunks(d);
+  constexpr int64_t kRoiPoolBlockOutputs = Tune::kRoiPoolBlockOutputs;
+  const int64_t chunks = roi_pool_chunks<Tune>(d);
   const int64_t roi = block / chunks;
   const int64_t per_roi = d.channels * d.bins();
   // Outputs [first, end) of the RoI's.
@@ -561,12 +643,13 @@ PSROI_HD void roi_pool_block(Exec& ex, RoiPoolShared<T>& shared, const S* input,
 
 // --- 3. Backward ------------------------------------------------------------
 
+template <typename Tune>
 struct BackwardTiling {
   int64_t tiles_y, tiles_x;
 
   static PSROI_HD BackwardTiling of(const PsRoiDims& d) {
-    return BackwardTiling{(d.height + kTileRows - 1) / kTileRows,
-                          (d.width + kTileCols - 1) / kTileCols};
+    return BackwardTiling{(d.height + Tune::kTileRows - 1) / Tune::kTileRows,
+                          (d.width + Tune::kTileCols - 1) / Tune::kTileCols};
   }
   // Blocks: (image, tile, bin), the bin fastest, so that the blocks in
   // flight write neighbouring channels of the same pixels (one cache line
@@ -582,9 +665,13 @@ struct BackwardTiling {
 };
 
 // What a backward block keeps in shared memory.
-template <typename T>
+template <typename Tune, typename T>
 struct BackwardShared {
-  static constexpr int kCapacity = list_capacity<T>();
+  static constexpr int kCapacity = Tune::template list_capacity<T>();
+  static constexpr int kTileRows = Tune::kTileRows;
+  static constexpr int kTileCols = Tune::kTileCols;
+  static constexpr int kTilePixels = Tune::kTilePixels;
+  static constexpr int kCoverPerPixel = Tune::kCoverPerPixel;
   // The tile's RoI list: RoI, its touched rows and columns on the tile
   // (inclusive, tile coordinates), its row weights divided by the sample
   // count, and its column weights.
@@ -606,11 +693,12 @@ struct BackwardShared {
 
 // Adds bin `bin` of RoI `roi` to the list at `entry`, for the tile at
 // (y0, x0).
-template <bool kPixelSums, typename T>
+template <bool kPixelSums, typename Tune, typename T>
 PSROI_HD void make_entry(const Workspace& ws, const PsRoiDims& d, int64_t sampling_ratio,
                          const int32_t* row_spans, const int32_t* col_spans, int64_t roi,
                          int64_t image, int64_t bin, int64_t y0, int64_t x0, int64_t entry,
-                         BackwardShared<T>& sh) {
+                         BackwardShared<Tune, T>& sh) {
+  constexpr int kTileRows = Tune::kTileRows, kTileCols = Tune::kTileCols;
   const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
   const int32_t* row = row_spans + 2 * roi;
   const int32_t* col = col_spans + 2 * roi;
@@ -641,8 +729,8 @@ PSROI_HD void make_entry(const Workspace& ws, const PsRoiDims& d, int64_t sampli
   for (int r = 0; r < kTileRows; ++r) wy[r] /= divisor;
 }
 
-template <typename T>
-PSROI_HD bool entry_covers(const BackwardShared<T>& sh, int64_t entry, int64_t py,
+template <typename Tune, typename T>
+PSROI_HD bool entry_covers(const BackwardShared<Tune, T>& sh, int64_t entry, int64_t py,
                            int64_t px) {
   return py >= sh.row_first[entry] && py <= sh.row_last[entry] &&
          px >= sh.col_first[entry] && px <= sh.col_last[entry];
@@ -651,8 +739,9 @@ PSROI_HD bool entry_covers(const BackwardShared<T>& sh, int64_t entry, int64_t p
 // Element i of a block: pixel and output channel, in the order that makes
 // neighbouring threads write neighbouring addresses (NCHW: pixels of a row
 // of the plane; NHWC: channels of a pixel).
-template <typename Layout>
+template <typename Tune, typename Layout>
 PSROI_HD void tile_element(int32_t channels_out, int32_t i, int32_t* pixel, int32_t* c_out) {
+  constexpr int kTilePixels = Tune::kTilePixels;
   if (Layout::kChannelsLast) {
     *pixel = i / channels_out;
     *c_out = i - *pixel * channels_out;
@@ -692,13 +781,15 @@ struct CotangentAtMaximum {
 
 // `sums` is the gradient itself when S is the compute type, else the
 // compute-type accumulator; it carries partial sums between passes only.
-template <typename Exec, typename S, typename Layout, bool kPixelSums, typename Term,
-          typename T = ComputeType<S>>
-PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
+template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums,
+          typename Term, typename T = ComputeType<S>>
+PSROI_HD void backward_block(Exec& ex, BackwardShared<Tune, T>& sh, const Term& term,
                              const PsRoiDims& d, int64_t sampling_ratio, const Workspace& ws,
                              int64_t block, T* sums, S* grad) {
-  const BackwardTiling tiling = BackwardTiling::of(d);
-  const int64_t block_bins = BackwardTiling::block_bins(d);
+  constexpr int kTileRows = Tune::kTileRows, kTileCols = Tune::kTileCols;
+  constexpr int kTilePixels = Tune::kTilePixels, kCoverPerPixel = Tune::kCoverPerPixel;
+  const BackwardTiling<Tune> tiling = BackwardTiling<Tune>::of(d);
+  const int64_t block_bins = BackwardTiling<Tune>::block_bins(d);
   const int64_t tile = (block / block_bins) % (tiling.tiles_y * tiling.tiles_x);
   const int64_t image = block / (block_bins * tiling.tiles_y * tiling.tiles_x);
   const int64_t y0 = (tile / tiling.tiles_x) * kTileRows;
@@ -706,8 +797,8 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
   const int64_t bucket = image * tiling.tiles_y + tile / tiling.tiles_x;  // see in_bucket
   const int64_t begin = ws.offsets[bucket], end = ws.offsets[bucket + 1];
   const Layout layout = Layout::of(d);
-  constexpr int kCapacity = BackwardShared<T>::kCapacity;
-  constexpr int kChunk = list_chunk<T>();
+  constexpr int kCapacity = BackwardShared<Tune, T>::kCapacity;
+  constexpr int kChunk = Tune::template list_chunk<T>();
   // The block's bins: its own; with shared channels, every bin in turn, the
   // partial sums carried between them as between passes.
   const int64_t bin_begin = d.shared_channels() ? 0 : block % block_bins;
@@ -778,12 +869,18 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
       // pixel, in list order, then written once per pass.
       ex.each(kTilePixels * d.channels_out, [&](int64_t i) {
         int32_t p, c_out;
-        tile_element<Layout>(static_cast<int32_t>(d.channels_out), static_cast<int32_t>(i),
+        tile_element<Tune, Layout>(static_cast<int32_t>(d.channels_out), static_cast<int32_t>(i),
                              &p, &c_out);
         const int32_t py = p / kTileCols, px = p % kTileCols;
         const int64_t y = y0 + py, x = x0 + px;
         if (y >= d.height || x >= d.width) return;
-        T sum = static_cast<T>(0);
+        const int64_t at = layout.plane_offset(image, d.first_channel(bin) +
+                                                          c_out * d.channel_step()) +
+                           layout.pixel_offset(y, x);
+        // One running sum in list order across passes (the partial sum of
+        // earlier passes first), so the result does not depend on where
+        // passes end: every tuning sums alike.
+        T sum = first_pass ? static_cast<T>(0) : sums[at];
         const int covering = sh.cover_count[p];
         const int kept = covering < kCoverPerPixel ? covering : kCoverPerPixel;
         for (int m = 0; m < kept; ++m) {
@@ -797,10 +894,6 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<T>& sh, const Term& term,
             }
           }
         }
-        const int64_t at = layout.plane_offset(image, d.first_channel(bin) +
-                                                          c_out * d.channel_step()) +
-                           layout.pixel_offset(y, x);
-        if (!first_pass) sum += sums[at];
         if (last_pass) {
           grad[at] = Storage<S>::store(sum);
         } else {

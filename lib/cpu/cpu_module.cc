@@ -30,7 +30,8 @@ NB_MODULE(_cpu, m) {
         d.height = height;
         d.pooled_h = pooled_h;
         d.pooled_w = pooled_w;
-        return jax_psroi::gpu_schedule::workspace_elements(d, backward);
+        return jax_psroi::gpu_schedule::workspace_elements<
+            jax_psroi::gpu_schedule::DefaultTuning>(d, backward);
       },
       "Int32 elements of a CUDA call's workspace (lib/gpu_schedule.h).");
   m.def(

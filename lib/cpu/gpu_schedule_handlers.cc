@@ -4,13 +4,11 @@
 // ordering the GPU runs. They are not part of the product: the module hands
 // them out under their own prefix, and only the tests register them.
 #include <cstdint>
-#include <memory>
 #include <optional>
-#include <type_traits>
-#include <vector>
 
 #include "ffi_common.h"
 #include "gpu_schedule.h"
+#include "gpu_schedule_serial.h"
 #include "kernel_table.h"
 #include "psroi_math.h"
 #include "targets.h"
@@ -22,64 +20,7 @@ namespace {
 
 namespace gs = gpu_schedule;
 
-// A thread block as a serial loop: each step runs for every thread before
-// the next starts, which is what the block's barriers guarantee on the GPU.
-struct SerialBlock {
-  int64_t threads = gs::kThreads;
-
-  template <typename F>
-  void each(int64_t n, F f) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-  }
-  template <typename F>
-  int64_t sum(int64_t n, F f) {
-    int64_t total = 0;
-    for (int64_t i = 0; i < n; ++i) total += f(i);
-    return total;
-  }
-  template <typename F, typename G>
-  int64_t scan(int64_t n, F f, int64_t base, G g) {
-    int64_t at = base;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t value = f(i);
-      g(i, at);
-      at += value;
-    }
-    return at - base;
-  }
-  template <typename P, typename F>
-  int64_t compact(int64_t n, P pred, int64_t base, int64_t limit, F f) {
-    int64_t total = 0;
-    for (int64_t i = 0; i < n; ++i) total += pred(i) ? 1 : 0;
-    if (base + total > limit) return total;
-    int64_t at = base;
-    for (int64_t i = 0; i < n; ++i) {
-      if (pred(i)) f(i, at++);
-    }
-    return total;
-  }
-  template <typename F>
-  void single(F f) {
-    f();
-  }
-};
-
-// The bucket kernels, as the CUDA handlers launch them.
-template <typename T>
-gs::Workspace fill_workspace(std::vector<int32_t>& storage, const T* rois, const PsRoiDims& d,
-                             T spatial_scale, int64_t sampling_ratio, bool backward) {
-  storage.assign(gs::workspace_elements(d, backward), 0);
-  const gs::Workspace ws = gs::workspace_views(storage.data(), d, backward);
-  for (int64_t k = 0; k < d.num_rois; ++k) {
-    gs::roi_info(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
-  }
-  SerialBlock block;
-  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
-  for (int64_t b = 0; b < blocks; ++b) gs::count_block(block, d, ws, backward, b);
-  gs::start_block(block, d, ws, backward);
-  for (int64_t b = 0; b < blocks; ++b) gs::place_block(block, d, ws, backward, b);
-  return ws;
-}
+using Tune = gs::DefaultTuning;
 
 template <typename Operation, typename S, typename Layout>
 ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
@@ -98,49 +39,10 @@ ffi::Error forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
   if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
     return e;
   }
-  const T scale = static_cast<T>(spatial_scale);
-  std::vector<int32_t> storage;
-  const gs::Workspace ws =
-      fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, false);
-  SerialBlock block;
-  for (int64_t b = 0; b < gs::forward_blocks<Layout>(d); ++b) {
-    if (gs::pixel_sums(sampling_ratio)) {
-      gs::forward_block<SerialBlock, S, Layout, true>(block, data<S>(input), d, sampling_ratio,
-                                                      ws, b, data<S>(*output));
-    } else {
-      gs::forward_block<SerialBlock, S, Layout, false>(block, data<S>(input), d, sampling_ratio,
-                                                       ws, b, data<S>(*output));
-    }
-  }
+  gs::serial_forward<Tune, S, Layout>(data<S>(input), data<T>(rois), d,
+                                     static_cast<T>(spatial_scale), sampling_ratio,
+                                     data<S>(*output));
   return ffi::Error::Success();
-}
-
-// Every backward block, in turn, adding `term`s. A 16-bit gradient carries
-// its partial sums in a float32 accumulator, as on the GPU (where it is the
-// call's further result).
-template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
-void run_backward_blocks(const Term& term, const PsRoiDims& d, int64_t sampling_ratio,
-                         const gs::Workspace& ws, S* grad) {
-  std::vector<T> accumulator;
-  T* sums;
-  if constexpr (std::is_same_v<S, T>) {
-    sums = grad;
-  } else {
-    accumulator.assign(d.feature_elements(), T(0));
-    sums = accumulator.data();
-  }
-  SerialBlock block;
-  auto shared = std::make_unique<gs::BackwardShared<T>>();
-  const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (gs::pixel_sums(sampling_ratio)) {
-      gs::backward_block<SerialBlock, S, Layout, true>(block, *shared, term, d, sampling_ratio,
-                                                       ws, b, sums, grad);
-    } else {
-      gs::backward_block<SerialBlock, S, Layout, false>(block, *shared, term, d, sampling_ratio,
-                                                        ws, b, sums, grad);
-    }
-  }
 }
 
 template <typename Operation, typename S, typename Layout>
@@ -157,13 +59,9 @@ ffi::Error backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> rois,
        images_per_group});
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
-  const T scale = static_cast<T>(spatial_scale);
-  std::vector<int32_t> storage;
-  const gs::Workspace ws =
-      fill_workspace(storage, data<T>(rois), d, scale, sampling_ratio, true);
-  S* grad = data<S>(*grad_input);
-  run_backward_blocks<S, Layout>(gs::WeightedCotangent<S, Layout>{data<S>(cotangent), d}, d,
-                                 sampling_ratio, ws, grad);
+  gs::serial_backward<Tune, S, Layout>(
+      gs::WeightedCotangent<S, Layout>{data<S>(cotangent), d}, data<T>(rois), d,
+      static_cast<T>(spatial_scale), sampling_ratio, data<S>(*grad_input));
   return ffi::Error::Success();
 }
 
@@ -180,14 +78,10 @@ ffi::Error roi_pool_forward_scheduled(MapBuffer<S> input, RoisBuffer<S> rois,
       roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
-  const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;
-  SerialBlock block;
-  gs::RoiPoolShared<T> shared;
-  for (int64_t b = 0; b < gs::roi_pool_blocks(d); ++b) {
-    gs::roi_pool_block<SerialBlock, S, Layout>(block, shared, data<S>(input), data<T>(rois), d,
-                                               static_cast<T>(spatial_scale), at, b,
-                                               data<S>(*output), data<int32_t>(*pixels));
-  }
+  gs::serial_roi_pool_forward<Tune, S, Layout>(
+      data<S>(input), data<T>(rois), d, static_cast<T>(spatial_scale),
+      recorded ? data<int32_t>(*recorded) : nullptr, data<S>(*output),
+      data<int32_t>(*pixels));
   return ffi::Error::Success();
 }
 
@@ -204,12 +98,9 @@ ffi::Error roi_pool_backward_scheduled(MapBuffer<S> cotangent, RoisBuffer<S> roi
       roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (dims.has_error()) return dims.error();
   const PsRoiDims d = dims.value();
-  const T scale = static_cast<T>(spatial_scale);
-  std::vector<int32_t> storage;
-  const gs::Workspace ws = fill_workspace(storage, data<T>(rois), d, scale, 0, true);
-  run_backward_blocks<S, Layout>(
+  gs::serial_backward<Tune, S, Layout>(
       gs::CotangentAtMaximum<S, Layout>{data<S>(cotangent), data<int32_t>(pixels), d},
-      d, 0, ws, data<S>(*grad_input));
+      data<T>(rois), d, static_cast<T>(spatial_scale), 0, data<S>(*grad_input));
   return ffi::Error::Success();
 }
 

@@ -30,13 +30,13 @@ ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index
                                  const PsRoiDims& d, bool backward) {
   // The schedule keeps RoI indices, channels and a block's elements in 32 bits.
   if (d.num_rois > INT32_MAX - d.num_images - 2 || d.channel_bins() > INT32_MAX ||
-      gpu_schedule::kTilePixels * d.channels_out > INT32_MAX) {
+      gpu_schedule::DefaultTuning::kTilePixels * d.channels_out > INT32_MAX) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
         "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs and (output channel, bin) "
         "pairs per call"));
   }
   ffi::ErrorOr<WorkspaceBuffer> ws = further_result<WorkspaceBuffer>(
-      further, index, gpu_schedule::workspace_elements(d, backward), "an int32 workspace");
+      further, index, gpu_schedule::workspace_elements<gpu_schedule::DefaultTuning>(d, backward), "an int32 workspace");
   if (ws.has_error()) return ffi::Unexpected<ffi::Error>(ws.error());
   return data<int32_t>(*ws);
 }

@@ -18,9 +18,8 @@ namespace jax_psroi {
 namespace cuda {
 
 namespace gs = gpu_schedule;
+using gs::DefaultTuning;
 
-constexpr int kThreads = gs::kThreads;
-constexpr int kWarps = kThreads / 32;
 // The grid-stride loops cover any count of blocks with at most this many.
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 
@@ -28,9 +27,11 @@ inline int grid_for(int64_t blocks) {
   return static_cast<int>(std::min<int64_t>(kMaxBlocks, std::max<int64_t>(blocks, 1)));
 }
 
-// The executor of gpu_schedule.h for this thread block; every step ends in a
-// barrier, so all threads must call every step.
+// The executor of gpu_schedule.h for a thread block of kThreads threads;
+// every step ends in a barrier, so all threads must call every step.
+template <int kThreads>
 struct DeviceBlock {
+  static constexpr int kWarps = kThreads / 32;
   static constexpr int64_t threads = kThreads;
   int* warp_totals;  // shared, kWarps entries
 
@@ -98,160 +99,169 @@ struct DeviceBlock {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename Tune, typename T>
+__global__ void __launch_bounds__(Tune::kThreads)
     roi_info_kernel(const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
                     int64_t sampling_ratio, bool backward, gs::Workspace ws) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; k < d.num_rois;
-       k += static_cast<int64_t>(gridDim.x) * kThreads) {
-    gs::roi_info(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * Tune::kThreads + threadIdx.x;
+       k < d.num_rois; k += static_cast<int64_t>(gridDim.x) * Tune::kThreads) {
+    gs::roi_info<Tune>(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
   }
 }
 
 // The launches of the bucketing (gpu_schedule.h, part 1): count, then
 // start (one block), then place, the first and last over (bucket, segment)
 // blocks.
-template <bool kPlace>
-__global__ void __launch_bounds__(kThreads)
+template <typename Tune, bool kPlace>
+__global__ void __launch_bounds__(Tune::kThreads)
     segment_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
-  __shared__ int warp_totals[kWarps];
-  DeviceBlock block{warp_totals};
-  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
+  using Block = DeviceBlock<Tune::kThreads>;
+  __shared__ int warp_totals[Block::kWarps];
+  Block block{warp_totals};
+  const int64_t blocks = gs::buckets_of<Tune>(d, backward) * gs::segments_of(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     if constexpr (kPlace) {
-      gs::place_block(block, d, ws, backward, b);
+      gs::place_block<Tune>(block, d, ws, backward, b);
     } else {
-      gs::count_block(block, d, ws, backward, b);
+      gs::count_block<Tune>(block, d, ws, backward, b);
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
+template <typename Tune>
+__global__ void __launch_bounds__(Tune::kThreads)
     start_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
-  __shared__ int warp_totals[kWarps];
-  DeviceBlock block{warp_totals};
-  gs::start_block(block, d, ws, backward);
+  using Block = DeviceBlock<Tune::kThreads>;
+  __shared__ int warp_totals[Block::kWarps];
+  Block block{warp_totals};
+  gs::start_block<Tune>(block, d, ws, backward);
 }
 
-// At least 5 blocks per SM: unbounded, ptxas (sm_90) gives the NCHW forward,
-// whose threads keep the sums of up to 8 planes, 128-157 registers, 4
-// blocks an SM (the 25 % occupancy that left an earlier variant latency
-// bound on an H200); bounded, 96 registers and 20-30 bytes of spills in
-// float32, as the forward had before.
-template <typename S, typename Layout, bool kPixelSums>
-__global__ void __launch_bounds__(kThreads, 5)
+// Launch bounds (minimum blocks per SM) are the tuning's: they set the
+// register budget (gpu_schedule.h, DefaultTuning).
+template <typename Tune, typename S, typename Layout, bool kPixelSums>
+__global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
     forward_kernel(const S* __restrict__ input, PsRoiDims d, int64_t sampling_ratio,
                    gs::Workspace ws, S* __restrict__ output) {
-  DeviceBlock block{nullptr};  // the forward never compacts
-  const int64_t blocks = gs::forward_blocks<Layout>(d);
+  using Block = DeviceBlock<Tune::kThreads>;
+  Block block{nullptr};  // the forward never compacts
+  const int64_t blocks = gs::forward_blocks<Tune, Layout>(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::forward_block<DeviceBlock, S, Layout, kPixelSums>(block, input, d, sampling_ratio, ws,
+    gs::forward_block<Tune, Block, S, Layout, kPixelSums>(block, input, d, sampling_ratio, ws,
                                                           b, output);
   }
 }
 
-// At least 7 blocks per SM: 72 registers a thread (ptxas for sm_90, no
-// spills) instead of the 74-96 it picks unbounded; float32 shared memory
-// (32 KB a block) allows 7 too.
 // `term`: what a covering list entry adds (gpu_schedule.h: the weighted
 // cotangent, or RoI Pool's cotangent at its maximum).
-template <typename S, typename Layout, bool kPixelSums, typename Term,
+template <typename Tune, typename S, typename Layout, bool kPixelSums, typename Term,
           typename T = ComputeType<S>>
-__global__ void __launch_bounds__(kThreads, 7)
+__global__ void __launch_bounds__(Tune::kThreads, Tune::kBackwardBlocksPerSm)
     backward_kernel(Term term, PsRoiDims d, int64_t sampling_ratio, gs::Workspace ws, T* sums,
                     S* grad) {
-  __shared__ gs::BackwardShared<T> shared;
-  __shared__ int warp_totals[kWarps];
-  DeviceBlock block{warp_totals};
-  const int64_t blocks = gs::BackwardTiling::of(d).blocks(d);
+  using Block = DeviceBlock<Tune::kThreads>;
+  static_assert(sizeof(gs::BackwardShared<Tune, T>) <= 48 * 1024,
+                "a tuning's backward list must fit static shared memory");
+  __shared__ gs::BackwardShared<Tune, T> shared;
+  __shared__ int warp_totals[Block::kWarps];
+  Block block{warp_totals};
+  const int64_t blocks = gs::BackwardTiling<Tune>::of(d).blocks(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::backward_block<DeviceBlock, S, Layout, kPixelSums>(block, shared, term, d,
+    gs::backward_block<Tune, Block, S, Layout, kPixelSums>(block, shared, term, d,
                                                            sampling_ratio, ws, b, sums, grad);
   }
 }
 
 // RoI Pool's forward (or, with `recorded`, its tangent): a block per run of
 // one RoI's outputs (gpu_schedule.h, roi_pool_block).
-template <typename S, typename Layout, typename T = ComputeType<S>>
-__global__ void __launch_bounds__(kThreads)
+template <typename Tune, typename S, typename Layout, typename T = ComputeType<S>>
+__global__ void __launch_bounds__(Tune::kThreads)
     roi_pool_forward_kernel(const S* __restrict__ input, const T* __restrict__ rois,
                             PsRoiDims d, T spatial_scale, const int32_t* recorded, S* output,
                             int32_t* pixels) {
+  using Block = DeviceBlock<Tune::kThreads>;
   __shared__ gs::RoiPoolShared<T> shared;
-  DeviceBlock block{nullptr};  // never compacts
-  const int64_t blocks = gs::roi_pool_blocks(d);
+  Block block{nullptr};  // never compacts
+  const int64_t blocks = gs::roi_pool_blocks<Tune>(d);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::roi_pool_block<DeviceBlock, S, Layout>(block, shared, input, rois, d, spatial_scale,
+    gs::roi_pool_block<Tune, Block, S, Layout>(block, shared, input, rois, d, spatial_scale,
                                                recorded, b, output, pixels);
   }
 }
 
 // Enqueues the RoI buckets (gpu_schedule.h, part 1) into `workspace`, of
-// gs::workspace_elements(d, backward) int32s.
-template <typename T>
+// gs::workspace_elements<Tune>(d, backward) int32s.
+template <typename Tune, typename T>
 cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const PsRoiDims& d,
                            T spatial_scale, int64_t sampling_ratio, int32_t* workspace,
                            bool backward, gs::Workspace* ws) {
-  *ws = gs::workspace_views(workspace, d, backward);
+  constexpr int kThreads = Tune::kThreads;
+  *ws = gs::workspace_views<Tune>(workspace, d, backward);
   if (d.num_rois > 0) {
-    roi_info_kernel<T><<<grid_for((d.num_rois + kThreads - 1) / kThreads), kThreads, 0,
-                         stream>>>(rois, d, spatial_scale, sampling_ratio, backward, *ws);
+    roi_info_kernel<Tune, T><<<grid_for((d.num_rois + kThreads - 1) / kThreads), kThreads, 0,
+                               stream>>>(rois, d, spatial_scale, sampling_ratio, backward, *ws);
   }
-  const int64_t blocks = gs::buckets_of(d, backward) * gs::segments_of(d);
-  segment_kernel<false><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
-  start_kernel<<<1, kThreads, 0, stream>>>(d, *ws, backward);
-  segment_kernel<true><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
+  const int64_t blocks = gs::buckets_of<Tune>(d, backward) * gs::segments_of(d);
+  segment_kernel<Tune, false><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
+  start_kernel<Tune><<<1, kThreads, 0, stream>>>(d, *ws, backward);
+  segment_kernel<Tune, true><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
   return cudaGetLastError();
 }
 
-template <typename S, typename Layout, typename T = ComputeType<S>>
+template <typename S, typename Layout, typename Tune = DefaultTuning,
+          typename T = ComputeType<S>>
 cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
                            const PsRoiDims& d, T spatial_scale, int64_t sampling_ratio,
                            int32_t* workspace, S* output) {
   if (d.outputs() == 0) return cudaSuccess;
   gs::Workspace ws;
-  cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
-                                   /*backward=*/false, &ws);
+  cudaError_t err = launch_buckets<Tune>(stream, rois, d, spatial_scale, sampling_ratio,
+                                         workspace, /*backward=*/false, &ws);
   if (err != cudaSuccess) return err;
-  const int blocks = grid_for(gs::forward_blocks<Layout>(d));
+  const int blocks = grid_for(gs::forward_blocks<Tune, Layout>(d));
   if (gs::pixel_sums(sampling_ratio)) {
-    forward_kernel<S, Layout, true><<<blocks, kThreads, 0, stream>>>(input, d, sampling_ratio,
-                                                                     ws, output);
+    if constexpr (!Tune::kLargeGrids) return cudaErrorNotSupported;
+    forward_kernel<Tune, S, Layout, Tune::kLargeGrids><<<blocks, Tune::kThreads, 0, stream>>>(
+        input, d, sampling_ratio, ws, output);
   } else {
-    forward_kernel<S, Layout, false><<<blocks, kThreads, 0, stream>>>(input, d, sampling_ratio,
-                                                                      ws, output);
+    forward_kernel<Tune, S, Layout, false><<<blocks, Tune::kThreads, 0, stream>>>(
+        input, d, sampling_ratio, ws, output);
   }
   return cudaGetLastError();
 }
 
-template <typename S, typename Layout, typename T = ComputeType<S>>
+template <typename S, typename Layout, typename Tune = DefaultTuning,
+          typename T = ComputeType<S>>
 cudaError_t launch_roi_pool_forward(cudaStream_t stream, const S* input, const T* rois,
                                     const PsRoiDims& d, T spatial_scale,
                                     const int32_t* recorded, S* output, int32_t* pixels) {
   if (d.outputs() == 0) return cudaSuccess;
-  roi_pool_forward_kernel<S, Layout><<<grid_for(gs::roi_pool_blocks(d)), kThreads, 0, stream>>>(
-      input, rois, d, spatial_scale, recorded, output, pixels);
+  roi_pool_forward_kernel<Tune, S, Layout>
+      <<<grid_for(gs::roi_pool_blocks<Tune>(d)), Tune::kThreads, 0, stream>>>(
+          input, rois, d, spatial_scale, recorded, output, pixels);
   return cudaGetLastError();
 }
 
 // `sums` is the gradient when S is its own compute type, else the float32
 // accumulator of a 16-bit gradient; `term` what each covering entry adds.
-template <typename S, typename Layout, typename Term, typename T = ComputeType<S>>
+template <typename S, typename Layout, typename Tune = DefaultTuning, typename Term,
+          typename T = ComputeType<S>>
 cudaError_t launch_backward(cudaStream_t stream, const Term& term, const T* rois,
                             const PsRoiDims& d, T spatial_scale, int64_t sampling_ratio,
                             int32_t* workspace, T* sums, S* grad) {
   if (d.feature_elements() == 0) return cudaSuccess;
   gs::Workspace ws;
-  cudaError_t err = launch_buckets(stream, rois, d, spatial_scale, sampling_ratio, workspace,
-                                   /*backward=*/true, &ws);
+  cudaError_t err = launch_buckets<Tune>(stream, rois, d, spatial_scale, sampling_ratio,
+                                         workspace, /*backward=*/true, &ws);
   if (err != cudaSuccess) return err;
-  const int blocks = grid_for(gs::BackwardTiling::of(d).blocks(d));
+  const int blocks = grid_for(gs::BackwardTiling<Tune>::of(d).blocks(d));
   if (gs::pixel_sums(sampling_ratio)) {
-    backward_kernel<S, Layout, true><<<blocks, kThreads, 0, stream>>>(term, d, sampling_ratio,
-                                                                      ws, sums, grad);
+    if constexpr (!Tune::kLargeGrids) return cudaErrorNotSupported;
+    backward_kernel<Tune, S, Layout, Tune::kLargeGrids><<<blocks, Tune::kThreads, 0, stream>>>(
+        term, d, sampling_ratio, ws, sums, grad);
   } else {
-    backward_kernel<S, Layout, false><<<blocks, kThreads, 0, stream>>>(term, d, sampling_ratio,
-                                                                       ws, sums, grad);
+    backward_kernel<Tune, S, Layout, false><<<blocks, Tune::kThreads, 0, stream>>>(
+        term, d, sampling_ratio, ws, sums, grad);
   }
   return cudaGetLastError();
 }

@@ -1,0 +1,77 @@
+"""The GPU driver (benchmarks/gpu_driver.cu) without a GPU: built as C++, it
+is its --host check, which runs every tuning's schedule serially on the
+small cases (crowded tiles, hostile boxes) that benchmarks/gpu_workloads.py
+writes, and compares each output with the CPU's by hash."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TUNINGS = ("default", "threads256", "tile2x64", "tile8x16", "cover8", "planes4", "nhwc64",
+           "nhwc_planes8", "nhwc_planes4", "unbounded")
+# What each tuning changes (gpu_driver.cu, Directions): the cells it fills.
+FORWARD_ONLY = {"planes4", "nhwc64", "nhwc_planes8", "nhwc_planes4"}
+BACKWARD_ONLY = {"tile2x64", "tile8x16", "cover8"}
+
+
+@pytest.fixture(scope="module")
+def driver_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_run")
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_workloads.py"),
+                    "--out", str(out / "workloads"), "--quick"], check=True, env=env,
+                   capture_output=True)
+    subprocess.run(["bash", str(ROOT / "scripts" / "build_gpu_driver.sh"), "--host-only",
+                    str(out / "gpu_driver")], check=True, env=env, capture_output=True)
+    return out
+
+
+def _manifest(out):
+    cases = []
+    for line in (out / "workloads" / "manifest.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            cases.append(dict(token.split("=", 1) for token in line.split()))
+    return cases
+
+
+def _run(out, manifest):
+    return subprocess.run([str(out / "gpu_driver"), "--manifest", str(manifest), "--host"],
+                          capture_output=True, text=True)
+
+
+def test_every_tuning_reproduces_the_cpu_bitwise(driver_run):
+    result = _run(driver_run, driver_run / "workloads" / "manifest.txt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in result.stdout.splitlines() if line.startswith("| small-")]
+    cases = _manifest(driver_run)
+    assert {case["op"] for case in cases} == {"ps_roi_align", "roi_align", "ps_roi_pool",
+                                              "roi_pool"}
+    assert len(rows) == len(cases) * len(TUNINGS)
+    for name, tuning, _, _, forward, backward in rows:
+        assert forward == ("-" if tuning in BACKWARD_ONLY else "bitwise"), (name, tuning)
+        assert backward == ("-" if tuning in FORWARD_ONLY else "bitwise"), (name, tuning)
+    assert "0 rows failed a check" in result.stdout
+
+
+def test_a_wrong_output_fails_the_check(driver_run, tmp_path):
+    # The check can fail: one hash off by one bit, that case's rows DIFFER.
+    manifest = (driver_run / "workloads" / "manifest.txt").read_text()
+    first = re.search(r"backward_hash=([0-9a-f]{16})", manifest)
+    flipped = f"{int(first.group(1), 16) ^ 1:016x}"
+    broken = tmp_path / "manifest.txt"
+    broken.write_text(manifest.replace(first.group(0), f"backward_hash={flipped}", 1))
+    for rois in (driver_run / "workloads").glob("*.rois"):
+        (tmp_path / rois.name).symlink_to(rois)
+    result = _run(driver_run, broken)
+    assert result.returncode == 1
+    failed = len(TUNINGS) - len(FORWARD_ONLY)
+    assert result.stdout.count("DIFFERS") == failed
+    assert f"{failed} rows failed a check" in result.stdout
