@@ -9,7 +9,7 @@
 # --host-only: the same file as C++ (CXX, default g++), which is the driver's
 # --host check alone and builds without a CUDA toolkit. The XLA FFI headers
 # (call_dims checks each case's shapes as the handlers do) come from the
-# installed jax.
+# installed jax. ptxas's report of every kernel goes to OUTPUT.ptxas.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 host_only=0
@@ -32,8 +32,10 @@ else
   nvcc="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
   # 20014: the host-only serial executor called from the schedule's
   # host-and-device functions, which it instantiates for the host alone.
+  # ptxas -v: every kernel's registers, spills and shared memory, for
+  # benchmarks/kernel_resources.py (OUTPUT.ptxas.log).
   "$nvcc" -O3 -std=c++17 --fmad=false -arch="${ARCH:-sm_90}" -cudart static \
-    -diag-suppress 20014 -I lib -isystem "$xla_include" -Xcompiler -Wall \
-    benchmarks/gpu_driver.cu -o "$out"
+    -diag-suppress 20014 -I lib -isystem "$xla_include" -Xcompiler -Wall -Xptxas -v \
+    benchmarks/gpu_driver.cu -o "$out" 2> "$out.ptxas.log" || { cat "$out.ptxas.log"; exit 1; }
 fi
 echo "built $out in $((SECONDS - start)) s"

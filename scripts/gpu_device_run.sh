@@ -16,7 +16,7 @@
 #                25 runs after 3), each output checked bitwise against the
 #                CPU's, each gradient 5 times (driver.md)
 #   3. winners   per case, the fastest bitwise tuning of each direction
-#                (winners.md)
+#                (winners.md, benchmarks/gpu_winners.py)
 #   4. sanitize  compute-sanitizer memcheck of the default tuning on the
 #                small cases (hostile boxes included)
 #   5. ncu       a profile of the default and the winning tuning of the two
@@ -74,19 +74,8 @@ step driver $((budget / 2)) "$driver" --manifest "$manifest" \
 cp "$out/driver.log" "$out/driver.md"
 tail -n 5 "$out/driver.md"
 
-# Winners: per case, the fastest tuning of each direction among bitwise rows.
-awk -F'|' '
-  NF >= 7 && $4 ~ /[0-9]/ {
-    gsub(/ /, "", $2); gsub(/ /, "", $3); fwd = $4 + 0; bwd = $5 + 0
-    if ($6 ~ /bitwise/ && (!(($2) in bf) || fwd < bf[$2])) { bf[$2] = fwd; bft[$2] = $3 }
-    if ($7 ~ /^ *bitwise *$/ && (!(($2) in bb) || bwd < bb[$2])) { bb[$2] = bwd; bbt[$2] = $3 }
-    if ($3 == "default") { df[$2] = fwd; db[$2] = bwd }
-  }
-  END {
-    print "| case | default fwd ms | best fwd ms (tuning) | default bwd ms | best bwd ms (tuning) |"
-    print "|---|---|---|---|---|"
-    for (c in bf) printf "| %s | %s | %s (%s) | %s | %s (%s) |\n", c, df[c], bf[c], bft[c], db[c], bb[c], bbt[c]
-  }' "$out/driver.md" | sort > "$out/winners.md"
+# Winners: per case and direction, the fastest tuning among bitwise rows.
+python3 benchmarks/gpu_winners.py "$out/driver.md" > "$out/winners.md"
 cat "$out/winners.md"
 
 if command -v compute-sanitizer >/dev/null; then
@@ -98,10 +87,9 @@ fi
 
 if command -v ncu >/dev/null; then
   profile() {  # case-substring
-    local best
-    best=$(awk -F'|' -v c="$1" 'index($2, c) {gsub(/.*\(|\).*/, "", $4); print $4; exit}' \
-      "$out/winners.md")
-    for tuning in default ${best:+$best}; do
+    local tuning best
+    best=$(python3 benchmarks/gpu_winners.py "$out/driver.md" --best "$1")
+    for tuning in default ${best/#default/}; do
       ncu --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats -k "regex:forward_kernel|backward_kernel" \
         "$driver" --manifest "$manifest" --cases "$1" --tunings "$tuning" --repeats 1 \

@@ -5,6 +5,8 @@
 #   scripts/prepare_gpu_run.sh [DIR] [--wheel]     (default DIR build/gpu_run)
 #
 #   DIR/gpu_driver         benchmarks/gpu_driver.cu for sm_90, every tuning
+#   DIR/resources.md       registers, spills and shared memory of each of its
+#                          kernels (ptxas; benchmarks/kernel_resources.py)
 #   DIR/workloads/         the driver's cases: manifest, boxes, the CPU's
 #                          output hashes (benchmarks/gpu_workloads.py)
 #   DIR/host_check.md      the driver's --host run: every tuning's schedule
@@ -22,7 +24,7 @@ wheel=0
 for arg in "$@"; do
   case "$arg" in
     --wheel) wheel=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) dir="$arg" ;;
   esac
 done
@@ -30,6 +32,7 @@ mkdir -p "$dir"
 python="${PYTHON:-$(command -v python || command -v python3)}"
 start=$SECONDS
 scripts/build_gpu_driver.sh "$dir/gpu_driver"
+"$python" benchmarks/kernel_resources.py "$dir/gpu_driver.ptxas.log" > "$dir/resources.md"
 "$python" benchmarks/gpu_workloads.py --out "$dir/workloads"
 echo "=== workloads written ($((SECONDS - start)) s)"
 "$dir/gpu_driver" --manifest "$dir/workloads/manifest.txt" --host | tee "$dir/host_check.md"

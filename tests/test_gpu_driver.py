@@ -14,6 +14,9 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_winners  # noqa: E402
+
 TUNINGS = ("default", "threads256", "tile2x64", "tile8x16", "cover8", "planes4", "nhwc64",
            "nhwc_planes8", "nhwc_planes4", "unbounded")
 # What each tuning changes (gpu_driver.cu, Directions): the cells it fills.
@@ -75,3 +78,22 @@ def test_a_wrong_output_fails_the_check(driver_run, tmp_path):
     failed = len(TUNINGS) - len(FORWARD_ONLY)
     assert result.stdout.count("DIFFERS") == failed
     assert f"{failed} rows failed a check" in result.stdout
+
+
+def test_winners_are_the_fastest_rows_that_passed():
+    # A wrong output, or a gradient that did not repeat, never wins.
+    text = """device: an H100
+| case | tuning | forward ms | backward ms | forward | backward |
+|---|---|---|---|---|---|
+| a | default | 0.58 | 0.94 | bitwise | bitwise |
+| a | threads256 | 0.50 | 1.20 | bitwise | bitwise |
+| a | tile2x64 | - | 0.80 | - | bitwise |
+| a | planes4 | 0.40 | - | DIFFERS | - |
+| a | cover8 | - | 0.70 | - | bitwise,NONDETERMINISTIC |
+"""
+    results = gpu_winners.parse(text)
+    assert results["a"]["forward"] == {"default": 0.58, "threads256": 0.5}
+    assert results["a"]["backward"] == {"default": 0.94, "threads256": 1.2, "tile2x64": 0.8}
+    table = gpu_winners.table(results)
+    assert "| a | forward | 0.58 | 0.5 | threads256 | 1.16x |" in table
+    assert "| a | backward | 0.94 | 0.8 | tile2x64 | 1.17x |" in table
