@@ -9,6 +9,7 @@ from jax_psroi import (
     _arguments,
     _extension,
     _image_groups,
+    _implementation,
     _levels,
     _multi_scale,
     _primitives,
@@ -96,7 +97,8 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
         channel_order, _extension.SUPPORTED_DTYPES)
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return _primitives.forward_p.bind(features, rois, image_groups=groups,
-                                      operation="ps_roi_align", aligned=True, **params)
+                                      operation="ps_roi_align", aligned=True,
+                                      implementation=_implementation.requested(), **params)
 
 
 def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
@@ -141,7 +143,8 @@ def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float 
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return _primitives.forward_p.bind(features, rois, image_groups=groups,
                                       operation="roi_align",
-                                      aligned=_arguments.aligned(aligned), **params)
+                                      aligned=_arguments.aligned(aligned),
+                                      implementation=_implementation.requested(), **params)
 
 
 def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
@@ -189,7 +192,8 @@ def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: floa
     # Pools take no samples: the kernels' sampling ratio is unread.
     return _primitives.forward_p.bind(features, rois, image_groups=groups,
                                       operation="ps_roi_pool", aligned=False,
-                                      sampling_ratio=0, **params)
+                                      sampling_ratio=0,
+                                      implementation=_implementation.requested(), **params)
 
 
 def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
@@ -238,7 +242,8 @@ def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float =
     return _roi_pool.roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
                                      spatial_scale=params["spatial_scale"],
                                      data_format=params["data_format"],
-                                     image_groups=groups)[0]
+                                     image_groups=groups,
+                                     implementation=_implementation.requested())[0]
 
 
 def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampling_ratio: int,
@@ -306,4 +311,5 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
     return _multi_scale.multi_scale_p.bind(*maps, rois, levels, image_groups=groups,
                                            pooled_size=pooled_size,
                                            spatial_scales=scales, sampling_ratio=ratio,
-                                           data_format=layout)
+                                           data_format=layout,
+                                           implementation=_implementation.requested())

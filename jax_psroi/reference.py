@@ -79,6 +79,20 @@ def _first_in_map_sample(bin_start, bin_size, grid):
     return lo
 
 
+def axis_taps(coord, inside, size):
+    """The two bilinear taps of sample coordinates `coord` on an axis of
+    `size` pixels, with torchvision's border rules (clamp to 0 below, to the
+    last pixel above): int32 low and high pixels and their weights, all
+    shaped like `coord`; weights 0 (and pixels 0) where `inside` is False."""
+    coord = jnp.where(inside, jnp.maximum(coord, 0), 0)
+    low = jnp.floor(coord).astype(jnp.int32)
+    at_end = low >= size - 1
+    low = jnp.where(at_end, size - 1, low)
+    high = jnp.where(at_end, size - 1, low + 1)
+    frac = jnp.where(at_end, 0, coord - low.astype(coord.dtype))
+    return low, high, jnp.where(inside, 1 - frac, 0), jnp.where(inside, frac, 0)
+
+
 def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     """Dense interpolation weights of every bin along one axis.
 
@@ -109,16 +123,7 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     coord = _sample_coordinates(bin_start[..., None], bin_size[:, None, None],
                                 grid_kp[..., None], index)
     inside = (index < grid_kp[..., None]) & (coord >= -1) & (coord <= size)
-
-    # torchvision's border rules: clamp to 0 below, to the last pixel above.
-    coord = jnp.where(inside, jnp.maximum(coord, 0), 0)
-    low = jnp.floor(coord).astype(jnp.int32)
-    at_end = low >= size - 1
-    low = jnp.where(at_end, size - 1, low)
-    high = jnp.where(at_end, size - 1, low + 1)
-    frac = jnp.where(at_end, 0, coord - low.astype(dtype))
-    w_low = jnp.where(inside, 1 - frac, 0)
-    w_high = jnp.where(inside, frac, 0)
+    low, high, w_low, w_high = axis_taps(coord, inside, size)
 
     roi = jnp.arange(num_rois)[:, None, None]
     bin_index = jnp.arange(pooled)[None, :, None]
@@ -257,23 +262,8 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     pooled_h, pooled_w = pooled_size
     h, w = features.shape[2:]
     dtype = features.dtype
-    scale = jnp.asarray(spatial_scale, dtype)
-    start_w = rois[:, 1] * scale - offset
-    start_h = rois[:, 2] * scale - offset
-    end_w = rois[:, 3] * scale - offset
-    end_h = rois[:, 4] * scale - offset
-    size_w, size_h = end_w - start_w, end_h - start_h
-    if clamp:
-        # torchvision's std::max(size, 1): a NaN size stays NaN (and gives 0).
-        size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
-        size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
-    bin_w = _divide(size_w, pooled_w)
-    bin_h = _divide(size_h, pooled_h)
-    finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
-              & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
-    # Non-finite RoIs give 0: compute their (discarded) weights from zeros.
-    start_w, start_h, bin_w, bin_h = (jnp.where(finite, v, 0)
-                                      for v in (start_w, start_h, bin_w, bin_h))
+    start_h, start_w, bin_h, bin_w, finite = box_geometry(rois, pooled_size, spatial_scale,
+                                                          offset=offset, clamp=clamp)
     grid_h = _grid_size(bin_h, sampling_ratio)
     grid_w = _grid_size(bin_w, sampling_ratio)
 
@@ -287,6 +277,32 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     row_w = row_w * jnp.where(valid, 1 / jnp.where(valid, count, 1), 0)[:, None, None]
 
     return _contract(features, image, row_w, col_w, position_sensitive)
+
+
+def box_geometry(rois, pooled_size, spatial_scale, *, offset, clamp):
+    """Where each RoI [K, 5] starts and its bin size, per axis, in the RoIs'
+    dtype: (start_h, start_w, bin_h, bin_w, finite), each [K]; the four
+    values are 0 where the RoI's geometry is not finite (``finite`` False),
+    so that its discarded weights are computed from zeros. `offset` and
+    `clamp` as in ``_pool_nchw``."""
+    pooled_h, pooled_w = pooled_size
+    scale = jnp.asarray(spatial_scale, rois.dtype)
+    start_w = rois[:, 1] * scale - offset
+    start_h = rois[:, 2] * scale - offset
+    end_w = rois[:, 3] * scale - offset
+    end_h = rois[:, 4] * scale - offset
+    size_w, size_h = end_w - start_w, end_h - start_h
+    if clamp:
+        # torchvision's std::max(size, 1): a NaN size stays NaN (and gives 0).
+        size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
+        size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
+    bin_w = _divide(size_w, pooled_w)
+    bin_h = _divide(size_h, pooled_h)
+    finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
+              & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
+    start_h, start_w, bin_h, bin_w = (jnp.where(finite, v, 0)
+                                      for v in (start_h, start_w, bin_h, bin_w))
+    return start_h, start_w, bin_h, bin_w, finite
 
 
 def image_of(rois, features_shape, image_groups=None):
