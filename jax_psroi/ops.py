@@ -3,7 +3,10 @@ and ``multi_scale_roi_align``, with torchvision's signatures and semantics."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
+from jax.typing import ArrayLike
 
 from jax_psroi import (
     _arguments,
@@ -15,11 +18,13 @@ from jax_psroi import (
     _primitives,
     _roi_pool,
 )
+from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 
 
-def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
-                 sampling_ratio: int = -1, *, data_format: str = "NCHW",
-                 channel_order: str = "torchvision") -> jax.Array:
+def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                 spatial_scale: float = 1.0, sampling_ratio: int = -1, *,
+                 data_format: DataFormat = "NCHW",
+                 channel_order: ChannelOrder = "torchvision") -> jax.Array:
     """Position-Sensitive RoI Align (R-FCN, Light-Head R-CNN).
 
     Same signature and semantics as ``torchvision.ops.ps_roi_align``, as a
@@ -101,9 +106,9 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
                                       implementation=_implementation.requested(), **params)
 
 
-def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False, *,
-              data_format: str = "NCHW") -> jax.Array:
+def roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False, *,
+              data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Align (Mask R-CNN, Faster R-CNN with RoI Align heads).
 
     Same signature and semantics as ``torchvision.ops.roi_align``, on the
@@ -147,8 +152,9 @@ def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float 
                                       implementation=_implementation.requested(), **params)
 
 
-def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
-                data_format: str = "NCHW", channel_order: str = "torchvision") -> jax.Array:
+def ps_roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                spatial_scale: float = 1.0, *, data_format: DataFormat = "NCHW",
+                channel_order: ChannelOrder = "torchvision") -> jax.Array:
     """Position-Sensitive RoI Pool (R-FCN's original head).
 
     Same signature and forward as ``torchvision.ops.ps_roi_pool``, on the
@@ -196,8 +202,8 @@ def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: floa
                                       implementation=_implementation.requested(), **params)
 
 
-def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
-             data_format: str = "NCHW") -> jax.Array:
+def roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+             spatial_scale: float = 1.0, *, data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Pool (Fast and Faster R-CNN): the maximum of each bin's window.
 
     Same signature and semantics as ``torchvision.ops.roi_pool``, as a JAX
@@ -246,9 +252,10 @@ def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float =
                                      implementation=_implementation.requested())[0]
 
 
-def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampling_ratio: int,
-                          image_size, *, canonical_scale: int = 224,
-                          canonical_level: int = 4, data_format: str = "NCHW") -> jax.Array:
+def multi_scale_roi_align(features: Sequence[ArrayLike], boxes: Boxes, output_size: OutputSize,
+                          sampling_ratio: int, image_size: tuple[int, int], *,
+                          canonical_scale: int = 224, canonical_level: int = 4,
+                          data_format: DataFormat = "NCHW") -> jax.Array:
     """Multi-scale RoI Align over a feature pyramid (FPN heads: Faster and
     Mask R-CNN), what ``torchvision.ops.MultiScaleRoIAlign`` computes, each
     RoI pooled from its own level only, on the native kernels of

@@ -15,12 +15,21 @@ bilinear weights of the bin's samples) and contracts them with the features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from jax_psroi import _arguments, _image_groups, _levels
-from jax_psroi._arguments import MAX_GRID_PER_AXIS
+from jax_psroi._arguments import (
+    MAX_GRID_PER_AXIS,
+    Boxes,
+    ChannelOrder,
+    DataFormat,
+    OutputSize,
+)
 
 # Every contraction at full precision: GPUs would otherwise run float32 ones
 # in TF32 (10 mantissa bits), whatever the dtype the caller asked for.
@@ -132,9 +141,10 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     return weights.at[roi, bin_index, high].add(w_high)
 
 
-def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
-                           sampling_ratio=-1, *, data_format="NCHW",
-                           channel_order="torchvision"):
+def ps_roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                           spatial_scale: float = 1.0, sampling_ratio: int = -1, *,
+                           data_format: DataFormat = "NCHW",
+                           channel_order: ChannelOrder = "torchvision") -> jax.Array:
     """PS-RoI Align in ``jax.numpy``: the same arguments, semantics and result
     as ``jax_psroi.ps_roi_align`` (torchvision's, with the documented safe
     deviations), for any floating dtype.
@@ -159,8 +169,10 @@ def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     return pool(features, rois, **params)
 
 
-def roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
-                        sampling_ratio=-1, aligned=False, *, data_format="NCHW"):
+def roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                        spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                        aligned: bool = False, *,
+                        data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Align in ``jax.numpy``: the arguments and semantics of
     ``torchvision.ops.roi_align``, with ps_roi_align's safe deviations (an
     RoI with a batch index outside [0, N) or non-finite coordinates gives 0),
@@ -332,9 +344,11 @@ def _contract(features, image, row_w, col_w, position_sensitive):
     return jnp.einsum("kopqy,kpy->kopq", by_row, row_w, precision=_EXACT)
 
 
-def multi_scale_roi_align_reference(features, boxes, output_size, sampling_ratio, image_size,
-                                    *, canonical_scale=224, canonical_level=4,
-                                    data_format="NCHW"):
+def multi_scale_roi_align_reference(features: Sequence[ArrayLike], boxes: Boxes,
+                                    output_size: OutputSize, sampling_ratio: int,
+                                    image_size: tuple[int, int], *, canonical_scale: int = 224,
+                                    canonical_level: int = 4,
+                                    data_format: DataFormat = "NCHW") -> jax.Array:
     """Multi-scale RoI Align over a feature pyramid in ``jax.numpy``: what
     ``torchvision.ops.MultiScaleRoIAlign`` computes.
 
