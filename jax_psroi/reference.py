@@ -1,8 +1,9 @@
 """Pure ``jax.numpy`` references of Position-Sensitive RoI Align and RoI Align.
 
-``ps_roi_align_reference`` is the oracle of the tests and the lowering used
-on platforms without a native kernel; on CPU (and CUDA, when built) the
-native kernels run instead. ``roi_align_reference`` is torchvision's
+``ps_roi_align_reference`` is the oracle of the tests of the native kernels
+and of the XLA path (_xla_path.py, which shares its box geometry and
+bilinear taps, ``box_geometry`` and ``axis_taps``, but sums by gathers).
+``roi_align_reference`` is torchvision's
 ``roi_align`` on the same machinery, the oracle of ``roi_align``'s kernels;
 the pools are in reference_pools.py.
 It has the same semantics as the kernels, torchvision's plus the documented

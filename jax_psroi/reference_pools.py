@@ -5,8 +5,8 @@ Both pool windows of whole pixels: box corners are rounded (half away from
 zero, as C's ``round``), bin p of an axis covers pixels
 [floor(p * bin_size), ceil((p + 1) * bin_size)) past the rounded start, and
 windows are clipped to the map. They are the oracles of the native kernels
-and their lowering on platforms without one; like the RoI Align references
-they are not fast.
+and of the XLA path (which takes its windows from ``_windows``); like the
+RoI Align references they are not fast.
 """
 
 from __future__ import annotations
