@@ -7,7 +7,9 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 
+import jax
 import numpy as np
 
 import jax_psroi
@@ -92,3 +94,10 @@ def test_source_folder_without_extension_explains_itself(tmp_path):
     assert "holds no compiled extension" in message
     assert "An installed copy is at" in message and "pip install -e ." in message
     assert "circular import" not in message
+
+
+def test_the_package_declares_its_type_hints():
+    # PEP 561: type checkers read the hints of a package marked py.typed.
+    assert (PACKAGE / "py.typed").is_file()
+    hints = typing.get_type_hints(jax_psroi.ps_roi_align)
+    assert hints["input"] == jax.typing.ArrayLike and hints["return"] is jax.Array
