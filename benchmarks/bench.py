@@ -6,7 +6,8 @@
 
 For each workload and sampling ratio it times, in one process and one run,
 the forward, the backward alone (vjp of a stored forward) and forward +
-backward of: jax_psroi under jax.jit; the strong jax.numpy baseline
+backward of: jax_psroi under jax.jit, on its native kernels and on the XLA
+path (JAX_PSROI_IMPLEMENTATION=xla); the strong jax.numpy baseline
 (baselines.py: row relayout and row gather; fixed sampling ratios only),
 checked against jax_psroi first; the jax.numpy reference under jax.jit; and
 torchvision (when installed; on the CPU with as many threads as XLA's CPU
@@ -245,7 +246,8 @@ def run_workload(workload, ratio, tv, device, repeats, skip_reference,
            "num_rois": workload.num_rois, "sampling_ratio": ratio,
            "variant": variant.as_dict(), "output_bytes": int(cotangent.nbytes)}
     layout = dict(data_format=variant.data_format, channel_order=variant.channel_order)
-    impls = {"jax_psroi": functools.partial(jax_psroi.ps_roi_align, **layout)}
+    impls = {"jax_psroi": functools.partial(jax_psroi.ps_roi_align, **layout),
+             "xla": on_the_xla_path(functools.partial(jax_psroi.ps_roi_align, **layout))}
     if ratio > 0:
         impls["strong"] = functools.partial(baselines.ps_roi_align_rows, **layout)
         check_strong_baseline(impls["jax_psroi"], impls["strong"], features_j, rois_j, ratio)
@@ -260,6 +262,22 @@ def run_workload(workload, ratio, tv, device, repeats, skip_reference,
         row["torchvision"] = torchvision_timings(tv, features, rois, cotangent,
                                                  ratio, repeats, device, modes)
     return row
+
+
+def on_the_xla_path(op):
+    """`op` traced with JAX_PSROI_IMPLEMENTATION=xla: the XLA path, what
+    platforms without native kernels run."""
+    def traced(*args, **kwargs):
+        previous = os.environ.get("JAX_PSROI_IMPLEMENTATION")
+        os.environ["JAX_PSROI_IMPLEMENTATION"] = "xla"
+        try:
+            return op(*args, **kwargs)
+        finally:
+            if previous is None:
+                del os.environ["JAX_PSROI_IMPLEMENTATION"]
+            else:
+                os.environ["JAX_PSROI_IMPLEMENTATION"] = previous
+    return traced
 
 
 def check_strong_baseline(ours, strong, features, rois, ratio):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # What bench.py times of each implementation, and the implementations.
 MODES = ("forward", "backward", "forward_backward")
-IMPLEMENTATIONS = ("jax_psroi", "strong", "reference", "torchvision")
+IMPLEMENTATIONS = ("jax_psroi", "xla", "strong", "reference", "torchvision")
 TARGETS = {"torchvision": 20.0, "reference": 10.0}
 ADAPTIVE_SLOWDOWN = 2.0
 # Issue 11: against the default layout in the same run, and the strong
@@ -170,19 +170,22 @@ def markdown(results):
         + (f"torchvision {results['torchvision']} (torch {results['torch']})."
            if results["torchvision"] else "torchvision not installed."),
         "",
-        "Median milliseconds. `strong` is the strong jax.numpy baseline (row "
-        "relayout and row gather, fixed sampling ratios only), `reference` the "
-        "jitted jax.numpy reference; `x strong`, `x ref` and `x tv` are how many "
-        "times faster jax_psroi is than each. `floor` is the fewest bytes the "
+        "Median milliseconds. `jax_psroi` runs the native kernels, `xla` the "
+        "XLA path (what platforms without native kernels run; "
+        "JAX_PSROI_IMPLEMENTATION=xla), `strong` is the strong jax.numpy baseline "
+        "(row relayout and row gather, fixed sampling ratios only), `reference` "
+        "the jitted jax.numpy reference; `x xla`, `x strong`, `x ref` and `x tv` "
+        "are how many times faster jax_psroi is than each. `floor` is the fewest "
+        "bytes the "
         "pass must move over the bandwidth measured in the same run"
         + (f" ({bandwidth / 1e9:.0f} GB/s, read + write of a negate)"
            if bandwidth else "")
-        + "; `temp` is XLA's temporary buffer of the compiled executable (MiB).",
+        + "; `temp` is XLA's temporary buffer of the compiled executable (MiB), "
+        "`xla temp` and `ref temp` those of the XLA path and the reference.",
         "",
-        "| workload | sr | pass | jax_psroi | strong | reference | torchvision "
-        "| x strong | x ref | x tv | floor | temp | ref temp | output |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-        "| --- | --- |",
+        "| workload | sr | pass | jax_psroi | xla | strong | reference | torchvision "
+        "| x xla | x strong | x ref | x tv | floor | temp | xla temp | ref temp | output |",
+        "|" + " --- |" * 17,
     ]
     for row in results["rows"]:
         n, c, h, w = row["features"]
@@ -192,6 +195,7 @@ def markdown(results):
                      for impl in IMPLEMENTATIONS}
             memory = ours[f"{mode}_memory"] or {}
             ref_memory = (row.get("reference") or {}).get(f"{mode}_memory") or {}
+            xla_memory = (row.get("xla") or {}).get(f"{mode}_memory") or {}
             floor = (row["fewest_bytes"][mode] / bandwidth
                      if bandwidth and "fewest_bytes" in row else None)
             variant = variant_label(row)
@@ -201,9 +205,10 @@ def markdown(results):
                 f"| {row['sampling_ratio']} | {mode.replace('_', '+')} "
                 + "".join(f"| {_ms(times[impl])} " for impl in IMPLEMENTATIONS)
                 + "".join(f"| {_ratio(_speedup(row, impl, mode))} "
-                          for impl in ("strong", "reference", "torchvision"))
+                          for impl in ("xla", "strong", "reference", "torchvision"))
                 + f"| {_ms(floor)} "
                 f"| {_mb(memory.get('temp_bytes'))} "
+                f"| {_mb(xla_memory.get('temp_bytes'))} "
                 f"| {_mb(ref_memory.get('temp_bytes'))} "
                 f"| {_mb(memory.get('output_bytes'))} |")
     failed = [c for c in results["checks"] if not c["ok"]]

@@ -11,13 +11,19 @@ import math
 import numbers
 import operator
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
-# torchvision's two forms of the `boxes` argument.
-Boxes = jax.Array | np.ndarray | Sequence[jax.Array]
+# The public API's argument types. torchvision's two forms of `boxes`: a
+# [K, 5] array, or one [L_i, 4] array per image.
+Boxes = ArrayLike | Sequence[ArrayLike]
+OutputSize = int | tuple[int, int]
+DataFormat = Literal["NCHW", "NHWC"]
+ChannelOrder = Literal["torchvision", "bin_major"]
 
 # Samples per bin axis are capped here, as in the kernels (kMaxGridPerAxis in
 # lib/psroi_math.h): beyond 2**23, float32's i + 0.5 is no longer exact.
@@ -361,7 +367,7 @@ def _box_array(value, dtype, what):
     return jnp.asarray(value, dtype)
 
 
-def rois_from_boxes(boxes: Boxes, dtype) -> jax.Array:
+def rois_from_boxes(boxes: Boxes, dtype: DTypeLike) -> jax.Array:
     """``boxes`` in either of torchvision's forms as [K, 5] RoIs
     (batch_index, x1, y1, x2, y2) of `dtype`.
 

@@ -54,15 +54,21 @@ def _missing_extension_message(error) -> str:
 try:
     from jax_psroi import _build_info, _cpu
 except ImportError as error:
-    raise ImportError(_missing_extension_message(error)) from error
+    # A pure-Python install: every operator runs the XLA path (_xla_path.py).
+    _build_info = _cpu = None
+    warnings.warn(f"{_missing_extension_message(error)} Until then every operator runs "
+                  "its XLA formulation (README, \"Platforms without native kernels\"), "
+                  "slower than the native kernels.", RuntimeWarning, stacklevel=2)
 
-try:
-    from jax_psroi import _cuda
-except ImportError as error:
-    _cuda = None
-    if _build_info.CUDA_VERSION:  # it was built, but does not load
-        warnings.warn(f"jax_psroi's CUDA kernels were built but failed to load ({error}); "
-                      "only the CPU kernels are available", RuntimeWarning, stacklevel=2)
+_cuda = None
+if _cpu is not None:
+    try:
+        from jax_psroi import _cuda
+    except ImportError as error:
+        if _build_info.CUDA_VERSION:  # it was built, but does not load
+            warnings.warn(f"jax_psroi's CUDA kernels were built but failed to load "
+                          f"({error}); only the CPU kernels are available", RuntimeWarning,
+                          stacklevel=2)
 
 
 class KernelTarget(NamedTuple):
@@ -84,28 +90,30 @@ def _register(module_targets, platform) -> dict:
     return table
 
 
-KERNELS = {"cpu": _register(_cpu.targets(), "cpu"),
+KERNELS = {"cpu": {} if _cpu is None else _register(_cpu.targets(), "cpu"),
            "cuda": {} if _cuda is None else _register(_cuda.targets(), "CUDA")}
 
 OPERATION = "ps_roi_align"
-# What the native kernels support, read off the table.
-SUPPORTED_DTYPES = tuple(sorted({row.dtype for row in KERNELS["cpu"].values()},
-                                key=lambda dtype: (dtype.itemsize, dtype.name)))
-SUPPORTED_LAYOUTS = tuple(sorted({row.layout for row in KERNELS["cpu"].values()}))
+# What the operators take: the native kernels' dtypes and layouts, read off
+# the table; the XLA path takes the same (all of them, without the module).
+SUPPORTED_DTYPES = tuple(sorted(
+    {row.dtype for row in KERNELS["cpu"].values()}
+    or {jax.numpy.dtype(name) for name in ("bfloat16", "float16", "float32", "float64")},
+    key=lambda dtype: (dtype.itemsize, dtype.name)))
+SUPPORTED_LAYOUTS = tuple(sorted({row.layout for row in KERNELS["cpu"].values()}
+                                 or {"NCHW", "NHWC"}))
 
 CUDA_MISSING_MESSAGE = (
-    "jax_psroi was built without its CUDA kernels, so it cannot lower its "
-    "operators for the 'cuda' platform. Reinstall with nvcc on PATH and CUDA "
-    "forced on: JAX_PSROI_CUDA=ON pip install --no-cache-dir "
-    "--force-reinstall . (see README, 'Building').")
+    "jax_psroi was built without its CUDA kernels, so on the GPU its operators "
+    "run their XLA formulation, slower than the native kernels. To get the "
+    "kernels, reinstall with nvcc on PATH and CUDA forced on: JAX_PSROI_CUDA=ON "
+    "pip install --no-cache-dir --force-reinstall . (see README, 'Building').")
 
 
 def target_name(platform: str, direction: str, dtype, layout: str = "NCHW",
                 operation: str = OPERATION) -> str:
     """FFI target of a kernel-table row on `platform` ('cpu' or 'cuda')."""
     table = KERNELS[platform]
-    if not table and platform == "cuda":
-        raise RuntimeError(CUDA_MISSING_MESSAGE)
     key = (operation, direction, layout, jax.numpy.dtype(dtype))
     if key not in table:
         raise NotImplementedError(
@@ -161,9 +169,16 @@ def build_info() -> dict:
     Returns a dict with the JAX version whose FFI headers were used, the XLA
     FFI API version compiled in, whether (and for which CUDA version and
     GPU architectures) the CUDA kernels were built, and the kernel table:
-    the dtypes and layouts with native kernels.
+    the dtypes and layouts with native kernels. Without the compiled module
+    (every operator on the XLA path), only whether it is there ("native":
+    False), the running JAX and the dtypes and layouts the operators take.
     """
+    if _cpu is None:
+        return {"native": False, "jax_running": jax.__version__, "cuda_built": False,
+                "dtypes": [dtype.name for dtype in SUPPORTED_DTYPES],
+                "layouts": list(SUPPORTED_LAYOUTS)}
     info = {
+        "native": True,
         "jax_built_against": _build_info.JAX_VERSION,
         "jax_running": jax.__version__,
         "ffi_api_version": tuple(_cpu.ffi_api_version),

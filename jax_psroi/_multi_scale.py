@@ -10,12 +10,13 @@ the result of the call before in place (the kernels' `updated` operand), so
 each RoI is pooled from its level alone and the result is written once per
 RoI. Its transpose is roi_align's backward primitive once per level (on that
 level's RoIs), whose own transpose is roi_align's forward: every order of
-differentiation runs on the native kernels.
+differentiation runs on the native kernels. Elsewhere it lowers to the XLA
+path (_xla_path.py), roi_align's per level.
 
 Parameters, all static: ``pooled_size`` (PH, PW), ``spatial_scales`` (one
-python float per level), ``sampling_ratio``, ``data_format`` and
+python float per level), ``sampling_ratio``, ``data_format``,
 ``image_groups`` (forward_p's: which image each RoI's batch index counts
-from).
+from) and ``implementation`` (forward_p's).
 
 Over a device mesh it splits as roi_align does (_partitioning.py): over
 images (with blocks of images), RoIs or channels, every level alike and the
@@ -32,7 +33,15 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 
-from jax_psroi import _arguments, _image_groups, _levels, _partitioning, _primitives, reference
+from jax_psroi import (
+    _arguments,
+    _image_groups,
+    _implementation,
+    _levels,
+    _partitioning,
+    _primitives,
+    _xla_path,
+)
 
 multi_scale_p = Primitive("jax_psroi_multi_scale_roi_align")
 
@@ -72,19 +81,10 @@ def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, d
     return pooled
 
 
-def _reference(*operands, result_shape, spatial_scales, sampling_ratio, data_format,
-               image_groups):
-    *maps, rois, levels = operands
-    pooled_size = _arguments.pooled_size_of(result_shape, data_format)
-    return sum(reference.pool_roi_align(features, _levels.level_rois(rois, levels, level),
-                                        pooled_size, scale, sampling_ratio, False,
-                                        data_format=data_format, image_groups=image_groups)
-               for level, (features, scale) in enumerate(zip(maps, spatial_scales,
-                                                             strict=True)))
-
-
-def _lowering(call, ctx, *operands, spatial_scales, sampling_ratio, data_format,
-              image_groups, **_):
+def _lowering(platform, ctx, *operands, implementation, spatial_scales, sampling_ratio,
+              data_format, image_groups, **_):
+    call = (partial(_native, platform) if _implementation.native(platform, implementation)
+            else _xla_path.multi_scale)
     blocks = _primitives.image_blocks(ctx.avals_in[0].shape, ctx.avals_in[-2], image_groups,
                                       data_format)
     return _partitioning.lower_pyramid(
@@ -95,10 +95,9 @@ def _lowering(call, ctx, *operands, spatial_scales, sampling_ratio, data_format,
 
 
 _partitioning.lower_with_devices(multi_scale_p)
-mlir.register_lowering(multi_scale_p, partial(_lowering, _reference))
+mlir.register_lowering(multi_scale_p, partial(_lowering, None))
 for _platform in ("cpu", "cuda"):
-    mlir.register_lowering(multi_scale_p, partial(_lowering, partial(_native, _platform)),
-                           platform=_platform)
+    mlir.register_lowering(multi_scale_p, partial(_lowering, _platform), platform=_platform)
 
 
 # --- Differentiation ---------------------------------------------------------
@@ -115,7 +114,7 @@ def _jvp(primals, tangents, **params):
 
 
 def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio,
-               data_format, image_groups):
+               data_format, image_groups, implementation):
     *maps, rois, levels = operands
     assert not ad.is_undefined_primal(rois) and not ad.is_undefined_primal(levels)
     grads = []
@@ -127,7 +126,7 @@ def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio
         else:
             grads.append(_primitives.backward_p.bind(
                 cotangent, _levels.level_rois(rois, levels, level),
-                input_shape=features.aval.shape,
+                input_shape=features.aval.shape, implementation=implementation,
                 **_level_params(scale, sampling_ratio, data_format, image_groups)))
     return [*grads, None, None]
 

@@ -142,6 +142,11 @@ def typed_result(direction: str, operand, rois, result, *, data_format: str,
     return result.update(sharding=NamedSharding(mesh, spec))
 
 
+# Whether jit lowers our primitives with the program's devices in hand
+# (lower_with_devices): without them there are no sharding rules.
+_devices_in_lowering = True
+
+
 def lower_with_devices(*primitives) -> None:
     """Has jit lower `primitives` with the program's devices in hand, which
     ``custom_partitioning`` needs to build the mesh its callbacks get.
@@ -149,16 +154,23 @@ def lower_with_devices(*primitives) -> None:
     JAX lowers without devices unless a primitive of the program is in a
     private registry (custom_partitioning's own primitive is, but ours bind
     it only when they are lowered): the one use of a private JAX module in
-    this package. Without it (a JAX that moved it) calls are not
-    partitioned, which the sharding tests catch.
+    this package. A JAX without it (one that moved it) only turns the
+    sharding rules off: calls are then not partitioned (XLA gathers their
+    operands onto every device), still correct.
     """
-    from jax._src import dispatch
+    global _devices_in_lowering
+    try:
+        from jax._src import dispatch
 
-    dispatch.prim_requires_devices_during_lowering.update(primitives)
+        registry = dispatch.prim_requires_devices_during_lowering
+    except (ImportError, AttributeError):
+        _devices_in_lowering = False
+        return
+    registry.update(primitives)
 
 
 def _partitioned(ctx) -> bool:
-    if ctx.module_context.lowering_parameters.for_export:
+    if not _devices_in_lowering or ctx.module_context.lowering_parameters.for_export:
         return False
     # Only a program partitioned by XLA's SPMD partitioner (jit over a mesh)
     # has a device assignment in its axis context; shard_map and pmap bodies

@@ -8,9 +8,9 @@ with features [N, C, H, W] and pooled [K, C_out, PH, PW] in NCHW, or
 
 Both are linear in their first operand and adjoint to each other, which gives
 their JVP and transpose rules (and so any order of differentiation). Each has
-a lowering to the native kernels on CPU and CUDA, a lowering of the
-``jax.numpy`` reference for every other platform, and a vmap rule that folds
-the mapped axis into the image / RoI axes so a batch is one kernel launch.
+a lowering to the native kernels on CPU and CUDA, a lowering to the XLA path
+(_xla_path.py) for every other platform, and a vmap rule that folds the
+mapped axis into the image / RoI axes so a batch is one kernel launch.
 
 Parameters, all static: ``pooled_size`` (PH, PW) on ``forward_p``,
 ``input_shape`` (the features' shape) on ``backward_p``; on both
@@ -25,9 +25,11 @@ box geometry, its S64 attribute; True for ps_roi_align, unread by
 ps_roi_pool, whose calls carry a sampling ratio of 0 that it ignores) and
 ``image_groups`` (rois_per_group, images_per_group): which image each RoI's
 batch index counts from, the kernels' S64 attributes of those names
-(_image_groups.py). The vmap rules fold a mapped axis into the images
-without touching batch indices, and a partitioned program splits a call
-whose groups are blocks of images without communication (_partitioning.py).
+(_image_groups.py); ``implementation`` ("native" or "xla", read from the
+environment when the call was traced: _implementation.py). The vmap rules
+fold a mapped axis into the images without touching batch indices, and a
+partitioned program splits a call whose groups are blocks of images without
+communication (_partitioning.py).
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ from jax_psroi import (
     _arguments,
     _extension,
     _image_groups,
+    _implementation,
     _partitioning,
-    reference,
-    reference_pools,
+    _xla_path,
 )
 
 forward_p = Primitive("jax_psroi_forward")
@@ -109,36 +111,11 @@ backward_p.def_impl(partial(xla.apply_primitive, backward_p))
 
 # --- Lowerings ----------------------------------------------------------------
 # Each lowering is one device's call, (operand, rois, result shape) -> result:
-# the native kernel on CPU and CUDA, the jax.numpy reference on every other
-# platform. _partitioning.lower runs it on every device's shards when the
-# program is partitioned over a mesh.
-
-def _reference_pool(features, rois, pooled_size, *, operation, spatial_scale,
-                    sampling_ratio, data_format, channel_order, aligned, image_groups):
-    if operation == "roi_align":
-        return reference.pool_roi_align(features, rois, pooled_size, spatial_scale,
-                                        sampling_ratio, aligned, data_format=data_format,
-                                        image_groups=image_groups)
-    if operation == "ps_roi_pool":
-        return reference_pools.pool_ps_roi_pool(features, rois, pooled_size, spatial_scale,
-                                                data_format=data_format,
-                                                channel_order=channel_order,
-                                                image_groups=image_groups)
-    return reference.pool(features, rois, pooled_size, spatial_scale, sampling_ratio,
-                          data_format=data_format, channel_order=channel_order,
-                          image_groups=image_groups)
-
-
-def _reference_call(direction, operand, rois, result_shape, *, data_format, **params):
-    if direction == "forward":
-        pooled_size = _arguments.pooled_size_of(result_shape, data_format)
-        return _reference_pool(operand, rois, pooled_size, data_format=data_format, **params)
-    pooled_size = _arguments.pooled_size_of(operand.shape, data_format)
-    _, vjp = jax.vjp(lambda x: _reference_pool(x, rois, pooled_size, data_format=data_format,
-                                               **params),
-                     jnp.zeros(result_shape, operand.dtype))
-    return vjp(operand)[0]
-
+# the native kernel on CPU and CUDA, the XLA path (_xla_path.py) on every
+# other platform, where a CUDA install lacks its kernels and where the
+# `implementation` parameter asks for it (_implementation.py).
+# _partitioning.lower runs it on every device's shards when the program is
+# partitioned over a mesh.
 
 def cuda_further_results(direction, dtype, features, pooled, data_format) -> list:
     """Further results of a CUDA call, which XLA allocates as temporaries for
@@ -209,8 +186,11 @@ def group_attributes(image_groups) -> dict:
     return dict(rois_per_group=int(rois_per_group), images_per_group=int(images_per_group))
 
 
-def _lowering(direction, call, ctx, operand, rois, *, operation, spatial_scale,
-              sampling_ratio, data_format, channel_order, aligned, image_groups, **params):
+def _lowering(direction, platform, ctx, operand, rois, *, implementation, operation,
+              spatial_scale, sampling_ratio, data_format, channel_order, aligned,
+              image_groups, **params):
+    native = _implementation.native(platform, implementation)
+    call = partial(_native_call, platform) if native else _xla_path.pool
     local_call = partial(call, direction, operation=operation, spatial_scale=spatial_scale,
                          sampling_ratio=sampling_ratio, data_format=data_format,
                          channel_order=channel_order, aligned=aligned,
@@ -220,16 +200,15 @@ def _lowering(direction, call, ctx, operand, rois, *, operation, spatial_scale,
     return _partitioning.lower(ctx, operand, rois, direction=direction,
                                local_call=local_call, image_blocks=blocks,
                                data_format=data_format, channel_order=channel_order,
-                               bin_rows_call=call is not _reference_call)
+                               bin_rows_call=native)
 
 
 _partitioning.lower_with_devices(forward_p, backward_p)
 for _prim, _direction in ((forward_p, "forward"), (backward_p, "backward")):
-    mlir.register_lowering(_prim, partial(_lowering, _direction, _reference_call))
+    mlir.register_lowering(_prim, partial(_lowering, _direction, None))
     for _platform in ("cpu", "cuda"):
-        mlir.register_lowering(
-            _prim, partial(_lowering, _direction, partial(_native_call, _platform)),
-            platform=_platform)
+        mlir.register_lowering(_prim, partial(_lowering, _direction, _platform),
+                               platform=_platform)
 
 
 # --- Differentiation ---------------------------------------------------------

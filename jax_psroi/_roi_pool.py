@@ -16,14 +16,15 @@ transposes of each other, so every mode and order of differentiation runs on
 native kernels (the pixels, like the RoIs, are not differentiated). Each has
 a native lowering on CPU and CUDA (the kernel table's ``roi_pool`` rows:
 ``forward`` is the max and, given pixels, the gather; ``backward`` the
-scatter), the ``jax.numpy`` reference elsewhere, and a vmap rule that folds
+scatter), the XLA path (_xla_path.py) elsewhere, and a vmap rule that folds
 the mapped axis into images and RoIs as ``forward_p``'s does.
 
 Parameters, static: ``pooled_size`` (roi_pool_p), ``input_shape``
-(scatter_p), and on all three ``spatial_scale``, ``data_format`` and
+(scatter_p), and on all three ``spatial_scale``, ``data_format``,
 ``image_groups`` (forward_p's: which image each RoI's batch index counts
-from). Their sharding rules split over images, RoIs and channels as
-roi_align's do, the pixels split like the pooled tensor.
+from) and ``implementation`` (forward_p's). Their sharding rules split over
+images, RoIs and channels as roi_align's do, the pixels split like the
+pooled tensor.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
@@ -40,9 +40,10 @@ from jax_psroi import (
     _arguments,
     _extension,
     _image_groups,
+    _implementation,
     _partitioning,
     _primitives,
-    reference_pools,
+    _xla_path,
 )
 
 roi_pool_p = Primitive("jax_psroi_roi_pool")
@@ -125,27 +126,10 @@ def _native_scatter(platform, cotangent, rois, pixels, *, result_shape, spatial_
                                            **_primitives.group_attributes(image_groups))[0]
 
 
-def _reference_forward(features, rois, pixels=None, *, result_shape, spatial_scale,
-                       data_format, image_groups):
-    if pixels is not None:
-        return reference_pools.values_at_pixels(features, rois, pixels,
-                                                data_format=data_format,
-                                                image_groups=image_groups)
-    return reference_pools.pool_roi_pool(
-        features, rois, _arguments.pooled_size_of(result_shape, data_format), spatial_scale,
-        data_format=data_format, image_groups=image_groups)
-
-
-def _reference_scatter(cotangent, rois, pixels, *, result_shape, spatial_scale, data_format,
-                       image_groups):
-    _, vjp = jax.vjp(lambda x: reference_pools.values_at_pixels(
-        x, rois, pixels, data_format=data_format, image_groups=image_groups),
-                     jnp.zeros(result_shape, cotangent.dtype))
-    return vjp(cotangent)[0]
-
-
-def _lowering(direction, call, ctx, operand, rois, *pixels, spatial_scale, data_format,
-              image_groups, **_):
+def _lowering(direction, native_call, xla_call, platform, ctx, operand, rois, *pixels,
+              implementation, spatial_scale, data_format, image_groups, **_):
+    call = (partial(native_call, platform) if _implementation.native(platform, implementation)
+            else xla_call)
     features = (ctx.avals_out if direction == "backward" else ctx.avals_in)[0].shape
     return _partitioning.lower(
         ctx, operand, rois, *pixels, direction=direction,
@@ -157,14 +141,13 @@ def _lowering(direction, call, ctx, operand, rois, *pixels, spatial_scale, data_
 
 
 _partitioning.lower_with_devices(roi_pool_p, gather_p, scatter_p)
-for _prim, _direction, _native, _reference in (
-        (roi_pool_p, "forward", _native_forward, _reference_forward),
-        (gather_p, "forward", _native_forward, _reference_forward),
-        (scatter_p, "backward", _native_scatter, _reference_scatter)):
-    mlir.register_lowering(_prim, partial(_lowering, _direction, _reference))
+for _prim, _direction, _native, _xla in (
+        (roi_pool_p, "forward", _native_forward, _xla_path.roi_pool),
+        (gather_p, "forward", _native_forward, _xla_path.roi_pool),
+        (scatter_p, "backward", _native_scatter, _xla_path.roi_pool_scatter)):
+    mlir.register_lowering(_prim, partial(_lowering, _direction, _native, _xla, None))
     for _platform in ("cpu", "cuda"):
-        mlir.register_lowering(_prim, partial(_lowering, _direction,
-                                              partial(_native, _platform)),
+        mlir.register_lowering(_prim, partial(_lowering, _direction, _native, _xla, _platform),
                                platform=_platform)
 
 

@@ -3,22 +3,28 @@ and ``multi_scale_roi_align``, with torchvision's signatures and semantics."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
+from jax.typing import ArrayLike
 
 from jax_psroi import (
     _arguments,
     _extension,
     _image_groups,
+    _implementation,
     _levels,
     _multi_scale,
     _primitives,
     _roi_pool,
 )
+from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 
 
-def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
-                 sampling_ratio: int = -1, *, data_format: str = "NCHW",
-                 channel_order: str = "torchvision") -> jax.Array:
+def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                 spatial_scale: float = 1.0, sampling_ratio: int = -1, *,
+                 data_format: DataFormat = "NCHW",
+                 channel_order: ChannelOrder = "torchvision") -> jax.Array:
     """Position-Sensitive RoI Align (R-FCN, Light-Head R-CNN).
 
     Same signature and semantics as ``torchvision.ops.ps_roi_align``, as a
@@ -96,12 +102,13 @@ def ps_roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: flo
         channel_order, _extension.SUPPORTED_DTYPES)
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return _primitives.forward_p.bind(features, rois, image_groups=groups,
-                                      operation="ps_roi_align", aligned=True, **params)
+                                      operation="ps_roi_align", aligned=True,
+                                      implementation=_implementation.requested(), **params)
 
 
-def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False, *,
-              data_format: str = "NCHW") -> jax.Array:
+def roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False, *,
+              data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Align (Mask R-CNN, Faster R-CNN with RoI Align heads).
 
     Same signature and semantics as ``torchvision.ops.roi_align``, on the
@@ -141,11 +148,13 @@ def roi_align(input, boxes: _arguments.Boxes, output_size, spatial_scale: float 
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return _primitives.forward_p.bind(features, rois, image_groups=groups,
                                       operation="roi_align",
-                                      aligned=_arguments.aligned(aligned), **params)
+                                      aligned=_arguments.aligned(aligned),
+                                      implementation=_implementation.requested(), **params)
 
 
-def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
-                data_format: str = "NCHW", channel_order: str = "torchvision") -> jax.Array:
+def ps_roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                spatial_scale: float = 1.0, *, data_format: DataFormat = "NCHW",
+                channel_order: ChannelOrder = "torchvision") -> jax.Array:
     """Position-Sensitive RoI Pool (R-FCN's original head).
 
     Same signature and forward as ``torchvision.ops.ps_roi_pool``, on the
@@ -189,11 +198,12 @@ def ps_roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: floa
     # Pools take no samples: the kernels' sampling ratio is unread.
     return _primitives.forward_p.bind(features, rois, image_groups=groups,
                                       operation="ps_roi_pool", aligned=False,
-                                      sampling_ratio=0, **params)
+                                      sampling_ratio=0,
+                                      implementation=_implementation.requested(), **params)
 
 
-def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float = 1.0, *,
-             data_format: str = "NCHW") -> jax.Array:
+def roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+             spatial_scale: float = 1.0, *, data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Pool (Fast and Faster R-CNN): the maximum of each bin's window.
 
     Same signature and semantics as ``torchvision.ops.roi_pool``, as a JAX
@@ -238,12 +248,14 @@ def roi_pool(input, boxes: _arguments.Boxes, output_size, spatial_scale: float =
     return _roi_pool.roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
                                      spatial_scale=params["spatial_scale"],
                                      data_format=params["data_format"],
-                                     image_groups=groups)[0]
+                                     image_groups=groups,
+                                     implementation=_implementation.requested())[0]
 
 
-def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampling_ratio: int,
-                          image_size, *, canonical_scale: int = 224,
-                          canonical_level: int = 4, data_format: str = "NCHW") -> jax.Array:
+def multi_scale_roi_align(features: Sequence[ArrayLike], boxes: Boxes, output_size: OutputSize,
+                          sampling_ratio: int, image_size: tuple[int, int], *,
+                          canonical_scale: int = 224, canonical_level: int = 4,
+                          data_format: DataFormat = "NCHW") -> jax.Array:
     """Multi-scale RoI Align over a feature pyramid (FPN heads: Faster and
     Mask R-CNN), what ``torchvision.ops.MultiScaleRoIAlign`` computes, each
     RoI pooled from its own level only, on the native kernels of
@@ -306,4 +318,5 @@ def multi_scale_roi_align(features, boxes: _arguments.Boxes, output_size, sampli
     return _multi_scale.multi_scale_p.bind(*maps, rois, levels, image_groups=groups,
                                            pooled_size=pooled_size,
                                            spatial_scales=scales, sampling_ratio=ratio,
-                                           data_format=layout)
+                                           data_format=layout,
+                                           implementation=_implementation.requested())

@@ -1,8 +1,9 @@
 """Pure ``jax.numpy`` references of Position-Sensitive RoI Align and RoI Align.
 
-``ps_roi_align_reference`` is the oracle of the tests and the lowering used
-on platforms without a native kernel; on CPU (and CUDA, when built) the
-native kernels run instead. ``roi_align_reference`` is torchvision's
+``ps_roi_align_reference`` is the oracle of the tests of the native kernels
+and of the XLA path (_xla_path.py, which shares its box geometry and
+bilinear taps, ``box_geometry`` and ``axis_taps``, but sums by gathers).
+``roi_align_reference`` is torchvision's
 ``roi_align`` on the same machinery, the oracle of ``roi_align``'s kernels;
 the pools are in reference_pools.py.
 It has the same semantics as the kernels, torchvision's plus the documented
@@ -15,12 +16,21 @@ bilinear weights of the bin's samples) and contracts them with the features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from jax_psroi import _arguments, _image_groups, _levels
-from jax_psroi._arguments import MAX_GRID_PER_AXIS
+from jax_psroi._arguments import (
+    MAX_GRID_PER_AXIS,
+    Boxes,
+    ChannelOrder,
+    DataFormat,
+    OutputSize,
+)
 
 # Every contraction at full precision: GPUs would otherwise run float32 ones
 # in TF32 (10 mantissa bits), whatever the dtype the caller asked for.
@@ -79,6 +89,20 @@ def _first_in_map_sample(bin_start, bin_size, grid):
     return lo
 
 
+def axis_taps(coord, inside, size):
+    """The two bilinear taps of sample coordinates `coord` on an axis of
+    `size` pixels, with torchvision's border rules (clamp to 0 below, to the
+    last pixel above): int32 low and high pixels and their weights, all
+    shaped like `coord`; weights 0 (and pixels 0) where `inside` is False."""
+    coord = jnp.where(inside, jnp.maximum(coord, 0), 0)
+    low = jnp.floor(coord).astype(jnp.int32)
+    at_end = low >= size - 1
+    low = jnp.where(at_end, size - 1, low)
+    high = jnp.where(at_end, size - 1, low + 1)
+    frac = jnp.where(at_end, 0, coord - low.astype(coord.dtype))
+    return low, high, jnp.where(inside, 1 - frac, 0), jnp.where(inside, frac, 0)
+
+
 def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     """Dense interpolation weights of every bin along one axis.
 
@@ -109,16 +133,7 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     coord = _sample_coordinates(bin_start[..., None], bin_size[:, None, None],
                                 grid_kp[..., None], index)
     inside = (index < grid_kp[..., None]) & (coord >= -1) & (coord <= size)
-
-    # torchvision's border rules: clamp to 0 below, to the last pixel above.
-    coord = jnp.where(inside, jnp.maximum(coord, 0), 0)
-    low = jnp.floor(coord).astype(jnp.int32)
-    at_end = low >= size - 1
-    low = jnp.where(at_end, size - 1, low)
-    high = jnp.where(at_end, size - 1, low + 1)
-    frac = jnp.where(at_end, 0, coord - low.astype(dtype))
-    w_low = jnp.where(inside, 1 - frac, 0)
-    w_high = jnp.where(inside, frac, 0)
+    low, high, w_low, w_high = axis_taps(coord, inside, size)
 
     roi = jnp.arange(num_rois)[:, None, None]
     bin_index = jnp.arange(pooled)[None, :, None]
@@ -127,9 +142,10 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     return weights.at[roi, bin_index, high].add(w_high)
 
 
-def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
-                           sampling_ratio=-1, *, data_format="NCHW",
-                           channel_order="torchvision"):
+def ps_roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                           spatial_scale: float = 1.0, sampling_ratio: int = -1, *,
+                           data_format: DataFormat = "NCHW",
+                           channel_order: ChannelOrder = "torchvision") -> jax.Array:
     """PS-RoI Align in ``jax.numpy``: the same arguments, semantics and result
     as ``jax_psroi.ps_roi_align`` (torchvision's, with the documented safe
     deviations), for any floating dtype.
@@ -154,8 +170,10 @@ def ps_roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
     return pool(features, rois, **params)
 
 
-def roi_align_reference(input, boxes, output_size, spatial_scale=1.0,
-                        sampling_ratio=-1, aligned=False, *, data_format="NCHW"):
+def roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                        spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                        aligned: bool = False, *,
+                        data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Align in ``jax.numpy``: the arguments and semantics of
     ``torchvision.ops.roi_align``, with ps_roi_align's safe deviations (an
     RoI with a batch index outside [0, N) or non-finite coordinates gives 0),
@@ -257,23 +275,8 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     pooled_h, pooled_w = pooled_size
     h, w = features.shape[2:]
     dtype = features.dtype
-    scale = jnp.asarray(spatial_scale, dtype)
-    start_w = rois[:, 1] * scale - offset
-    start_h = rois[:, 2] * scale - offset
-    end_w = rois[:, 3] * scale - offset
-    end_h = rois[:, 4] * scale - offset
-    size_w, size_h = end_w - start_w, end_h - start_h
-    if clamp:
-        # torchvision's std::max(size, 1): a NaN size stays NaN (and gives 0).
-        size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
-        size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
-    bin_w = _divide(size_w, pooled_w)
-    bin_h = _divide(size_h, pooled_h)
-    finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
-              & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
-    # Non-finite RoIs give 0: compute their (discarded) weights from zeros.
-    start_w, start_h, bin_w, bin_h = (jnp.where(finite, v, 0)
-                                      for v in (start_w, start_h, bin_w, bin_h))
+    start_h, start_w, bin_h, bin_w, finite = box_geometry(rois, pooled_size, spatial_scale,
+                                                          offset=offset, clamp=clamp)
     grid_h = _grid_size(bin_h, sampling_ratio)
     grid_w = _grid_size(bin_w, sampling_ratio)
 
@@ -287,6 +290,32 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     row_w = row_w * jnp.where(valid, 1 / jnp.where(valid, count, 1), 0)[:, None, None]
 
     return _contract(features, image, row_w, col_w, position_sensitive)
+
+
+def box_geometry(rois, pooled_size, spatial_scale, *, offset, clamp):
+    """Where each RoI [K, 5] starts and its bin size, per axis, in the RoIs'
+    dtype: (start_h, start_w, bin_h, bin_w, finite), each [K]; the four
+    values are 0 where the RoI's geometry is not finite (``finite`` False),
+    so that its discarded weights are computed from zeros. `offset` and
+    `clamp` as in ``_pool_nchw``."""
+    pooled_h, pooled_w = pooled_size
+    scale = jnp.asarray(spatial_scale, rois.dtype)
+    start_w = rois[:, 1] * scale - offset
+    start_h = rois[:, 2] * scale - offset
+    end_w = rois[:, 3] * scale - offset
+    end_h = rois[:, 4] * scale - offset
+    size_w, size_h = end_w - start_w, end_h - start_h
+    if clamp:
+        # torchvision's std::max(size, 1): a NaN size stays NaN (and gives 0).
+        size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
+        size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
+    bin_w = _divide(size_w, pooled_w)
+    bin_h = _divide(size_h, pooled_h)
+    finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
+              & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
+    start_h, start_w, bin_h, bin_w = (jnp.where(finite, v, 0)
+                                      for v in (start_h, start_w, bin_h, bin_w))
+    return start_h, start_w, bin_h, bin_w, finite
 
 
 def image_of(rois, features_shape, image_groups=None):
@@ -316,9 +345,11 @@ def _contract(features, image, row_w, col_w, position_sensitive):
     return jnp.einsum("kopqy,kpy->kopq", by_row, row_w, precision=_EXACT)
 
 
-def multi_scale_roi_align_reference(features, boxes, output_size, sampling_ratio, image_size,
-                                    *, canonical_scale=224, canonical_level=4,
-                                    data_format="NCHW"):
+def multi_scale_roi_align_reference(features: Sequence[ArrayLike], boxes: Boxes,
+                                    output_size: OutputSize, sampling_ratio: int,
+                                    image_size: tuple[int, int], *, canonical_scale: int = 224,
+                                    canonical_level: int = 4,
+                                    data_format: DataFormat = "NCHW") -> jax.Array:
     """Multi-scale RoI Align over a feature pyramid in ``jax.numpy``: what
     ``torchvision.ops.MultiScaleRoIAlign`` computes.
 

@@ -5,17 +5,20 @@ Both pool windows of whole pixels: box corners are rounded (half away from
 zero, as C's ``round``), bin p of an axis covers pixels
 [floor(p * bin_size), ceil((p + 1) * bin_size)) past the rounded start, and
 windows are clipped to the map. They are the oracles of the native kernels
-and their lowering on platforms without one; like the RoI Align references
-they are not fast.
+and of the XLA path (which takes its windows from ``_windows``); like the
+RoI Align references they are not fast.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from jax_psroi import _arguments
+from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 from jax_psroi.reference import (
     _contract,
     _divide,
@@ -25,8 +28,9 @@ from jax_psroi.reference import (
 )
 
 
-def ps_roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
-                          data_format="NCHW", channel_order="torchvision"):
+def ps_roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                          spatial_scale: float = 1.0, *, data_format: DataFormat = "NCHW",
+                          channel_order: ChannelOrder = "torchvision") -> jax.Array:
     """Position-Sensitive RoI Pool in ``jax.numpy``: the arguments and
     forward of ``torchvision.ops.ps_roi_pool`` (the average of each bin's
     window of whole pixels), with the channel orders and layouts of
@@ -65,8 +69,9 @@ def pool_ps_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format=
     return _from_nchw(pooled.astype(features.dtype), data_format)
 
 
-def roi_pool_reference(input, boxes, output_size, spatial_scale=1.0, *,
-                       data_format="NCHW"):
+def roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                       spatial_scale: float = 1.0, *,
+                       data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Pool in ``jax.numpy``: the arguments and semantics of
     ``torchvision.ops.roi_pool`` (the maximum of each bin's window of whole
     pixels; an empty window gives 0), with the layouts of ``ps_roi_align``

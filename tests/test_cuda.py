@@ -4,6 +4,7 @@ checks marked `gpu` that run on a GPU machine (README, "GPU machines")."""
 import os
 import pathlib
 import tomllib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 from jax import export
 
 import jax_psroi
-from jax_psroi import _extension
+from jax_psroi import _extension, _implementation
 
 from cases import (
     CHANNEL_ORDERS,
@@ -187,17 +188,26 @@ def test_serialized_export_round_trips_and_runs_on_cpu():
     assert np.abs(np.asarray(out)).max() > 0
 
 
-def test_cuda_lowering_without_cuda_build_says_how_to_rebuild(monkeypatch):
-    # As if built without CUDA: no CUDA rows in the kernel table. A function
-    # of its own, so no earlier lowering for cuda is reused from a cache.
+def test_cuda_lowering_without_cuda_build_runs_the_xla_path_and_says_how_to_rebuild(
+        monkeypatch):
+    # As if built without CUDA: no CUDA rows in the kernel table, and no
+    # warning given yet. A function of its own, so no earlier lowering for
+    # cuda is reused from a cache.
     monkeypatch.setitem(_extension.KERNELS, "cuda", {})
+    monkeypatch.setattr(_implementation, "_warned_cuda", [])
     features, rois = _data()
 
     def forward(f, r):
         return jax_psroi.ps_roi_align(f, r, 3, 0.25, 1)
 
-    with pytest.raises(RuntimeError, match="JAX_PSROI_CUDA=ON"):
-        jax.jit(forward).trace(features, rois).lower(lowering_platforms=("cuda",))
+    with pytest.warns(RuntimeWarning, match="JAX_PSROI_CUDA=ON"):
+        text = jax.jit(forward).trace(features, rois).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "custom_call" not in text and "gather" in text
+    with warnings.catch_warnings():  # once a process
+        warnings.simplefilter("error")
+        jax.jit(lambda f, r: forward(f, r)).trace(features, rois).lower(
+            lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize("default_precision", ["default", "bfloat16", "tensorfloat32"])

@@ -358,3 +358,26 @@ def test_an_ordered_mapping_keeps_its_order_under_jit():
                                   [2, 3, 4])
     with pytest.raises(ValueError, match=r"heights 4, 16, 8 .* level 1 is finer than level 0"):
         call(renamed)
+
+
+def test_modules_take_their_arguments_by_name_or_position():
+    features, rois = _data("NHWC")
+    for lin, mod in ((linen.PSRoIAlign(OUTPUT_SIZE, 0.5, 2), nnx.PSRoIAlign(OUTPUT_SIZE, 0.5, 2)),
+                     (linen.RoIAlign(OUTPUT_SIZE, 0.5), nnx.RoIAlign(OUTPUT_SIZE, 0.5)),
+                     (linen.PSRoIPool(OUTPUT_SIZE, 0.5), nnx.PSRoIPool(OUTPUT_SIZE, 0.5)),
+                     (linen.RoIPool(OUTPUT_SIZE, 0.5), nnx.RoIPool(OUTPUT_SIZE, 0.5))):
+        positional = lin.apply({}, features, rois)
+        np.testing.assert_array_equal(lin.apply({}, features=features, boxes=rois), positional)
+        np.testing.assert_array_equal(lin.apply({}, features, boxes=rois), positional)
+        np.testing.assert_array_equal(mod(features=features, boxes=rois), positional)
+    names = ["p2", "p3"]
+    levels = dict(p2=features[:, :8], p3=features[:, :4, :6])
+    boxes = [rois[:3, 1:], rois[3:6, 1:]]
+    lin = linen.MultiScaleRoIAlign(names, OUTPUT_SIZE, 2)
+    positional = lin.apply({}, levels, boxes, [(16, 24)] * 2)
+    np.testing.assert_array_equal(
+        lin.apply({}, features=levels, boxes=boxes, image_shapes=[(16, 24)] * 2), positional)
+    np.testing.assert_array_equal(
+        nnx.MultiScaleRoIAlign(names, OUTPUT_SIZE, 2)(features=levels, boxes=boxes,
+                                                      image_shapes=[(16, 24)] * 2),
+        positional)

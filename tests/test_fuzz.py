@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_psroi
-from jax_psroi import _arguments, _extension, _primitives, reference_pools
+from jax_psroi import _arguments, _extension, reference, reference_pools
 
 from cases import _GPU_SCHEDULE, CHANNEL_ORDERS, DTYPES, LAYOUTS, features_as, target
 
@@ -368,13 +368,17 @@ def _reference_forward(call, features, rois, image_groups):
         return reference_pools.pool_roi_pool(features, rois, pooled_size, a["spatial_scale"],
                                              data_format=call["data_format"],
                                              image_groups=image_groups)[0]
-    return _primitives._reference_pool(
-        features, rois, pooled_size, operation=call["operation"],
-        spatial_scale=a["spatial_scale"], sampling_ratio=a["sampling_ratio"],
-        data_format=call["data_format"],
-        channel_order=("shared" if call["operation"] == "roi_align"
-                       else CHANNEL_ORDERS[a["channel_order"]]),
-        aligned=bool(a.get("aligned", 1)), image_groups=image_groups)
+    layout = dict(data_format=call["data_format"], image_groups=image_groups)
+    if call["operation"] == "roi_align":
+        return reference.pool_roi_align(features, rois, pooled_size, a["spatial_scale"],
+                                        a["sampling_ratio"], bool(a.get("aligned", 1)), **layout)
+    order = CHANNEL_ORDERS[a["channel_order"]]
+    if call["operation"] == "ps_roi_pool":
+        return reference_pools.pool_ps_roi_pool(features, rois, pooled_size,
+                                                a["spatial_scale"], channel_order=order,
+                                                **layout)
+    return reference.pool(features, rois, pooled_size, a["spatial_scale"],
+                          a["sampling_ratio"], channel_order=order, **layout)
 
 
 @pytest.mark.parametrize("attributes,message", [

@@ -10,7 +10,7 @@ import pytest
 from jax import export
 
 import jax_psroi
-from jax_psroi import _extension, _roi_pool, reference_pools
+from jax_psroi import _extension, _roi_pool, _xla_path, reference_pools
 
 from cases import (
     _GPU_SCHEDULE,
@@ -39,7 +39,7 @@ def _recorded(features, rois, output_size, scale, data_format="NCHW"):
     """The native forward's (pooled, pixels)."""
     return jax.jit(lambda f, r: _roi_pool.roi_pool_p.bind(
         f, r, pooled_size=output_size, spatial_scale=scale, data_format=data_format,
-        image_groups=(max(len(rois), 1), features.shape[0])))(
+        image_groups=(max(len(rois), 1), features.shape[0]), implementation="native"))(
             features, jnp.asarray(rois, features.dtype if features.dtype.itemsize >= 4
                                   else np.float32))
 
@@ -238,29 +238,26 @@ def test_cuda_schedule_matches_the_cpu_kernels(data_format, dtype, channels):
     assert np.count_nonzero(scheduled_grad) > 100
 
 
-def test_lowers_to_the_reference_where_no_kernel_exists():
-    # The fallback lowering (any other platform) is the jax.numpy reference,
-    # with the same pixels and the same gradient.
+def test_the_xla_path_records_the_native_pixels():
+    # The lowering where no kernel exists (any other platform) records the
+    # native kernels' pixels, and gathers and scatters at them as they do.
     rng = np.random.default_rng(3)
     features = rng.normal(size=(1, 2, 8, 9)).astype(np.float64)
     rois = random_rois(rng, 10, 1, 8, 9, 1.0, np.float64)
-    pooled, pixels = _roi_pool._reference_forward(jnp.asarray(features), jnp.asarray(rois),
-                                                  result_shape=(10, 2, 2, 2),
-                                                  spatial_scale=1.0, data_format="NCHW",
-                                                  image_groups=(10, 1))
+    params = dict(spatial_scale=1.0, data_format="NCHW", image_groups=(10, 1))
+    pooled, pixels = _xla_path.roi_pool(jnp.asarray(features), jnp.asarray(rois),
+                                        result_shape=(10, 2, 2, 2), **params)
     native_pooled, native_pixels = _recorded(features, rois, (2, 2), 1.0)
     np.testing.assert_array_equal(pooled, native_pooled)
     np.testing.assert_array_equal(pixels, native_pixels)
     tangent = rng.normal(size=features.shape)
     np.testing.assert_array_equal(
-        _roi_pool._reference_forward(tangent, rois, pixels, result_shape=pooled.shape,
-                                     spatial_scale=1.0, data_format="NCHW",
-                                     image_groups=(10, 1)),
+        _xla_path.roi_pool(jnp.asarray(tangent), rois, pixels, result_shape=pooled.shape,
+                           **params),
         jax.jvp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), (features,), (tangent,))[1])
     cotangent = rng.normal(size=pooled.shape)
-    scattered = _roi_pool._reference_scatter(cotangent, rois, pixels,
-                                             result_shape=features.shape, spatial_scale=1.0,
-                                             data_format="NCHW", image_groups=(10, 1))
+    scattered = _xla_path.roi_pool_scatter(jnp.asarray(cotangent), rois, pixels,
+                                           result_shape=features.shape, **params)
     _, vjp = jax.vjp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), features)
     np.testing.assert_allclose(scattered, vjp(cotangent)[0], **TOLERANCE[np.dtype(np.float64)])
 

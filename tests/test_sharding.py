@@ -176,3 +176,31 @@ def test_sharded_training_example():
     sharded, alone = map(float, re.search(
         r"step 1: loss ([\d.]+) \(one device: ([\d.]+)\)", out).groups())
     assert abs(sharded - alone) <= 1e-4 * abs(alone), out
+
+
+def test_a_jax_without_the_private_registry_only_turns_sharding_rules_off():
+    # As in a JAX that moved jax._src.dispatch's registry: the import works,
+    # and a call over a mesh is computed unpartitioned, with the same result.
+    script = """
+import types
+import jax, numpy as np
+import jax._src
+real = jax._src.dispatch  # JAX's own modules keep theirs
+jax._src.dispatch = types.ModuleType("jax._src.dispatch")
+import jax_psroi
+from jax_psroi import _partitioning
+jax._src.dispatch = real
+assert not _partitioning._devices_in_lowering
+mesh = jax.make_mesh((2,), ("d",))
+features = np.random.default_rng(0).normal(size=(2, 8, 6, 7)).astype(np.float32)
+rois = np.array([[0, 1, 1, 4, 5], [1, 0.5, 2, 6, 4]], np.float32)
+pool = jax.jit(lambda f: jax_psroi.ps_roi_align(f, rois, 2, 1.0, 2))
+sharded = jax.device_put(features, jax.NamedSharding(mesh, jax.P("d")))
+np.testing.assert_array_equal(pool(sharded), pool(features))
+print("ok")
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-4000:]

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
-import jax
+from collections.abc import Mapping, Sequence
 
+import jax
+from jax.typing import ArrayLike
+
+from jax_psroi._arguments import Boxes
 from jax_psroi.flax._config import (
     MultiScaleRoIAlignConfig,
     PSRoIAlignConfig,
@@ -25,8 +29,8 @@ class _Layer(nn.Module):
         self._settings()  # raises on a bad setting, here rather than at the first call
         super().__post_init__()
 
-    def __call__(self, *args) -> jax.Array:
-        return self._settings()(*args)
+    def __call__(self, features: ArrayLike, boxes: Boxes) -> jax.Array:
+        return self._settings()(features, boxes)
 
     def __repr__(self) -> str:
         return self._settings().describe(type(self).__name__)
@@ -174,6 +178,10 @@ class MultiScaleRoIAlign(_Layer):
     canonical_scale: int = 224
     canonical_level: int = 4
     data_format: str = "NHWC"
+
+    def __call__(self, features: Mapping[str, ArrayLike], boxes: Boxes,
+                 image_shapes: Sequence[tuple[int, int]]) -> jax.Array:
+        return self._settings()(features, boxes, image_shapes)
 
     def _settings(self) -> MultiScaleRoIAlignConfig:
         return MultiScaleRoIAlignConfig.make(self.featmap_names, self.output_size,

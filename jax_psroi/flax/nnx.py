@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
-import jax
+from collections.abc import Mapping, Sequence
 
+import jax
+from jax.typing import ArrayLike
+
+from jax_psroi._arguments import Boxes
 from jax_psroi.flax._config import (
     MultiScaleRoIAlignConfig,
     PSRoIAlignConfig,
@@ -41,7 +45,7 @@ class PSRoIAlign(nnx.Module):
         self.settings = PSRoIAlignConfig.make(output_size, spatial_scale, sampling_ratio,
                                               data_format, channel_order)
 
-    def __call__(self, features, boxes) -> jax.Array:
+    def __call__(self, features: ArrayLike, boxes: Boxes) -> jax.Array:
         return self.settings(features, boxes)
 
 
@@ -67,7 +71,7 @@ class RoIAlign(nnx.Module):
         self.settings = RoIAlignConfig.make(output_size, spatial_scale, sampling_ratio,
                                             aligned, data_format)
 
-    def __call__(self, features, boxes) -> jax.Array:
+    def __call__(self, features: ArrayLike, boxes: Boxes) -> jax.Array:
         return self.settings(features, boxes)
 
 
@@ -91,7 +95,7 @@ class PSRoIPool(nnx.Module):
         self.settings = PSRoIPoolConfig.make(output_size, spatial_scale, data_format,
                                              channel_order)
 
-    def __call__(self, features, boxes) -> jax.Array:
+    def __call__(self, features: ArrayLike, boxes: Boxes) -> jax.Array:
         return self.settings(features, boxes)
 
 
@@ -113,7 +117,7 @@ class RoIPool(nnx.Module):
                  data_format: str = "NHWC"):
         self.settings = RoIPoolConfig.make(output_size, spatial_scale, data_format)
 
-    def __call__(self, features, boxes) -> jax.Array:
+    def __call__(self, features: ArrayLike, boxes: Boxes) -> jax.Array:
         return self.settings(features, boxes)
 
 
@@ -142,5 +146,6 @@ class MultiScaleRoIAlign(nnx.Module):
                                                       sampling_ratio, canonical_scale,
                                                       canonical_level, data_format)
 
-    def __call__(self, features, boxes, image_shapes) -> jax.Array:
+    def __call__(self, features: Mapping[str, ArrayLike], boxes: Boxes,
+                 image_shapes: Sequence[tuple[int, int]]) -> jax.Array:
         return self.settings(features, boxes, image_shapes)

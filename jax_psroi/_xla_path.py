@@ -1,0 +1,448 @@
+"""The XLA path: every operator, forward and backward, in plain XLA
+operations (gathers, scatter-adds and loops), for every platform without
+native kernels (TPU, ROCm, a CUDA machine whose install lacks jax_psroi's
+CUDA kernels, any machine without the compiled module) and wherever
+``JAX_PSROI_IMPLEMENTATION=xla`` asks for it (_implementation.py).
+
+A bin's value is separable, as in the CPU kernels (lib/psroi_math.h): the
+sum over the bin's row taps r and column taps c of weight_y[r] * weight_x[c]
+* plane[r, c], over the divisor (samples, or a window's pixels). Each axis
+of every bin is a list of taps (``_Taps``): a pixel and a weight per RoI and
+bin, tap j read by ``at(j)``. A loop over the row taps and, inside it, the
+column taps gathers one value per output element per step and adds it with
+its weight: the memory is a few pooled tensors, whatever the grid; the
+backward (the transpose, written directly) scatter-adds the same weighted
+cotangents in the same loop. The tap lists:
+
+* a fixed grid of at most ``_SAMPLE_TAPS_GRID`` samples per axis: the low
+  and high tap of every sample, computed in the loop (torchvision's
+  per-sample taps; a static count, whatever the RoI's size);
+* adaptive sampling (ceil(bin size) samples, known at run time) and larger
+  fixed grids: the weight of every pixel of the axis summed over the bin's
+  samples on the map, a table [K, bins, size] built by a loop over chunks
+  of samples (the in-map ones alone with adaptive grids, found by binary
+  search, so huge boxes cost no more than the map; chunk sums added with
+  Kahan's compensation, so that millions of samples in a pixel do not drift
+  in float32), read over the run-time span of pixels the bins touch;
+* windows of whole pixels (the pools): the window's pixels, weight 1.
+
+RoI Pool's maxima scan each window row by row with the same loop, keeping
+the first strictly greater value and its pixel as torchvision does; its
+tangent gathers at the recorded pixels and its gradient scatter-adds there.
+
+Summation order: the forward adds the taps' products one tap pair at a time
+(the kernels add a sample's four taps, or in the separable form a row's
+columns, before the next), so float32 results differ from the kernels' in
+the last bits, within the tests' tolerances; 16-bit maps are gathered in
+16 bits and summed in float32, as the kernels do. RoIs that read nothing
+(bad batch index, non-finite geometry, an empty adaptive grid) give exactly
+0 and send exactly 0 to the gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_psroi import _arguments, _image_groups, _levels
+from jax_psroi.reference import (
+    MAX_GRID_PER_AXIS,
+    _first_in_map_sample,
+    _grid_size,
+    _sample_coordinates,
+    axis_taps,
+    box_geometry,
+)
+from jax_psroi.reference_pools import _windows
+
+# Fixed grids up to this many samples per axis read their samples' taps
+# directly: (2 * ratio)^2 gathers per bin whatever its size, where a table
+# of pixels costs the square of the widest bin's span.
+_SAMPLE_TAPS_GRID = 4
+# Samples per step of a table's loop: adaptive grids hold a few samples per
+# bin axis (ceil of the bin size); large fixed grids up to 2^23.
+_ADAPTIVE_CHUNK = 16
+_FIXED_CHUNK = 256
+# torchvision's -FLT_MAX: where RoI Pool's scan starts.
+_LOWEST = float(-np.finfo(np.float32).max)
+
+
+class _Taps(NamedTuple):
+    """One axis of every bin of every RoI as a list of taps: ``count`` (a
+    Python int or an int32 scalar known at run time) taps, ``at(j)`` giving
+    tap j's pixels [K, P] (int32, on the axis) and weights [K, P] (0 for a
+    tap past a bin's own list)."""
+    count: int | jax.Array
+    at: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def _run_time_count(counts, valid):
+    """The largest of `counts` [K, P] over valid RoIs `valid` [K]: a loop's
+    trip count, which RoIs that read nothing do not lengthen."""
+    return jnp.max(jnp.where(valid[:, None], counts, 0), initial=0).astype(jnp.int32)
+
+
+def _sample_taps(bin_start, bin_size, ratio, size) -> _Taps:
+    """The taps of a fixed grid of `ratio` samples per bin: for bin_start
+    [K, P] and bin_size [K, 1], the low and then the high tap of each
+    sample (weight 0 off the map)."""
+    grid = jnp.full(bin_start.shape, ratio, jnp.int32)
+
+    def at(j):
+        index = jnp.broadcast_to(j // 2, bin_start.shape).astype(jnp.int32)
+        coord = _sample_coordinates(bin_start, bin_size, grid, index)
+        low, high, w_low, w_high = axis_taps(coord, (coord >= -1) & (coord <= size), size)
+        high_tap = j % 2 == 1
+        return jnp.where(high_tap, high, low), jnp.where(high_tap, w_high, w_low)
+
+    return _Taps(2 * ratio, at)
+
+
+def _pixel_weights(bin_start, bin_size, grid, ratio, size, valid):
+    """[K, P, size]: the weight of each pixel of the axis in each bin, summed
+    over the bin's samples on the map (all `ratio` of a fixed grid; from the
+    first on the map, at most 2 * size + 3 of an adaptive one, as the
+    reference visits them)."""
+    num_rois, bins = bin_start.shape
+    if ratio > 0:
+        first = jnp.zeros(bin_start.shape, jnp.int32)
+        samples = jnp.full(bin_start.shape, ratio, jnp.int32)
+        chunk = min(ratio, _FIXED_CHUNK)
+    else:
+        first = _first_in_map_sample(bin_start, bin_size, grid)
+        samples = jnp.minimum(grid - first, min(2 * size + 3, MAX_GRID_PER_AXIS))
+        chunk = _ADAPTIVE_CHUNK
+    samples = jnp.where(valid[:, None], samples, 0)
+    steps = (_run_time_count(samples, valid) + chunk - 1) // chunk
+    roi = jnp.arange(num_rois)[:, None, None]
+    bin_index = jnp.arange(bins)[None, :, None]
+    zeros = jnp.zeros((num_rois, bins, size), bin_start.dtype)
+
+    def add_chunk(step, carry):
+        total, compensation = carry
+        offset = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        index = first[..., None] + offset
+        coord = _sample_coordinates(bin_start[..., None], bin_size[..., None],
+                                    grid[..., None], index)
+        inside = (offset < samples[..., None]) & (coord >= -1) & (coord <= size)
+        low, high, w_low, w_high = axis_taps(coord, inside, size)
+        part = zeros.at[roi, bin_index, low].add(w_low).at[roi, bin_index, high].add(w_high)
+        # Kahan's compensated sum of the chunks.
+        addend = part - compensation
+        summed = total + addend
+        return summed, (summed - total) - addend
+
+    weights, _ = lax.fori_loop(0, steps, add_chunk, (zeros, zeros))
+    return weights
+
+
+def _table_taps(weights, valid) -> _Taps:
+    """The taps of a table of pixel weights [K, P, size]: the span of pixels
+    from the first to the last of nonzero weight."""
+    size = weights.shape[-1]
+    touched = weights != 0
+    first = jnp.argmax(touched, axis=-1).astype(jnp.int32)
+    last = size - 1 - jnp.argmax(touched[..., ::-1], axis=-1).astype(jnp.int32)
+    span = jnp.where(touched.any(axis=-1), last - first + 1, 0)
+
+    def at(j):
+        pixel = jnp.minimum(first + j, size - 1)
+        weight = jnp.take_along_axis(weights, pixel[..., None], axis=-1)[..., 0]
+        return pixel, jnp.where(j < span, weight, 0)
+
+    return _Taps(_run_time_count(span, valid), at)
+
+
+def _window_taps(first, stop, size, valid, dtype) -> _Taps:
+    """The taps of windows of whole pixels [first, stop) (float [K, P],
+    clipped to the axis): each pixel once, weight 1."""
+    length = jnp.maximum(stop - first, 0).astype(jnp.int32)
+    first = first.astype(jnp.int32)
+
+    def at(j):
+        return jnp.minimum(first + j, size - 1), (j < length).astype(dtype)
+
+    return _Taps(_run_time_count(length, valid), at)
+
+
+def _align_taps(start, bin_size, grid, ratio, bins, size, valid) -> _Taps:
+    """The taps of one axis of RoI Align's bins: start, bin_size [K], grid
+    [K] int32 samples per bin."""
+    bin_start = (jnp.arange(bins, dtype=start.dtype)[None, :] * bin_size[:, None]
+                 + start[:, None])
+    if 0 < ratio <= _SAMPLE_TAPS_GRID:
+        return _sample_taps(bin_start, bin_size[:, None], ratio, size)
+    grid = jnp.broadcast_to(grid[:, None], bin_start.shape)
+    return _table_taps(_pixel_weights(bin_start, bin_size[:, None], grid, ratio, size, valid),
+                       valid)
+
+
+class _Bins(NamedTuple):
+    """What a call's bins read: the taps of each axis, the divisor of each
+    bin's sum ([K, PH, PW, 1] or broadcastable to it; 0 gives 0) and which
+    RoIs read anything ([K])."""
+    rows: _Taps
+    columns: _Taps
+    divisor: jax.Array
+    valid: jax.Array
+
+
+def _bins(operation, rois, pooled_size, map_size, spatial_scale, sampling_ratio, aligned,
+          batch_ok) -> _Bins:
+    (pooled_h, pooled_w), (height, width) = pooled_size, map_size
+    dtype = rois.dtype
+    if operation in ("ps_roi_pool", "roi_pool"):
+        scale = jnp.asarray(spatial_scale, dtype)
+        roi_pool = operation == "roi_pool"
+        first_y, stop_y, finite_y = _windows(rois, scale, pooled_h, height, 2,
+                                             inclusive_end=roi_pool,
+                                             last=height if roi_pool else height - 1)
+        first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, width, 1,
+                                             inclusive_end=roi_pool,
+                                             last=width if roi_pool else width - 1)
+        valid = batch_ok & finite_y & finite_x
+        rows = jnp.maximum(stop_y - first_y, 0)
+        cols = jnp.maximum(stop_x - first_x, 0)
+        area = (rows[:, :, None] * cols[:, None, :])[..., None]
+        return _Bins(_window_taps(first_y, stop_y, height, valid, dtype),
+                     _window_taps(first_x, stop_x, width, valid, dtype), area, valid)
+    start_h, start_w, bin_h, bin_w, finite = box_geometry(
+        rois, pooled_size, spatial_scale, offset=0.5 if aligned else 0.0, clamp=not aligned)
+    grid_h = _grid_size(bin_h, sampling_ratio)
+    grid_w = _grid_size(bin_w, sampling_ratio)
+    valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
+    count = (grid_h.astype(dtype) * grid_w.astype(dtype))[:, None, None, None]
+    return _Bins(_align_taps(start_h, bin_h, grid_h, sampling_ratio, pooled_h, height, valid),
+                 _align_taps(start_w, bin_w, grid_w, sampling_ratio, pooled_w, width, valid),
+                 count, valid)
+
+
+# --- Layouts -------------------------------------------------------------------
+# Every layout and channel order as a 5-d view of the map in which the C_out
+# channels one output element's bin reads are one axis: a gather at (image,
+# bin, row, column) then reads [K, PH, PW, C_out], the pooled tensor with
+# its channels last (NHWC's own order).
+
+def _map_view(shape, data_format, channel_order, pooled_size):
+    """(the view's shape, index(image, bin, y, x) -> its index tuple) of a
+    map of `shape`. Shared channels (roi_align, roi_pool) are one bin."""
+    n, c, h, w = (shape[a] for a in _arguments.LAYOUT_AXES[data_format])
+    bins = 1 if channel_order == "shared" else pooled_size[0] * pooled_size[1]
+    c_out = c // bins
+    every = slice(None)
+    if data_format == "NCHW":
+        if channel_order == "bin_major":
+            return (n, bins, c_out, h, w), lambda i, b, y, x: (i, b, every, y, x)
+        return (n, c_out, bins, h, w), lambda i, b, y, x: (i, every, b, y, x)
+    if channel_order == "bin_major":
+        return (n, h, w, bins, c_out), lambda i, b, y, x: (i, y, x, b, every)
+    return (n, h, w, c_out, bins), lambda i, b, y, x: (i, y, x, every, b)
+
+
+def _channels_last_shape(shape, data_format):
+    """The shape [K, PH, PW, C_out] of a pooled tensor of `shape` in
+    `data_format` with its channels last."""
+    k, c_out, pooled_h, pooled_w = (shape[a] for a in _arguments.LAYOUT_AXES[data_format])
+    return (k, pooled_h, pooled_w, c_out)
+
+
+def _channels_last(pooled, data_format):
+    """[K, C_out, PH, PW] (NCHW) or [K, PH, PW, C_out] -> [K, PH, PW, C_out]."""
+    return pooled.transpose(0, 2, 3, 1) if data_format == "NCHW" else pooled
+
+
+def _in_layout(pooled, data_format):
+    """The inverse of ``_channels_last``."""
+    return pooled.transpose(0, 3, 1, 2) if data_format == "NCHW" else pooled
+
+
+class _Call(NamedTuple):
+    """One call's geometry: the map's view and index, the RoIs' images and
+    bins, and the bin of each pooled element ([PH, PW], or 0 when shared)."""
+    view_shape: tuple
+    index: Callable
+    image: jax.Array
+    bins: _Bins
+    bin_index: jax.Array | int
+
+
+def _call(operation, features_shape, rois, pooled_size, *, spatial_scale, sampling_ratio,
+          data_format, channel_order, aligned, image_groups) -> _Call:
+    n, _, h, w = (features_shape[a] for a in _arguments.LAYOUT_AXES[data_format])
+    image, batch_ok = _image_groups.images(rois, image_groups, n)
+    bins = _bins(operation, rois, pooled_size, (h, w), spatial_scale, sampling_ratio,
+                 aligned, batch_ok)
+    view_shape, index = _map_view(features_shape, data_format, channel_order, pooled_size)
+    pooled_h, pooled_w = pooled_size
+    bin_index = 0 if channel_order == "shared" else (
+        jnp.arange(pooled_h)[:, None] * pooled_w + jnp.arange(pooled_w)[None, :])
+    return _Call(view_shape, index, image, bins, bin_index)
+
+
+def _for_each_tap_pair(call: _Call, step, carry):
+    """Runs step(index, pixel, weight, carry) -> carry over every pair of a
+    row tap and a column tap, rows outer: `index` into the map's view,
+    `pixel` = (y [K, PH, 1], x [K, 1, PW]) and `weight` [K, PH, PW, 1]."""
+    rows, columns = call.bins.rows, call.bins.columns
+
+    def row(j_y, carry):
+        y, w_y = rows.at(j_y)
+
+        def column(j_x, carry):
+            x, w_x = columns.at(j_x)
+            y_k, x_k = y[:, :, None], x[:, None, :]
+            index = call.index(call.image[:, None, None], call.bin_index, y_k, x_k)
+            return step(index, (y_k, x_k), (w_y[:, :, None] * w_x[:, None, :])[..., None],
+                        carry)
+
+        return lax.fori_loop(0, columns.count, column, carry)
+
+    return lax.fori_loop(0, rows.count, row, carry)
+
+
+def _empty(features_shape, pooled_shape) -> bool:
+    """Whether a call reads or writes nothing (no image, pixel, channel or
+    RoI): its result is zeros."""
+    return 0 in features_shape or 0 in pooled_shape
+
+
+def pool(direction, operand, rois, result_shape, *, operation, spatial_scale, sampling_ratio,
+         data_format, channel_order, aligned, image_groups):
+    """One call of ``forward_p`` (features -> pooled) or ``backward_p``
+    (pooled cotangent -> feature gradient) of ps_roi_align, roi_align or
+    ps_roi_pool: `operand` and the result as the primitives take them
+    (_primitives.py), rois [K, 5]."""
+    features_shape, pooled_shape = _arguments.features_and_pooled(direction, operand.shape,
+                                                                  result_shape)
+    dtype = operand.dtype
+    if _empty(features_shape, pooled_shape):
+        return jnp.zeros(result_shape, dtype)
+    compute = _arguments.compute_dtype(dtype)
+    pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
+    call = _call(operation, features_shape, rois.astype(compute), pooled_size,
+                 spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                 data_format=data_format, channel_order=channel_order, aligned=aligned,
+                 image_groups=image_groups)
+    divisor = call.bins.divisor
+    keep = call.bins.valid[:, None, None, None] & (divisor > 0)
+    divisor = jnp.where(keep, divisor, 1)
+    if direction == "forward":
+        view = operand.reshape(call.view_shape)
+
+        def gather(index, _, weight, sums):
+            values = view.at[index].get(mode="promise_in_bounds")
+            return sums + weight * values.astype(compute)
+
+        sums = _for_each_tap_pair(call, gather, jnp.zeros(
+            _channels_last_shape(pooled_shape, data_format), compute))
+        return _in_layout(jnp.where(keep, sums / divisor, 0).astype(dtype), data_format)
+
+    cotangent = _channels_last(operand, data_format).astype(compute)
+    cotangent = jnp.where(keep, cotangent / divisor, 0)
+
+    def scatter(index, _, weight, grad):
+        return grad.at[index].add(weight * cotangent, mode="promise_in_bounds")
+
+    grad = _for_each_tap_pair(call, scatter, jnp.zeros(call.view_shape, compute))
+    return grad.reshape(features_shape).astype(dtype)
+
+
+# --- RoI Pool ------------------------------------------------------------------
+
+def roi_pool(features, rois, pixels=None, *, result_shape, spatial_scale, data_format,
+             image_groups):
+    """``roi_pool_p``'s call: the maxima [K, C, PH, PW] (or [K, PH, PW, C])
+    of each bin's window and their int32 pixels y * W + x (-1: none); or,
+    given `pixels`, ``gather_p``'s: the features at them."""
+    if pixels is not None:
+        return _at_pixels(features, rois, pixels, data_format, image_groups)
+    dtype = features.dtype
+    if _empty(features.shape, result_shape):
+        return jnp.zeros(result_shape, dtype), jnp.full(result_shape, -1, jnp.int32)
+    compute = _arguments.compute_dtype(dtype)
+    width = features.shape[_arguments.LAYOUT_AXES[data_format][3]]
+    call = _call("roi_pool", features.shape, rois.astype(compute),
+                 _arguments.pooled_size_of(result_shape, data_format),
+                 spatial_scale=spatial_scale, sampling_ratio=0, data_format=data_format,
+                 channel_order="shared", aligned=False, image_groups=image_groups)
+    view = features.reshape(call.view_shape)
+
+    def scan(index, pixel, inside, carry):
+        # torchvision's scan: a value strictly greater replaces the maximum
+        # (NaN never does), row by row, so the first maximum wins.
+        best, at = carry
+        values = view.at[index].get(mode="promise_in_bounds").astype(compute)
+        better = (inside > 0) & (values > best)
+        y, x = pixel
+        return (jnp.where(better, values, best),
+                jnp.where(better, (y * width + x)[..., None], at))
+
+    shape = _channels_last_shape(result_shape, data_format)
+    best, pixel = _for_each_tap_pair(call, scan, (jnp.full(shape, _LOWEST, compute),
+                                                  jnp.full(shape, -1, jnp.int32)))
+    valid = call.bins.valid[:, None, None, None]
+    empty = call.bins.divisor == 0
+    # No value above -FLT_MAX gives -FLT_MAX, an empty window 0.
+    pooled = jnp.where(pixel >= 0, best, jnp.where(empty, 0, _LOWEST).astype(compute))
+    return (_in_layout(jnp.where(valid, pooled, 0).astype(dtype), data_format),
+            _in_layout(jnp.where(valid, pixel, -1), data_format))
+
+
+def _pixel_index(shape, rois, pixels, data_format, image_groups):
+    """The index of the map element each recorded pixel reads, and whether
+    one is recorded there ([K, C, PH, PW] or [K, PH, PW, C])."""
+    axes = _arguments.LAYOUT_AXES[data_format]
+    n, c, h, w = (shape[a] for a in axes)
+    image, batch_ok = _image_groups.images(rois, image_groups, n)
+    found = (pixels >= 0) & (pixels < h * w) & batch_ok[:, None, None, None]
+    safe = jnp.where(found, pixels, 0)
+    channel = jnp.arange(c).reshape([-1 if a == axes[1] else 1 for a in range(4)])
+    by_axis = {axes[0]: image[:, None, None, None], axes[1]: channel,
+               axes[2]: safe // w, axes[3]: safe % w}
+    return tuple(by_axis[a] for a in range(4)), found
+
+
+def _at_pixels(features, rois, pixels, data_format, image_groups):
+    if _empty(features.shape, pixels.shape):
+        return jnp.zeros(pixels.shape, features.dtype)
+    index, found = _pixel_index(features.shape, rois, pixels, data_format, image_groups)
+    values = features.at[index].get(mode="promise_in_bounds")
+    return jnp.where(found, values, jnp.zeros((), features.dtype))
+
+
+def roi_pool_scatter(cotangent, rois, pixels, *, result_shape, spatial_scale, data_format,
+                     image_groups):
+    """``scatter_p``'s call: the cotangent added at the recorded pixels (in
+    float32 for 16-bit maps), the transpose of the gather."""
+    del spatial_scale  # the pixels say where
+    dtype = cotangent.dtype
+    if _empty(result_shape, pixels.shape):
+        return jnp.zeros(result_shape, dtype)
+    compute = _arguments.compute_dtype(dtype)
+    index, found = _pixel_index(result_shape, rois, pixels, data_format, image_groups)
+    grad = jnp.zeros(result_shape, compute).at[index].add(
+        jnp.where(found, cotangent.astype(compute), 0), mode="promise_in_bounds")
+    return grad.astype(dtype)
+
+
+# --- Multi-scale RoI Align -------------------------------------------------------
+
+def multi_scale(*operands, result_shape, spatial_scales, sampling_ratio, data_format,
+                image_groups):
+    """``multi_scale_p``'s call: each RoI pooled by roi_align from its own
+    level (the RoIs of other levels read nothing there and give exactly 0,
+    so the levels' results add up to it)."""
+    *maps, rois, levels = operands
+    pooled = jnp.zeros(result_shape, maps[0].dtype)
+    for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
+        pooled = pooled + pool(
+            "forward", features, _levels.level_rois(rois, levels, level), result_shape,
+            operation="roi_align", spatial_scale=scale, sampling_ratio=sampling_ratio,
+            data_format=data_format, channel_order="shared", aligned=False,
+            image_groups=image_groups)
+    return pooled
