@@ -16,9 +16,13 @@ distribution:
     10 x 7 x 7 channels, 7 x 7;
   * roi_pool, Fast/Faster R-CNN's RoI Pool on a VGG-16 conv5 map (stride 16,
     512 channels), 7 x 7.
-Forward and backward (the vjp of a stored forward), medians of calls on
-device-resident inputs, all in one process. Writes family.md and
-family.json to --out.
+On a GPU (--device gpu) the rows are a training batch: 8 images with
+BATCH_ROIS RoIs each. Forward and backward (the vjp of a stored forward),
+medians of calls on device-resident inputs, all in one process, of
+jax_psroi's native kernels, its XLA path (JAX_PSROI_IMPLEMENTATION=xla: the
+gather formulation platforms without kernels run, the strong jax.numpy
+baseline of these operators), the jitted jax.numpy reference (unless
+--no-reference) and torchvision. Writes family.md and family.json to --out.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ PYRAMID = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
 SIZES = (7, 14)
 PS_CHANNELS_OUT, PS_STRIDE, PS_SIZE = 10, 16, 7
 POOL_CHANNELS, POOL_STRIDE, POOL_SIZE = 512, 16, 7
+GPU_IMAGES, BATCH_ROIS = 8, 512
 
 
 def jax_cpu_threads() -> int:
@@ -50,17 +55,17 @@ def jax_cpu_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _map(stride, channels, rng):
+def _map(stride, channels, rng, images=1):
     height, width = bench.IMAGE_HW[0] // stride, bench.IMAGE_HW[1] // stride
-    return rng.normal(size=(1, channels, height, width)).astype(np.float32)
+    return rng.normal(size=(images, channels, height, width)).astype(np.float32)
 
 
-def _rois(num_rois, rng):
+def _rois(num_rois, rng, images=1):
     side = np.exp(rng.uniform(np.log(16), np.log(512), size=(num_rois, 2)))
     x1 = rng.uniform(0, bench.IMAGE_HW[1] - side[:, 0])
     y1 = rng.uniform(0, bench.IMAGE_HW[0] - side[:, 1])
-    return np.stack([np.zeros(num_rois), x1, y1, x1 + side[:, 0], y1 + side[:, 1]],
-                    axis=1).astype(np.float32)
+    return np.stack([np.arange(num_rois) % images, x1, y1, x1 + side[:, 0],
+                     y1 + side[:, 1]], axis=1).astype(np.float32)
 
 
 def _jax_times(pool, features, rois, repeats):
@@ -117,32 +122,33 @@ def _torchvision_ops():
     return ops
 
 
-def _workloads(quick, rng):
+def _workloads(quick, rng, images=1):
     """(operator, level, features, rois, output_size, ours, reference,
-    torchvision) of every row; the pools take (features, rois)."""
-    num_rois = 100 if quick else NUM_ROIS
-    rois = _rois(num_rois, rng)
+    torchvision) of every row; the pools take (features, rois). `images` > 1:
+    a batch of that many images, BATCH_ROIS RoIs each."""
+    num_rois = 100 if quick else (NUM_ROIS if images == 1 else images * BATCH_ROIS)
+    rois = _rois(num_rois, rng, images)
     tv = _torchvision_ops()
     sizes = SIZES[:1] if quick else SIZES
     for level, stride in ({"P4": 16} if quick else LEVELS).items():
-        features = _map(stride, CHANNELS, rng)
+        features = _map(stride, CHANNELS, rng, images)
         for size in sizes:
             args = (size, 1 / stride, RATIO, ALIGNED)
             yield ("roi_align", level, features, rois, size,
                    lambda f, r, a=args: jax_psroi.roi_align(f, r, *a),
                    lambda f, r, a=args: jax_psroi.roi_align_reference(f, r, *a),
                    tv and (lambda f, r, a=args: tv.roi_align(f, r, *a)))
-    pyramid = [_map(stride, CHANNELS, rng) for stride in PYRAMID.values()]
+    pyramid = [_map(stride, CHANNELS, rng, images) for stride in PYRAMID.values()]
     for size in sizes:
-        pools = _multi_scale_pools(size, num_rois, tv)
+        pools = _multi_scale_pools(size, images, tv)
         yield ("multi_scale_roi_align", "P2-P5", pyramid, rois, size, *pools)
-    features = _map(PS_STRIDE, PS_CHANNELS_OUT * PS_SIZE * PS_SIZE, rng)
+    features = _map(PS_STRIDE, PS_CHANNELS_OUT * PS_SIZE * PS_SIZE, rng, images)
     args = (PS_SIZE, 1 / PS_STRIDE)
     yield ("ps_roi_pool", "stride 16", features, rois, PS_SIZE,
            lambda f, r: jax_psroi.ps_roi_pool(f, r, *args),
            lambda f, r: jax_psroi.ps_roi_pool_reference(f, r, *args),
            tv and (lambda f, r: tv.ps_roi_pool(f, r, *args)))
-    features = _map(POOL_STRIDE, POOL_CHANNELS, rng)
+    features = _map(POOL_STRIDE, POOL_CHANNELS, rng, images)
     args = (POOL_SIZE, 1 / POOL_STRIDE)
     yield ("roi_pool", "stride 16", features, rois, POOL_SIZE,
            lambda f, r: jax_psroi.roi_pool(f, r, *args),
@@ -150,7 +156,7 @@ def _workloads(quick, rng):
            tv and (lambda f, r: tv.roi_pool(f, r, *args)))
 
 
-def _multi_scale_pools(size, num_rois, tv):
+def _multi_scale_pools(size, images, tv):
     args = (size, RATIO, bench.IMAGE_HW)
     ours = lambda f, r: jax_psroi.multi_scale_roi_align(f, r, *args)
     reference = lambda f, r: jax_psroi.multi_scale_roi_align_reference(f, r, *args)
@@ -158,9 +164,10 @@ def _multi_scale_pools(size, num_rois, tv):
         return ours, reference, None
     module = tv.MultiScaleRoIAlign(list(PYRAMID), size, RATIO)
 
-    def theirs(features, rois):
-        return module(OrderedDict(zip(PYRAMID, features, strict=True)), [rois[:, 1:]],
-                      [bench.IMAGE_HW])
+    def theirs(features, rois):  # boxes per image, as torchvision takes them
+        boxes = [rois[rois[:, 0] == image, 1:] for image in range(images)]
+        return module(OrderedDict(zip(PYRAMID, features, strict=True)), boxes,
+                      [bench.IMAGE_HW] * images)
     return ours, reference, theirs
 
 
@@ -172,13 +179,16 @@ def main(argv=None):
                         help="rows of these operators only (the file names say which)")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the jax.numpy reference (its dense temporaries)")
     args = parser.parse_args(argv)
     device = jax.devices(args.device)[0]
     repeats = dict(min_repeats=3, min_seconds=0.2) if args.quick else dict(
         min_repeats=5, min_seconds=1.0)
     rows = []
+    images = GPU_IMAGES if args.device == "gpu" else 1
     for operator, level, features, rois, size, ours, ref, tv in _workloads(
-            args.quick, np.random.default_rng(0)):
+            args.quick, np.random.default_rng(0), images):
         if args.only and operator not in args.only:
             continue
         placed = jax.device_put((features, rois), device)
@@ -188,7 +198,8 @@ def main(argv=None):
             else list(features.shape),
             num_rois=len(rois), output_size=size,
             jax_psroi=_jax_times(ours, *placed, repeats),
-            reference=_jax_times(ref, *placed, repeats),
+            xla=_jax_times(bench.on_the_xla_path(ours), *placed, repeats),
+            reference=None if args.no_reference else _jax_times(ref, *placed, repeats),
             torchvision=tv and _torchvision_times(tv, features, rois, repeats, args.device)))
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -202,24 +213,28 @@ def main(argv=None):
         versions = ", torchvision not installed"
     lines = [f"Machine: {platform.processor() or platform.machine()}, {device.device_kind}, "
              f"{jax_cpu_threads()} threads, jax {jax.__version__}{versions}.", "",
-             "Median milliseconds; `x ref` and `x tv`: how many times faster jax_psroi is "
-             f"than the jitted jax.numpy reference and torchvision. {rows[0]['num_rois']} "
+             "Median milliseconds; `x xla`, `x ref` and `x tv`: how many times faster "
+             "jax_psroi's kernels are than its XLA path (the gather formulation), the jitted "
+             f"jax.numpy reference and torchvision. {images} image(s), {rows[0]['num_rois']} "
              f"RoIs; roi_align: {CHANNELS} channels, sampling_ratio {RATIO}, "
              f"aligned={ALIGNED}; multi_scale_roi_align: the same over P2-P5 (aligned=False, "
              f"torchvision's MultiScaleRoIAlign); ps_roi_pool: {PS_CHANNELS_OUT} x "
              f"{PS_SIZE} x {PS_SIZE} channels; roi_pool: {POOL_CHANNELS} channels.", "",
-             "| operator | level | output | pass | jax_psroi | reference | torchvision | "
-             "x ref | x tv |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| operator | level | output | pass | jax_psroi | xla | reference | torchvision | "
+             "x xla | x ref | x tv |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    milliseconds = lambda t: "-" if t is None else f"{t * 1e3:.2f}"
+    faster = lambda t, ours: "-" if t is None else f"{t / ours:.1f}"
     for row in rows:
         for mode in ("forward", "backward"):
-            ours, ref = row["jax_psroi"][mode], row["reference"][mode]
+            ours, xla = row["jax_psroi"][mode], row["xla"][mode]
+            ref = row["reference"][mode] if row["reference"] else None
             tv = row["torchvision"][mode] if row["torchvision"] else None
             lines.append(
                 f"| {row['operator']} | {row['level']} | {row['output_size']} | {mode} | "
-                f"{ours * 1e3:.2f} | {ref * 1e3:.2f} | "
-                f"{'-' if tv is None else f'{tv * 1e3:.2f}'} | {ref / ours:.1f} | "
-                f"{'-' if tv is None else f'{tv / ours:.1f}'} |")
+                f"{milliseconds(ours)} | {milliseconds(xla)} | {milliseconds(ref)} | "
+                f"{milliseconds(tv)} | {faster(xla, ours)} | {faster(ref, ours)} | "
+                f"{faster(tv, ours)} |")
     (args.out / f"family{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
