@@ -140,10 +140,11 @@ if [ -n "$gpu" ]; then
   # shellcheck disable=SC2086
   step benchmark 600 python benchmarks/bench.py --device gpu $bench_mode --out "$out/bench" \
     --no-reference
-  # The rest of the RoI family (roi_align, multi_scale_roi_align, ps_roi_pool).
+  # The rest of the RoI family (roi_align, multi_scale_roi_align, ps_roi_pool,
+  # roi_pool) on a training batch, beside their XLA path and torchvision.
   # shellcheck disable=SC2086
   step family_benchmark 420 python benchmarks/family.py --device gpu $bench_mode \
-    --out "$out/bench"
+    --out "$out/bench" --no-reference
 else
   skip benchmark "$no_gpu"
   skip family_benchmark "$no_gpu"
