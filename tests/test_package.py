@@ -1,5 +1,6 @@
 """The package as installed: its kernel table, what it registers at import,
-and what happens when Python finds the source folder instead."""
+what the wheel holds, its CUDA targets in exported programs, and what
+happens when Python finds the source folder instead."""
 
 import os
 import pathlib
@@ -8,12 +9,19 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jax_psroi
 from jax_psroi import _extension
 
+from cases import random_features, random_rois
+from test_export import OPERATORS
+
 PACKAGE = pathlib.Path(jax_psroi.__file__).parent
+SOURCE = pathlib.Path(__file__).parents[1] / "jax_psroi"
 
 
 def _run(code, cwd, **env):
@@ -90,3 +98,37 @@ def test_source_folder_without_extension_explains_itself(tmp_path):
     assert "holds no compiled extension" in message
     assert "An installed copy is at" in message and "pip install -e ." in message
     assert "circular import" not in message
+
+
+def test_installed_package_holds_every_file_of_the_source_package():
+    # The wheel takes the whole package folder (pyproject.toml,
+    # wheel.packages): every module and data file, py.typed included.
+    if PACKAGE == SOURCE:
+        pytest.skip("imported from the source folder (an editable install)")
+    source = {path.relative_to(SOURCE) for path in SOURCE.rglob("*")
+              if path.is_file() and "__pycache__" not in path.parts
+              and not path.name.startswith(("_cpu", "_cuda", "_build_info"))}
+    installed = {path.relative_to(PACKAGE) for path in PACKAGE.rglob("*") if path.is_file()}
+    assert source <= installed, sorted(map(str, source - installed))
+    assert any(path.name.startswith("_cpu") for path in installed)
+
+
+@pytest.mark.skipif(not _extension.KERNELS["cuda"],
+                    reason="built without CUDA (JAX_PSROI_CUDA=OFF or no nvcc)")
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_cuda_export_of_every_operator_and_its_gradient_names_our_cuda_targets(name):
+    # What a machine without a GPU can check of the CUDA build: the cuda
+    # lowering of the forward and the gradient calls our CUDA kernels, and
+    # only them (no dense jax.numpy fallback).
+    op = OPERATORS[name]
+    rng = np.random.default_rng(43)
+    features = random_features(rng, 2, 8, 12, 10, np.float32)
+    rois = random_rois(rng, 9, 2, 12, 10, 0.5, np.float32)
+    program = jax.jit(lambda f, r: (op(f, r), jax.grad(lambda f: jnp.sum(op(f, r) ** 2))(f)))
+    exported = jax.export.export(program, platforms=["cuda"],
+                                 disabled_checks=jax_psroi.export_safety_checks())(
+        features, rois)
+    calls = re.findall(r"stablehlo.custom_call @(\w+)", exported.mlir_module())
+    cuda_targets = {row.name: row for row in _extension.KERNELS["cuda"].values()}
+    assert calls and set(calls) <= set(cuda_targets), calls
+    assert {cuda_targets[call].direction for call in calls} == {"forward", "backward"}
