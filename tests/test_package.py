@@ -132,3 +132,51 @@ def test_cuda_export_of_every_operator_and_its_gradient_names_our_cuda_targets(n
     cuda_targets = {row.name: row for row in _extension.KERNELS["cuda"].values()}
     assert calls and set(calls) <= set(cuda_targets), calls
     assert {cuda_targets[call].direction for call in calls} == {"forward", "backward"}
+
+
+@pytest.fixture
+def build_backend(monkeypatch):
+    """build_backend/jax_psroi_build.py, on a machine of the test's making."""
+    pytest.importorskip("scikit_build_core")
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "build_backend"))
+    import jax_psroi_build
+    monkeypatch.delenv("JAX_PSROI_CUDA", raising=False)
+    return jax_psroi_build
+
+
+@pytest.mark.parametrize("setting, nvcc, driver, expected", [
+    # No setting: CUDA on a GPU machine only; pip's compiler without a system one.
+    (None, None, False, ("OFF", False)),
+    (None, "/usr/local/cuda/bin/nvcc", False, ("ON", False)),
+    (None, None, True, ("ON", True)),
+    (None, "/usr/local/cuda/bin/nvcc", True, ("ON", False)),
+    ("ON", None, False, ("ON", True)),
+    ("on", "/usr/local/cuda/bin/nvcc", False, ("ON", False)),
+    ("OFF", None, True, ("OFF", False)),
+    ("OFF", "/usr/local/cuda/bin/nvcc", True, ("OFF", False)),
+])
+def test_build_backend_asks_for_nvidias_compiler_only_when_it_compiles_cuda_without_one(
+        build_backend, monkeypatch, setting, nvcc, driver, expected):
+    if setting is not None:
+        monkeypatch.setenv("JAX_PSROI_CUDA", setting)
+    monkeypatch.setattr(build_backend, "system_nvcc", lambda: nvcc)
+    monkeypatch.setattr(build_backend, "nvidia_driver", lambda: driver)
+    cuda, extra = build_backend.cuda_build()
+    assert (cuda, bool(extra)) == expected
+    if extra:
+        assert {requirement.split(">")[0] for requirement in extra} == {
+            "nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime",
+            "nvidia-cuda-cccl"}
+
+
+def test_build_backend_reads_the_config_setting_and_the_environment_wins(
+        build_backend, monkeypatch):
+    monkeypatch.setattr(build_backend, "system_nvcc", lambda: None)
+    monkeypatch.setattr(build_backend, "nvidia_driver", lambda: False)
+    setting = {"cmake.define.JAX_PSROI_CUDA": "ON"}
+    assert build_backend.cuda_build(setting)[0] == "ON"
+    monkeypatch.setenv("JAX_PSROI_CUDA", "OFF")
+    assert build_backend.cuda_build(setting) == ("OFF", [])
+    monkeypatch.setenv("JAX_PSROI_CUDA", "maybe")
+    with pytest.raises(ValueError, match="AUTO, ON or OFF"):
+        build_backend.cuda_build()
