@@ -112,6 +112,10 @@ for root in (spec.submodule_search_locations or []) if spec else []:
 
     set(JAX_PSROI_CUDA_VERSION "${CMAKE_CUDA_COMPILER_VERSION}")
     set(JAX_PSROI_CUDA_ARCHS "${CMAKE_CUDA_ARCHITECTURES}")
+    if(CMAKE_CUDA_ARCHITECTURES STREQUAL "native")
+      # What CMake found on this machine's GPUs (not run here: no GPU).
+      set(JAX_PSROI_CUDA_ARCHS "${CMAKE_CUDA_ARCHITECTURES_NATIVE}")
+    endif()
   elseif(JAX_PSROI_CUDA STREQUAL "ON")
     message(FATAL_ERROR
       "jax_psroi: JAX_PSROI_CUDA=ON but no CUDA compiler was found: no nvcc on "
