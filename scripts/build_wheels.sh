@@ -75,15 +75,21 @@ if [ "${cuda^^}" != OFF ] && [ -z "${CUDACXX:-}" ]; then
   export CUDACXX="$work/cuda/nvidia/cu13/bin/nvcc"
 fi
 export JAX_PSROI_CUDA="$cuda"
-mapfile -t build_requirements < <(requirements build)
+# scikit-build-core and nanobind (pure Python) installed once, for every
+# Python: scikit-build-core clears a build directory (CMakeFiles, objects
+# included) that another copy of itself configured, so one copy lets every
+# Python reuse the CUDA objects.
+if [ ! -d "$work/build-requirements/scikit_build_core" ]; then
+  mapfile -t build_requirements < <(requirements build)
+  python3 -m pip install --quiet --upgrade --target "$work/build-requirements" \
+    "${build_requirements[@]}"
+fi
+export PYTHONPATH="$work/build-requirements${PYTHONPATH:+:$PYTHONPATH}"
 
 built=()
 for version in "${versions[@]}"; do
   venv="$work/venv$version"
-  if [ ! -x "$venv/bin/python" ]; then
-    $(python_for "$version") -m venv "$venv"
-    "$venv/bin/pip" install --quiet "${build_requirements[@]}"
-  fi
+  [ -x "$venv/bin/python" ] || $(python_for "$version") -m venv "$venv"
   echo "=== Python $version: building (JAX_PSROI_CUDA=$JAX_PSROI_CUDA${CUDACXX:+, $CUDACXX})"
   start=$SECONDS
   raw="$work/raw$version"
