@@ -166,17 +166,24 @@ def export_safety_checks() -> list:
 def build_info() -> dict:
     """What this installation of jax_psroi was built with.
 
-    Returns a dict with the JAX version whose FFI headers were used, the XLA
-    FFI API version compiled in, whether (and for which CUDA version and
-    GPU architectures) the CUDA kernels were built, and the kernel table:
-    the dtypes and layouts with native kernels. Without the compiled module
-    (every operator on the XLA path), only whether it is there ("native":
-    False), the running JAX and the dtypes and layouts the operators take.
+    Returns a dict with the jaxlib version whose XLA FFI headers were
+    compiled in (vendored, third_party/xla: the oldest supported jaxlib, so
+    the build loads in it and every newer one), the XLA FFI API version,
+    whether (and with which CUDA compiler, and for which GPU architectures)
+    the CUDA kernels were built, and the kernel table: the dtypes and
+    layouts with native kernels. ``cuda_sass`` lists the GPUs with compiled
+    machine code (``sm_XY``), ``cuda_ptx`` the virtual architectures
+    embedded as PTX (``compute_XY``), which the driver compiles for newer
+    GPUs on first use. Without the compiled module (every operator on the
+    XLA path), only whether it is there ("native": False), the running JAX
+    and the dtypes and layouts the operators take.
     """
     if _cpu is None:
         return {"native": False, "jax_running": jax.__version__, "cuda_built": False,
                 "dtypes": [dtype.name for dtype in SUPPORTED_DTYPES],
                 "layouts": list(SUPPORTED_LAYOUTS)}
+    architectures = (_build_info.CUDA_ARCHITECTURES.split(";")
+                     if _build_info.CUDA_ARCHITECTURES else [])
     info = {
         "native": True,
         "jax_built_against": _build_info.JAX_VERSION,
@@ -185,8 +192,14 @@ def build_info() -> dict:
         "cuda_option": _build_info.CUDA_OPTION,
         "cuda_built": _cuda is not None,
         "cuda_version": _build_info.CUDA_VERSION or None,
-        "cuda_architectures": (_build_info.CUDA_ARCHITECTURES.split(";")
-                               if _build_info.CUDA_ARCHITECTURES else []),
+        "cuda_architectures": architectures,
+        # CMake's notation: "90-real" is SASS only, "90-virtual" PTX only,
+        # "90" both.
+        "cuda_sass": [f"sm_{arch.split('-')[0]}" for arch in architectures
+                      if not arch.endswith("-virtual")],
+        "cuda_ptx": [f"compute_{arch.split('-')[0]}" for arch in architectures
+                     if not arch.endswith("-real")],
+        "cuda_toolkit": _build_info.CUDA_TOOLKIT or None,
         "dtypes": [dtype.name for dtype in SUPPORTED_DTYPES],
         "layouts": list(SUPPORTED_LAYOUTS),
     }

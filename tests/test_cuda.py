@@ -13,7 +13,7 @@ import pytest
 from jax import export
 
 import jax_psroi
-from jax_psroi import _extension, _implementation
+from jax_psroi import _build_info, _extension, _implementation
 
 from cases import (
     CHANNEL_ORDERS,
@@ -31,6 +31,7 @@ from cases import (
 CUDA_BUILT = bool(_extension.KERNELS["cuda"])
 TARGETS = sorted(row.name for row in _extension.KERNELS["cuda"].values())
 DISABLED = jax_psroi.export_safety_checks()
+ROOT = pathlib.Path(__file__).parents[1]
 
 needs_cuda_build = pytest.mark.skipif(
     not CUDA_BUILT, reason="built without CUDA (JAX_PSROI_CUDA=OFF or no nvcc)")
@@ -48,18 +49,26 @@ def test_build_info():
     info = jax_psroi.build_info()
     if info["cuda_built"]:
         assert info["cuda_version"].startswith(str(info["cuda_runtime_version"] // 1000))
-        assert {"75-real", "80-real", "86-real", "89-real", "90"} <= set(
-            info["cuda_architectures"])
+        assert info["cuda_toolkit"] in ("system", "pip")
+        sass = [int(arch[3:]) for arch in info["cuda_sass"]]
+        ptx = [int(arch[8:]) for arch in info["cuda_ptx"]]
+        assert sass and min(sass) >= 75 and sass == sorted(sass)
+        if _build_info.CUDA_ARCHITECTURES_FROM == "nvcc":
+            # The default: machine code for every architecture the compiler
+            # knows from sm_75 (CUDA 13: Turing to Blackwell), PTX of the
+            # newest only.
+            assert {75, 80, 86, 89, 90, 100, 120} <= set(sass)
+            assert ptx == [max(sass)]
     assert info["ffi_api_version"][0] == 0
-    # Handlers built against newer FFI headers than the running jaxlib's
-    # would not load.
+    # Built against the vendored FFI headers of the oldest supported jaxlib:
+    # older than or as old as the running one, or the handlers would not load.
+    assert info["jax_built_against"] == (ROOT / "third_party" / "xla" / "VERSION").read_text(
+        ).strip()
     assert _version(info["jax_built_against"]) <= _version(info["jax_running"])
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert f"jax>={info['jax_built_against']}" in pyproject["project"]["dependencies"]
     if os.environ.get("JAX_PSROI_CUDA", "").upper() == "ON":
-        # CI: an isolated build, with CUDA forced on, against the oldest JAX
-        # we support, as [build-system] pins it.
-        pyproject = tomllib.loads(
-            (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
-        assert f"jax=={info['jax_built_against']}" in pyproject["build-system"]["requires"]
+        # CI forces the CUDA kernels on: they must have been built.
         assert info["cuda_built"]
 
 

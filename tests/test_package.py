@@ -1,5 +1,6 @@
 """The package as installed: its kernel table, what it registers at import,
-and what happens when Python finds the source folder instead."""
+what the wheel holds, its CUDA targets in exported programs, and what
+happens when Python finds the source folder instead."""
 
 import os
 import pathlib
@@ -10,12 +11,18 @@ import sys
 import typing
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jax_psroi
 from jax_psroi import _extension
 
+from cases import random_features, random_rois
+from test_export import OPERATORS
+
 PACKAGE = pathlib.Path(jax_psroi.__file__).parent
+SOURCE = pathlib.Path(__file__).parents[1] / "jax_psroi"
 
 
 def _run(code, cwd, **env):
@@ -101,3 +108,85 @@ def test_the_package_declares_its_type_hints():
     assert (PACKAGE / "py.typed").is_file()
     hints = typing.get_type_hints(jax_psroi.ps_roi_align)
     assert hints["input"] == jax.typing.ArrayLike and hints["return"] is jax.Array
+
+
+def test_installed_package_holds_every_file_of_the_source_package():
+    # The wheel takes the whole package folder (pyproject.toml,
+    # wheel.packages): every module and data file, py.typed included.
+    if PACKAGE == SOURCE:
+        pytest.skip("imported from the source folder (an editable install)")
+    source = {path.relative_to(SOURCE) for path in SOURCE.rglob("*")
+              if path.is_file() and "__pycache__" not in path.parts
+              and not path.name.startswith(("_cpu", "_cuda", "_build_info"))}
+    installed = {path.relative_to(PACKAGE) for path in PACKAGE.rglob("*") if path.is_file()}
+    assert source <= installed, sorted(map(str, source - installed))
+    assert any(path.name.startswith("_cpu") for path in installed)
+
+
+@pytest.mark.skipif(not _extension.KERNELS["cuda"],
+                    reason="built without CUDA (JAX_PSROI_CUDA=OFF or no nvcc)")
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_cuda_export_of_every_operator_and_its_gradient_names_our_cuda_targets(name):
+    # What a machine without a GPU can check of the CUDA build: the cuda
+    # lowering of the forward and the gradient calls our CUDA kernels, and
+    # only them (no dense jax.numpy fallback).
+    op = OPERATORS[name]
+    rng = np.random.default_rng(43)
+    features = random_features(rng, 2, 8, 12, 10, np.float32)
+    rois = random_rois(rng, 9, 2, 12, 10, 0.5, np.float32)
+    program = jax.jit(lambda f, r: (op(f, r), jax.grad(lambda f: jnp.sum(op(f, r) ** 2))(f)))
+    exported = jax.export.export(program, platforms=["cuda"],
+                                 disabled_checks=jax_psroi.export_safety_checks())(
+        features, rois)
+    calls = re.findall(r"stablehlo.custom_call @(\w+)", exported.mlir_module())
+    cuda_targets = {row.name: row for row in _extension.KERNELS["cuda"].values()}
+    assert calls and set(calls) <= set(cuda_targets), calls
+    assert {cuda_targets[call].direction for call in calls} == {"forward", "backward"}
+
+
+@pytest.fixture
+def build_backend(monkeypatch):
+    """build_backend/jax_psroi_build.py, on a machine of the test's making."""
+    pytest.importorskip("scikit_build_core")
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "build_backend"))
+    import jax_psroi_build
+    monkeypatch.delenv("JAX_PSROI_CUDA", raising=False)
+    return jax_psroi_build
+
+
+@pytest.mark.parametrize("setting, nvcc, driver, expected", [
+    # No setting: CUDA on a GPU machine only; pip's compiler without a system one.
+    (None, None, False, ("OFF", False)),
+    (None, "/usr/local/cuda/bin/nvcc", False, ("ON", False)),
+    (None, None, True, ("ON", True)),
+    (None, "/usr/local/cuda/bin/nvcc", True, ("ON", False)),
+    ("ON", None, False, ("ON", True)),
+    ("on", "/usr/local/cuda/bin/nvcc", False, ("ON", False)),
+    ("OFF", None, True, ("OFF", False)),
+    ("OFF", "/usr/local/cuda/bin/nvcc", True, ("OFF", False)),
+])
+def test_build_backend_asks_for_nvidias_compiler_only_when_it_compiles_cuda_without_one(
+        build_backend, monkeypatch, setting, nvcc, driver, expected):
+    if setting is not None:
+        monkeypatch.setenv("JAX_PSROI_CUDA", setting)
+    monkeypatch.setattr(build_backend, "system_nvcc", lambda: nvcc)
+    monkeypatch.setattr(build_backend, "nvidia_driver", lambda: driver)
+    cuda, extra = build_backend.cuda_build()
+    assert (cuda, bool(extra)) == expected
+    if extra:
+        assert {requirement.split(">")[0] for requirement in extra} == {
+            "nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime",
+            "nvidia-cuda-cccl"}
+
+
+def test_build_backend_reads_the_config_setting_and_the_environment_wins(
+        build_backend, monkeypatch):
+    monkeypatch.setattr(build_backend, "system_nvcc", lambda: None)
+    monkeypatch.setattr(build_backend, "nvidia_driver", lambda: False)
+    setting = {"cmake.define.JAX_PSROI_CUDA": "ON"}
+    assert build_backend.cuda_build(setting)[0] == "ON"
+    monkeypatch.setenv("JAX_PSROI_CUDA", "OFF")
+    assert build_backend.cuda_build(setting) == ("OFF", [])
+    monkeypatch.setenv("JAX_PSROI_CUDA", "maybe")
+    with pytest.raises(ValueError, match="AUTO, ON or OFF"):
+        build_backend.cuda_build()
