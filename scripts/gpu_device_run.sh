@@ -103,7 +103,12 @@ else
   summary+=("| ncu | no ncu | 0 |")
 fi
 
-wheel=$(ls "$dir"/wheel/*.whl 2>/dev/null | head -n 1)
+# The wheel for this machine's Python: cp311 on 3.11, abi3 from 3.12.
+if python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  wheel=$(ls "$dir"/wheel/*-cp311-cp311-*.whl 2>/dev/null | head -n 1)
+else
+  wheel=$(ls "$dir"/wheel/*-abi3-*.whl 2>/dev/null | head -n 1)
+fi
 if [ -n "$wheel" ]; then
   step jax "$(left)" scripts/gpu_check.sh --wheel "$wheel" --out "$out/gpu_check" \
     --skip test_suite

@@ -11,8 +11,9 @@
 #                          output hashes (benchmarks/gpu_workloads.py)
 #   DIR/host_check.md      the driver's --host run: every tuning's schedule
 #                          on the small cases, serially, against the CPU
-#   DIR/wheel/*.whl        with --wheel: this checkout built with the CUDA
-#                          kernels, for gpu_check.sh --wheel on the device
+#   DIR/wheel/*.whl        with --wheel: this checkout's wheels (cp311 and
+#                          abi3) with the CUDA kernels for sm_90, for
+#                          gpu_check.sh --wheel on the device
 #
 # Needs the package installed with its CPU module (the hashes come from
 # it), nvcc, and about 10 minutes on 2 cores. DIR stays under the device
@@ -38,6 +39,8 @@ echo "=== workloads written ($((SECONDS - start)) s)"
 "$dir/gpu_driver" --manifest "$dir/workloads/manifest.txt" --host | tee "$dir/host_check.md"
 echo "=== host check passed ($((SECONDS - start)) s)"
 if [ "$wheel" = 1 ]; then
-  JAX_PSROI_CUDA=ON "$python" -m pip wheel --no-deps -w "$dir/wheel" .
+  # The GPU machine's Python may be any from 3.11: the cp311 and the abi3
+  # wheel, with sm_90's machine code only (CUDAARCHS) to stay small and fast.
+  CUDAARCHS="${CUDAARCHS:-90}" scripts/build_wheels.sh --out "$dir/wheel" 3.11 3.12
 fi
 du -sh "$dir"
