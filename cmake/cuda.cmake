@@ -97,7 +97,7 @@ for root in (spec.submodule_search_locations or []) if spec else []:
     # No fused multiply-add: the GPU then rounds like the CPU kernels that
     # the tests check, at no measurable cost for this memory-bound operator.
     target_compile_options(jax_psroi_cuda_handlers PRIVATE --fmad=false)
-    # One architecture costs about a minute of a core (cicc and ptxas, each
+    # One architecture costs about 1.5 min of CPU (cicc and ptxas, each
     # about half); nvcc compiles them side by side on every core.
     target_compile_options(jax_psroi_cuda_handlers PRIVATE --threads=0)
 

