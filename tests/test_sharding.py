@@ -178,7 +178,7 @@ def test_sharded_training_example():
     assert abs(sharded - alone) <= 1e-4 * abs(alone), out
 
 
-def test_a_jax_without_the_private_registry_only_turns_sharding_rules_off():
+def test_a_jax_without_the_private_registry_only_turns_sharding_rules_off(tmp_path):
     # As in a JAX that moved jax._src.dispatch's registry: the import works,
     # and a call over a mesh is computed unpartitioned, with the same result.
     script = """
@@ -201,6 +201,8 @@ print("ok")
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
+    # Run elsewhere: `python -c` puts the working directory first on
+    # sys.path, and the checkout's source folder would shadow the install.
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=300, check=False)
+                         text=True, timeout=300, check=False, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-4000:]
