@@ -16,7 +16,7 @@ warm-up and compilation. Beside them: the memory floor (roofline.py: the
 fewest bytes the pass must move over the bandwidth measured in the same
 run), and the memory XLA's compiled executables need. It writes results.md,
 results.json and time_vs_k.png to --out (gpu.md, gpu.json and
-gpu_time_vs_k.png with --device gpu), and checks the targets of issue 5
+gpu_time_vs_k.png with --device gpu), and checks its targets
 (x20 torchvision, x10 reference, adaptive <= 2x ratio 2, no temporary
 larger than the output).
 """

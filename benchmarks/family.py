@@ -1,5 +1,5 @@
 """Speed of the RoI family's native operators against their jax.numpy
-references and torchvision (issue 15).
+references and torchvision.
 
     python benchmarks/family.py [--quick] [--device cpu|gpu] [--only OPERATOR ...]
                                 [--out DIR]

@@ -47,8 +47,7 @@ def _speedup(row, baseline, mode):
 
 
 def check_targets(rows, bandwidth=None):
-    """Every target of issues 5, 11 and 18 that this run can check, with its
-    value."""
+    """Every speed and memory target this run can check, with its value."""
     checks = []
     for row in rows:
         label = " ".join(filter(None, [row["workload"], f"sr={row['sampling_ratio']}",

@@ -1,6 +1,6 @@
 """The primitive of multi-scale RoI Align and its JAX rules.
 
-``multi_scale_p``: (level_0, ..., level_{L-1}, rois [K, 5], levels [K] int32)
+``multi_scale_roi_align``: (level_0, ..., level_{L-1}, rois [K, 5], levels [K] int32)
 -> pooled [K, C, PH, PW] (NCHW; [K, PH, PW, C] in NHWC), RoI k pooled by
 roi_align (aligned=False) from map ``levels[k]`` (none, giving 0, for -1).
 
@@ -15,8 +15,8 @@ path (_xla_path.py), roi_align's per level.
 
 Parameters, all static: ``pooled_size`` (PH, PW), ``spatial_scales`` (one
 python float per level), ``sampling_ratio``, ``data_format``,
-``image_groups`` (forward_p's: which image each RoI's batch index counts
-from) and ``implementation`` (forward_p's).
+``image_groups`` and ``implementation`` (as the averaging operators'
+primitives, _averaging.py).
 
 Over a device mesh it splits as roi_align does (_partitioning.py): over
 images (with blocks of images), RoIs or channels, every level alike and the
@@ -31,40 +31,40 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir, xla
+from jax.interpreters import ad, batching, xla
 
 from jax_psroi import (
     _arguments,
+    _averaging,
     _image_groups,
     _implementation,
     _levels,
+    _operators,
     _partitioning,
-    _primitives,
+    _rules,
     _xla_path,
 )
 
-multi_scale_p = Primitive("jax_psroi_multi_scale_roi_align")
+multi_scale_p = Primitive("multi_scale_roi_align")
+_ROI_ALIGN = _operators.ROI_ALIGN
 
 
 def _abstract_eval(*operands, pooled_size, data_format, image_groups, **_):
     features, rois = operands[0], operands[-2]
     channels = features.shape[_arguments.channel_axis(data_format)]
-    pooled = _primitives._result(features, rois, _arguments.pooled_shape(
-        rois.shape[0], channels, pooled_size, data_format))
-    return _partitioning.typed_result(
-        "forward", features, rois, pooled, data_format=data_format, channel_order="shared",
-        image_blocks=_primitives.image_blocks(features, rois, image_groups, data_format))
+    return _rules.typed_result(
+        "forward", features, rois,
+        _arguments.pooled_shape(rois.shape[0], channels, pooled_size, data_format),
+        data_format=data_format, channel_order="shared", image_groups=image_groups)
 
 
 multi_scale_p.def_abstract_eval(_abstract_eval)
 multi_scale_p.def_impl(partial(xla.apply_primitive, multi_scale_p))
 
 
-def _level_params(spatial_scale, sampling_ratio, data_format, image_groups):
-    """The parameters of roi_align's primitives for one level."""
-    return dict(operation="roi_align", spatial_scale=spatial_scale,
-                sampling_ratio=sampling_ratio, data_format=data_format,
-                channel_order="shared", aligned=False, image_groups=image_groups)
+def _level_params(sampling_ratio):
+    """roi_align's own parameters for every level."""
+    return dict(sampling_ratio=sampling_ratio, aligned=False)
 
 
 def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, data_format,
@@ -73,11 +73,10 @@ def _native(platform, *operands, result_shape, spatial_scales, sampling_ratio, d
     # RoIs of no level stay 0.
     pooled = jnp.zeros(result_shape, maps[0].dtype)
     for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
-        pooled = _primitives._native_call(
-            platform, "forward", features, _levels.level_rois(rois, levels, level),
-            result_shape,
-            updated=pooled,
-            **_level_params(scale, sampling_ratio, data_format, image_groups))
+        pooled = _averaging.native_call(
+            _ROI_ALIGN, platform, "forward", features, _levels.level_rois(rois, levels, level),
+            result_shape, updated=pooled, spatial_scale=scale, data_format=data_format,
+            image_groups=image_groups, **_ROI_ALIGN.settings(_level_params(sampling_ratio)))
     return pooled
 
 
@@ -85,7 +84,7 @@ def _lowering(platform, ctx, *operands, implementation, spatial_scales, sampling
               data_format, image_groups, **_):
     call = (partial(_native, platform) if _implementation.native(platform, implementation)
             else _xla_path.multi_scale)
-    blocks = _primitives.image_blocks(ctx.avals_in[0].shape, ctx.avals_in[-2], image_groups,
+    blocks = _rules.image_blocks(ctx.avals_in[0].shape, ctx.avals_in[-2], image_groups,
                                       data_format)
     return _partitioning.lower_pyramid(
         ctx, *operands, image_blocks=blocks, data_format=data_format,
@@ -94,10 +93,7 @@ def _lowering(platform, ctx, *operands, implementation, spatial_scales, sampling
                            image_groups=image_groups))
 
 
-_partitioning.lower_with_devices(multi_scale_p)
-mlir.register_lowering(multi_scale_p, partial(_lowering, None))
-for _platform in ("cpu", "cuda"):
-    mlir.register_lowering(multi_scale_p, partial(_lowering, _platform), platform=_platform)
+_rules.register_lowerings(multi_scale_p, _lowering)
 
 
 # --- Differentiation ---------------------------------------------------------
@@ -124,10 +120,11 @@ def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio
         elif type(cotangent) is ad.Zero:
             grads.append(ad.Zero(features.aval))
         else:
-            grads.append(_primitives.backward_p.bind(
+            grads.append(_averaging.PRIMITIVES[_ROI_ALIGN.name].backward.bind(
                 cotangent, _levels.level_rois(rois, levels, level),
                 input_shape=features.aval.shape, implementation=implementation,
-                **_level_params(scale, sampling_ratio, data_format, image_groups)))
+                spatial_scale=scale, data_format=data_format, image_groups=image_groups,
+                **_level_params(sampling_ratio)))
     return [*grads, None, None]
 
 
@@ -143,16 +140,10 @@ ad.primitive_transposes[multi_scale_p] = _transpose
 def _batch(args, dims, *, image_groups, **params):
     *maps, rois, levels = args
     *map_dims, rois_dim, levels_dim = dims
-    size = _primitives._mapped_size(args, dims)
-    rois = _primitives._to_front(rois, rois_dim, size)
-    copies = 1  # without mapped maps, the B RoI sets read the same images
-    if any(d is not None for d in map_dims):
-        maps = [_primitives._to_front(x, d, size) for x, d in zip(maps, map_dims, strict=True)]
-        copies = _image_groups.copies(image_groups, rois.shape[1], maps[0].shape[1])
-        maps = [x.reshape((size * x.shape[1], *x.shape[2:])) for x in maps]
-    levels = _image_groups.fold(_primitives._to_front(levels, levels_dim, size), copies)
-    out = multi_scale_p.bind(*maps, _image_groups.fold(rois, copies), levels,
-                             image_groups=image_groups, **params)
+    size = _rules.mapped_size(args, dims)
+    maps, rois, copies = _rules.fold_maps(maps, map_dims, rois, rois_dim, size, image_groups)
+    levels = _rules.fold_like_rois(levels, levels_dim, size, copies)
+    out = multi_scale_p.bind(*maps, rois, levels, image_groups=image_groups, **params)
     return _image_groups.unfold(out, size, copies), 0
 
 

@@ -1,6 +1,7 @@
-"""How the primitives split over a device mesh (``jax.sharding``): those of
-``_primitives.py``, RoI Pool's (``_roi_pool.py``, whose pixels operand or
-result splits like the pooled tensor) and multi-scale RoI Align's forward
+"""How the primitives split over a device mesh (``jax.sharding``): the
+averaging operators' (``_averaging.py``), RoI Pool's (``_roi_pool.py``,
+whose pixels operand or result splits like the pooled tensor) and
+multi-scale RoI Align's forward
 (``_multi_scale.py``: its levels split alike, the RoIs' levels like the
 RoIs).
 
@@ -72,29 +73,18 @@ def lower(ctx, operand, rois, *pooled_like, direction: str, local_call: LocalCal
     form cannot carry a Python partitioning callback (XLA replicates the
     call's operands instead).
     """
-    result_shape = ctx.avals_out[0].shape
-    results = len(ctx.avals_out)
-    operands = (operand, rois, *pooled_like)
-    if not _partitioned(ctx):
-        return mlir.lower_fun(lambda *args: local_call(*args, result_shape=result_shape),
-                              multiple_results=results > 1)(ctx, *operands)
-    features, pooled = _arguments.features_and_pooled(direction, ctx.avals_in[0].shape,
-                                                      result_shape)
-    partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
-                               image_blocks, bin_rows_call, further_results=results - 1)
-
-    @custom_partitioning
-    def call(*args):
-        return local_call(*args, result_shape=result_shape)
-
-    sizes = partitioner.factor_sizes()
-    rule = _sharding_rule(direction, data_format, channel_order, sizes,
-                          pooled_operands=len(pooled_like), further_results=results - 1)
-    call.def_partition(
-        partition=(partitioner.forward if direction == "forward" else partitioner.backward),
-        sharding_rule=rule, **_special_factors(rule, direction, channel_order),
-        **_compound_factor_sizes(rule, sizes))
-    return mlir.lower_fun(call, multiple_results=results > 1)(ctx, *operands)
+    further_results = len(ctx.avals_out) - 1
+    partitioner = rule = None
+    if _partitioned(ctx):
+        features, pooled = _arguments.features_and_pooled(direction, ctx.avals_in[0].shape,
+                                                          ctx.avals_out[0].shape)
+        partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
+                                   image_blocks, bin_rows_call, further_results=further_results)
+        rule = _sharding_rule(direction, data_format, channel_order,
+                              partitioner.factor_sizes(), pooled_operands=len(pooled_like),
+                              further_results=further_results)
+    return _lower(ctx, (operand, rois, *pooled_like), local_call, partitioner, rule,
+                  direction, channel_order)
 
 
 def lower_pyramid(ctx, *operands, local_call: LocalCall, image_blocks: int,
@@ -104,22 +94,34 @@ def lower_pyramid(ctx, *operands, local_call: LocalCall, image_blocks: int,
     forward when the module is partitioned: every level split alike (images,
     channels), the RoIs' levels [K] split like the RoIs."""
     maps = len(operands) - 2
+    partitioner = rule = None
+    if _partitioned(ctx):
+        partitioner = _Partitioner(local_call, ctx.avals_in[0].shape, ctx.avals_out[0].shape,
+                                   data_format, "shared", image_blocks, bin_rows_call=False,
+                                   maps=maps)
+        rule = _pyramid_rule(maps, data_format, partitioner.factor_sizes())
+    return _lower(ctx, operands, local_call, partitioner, rule, "forward", "shared")
+
+
+def _lower(ctx, operands, local_call: LocalCall, partitioner, rule, direction,
+           channel_order):
+    """Lowers the call of `local_call` on `operands` for the whole program:
+    as it is without a `partitioner`, else through ``custom_partitioning``
+    with the Shardy `rule` and the partitioner's callbacks."""
     result_shape = ctx.avals_out[0].shape
+    multiple_results = len(ctx.avals_out) > 1
 
     def whole(*args):
         return local_call(*args, result_shape=result_shape)
 
-    if not _partitioned(ctx):
-        return mlir.lower_fun(whole, multiple_results=False)(ctx, *operands)
-    partitioner = _Partitioner(local_call, ctx.avals_in[0].shape, result_shape, data_format,
-                               "shared", image_blocks, bin_rows_call=False, maps=maps)
+    if partitioner is None:
+        return mlir.lower_fun(whole, multiple_results=multiple_results)(ctx, *operands)
     call = custom_partitioning(whole)
-    sizes = partitioner.factor_sizes()
-    rule = _pyramid_rule(maps, data_format, sizes)
-    call.def_partition(partition=partitioner.forward, sharding_rule=rule,
-                       **_special_factors(rule, "forward", "shared"),
-                       **_compound_factor_sizes(rule, sizes))
-    return mlir.lower_fun(call, multiple_results=False)(ctx, *operands)
+    call.def_partition(
+        partition=partitioner.forward if direction == "forward" else partitioner.backward,
+        sharding_rule=rule, **_special_factors(rule, direction, channel_order),
+        **_compound_factor_sizes(rule, partitioner.factor_sizes()))
+    return mlir.lower_fun(call, multiple_results=multiple_results)(ctx, *operands)
 
 
 def typed_result(direction: str, operand, rois, result, *, data_format: str,

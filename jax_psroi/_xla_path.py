@@ -52,13 +52,13 @@ from jax import lax
 from jax_psroi import _arguments, _image_groups, _levels
 from jax_psroi.reference import (
     MAX_GRID_PER_AXIS,
-    _first_in_map_sample,
-    _grid_size,
-    _sample_coordinates,
     axis_taps,
     box_geometry,
+    first_in_map_sample,
+    grid_size,
+    sample_coordinates,
 )
-from jax_psroi.reference_pools import _windows
+from jax_psroi.reference_pools import bin_windows
 
 # Fixed grids up to this many samples per axis read their samples' taps
 # directly: (2 * ratio)^2 gathers per bin whatever its size, where a table
@@ -95,7 +95,7 @@ def _sample_taps(bin_start, bin_size, ratio, size) -> _Taps:
 
     def at(j):
         index = jnp.broadcast_to(j // 2, bin_start.shape).astype(jnp.int32)
-        coord = _sample_coordinates(bin_start, bin_size, grid, index)
+        coord = sample_coordinates(bin_start, bin_size, grid, index)
         low, high, w_low, w_high = axis_taps(coord, (coord >= -1) & (coord <= size), size)
         high_tap = j % 2 == 1
         return jnp.where(high_tap, high, low), jnp.where(high_tap, w_high, w_low)
@@ -114,7 +114,7 @@ def _pixel_weights(bin_start, bin_size, grid, ratio, size, valid):
         samples = jnp.full(bin_start.shape, ratio, jnp.int32)
         chunk = min(ratio, _FIXED_CHUNK)
     else:
-        first = _first_in_map_sample(bin_start, bin_size, grid)
+        first = first_in_map_sample(bin_start, bin_size, grid)
         samples = jnp.minimum(grid - first, min(2 * size + 3, MAX_GRID_PER_AXIS))
         chunk = _ADAPTIVE_CHUNK
     samples = jnp.where(valid[:, None], samples, 0)
@@ -127,7 +127,7 @@ def _pixel_weights(bin_start, bin_size, grid, ratio, size, valid):
         total, compensation = carry
         offset = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
         index = first[..., None] + offset
-        coord = _sample_coordinates(bin_start[..., None], bin_size[..., None],
+        coord = sample_coordinates(bin_start[..., None], bin_size[..., None],
                                     grid[..., None], index)
         inside = (offset < samples[..., None]) & (coord >= -1) & (coord <= size)
         low, high, w_low, w_high = axis_taps(coord, inside, size)
@@ -199,10 +199,10 @@ def _bins(operation, rois, pooled_size, map_size, spatial_scale, sampling_ratio,
     if operation in ("ps_roi_pool", "roi_pool"):
         scale = jnp.asarray(spatial_scale, dtype)
         roi_pool = operation == "roi_pool"
-        first_y, stop_y, finite_y = _windows(rois, scale, pooled_h, height, 2,
+        first_y, stop_y, finite_y = bin_windows(rois, scale, pooled_h, height, 2,
                                              inclusive_end=roi_pool,
                                              last=height if roi_pool else height - 1)
-        first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, width, 1,
+        first_x, stop_x, finite_x = bin_windows(rois, scale, pooled_w, width, 1,
                                              inclusive_end=roi_pool,
                                              last=width if roi_pool else width - 1)
         valid = batch_ok & finite_y & finite_x
@@ -213,8 +213,8 @@ def _bins(operation, rois, pooled_size, map_size, spatial_scale, sampling_ratio,
                      _window_taps(first_x, stop_x, width, valid, dtype), area, valid)
     start_h, start_w, bin_h, bin_w, finite = box_geometry(
         rois, pooled_size, spatial_scale, offset=0.5 if aligned else 0.0, clamp=not aligned)
-    grid_h = _grid_size(bin_h, sampling_ratio)
-    grid_w = _grid_size(bin_w, sampling_ratio)
+    grid_h = grid_size(bin_h, sampling_ratio)
+    grid_w = grid_size(bin_w, sampling_ratio)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
     count = (grid_h.astype(dtype) * grid_w.astype(dtype))[:, None, None, None]
     return _Bins(_align_taps(start_h, bin_h, grid_h, sampling_ratio, pooled_h, height, valid),
@@ -313,10 +313,10 @@ def _empty(features_shape, pooled_shape) -> bool:
 
 def pool(direction, operand, rois, result_shape, *, operation, spatial_scale, sampling_ratio,
          data_format, channel_order, aligned, image_groups):
-    """One call of ``forward_p`` (features -> pooled) or ``backward_p``
+    """One call of an averaging operator's forward (features -> pooled) or backward
     (pooled cotangent -> feature gradient) of ps_roi_align, roi_align or
     ps_roi_pool: `operand` and the result as the primitives take them
-    (_primitives.py), rois [K, 5]."""
+    (_averaging.py), rois [K, 5]."""
     features_shape, pooled_shape = _arguments.features_and_pooled(direction, operand.shape,
                                                                   result_shape)
     dtype = operand.dtype

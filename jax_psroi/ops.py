@@ -10,12 +10,13 @@ from jax.typing import ArrayLike
 
 from jax_psroi import (
     _arguments,
+    _averaging,
     _extension,
     _image_groups,
     _implementation,
     _levels,
     _multi_scale,
-    _primitives,
+    _operators,
     _roi_pool,
 )
 from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
@@ -97,13 +98,9 @@ def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
             features,  # [B, C, H, W]
             boxes)     # [B, L, 4]  ->  [B, L, C // 49, 7, 7]
     """
-    features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
-        channel_order, _extension.SUPPORTED_DTYPES)
-    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
-    return _primitives.forward_p.bind(features, rois, image_groups=groups,
-                                      operation="ps_roi_align", aligned=True,
-                                      implementation=_implementation.requested(), **params)
+    return _averaging.apply(_operators.PS_ROI_ALIGN, input, boxes, output_size, spatial_scale,
+                            data_format, sampling_ratio=sampling_ratio,
+                            channel_order=channel_order)
 
 
 def roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
@@ -141,15 +138,8 @@ def roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     gives 0; huge boxes cost no more than the map; the grid is capped at
     2**23 samples per bin axis.
     """
-    features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
-        "torchvision", _extension.SUPPORTED_DTYPES, position_sensitive=False)
-    params["channel_order"] = "shared"
-    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
-    return _primitives.forward_p.bind(features, rois, image_groups=groups,
-                                      operation="roi_align",
-                                      aligned=_arguments.aligned(aligned),
-                                      implementation=_implementation.requested(), **params)
+    return _averaging.apply(_operators.ROI_ALIGN, input, boxes, output_size, spatial_scale,
+                            data_format, sampling_ratio=sampling_ratio, aligned=aligned)
 
 
 def ps_roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
@@ -191,15 +181,8 @@ def ps_roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     row or column its gradient is not its forward's; ours is. Bad batch
     indices and non-finite coordinates give 0, as for ``ps_roi_align``.
     """
-    features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
-        channel_order, _extension.SUPPORTED_DTYPES)
-    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
-    # Pools take no samples: the kernels' sampling ratio is unread.
-    return _primitives.forward_p.bind(features, rois, image_groups=groups,
-                                      operation="ps_roi_pool", aligned=False,
-                                      sampling_ratio=0,
-                                      implementation=_implementation.requested(), **params)
+    return _averaging.apply(_operators.PS_ROI_POOL, input, boxes, output_size, spatial_scale,
+                            data_format, channel_order=channel_order)
 
 
 def roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
@@ -240,16 +223,7 @@ def roi_pool(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     gradient. Bad batch indices and non-finite coordinates give 0 (and no
     gradient), as for ``ps_roi_align``.
     """
-    features, rois, params = _arguments.call(
-        input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
-        "torchvision", _extension.SUPPORTED_DTYPES, position_sensitive=False)
-    _roi_pool.check_plane(features.shape, params["data_format"])
-    rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
-    return _roi_pool.roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
-                                     spatial_scale=params["spatial_scale"],
-                                     data_format=params["data_format"],
-                                     image_groups=groups,
-                                     implementation=_implementation.requested())[0]
+    return _roi_pool.apply(input, boxes, output_size, spatial_scale, data_format)
 
 
 def multi_scale_roi_align(features: Sequence[ArrayLike], boxes: Boxes, output_size: OutputSize,

@@ -51,7 +51,7 @@ def _divide(x, divisor):
     return x / lax.optimization_barrier(divisor)
 
 
-def _grid_size(bin_size, sampling_ratio):
+def grid_size(bin_size, sampling_ratio):
     """Samples per bin along one axis, int32 [K]: the ratio, or ceil(bin)."""
     if sampling_ratio > 0:
         return jnp.full(bin_size.shape, sampling_ratio, jnp.int32)
@@ -61,14 +61,14 @@ def _grid_size(bin_size, sampling_ratio):
     return g.astype(jnp.int32)
 
 
-def _sample_coordinates(bin_start, bin_size, grid, index):
+def sample_coordinates(bin_start, bin_size, grid, index):
     """Coordinate of sample ``index`` in torchvision's evaluation order."""
     dtype = bin_start.dtype
     step = (index.astype(dtype) + 0.5) * bin_size
     return bin_start + _divide(step, grid.astype(dtype))
 
 
-def _first_in_map_sample(bin_start, bin_size, grid):
+def first_in_map_sample(bin_start, bin_size, grid):
     """First sample index whose coordinate is >= -1, by binary search.
 
     Only used with adaptive sampling, where a bin holds at least one sample
@@ -80,7 +80,7 @@ def _first_in_map_sample(bin_start, bin_size, grid):
     def step(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        reached = _sample_coordinates(bin_start, bin_size, grid, mid) >= -1
+        reached = sample_coordinates(bin_start, bin_size, grid, mid) >= -1
         active = lo < hi
         return (jnp.where(active & ~reached, mid + 1, lo),
                 jnp.where(active & reached, mid, hi))
@@ -128,9 +128,9 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
         # Consecutive adaptive samples are more than 0.5 apart (or alone in
         # their bin), so at most 2 * size + 3 of them fall in [-1, size].
         span = min(2 * size + 3, MAX_GRID_PER_AXIS)
-        first = _first_in_map_sample(bin_start, bin_size[:, None], grid_kp)
+        first = first_in_map_sample(bin_start, bin_size[:, None], grid_kp)
         index = first[..., None] + jnp.arange(span, dtype=jnp.int32)
-    coord = _sample_coordinates(bin_start[..., None], bin_size[:, None, None],
+    coord = sample_coordinates(bin_start[..., None], bin_size[:, None, None],
                                 grid_kp[..., None], index)
     inside = (index < grid_kp[..., None]) & (coord >= -1) & (coord <= size)
     low, high, w_low, w_high = axis_taps(coord, inside, size)
@@ -277,8 +277,8 @@ def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, of
     dtype = features.dtype
     start_h, start_w, bin_h, bin_w, finite = box_geometry(rois, pooled_size, spatial_scale,
                                                           offset=offset, clamp=clamp)
-    grid_h = _grid_size(bin_h, sampling_ratio)
-    grid_w = _grid_size(bin_w, sampling_ratio)
+    grid_h = grid_size(bin_h, sampling_ratio)
+    grid_w = grid_size(bin_w, sampling_ratio)
 
     image, batch_ok = image_of(rois, features.shape, image_groups)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)

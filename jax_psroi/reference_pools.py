@@ -5,7 +5,7 @@ Both pool windows of whole pixels: box corners are rounded (half away from
 zero, as C's ``round``), bin p of an axis covers pixels
 [floor(p * bin_size), ceil((p + 1) * bin_size)) past the rounded start, and
 windows are clipped to the map. They are the oracles of the native kernels
-and of the XLA path (which takes its windows from ``_windows``); like the
+and of the XLA path (which takes its windows from ``bin_windows``); like the
 RoI Align references they are not fast.
 """
 
@@ -138,7 +138,7 @@ def _c_round(x):
     return jnp.where(jnp.abs(x - whole) >= 0.5, whole + jnp.sign(x), whole)
 
 
-def _windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
+def bin_windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
     """First and end pixel [K, pooled] of each bin's window along one axis.
 
     axis: 1 for x (columns), 2 for y (rows) in the RoIs' (b, x1, y1, x2, y2).
@@ -170,9 +170,9 @@ def _ps_roi_pool_nchw(features, rois, pooled_size, spatial_scale, image_groups):
     h, w = features.shape[2:]
     dtype = features.dtype
     scale = jnp.asarray(spatial_scale, dtype)
-    first_y, stop_y, finite_y = _windows(rois, scale, pooled_h, h, 2, inclusive_end=False,
+    first_y, stop_y, finite_y = bin_windows(rois, scale, pooled_h, h, 2, inclusive_end=False,
                                          last=h - 1)
-    first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, w, 1, inclusive_end=False,
+    first_x, stop_x, finite_x = bin_windows(rois, scale, pooled_w, w, 1, inclusive_end=False,
                                          last=w - 1)
     image, batch_ok = image_of(rois, features.shape, image_groups)
     valid = (batch_ok & finite_y & finite_x).astype(dtype)
@@ -211,9 +211,9 @@ def _roi_pool_nchw(features, rois, pooled_size, spatial_scale, image_groups):
         shape = (num_rois, c, pooled_h, pooled_w)
         return jnp.zeros(shape, dtype), jnp.full(shape, -1, jnp.int32)
     scale = jnp.asarray(spatial_scale, dtype)
-    first_y, stop_y, finite_y = _windows(rois, scale, pooled_h, h, 2, inclusive_end=True,
+    first_y, stop_y, finite_y = bin_windows(rois, scale, pooled_h, h, 2, inclusive_end=True,
                                          last=h)
-    first_x, stop_x, finite_x = _windows(rois, scale, pooled_w, w, 1, inclusive_end=True,
+    first_x, stop_x, finite_x = bin_windows(rois, scale, pooled_w, w, 1, inclusive_end=True,
                                          last=w)
     image, batch_ok = image_of(rois, features.shape, image_groups)
     valid = batch_ok & finite_y & finite_x

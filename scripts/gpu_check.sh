@@ -195,8 +195,7 @@ if [ -z "$gpu" ]; then
 elif ! command -v ncu >/dev/null; then
   skip ncu_profile "ncu not found"
 # Without preallocation: a replayed kernel's memory is saved and restored,
-# and XLA otherwise holds most of the card (likely why, in an H100 run with
-# preallocation, profiling three kernels took 100 s; not yet tried without).
+# and XLA otherwise holds most of the card, which makes each replay slow.
 elif step ncu_profile 420 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     ncu --clock-control none --csv --page raw --print-units base \
     --kernel-name regex:"roi_info|segment_kernel|start_kernel|forward_kernel|backward_kernel" \

@@ -57,7 +57,7 @@ COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
                 ("roi_pool", "NHWC", "shared", "float64"),
                 ("multi_scale_roi_align", "NCHW", "shared", "float32"),
                 ("multi_scale_roi_align", "NHWC", "shared", "float32")]
-# How the inputs are split, as the issue names them: the per-image head
+# How the inputs are split: the per-image head
 # vmapped over a batch of images split over the mesh; RoIs split with the
 # features replicated; features split over channels with the RoIs
 # replicated; images over one mesh axis and channels over another; the

@@ -21,7 +21,7 @@ def _case(key):
             float(GOLDEN[f"{key}_spatial_scale"]), ratio)
 
 
-def test_fixture_covers_the_issue_matrix():
+def test_fixture_covers_the_case_matrix():
     params = [_case(key) for key in CASES]
     assert {p[4] for p in params} >= {-1, 0, 1, 2, 4}
     assert {p[3] for p in params} >= {1.0, 0.5, 1 / 16}

@@ -1,4 +1,4 @@
-"""Multi-scale RoI Align's jax.numpy reference (issue 15) against
+"""Multi-scale RoI Align's jax.numpy reference against
 torchvision's MultiScaleRoIAlign (golden fixtures written by
 tests/fixtures/make_golden.py; torchvision is not needed here)."""
 

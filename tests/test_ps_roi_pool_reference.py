@@ -1,4 +1,4 @@
-"""Position-Sensitive RoI Pool's jax.numpy reference (issue 15) against
+"""Position-Sensitive RoI Pool's jax.numpy reference against
 torchvision's own results.
 
 The golden fixtures were written by tests/fixtures/make_golden.py with
@@ -24,7 +24,7 @@ reference = jax.jit(jax_psroi.ps_roi_pool_reference, static_argnums=(2, 3),
                     static_argnames=("data_format", "channel_order"))
 
 
-def test_fixture_covers_the_issue_matrix():
+def test_fixture_covers_the_case_matrix():
     params = [ps_roi_pool_case(GOLDEN, key) for key in CASES]
     assert {p[0].dtype for p in params} == {np.dtype(np.float32), np.dtype(np.float64)}
     assert {p[3] for p in params} >= {1.0, 0.5, 1 / 16}

@@ -1,5 +1,5 @@
-"""RoI Align's jax.numpy reference (the first of the RoI family, issue 15)
-against torchvision's own results, and against the ps_roi_align machinery.
+"""RoI Align's jax.numpy reference against torchvision's own results, and
+against the ps_roi_align machinery.
 
 The golden fixtures were written by tests/fixtures/make_golden.py with
 torchvision; torchvision is not needed to run these tests.
@@ -21,7 +21,7 @@ reference = jax.jit(jax_psroi.roi_align_reference, static_argnums=(2, 3, 4, 5),
                     static_argnames=("data_format",))
 
 
-def test_fixture_covers_the_issue_matrix():
+def test_fixture_covers_the_case_matrix():
     params = [roi_align_case(GOLDEN, key) for key in CASES]
     assert {p[5] for p in params} == {False, True}                  # aligned both ways
     assert {p[4] for p in params} >= {-1, 0, 1, 2, 4}               # adaptive and fixed

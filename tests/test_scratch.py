@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jax_psroi
-from jax_psroi import _arguments, _extension, _primitives
+from jax_psroi import _arguments, _averaging, _extension
 
 from cases import (
     CHANNEL_ORDERS,
@@ -252,8 +252,8 @@ def test_lowering_asks_for_the_workspace_the_kernel_plans():
     features, pooled = (2, 18, 9, 13), (60, 3, 2, 3)
     expected = _extension.cpu_backward_workspace_bytes("ps_roi_align", "NCHW", np.float32,
                                                        features, pooled, 0)
-    results = _primitives.cpu_further_results("backward", "ps_roi_align", np.float32, features,
+    results = _averaging.cpu_further_results("backward", "ps_roi_align", np.float32, features,
                                               pooled, "NCHW", "torchvision")
     assert [(r.shape, r.dtype) for r in results] == [((expected,), np.uint8)]
-    assert _primitives.cpu_further_results("forward", "ps_roi_align", np.float32, features,
+    assert _averaging.cpu_further_results("forward", "ps_roi_align", np.float32, features,
                                            pooled, "NCHW", "torchvision") == []

@@ -1,7 +1,7 @@
 """The operators over a device mesh: equal results, no all-gathers.
 
 The cases run on 8 simulated CPU devices in one process of their own
-(tests/sharding_worker.py), so that this session keeps its one device; each
+(tests/sharding_worker.py), so that the test process keeps its one device; each
 test asserts on one record of that run.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import sharding_worker as worker
 
-from jax_psroi import _arguments, _primitives
+from jax_psroi import _arguments, _averaging
 
 from cases import (
     ONE_GROUP,
@@ -98,7 +98,7 @@ def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin
     features, pooled = _arguments.features_and_pooled(direction, operand.shape, out_shape)
     call = jax.ffi.ffi_call(target(direction, dtype, data_format, operation),
                             [jax.ShapeDtypeStruct(out_shape, dtype),
-                             *_primitives.cpu_further_results(direction, operation, dtype,
+                             *_averaging.cpu_further_results(direction, operation, dtype,
                                                               features, pooled, data_format,
                                                               "bin_major")])
     with jax.default_device(jax.devices("cpu")[0]):
