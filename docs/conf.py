@@ -30,6 +30,7 @@ myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
 autodoc_typehints_format = "short"
 # The package's annotation aliases, shown by name rather than expanded.
 autodoc_type_aliases = {name: name for name in (
@@ -69,5 +70,14 @@ def _literal_blocks(app, what, name, obj, options, lines):
             lines[index] = line.rstrip() + ":"
 
 
+def _linen_signature(app, what, name, obj, options, signature, return_annotation):
+    """Linen modules' dataclass fields end with Flax's own ``parent`` and
+    ``name``; the pages show the module's settings only."""
+    if name.startswith("jax_psroi.flax.linen.") and signature and ", parent=" in signature:
+        signature = signature.split(", parent=")[0] + ")"
+    return signature, return_annotation
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _literal_blocks, priority=600)
+    app.connect("autodoc-process-signature", _linen_signature)
