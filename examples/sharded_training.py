@@ -16,7 +16,7 @@ Run on one machine, with the CPU split into simulated devices:
 
 On GPUs, leave --devices out: the mesh takes every device JAX sees. Across
 hosts, run the same script on every host after
-``jax.distributed.initialize()`` (README, "Scaling out").
+``jax.distributed.initialize()`` (docs/guides/sharding.md).
 """
 
 from __future__ import annotations

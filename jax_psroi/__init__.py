@@ -2,24 +2,20 @@
 RoI Align, RoI Align, Position-Sensitive RoI Pool, RoI Pool and multi-scale
 RoI Align; and jax.numpy references of the whole family."""
 
-from jax_psroi._arguments import rois_from_boxes
-from jax_psroi._extension import build_info, export_safety_checks
-from jax_psroi.ops import (
-    multi_scale_roi_align,
-    ps_roi_align,
-    ps_roi_pool,
-    roi_align,
-    roi_pool,
-)
+from jax_psroi import ops
+from jax_psroi._arguments import rois_from_boxes as rois_from_boxes
+from jax_psroi._extension import build_info as build_info
+from jax_psroi._extension import export_safety_checks as export_safety_checks
+from jax_psroi.ops import *  # noqa: F403 (the operators: every name of ops.__all__)
 from jax_psroi.reference import (
-    multi_scale_roi_align_reference,
-    ps_roi_align_reference,
-    roi_align_reference,
+    multi_scale_roi_align_reference as multi_scale_roi_align_reference,
 )
-from jax_psroi.reference_pools import ps_roi_pool_reference, roi_pool_reference
+from jax_psroi.reference import ps_roi_align_reference as ps_roi_align_reference
+from jax_psroi.reference import roi_align_reference as roi_align_reference
+from jax_psroi.reference_pools import ps_roi_pool_reference as ps_roi_pool_reference
+from jax_psroi.reference_pools import roi_pool_reference as roi_pool_reference
 
-__all__ = ["build_info", "export_safety_checks", "multi_scale_roi_align",
-           "multi_scale_roi_align_reference", "ps_roi_align", "ps_roi_align_reference",
-           "ps_roi_pool", "ps_roi_pool_reference", "roi_align", "roi_align_reference",
-           "roi_pool", "roi_pool_reference", "rois_from_boxes"]
+__all__ = sorted(["build_info", "export_safety_checks", "multi_scale_roi_align_reference",
+                  "ps_roi_align_reference", "ps_roi_pool_reference", "roi_align_reference",
+                  "roi_pool_reference", "rois_from_boxes", *ops.__all__])
 __version__ = "0.1.0"

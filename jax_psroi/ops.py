@@ -21,6 +21,9 @@ from jax_psroi import (
 )
 from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 
+# The package exports every name listed here (jax_psroi/__init__.py).
+__all__ = ["multi_scale_roi_align", "ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool"]
+
 
 def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
                  spatial_scale: float = 1.0, sampling_ratio: int = -1, *,

@@ -7,7 +7,7 @@ bilinear taps, ``box_geometry`` and ``axis_taps``, but sums by gathers).
 ``roi_align`` on the same machinery, the oracle of ``roi_align``'s kernels;
 the pools are in reference_pools.py.
 It has the same semantics as the kernels, torchvision's plus the documented
-safety deviations (see README, "Differences from torchvision"), but is
+safety deviations (docs/guides/torchvision.md), but is
 written in a different shape so that the two check each other: instead of
 visiting samples per output element, it builds, for every RoI and bin, dense
 row and column weight vectors over the whole feature map (the sum of the

@@ -36,7 +36,7 @@ def ps_roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSiz
     window of whole pixels), with the channel orders and layouts of
     ``ps_roi_align`` and its safe deviations (a batch index outside [0, N)
     or non-finite coordinates give 0). Its gradient is the adjoint of this
-    forward, which torchvision's is not (see README).
+    forward, which torchvision's is not (docs/guides/torchvision.md).
 
     Args:
       input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)

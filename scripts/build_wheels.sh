@@ -17,8 +17,8 @@
 #
 # Environment: JAX_PSROI_CUDA=OFF builds CPU-only wheels; CUDACXX uses that
 # nvcc instead of the pip toolchain; CUDAARCHS overrides the GPU
-# architectures (default: every one nvcc supports from sm_75, README
-# "Building"). Releases for PyPI build in manylinux containers with
+# architectures (default: every one nvcc supports from sm_75,
+# docs/guides/building.md). Releases for PyPI build in manylinux containers with
 # cibuildwheel instead ([tool.cibuildwheel] in pyproject.toml).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"

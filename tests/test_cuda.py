@@ -1,5 +1,5 @@
 """CUDA: checks that run without a GPU (import, export, lowering errors) and
-checks marked `gpu` that run on a GPU machine (README, "GPU machines")."""
+checks marked `gpu` that run on a GPU machine (docs/guides/gpu.md)."""
 
 import os
 import pathlib
