@@ -31,9 +31,10 @@ int64_t cpu_forward_scratch_bytes(const std::string& operation, const std::strin
                                   PsRoiDims d, const std::vector<float>& rois,
                                   double spatial_scale, int64_t sampling_ratio);
 
-// Test-only: the CUDA kernels' schedule run serially on the CPU
-// (lib/cpu/gpu_schedule_handlers.cc). Registered by the tests, never at import.
-std::vector<FfiTarget> cpu_gpu_schedule_targets();
+// The test rig: the CUDA kernels' schedule run serially on the CPU
+// (lib/testing/gpu_schedule_handlers.cc), in the module
+// _gpu_schedule_testing that only JAX_PSROI_TESTING=ON builds.
+std::vector<FfiTarget> gpu_schedule_testing_targets();
 
 // The CUDA kernels (lib/cuda/cuda_handlers.cu).
 std::vector<FfiTarget> cuda_targets();

@@ -268,6 +268,7 @@ def test_gpu_forward_and_backward_match_cpu_and_reference(dtype, sampling_ratio)
                                _on("cpu", grad, features, rois), **tol)
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("data_format,channel_order",
@@ -300,6 +301,7 @@ def test_gpu_runs_the_schedule_the_cpu_tests_check(data_format, channel_order, d
     assert np.abs(as_f32(gpu_grads[0])).max() > 1
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_out", [11, 17])

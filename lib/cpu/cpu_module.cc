@@ -16,9 +16,6 @@ NB_MODULE(_cpu, m) {
       nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.def("targets", []() { return jax_psroi::python_targets(jax_psroi::cpu_targets()); },
         "The product's targets: [(name, operation, direction, layout, dtype, capsule)].");
-  m.def("gpu_schedule_targets",
-        []() { return jax_psroi::python_targets(jax_psroi::cpu_gpu_schedule_targets()); },
-        "Test-only targets running the CUDA kernels' schedule serially on the CPU.");
   // Here rather than in _cuda: exporting for CUDA works without a CUDA build.
   m.def(
       "cuda_workspace_elements",

@@ -1,8 +1,8 @@
 // Test-only FFI handlers: the CUDA kernels' schedule (gpu_schedule.h) run
 // serially on the CPU, block after block, each block's steps over all its
 // threads in turn, so that the CPU tests check the indexing, ownership and
-// ordering the GPU runs. They are not part of the product: the module hands
-// them out under their own prefix, and only the tests register them.
+// ordering the GPU runs. Built into the testing module only
+// (JAX_PSROI_TESTING), under their own target prefix.
 #include <cstdint>
 #include <optional>
 
@@ -122,7 +122,7 @@ struct ScheduledHandler {
 
 }  // namespace cpu
 
-std::vector<FfiTarget> cpu_gpu_schedule_targets() {
+std::vector<FfiTarget> gpu_schedule_testing_targets() {
   return ffi_targets<cpu::ScheduledHandler>("jax_psroi_testing_gpu_schedule_");
 }
 
