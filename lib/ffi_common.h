@@ -194,19 +194,6 @@ auto bind_buffers(Binding binding) {
   }
 }
 
-// A row's handler: the binding of its direction, after the platform's
-// context (which `context()` starts), bound to `forward` or `backward`.
-template <typename Operation, Direction D, typename S, typename Context, typename Forward,
-          typename Backward>
-auto bind_row(Context context, Forward forward, Backward backward,
-              std::initializer_list<ffi::Traits> traits = {}) {
-  if constexpr (D == Direction::kForward) {
-    return bind_buffers<Operation, D, S>(context()).To(forward, traits);
-  } else {
-    return bind_buffers<Operation, D, S>(context()).To(backward, traits);
-  }
-}
-
 // The optional pooled tensor a forward updates in place (see above): marks
 // `d` to leave the outputs of RoIs that read nothing.
 template <typename S>

@@ -1,6 +1,6 @@
-// XLA FFI handlers for the CPU: decode buffers, check shapes, and split the
-// work over XLA's intra-op thread pool (parallel.h). Errors are returned,
-// never thrown. One handler per row of the kernel table.
+// XLA FFI handlers for the CPU: after the shared prologue (ffi_handlers.h),
+// split the work over XLA's intra-op thread pool (parallel.h). Errors are
+// returned, never thrown. One handler per row of the kernel table.
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -13,6 +13,7 @@
 #include "cpu/psroi_cpu_kernels.h"
 #include "cpu/roi_pool_cpu_kernels.h"
 #include "ffi_common.h"
+#include "ffi_handlers.h"
 #include "kernel_table.h"
 #include "targets.h"
 #include "xla/ffi/api/ffi.h"
@@ -48,26 +49,16 @@ struct BackwardState {
   RoisByImage by_image;
 };
 
-template <typename Operation, typename S, typename Layout>
-ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
-                    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
-                    ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
-                    int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
-                    int64_t rois_per_group, int64_t images_per_group) {
+// The averaging operators' forward, by RoI.
+template <typename Layout, typename S>
+ffi::Future average_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
-      input.dimensions(), rois.dimensions(), output->dimensions(),
-      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
-       images_per_group});
-  if (dims.has_error()) return ready_with(dims.error());
-  PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
-    return ready_with(e);
-  }
-  const S* in = data<S>(input);
-  const T* boxes = data<T>(rois);
-  S* out = data<S>(*output);
-  const T scale = static_cast<T>(spatial_scale);
+  const PsRoiDims d = call.shape;
+  const S* in = call.input;
+  const T* boxes = call.rois;
+  S* out = call.output;
+  const T scale = call.spatial_scale;
+  const int64_t sampling_ratio = call.sampling_ratio;
   auto order = std::make_shared<const std::vector<int64_t>>(
       locality_order(boxes, d, scale, sampling_ratio));
   return run_phases(pool, call_work(d, Direction::kForward),
@@ -77,31 +68,25 @@ ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois
                     })});
 }
 
-template <typename Operation, typename S, typename Layout>
-ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                     ffi::Result<MapBuffer<S>> grad_input,
-                     ffi::RemainingRets further, double spatial_scale,
-                     int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row,
-                     int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
+// The averaging operators' backward, in passes of RoIs whose tables fit
+// the workspace.
+template <typename Layout, typename S>
+ffi::Future average_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
-       images_per_group});
-  if (dims.has_error()) return ready_with(dims.error());
-  const PsRoiDims d = dims.value();
+  const PsRoiDims d = call.shape;
   // The lowering asks for backward_workspace_bytes; less works too, in more
   // passes.
   ffi::ErrorOr<WorkspaceBytes> workspace = further_result<WorkspaceBytes>(
-      further, 0, static_cast<int64_t>(least_workspace_bytes<S, Layout>(d)),
+      call.further, 0, static_cast<int64_t>(least_workspace_bytes<S, Layout>(d)),
       "a workspace of bytes");
   if (workspace.has_error()) return ready_with(workspace.error());
   const BackwardPlan plan = plan_backward<S, Layout>(d, workspace->size_bytes());
-  const S* cot = data<S>(cotangent);
-  const T* boxes = data<T>(rois);
-  S* grad = data<S>(*grad_input);
-  advise_huge_pages(grad, grad_input->size_bytes());
-  const T scale = static_cast<T>(spatial_scale);
+  const S* cot = call.cotangent;
+  const T* boxes = call.rois;
+  S* grad = call.grad;
+  advise_huge_pages(grad, call.grad_bytes);
+  const T scale = call.spatial_scale;
+  const int64_t sampling_ratio = call.sampling_ratio;
   auto state = std::make_shared<BackwardState<T, Layout>>(
       d, plan, Carver(workspace->untyped_data()));
   // Per pass: its RoIs' tables and cotangent bin-major (by RoI); its RoIs of
@@ -132,25 +117,16 @@ ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S>
 
 // RoI Pool's forward: maxima and their pixels, or with `recorded` the
 // input at recorded pixels (ffi_common.h). By RoI.
-template <typename S, typename Layout>
-ffi::Future roi_pool_forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
-                             std::optional<PixelsBuffer> recorded,
-                             ffi::Result<MapBuffer<S>> output,
-                             ffi::Result<PixelsBuffer> pixels, ffi::RemainingRets,
-                             double spatial_scale, int64_t rois_per_group,
-                             int64_t images_per_group) {
+template <typename Layout, typename S>
+ffi::Future max_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_forward_dims<Layout, T>(
-      input, rois, recorded, *output, *pixels,
-      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
-  if (dims.has_error()) return ready_with(dims.error());
-  const PsRoiDims d = dims.value();
-  const S* in = data<S>(input);
-  const T* boxes = data<T>(rois);
-  const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;
-  S* out = data<S>(*output);
-  int32_t* px = data<int32_t>(*pixels);
-  const T scale = static_cast<T>(spatial_scale);
+  const PsRoiDims d = call.shape;
+  const S* in = call.input;
+  const T* boxes = call.rois;
+  const int32_t* at = call.recorded;
+  S* out = call.output;
+  int32_t* px = call.pixels;
+  const T scale = call.spatial_scale;
   return run_phases(pool, call_work(d, Direction::kForward),
                     {over_rois(pool, d.num_rois, [=](int64_t begin, int64_t end) {
                       roi_pool_forward_rois<S, Layout>(in, boxes, d, scale, at, begin, end,
@@ -160,26 +136,16 @@ ffi::Future roi_pool_forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffe
 
 // RoI Pool's backward: the cotangent added at the recorded pixels, by
 // (image, channel run).
-template <typename S, typename Layout>
-ffi::Future roi_pool_backward(ffi::ThreadPool pool, MapBuffer<S> cotangent,
-                              RoisBuffer<S> rois, PixelsBuffer pixels,
-                              ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
-                              double spatial_scale, int64_t rois_per_group,
-                              int64_t images_per_group) {
-  using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout, T>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      pixels.dimensions(),
-      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
-  if (dims.has_error()) return ready_with(dims.error());
-  const PsRoiDims d = dims.value();
-  const S* cot = data<S>(cotangent);
-  const int32_t* px = data<int32_t>(pixels);
-  S* grad = data<S>(*grad_input);
-  advise_huge_pages(grad, grad_input->size_bytes());
+template <typename Layout, typename S>
+ffi::Future max_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
+  const PsRoiDims d = call.shape;
+  const S* cot = call.cotangent;
+  const int32_t* px = call.pixels;
+  S* grad = call.grad;
+  advise_huge_pages(grad, call.grad_bytes);
   const RoiPoolUnits units = RoiPoolUnits::of(d, pool.num_threads(), Layout::kChannelsLast);
   auto by_image = std::make_shared<const RoiPoolByImage>(
-      roi_pool_by_image(data<T>(rois), d, static_cast<T>(spatial_scale)));
+      roi_pool_by_image(call.rois, d, call.spatial_scale));
   return run_phases(pool, call_work(d, Direction::kBackward),
                     {Phase{units.count(d), [=](int64_t unit) {
                        roi_pool_backward_unit<S, Layout>(cot, px, d, *by_image, units, unit,
@@ -189,24 +155,35 @@ ffi::Future roi_pool_backward(ffi::ThreadPool pool, MapBuffer<S> cotangent,
 
 }  // namespace
 
-template <typename Operation, Direction D, typename Layout, typename S>
-struct CpuHandler {
-  static auto make() {
-    auto context = [] { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); };
-    if constexpr (OperationTraits<Operation>::kMaxPool) {
-      return bind_row<Operation, D, S>(context, roi_pool_forward<S, Layout>,
-                                       roi_pool_backward<S, Layout>);
-    } else {
-      return bind_row<Operation, D, S>(context, forward<Operation, S, Layout>,
-                                       backward<Operation, S, Layout>);
-    }
+// The CPU platform (ffi_handlers.h): XLA's intra-op thread pool, futures.
+struct Cpu {
+  using Context = ffi::ThreadPool;
+  using Result = ffi::Future;
+  static constexpr bool kCommandBuffer = false;
+  static auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); }
+  static ffi::Future fail(ffi::Error error) { return ready_with(std::move(error)); }
+  template <typename Layout, typename S>
+  static ffi::Future average_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
+    return cpu::average_forward<Layout>(pool, call);
+  }
+  template <typename Layout, typename S>
+  static ffi::Future average_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
+    return cpu::average_backward<Layout>(pool, call);
+  }
+  template <typename Layout, typename S>
+  static ffi::Future max_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
+    return cpu::max_forward<Layout>(pool, call);
+  }
+  template <typename Layout, typename S>
+  static ffi::Future max_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
+    return cpu::max_backward<Layout>(pool, call);
   }
 };
 
 }  // namespace cpu
 
 std::vector<FfiTarget> cpu_targets() {
-  return ffi_targets<cpu::CpuHandler>("jax_psroi_");
+  return ffi_targets<PlatformHandler<cpu::Cpu>::Row>("jax_psroi_");
 }
 
 int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::string& layout,
