@@ -33,13 +33,13 @@
 #ifdef __CUDACC__
 #include <cuda_runtime_api.h>
 
-#include "cuda/psroi_cuda_kernels.cuh"
+#include "cuda/kernels.cuh"
 #endif
 #include "ffi_common.h"
 #include "gpu_schedule.h"
 #include "gpu_schedule_serial.h"
 #include "kernel_table.h"
-#include "psroi_math.h"
+#include "roi_math.h"
 #include "storage_types.h"
 
 namespace jax_psroi {
@@ -202,7 +202,7 @@ std::vector<S> generated(int64_t count, uint64_t seed) {
 template <typename Operation, typename S, typename Layout>
 struct HostCase {
   using T = ComputeType<S>;
-  PsRoiDims d;
+  CallShape shape;
   T scale;
   int64_t sampling_ratio;
   std::vector<S> features, cotangent;
@@ -227,18 +227,18 @@ struct HostCase {
     a.sampling_ratio = OperationTraits<Operation>::kMaxPool ? 0 : c.integer("sampling_ratio");
     a.operation = c.integer("attribute");
     a.bin_rows = ph;
-    ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
+    ffi::ErrorOr<CallShape> dims = call_dims<Operation, Layout, T>(
         ffi::Span<const int64_t>(features), ffi::Span<const int64_t>(rois),
         ffi::Span<const int64_t>(pooled), a);
     if (dims.has_error()) {
       std::fprintf(stderr, "%s: %s\n", c.str("name").c_str(), dims.error().message().c_str());
       std::exit(2);
     }
-    h.d = dims.value();
+    h.shape = dims.value();
     h.scale = static_cast<T>(a.spatial_scale);
     h.sampling_ratio = a.sampling_ratio;
-    h.features = generated<S>(h.d.feature_elements(), 1);
-    h.cotangent = generated<S>(h.d.outputs(), 2);
+    h.features = generated<S>(h.shape.feature_elements(), 1);
+    h.cotangent = generated<S>(h.shape.outputs(), 2);
     h.rois = read_array<T>(directory + "/" + c.str("rois"), static_cast<size_t>(5 * k));
     return h;
   }
@@ -258,13 +258,13 @@ std::string verdict(uint64_t got, uint64_t expected) {
 template <typename Tune, typename Operation, typename S, typename Layout>
 void host_forward(const HostCase<Operation, S, Layout>& h, std::vector<S>* output,
                   std::vector<int32_t>* pixels) {
-  output->assign(static_cast<size_t>(h.d.outputs()), S{});
+  output->assign(static_cast<size_t>(h.shape.outputs()), S{});
   if constexpr (OperationTraits<Operation>::kMaxPool) {
     pixels->assign(output->size(), -1);
-    gs::serial_roi_pool_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.d, h.scale,
+    gs::serial_roi_pool_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.shape, h.scale,
                                                  nullptr, output->data(), pixels->data());
   } else {
-    gs::serial_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.d, h.scale,
+    gs::serial_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.shape, h.scale,
                                         h.sampling_ratio, output->data());
   }
 }
@@ -283,14 +283,14 @@ Row run_on_host(const Case& c, const HostCase<Operation, S, Layout>& h) {
     host_forward<gs::DefaultTuning>(h, &output, &pixels);  // the maxima's pixels
   }
   if constexpr ((Named::kDirections & kBackwardOnly) != 0) {
-    std::vector<S> grad(static_cast<size_t>(h.d.feature_elements()));
+    std::vector<S> grad(static_cast<size_t>(h.shape.feature_elements()));
     if constexpr (OperationTraits<Operation>::kMaxPool) {
       gs::serial_backward<Tune, S, Layout>(
-          gs::CotangentAtMaximum<S, Layout>{h.cotangent.data(), pixels.data(), h.d},
-          h.rois.data(), h.d, h.scale, 0, grad.data());
+          gs::CotangentAtMaximum<S, Layout>{h.cotangent.data(), pixels.data(), h.shape},
+          h.rois.data(), h.shape, h.scale, 0, grad.data());
     } else {
       gs::serial_backward<Tune, S, Layout>(
-          gs::WeightedCotangent<S, Layout>{h.cotangent.data(), h.d}, h.rois.data(), h.d,
+          gs::WeightedCotangent<S, Layout>{h.cotangent.data(), h.shape}, h.rois.data(), h.shape,
           h.scale, h.sampling_ratio, grad.data());
     }
     row.backward_check =
@@ -400,11 +400,11 @@ struct DeviceCase {
   explicit DeviceCase(const H& h)
       : input(h.features),
         cotangent(h.cotangent),
-        output(static_cast<size_t>(h.d.outputs())),
-        grad(static_cast<size_t>(h.d.feature_elements())),
+        output(static_cast<size_t>(h.shape.outputs())),
+        grad(static_cast<size_t>(h.shape.feature_elements())),
         rois(h.rois),
-        accumulator(std::is_same_v<S, T> ? 0 : static_cast<size_t>(h.d.feature_elements())),
-        pixels(static_cast<size_t>(h.d.outputs())) {}
+        accumulator(std::is_same_v<S, T> ? 0 : static_cast<size_t>(h.shape.feature_elements())),
+        pixels(static_cast<size_t>(h.shape.outputs())) {}
 };
 
 // Launches `Tune`'s forward of a case on `stream`.
@@ -413,10 +413,10 @@ cudaError_t gpu_forward(cudaStream_t stream, const HostCase<Operation, S, Layout
                         DeviceCase<S, T>& dev, int32_t* workspace) {
   if constexpr (OperationTraits<Operation>::kMaxPool) {
     return cuda::launch_roi_pool_forward<S, Layout, Tune>(stream, dev.input.data, dev.rois.data,
-                                                          h.d, h.scale, nullptr,
+                                                          h.shape, h.scale, nullptr,
                                                           dev.output.data, dev.pixels.data);
   } else {
-    return cuda::launch_forward<S, Layout, Tune>(stream, dev.input.data, dev.rois.data, h.d,
+    return cuda::launch_forward<S, Layout, Tune>(stream, dev.input.data, dev.rois.data, h.shape,
                                                  h.scale, h.sampling_ratio, workspace,
                                                  dev.output.data);
   }
@@ -427,12 +427,12 @@ Row run_on_gpu(const Case& c, const HostCase<Operation, S, Layout>& h, int repea
   using Tune = typename Named::Tune;
   using T = ComputeType<S>;
   Row row;
-  const PsRoiDims& d = h.d;
+  const CallShape& shape = h.shape;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   DeviceCase<S, T> dev(h);
   DeviceArray<int32_t> workspace(static_cast<size_t>(
-      std::max(gs::workspace_elements<Tune>(d, false), gs::workspace_elements<Tune>(d, true))));
+      std::max(gs::workspace_elements<Tune>(shape, false), gs::workspace_elements<Tune>(shape, true))));
   if constexpr ((Named::kDirections & kForwardOnly) != 0) {
     row.forward_ms = milliseconds(
         median_ms(stream, repeats, [&] { return gpu_forward<Tune>(stream, h, dev, workspace.data); }));
@@ -446,11 +446,11 @@ Row run_on_gpu(const Case& c, const HostCase<Operation, S, Layout>& h, int repea
     auto backward = [&] {
       if constexpr (OperationTraits<Operation>::kMaxPool) {
         return cuda::launch_backward<S, Layout, Tune>(
-            stream, gs::CotangentAtMaximum<S, Layout>{dev.cotangent.data, dev.pixels.data, d},
-            dev.rois.data, d, h.scale, 0, workspace.data, sums, dev.grad.data);
+            stream, gs::CotangentAtMaximum<S, Layout>{dev.cotangent.data, dev.pixels.data, shape},
+            dev.rois.data, shape, h.scale, 0, workspace.data, sums, dev.grad.data);
       } else {
         return cuda::launch_backward<S, Layout, Tune>(
-            stream, gs::WeightedCotangent<S, Layout>{dev.cotangent.data, d}, dev.rois.data, d,
+            stream, gs::WeightedCotangent<S, Layout>{dev.cotangent.data, shape}, dev.rois.data, shape,
             h.scale, h.sampling_ratio, workspace.data, sums, dev.grad.data);
       }
     };

@@ -26,7 +26,7 @@ namespace jax_psroi {
 template <typename S>
 struct ForwardCall {
   using T = ComputeType<S>;
-  PsRoiDims shape;
+  CallShape shape;
   const S* input;
   const T* rois;
   S* output;
@@ -42,7 +42,7 @@ struct ForwardCall {
 template <typename S>
 struct BackwardCall {
   using T = ComputeType<S>;
-  PsRoiDims shape;
+  CallShape shape;
   const S* cotangent;
   const T* rois;
   S* grad;
@@ -62,10 +62,10 @@ typename Platform::Result average_forward(
     double spatial_scale, int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row,
     int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> shape = call_dims<Operation, Layout, T>(
-      input.dimensions(), rois.dimensions(), output->dimensions(),
-      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
-       images_per_group});
+  ffi::ErrorOr<CallShape> shape =
+      call_dims<Operation, Layout, T>(input.dimensions(), rois.dimensions(), output->dimensions(),
+                                      {spatial_scale, sampling_ratio, attribute, first_bin_row,
+                                       bin_rows, rois_per_group, images_per_group});
   if (shape.has_error()) return Platform::fail(shape.error());
   ForwardCall<S> call{shape.value(),   data<S>(input),  data<T>(rois),
                       data<S>(*output), static_cast<T>(spatial_scale), sampling_ratio,
@@ -83,7 +83,7 @@ typename Platform::Result average_backward(
     int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
     int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> shape = call_dims<Operation, Layout, T>(
+  ffi::ErrorOr<CallShape> shape = call_dims<Operation, Layout, T>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
       {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
        images_per_group});
@@ -108,7 +108,7 @@ typename Platform::Result max_forward(typename Platform::Context context, MapBuf
                                       ffi::RemainingRets further, double spatial_scale,
                                       int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> shape = roi_pool_forward_dims<Layout, T>(
+  ffi::ErrorOr<CallShape> shape = roi_pool_forward_dims<Layout, T>(
       input, rois, recorded, *output, *pixels,
       roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (shape.has_error()) return Platform::fail(shape.error());
@@ -132,9 +132,9 @@ typename Platform::Result max_backward(typename Platform::Context context,
                                        ffi::RemainingRets further, double spatial_scale,
                                        int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> shape = roi_pool_dims<Layout, T>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      pixels.dimensions(), roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
+  ffi::ErrorOr<CallShape> shape = roi_pool_dims<Layout, T>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), pixels.dimensions(),
+      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
   if (shape.has_error()) return Platform::fail(shape.error());
   const BackwardCall<S> call{shape.value(),
                              data<S>(cotangent),

@@ -9,12 +9,12 @@
 #ifndef JAX_PSROI_KERNEL_TABLE_H_
 #define JAX_PSROI_KERNEL_TABLE_H_
 
-#include "psroi_math.h"
+#include "roi_math.h"
 
 // X(operation tag, operation name). roi_align is the kernels of
 // ps_roi_align with shared channels (ChannelOrder::kShared) and its choice of
 // box geometry; ps_roi_pool, the same kernels averaging windows of whole
-// pixels (PsRoiDims::whole_pixels): the rows differ only in how their
+// pixels (CallShape::whole_pixels): the rows differ only in how their
 // handlers read the call (ffi_common.h, OperationTraits). roi_pool takes
 // maxima of windows of whole pixels, with kernels of its own for its
 // forward (and tangent) and its arg-max scatter, on the same geometry and,
@@ -33,7 +33,7 @@
   X(BFloat16, bfloat16, BF16) \
   X(Float16, float16, F16)
 
-// X(layout of psroi_math.h, data_format name)
+// X(layout of roi_math.h, data_format name)
 #define JAX_PSROI_LAYOUTS(X) \
   X(NchwLayout, NCHW)        \
   X(NhwcLayout, NHWC)

@@ -21,7 +21,7 @@ LOW_PRECISION_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize < 
 LAYOUTS = list(_extension.SUPPORTED_LAYOUTS)
 CHANNEL_ORDERS = list(_arguments.CHANNEL_ORDERS)
 # The kernels' image-group attributes of a direct call with [K, 5] RoIs whose
-# batch indices are their images (0 and 0: one group; lib/psroi_math.h).
+# batch indices are their images (0 and 0: one group; lib/roi_math.h).
 ONE_GROUP = dict(rois_per_group=0, images_per_group=0)
 
 # Tolerances keyed by dtype: summation order differs between the kernels and

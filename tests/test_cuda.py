@@ -139,7 +139,7 @@ def test_calls_take_their_workspaces(dtype):
     # B = N*TY = 4, 40 + 3K + 2K(PH + PW) + B(1 + S) + 1 + K*TY = 134) and,
     # first, for a 16-bit backward the float32 partial sums. A CPU forward
     # returns the result alone, a CPU backward its byte workspace too (its
-    # passes of RoI tables; lib/cpu/psroi_cpu_kernels.h sizes it).
+    # passes of RoI tables; lib/cpu/average_kernels.h sizes it).
     features, rois = _data(np.float32)
     features = features.astype(dtype)
     if np.dtype(dtype) == np.float64:

@@ -152,7 +152,7 @@ def pools(call):
 
 
 def reads_nothing(rois, n, call):
-    """The RoIs the kernels must skip (lib/psroi_math.h: roi_geometry), in
+    """The RoIs the kernels must skip (lib/roi_math.h: roi_geometry), in
     their compute dtype's arithmetic."""
     t = rois.dtype.type
     pooled, scale, ratio = call["pooled"], call["scale"], call["ratio"]

@@ -8,7 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "cuda/psroi_cuda_kernels.cuh"
+#include "cuda/kernels.cuh"
 #include "ffi_common.h"
 #include "ffi_handlers.h"
 #include "kernel_table.h"
@@ -27,28 +27,28 @@ ffi::Error launch_result(const char* what, cudaError_t err) {
 
 // The int32 workspace: the call's last further result.
 ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index,
-                                 const PsRoiDims& d, bool backward) {
+                                 const CallShape& shape, bool backward) {
   // The schedule keeps RoI indices, channels and a block's elements in 32 bits.
-  if (d.num_rois > INT32_MAX - d.num_images - 2 || d.channel_bins() > INT32_MAX ||
-      gpu_schedule::DefaultTuning::kTilePixels * d.channels_out > INT32_MAX) {
+  if (shape.num_rois > INT32_MAX - shape.num_images - 2 || shape.channel_bins() > INT32_MAX ||
+      gpu_schedule::DefaultTuning::kTilePixels * shape.channels_out > INT32_MAX) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
         "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs and (output channel, bin) "
         "pairs per call"));
   }
-  ffi::ErrorOr<WorkspaceBuffer> ws = further_result<WorkspaceBuffer>(
-      further, index, gpu_schedule::workspace_elements<gpu_schedule::DefaultTuning>(d, backward), "an int32 workspace");
-  if (ws.has_error()) return ffi::Unexpected<ffi::Error>(ws.error());
-  return data<int32_t>(*ws);
+  ffi::ErrorOr<WorkspaceBuffer> words = further_result<WorkspaceBuffer>(
+      further, index, gpu_schedule::workspace_elements<gpu_schedule::DefaultTuning>(shape, backward), "an int32 workspace");
+  if (words.has_error()) return ffi::Unexpected<ffi::Error>(words.error());
+  return data<int32_t>(*words);
 }
 
 template <typename Layout, typename S>
 ffi::Error average_forward(cudaStream_t stream, const ForwardCall<S>& call) {
-  ffi::ErrorOr<int32_t*> ws = workspace(call.further, 0, call.shape, /*backward=*/false);
-  if (ws.has_error()) return ws.error();
+  ffi::ErrorOr<int32_t*> words = workspace(call.further, 0, call.shape, /*backward=*/false);
+  if (words.has_error()) return words.error();
   return launch_result("forward kernel launch",
                        launch_forward<S, Layout>(stream, call.input, call.rois, call.shape,
                                                  call.spatial_scale, call.sampling_ratio,
-                                                 ws.value(), call.output));
+                                                 words.value(), call.output));
 }
 
 // A backward's launch: the accumulator (16-bit gradients) and the workspace
@@ -65,13 +65,13 @@ ffi::Error launch_backward_call(cudaStream_t stream, const Term& term,
     if (accumulator.has_error()) return accumulator.error();
     sums = data<T>(*accumulator);
   }
-  ffi::ErrorOr<int32_t*> ws = workspace(call.further, kNarrow ? 1 : 0, call.shape,
+  ffi::ErrorOr<int32_t*> words = workspace(call.further, kNarrow ? 1 : 0, call.shape,
                                         /*backward=*/true);
-  if (ws.has_error()) return ws.error();
+  if (words.has_error()) return words.error();
   return launch_result("backward kernel launch",
                        launch_backward<S, Layout>(stream, term, call.rois, call.shape,
                                                   call.spatial_scale, call.sampling_ratio,
-                                                  ws.value(), sums, call.grad));
+                                                  words.value(), sums, call.grad));
 }
 
 template <typename Layout, typename S>

@@ -10,7 +10,7 @@
 #include "gpu_schedule.h"
 #include "gpu_schedule_serial.h"
 #include "kernel_table.h"
-#include "psroi_math.h"
+#include "roi_math.h"
 #include "targets.h"
 #include "xla/ffi/api/ffi.h"
 
