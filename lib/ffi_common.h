@@ -60,44 +60,6 @@ using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 // workspace (gpu_schedule.h) in both directions.
 // `binding` carries the platform's context (stream or thread pool).
 
-// What an operation's calls say beyond the shared arguments: the name of
-// their one operation attribute (ps_roi_align's and ps_roi_pool's channel
-// order, a ChannelOrder, 0 or 1; roi_align's `aligned`, 0 or 1; none for
-// roi_pool), whether every bin reads the same channels, whether bins are
-// windows of whole pixels, and whether they are maxima (RoI Pool: its own
-// buffers, below, and windows of CallShape::roi_pool_windows). ps_roi_pool's
-// calls carry a sampling ratio too, which it ignores.
-template <typename Operation>
-struct OperationTraits;
-template <>
-struct OperationTraits<PsRoiAlign> {
-  static constexpr const char* kAttribute = "channel_order";
-  static constexpr bool kSharedChannels = false;
-  static constexpr bool kWholePixels = false;
-  static constexpr bool kMaxPool = false;
-};
-template <>
-struct OperationTraits<RoiAlign> {
-  static constexpr const char* kAttribute = "aligned";
-  static constexpr bool kSharedChannels = true;
-  static constexpr bool kWholePixels = false;
-  static constexpr bool kMaxPool = false;
-};
-template <>
-struct OperationTraits<PsRoiPool> {
-  static constexpr const char* kAttribute = "channel_order";
-  static constexpr bool kSharedChannels = false;
-  static constexpr bool kWholePixels = true;
-  static constexpr bool kMaxPool = false;
-};
-template <>
-struct OperationTraits<RoiPool> {
-  static constexpr const char* kAttribute = nullptr;
-  static constexpr bool kSharedChannels = true;
-  static constexpr bool kWholePixels = true;
-  static constexpr bool kMaxPool = true;
-};
-
 // RoI Pool's arg-max: the plane pixel y * W + x of each pooled element's
 // maximum, -1 for none, shaped like the pooled tensor.
 using PixelsBuffer = ffi::Buffer<ffi::DataType::S32, 4>;
@@ -117,7 +79,7 @@ auto bind_attributes(Binding binding) {
   return bind_image_groups(std::move(binding)
                                .template Attr<double>("spatial_scale")
                                .template Attr<int64_t>("sampling_ratio")
-                               .template Attr<int64_t>(OperationTraits<Operation>::kAttribute)
+                               .template Attr<int64_t>(Operation::kAttribute)
                                .template Attr<int64_t>("first_bin_row")  // CallShape
                                .template Attr<int64_t>("bin_rows"));     // CallShape
 }
@@ -128,18 +90,20 @@ auto bind_attributes(Binding binding) {
 struct CallAttributes {
   double spatial_scale = 1.0;
   int64_t sampling_ratio = 0;  // RoI Pool: none (0)
-  int64_t operation = 0;       // OperationTraits::kAttribute's value (RoI Pool: none, 0)
+  int64_t operation = 0;       // the policy's kAttribute (RoI Pool: none, 0)
   int64_t first_bin_row = 0;
-  int64_t bin_rows = 0;        // RoI Pool: none (0: the pooled tensor's PH)
+  int64_t bin_rows = 0;  // RoI Pool: none (the pooled tensor's PH)
   int64_t rois_per_group = 0;
   int64_t images_per_group = 0;
 };
 
-// RoI Pool's attributes: a scale and the image groups.
-inline CallAttributes roi_pool_attributes(double spatial_scale, int64_t rois_per_group,
-                                          int64_t images_per_group) {
+// Max pooling's attributes: a scale and the image groups; its grid is the
+// pooled tensor's `pooled_h` rows.
+inline CallAttributes max_pool_attributes(double spatial_scale, int64_t rois_per_group,
+                                          int64_t images_per_group, int64_t pooled_h) {
   CallAttributes attributes;
   attributes.spatial_scale = spatial_scale;
+  attributes.bin_rows = pooled_h;
   attributes.rois_per_group = rois_per_group;
   attributes.images_per_group = images_per_group;
   return attributes;
@@ -153,62 +117,78 @@ auto bind_results(Binding binding) {
                                         .RemainingRets());  // CUDA: (accumulator,) workspace
 }
 
-// Both directions take a pooled-or-feature map and the RoIs (and the
-// forward, optionally, the pooled tensor it updates), and return a map and
-// further results. (A binding is not movable: each is built in one
-// expression.) RoI Pool's:
+// How a call of each pooling binds its buffers and attributes (a binding is
+// not movable: each is built in one expression).
+template <typename Pooling>
+struct PoolingBinding;
+
+// Averaging: both directions take a pooled-or-feature map and the RoIs (and
+// the forward, optionally, the pooled tensor it updates), and return a map
+// and further results.
+template <>
+struct PoolingBinding<AveragePooling> {
+  template <typename Operation, Direction D, typename S, typename Binding>
+  static auto bind(Binding binding) {
+    if constexpr (D == Direction::kForward) {
+      return bind_results<Operation, S>(std::move(binding)
+                                            .template Arg<MapBuffer<S>>()            // input
+                                            .template Arg<RoisBuffer<S>>()           // rois
+                                            .template OptionalArg<MapBuffer<S>>());  // updated
+    } else {
+      return bind_results<Operation, S>(std::move(binding)
+                                            .template Arg<MapBuffer<S>>()     // cotangent
+                                            .template Arg<RoisBuffer<S>>());  // rois
+    }
+  }
+};
+
+// Maxima:
 //   forward:  (input, rois, [recorded]) -> (output, pixels), further results;
 //             with `recorded` (an earlier forward's pixels, which the call
 //             must alias to its `pixels` result) the output is the input at
 //             those pixels: the forward's tangent, linear in the input;
 //   backward: (cotangent, rois, pixels) -> grad, further results;
 // and their attributes are the spatial scale and the image groups.
-template <typename Operation, Direction D, typename S, typename Binding>
-auto bind_buffers(Binding binding) {
-  if constexpr (OperationTraits<Operation>::kMaxPool && D == Direction::kForward) {
-    return bind_image_groups(std::move(binding)
-        .template Arg<MapBuffer<S>>()              // input
-        .template Arg<RoisBuffer<S>>()             // rois
-        .template OptionalArg<PixelsBuffer>()      // recorded
-        .template Ret<MapBuffer<S>>()              // output
-        .template Ret<PixelsBuffer>()              // pixels
-        .RemainingRets()
-        .template Attr<double>("spatial_scale"));
-  } else if constexpr (OperationTraits<Operation>::kMaxPool) {
-    return bind_image_groups(std::move(binding)
-        .template Arg<MapBuffer<S>>()              // cotangent
-        .template Arg<RoisBuffer<S>>()             // rois
-        .template Arg<PixelsBuffer>()              // pixels
-        .template Ret<MapBuffer<S>>()              // grad
-        .RemainingRets()                           // CUDA: (accumulator,) workspace
-        .template Attr<double>("spatial_scale"));
-  } else if constexpr (D == Direction::kForward) {
-    return bind_results<Operation, S>(std::move(binding)
-                                          .template Arg<MapBuffer<S>>()    // input
-                                          .template Arg<RoisBuffer<S>>()   // rois
-                                          .template OptionalArg<MapBuffer<S>>());  // updated
-  } else {
-    return bind_results<Operation, S>(std::move(binding)
-                                          .template Arg<MapBuffer<S>>()     // cotangent
-                                          .template Arg<RoisBuffer<S>>());  // rois
+template <>
+struct PoolingBinding<MaxPooling> {
+  template <typename Operation, Direction D, typename S, typename Binding>
+  static auto bind(Binding binding) {
+    if constexpr (D == Direction::kForward) {
+      return bind_image_groups(std::move(binding)
+                                   .template Arg<MapBuffer<S>>()          // input
+                                   .template Arg<RoisBuffer<S>>()         // rois
+                                   .template OptionalArg<PixelsBuffer>()  // recorded
+                                   .template Ret<MapBuffer<S>>()          // output
+                                   .template Ret<PixelsBuffer>()          // pixels
+                                   .RemainingRets()
+                                   .template Attr<double>("spatial_scale"));
+    } else {
+      return bind_image_groups(std::move(binding)
+                                   .template Arg<MapBuffer<S>>()   // cotangent
+                                   .template Arg<RoisBuffer<S>>()  // rois
+                                   .template Arg<PixelsBuffer>()   // pixels
+                                   .template Ret<MapBuffer<S>>()   // grad
+                                   .RemainingRets()                // CUDA: (accumulator,) workspace
+                                   .template Attr<double>("spatial_scale"));
+    }
   }
-}
+};
 
-// The optional pooled tensor a forward updates in place (see above): marks
-// `shape` to leave the outputs of RoIs that read nothing.
+// The optional pooled tensor a forward updates in place (see above): sets
+// `skip_empty_rois`, so that the outputs of RoIs that read nothing stay.
 template <typename S>
 using UpdatedBuffer = std::optional<MapBuffer<S>>;
 
 template <typename Buffer>
 ffi::Error apply_update(const std::optional<Buffer>& updated, const Buffer& output,
-                        CallShape* shape) {
+                        bool* skip_empty_rois) {
   if (!updated) return ffi::Error::Success();
   if (updated->untyped_data() != output.untyped_data()) {
     return ffi::Error::InvalidArgument(
         "jax_psroi: a third operand is the pooled tensor a forward updates, and must be "
         "aliased to its result");
   }
-  shape->skip_empty_rois = true;
+  *skip_empty_rois = true;
   return ffi::Error::Success();
 }
 
@@ -289,13 +269,9 @@ ffi::ErrorOr<CallShape> call_dims(ffi::Span<const int64_t> features, ffi::Span<c
                         " and of the pooled tensor " + shape_string(pooled) +
                         " must multiply to less than 2^63");
   }
-  constexpr bool kShared = OperationTraits<Operation>::kSharedChannels;
-  constexpr bool kMaxPool = OperationTraits<Operation>::kMaxPool;
   if (attributes.operation != 0 && attributes.operation != 1) {
-    return invalid_call(std::string(kShared ? "aligned must be 0 or 1"
-                                            : "channel_order must be 0 (torchvision) or 1 "
-                                              "(bin_major)") +
-                        ", got " + std::to_string(attributes.operation));
+    return invalid_call(std::string(Operation::kAttributeRule) + ", got " +
+                        std::to_string(attributes.operation));
   }
   // In T, where the kernels use it: 1e300 is inf in float32, 1e-50 zero.
   const T scale = static_cast<T>(attributes.spatial_scale);
@@ -318,26 +294,20 @@ ffi::ErrorOr<CallShape> call_dims(ffi::Span<const int64_t> features, ffi::Span<c
   shape.channels_out = pooled[kAxes[1]];
   shape.pooled_h = pooled[kAxes[2]];
   shape.pooled_w = pooled[kAxes[3]];
-  shape.channel_order =
-      kShared ? ChannelOrder::kShared : static_cast<ChannelOrder>(attributes.operation);
-  // Windows of whole pixels take the unaligned geometry (no shift, sizes
-  // clamped to at least 1), after rounding.
-  constexpr bool kWholePixels = OperationTraits<Operation>::kWholePixels;
-  shape.aligned = kWholePixels ? false : (kShared ? attributes.operation == 1 : true);
-  shape.whole_pixels = kWholePixels;
-  shape.roi_pool_windows = kMaxPool;
+  shape.channel_order = Operation::channel_order(attributes.operation);
+  const bool shared = shape.channel_order == ChannelOrder::kShared;
   int64_t channels = 0;
   if (shape.pooled_h <= 0 || shape.pooled_w <= 0 ||
-      !multiply(shape.channels_out, kShared ? 1 : shape.bins(), &channels) ||
+      !multiply(shape.channels_out, shared ? 1 : shape.bins(), &channels) ||
       shape.channels != channels) {
-    return invalid_call(std::string(kShared ? "feature channels must equal C_out"
-                                            : "feature channels must equal C_out * PH * PW") +
+    return invalid_call(std::string(shared ? "feature channels must equal C_out"
+                                           : "feature channels must equal C_out * PH * PW") +
                         "; got features " + shape_string(features) + ", pooled " +
                         shape_string(pooled));
   }
   // Both non-negative: their difference does not overflow.
   shape.first_bin_row = attributes.first_bin_row;
-  shape.bin_rows = kMaxPool ? shape.pooled_h : attributes.bin_rows;
+  shape.bin_rows = attributes.bin_rows;
   if (shape.first_bin_row < 0 || shape.bin_rows < 0 ||
       shape.bin_rows - shape.first_bin_row < shape.pooled_h) {
     return invalid_call("the pooled tensor's " + std::to_string(shape.pooled_h) +
@@ -357,41 +327,45 @@ ffi::ErrorOr<CallShape> call_dims(ffi::Span<const int64_t> features, ffi::Span<c
   return shape;
 }
 
-// Dims of a RoI Pool call (features, rois, pooled tensor and its pixels),
-// which record pixels in 32 bits.
-template <typename Layout, typename T>
-ffi::ErrorOr<CallShape> roi_pool_dims(ffi::Span<const int64_t> features,
+// Shape of a max-pooling call (features, rois, pooled tensor and its
+// pixels), which record pixels in 32 bits.
+template <typename Operation, typename Layout, typename T>
+ffi::ErrorOr<CallShape> max_pool_dims(ffi::Span<const int64_t> features,
                                       ffi::Span<const int64_t> rois,
                                       ffi::Span<const int64_t> pooled,
                                       ffi::Span<const int64_t> pixels,
                                       const CallAttributes& attributes) {
-  ffi::ErrorOr<CallShape> shape = call_dims<RoiPool, Layout, T>(features, rois, pooled, attributes);
+  ffi::ErrorOr<CallShape> shape =
+      call_dims<Operation, Layout, T>(features, rois, pooled, attributes);
   if (shape.has_error()) return shape;
   if (shape_string(pixels) != shape_string(pooled)) {
-    return invalid_call("roi_pool's pixels must be shaped like its pooled tensor " +
-                        shape_string(pooled) + "; got " + shape_string(pixels));
+    return invalid_call(std::string(Operation::kName) +
+                        "'s pixels must be shaped like its pooled tensor " + shape_string(pooled) +
+                        "; got " + shape_string(pixels));
   }
   if (shape->plane_size() > INT32_MAX) {
-    return invalid_call("roi_pool takes feature maps of fewer than 2^31 pixels per plane; got " +
+    return invalid_call(std::string(Operation::kName) +
+                        " takes feature maps of fewer than 2^31 pixels per plane; got " +
                         shape_string(features));
   }
   return shape;
 }
 
-// Dims of a RoI Pool forward, whose optional `recorded` pixels (the gather
-// of its tangent) must be aliased to its pixels result.
-template <typename Layout, typename T, typename Input, typename Rois, typename Output>
-ffi::ErrorOr<CallShape> roi_pool_forward_dims(const Input& input, const Rois& rois,
+// Shape of a max-pooling forward, whose optional `recorded` pixels (the
+// gather of its tangent) must be aliased to its pixels result.
+template <typename Operation, typename Layout, typename T, typename Input, typename Rois,
+          typename Output>
+ffi::ErrorOr<CallShape> max_pool_forward_dims(const Input& input, const Rois& rois,
                                               const std::optional<PixelsBuffer>& recorded,
                                               const Output& output, const PixelsBuffer& pixels,
                                               const CallAttributes& attributes) {
   if (recorded && recorded->untyped_data() != pixels.untyped_data()) {
-    return invalid_call(
-        "roi_pool's third operand is the pixels it gathers at, and must be aliased to its "
-        "pixels result");
+    return invalid_call(std::string(Operation::kName) +
+                        "'s third operand is the pixels it gathers at, and must be aliased to "
+                        "its pixels result");
   }
-  return roi_pool_dims<Layout, T>(input.dimensions(), rois.dimensions(), output.dimensions(),
-                                  pixels.dimensions(), attributes);
+  return max_pool_dims<Operation, Layout, T>(input.dimensions(), rois.dimensions(),
+                                             output.dimensions(), pixels.dimensions(), attributes);
 }
 
 // One FFI target: a row of the kernel table, its name and its handler.

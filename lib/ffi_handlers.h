@@ -8,7 +8,8 @@
 //   fail(error):       a Result for an error of the prologue;
 //   kCommandBuffer:    whether its handlers may run inside command buffers;
 //   average_forward<Layout>(context, call), average_backward<Layout>(...),
-//   max_forward<Layout>(...), max_backward<Layout>(...):  the work.
+//   max_forward<Layout>(...), max_backward<Layout>(...):  the work of each
+//                      pooling (operators/pooling.h).
 #ifndef JAX_PSROI_FFI_HANDLERS_H_
 #define JAX_PSROI_FFI_HANDLERS_H_
 
@@ -18,6 +19,7 @@
 
 #include "ffi_common.h"
 #include "kernel_table.h"
+#include "operators/pooling.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_psroi {
@@ -27,6 +29,8 @@ template <typename S>
 struct ForwardCall {
   using T = ComputeType<S>;
   CallShape shape;
+  BoxRule rule;          // the operator's (its policy's box_rule)
+  bool skip_empty_rois;  // RoIs that read nothing leave their outputs
   const S* input;
   const T* rois;
   S* output;
@@ -43,6 +47,7 @@ template <typename S>
 struct BackwardCall {
   using T = ComputeType<S>;
   CallShape shape;
+  BoxRule rule;
   const S* cotangent;
   const T* rois;
   S* grad;
@@ -67,10 +72,18 @@ typename Platform::Result average_forward(
                                       {spatial_scale, sampling_ratio, attribute, first_bin_row,
                                        bin_rows, rois_per_group, images_per_group});
   if (shape.has_error()) return Platform::fail(shape.error());
-  ForwardCall<S> call{shape.value(),   data<S>(input),  data<T>(rois),
-                      data<S>(*output), static_cast<T>(spatial_scale), sampling_ratio,
-                      nullptr,         nullptr,         further};
-  if (ffi::Error error = apply_update(updated, *output, &call.shape); error.failure()) {
+  ForwardCall<S> call{shape.value(),
+                      Operation::box_rule(attribute),
+                      /*skip_empty_rois=*/false,
+                      data<S>(input),
+                      data<T>(rois),
+                      data<S>(*output),
+                      static_cast<T>(spatial_scale),
+                      sampling_ratio,
+                      nullptr,
+                      nullptr,
+                      further};
+  if (ffi::Error error = apply_update(updated, *output, &call.skip_empty_rois); error.failure()) {
     return Platform::fail(error);
   }
   return Platform::template average_forward<Layout>(context, call);
@@ -89,6 +102,7 @@ typename Platform::Result average_backward(
        images_per_group});
   if (shape.has_error()) return Platform::fail(shape.error());
   const BackwardCall<S> call{shape.value(),
+                             Operation::box_rule(attribute),
                              data<S>(cotangent),
                              data<T>(rois),
                              data<S>(*grad_input),
@@ -108,11 +122,14 @@ typename Platform::Result max_forward(typename Platform::Context context, MapBuf
                                       ffi::RemainingRets further, double spatial_scale,
                                       int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<CallShape> shape = roi_pool_forward_dims<Layout, T>(
+  ffi::ErrorOr<CallShape> shape = max_pool_forward_dims<Operation, Layout, T>(
       input, rois, recorded, *output, *pixels,
-      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
+      max_pool_attributes(spatial_scale, rois_per_group, images_per_group,
+                          output->dimensions()[Layout::kAxes[2]]));
   if (shape.has_error()) return Platform::fail(shape.error());
   const ForwardCall<S> call{shape.value(),
+                            Operation::box_rule(0),
+                            /*skip_empty_rois=*/false,
                             data<S>(input),
                             data<T>(rois),
                             data<S>(*output),
@@ -132,11 +149,13 @@ typename Platform::Result max_backward(typename Platform::Context context,
                                        ffi::RemainingRets further, double spatial_scale,
                                        int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<CallShape> shape = roi_pool_dims<Layout, T>(
+  ffi::ErrorOr<CallShape> shape = max_pool_dims<Operation, Layout, T>(
       grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(), pixels.dimensions(),
-      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
+      max_pool_attributes(spatial_scale, rois_per_group, images_per_group,
+                          cotangent.dimensions()[Layout::kAxes[2]]));
   if (shape.has_error()) return Platform::fail(shape.error());
   const BackwardCall<S> call{shape.value(),
+                             Operation::box_rule(0),
                              data<S>(cotangent),
                              data<T>(rois),
                              data<S>(*grad_input),
@@ -148,40 +167,52 @@ typename Platform::Result max_backward(typename Platform::Context context,
   return Platform::template max_backward<Layout>(context, call);
 }
 
+// The entry points of each pooling.
+template <typename Pooling>
+struct PoolingEntries;
+template <>
+struct PoolingEntries<AveragePooling> {
+  template <typename Platform, typename Operation, typename Layout, typename S>
+  static constexpr auto forward = &average_forward<Platform, Operation, Layout, S>;
+  template <typename Platform, typename Operation, typename Layout, typename S>
+  static constexpr auto backward = &average_backward<Platform, Operation, Layout, S>;
+};
+template <>
+struct PoolingEntries<MaxPooling> {
+  template <typename Platform, typename Operation, typename Layout, typename S>
+  static constexpr auto forward = &max_forward<Platform, Operation, Layout, S>;
+  template <typename Platform, typename Operation, typename Layout, typename S>
+  static constexpr auto backward = &max_backward<Platform, Operation, Layout, S>;
+};
+
 }  // namespace entry
 
-// The handler of a kernel-table row on `Platform`: its direction's binding
-// bound to the shared entry point.
+// The handler of a kernel-table row on `Platform`: the binding of the
+// operator's pooling in direction D, bound to its shared entry point.
 template <typename Platform>
 struct PlatformHandler {
   template <typename Operation, Direction D, typename Layout, typename S>
   struct Row {
     static auto make() {
-      if constexpr (OperationTraits<Operation>::kMaxPool) {
-        return bind(entry::max_forward<Platform, Operation, Layout, S>,
-                    entry::max_backward<Platform, Operation, Layout, S>);
+      using Pooling = typename Operation::Pooling;
+      using Entries = entry::PoolingEntries<Pooling>;
+      auto binding = [] {
+        return PoolingBinding<Pooling>::template bind<Operation, D, S>(Platform::bind());
+      };
+      if constexpr (D == Direction::kForward) {
+        return bind_to(binding(), Entries::template forward<Platform, Operation, Layout, S>);
       } else {
-        return bind(entry::average_forward<Platform, Operation, Layout, S>,
-                    entry::average_backward<Platform, Operation, Layout, S>);
+        return bind_to(binding(), Entries::template backward<Platform, Operation, Layout, S>);
       }
     }
 
    private:
-    template <typename Forward, typename Backward>
-    static auto bind(Forward forward, Backward backward) {
-      if constexpr (D == Direction::kForward) {
-        return bind_to(forward);
-      } else {
-        return bind_to(backward);
-      }
-    }
-    template <typename Fn>
-    static auto bind_to(Fn fn) {
+    template <typename Binding, typename Fn>
+    static auto bind_to(Binding binding, Fn fn) {
       if constexpr (Platform::kCommandBuffer) {
-        return bind_buffers<Operation, D, S>(Platform::bind())
-            .To(fn, {ffi::Traits::kCmdBufferCompatible});
+        return binding.To(fn, {ffi::Traits::kCmdBufferCompatible});
       } else {
-        return bind_buffers<Operation, D, S>(Platform::bind()).To(fn);
+        return binding.To(fn);
       }
     }
   };

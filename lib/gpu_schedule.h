@@ -219,10 +219,11 @@ PSROI_HD void store_box(const Workspace& views, int64_t roi, const RoiBox<T>& bo
 // The geometry of RoI `roi`, which reads image `image` (its bucket's).
 template <typename T>
 PSROI_HD RoiGeometry<T> stored_geometry(const Workspace& views, int64_t roi, int64_t image,
-                                        const CallShape& shape, int64_t sampling_ratio) {
+                                        const CallShape& shape, const BoxRule& rule,
+                                        int64_t sampling_ratio) {
   T values[4];
   memcpy(values, views.boxes + kBoxWords * roi, sizeof(values));
-  return geometry_of_box(RoiBox<T>{image, values[0], values[1], values[2], values[3]}, shape,
+  return geometry_of_box(RoiBox<T>{image, values[0], values[1], values[2], values[3]}, shape, rule,
                          sampling_ratio);
 }
 
@@ -285,11 +286,11 @@ PSROI_HD bool pixel_sums(int64_t sampling_ratio) { return sampling_ratio > kPerS
 // backward, the pixels each bin row and column touches and the tile rows
 // its box touches.
 template <typename Tune, typename T>
-PSROI_HD void roi_info(const T* rois, const CallShape& shape, T spatial_scale,
+PSROI_HD void roi_info(const T* rois, const CallShape& shape, const BoxRule& rule, T spatial_scale,
                        int64_t sampling_ratio, int64_t roi, bool backward, const Workspace& views) {
-  const RoiBox<T> box = roi_box(rois, roi, shape, spatial_scale);
+  const RoiBox<T> box = roi_box(rois, roi, shape, rule, spatial_scale);
   store_box(views, roi, box);
-  const RoiGeometry<T> geometry = geometry_of_box(box, shape, sampling_ratio);
+  const RoiGeometry<T> geometry = geometry_of_box(box, shape, rule, sampling_ratio);
   views.image[roi] = static_cast<int32_t>(geometry.empty() ? shape.num_images : geometry.image);
   if (!backward) {
     // The row the box starts at, clipped to the map (in T first: it may be
@@ -495,9 +496,9 @@ PSROI_HD ChannelBin channel_bin(const CallShape& shape, int64_t c) {
 
 template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums,
           typename T = ComputeType<S>>
-PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape,
+PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape, const BoxRule& rule,
                             int64_t sampling_ratio, const Workspace& views, int64_t block,
-                            S* output) {
+                            bool skip_empty_rois, S* output) {
   constexpr int kNhwcChannelGroup = Tune::kNhwcChannelGroup;
   constexpr int kForwardPlanes = Tune::template forward_planes<Layout>();
   const int64_t groups = forward_channel_groups<Tune, Layout>(shape);
@@ -506,7 +507,7 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape,
   const int64_t chunk = (block / groups) % chunks;
   const int64_t image = block / (groups * chunks);  // N: the RoIs that read nothing
   // RoIs that read nothing: zeros, or left as they were (the whole block).
-  if (image == shape.num_images && shape.skip_empty_rois) return;
+  if (image == shape.num_images && skip_empty_rois) return;
   // Chunk `chunk` of the image's RoIs, its buckets (bands) one after
   // another in `order` (some chunks of a small image are empty).
   const int64_t first_bucket = image * kForwardBands;
@@ -537,7 +538,7 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape,
       T value[1] = {static_cast<T>(0)};
       if (image < shape.num_images) {
         const RoiGeometry<T> geometry =
-            stored_geometry<T>(views, roi, image, shape, sampling_ratio);
+            stored_geometry<T>(views, roi, image, shape, rule, sampling_ratio);
         pooled_values<1, kPixelSums>(plane_of(cb.c_out, cb.bin), plane_step, 1, layout, geometry,
                                      shape, cb.ph, cb.pw, value);
       }
@@ -558,7 +559,7 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape,
       T values[kForwardPlanes] = {};
       if (image < shape.num_images) {
         const RoiGeometry<T> geometry =
-            stored_geometry<T>(views, roi, image, shape, sampling_ratio);
+            stored_geometry<T>(views, roi, image, shape, rule, sampling_ratio);
         pooled_values<kForwardPlanes, kPixelSums>(plane_of(c_out0, bin), plane_step, planes, layout,
                                                   geometry, shape, ph, pw, values);
       }
@@ -630,8 +631,8 @@ PSROI_HD void roi_pool_element(const S* input, const RoiGeometry<T>& geometry,
 
 template <typename Tune, typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD void roi_pool_block(Exec& ex, RoiPoolShared<T>& shared, const S* input, const T* rois,
-                             const CallShape& shape, T spatial_scale, const int32_t* recorded,
-                             int64_t block, S* output, int32_t* pixels) {
+                             const CallShape& shape, const BoxRule& rule, T spatial_scale,
+                             const int32_t* recorded, int64_t block, S* output, int32_t* pixels) {
   constexpr int64_t kRoiPoolBlockOutputs = Tune::kRoiPoolBlockOutputs;
   const int64_t chunks = roi_pool_chunks<Tune>(shape);
   const int64_t roi = block / chunks;
@@ -640,7 +641,7 @@ PSROI_HD void roi_pool_block(Exec& ex, RoiPoolShared<T>& shared, const S* input,
   const int64_t first = (block % chunks) * kRoiPoolBlockOutputs;
   const int64_t end = first + kRoiPoolBlockOutputs < per_roi ? first + kRoiPoolBlockOutputs
                                                              : per_roi;
-  ex.single([&] { shared.geometry = roi_geometry(rois, roi, shape, spatial_scale, 0); });
+  ex.single([&] { shared.geometry = roi_geometry(rois, roi, shape, rule, spatial_scale, 0); });
   const RoiGeometry<T> geometry = shared.geometry;
   ex.each(end - first, [&](int64_t j) {
     roi_pool_element<S, Layout>(input, geometry, shape, recorded, roi * per_roi + first + j,
@@ -701,10 +702,10 @@ struct BackwardShared {
 // Adds bin `bin` of RoI `roi` to the list at `entry`, for the tile at
 // (y0, x0).
 template <bool kPixelSums, typename Tune, typename T>
-PSROI_HD void make_entry(const Workspace& views, const CallShape& shape, int64_t sampling_ratio,
-                         const int32_t* row_spans, const int32_t* col_spans, int64_t roi,
-                         int64_t image, int64_t bin, int64_t y0, int64_t x0, int64_t entry,
-                         BackwardShared<Tune, T>& block_shared) {
+PSROI_HD void make_entry(const Workspace& views, const CallShape& shape, const BoxRule& rule,
+                         int64_t sampling_ratio, const int32_t* row_spans, const int32_t* col_spans,
+                         int64_t roi, int64_t image, int64_t bin, int64_t y0, int64_t x0,
+                         int64_t entry, BackwardShared<Tune, T>& block_shared) {
   constexpr int kTileRows = Tune::kTileRows, kTileCols = Tune::kTileCols;
   const int64_t ph = bin / shape.pooled_w, pw = bin % shape.pooled_w;
   const int32_t* row = row_spans + 2 * roi;
@@ -719,7 +720,8 @@ PSROI_HD void make_entry(const Workspace& views, const CallShape& shape, int64_t
   block_shared.col_first[entry] = static_cast<int8_t>(c0 - x0);
   block_shared.col_last[entry] = static_cast<int8_t>(c1 - x0);
 
-  const RoiGeometry<T> geometry = stored_geometry<T>(views, roi, image, shape, sampling_ratio);
+  const RoiGeometry<T> geometry =
+      stored_geometry<T>(views, roi, image, shape, rule, sampling_ratio);
   T* wy = block_shared.row_weight[entry];
   T* wx = block_shared.col_weight[entry];
   for (int r = 0; r < kTileRows; ++r) wy[r] = static_cast<T>(0);
@@ -790,8 +792,8 @@ struct CotangentAtMaximum {
 template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums, typename Term,
           typename T = ComputeType<S>>
 PSROI_HD void backward_block(Exec& ex, BackwardShared<Tune, T>& block_shared, const Term& term,
-                             const CallShape& shape, int64_t sampling_ratio, const Workspace& views,
-                             int64_t block, T* sums, S* grad) {
+                             const CallShape& shape, const BoxRule& rule, int64_t sampling_ratio,
+                             const Workspace& views, int64_t block, T* sums, S* grad) {
   constexpr int kTileRows = Tune::kTileRows, kTileCols = Tune::kTileCols;
   constexpr int kTilePixels = Tune::kTilePixels, kCoverPerPixel = Tune::kCoverPerPixel;
   const BackwardTiling<Tune> tiling = BackwardTiling<Tune>::of(shape);
@@ -837,7 +839,7 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<Tune, T>& block_shared, co
         const int64_t hits = ex.compact(
             n, [&](int64_t i) { return meets_tile(views.order[k0 + i]); }, listed, kCapacity,
             [&](int64_t i, int64_t at) {
-              make_entry<kPixelSums>(views, shape, sampling_ratio, row_spans, col_spans,
+              make_entry<kPixelSums>(views, shape, rule, sampling_ratio, row_spans, col_spans,
                                      views.order[k0 + i], image, bin, y0, x0, at, block_shared);
             });
         if (listed + hits > kCapacity) break;

@@ -64,11 +64,12 @@ struct SerialBlock {
 // The bucket kernels, as the launchers run them, into `storage`.
 template <typename Tune, typename T>
 Workspace serial_buckets(std::vector<int32_t>& storage, const T* rois, const CallShape& shape,
-                         T spatial_scale, int64_t sampling_ratio, bool backward) {
+                         const BoxRule& rule, T spatial_scale, int64_t sampling_ratio,
+                         bool backward) {
   storage.assign(workspace_elements<Tune>(shape, backward), 0);
   const Workspace views = workspace_views<Tune>(storage.data(), shape, backward);
   for (int64_t k = 0; k < shape.num_rois; ++k) {
-    roi_info<Tune>(rois, shape, spatial_scale, sampling_ratio, k, backward, views);
+    roi_info<Tune>(rois, shape, rule, spatial_scale, sampling_ratio, k, backward, views);
   }
   SerialBlock block{Tune::kThreads};
   const int64_t blocks = buckets_of<Tune>(shape, backward) * segments_of(shape);
@@ -80,19 +81,19 @@ Workspace serial_buckets(std::vector<int32_t>& storage, const T* rois, const Cal
 
 // The forward of the averaging operators: buckets, then every block.
 template <typename Tune, typename S, typename Layout, typename T = ComputeType<S>>
-void serial_forward(const S* input, const T* rois, const CallShape& shape, T spatial_scale,
-                    int64_t sampling_ratio, S* output) {
+void serial_forward(const S* input, const T* rois, const CallShape& shape, const BoxRule& rule,
+                    T spatial_scale, int64_t sampling_ratio, bool skip_empty_rois, S* output) {
   std::vector<int32_t> storage;
   const Workspace views =
-      serial_buckets<Tune>(storage, rois, shape, spatial_scale, sampling_ratio, false);
+      serial_buckets<Tune>(storage, rois, shape, rule, spatial_scale, sampling_ratio, false);
   SerialBlock block{Tune::kThreads};
   for (int64_t b = 0; b < forward_blocks<Tune, Layout>(shape); ++b) {
     if (pixel_sums(sampling_ratio)) {
-      forward_block<Tune, SerialBlock, S, Layout, true>(block, input, shape, sampling_ratio, views,
-                                                        b, output);
+      forward_block<Tune, SerialBlock, S, Layout, true>(block, input, shape, rule, sampling_ratio,
+                                                        views, b, skip_empty_rois, output);
     } else {
-      forward_block<Tune, SerialBlock, S, Layout, false>(block, input, shape, sampling_ratio, views,
-                                                         b, output);
+      forward_block<Tune, SerialBlock, S, Layout, false>(block, input, shape, rule, sampling_ratio,
+                                                         views, b, skip_empty_rois, output);
     }
   }
 }
@@ -101,11 +102,11 @@ void serial_forward(const S* input, const T* rois, const CallShape& shape, T spa
 // its partial sums in a float32 accumulator, as on the GPU (where it is the
 // call's further result).
 template <typename Tune, typename S, typename Layout, typename Term, typename T = ComputeType<S>>
-void serial_backward(const Term& term, const T* rois, const CallShape& shape, T spatial_scale,
-                     int64_t sampling_ratio, S* grad) {
+void serial_backward(const Term& term, const T* rois, const CallShape& shape, const BoxRule& rule,
+                     T spatial_scale, int64_t sampling_ratio, S* grad) {
   std::vector<int32_t> storage;
   const Workspace views =
-      serial_buckets<Tune>(storage, rois, shape, spatial_scale, sampling_ratio, true);
+      serial_buckets<Tune>(storage, rois, shape, rule, spatial_scale, sampling_ratio, true);
   std::vector<T> accumulator;
   T* sums;
   if constexpr (std::is_same_v<S, T>) {
@@ -119,10 +120,10 @@ void serial_backward(const Term& term, const T* rois, const CallShape& shape, T 
   const int64_t blocks = BackwardTiling<Tune>::of(shape).blocks(shape);
   for (int64_t b = 0; b < blocks; ++b) {
     if (pixel_sums(sampling_ratio)) {
-      backward_block<Tune, SerialBlock, S, Layout, true>(block, *shared, term, shape,
+      backward_block<Tune, SerialBlock, S, Layout, true>(block, *shared, term, shape, rule,
                                                          sampling_ratio, views, b, sums, grad);
     } else {
-      backward_block<Tune, SerialBlock, S, Layout, false>(block, *shared, term, shape,
+      backward_block<Tune, SerialBlock, S, Layout, false>(block, *shared, term, shape, rule,
                                                           sampling_ratio, views, b, sums, grad);
     }
   }
@@ -130,13 +131,14 @@ void serial_backward(const Term& term, const T* rois, const CallShape& shape, T 
 
 // RoI Pool's forward (or, with `recorded`, its tangent).
 template <typename Tune, typename S, typename Layout, typename T = ComputeType<S>>
-void serial_roi_pool_forward(const S* input, const T* rois, const CallShape& shape, T spatial_scale,
-                             const int32_t* recorded, S* output, int32_t* pixels) {
+void serial_roi_pool_forward(const S* input, const T* rois, const CallShape& shape,
+                             const BoxRule& rule, T spatial_scale, const int32_t* recorded,
+                             S* output, int32_t* pixels) {
   SerialBlock block{Tune::kThreads};
   RoiPoolShared<T> shared;
   for (int64_t b = 0; b < roi_pool_blocks<Tune>(shape); ++b) {
-    roi_pool_block<Tune, SerialBlock, S, Layout>(block, shared, input, rois, shape, spatial_scale,
-                                                 recorded, b, output, pixels);
+    roi_pool_block<Tune, SerialBlock, S, Layout>(block, shared, input, rois, shape, rule,
+                                                 spatial_scale, recorded, b, output, pixels);
   }
 }
 

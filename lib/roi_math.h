@@ -8,11 +8,11 @@
 //
 // Semantics follow torchvision's ps_roi_align kernel (0.29), and its
 // roi_align with kShared channels: a -0.5 pixel offset and no clamp of the
-// RoI size (roi_align with aligned=False, CallShape::aligned false: no
+// RoI size (roi_align with aligned=False, BoxRule::aligned false: no
 // offset, sizes clamped to at least 1), an adaptive grid of ceil(bin_size)
 // samples per bin axis when sampling_ratio <= 0, samples in [-1, 0] reading the border,
 // samples outside [-1, size] contributing 0, and division by the sample count.
-// With CallShape::whole_pixels (ps_roi_pool) a bin instead averages the whole
+// With BoxRule::whole_pixels (ps_roi_pool) a bin instead averages the whole
 // pixels of a window (RoiAxis::window): the same bins, channels and
 // separable form, another rule for which pixels a bin weighs.
 // Deliberate deviations (each one a case where torchvision reads out of
@@ -68,24 +68,6 @@ struct CallShape {
   // (jax_psroi/_partitioning.py); every other call computes the whole grid.
   int64_t first_bin_row = 0;
   int64_t bin_rows = 0;  // 0: pooled_h
-  // Box geometry: true, ps_roi_align's (and roi_align's with aligned=True):
-  // coordinates shifted by -0.5 pixel, sizes as they are; false, roi_align's
-  // default: no shift, RoI sizes clamped to at least 1 pixel.
-  bool aligned = true;
-  // ps_roi_pool's bins: corners rounded to whole pixels, then the unaligned
-  // geometry (aligned false: sizes clamped to at least 1), each bin the plain
-  // average of a window of pixels (no samples: the sampling ratio plays no
-  // part).
-  bool whole_pixels = false;
-  // RoI Pool's windows (with whole_pixels): an RoI spans both of its rounded
-  // corners (end - start + 1 pixels, at least 1), and windows are clipped to
-  // [0, size], so they may reach the last row and column (ps_roi_pool's
-  // forward clips them to [0, size - 1]).
-  bool roi_pool_windows = false;
-  // Whether the forward leaves the outputs of RoIs that read nothing (bad
-  // batch index or geometry) as they were instead of writing zeros: a call
-  // that updates a result in place (ffi_common.h).
-  bool skip_empty_rois = false;
   // Image groups, which let jax.vmap fold its mapped axis into the images
   // without rewriting batch indices: the RoIs come in groups of
   // rois_per_group, group g reads the images_per_group images of image group
@@ -121,6 +103,28 @@ struct CallShape {
   // (output channel, bin) pairs: the input channels in the position-sensitive
   // orders; C_out times as many as the input's channels when shared.
   PSROI_HD int64_t channel_bins() const { return channels_out * bins(); }
+};
+
+// How an operator turns an RoI into bins: what its policy's box_rule gives
+// (lib/operators/).
+struct BoxRule {
+  // Coordinates shifted by -0.5 pixel, sizes as they are; false: no shift,
+  // RoI sizes clamped to at least 1 pixel.
+  bool aligned;
+  // Corners rounded to whole pixels (C's round), and each bin a window of
+  // whole pixels (RoiAxis::window) instead of a grid of samples: the
+  // sampling ratio plays no part.
+  bool whole_pixels;
+  // With whole_pixels: both rounded corner pixels belong to the RoI (end -
+  // start + 1 pixels), and windows are clipped to [0, size], so they may
+  // reach the last row and column (RoI Pool's; ps_roi_pool's forward clips
+  // them to [0, size - 1]).
+  bool inclusive_corners;
+
+  static constexpr PSROI_HD BoxRule samples(bool aligned) { return {aligned, false, false}; }
+  static constexpr PSROI_HD BoxRule windows(bool inclusive_corners) {
+    return {false, true, inclusive_corners};
+  }
 };
 
 // Layouts: where feature element (n, c, y, x) and pooled element
@@ -190,8 +194,8 @@ struct RoiAxis {
   T bin_size;
   int64_t grid;  // samples per bin along this axis; 0 means "no samples"
   int64_t first_bin;  // the RoI's bin that this call's bin 0 is
-  bool whole_pixels;  // CallShape::whole_pixels: bins are windows, not samples
-  bool reaches_last;  // CallShape::roi_pool_windows: windows clipped to [0, size]
+  bool whole_pixels;  // BoxRule::whole_pixels: bins are windows, not samples
+  bool reaches_last;  // BoxRule::inclusive_corners: windows clipped to [0, size]
 
   // Window of bin `bin` on an axis of `size` pixels (whole_pixels), as
   // torchvision's ps_roi_pool forward and roi_pool take it: [floor(b *
@@ -288,25 +292,26 @@ PSROI_HD int64_t roi_image(T batch, int64_t roi, const CallShape& shape) {
 
 // Box `roi` of `rois` [K, 5] = (batch_index, x1, y1, x2, y2).
 template <typename T>
-PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const CallShape& shape, T spatial_scale) {
+PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const CallShape& shape, const BoxRule& rule,
+                           T spatial_scale) {
   const T* values = rois + 5 * roi;
-  const T offset = static_cast<T>(shape.aligned ? 0.5 : 0.0);
+  const T offset = static_cast<T>(rule.aligned ? 0.5 : 0.0);
   T start_w = values[1] * spatial_scale - offset;
   T start_h = values[2] * spatial_scale - offset;
   T end_w = values[3] * spatial_scale - offset;
   T end_h = values[4] * spatial_scale - offset;
-  if (shape.whole_pixels) {  // C's round: halves away from zero
+  if (rule.whole_pixels) {  // C's round: halves away from zero
     start_w = round(start_w);
     start_h = round(start_h);
     end_w = round(end_w);
     end_h = round(end_h);
   }
   T size_w = end_w - start_w, size_h = end_h - start_h;
-  if (shape.roi_pool_windows) {  // both corner pixels count
+  if (rule.inclusive_corners) {  // both corner pixels count
     size_w += static_cast<T>(1);
     size_h += static_cast<T>(1);
   }
-  if (!shape.aligned) {
+  if (!rule.aligned) {
     // torchvision's std::max(size, 1): a NaN size stays NaN.
     const T one = static_cast<T>(1);
     if (size_w < one) size_w = one;
@@ -331,7 +336,7 @@ PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const CallShape& shape, T
 // The sampling geometry of a box: its grids, windows and divisor.
 template <typename T>
 PSROI_HD RoiGeometry<T> geometry_of_box(const RoiBox<T>& box, const CallShape& shape,
-                                        int64_t sampling_ratio) {
+                                        const BoxRule& rule, int64_t sampling_ratio) {
   RoiGeometry<T> geometry;
   geometry.image = box.image;
   geometry.x.start = box.start_x;
@@ -340,19 +345,20 @@ PSROI_HD RoiGeometry<T> geometry_of_box(const RoiBox<T>& box, const CallShape& s
   geometry.y.bin_size = box.bin_h;
   geometry.x.first_bin = 0;
   geometry.y.first_bin = shape.first_bin_row;
-  geometry.x.whole_pixels = geometry.y.whole_pixels = shape.whole_pixels;
-  geometry.x.reaches_last = geometry.y.reaches_last = shape.roi_pool_windows;
+  geometry.x.whole_pixels = geometry.y.whole_pixels = rule.whole_pixels;
+  geometry.x.reaches_last = geometry.y.reaches_last = rule.inclusive_corners;
   // A window is never a grid of samples: grid 1 marks the axis non-empty.
-  geometry.x.grid = shape.whole_pixels ? 1 : grid_size(geometry.x.bin_size, sampling_ratio);
-  geometry.y.grid = shape.whole_pixels ? 1 : grid_size(geometry.y.bin_size, sampling_ratio);
+  geometry.x.grid = rule.whole_pixels ? 1 : grid_size(geometry.x.bin_size, sampling_ratio);
+  geometry.y.grid = rule.whole_pixels ? 1 : grid_size(geometry.y.bin_size, sampling_ratio);
   geometry.count = static_cast<T>(geometry.y.grid) * static_cast<T>(geometry.x.grid);
   return geometry;
 }
 
 template <typename T>
 PSROI_HD RoiGeometry<T> roi_geometry(const T* rois, int64_t roi, const CallShape& shape,
-                                     T spatial_scale, int64_t sampling_ratio) {
-  return geometry_of_box(roi_box(rois, roi, shape, spatial_scale), shape, sampling_ratio);
+                                     const BoxRule& rule, T spatial_scale, int64_t sampling_ratio) {
+  return geometry_of_box(roi_box(rois, roi, shape, rule, spatial_scale), shape, rule,
+                         sampling_ratio);
 }
 
 // Bilinear interpolation along one axis for coordinate `v` on an axis of
@@ -457,7 +463,7 @@ PSROI_HD SampleRange samples_to_visit(const RoiAxis<T>& axis, int64_t bin, int64
 }
 
 // ---------------------------------------------------------------------------
-// RoI Pool: the maximum of a bin's window (CallShape::roi_pool_windows) and
+// RoI Pool: the maximum of a bin's window (BoxRule::inclusive_corners) and
 // the pixel it came from, which the gradient goes to. torchvision scans the
 // window row by row from -FLT_MAX (0 for an empty window) and takes a value
 // when it is strictly greater: the first maximum in row-major order among
@@ -692,7 +698,7 @@ PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
   auto at = [&](int k, int64_t offset) {
     return Storage<S>::load(plane[k * plane_step + offset]);
   };
-  if (shape.whole_pixels) {  // torchvision's sum, row by row, over the window
+  if (geometry.y.whole_pixels) {  // torchvision's sum, row by row, over the window
     const AxisSpan rows = geometry.y.window(ph, shape.height),
                    cols = geometry.x.window(pw, shape.width);
     for (int64_t y = rows.first; y <= rows.last; ++y) {

@@ -25,11 +25,13 @@ int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::st
 
 // Test-only: the most scratch, in bytes, that one task of the float32 CPU
 // forward of the kernel-table row (operation, layout) holds while it pools
-// `rois` ([K, 5], K = shape.num_rois) from a map of zeros: what bounds the
+// `rois` ([K, 5], K = shape.num_rois) from a map of zeros (`attribute`: the
+// operator's, as its calls take it): what bounds the
 // forward's memory (lib/cpu/average_kernels.h, forward_rois).
 int64_t cpu_forward_scratch_bytes(const std::string& operation, const std::string& layout,
-                                  CallShape shape, const std::vector<float>& rois,
-                                  double spatial_scale, int64_t sampling_ratio);
+                                  CallShape shape, int64_t attribute,
+                                  const std::vector<float>& rois, double spatial_scale,
+                                  int64_t sampling_ratio);
 
 // The test rig: the CUDA kernels' schedule run serially on the CPU
 // (lib/testing/gpu_schedule_handlers.cc), in the module

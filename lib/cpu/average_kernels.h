@@ -197,8 +197,8 @@ class RoiWeights {
 // RoIs that read nothing go last. Used by the forward, whose outputs do not
 // depend on the order.
 template <typename T>
-std::vector<int64_t> locality_order(const T* rois, const CallShape& shape, T spatial_scale,
-                                    int64_t sampling_ratio) {
+std::vector<int64_t> locality_order(const T* rois, const CallShape& shape, const BoxRule& rule,
+                                    T spatial_scale, int64_t sampling_ratio) {
   constexpr double kBandRows = 4.0;
   struct Key {
     int64_t image;
@@ -213,7 +213,8 @@ std::vector<int64_t> locality_order(const T* rois, const CallShape& shape, T spa
   };
   std::vector<Key> keys(static_cast<size_t>(shape.num_rois));
   for (int64_t k = 0; k < shape.num_rois; ++k) {
-    const RoiGeometry<T> geometry = roi_geometry(rois, k, shape, spatial_scale, sampling_ratio);
+    const RoiGeometry<T> geometry =
+        roi_geometry(rois, k, shape, rule, spatial_scale, sampling_ratio);
     Key& key = keys[k];
     key.index = k;
     if (geometry.empty()) {
@@ -270,9 +271,9 @@ void gather_bin(const Layout& layout, const CallShape& shape, const Window<T>& w
 // block (at most kForwardTableBytes plus one RoI's, RoiWeights), C_out sums
 // and a block's geometry, whatever the number of RoIs.
 template <typename S, typename Layout, typename T = ComputeType<S>>
-size_t forward_rois(const S* input, const T* rois, const CallShape& shape, T spatial_scale,
-                    int64_t sampling_ratio, const int64_t* order, int64_t begin, int64_t end,
-                    S* output) {
+size_t forward_rois(const S* input, const T* rois, const CallShape& shape, const BoxRule& rule,
+                    T spatial_scale, int64_t sampling_ratio, const int64_t* order, int64_t begin,
+                    int64_t end, bool skip_empty_rois, S* output) {
   const Layout layout = Layout::of(shape);
   const int64_t out_stride = Layout::pooled_channel_stride(shape);
   std::vector<T> scratch(static_cast<size_t>(shape.channels_out));
@@ -287,7 +288,7 @@ size_t forward_rois(const S* input, const T* rois, const CallShape& shape, T spa
                     (count == 0 || weights.bytes() < kForwardTableBytes);
          ++count) {
       geometries[count] =
-          roi_geometry(rois, order[first + count], shape, spatial_scale, sampling_ratio);
+          roi_geometry(rois, order[first + count], shape, rule, spatial_scale, sampling_ratio);
       slot[count] = geometries[count].empty() ? -1 : weights.add(geometries[count]);
     }
     tables = std::max(tables, weights.capacity_bytes());
@@ -298,7 +299,7 @@ size_t forward_rois(const S* input, const T* rois, const CallShape& shape, T spa
           const int64_t bin = ph * shape.pooled_w + pw;
           S* out_bin = output + Layout::pooled_offset(shape, order[first + j], 0, bin);
           Window<T> w;
-          if (geometry.empty() && shape.skip_empty_rois) continue;  // left as it was
+          if (geometry.empty() && skip_empty_rois) continue;  // left as it was
           if (geometry.empty() || !weights.window(slot[j], ph, pw, &w)) {
             for (int64_t c = 0; c < shape.channels_out; ++c) {
               out_bin[c * out_stride] = Storage<S>::store(T(0));
@@ -366,11 +367,12 @@ class RoiTables {
 
   // Fills the slots of RoIs [begin, end) of the pass from RoI `first`;
   // `weights` is scratch.
-  void compute(const T* rois, T spatial_scale, int64_t sampling_ratio, int64_t first,
-               int64_t begin, int64_t end, RoiWeights<T>* weights) {
+  void compute(const T* rois, const BoxRule& rule, T spatial_scale, int64_t sampling_ratio,
+               int64_t first, int64_t begin, int64_t end, RoiWeights<T>* weights) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t i = k - first;
-      const RoiGeometry<T> geometry = roi_geometry(rois, k, shape_, spatial_scale, sampling_ratio);
+      const RoiGeometry<T> geometry =
+          roi_geometry(rois, k, shape_, rule, spatial_scale, sampling_ratio);
       geometry_[i] = geometry;
       roi_rows_[i] = AxisSpan{shape_.height, -1};
       if (geometry.empty()) continue;

@@ -60,12 +60,14 @@ ffi::Future average_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
   S* out = call.output;
   const T scale = call.spatial_scale;
   const int64_t sampling_ratio = call.sampling_ratio;
+  const BoxRule rule = call.rule;
+  const bool skip_empty_rois = call.skip_empty_rois;
   auto order = std::make_shared<const std::vector<int64_t>>(
-      locality_order(boxes, shape, scale, sampling_ratio));
+      locality_order(boxes, shape, rule, scale, sampling_ratio));
   return run_phases(pool, call_work(shape, Direction::kForward),
                     {over_rois(pool, shape.num_rois, [=](int64_t begin, int64_t end) {
-                      forward_rois<S, Layout>(in, boxes, shape, scale, sampling_ratio,
-                                              order->data(), begin, end, out);
+                      forward_rois<S, Layout>(in, boxes, shape, rule, scale, sampling_ratio,
+                                              order->data(), begin, end, skip_empty_rois, out);
                     })});
 }
 
@@ -86,6 +88,7 @@ ffi::Future average_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) 
   const T* boxes = call.rois;
   S* grad = call.grad;
   advise_huge_pages(grad, call.grad_bytes);
+  const BoxRule rule = call.rule;
   const T scale = call.spatial_scale;
   const int64_t sampling_ratio = call.sampling_ratio;
   auto state =
@@ -99,8 +102,8 @@ ffi::Future average_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) 
     const PassOrder<T> order{p == 0, p + 1 == plan.passes, state->accumulator};
     phases.push_back(over_rois(pool, n, [=](int64_t begin, int64_t end) {
       RoiWeights<T> weights(shape);
-      state->tables.compute(boxes, scale, sampling_ratio, first, first + begin,
-                            first + end, &weights);
+      state->tables.compute(boxes, rule, scale, sampling_ratio, first, first + begin, first + end,
+                            &weights);
       to_bin_major<S, Layout>(cot, shape, state->tables, first, n, first + begin, first + end,
                               state->bin_major);
     }));
@@ -126,11 +129,12 @@ ffi::Future max_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
   const int32_t* at = call.recorded;
   S* out = call.output;
   int32_t* px = call.pixels;
+  const BoxRule rule = call.rule;
   const T scale = call.spatial_scale;
   return run_phases(pool, call_work(shape, Direction::kForward),
                     {over_rois(pool, shape.num_rois, [=](int64_t begin, int64_t end) {
-                      roi_pool_forward_rois<S, Layout>(in, boxes, shape, scale, at, begin, end, out,
-                                                       px);
+                      roi_pool_forward_rois<S, Layout>(in, boxes, shape, rule, scale, at, begin,
+                                                       end, out, px);
                     })});
 }
 
@@ -145,7 +149,7 @@ ffi::Future max_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
   advise_huge_pages(grad, call.grad_bytes);
   const RoiPoolUnits units = RoiPoolUnits::of(shape, pool.num_threads(), Layout::kChannelsLast);
   auto by_image = std::make_shared<const RoiPoolByImage>(
-      roi_pool_by_image(call.rois, shape, call.spatial_scale));
+      roi_pool_by_image(call.rois, shape, call.rule, call.spatial_scale));
   return run_phases(pool, call_work(shape, Direction::kBackward),
                     {Phase{units.count(shape), [=](int64_t unit) {
                              roi_pool_backward_unit<S, Layout>(cot, px, shape, *by_image, units,
@@ -194,11 +198,10 @@ int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::st
     using Layout = typename decltype(row_layout)::type;
     using S = typename decltype(row_dtype)::type;
     if constexpr (decltype(direction)::value == Direction::kBackward &&
-                  !OperationTraits<Operation>::kMaxPool) {
+                  std::is_same_v<typename Operation::Pooling, AveragePooling>) {
       if (operation == KernelName<Operation>::value && layout == KernelName<Layout>::value &&
           dtype == KernelName<S>::value) {
-        if (OperationTraits<Operation>::kSharedChannels)
-          shape.channel_order = ChannelOrder::kShared;
+        shape.channel_order = Operation::channel_order(static_cast<int64_t>(shape.channel_order));
         bytes = static_cast<int64_t>(pass_rois < 0
                                          ? cpu::backward_workspace_bytes<S, Layout>(shape)
                                          : cpu::pass_workspace_bytes<S, Layout>(shape, pass_rois));
@@ -209,27 +212,28 @@ int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::st
 }
 
 int64_t cpu_forward_scratch_bytes(const std::string& operation, const std::string& layout,
-                                  CallShape shape, const std::vector<float>& rois,
-                                  double spatial_scale, int64_t sampling_ratio) {
+                                  CallShape shape, int64_t attribute,
+                                  const std::vector<float>& rois, double spatial_scale,
+                                  int64_t sampling_ratio) {
   int64_t bytes = 0;
   for_each_kernel([&](auto op, auto direction, auto row_layout, auto row_dtype) {
     using Operation = typename decltype(op)::type;
     using Layout = typename decltype(row_layout)::type;
     using S = typename decltype(row_dtype)::type;
     if constexpr (decltype(direction)::value == Direction::kForward &&
-                  !OperationTraits<Operation>::kMaxPool && std::is_same_v<S, float>) {
+                  std::is_same_v<typename Operation::Pooling, AveragePooling> &&
+                  std::is_same_v<S, float>) {
       if (operation == KernelName<Operation>::value && layout == KernelName<Layout>::value) {
-        if (OperationTraits<Operation>::kSharedChannels)
-          shape.channel_order = ChannelOrder::kShared;
-        shape.whole_pixels = OperationTraits<Operation>::kWholePixels;
+        shape.channel_order = Operation::channel_order(static_cast<int64_t>(shape.channel_order));
+        const BoxRule rule = Operation::box_rule(attribute);
         const std::vector<float> input(static_cast<size_t>(shape.feature_elements()));
         std::vector<float> output(static_cast<size_t>(shape.outputs()));
         const float scale = static_cast<float>(spatial_scale);
         const std::vector<int64_t> order =
-            cpu::locality_order(rois.data(), shape, scale, sampling_ratio);
+            cpu::locality_order(rois.data(), shape, rule, scale, sampling_ratio);
         bytes = static_cast<int64_t>(cpu::forward_rois<float, Layout>(
-            input.data(), rois.data(), shape, scale, sampling_ratio, order.data(), 0,
-            shape.num_rois, output.data()));
+            input.data(), rois.data(), shape, rule, scale, sampling_ratio, order.data(), 0,
+            shape.num_rois, /*skip_empty_rois=*/false, output.data()));
       }
     }
   });

@@ -66,9 +66,8 @@ NB_MODULE(_cpu, m) {
         shape.channels_out = channels_out;
         shape.pooled_h = pooled_h;
         shape.pooled_w = pooled_w;
-        shape.aligned = aligned;
-        return jax_psroi::cpu_forward_scratch_bytes(operation, layout, shape, rois, spatial_scale,
-                                                    sampling_ratio);
+        return jax_psroi::cpu_forward_scratch_bytes(operation, layout, shape, aligned ? 1 : 0, rois,
+                                                    spatial_scale, sampling_ratio);
       },
       "Test-only: the most scratch one task of the float32 CPU forward holds for `rois` (a "
       "flat list of [K, 5]) on a map of zeros (lib/cpu/average_kernels.h).");

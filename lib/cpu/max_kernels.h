@@ -65,9 +65,9 @@ void nchw_window_maxima(const S* input, const Layout& layout, const CallShape& s
 // window updates the running maxima of all channels (the same scan per
 // channel either way).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-void roi_pool_forward_rois(const S* input, const T* rois, const CallShape& shape, T spatial_scale,
-                           const int32_t* recorded, int64_t begin, int64_t end, S* output,
-                           int32_t* pixels) {
+void roi_pool_forward_rois(const S* input, const T* rois, const CallShape& shape,
+                           const BoxRule& rule, T spatial_scale, const int32_t* recorded,
+                           int64_t begin, int64_t end, S* output, int32_t* pixels) {
   const Layout layout = Layout::of(shape);
   const int64_t stride = Layout::pooled_channel_stride(shape);
   // Channels-last: the running maxima of every channel and their pixels.
@@ -78,7 +78,7 @@ void roi_pool_forward_rois(const S* input, const T* rois, const CallShape& shape
   std::vector<AxisSpan> rows(static_cast<size_t>(shape.pooled_h));
   std::vector<AxisSpan> cols(static_cast<size_t>(shape.pooled_w));
   for (int64_t roi = begin; roi < end; ++roi) {
-    const RoiGeometry<T> geometry = roi_geometry(rois, roi, shape, spatial_scale, 0);
+    const RoiGeometry<T> geometry = roi_geometry(rois, roi, shape, rule, spatial_scale, 0);
     if (geometry.empty() || recorded) {
       for (int64_t c = 0; c < shape.channels; ++c) {
         const S* plane =
@@ -144,11 +144,12 @@ struct RoiPoolByImage {
 };
 
 template <typename T>
-RoiPoolByImage roi_pool_by_image(const T* rois, const CallShape& shape, T spatial_scale) {
+RoiPoolByImage roi_pool_by_image(const T* rois, const CallShape& shape, const BoxRule& rule,
+                                 T spatial_scale) {
   RoiPoolByImage by;
   by.rows.resize(static_cast<size_t>(shape.num_rois * shape.pooled_h));
   by.images = rois_by_image(shape, [&](int64_t k) {
-    const RoiGeometry<T> geometry = roi_geometry(rois, k, shape, spatial_scale, 0);
+    const RoiGeometry<T> geometry = roi_geometry(rois, k, shape, rule, spatial_scale, 0);
     for (int64_t ph = 0; ph < shape.pooled_h; ++ph) {
       by.rows[k * shape.pooled_h + ph] =
           geometry.empty() ? AxisSpan{0, -1} : geometry.y.window(ph, shape.height);

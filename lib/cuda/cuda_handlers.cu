@@ -47,8 +47,8 @@ ffi::Error average_forward(cudaStream_t stream, const ForwardCall<S>& call) {
   if (words.has_error()) return words.error();
   return launch_result("forward kernel launch",
                        launch_forward<S, Layout>(stream, call.input, call.rois, call.shape,
-                                                 call.spatial_scale, call.sampling_ratio,
-                                                 words.value(), call.output));
+                                                 call.rule, call.spatial_scale, call.sampling_ratio,
+                                                 words.value(), call.skip_empty_rois, call.output));
 }
 
 // A backward's launch: the accumulator (16-bit gradients) and the workspace
@@ -68,10 +68,10 @@ ffi::Error launch_backward_call(cudaStream_t stream, const Term& term,
   ffi::ErrorOr<int32_t*> words = workspace(call.further, kNarrow ? 1 : 0, call.shape,
                                         /*backward=*/true);
   if (words.has_error()) return words.error();
-  return launch_result("backward kernel launch",
-                       launch_backward<S, Layout>(stream, term, call.rois, call.shape,
-                                                  call.spatial_scale, call.sampling_ratio,
-                                                  words.value(), sums, call.grad));
+  return launch_result(
+      "backward kernel launch",
+      launch_backward<S, Layout>(stream, term, call.rois, call.shape, call.rule, call.spatial_scale,
+                                 call.sampling_ratio, words.value(), sums, call.grad));
 }
 
 template <typename Layout, typename S>
@@ -85,9 +85,9 @@ ffi::Error average_backward(cudaStream_t stream, const BackwardCall<S>& call) {
 template <typename Layout, typename S>
 ffi::Error max_forward(cudaStream_t stream, const ForwardCall<S>& call) {
   return launch_result("roi_pool forward kernel launch",
-                       launch_roi_pool_forward<S, Layout>(
-                           stream, call.input, call.rois, call.shape, call.spatial_scale,
-                           call.recorded, call.output, call.pixels));
+                       launch_roi_pool_forward<S, Layout>(stream, call.input, call.rois, call.shape,
+                                                          call.rule, call.spatial_scale,
+                                                          call.recorded, call.output, call.pixels));
 }
 
 // RoI Pool's backward: the backward schedule, each covering entry adding its

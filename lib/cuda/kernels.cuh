@@ -101,11 +101,11 @@ struct DeviceBlock {
 
 template <typename Tune, typename T>
 __global__ void __launch_bounds__(Tune::kThreads)
-    roi_info_kernel(const T* __restrict__ rois, CallShape shape, T spatial_scale,
+    roi_info_kernel(const T* __restrict__ rois, CallShape shape, BoxRule rule, T spatial_scale,
                     int64_t sampling_ratio, bool backward, gs::Workspace views) {
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * Tune::kThreads + threadIdx.x;
        k < shape.num_rois; k += static_cast<int64_t>(gridDim.x) * Tune::kThreads) {
-    gs::roi_info<Tune>(rois, shape, spatial_scale, sampling_ratio, k, backward, views);
+    gs::roi_info<Tune>(rois, shape, rule, spatial_scale, sampling_ratio, k, backward, views);
   }
 }
 
@@ -141,14 +141,15 @@ __global__ void __launch_bounds__(Tune::kThreads)
 // register budget (gpu_schedule.h, DefaultTuning).
 template <typename Tune, typename S, typename Layout, bool kPixelSums>
 __global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
-    forward_kernel(const S* __restrict__ input, CallShape shape, int64_t sampling_ratio,
-                   gs::Workspace views, S* __restrict__ output) {
+    forward_kernel(const S* __restrict__ input, CallShape shape, BoxRule rule,
+                   int64_t sampling_ratio, gs::Workspace views, bool skip_empty_rois,
+                   S* __restrict__ output) {
   using Block = DeviceBlock<Tune::kThreads>;
   Block block{nullptr};  // the forward never compacts
   const int64_t blocks = gs::forward_blocks<Tune, Layout>(shape);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::forward_block<Tune, Block, S, Layout, kPixelSums>(block, input, shape, sampling_ratio, views,
-                                                          b, output);
+    gs::forward_block<Tune, Block, S, Layout, kPixelSums>(block, input, shape, rule, sampling_ratio,
+                                                          views, b, skip_empty_rois, output);
   }
 }
 
@@ -157,8 +158,8 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
 template <typename Tune, typename S, typename Layout, bool kPixelSums, typename Term,
           typename T = ComputeType<S>>
 __global__ void __launch_bounds__(Tune::kThreads, Tune::kBackwardBlocksPerSm)
-    backward_kernel(Term term, CallShape shape, int64_t sampling_ratio, gs::Workspace views, T* sums,
-                    S* grad) {
+    backward_kernel(Term term, CallShape shape, BoxRule rule, int64_t sampling_ratio,
+                    gs::Workspace views, T* sums, S* grad) {
   using Block = DeviceBlock<Tune::kThreads>;
   static_assert(sizeof(gs::BackwardShared<Tune, T>) <= 48 * 1024,
                 "a tuning's backward list must fit static shared memory");
@@ -167,7 +168,7 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kBackwardBlocksPerSm)
   Block block{warp_totals};
   const int64_t blocks = gs::BackwardTiling<Tune>::of(shape).blocks(shape);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::backward_block<Tune, Block, S, Layout, kPixelSums>(block, shared, term, shape,
+    gs::backward_block<Tune, Block, S, Layout, kPixelSums>(block, shared, term, shape, rule,
                                                            sampling_ratio, views, b, sums, grad);
   }
 }
@@ -177,15 +178,15 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kBackwardBlocksPerSm)
 template <typename Tune, typename S, typename Layout, typename T = ComputeType<S>>
 __global__ void __launch_bounds__(Tune::kThreads)
     roi_pool_forward_kernel(const S* __restrict__ input, const T* __restrict__ rois,
-                            CallShape shape, T spatial_scale, const int32_t* recorded, S* output,
-                            int32_t* pixels) {
+                            CallShape shape, BoxRule rule, T spatial_scale, const int32_t* recorded,
+                            S* output, int32_t* pixels) {
   using Block = DeviceBlock<Tune::kThreads>;
   __shared__ gs::RoiPoolShared<T> shared;
   Block block{nullptr};  // never compacts
   const int64_t blocks = gs::roi_pool_blocks<Tune>(shape);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::roi_pool_block<Tune, Block, S, Layout>(block, shared, input, rois, shape, spatial_scale,
-                                               recorded, b, output, pixels);
+    gs::roi_pool_block<Tune, Block, S, Layout>(block, shared, input, rois, shape, rule,
+                                               spatial_scale, recorded, b, output, pixels);
   }
 }
 
@@ -193,13 +194,14 @@ __global__ void __launch_bounds__(Tune::kThreads)
 // gs::workspace_elements<Tune>(shape, backward) int32s.
 template <typename Tune, typename T>
 cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const CallShape& shape,
-                           T spatial_scale, int64_t sampling_ratio, int32_t* workspace,
-                           bool backward, gs::Workspace* views) {
+                           const BoxRule& rule, T spatial_scale, int64_t sampling_ratio,
+                           int32_t* workspace, bool backward, gs::Workspace* views) {
   constexpr int kThreads = Tune::kThreads;
   *views = gs::workspace_views<Tune>(workspace, shape, backward);
   if (shape.num_rois > 0) {
-    roi_info_kernel<Tune, T><<<grid_for((shape.num_rois + kThreads - 1) / kThreads), kThreads, 0,
-                               stream>>>(rois, shape, spatial_scale, sampling_ratio, backward, *views);
+    roi_info_kernel<Tune, T>
+        <<<grid_for((shape.num_rois + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+            rois, shape, rule, spatial_scale, sampling_ratio, backward, *views);
   }
   const int64_t blocks = gs::buckets_of<Tune>(shape, backward) * gs::segments_of(shape);
   segment_kernel<Tune, false><<<grid_for(blocks), kThreads, 0, stream>>>(shape, *views, backward);
@@ -208,37 +210,36 @@ cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const CallShape& 
   return cudaGetLastError();
 }
 
-template <typename S, typename Layout, typename Tune = DefaultTuning,
-          typename T = ComputeType<S>>
+template <typename S, typename Layout, typename Tune = DefaultTuning, typename T = ComputeType<S>>
 cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
-                           const CallShape& shape, T spatial_scale, int64_t sampling_ratio,
-                           int32_t* workspace, S* output) {
+                           const CallShape& shape, const BoxRule& rule, T spatial_scale,
+                           int64_t sampling_ratio, int32_t* workspace, bool skip_empty_rois,
+                           S* output) {
   if (shape.outputs() == 0) return cudaSuccess;
   gs::Workspace views;
-  cudaError_t err = launch_buckets<Tune>(stream, rois, shape, spatial_scale, sampling_ratio,
+  cudaError_t err = launch_buckets<Tune>(stream, rois, shape, rule, spatial_scale, sampling_ratio,
                                          workspace, /*backward=*/false, &views);
   if (err != cudaSuccess) return err;
   const int blocks = grid_for(gs::forward_blocks<Tune, Layout>(shape));
   if (gs::pixel_sums(sampling_ratio)) {
     if constexpr (!Tune::kLargeGrids) return cudaErrorNotSupported;
     forward_kernel<Tune, S, Layout, Tune::kLargeGrids><<<blocks, Tune::kThreads, 0, stream>>>(
-        input, shape, sampling_ratio, views, output);
+        input, shape, rule, sampling_ratio, views, skip_empty_rois, output);
   } else {
     forward_kernel<Tune, S, Layout, false><<<blocks, Tune::kThreads, 0, stream>>>(
-        input, shape, sampling_ratio, views, output);
+        input, shape, rule, sampling_ratio, views, skip_empty_rois, output);
   }
   return cudaGetLastError();
 }
 
-template <typename S, typename Layout, typename Tune = DefaultTuning,
-          typename T = ComputeType<S>>
+template <typename S, typename Layout, typename Tune = DefaultTuning, typename T = ComputeType<S>>
 cudaError_t launch_roi_pool_forward(cudaStream_t stream, const S* input, const T* rois,
-                                    const CallShape& shape, T spatial_scale,
+                                    const CallShape& shape, const BoxRule& rule, T spatial_scale,
                                     const int32_t* recorded, S* output, int32_t* pixels) {
   if (shape.outputs() == 0) return cudaSuccess;
   roi_pool_forward_kernel<Tune, S, Layout>
       <<<grid_for(gs::roi_pool_blocks<Tune>(shape)), Tune::kThreads, 0, stream>>>(
-          input, rois, shape, spatial_scale, recorded, output, pixels);
+          input, rois, shape, rule, spatial_scale, recorded, output, pixels);
   return cudaGetLastError();
 }
 
@@ -247,21 +248,21 @@ cudaError_t launch_roi_pool_forward(cudaStream_t stream, const S* input, const T
 template <typename S, typename Layout, typename Tune = DefaultTuning, typename Term,
           typename T = ComputeType<S>>
 cudaError_t launch_backward(cudaStream_t stream, const Term& term, const T* rois,
-                            const CallShape& shape, T spatial_scale, int64_t sampling_ratio,
-                            int32_t* workspace, T* sums, S* grad) {
+                            const CallShape& shape, const BoxRule& rule, T spatial_scale,
+                            int64_t sampling_ratio, int32_t* workspace, T* sums, S* grad) {
   if (shape.feature_elements() == 0) return cudaSuccess;
   gs::Workspace views;
-  cudaError_t err = launch_buckets<Tune>(stream, rois, shape, spatial_scale, sampling_ratio,
+  cudaError_t err = launch_buckets<Tune>(stream, rois, shape, rule, spatial_scale, sampling_ratio,
                                          workspace, /*backward=*/true, &views);
   if (err != cudaSuccess) return err;
   const int blocks = grid_for(gs::BackwardTiling<Tune>::of(shape).blocks(shape));
   if (gs::pixel_sums(sampling_ratio)) {
     if constexpr (!Tune::kLargeGrids) return cudaErrorNotSupported;
     backward_kernel<Tune, S, Layout, Tune::kLargeGrids><<<blocks, Tune::kThreads, 0, stream>>>(
-        term, shape, sampling_ratio, views, sums, grad);
+        term, shape, rule, sampling_ratio, views, sums, grad);
   } else {
     backward_kernel<Tune, S, Layout, false><<<blocks, Tune::kThreads, 0, stream>>>(
-        term, shape, sampling_ratio, views, sums, grad);
+        term, shape, rule, sampling_ratio, views, sums, grad);
   }
   return cudaGetLastError();
 }

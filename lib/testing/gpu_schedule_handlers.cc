@@ -24,24 +24,25 @@ using Tune = gs::DefaultTuning;
 
 template <typename Layout, typename S>
 ffi::Error average_forward(const ForwardCall<S>& call) {
-  gs::serial_forward<Tune, S, Layout>(call.input, call.rois, call.shape, call.spatial_scale,
-                                     call.sampling_ratio, call.output);
+  gs::serial_forward<Tune, S, Layout>(call.input, call.rois, call.shape, call.rule,
+                                      call.spatial_scale, call.sampling_ratio, call.skip_empty_rois,
+                                      call.output);
   return ffi::Error::Success();
 }
 
 template <typename Layout, typename S>
 ffi::Error average_backward(const BackwardCall<S>& call) {
-  gs::serial_backward<Tune, S, Layout>(
-      gs::WeightedCotangent<S, Layout>{call.cotangent, call.shape}, call.rois, call.shape,
-      call.spatial_scale, call.sampling_ratio, call.grad);
+  gs::serial_backward<Tune, S, Layout>(gs::WeightedCotangent<S, Layout>{call.cotangent, call.shape},
+                                       call.rois, call.shape, call.rule, call.spatial_scale,
+                                       call.sampling_ratio, call.grad);
   return ffi::Error::Success();
 }
 
 template <typename Layout, typename S>
 ffi::Error max_forward(const ForwardCall<S>& call) {
-  gs::serial_roi_pool_forward<Tune, S, Layout>(call.input, call.rois, call.shape,
-                                              call.spatial_scale, call.recorded, call.output,
-                                              call.pixels);
+  gs::serial_roi_pool_forward<Tune, S, Layout>(call.input, call.rois, call.shape, call.rule,
+                                               call.spatial_scale, call.recorded, call.output,
+                                               call.pixels);
   return ffi::Error::Success();
 }
 
@@ -49,7 +50,7 @@ template <typename Layout, typename S>
 ffi::Error max_backward(const BackwardCall<S>& call) {
   gs::serial_backward<Tune, S, Layout>(
       gs::CotangentAtMaximum<S, Layout>{call.cotangent, call.pixels, call.shape}, call.rois,
-      call.shape, call.spatial_scale, 0, call.grad);
+      call.shape, call.rule, call.spatial_scale, 0, call.grad);
   return ffi::Error::Success();
 }
 
