@@ -149,15 +149,13 @@ struct Tuning {
   }
 };
 
-// 16 entries a pixel: on a Light-Head training batch (8 images, 2,000 RoIs
-// each, 7x7 bins, the benchmark's boxes) half of the (tile, bin) blocks hold
-// a pixel covered more than 8 times and 0.1 % one covered more than 16; an
-// element of such a pixel re-reads the whole list, and its warp waits.
-// Launch bounds: unbounded, ptxas (sm_90) gives the NCHW forward, whose
-// threads keep the sums of up to 8 planes, 128-157 registers, 4 blocks an
-// SM; 5 bounds it to 96 registers and 20-30 bytes of spills in float32. The
-// backward at 7: 72 registers (no spills) where it picks 74-96 unbounded,
-// and float32 shared memory (32 KB a block) allows 7 too.
+// 16 entries a pixel: dense detection batches cover many pixels more than 8
+// times but almost none more than 16, and an element of a pixel past its
+// entries re-reads the whole list while its warp waits.
+// Launch bounds: the NCHW forward's threads keep the sums of up to 8
+// planes, and ptxas left unbounded spends registers until few blocks fit an
+// SM; 5 blocks keeps it near 96 registers with few spills. The backward at
+// 7 needs no spills, and float32 shared memory (32 KB a block) allows 7.
 using DefaultTuning = Tuning</*Threads=*/128, /*TileRows=*/4, /*CoverPerPixel=*/16,
                              /*ForwardPlanes=*/8, /*NhwcChannelGroup=*/32, /*NhwcPlanes=*/0,
                              /*ForwardMinBlocks=*/2048, /*ForwardBlocksPerSm=*/5,
@@ -404,14 +402,14 @@ PSROI_HD void place_block(Exec& ex, const CallShape& shape, const Workspace& vie
 
 // The forward wants at least Tune::kForwardMinBlocks blocks: an image's RoIs
 // are split into chunks until it has them, so that a few images of few
-// channel groups still fill the GPU (a Light-Head map in NHWC, 8 images of
-// 490 channels, is 144 blocks unsplit, 0.12 waves of an H200).
+// channel groups still fill the GPU (a map of a few hundred channels in
+// NHWC gives a few blocks per image unsplit, a fraction of one wave).
 //
 // NCHW: a forward thread computes one RoI's bin in up to kForwardPlanes
 // planes, those of consecutive output channels of that bin, and its box's
-// taps once for all of them (an H200 profile of one plane a thread: ~910
-// instructions an output, most of them geometry and taps, IPC 2.8:
-// instruction-bound). A block takes forward_planes(shape) output channels of
+// taps once for all of them (with one plane a thread, geometry and taps are
+// most of an output's instructions, and the kernel is instruction-bound).
+// A block takes forward_planes(shape) output channels of
 // one bin: C_out split evenly into as few runs of at most kForwardPlanes as
 // it takes. NHWC: a block takes kNhwcChannelGroup consecutive channels
 // (pairs, as channel_bin numbers them), which a warp reads as one

@@ -1,6 +1,7 @@
-// CPU kernels of PS-RoI Align: plain C++ loops over the shared math, no XLA
-// types. Each function does one contiguous share of the work, so a handler can
-// split a call into tasks of its thread pool.
+// CPU kernels of the averaging operators (ps_roi_align, roi_align,
+// ps_roi_pool): plain C++ loops over the shared math, no XLA types. Each
+// function does one contiguous share of the work, so a handler can split a
+// call into tasks of its thread pool.
 //
 // The fast kernels use the separable form of a bin (see roi_math.h): the
 // row and column weights of an RoI's bins are computed once, each bin's
@@ -13,10 +14,8 @@
 // cotangent staged bin-major. Scratch follows what the RoIs touch, not the
 // map or the channels (RoiWeights, forward_rois, BackwardPlan); the
 // backward's, which grows with the RoIs, is a workspace XLA allocates.
-// (The same plane-by-plane scheme
-// for the forward, with the output staged bin-major, measured slower than
-// RoI by RoI on Light-Head and R-FCN box shapes, and no faster on the R-FCN
-// class map.)
+// The forward goes RoI by RoI rather than plane by plane: it writes each
+// RoI's outputs once, with no bin-major staging to undo.
 //
 // Each entry point takes the layout of its kernel-table row. In NCHW a bin's
 // window is applied as tiles along rows of contiguous pixels
@@ -193,7 +192,7 @@ class RoiWeights {
 
 // Order in which the kernels visit RoIs: by image, then by band of rows,
 // then by column of the box centre, so that consecutive RoIs touch nearby
-// pixels and find them in cache (measured faster on Light-Head shapes).
+// pixels and find them in cache.
 // RoIs that read nothing go last. Used by the forward, whose outputs do not
 // depend on the order.
 template <typename T>
@@ -237,8 +236,8 @@ std::vector<int64_t> locality_order(const T* rois, const CallShape& shape, const
 
 // RoIs whose windows a forward task applies bin by bin: with many output
 // channels, one RoI's windows span many pages, and visiting the same bin of
-// neighbouring RoIs together keeps those pages hot (measured faster on
-// R-FCN's 81-class map); with few channels, one RoI at a time is faster.
+// neighbouring RoIs together keeps those pages hot; with few channels one
+// RoI's windows fit in cache, and one RoI at a time saves the block's tables.
 inline int64_t forward_roi_block(const CallShape& shape) {
   return shape.channels_out >= 32 ? 32 : 1;
 }
@@ -601,9 +600,9 @@ class Units {
     const int64_t bytes = static_cast<int64_t>(element_bytes);
     if (channels_last) {
       // Bands split the windows that cross them, and each split costs a
-      // visit: as many rows as half the L2 holds (Light-Head's 164 KB rows:
-      // 3 rows where the L2 has 1 MiB, 1.2-1.3x faster than 1 row). The
-      // split does not change any sum: results are the same on every machine.
+      // visit: as many rows as half the L2 holds, so that a band's windows
+      // stay in cache while its RoIs visit them. The split does not change
+      // any sum: results are the same on every machine.
       const int64_t row_bytes = std::max<int64_t>(1, shape.width * shape.channels * bytes);
       per_unit_ = balanced_chunk(shape.height, half_l2_bytes() / row_bytes);
       chunks_ = shape.channels > 0 ? (shape.height + per_unit_ - 1) / per_unit_ : 0;

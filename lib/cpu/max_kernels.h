@@ -17,9 +17,8 @@
 namespace jax_psroi {
 namespace cpu {
 
-// NCHW: planes scanned together by the forward, which share the window
-// loops (a float32 VGG-16 conv5 map, 1,000 RoIs, 7 x 7, 2 threads: one
-// plane at a time 386 ms, 8 planes 215-240 ms, 16 planes 193-223 ms).
+// NCHW: planes scanned together by the forward, which then share the
+// window loops' overhead; more planes than this no longer pay.
 constexpr int64_t kNchwChannelBlock = 16;
 
 // Maxima and pixels of every bin of RoI `roi` (windows rows[ph] x cols[pw])
@@ -164,9 +163,9 @@ RoiPoolByImage roi_pool_by_image(const T* rois, const CallShape& shape, const Bo
 // in index order (bins in order within an RoI): no atomics, and the sums do
 // not depend on the threads. A unit is one image's run of channels (NCHW:
 // whole planes) or, channels-last, a band of its rows with every channel,
-// so that it reads whole rows of the pooled tensor's channels (units of 32
-// of 512 float32 channels made the channels-last backward 5x slower than
-// NCHW's; bands skip the bin rows whose windows miss them).
+// so that it reads whole rows of the pooled tensor's channels (narrow runs
+// of channels would read each pixel's channels in pieces; bands skip the bin
+// rows whose windows miss them).
 struct RoiPoolUnits {
   int64_t run, runs;    // channels per unit, runs per image
   int64_t band, bands;  // rows per unit, bands per image
