@@ -33,19 +33,23 @@
 #ifdef __CUDACC__
 #include <cuda_runtime_api.h>
 
-#include "cuda/psroi_cuda_kernels.cuh"
+#include "cuda/kernels.cuh"
 #endif
 #include "ffi_common.h"
 #include "gpu_schedule.h"
 #include "gpu_schedule_serial.h"
 #include "kernel_table.h"
-#include "psroi_math.h"
+#include "roi_math.h"
 #include "storage_types.h"
 
 namespace jax_psroi {
 namespace driver {
 
 namespace gs = gpu_schedule;
+
+// Whether an operator takes maxima (its own kernels and buffers).
+template <typename Operation>
+constexpr bool kMaxPooling = std::is_same_v<typename Operation::Pooling, MaxPooling>;
 
 // --- Tunings ----------------------------------------------------------------
 // Each a set of the schedule's compile-time choices (gpu_schedule.h, Tuning:
@@ -202,7 +206,8 @@ std::vector<S> generated(int64_t count, uint64_t seed) {
 template <typename Operation, typename S, typename Layout>
 struct HostCase {
   using T = ComputeType<S>;
-  PsRoiDims d;
+  CallShape shape;
+  BoxRule rule;
   T scale;
   int64_t sampling_ratio;
   std::vector<S> features, cotangent;
@@ -214,7 +219,7 @@ struct HostCase {
                   width = c.integer("W"), k = c.integer("K"), ph = c.integer("PH"),
                   pw = c.integer("PW");
     const int64_t channels_out =
-        OperationTraits<Operation>::kSharedChannels ? channels : channels / (ph * pw);
+        Operation::channel_order(0) == ChannelOrder::kShared ? channels : channels / (ph * pw);
     std::vector<int64_t> features = {n, channels, height, width};
     std::vector<int64_t> pooled = {k, channels_out, ph, pw};
     if (Layout::kChannelsLast) {
@@ -224,21 +229,22 @@ struct HostCase {
     const std::vector<int64_t> rois = {k, 5};
     CallAttributes a;
     a.spatial_scale = c.real("spatial_scale");
-    a.sampling_ratio = OperationTraits<Operation>::kMaxPool ? 0 : c.integer("sampling_ratio");
+    a.sampling_ratio = kMaxPooling<Operation> ? 0 : c.integer("sampling_ratio");
     a.operation = c.integer("attribute");
     a.bin_rows = ph;
-    ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
+    ffi::ErrorOr<CallShape> dims = call_dims<Operation, Layout, T>(
         ffi::Span<const int64_t>(features), ffi::Span<const int64_t>(rois),
         ffi::Span<const int64_t>(pooled), a);
     if (dims.has_error()) {
       std::fprintf(stderr, "%s: %s\n", c.str("name").c_str(), dims.error().message().c_str());
       std::exit(2);
     }
-    h.d = dims.value();
+    h.shape = dims.value();
+    h.rule = Operation::box_rule(a.operation);
     h.scale = static_cast<T>(a.spatial_scale);
     h.sampling_ratio = a.sampling_ratio;
-    h.features = generated<S>(h.d.feature_elements(), 1);
-    h.cotangent = generated<S>(h.d.outputs(), 2);
+    h.features = generated<S>(h.shape.feature_elements(), 1);
+    h.cotangent = generated<S>(h.shape.outputs(), 2);
     h.rois = read_array<T>(directory + "/" + c.str("rois"), static_cast<size_t>(5 * k));
     return h;
   }
@@ -258,14 +264,15 @@ std::string verdict(uint64_t got, uint64_t expected) {
 template <typename Tune, typename Operation, typename S, typename Layout>
 void host_forward(const HostCase<Operation, S, Layout>& h, std::vector<S>* output,
                   std::vector<int32_t>* pixels) {
-  output->assign(static_cast<size_t>(h.d.outputs()), S{});
-  if constexpr (OperationTraits<Operation>::kMaxPool) {
+  output->assign(static_cast<size_t>(h.shape.outputs()), S{});
+  if constexpr (kMaxPooling<Operation>) {
     pixels->assign(output->size(), -1);
-    gs::serial_roi_pool_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.d, h.scale,
-                                                 nullptr, output->data(), pixels->data());
+    gs::serial_roi_pool_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.shape, h.rule,
+                                                 h.scale, nullptr, output->data(), pixels->data());
   } else {
-    gs::serial_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.d, h.scale,
-                                        h.sampling_ratio, output->data());
+    gs::serial_forward<Tune, S, Layout>(h.features.data(), h.rois.data(), h.shape, h.rule, h.scale,
+                                        h.sampling_ratio, /*skip_empty_rois=*/false,
+                                        output->data());
   }
 }
 
@@ -279,19 +286,19 @@ Row run_on_host(const Case& c, const HostCase<Operation, S, Layout>& h) {
     host_forward<Tune>(h, &output, &pixels);
     row.forward_check =
         verdict(output_hash(output.data(), output.size() * sizeof(S)), c.hash("forward_hash"));
-  } else if constexpr (OperationTraits<Operation>::kMaxPool) {
+  } else if constexpr (kMaxPooling<Operation>) {
     host_forward<gs::DefaultTuning>(h, &output, &pixels);  // the maxima's pixels
   }
   if constexpr ((Named::kDirections & kBackwardOnly) != 0) {
-    std::vector<S> grad(static_cast<size_t>(h.d.feature_elements()));
-    if constexpr (OperationTraits<Operation>::kMaxPool) {
+    std::vector<S> grad(static_cast<size_t>(h.shape.feature_elements()));
+    if constexpr (kMaxPooling<Operation>) {
       gs::serial_backward<Tune, S, Layout>(
-          gs::CotangentAtMaximum<S, Layout>{h.cotangent.data(), pixels.data(), h.d},
-          h.rois.data(), h.d, h.scale, 0, grad.data());
+          gs::CotangentAtMaximum<S, Layout>{h.cotangent.data(), pixels.data(), h.shape},
+          h.rois.data(), h.shape, h.rule, h.scale, 0, grad.data());
     } else {
       gs::serial_backward<Tune, S, Layout>(
-          gs::WeightedCotangent<S, Layout>{h.cotangent.data(), h.d}, h.rois.data(), h.d,
-          h.scale, h.sampling_ratio, grad.data());
+          gs::WeightedCotangent<S, Layout>{h.cotangent.data(), h.shape}, h.rois.data(), h.shape,
+          h.rule, h.scale, h.sampling_ratio, grad.data());
     }
     row.backward_check =
         verdict(output_hash(grad.data(), grad.size() * sizeof(S)), c.hash("backward_hash"));
@@ -400,25 +407,25 @@ struct DeviceCase {
   explicit DeviceCase(const H& h)
       : input(h.features),
         cotangent(h.cotangent),
-        output(static_cast<size_t>(h.d.outputs())),
-        grad(static_cast<size_t>(h.d.feature_elements())),
+        output(static_cast<size_t>(h.shape.outputs())),
+        grad(static_cast<size_t>(h.shape.feature_elements())),
         rois(h.rois),
-        accumulator(std::is_same_v<S, T> ? 0 : static_cast<size_t>(h.d.feature_elements())),
-        pixels(static_cast<size_t>(h.d.outputs())) {}
+        accumulator(std::is_same_v<S, T> ? 0 : static_cast<size_t>(h.shape.feature_elements())),
+        pixels(static_cast<size_t>(h.shape.outputs())) {}
 };
 
 // Launches `Tune`'s forward of a case on `stream`.
 template <typename Tune, typename Operation, typename S, typename Layout, typename T>
 cudaError_t gpu_forward(cudaStream_t stream, const HostCase<Operation, S, Layout>& h,
                         DeviceCase<S, T>& dev, int32_t* workspace) {
-  if constexpr (OperationTraits<Operation>::kMaxPool) {
+  if constexpr (kMaxPooling<Operation>) {
     return cuda::launch_roi_pool_forward<S, Layout, Tune>(stream, dev.input.data, dev.rois.data,
-                                                          h.d, h.scale, nullptr,
+                                                          h.shape, h.rule, h.scale, nullptr,
                                                           dev.output.data, dev.pixels.data);
   } else {
-    return cuda::launch_forward<S, Layout, Tune>(stream, dev.input.data, dev.rois.data, h.d,
-                                                 h.scale, h.sampling_ratio, workspace,
-                                                 dev.output.data);
+    return cuda::launch_forward<S, Layout, Tune>(stream, dev.input.data, dev.rois.data, h.shape,
+                                                 h.rule, h.scale, h.sampling_ratio, workspace,
+                                                 /*skip_empty_rois=*/false, dev.output.data);
   }
 }
 
@@ -427,31 +434,31 @@ Row run_on_gpu(const Case& c, const HostCase<Operation, S, Layout>& h, int repea
   using Tune = typename Named::Tune;
   using T = ComputeType<S>;
   Row row;
-  const PsRoiDims& d = h.d;
+  const CallShape& shape = h.shape;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   DeviceCase<S, T> dev(h);
   DeviceArray<int32_t> workspace(static_cast<size_t>(
-      std::max(gs::workspace_elements<Tune>(d, false), gs::workspace_elements<Tune>(d, true))));
+      std::max(gs::workspace_elements<Tune>(shape, false), gs::workspace_elements<Tune>(shape, true))));
   if constexpr ((Named::kDirections & kForwardOnly) != 0) {
     row.forward_ms = milliseconds(
         median_ms(stream, repeats, [&] { return gpu_forward<Tune>(stream, h, dev, workspace.data); }));
     CHECK_CUDA(cudaStreamSynchronize(stream));
     row.forward_check = verdict(dev.output.hash(), c.hash("forward_hash"));
-  } else if constexpr (OperationTraits<Operation>::kMaxPool) {
+  } else if constexpr (kMaxPooling<Operation>) {
     CHECK_CUDA(gpu_forward<gs::DefaultTuning>(stream, h, dev, workspace.data));  // the pixels
   }
   if constexpr ((Named::kDirections & kBackwardOnly) != 0) {
     T* sums = std::is_same_v<S, T> ? reinterpret_cast<T*>(dev.grad.data) : dev.accumulator.data;
     auto backward = [&] {
-      if constexpr (OperationTraits<Operation>::kMaxPool) {
+      if constexpr (kMaxPooling<Operation>) {
         return cuda::launch_backward<S, Layout, Tune>(
-            stream, gs::CotangentAtMaximum<S, Layout>{dev.cotangent.data, dev.pixels.data, d},
-            dev.rois.data, d, h.scale, 0, workspace.data, sums, dev.grad.data);
+            stream, gs::CotangentAtMaximum<S, Layout>{dev.cotangent.data, dev.pixels.data, shape},
+            dev.rois.data, shape, h.rule, h.scale, 0, workspace.data, sums, dev.grad.data);
       } else {
         return cuda::launch_backward<S, Layout, Tune>(
-            stream, gs::WeightedCotangent<S, Layout>{dev.cotangent.data, d}, dev.rois.data, d,
-            h.scale, h.sampling_ratio, workspace.data, sums, dev.grad.data);
+            stream, gs::WeightedCotangent<S, Layout>{dev.cotangent.data, shape}, dev.rois.data,
+            shape, h.rule, h.scale, h.sampling_ratio, workspace.data, sums, dev.grad.data);
       }
     };
     // Five runs apart, each hashed: the gradient must repeat bitwise.

@@ -162,9 +162,12 @@ def small_rois(rng) -> np.ndarray:
 
 
 def _schedule_targets():
-    """The CPU module's test-only targets (the CUDA schedule, serially), by
-    (operation, direction, data_format, dtype)."""
-    rows = _extension._register(_extension._cpu.gpu_schedule_targets(), "cpu")
+    """The test rig's targets (the CUDA schedule, serially, on the CPU; a
+    build with JAX_PSROI_TESTING=ON), by (operation, direction, data_format,
+    dtype)."""
+    from jax_psroi import _gpu_schedule_testing
+
+    rows = _extension._register(_gpu_schedule_testing.targets(), "cpu")
     return {key: row.name for key, row in rows.items()}
 
 

@@ -95,10 +95,10 @@ for root in (spec.submodule_search_locations or []) if spec else []:
     target_include_directories(jax_psroi_cuda_handlers PRIVATE "${JAX_PSROI_LIB}")
     target_include_directories(jax_psroi_cuda_handlers SYSTEM PRIVATE "${XLA_INCLUDE_DIR}")
     # No fused multiply-add: the GPU then rounds like the CPU kernels that
-    # the tests check, at no measurable cost for this memory-bound operator.
+    # the tests check; the kernels are bound by memory, not by arithmetic.
     target_compile_options(jax_psroi_cuda_handlers PRIVATE --fmad=false)
-    # One architecture costs about 1.5 min of CPU (cicc and ptxas, each
-    # about half); nvcc compiles them side by side on every core.
+    # Each architecture is its own cicc and ptxas run: nvcc runs them side
+    # by side on every core.
     target_compile_options(jax_psroi_cuda_handlers PRIVATE --threads=0)
 
     nanobind_add_module(_cuda NB_STATIC STABLE_ABI lib/cuda/cuda_module.cc)

@@ -135,7 +135,7 @@ def cpu_backward_workspace_bytes(operation: str, layout: str, dtype, features, p
     """Bytes of the workspace a CPU backward call takes as its last result,
     for `features` (N, C, H, W) and `pooled` (K, C_out, PH, PW): what the
     lowering asks for (the RoIs in passes whose tables fit the larger of 8
-    MiB and the gradient in its compute type; lib/cpu/psroi_cpu_kernels.h
+    MiB and the gradient in its compute type; lib/cpu/average_kernels.h
     computes it), or with `pass_rois` room for passes of that many RoIs."""
     return _cpu.cpu_backward_workspace_bytes(operation, layout, jax.numpy.dtype(dtype).name,
                                              *features, *pooled, channel_order, pass_rois)

@@ -1,6 +1,6 @@
 // What the CPU and CUDA FFI handlers share: the argument binding (written once,
 // for every dtype and platform), the shape checks that turn buffer dimensions
-// into PsRoiDims or an ffi::Error, and the list of FFI targets built from the
+// into CallShape or an ffi::Error, and the list of FFI targets built from the
 // kernel table.
 #ifndef JAX_PSROI_FFI_COMMON_H_
 #define JAX_PSROI_FFI_COMMON_H_
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "kernel_table.h"
-#include "psroi_math.h"
+#include "roi_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_psroi {
@@ -60,49 +60,11 @@ using AccumulatorBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 1>;
 // workspace (gpu_schedule.h) in both directions.
 // `binding` carries the platform's context (stream or thread pool).
 
-// What an operation's calls say beyond the shared arguments: the name of
-// their one operation attribute (ps_roi_align's and ps_roi_pool's channel
-// order, a ChannelOrder, 0 or 1; roi_align's `aligned`, 0 or 1; none for
-// roi_pool), whether every bin reads the same channels, whether bins are
-// windows of whole pixels, and whether they are maxima (RoI Pool: its own
-// buffers, below, and windows of PsRoiDims::roi_pool_windows). ps_roi_pool's
-// calls carry a sampling ratio too, which it ignores.
-template <typename Operation>
-struct OperationTraits;
-template <>
-struct OperationTraits<PsRoiAlign> {
-  static constexpr const char* kAttribute = "channel_order";
-  static constexpr bool kSharedChannels = false;
-  static constexpr bool kWholePixels = false;
-  static constexpr bool kMaxPool = false;
-};
-template <>
-struct OperationTraits<RoiAlign> {
-  static constexpr const char* kAttribute = "aligned";
-  static constexpr bool kSharedChannels = true;
-  static constexpr bool kWholePixels = false;
-  static constexpr bool kMaxPool = false;
-};
-template <>
-struct OperationTraits<PsRoiPool> {
-  static constexpr const char* kAttribute = "channel_order";
-  static constexpr bool kSharedChannels = false;
-  static constexpr bool kWholePixels = true;
-  static constexpr bool kMaxPool = false;
-};
-template <>
-struct OperationTraits<RoiPool> {
-  static constexpr const char* kAttribute = nullptr;
-  static constexpr bool kSharedChannels = true;
-  static constexpr bool kWholePixels = true;
-  static constexpr bool kMaxPool = true;
-};
-
 // RoI Pool's arg-max: the plane pixel y * W + x of each pooled element's
 // maximum, -1 for none, shaped like the pooled tensor.
 using PixelsBuffer = ffi::Buffer<ffi::DataType::S32, 4>;
 
-// The image groups every call takes last (PsRoiDims::rois_per_group and
+// The image groups every call takes last (CallShape::rois_per_group and
 // images_per_group, jax.vmap's; 0 and 0: one group).
 template <typename Binding>
 auto bind_image_groups(Binding binding) {
@@ -117,9 +79,9 @@ auto bind_attributes(Binding binding) {
   return bind_image_groups(std::move(binding)
                                .template Attr<double>("spatial_scale")
                                .template Attr<int64_t>("sampling_ratio")
-                               .template Attr<int64_t>(OperationTraits<Operation>::kAttribute)
-                               .template Attr<int64_t>("first_bin_row")  // PsRoiDims
-                               .template Attr<int64_t>("bin_rows"));     // PsRoiDims
+                               .template Attr<int64_t>(Operation::kAttribute)
+                               .template Attr<int64_t>("first_bin_row")  // CallShape
+                               .template Attr<int64_t>("bin_rows"));     // CallShape
 }
 
 // A call's attributes, as bound above, before call_dims checks them. They
@@ -128,21 +90,23 @@ auto bind_attributes(Binding binding) {
 struct CallAttributes {
   double spatial_scale = 1.0;
   int64_t sampling_ratio = 0;  // RoI Pool: none (0)
-  int64_t operation = 0;       // OperationTraits::kAttribute's value (RoI Pool: none, 0)
+  int64_t operation = 0;       // the policy's kAttribute (RoI Pool: none, 0)
   int64_t first_bin_row = 0;
-  int64_t bin_rows = 0;        // RoI Pool: none (0: the pooled tensor's PH)
+  int64_t bin_rows = 0;  // RoI Pool: none (the pooled tensor's PH)
   int64_t rois_per_group = 0;
   int64_t images_per_group = 0;
 };
 
-// RoI Pool's attributes: a scale and the image groups.
-inline CallAttributes roi_pool_attributes(double spatial_scale, int64_t rois_per_group,
-                                          int64_t images_per_group) {
-  CallAttributes a;
-  a.spatial_scale = spatial_scale;
-  a.rois_per_group = rois_per_group;
-  a.images_per_group = images_per_group;
-  return a;
+// Max pooling's attributes: a scale and the image groups; its grid is the
+// pooled tensor's `pooled_h` rows.
+inline CallAttributes max_pool_attributes(double spatial_scale, int64_t rois_per_group,
+                                          int64_t images_per_group, int64_t pooled_h) {
+  CallAttributes attributes;
+  attributes.spatial_scale = spatial_scale;
+  attributes.bin_rows = pooled_h;
+  attributes.rois_per_group = rois_per_group;
+  attributes.images_per_group = images_per_group;
+  return attributes;
 }
 
 // The results and attributes after a direction's operands.
@@ -153,75 +117,78 @@ auto bind_results(Binding binding) {
                                         .RemainingRets());  // CUDA: (accumulator,) workspace
 }
 
-// Both directions take a pooled-or-feature map and the RoIs (and the
-// forward, optionally, the pooled tensor it updates), and return a map and
-// further results. (A binding is not movable: each is built in one
-// expression.) RoI Pool's:
+// How a call of each pooling binds its buffers and attributes (a binding is
+// not movable: each is built in one expression).
+template <typename Pooling>
+struct PoolingBinding;
+
+// Averaging: both directions take a pooled-or-feature map and the RoIs (and
+// the forward, optionally, the pooled tensor it updates), and return a map
+// and further results.
+template <>
+struct PoolingBinding<AveragePooling> {
+  template <typename Operation, Direction D, typename S, typename Binding>
+  static auto bind(Binding binding) {
+    if constexpr (D == Direction::kForward) {
+      return bind_results<Operation, S>(std::move(binding)
+                                            .template Arg<MapBuffer<S>>()            // input
+                                            .template Arg<RoisBuffer<S>>()           // rois
+                                            .template OptionalArg<MapBuffer<S>>());  // updated
+    } else {
+      return bind_results<Operation, S>(std::move(binding)
+                                            .template Arg<MapBuffer<S>>()     // cotangent
+                                            .template Arg<RoisBuffer<S>>());  // rois
+    }
+  }
+};
+
+// Maxima:
 //   forward:  (input, rois, [recorded]) -> (output, pixels), further results;
 //             with `recorded` (an earlier forward's pixels, which the call
 //             must alias to its `pixels` result) the output is the input at
 //             those pixels: the forward's tangent, linear in the input;
 //   backward: (cotangent, rois, pixels) -> grad, further results;
 // and their attributes are the spatial scale and the image groups.
-template <typename Operation, Direction D, typename S, typename Binding>
-auto bind_buffers(Binding binding) {
-  if constexpr (OperationTraits<Operation>::kMaxPool && D == Direction::kForward) {
-    return bind_image_groups(std::move(binding)
-        .template Arg<MapBuffer<S>>()              // input
-        .template Arg<RoisBuffer<S>>()             // rois
-        .template OptionalArg<PixelsBuffer>()      // recorded
-        .template Ret<MapBuffer<S>>()              // output
-        .template Ret<PixelsBuffer>()              // pixels
-        .RemainingRets()
-        .template Attr<double>("spatial_scale"));
-  } else if constexpr (OperationTraits<Operation>::kMaxPool) {
-    return bind_image_groups(std::move(binding)
-        .template Arg<MapBuffer<S>>()              // cotangent
-        .template Arg<RoisBuffer<S>>()             // rois
-        .template Arg<PixelsBuffer>()              // pixels
-        .template Ret<MapBuffer<S>>()              // grad
-        .RemainingRets()                           // CUDA: (accumulator,) workspace
-        .template Attr<double>("spatial_scale"));
-  } else if constexpr (D == Direction::kForward) {
-    return bind_results<Operation, S>(std::move(binding)
-                                          .template Arg<MapBuffer<S>>()    // input
-                                          .template Arg<RoisBuffer<S>>()   // rois
-                                          .template OptionalArg<MapBuffer<S>>());  // updated
-  } else {
-    return bind_results<Operation, S>(std::move(binding)
-                                          .template Arg<MapBuffer<S>>()     // cotangent
-                                          .template Arg<RoisBuffer<S>>());  // rois
+template <>
+struct PoolingBinding<MaxPooling> {
+  template <typename Operation, Direction D, typename S, typename Binding>
+  static auto bind(Binding binding) {
+    if constexpr (D == Direction::kForward) {
+      return bind_image_groups(std::move(binding)
+                                   .template Arg<MapBuffer<S>>()          // input
+                                   .template Arg<RoisBuffer<S>>()         // rois
+                                   .template OptionalArg<PixelsBuffer>()  // recorded
+                                   .template Ret<MapBuffer<S>>()          // output
+                                   .template Ret<PixelsBuffer>()          // pixels
+                                   .RemainingRets()
+                                   .template Attr<double>("spatial_scale"));
+    } else {
+      return bind_image_groups(std::move(binding)
+                                   .template Arg<MapBuffer<S>>()   // cotangent
+                                   .template Arg<RoisBuffer<S>>()  // rois
+                                   .template Arg<PixelsBuffer>()   // pixels
+                                   .template Ret<MapBuffer<S>>()   // grad
+                                   .RemainingRets()                // CUDA: (accumulator,) workspace
+                                   .template Attr<double>("spatial_scale"));
+    }
   }
-}
+};
 
-// A row's handler: the binding of its direction, after the platform's
-// context (which `context()` starts), bound to `forward` or `backward`.
-template <typename Operation, Direction D, typename S, typename Context, typename Forward,
-          typename Backward>
-auto bind_row(Context context, Forward forward, Backward backward,
-              std::initializer_list<ffi::Traits> traits = {}) {
-  if constexpr (D == Direction::kForward) {
-    return bind_buffers<Operation, D, S>(context()).To(forward, traits);
-  } else {
-    return bind_buffers<Operation, D, S>(context()).To(backward, traits);
-  }
-}
-
-// The optional pooled tensor a forward updates in place (see above): marks
-// `d` to leave the outputs of RoIs that read nothing.
+// The optional pooled tensor a forward updates in place (see above): sets
+// `skip_empty_rois`, so that the outputs of RoIs that read nothing stay.
 template <typename S>
 using UpdatedBuffer = std::optional<MapBuffer<S>>;
 
 template <typename Buffer>
 ffi::Error apply_update(const std::optional<Buffer>& updated, const Buffer& output,
-                        PsRoiDims* d) {
+                        bool* skip_empty_rois) {
   if (!updated) return ffi::Error::Success();
   if (updated->untyped_data() != output.untyped_data()) {
     return ffi::Error::InvalidArgument(
         "jax_psroi: a third operand is the pooled tensor a forward updates, and must be "
         "aliased to its result");
   }
-  d->skip_empty_rois = true;
+  *skip_empty_rois = true;
   return ffi::Error::Success();
 }
 
@@ -290,9 +257,9 @@ inline ffi::Unexpected<ffi::Error> invalid_call(const std::string& message) {
 // what is wrong, and nothing the kernels compute from an accepted call
 // overflows or runs without bound.
 template <typename Operation, typename Layout, typename T>
-ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
-                                  ffi::Span<const int64_t> rois,
-                                  ffi::Span<const int64_t> pooled, const CallAttributes& a) {
+ffi::ErrorOr<CallShape> call_dims(ffi::Span<const int64_t> features, ffi::Span<const int64_t> rois,
+                                  ffi::Span<const int64_t> pooled,
+                                  const CallAttributes& attributes) {
   if (rois[1] != 5 || pooled[0] != rois[0]) {
     return invalid_call("rois must be [K, 5] and the pooled tensor's first axis K; got rois " +
                         shape_string(rois) + ", pooled " + shape_string(pooled));
@@ -302,106 +269,103 @@ ffi::ErrorOr<PsRoiDims> call_dims(ffi::Span<const int64_t> features,
                         " and of the pooled tensor " + shape_string(pooled) +
                         " must multiply to less than 2^63");
   }
-  constexpr bool kShared = OperationTraits<Operation>::kSharedChannels;
-  constexpr bool kMaxPool = OperationTraits<Operation>::kMaxPool;
-  if (a.operation != 0 && a.operation != 1) {
-    return invalid_call(std::string(kShared ? "aligned must be 0 or 1"
-                                            : "channel_order must be 0 (torchvision) or 1 "
-                                              "(bin_major)") +
-                        ", got " + std::to_string(a.operation));
+  if (attributes.operation != 0 && attributes.operation != 1) {
+    return invalid_call(std::string(Operation::kAttributeRule) + ", got " +
+                        std::to_string(attributes.operation));
   }
   // In T, where the kernels use it: 1e300 is inf in float32, 1e-50 zero.
-  const T scale = static_cast<T>(a.spatial_scale);
+  const T scale = static_cast<T>(attributes.spatial_scale);
   if (!(is_finite(scale) && scale > static_cast<T>(0))) {
     return invalid_call("spatial_scale must be finite and positive in the boxes' type, got " +
-                        std::to_string(a.spatial_scale));
+                        std::to_string(attributes.spatial_scale));
   }
-  if (a.sampling_ratio > kMaxGridPerAxis) {
+  if (attributes.sampling_ratio > kMaxGridPerAxis) {
     return invalid_call("sampling_ratio must be at most " + std::to_string(kMaxGridPerAxis) +
                         " samples per bin axis (<= 0: adaptive), got " +
-                        std::to_string(a.sampling_ratio));
+                        std::to_string(attributes.sampling_ratio));
   }
   constexpr const int* kAxes = Layout::kAxes;  // N, C, H, W (K, C_out, PH, PW)
-  PsRoiDims d;
-  d.num_images = features[kAxes[0]];
-  d.channels = features[kAxes[1]];
-  d.height = features[kAxes[2]];
-  d.width = features[kAxes[3]];
-  d.num_rois = pooled[kAxes[0]];
-  d.channels_out = pooled[kAxes[1]];
-  d.pooled_h = pooled[kAxes[2]];
-  d.pooled_w = pooled[kAxes[3]];
-  d.channel_order = kShared ? ChannelOrder::kShared : static_cast<ChannelOrder>(a.operation);
-  // Windows of whole pixels take the unaligned geometry (no shift, sizes
-  // clamped to at least 1), after rounding.
-  constexpr bool kWholePixels = OperationTraits<Operation>::kWholePixels;
-  d.aligned = kWholePixels ? false : (kShared ? a.operation == 1 : true);
-  d.whole_pixels = kWholePixels;
-  d.roi_pool_windows = kMaxPool;
+  CallShape shape;
+  shape.num_images = features[kAxes[0]];
+  shape.channels = features[kAxes[1]];
+  shape.height = features[kAxes[2]];
+  shape.width = features[kAxes[3]];
+  shape.num_rois = pooled[kAxes[0]];
+  shape.channels_out = pooled[kAxes[1]];
+  shape.pooled_h = pooled[kAxes[2]];
+  shape.pooled_w = pooled[kAxes[3]];
+  shape.channel_order = Operation::channel_order(attributes.operation);
+  const bool shared = shape.channel_order == ChannelOrder::kShared;
   int64_t channels = 0;
-  if (d.pooled_h <= 0 || d.pooled_w <= 0 ||
-      !multiply(d.channels_out, kShared ? 1 : d.bins(), &channels) || d.channels != channels) {
-    return invalid_call(std::string(kShared ? "feature channels must equal C_out"
-                                            : "feature channels must equal C_out * PH * PW") +
+  if (shape.pooled_h <= 0 || shape.pooled_w <= 0 ||
+      !multiply(shape.channels_out, shared ? 1 : shape.bins(), &channels) ||
+      shape.channels != channels) {
+    return invalid_call(std::string(shared ? "feature channels must equal C_out"
+                                           : "feature channels must equal C_out * PH * PW") +
                         "; got features " + shape_string(features) + ", pooled " +
                         shape_string(pooled));
   }
   // Both non-negative: their difference does not overflow.
-  d.first_bin_row = a.first_bin_row;
-  d.bin_rows = kMaxPool ? d.pooled_h : a.bin_rows;
-  if (d.first_bin_row < 0 || d.bin_rows < 0 || d.bin_rows - d.first_bin_row < d.pooled_h) {
-    return invalid_call("the pooled tensor's " + std::to_string(d.pooled_h) +
-                        " bin rows from row " + std::to_string(a.first_bin_row) +
-                        " must lie in a grid of " + std::to_string(a.bin_rows) + " rows");
+  shape.first_bin_row = attributes.first_bin_row;
+  shape.bin_rows = attributes.bin_rows;
+  if (shape.first_bin_row < 0 || shape.bin_rows < 0 ||
+      shape.bin_rows - shape.first_bin_row < shape.pooled_h) {
+    return invalid_call("the pooled tensor's " + std::to_string(shape.pooled_h) +
+                        " bin rows from row " + std::to_string(attributes.first_bin_row) +
+                        " must lie in a grid of " + std::to_string(attributes.bin_rows) + " rows");
   }
-  d.rois_per_group = a.rois_per_group;
-  d.images_per_group = a.images_per_group;
-  if (d.rois_per_group < 0 || d.images_per_group < 0 ||
-      (d.images_per_group > 0 && d.num_images % d.images_per_group != 0)) {
-    return invalid_call("rois_per_group and images_per_group must be >= 0 (0: one group), "
-                        "images_per_group a divisor of the " + std::to_string(d.num_images) +
-                        " images; got " + std::to_string(d.rois_per_group) + " and " +
-                        std::to_string(d.images_per_group));
+  shape.rois_per_group = attributes.rois_per_group;
+  shape.images_per_group = attributes.images_per_group;
+  if (shape.rois_per_group < 0 || shape.images_per_group < 0 ||
+      (shape.images_per_group > 0 && shape.num_images % shape.images_per_group != 0)) {
+    return invalid_call(
+        "rois_per_group and images_per_group must be >= 0 (0: one group), "
+        "images_per_group a divisor of the " +
+        std::to_string(shape.num_images) + " images; got " + std::to_string(shape.rois_per_group) +
+        " and " + std::to_string(shape.images_per_group));
   }
-  return d;
+  return shape;
 }
 
-// Dims of a RoI Pool call (features, rois, pooled tensor and its pixels),
-// which record pixels in 32 bits.
-template <typename Layout, typename T>
-ffi::ErrorOr<PsRoiDims> roi_pool_dims(ffi::Span<const int64_t> features,
+// Shape of a max-pooling call (features, rois, pooled tensor and its
+// pixels), which record pixels in 32 bits.
+template <typename Operation, typename Layout, typename T>
+ffi::ErrorOr<CallShape> max_pool_dims(ffi::Span<const int64_t> features,
                                       ffi::Span<const int64_t> rois,
                                       ffi::Span<const int64_t> pooled,
                                       ffi::Span<const int64_t> pixels,
                                       const CallAttributes& attributes) {
-  ffi::ErrorOr<PsRoiDims> d =
-      call_dims<RoiPool, Layout, T>(features, rois, pooled, attributes);
-  if (d.has_error()) return d;
+  ffi::ErrorOr<CallShape> shape =
+      call_dims<Operation, Layout, T>(features, rois, pooled, attributes);
+  if (shape.has_error()) return shape;
   if (shape_string(pixels) != shape_string(pooled)) {
-    return invalid_call("roi_pool's pixels must be shaped like its pooled tensor " +
-                        shape_string(pooled) + "; got " + shape_string(pixels));
+    return invalid_call(std::string(Operation::kName) +
+                        "'s pixels must be shaped like its pooled tensor " + shape_string(pooled) +
+                        "; got " + shape_string(pixels));
   }
-  if (d->plane_size() > INT32_MAX) {
-    return invalid_call("roi_pool takes feature maps of fewer than 2^31 pixels per plane; got " +
+  if (shape->plane_size() > INT32_MAX) {
+    return invalid_call(std::string(Operation::kName) +
+                        " takes feature maps of fewer than 2^31 pixels per plane; got " +
                         shape_string(features));
   }
-  return d;
+  return shape;
 }
 
-// Dims of a RoI Pool forward, whose optional `recorded` pixels (the gather
-// of its tangent) must be aliased to its pixels result.
-template <typename Layout, typename T, typename Input, typename Rois, typename Output>
-ffi::ErrorOr<PsRoiDims> roi_pool_forward_dims(const Input& input, const Rois& rois,
+// Shape of a max-pooling forward, whose optional `recorded` pixels (the
+// gather of its tangent) must be aliased to its pixels result.
+template <typename Operation, typename Layout, typename T, typename Input, typename Rois,
+          typename Output>
+ffi::ErrorOr<CallShape> max_pool_forward_dims(const Input& input, const Rois& rois,
                                               const std::optional<PixelsBuffer>& recorded,
                                               const Output& output, const PixelsBuffer& pixels,
                                               const CallAttributes& attributes) {
   if (recorded && recorded->untyped_data() != pixels.untyped_data()) {
-    return invalid_call(
-        "roi_pool's third operand is the pixels it gathers at, and must be aliased to its "
-        "pixels result");
+    return invalid_call(std::string(Operation::kName) +
+                        "'s third operand is the pixels it gathers at, and must be aliased to "
+                        "its pixels result");
   }
-  return roi_pool_dims<Layout, T>(input.dimensions(), rois.dimensions(), output.dimensions(),
-                                  pixels.dimensions(), attributes);
+  return max_pool_dims<Operation, Layout, T>(input.dimensions(), rois.dimensions(),
+                                             output.dimensions(), pixels.dimensions(), attributes);
 }
 
 // One FFI target: a row of the kernel table, its name and its handler.

@@ -1,8 +1,8 @@
 // The CUDA kernels' schedule: who owns which outputs, in which order RoIs are
 // visited, what a block keeps in shared memory. Written once over an
 // executor `Exec` that stands for a thread block, so that the CUDA kernels
-// (lib/cuda/psroi_cuda_kernels.cuh, Exec = the real block) and the CPU's
-// test-only copy of them (lib/cpu/gpu_schedule_handlers.cc, Exec = a serial
+// (lib/cuda/kernels.cuh, Exec = the real block) and the CPU's
+// test-only copy of them (lib/testing/gpu_schedule_handlers.cc, Exec = a serial
 // loop) run the same code, and the CPU tests check every index and every
 // ordering rule the GPU uses.
 //
@@ -67,7 +67,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "psroi_math.h"
+#include "roi_math.h"
 
 namespace jax_psroi {
 namespace gpu_schedule {
@@ -149,15 +149,13 @@ struct Tuning {
   }
 };
 
-// 16 entries a pixel: on a Light-Head training batch (8 images, 2,000 RoIs
-// each, 7x7 bins, the benchmark's boxes) half of the (tile, bin) blocks hold
-// a pixel covered more than 8 times and 0.1 % one covered more than 16; an
-// element of such a pixel re-reads the whole list, and its warp waits.
-// Launch bounds: unbounded, ptxas (sm_90) gives the NCHW forward, whose
-// threads keep the sums of up to 8 planes, 128-157 registers, 4 blocks an
-// SM; 5 bounds it to 96 registers and 20-30 bytes of spills in float32. The
-// backward at 7: 72 registers (no spills) where it picks 74-96 unbounded,
-// and float32 shared memory (32 KB a block) allows 7 too.
+// 16 entries a pixel: dense detection batches cover many pixels more than 8
+// times but almost none more than 16, and an element of a pixel past its
+// entries re-reads the whole list while its warp waits.
+// Launch bounds: the NCHW forward's threads keep the sums of up to 8
+// planes, and ptxas left unbounded spends registers until few blocks fit an
+// SM; 5 blocks keeps it near 96 registers with few spills. The backward at
+// 7 needs no spills, and float32 shared memory (32 KB a block) allows 7.
 using DefaultTuning = Tuning</*Threads=*/128, /*TileRows=*/4, /*CoverPerPixel=*/16,
                              /*ForwardPlanes=*/8, /*NhwcChannelGroup=*/32, /*NhwcPlanes=*/0,
                              /*ForwardMinBlocks=*/2048, /*ForwardBlocksPerSm=*/5,
@@ -165,7 +163,7 @@ using DefaultTuning = Tuning</*Threads=*/128, /*TileRows=*/4, /*CoverPerPixel=*/
 
 // --- Workspace --------------------------------------------------------------
 // One int32 buffer that XLA allocates as a further result of each CUDA call,
-// of workspace_elements(d, backward) elements (jax_psroi._primitives asks
+// of workspace_elements(shape, backward) elements (jax_psroi._primitives asks
 // the CPU module, which compiles this header, for the number).
 //   forward:  boxes [K, kBoxWords] | image [K] | band [K] | order [K] |
 //             offsets [B + 1] | counts [B * S]
@@ -200,8 +198,8 @@ constexpr int64_t kBucketSegment = 1024;
 // windows of neighbouring boxes meet in L1/L2.
 constexpr int64_t kForwardBands = 8;
 
-PSROI_HD int64_t band_rows_of(const PsRoiDims& d) {
-  const int64_t rows = (d.height + kForwardBands - 1) / kForwardBands;
+PSROI_HD int64_t band_rows_of(const CallShape& shape) {
+  const int64_t rows = (shape.height + kForwardBands - 1) / kForwardBands;
   return rows > 0 ? rows : 1;
 }
 
@@ -211,69 +209,71 @@ PSROI_HD int64_t band_rows_of(const PsRoiDims& d) {
 constexpr int64_t kBoxWords = 4 * sizeof(double) / sizeof(int32_t);
 
 template <typename T>
-PSROI_HD void store_box(const Workspace& ws, int64_t roi, const RoiBox<T>& box) {
+PSROI_HD void store_box(const Workspace& views, int64_t roi, const RoiBox<T>& box) {
   const T values[4] = {box.start_y, box.start_x, box.bin_h, box.bin_w};
-  memcpy(ws.boxes + kBoxWords * roi, values, sizeof(values));
+  memcpy(views.boxes + kBoxWords * roi, values, sizeof(values));
 }
 
 // The geometry of RoI `roi`, which reads image `image` (its bucket's).
 template <typename T>
-PSROI_HD RoiGeometry<T> stored_geometry(const Workspace& ws, int64_t roi, int64_t image,
-                                        const PsRoiDims& d, int64_t sampling_ratio) {
+PSROI_HD RoiGeometry<T> stored_geometry(const Workspace& views, int64_t roi, int64_t image,
+                                        const CallShape& shape, const BoxRule& rule,
+                                        int64_t sampling_ratio) {
   T values[4];
-  memcpy(values, ws.boxes + kBoxWords * roi, sizeof(values));
-  return geometry_of_box(RoiBox<T>{image, values[0], values[1], values[2], values[3]}, d,
+  memcpy(values, views.boxes + kBoxWords * roi, sizeof(values));
+  return geometry_of_box(RoiBox<T>{image, values[0], values[1], values[2], values[3]}, shape, rule,
                          sampling_ratio);
 }
 
 template <typename Tune>
-PSROI_HD int64_t tile_rows_of(const PsRoiDims& d) {
-  return (d.height + Tune::kTileRows - 1) / Tune::kTileRows;
+PSROI_HD int64_t tile_rows_of(const CallShape& shape) {
+  return (shape.height + Tune::kTileRows - 1) / Tune::kTileRows;
 }
 
 template <typename Tune>
-PSROI_HD int64_t buckets_of(const PsRoiDims& d, bool backward) {
-  return backward ? d.num_images * tile_rows_of<Tune>(d) : d.num_images * kForwardBands + 1;
+PSROI_HD int64_t buckets_of(const CallShape& shape, bool backward) {
+  return backward ? shape.num_images * tile_rows_of<Tune>(shape)
+                  : shape.num_images * kForwardBands + 1;
 }
 
-PSROI_HD int64_t segments_of(const PsRoiDims& d) {
-  const int64_t s = (d.num_rois + kBucketSegment - 1) / kBucketSegment;
+PSROI_HD int64_t segments_of(const CallShape& shape) {
+  const int64_t s = (shape.num_rois + kBucketSegment - 1) / kBucketSegment;
   return s > 0 ? s : 1;
 }
 
 template <typename Tune>
-PSROI_HD Workspace workspace_views(int32_t* ws, const PsRoiDims& d, bool backward) {
-  const int64_t K = d.num_rois;
-  const int64_t buckets = buckets_of<Tune>(d, backward);
+PSROI_HD Workspace workspace_views(int32_t* views, const CallShape& shape, bool backward) {
+  const int64_t K = shape.num_rois;
+  const int64_t buckets = buckets_of<Tune>(shape, backward);
   Workspace w{};
-  w.boxes = ws;
-  w.image = ws + kBoxWords * K;
+  w.boxes = views;
+  w.image = views + kBoxWords * K;
   int32_t* next = w.image + K;
   if (backward) {
     w.tile_rows = next;
     w.spans = w.tile_rows + 2 * K;
-    next = w.spans + 2 * K * (d.pooled_h + d.pooled_w);
+    next = w.spans + 2 * K * (shape.pooled_h + shape.pooled_w);
   } else {
     w.band = next;
     next += K;
   }
   w.offsets = next;
   w.counts = w.offsets + buckets + 1;
-  w.order = w.counts + buckets * segments_of(d);
+  w.order = w.counts + buckets * segments_of(shape);
   return w;
 }
 
 template <typename Tune>
-PSROI_HD int64_t workspace_elements(const PsRoiDims& d, bool backward) {
-  const int64_t K = d.num_rois;
+PSROI_HD int64_t workspace_elements(const CallShape& shape, bool backward) {
+  const int64_t K = shape.num_rois;
   const int64_t fixed =
-      kBoxWords * K + buckets_of<Tune>(d, backward) * (1 + segments_of(d)) + 1;
+      kBoxWords * K + buckets_of<Tune>(shape, backward) * (1 + segments_of(shape)) + 1;
   if (!backward) return 3 * K + fixed;
-  return 3 * K + 2 * K * (d.pooled_h + d.pooled_w) + fixed + K * tile_rows_of<Tune>(d);
+  return 3 * K + 2 * K * (shape.pooled_h + shape.pooled_w) + fixed + K * tile_rows_of<Tune>(shape);
 }
 
 // Whether a call's forward and backward blocks sum the samples of a grid
-// past kPerSampleGrid pixel by pixel (psroi_math.h): only a fixed sampling
+// past kPerSampleGrid pixel by pixel (roi_math.h): only a fixed sampling
 // ratio past it puts many samples in a pixel, and the blocks for those calls
 // are instantiated apart, so that the others carry none of their code.
 PSROI_HD bool pixel_sums(int64_t sampling_ratio) { return sampling_ratio > kPerSampleGrid; }
@@ -284,54 +284,53 @@ PSROI_HD bool pixel_sums(int64_t sampling_ratio) { return sampling_ratio > kPerS
 // backward, the pixels each bin row and column touches and the tile rows
 // its box touches.
 template <typename Tune, typename T>
-PSROI_HD void roi_info(const T* rois, const PsRoiDims& d, T spatial_scale,
-                       int64_t sampling_ratio, int64_t roi, bool backward,
-                       const Workspace& ws) {
-  const RoiBox<T> box = roi_box(rois, roi, d, spatial_scale);
-  store_box(ws, roi, box);
-  const RoiGeometry<T> g = geometry_of_box(box, d, sampling_ratio);
-  ws.image[roi] = static_cast<int32_t>(g.empty() ? d.num_images : g.image);
+PSROI_HD void roi_info(const T* rois, const CallShape& shape, const BoxRule& rule, T spatial_scale,
+                       int64_t sampling_ratio, int64_t roi, bool backward, const Workspace& views) {
+  const RoiBox<T> box = roi_box(rois, roi, shape, rule, spatial_scale);
+  store_box(views, roi, box);
+  const RoiGeometry<T> geometry = geometry_of_box(box, shape, rule, sampling_ratio);
+  views.image[roi] = static_cast<int32_t>(geometry.empty() ? shape.num_images : geometry.image);
   if (!backward) {
     // The row the box starts at, clipped to the map (in T first: it may be
     // huge; RoIs that read nothing, NaN included, take band 0 unused).
     T top = box.start_y;
-    const T last_row = static_cast<T>(d.height - 1);
+    const T last_row = static_cast<T>(shape.height - 1);
     if (!(top > static_cast<T>(0))) top = static_cast<T>(0);
     if (top > last_row) top = last_row;
-    ws.band[roi] = static_cast<int32_t>(static_cast<int64_t>(top) / band_rows_of(d));
+    views.band[roi] = static_cast<int32_t>(static_cast<int64_t>(top) / band_rows_of(shape));
     return;
   }
-  int64_t first_row = d.height, last_row = -1;
-  for (int64_t a = 0; a < d.pooled_h + d.pooled_w; ++a) {
+  int64_t first_row = shape.height, last_row = -1;
+  for (int64_t a = 0; a < shape.pooled_h + shape.pooled_w; ++a) {
     AxisSpan s{0, -1};
-    if (!g.empty()) {
-      s = a < d.pooled_h ? touched_pixels(g.y, a, d.height)
-                         : touched_pixels(g.x, a - d.pooled_h, d.width);
+    if (!geometry.empty()) {
+      s = a < shape.pooled_h ? touched_pixels(geometry.y, a, shape.height)
+                             : touched_pixels(geometry.x, a - shape.pooled_h, shape.width);
     }
-    int32_t* span = ws.spans + 2 * (a * d.num_rois + roi);
+    int32_t* span = views.spans + 2 * (a * shape.num_rois + roi);
     span[0] = static_cast<int32_t>(s.first);
     span[1] = static_cast<int32_t>(s.last);
-    if (a < d.pooled_h && s.first <= s.last) {
+    if (a < shape.pooled_h && s.first <= s.last) {
       if (s.first < first_row) first_row = s.first;
       if (s.last > last_row) last_row = s.last;
     }
   }
   const bool touches = first_row <= last_row;
-  ws.tile_rows[2 * roi] = static_cast<int32_t>(touches ? first_row / Tune::kTileRows : 0);
-  ws.tile_rows[2 * roi + 1] = static_cast<int32_t>(touches ? last_row / Tune::kTileRows : -1);
+  views.tile_rows[2 * roi] = static_cast<int32_t>(touches ? first_row / Tune::kTileRows : 0);
+  views.tile_rows[2 * roi + 1] = static_cast<int32_t>(touches ? last_row / Tune::kTileRows : -1);
 }
 
 // Is RoI k in bucket b? roi_info must be complete for every RoI.
 template <typename Tune>
-PSROI_HD bool in_bucket(const PsRoiDims& d, const Workspace& ws, bool backward, int64_t k,
+PSROI_HD bool in_bucket(const CallShape& shape, const Workspace& views, bool backward, int64_t k,
                         int64_t b) {
   if (!backward) {
     const int64_t n = b / kForwardBands;  // N: the last bucket
-    return ws.image[k] == n && (n == d.num_images || ws.band[k] == b - n * kForwardBands);
+    return views.image[k] == n && (n == shape.num_images || views.band[k] == b - n * kForwardBands);
   }
-  const int64_t rows = tile_rows_of<Tune>(d);
+  const int64_t rows = tile_rows_of<Tune>(shape);
   const int64_t n = b / rows, t = b - n * rows;
-  return ws.image[k] == n && ws.tile_rows[2 * k] <= t && t <= ws.tile_rows[2 * k + 1];
+  return views.image[k] == n && views.tile_rows[2 * k] <= t && t <= views.tile_rows[2 * k + 1];
 }
 
 // Bucketing, in three launches over blocks (bucket b, segment s), block
@@ -344,10 +343,10 @@ PSROI_HD bool in_bucket(const PsRoiDims& d, const Workspace& ws, bool backward, 
 // So every bucket lists its RoIs in increasing RoI order, whatever the
 // number of blocks.
 template <typename Exec, typename F>
-PSROI_HD int64_t for_segment_chunks(Exec& ex, const PsRoiDims& d, int64_t segment, F f) {
+PSROI_HD int64_t for_segment_chunks(Exec& ex, const CallShape& shape, int64_t segment, F f) {
   const int64_t begin = segment * kBucketSegment;
   int64_t end = begin + kBucketSegment;
-  if (end > d.num_rois) end = d.num_rois;
+  if (end > shape.num_rois) end = shape.num_rois;
   int64_t total = 0;
   for (int64_t k0 = begin; k0 < end; k0 += ex.threads) {
     total += f(k0, end - k0 < ex.threads ? end - k0 : ex.threads);
@@ -356,41 +355,44 @@ PSROI_HD int64_t for_segment_chunks(Exec& ex, const PsRoiDims& d, int64_t segmen
 }
 
 template <typename Tune, typename Exec>
-PSROI_HD void count_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward,
+PSROI_HD void count_block(Exec& ex, const CallShape& shape, const Workspace& views, bool backward,
                           int64_t block) {
-  const int64_t b = block / segments_of(d), segment = block % segments_of(d);
-  const int64_t members = for_segment_chunks(ex, d, segment, [&](int64_t k0, int64_t n) {
-    return ex.sum(n, [&](int64_t i) { return in_bucket<Tune>(d, ws, backward, k0 + i, b) ? 1 : 0; });
+  const int64_t b = block / segments_of(shape), segment = block % segments_of(shape);
+  const int64_t members = for_segment_chunks(ex, shape, segment, [&](int64_t k0, int64_t n) {
+    return ex.sum(
+        n, [&](int64_t i) { return in_bucket<Tune>(shape, views, backward, k0 + i, b) ? 1 : 0; });
   });
-  ex.single([&] { ws.counts[block] = static_cast<int32_t>(members); });
+  ex.single([&] { views.counts[block] = static_cast<int32_t>(members); });
 }
 
 template <typename Tune, typename Exec>
-PSROI_HD void start_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward) {
-  const int64_t segments = segments_of(d);
-  const int64_t blocks = buckets_of<Tune>(d, backward) * segments;
+PSROI_HD void start_block(Exec& ex, const CallShape& shape, const Workspace& views, bool backward) {
+  const int64_t segments = segments_of(shape);
+  const int64_t blocks = buckets_of<Tune>(shape, backward) * segments;
   int64_t start = 0;
   for (int64_t i0 = 0; i0 < blocks; i0 += ex.threads) {
     const int64_t n = blocks - i0 < ex.threads ? blocks - i0 : ex.threads;
     start += ex.scan(
-        n, [&](int64_t i) { return ws.counts[i0 + i]; }, start,
+        n, [&](int64_t i) { return views.counts[i0 + i]; }, start,
         [&](int64_t i, int64_t at) {
-          ws.counts[i0 + i] = static_cast<int32_t>(at);
-          if ((i0 + i) % segments == 0) ws.offsets[(i0 + i) / segments] = static_cast<int32_t>(at);
+          views.counts[i0 + i] = static_cast<int32_t>(at);
+          if ((i0 + i) % segments == 0)
+            views.offsets[(i0 + i) / segments] = static_cast<int32_t>(at);
         });
   }
-  ex.single([&] { ws.offsets[buckets_of<Tune>(d, backward)] = static_cast<int32_t>(start); });
+  ex.single(
+      [&] { views.offsets[buckets_of<Tune>(shape, backward)] = static_cast<int32_t>(start); });
 }
 
 template <typename Tune, typename Exec>
-PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, bool backward,
+PSROI_HD void place_block(Exec& ex, const CallShape& shape, const Workspace& views, bool backward,
                           int64_t block) {
-  const int64_t b = block / segments_of(d), segment = block % segments_of(d);
-  int64_t placed = ws.counts[block];
-  for_segment_chunks(ex, d, segment, [&](int64_t k0, int64_t n) {
+  const int64_t b = block / segments_of(shape), segment = block % segments_of(shape);
+  int64_t placed = views.counts[block];
+  for_segment_chunks(ex, shape, segment, [&](int64_t k0, int64_t n) {
     const int64_t members = ex.compact(
-        n, [&](int64_t i) { return in_bucket<Tune>(d, ws, backward, k0 + i, b); }, placed, INT64_MAX,
-        [&](int64_t i, int64_t at) { ws.order[at] = static_cast<int32_t>(k0 + i); });
+        n, [&](int64_t i) { return in_bucket<Tune>(shape, views, backward, k0 + i, b); }, placed,
+        INT64_MAX, [&](int64_t i, int64_t at) { views.order[at] = static_cast<int32_t>(k0 + i); });
     placed += members;
     return members;
   });
@@ -400,14 +402,14 @@ PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, boo
 
 // The forward wants at least Tune::kForwardMinBlocks blocks: an image's RoIs
 // are split into chunks until it has them, so that a few images of few
-// channel groups still fill the GPU (a Light-Head map in NHWC, 8 images of
-// 490 channels, is 144 blocks unsplit, 0.12 waves of an H200).
+// channel groups still fill the GPU (a map of a few hundred channels in
+// NHWC gives a few blocks per image unsplit, a fraction of one wave).
 //
 // NCHW: a forward thread computes one RoI's bin in up to kForwardPlanes
 // planes, those of consecutive output channels of that bin, and its box's
-// taps once for all of them (an H200 profile of one plane a thread: ~910
-// instructions an output, most of them geometry and taps, IPC 2.8:
-// instruction-bound). A block takes forward_planes(d) output channels of
+// taps once for all of them (with one plane a thread, geometry and taps are
+// most of an output's instructions, and the kernel is instruction-bound).
+// A block takes forward_planes(shape) output channels of
 // one bin: C_out split evenly into as few runs of at most kForwardPlanes as
 // it takes. NHWC: a block takes kNhwcChannelGroup consecutive channels
 // (pairs, as channel_bin numbers them), which a warp reads as one
@@ -418,36 +420,36 @@ PSROI_HD void place_block(Exec& ex, const PsRoiDims& d, const Workspace& ws, boo
 // (the last may be shorter), where threads take runs (NCHW; NHWC with
 // Tune::kNhwcPlanes).
 template <typename Tune, typename Layout>
-PSROI_HD int64_t forward_runs(const PsRoiDims& d) {
+PSROI_HD int64_t forward_runs(const CallShape& shape) {
   constexpr int kPlanes = Tune::template forward_planes<Layout>();
-  return (d.channels_out + kPlanes - 1) / kPlanes;
+  return (shape.channels_out + kPlanes - 1) / kPlanes;
 }
 template <typename Tune, typename Layout>
-PSROI_HD int64_t forward_planes(const PsRoiDims& d) {
-  const int64_t runs = forward_runs<Tune, Layout>(d);
-  return runs > 0 ? (d.channels_out + runs - 1) / runs : 1;
+PSROI_HD int64_t forward_planes(const CallShape& shape) {
+  const int64_t runs = forward_runs<Tune, Layout>(shape);
+  return runs > 0 ? (shape.channels_out + runs - 1) / runs : 1;
 }
 
 // Groups of (output channel, bin) pairs the forward splits its blocks by:
 // (bin, run of forward_planes output channels), the run fastest; or NHWC
 // runs of kNhwcChannelGroup pairs.
 template <typename Tune, typename Layout>
-PSROI_HD int64_t forward_channel_groups(const PsRoiDims& d) {
+PSROI_HD int64_t forward_channel_groups(const CallShape& shape) {
   if (!Tune::template forward_runs_planes<Layout>()) {
-    return (d.channel_bins() + Tune::kNhwcChannelGroup - 1) / Tune::kNhwcChannelGroup;
+    return (shape.channel_bins() + Tune::kNhwcChannelGroup - 1) / Tune::kNhwcChannelGroup;
   }
-  return d.bins() * forward_runs<Tune, Layout>(d);
+  return shape.bins() * forward_runs<Tune, Layout>(shape);
 }
 
 // Chunks each image's RoIs (and those that read nothing) are split into:
 // enough for kForwardMinBlocks blocks, but no more than one per kThreads
 // RoIs of an average image.
 template <typename Tune, typename Layout>
-PSROI_HD int64_t forward_chunks(const PsRoiDims& d) {
-  const int64_t images = d.num_images > 0 ? d.num_images : 1;
-  const int64_t per_image = (d.num_rois + images - 1) / images;
+PSROI_HD int64_t forward_chunks(const CallShape& shape) {
+  const int64_t images = shape.num_images > 0 ? shape.num_images : 1;
+  const int64_t per_image = (shape.num_rois + images - 1) / images;
   const int64_t by_rois = (per_image + Tune::kThreads - 1) / Tune::kThreads;
-  const int64_t others = (d.num_images + 1) * forward_channel_groups<Tune, Layout>(d);
+  const int64_t others = (shape.num_images + 1) * forward_channel_groups<Tune, Layout>(shape);
   if (others == 0) return 1;  // no output channels: no blocks
   const int64_t wanted = (Tune::kForwardMinBlocks + others - 1) / others;
   const int64_t chunks = by_rois < wanted ? by_rois : wanted;
@@ -457,9 +459,9 @@ PSROI_HD int64_t forward_chunks(const PsRoiDims& d) {
 // Blocks of the forward: (image or N, chunk, channel group), the group
 // fastest, so that the blocks in flight share one image's RoIs.
 template <typename Tune, typename Layout>
-PSROI_HD int64_t forward_blocks(const PsRoiDims& d) {
-  return (d.num_images + 1) * forward_chunks<Tune, Layout>(d) *
-         forward_channel_groups<Tune, Layout>(d);
+PSROI_HD int64_t forward_blocks(const CallShape& shape) {
+  return (shape.num_images + 1) * forward_chunks<Tune, Layout>(shape) *
+         forward_channel_groups<Tune, Layout>(shape);
 }
 
 // Output channel and bin of pair `c` (< channel_bins()): in the
@@ -472,13 +474,13 @@ struct ChannelBin {
   int32_t c_out, bin, ph, pw;
 };
 
-PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
+PSROI_HD ChannelBin channel_bin(const CallShape& shape, int64_t c) {
   const int32_t channel = static_cast<int32_t>(c);
-  const int32_t bins = static_cast<int32_t>(d.bins());
-  const int32_t channels_out = static_cast<int32_t>(d.channels_out);
-  const int32_t pooled_w = static_cast<int32_t>(d.pooled_w);
+  const int32_t bins = static_cast<int32_t>(shape.bins());
+  const int32_t channels_out = static_cast<int32_t>(shape.channels_out);
+  const int32_t pooled_w = static_cast<int32_t>(shape.pooled_w);
   ChannelBin cb;
-  if (d.channel_order == ChannelOrder::kTorchvision) {
+  if (shape.channel_order == ChannelOrder::kTorchvision) {
     cb.c_out = channel / bins;
     cb.bin = channel - cb.c_out * bins;
   } else {
@@ -492,34 +494,35 @@ PSROI_HD ChannelBin channel_bin(const PsRoiDims& d, int64_t c) {
 
 template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums,
           typename T = ComputeType<S>>
-PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
-                            int64_t sampling_ratio, const Workspace& ws, int64_t block,
-                            S* output) {
+PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape, const BoxRule& rule,
+                            int64_t sampling_ratio, const Workspace& views, int64_t block,
+                            bool skip_empty_rois, S* output) {
   constexpr int kNhwcChannelGroup = Tune::kNhwcChannelGroup;
   constexpr int kForwardPlanes = Tune::template forward_planes<Layout>();
-  const int64_t groups = forward_channel_groups<Tune, Layout>(d);
-  const int64_t chunks = forward_chunks<Tune, Layout>(d);
+  const int64_t groups = forward_channel_groups<Tune, Layout>(shape);
+  const int64_t chunks = forward_chunks<Tune, Layout>(shape);
   const int64_t group = block % groups;
   const int64_t chunk = (block / groups) % chunks;
   const int64_t image = block / (groups * chunks);  // N: the RoIs that read nothing
   // RoIs that read nothing: zeros, or left as they were (the whole block).
-  if (image == d.num_images && d.skip_empty_rois) return;
+  if (image == shape.num_images && skip_empty_rois) return;
   // Chunk `chunk` of the image's RoIs, its buckets (bands) one after
   // another in `order` (some chunks of a small image are empty).
   const int64_t first_bucket = image * kForwardBands;
-  const int64_t last_bucket = image < d.num_images ? first_bucket + kForwardBands - 1
-                                                   : first_bucket;
-  const int64_t image_begin = ws.offsets[first_bucket];
-  const int64_t image_size = ws.offsets[last_bucket + 1] - image_begin;
+  const int64_t last_bucket =
+      image < shape.num_images ? first_bucket + kForwardBands - 1 : first_bucket;
+  const int64_t image_begin = views.offsets[first_bucket];
+  const int64_t image_size = views.offsets[last_bucket + 1] - image_begin;
   const int64_t begin = image_begin + image_size * chunk / chunks;
   const int64_t end = image_begin + image_size * (chunk + 1) / chunks;
-  const Layout layout = Layout::of(d);
+  const Layout layout = Layout::of(shape);
   // The plane (channels-last: the first channel) output channel c_out of
   // bin `bin` reads; the next output channel's is plane_step further.
   auto plane_of = [&](int64_t c_out, int64_t bin) {
-    return input + layout.plane_offset(image, d.first_channel(bin) + c_out * d.channel_step());
+    return input +
+           layout.plane_offset(image, shape.first_channel(bin) + c_out * shape.channel_step());
   };
-  const int64_t plane_step = d.channel_step() * layout.channel_stride();
+  const int64_t plane_step = shape.channel_step() * layout.channel_stride();
 
   if constexpr (!Tune::template forward_runs_planes<Layout>()) {
     // Element i: RoI i / kNhwcChannelGroup of the chunk, pair c0 + i %
@@ -527,38 +530,40 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
     const int64_t c0 = group * kNhwcChannelGroup;
     ex.each((end - begin) * kNhwcChannelGroup, [&](int64_t i) {
       const int64_t c = c0 + i % kNhwcChannelGroup;
-      if (c >= d.channel_bins()) return;
-      const int64_t roi = ws.order[begin + i / kNhwcChannelGroup];
-      const ChannelBin cb = channel_bin(d, c);
+      if (c >= shape.channel_bins()) return;
+      const int64_t roi = views.order[begin + i / kNhwcChannelGroup];
+      const ChannelBin cb = channel_bin(shape, c);
       T value[1] = {static_cast<T>(0)};
-      if (image < d.num_images) {
-        const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
-        pooled_values<1, kPixelSums>(plane_of(cb.c_out, cb.bin), plane_step, 1, layout, g, d,
-                                     cb.ph, cb.pw, value);
+      if (image < shape.num_images) {
+        const RoiGeometry<T> geometry =
+            stored_geometry<T>(views, roi, image, shape, rule, sampling_ratio);
+        pooled_values<1, kPixelSums>(plane_of(cb.c_out, cb.bin), plane_step, 1, layout, geometry,
+                                     shape, cb.ph, cb.pw, value);
       }
-      output[Layout::pooled_offset(d, roi, cb.c_out, cb.bin)] = Storage<S>::store(value[0]);
+      output[Layout::pooled_offset(shape, roi, cb.c_out, cb.bin)] = Storage<S>::store(value[0]);
     });
   } else {
     // Thread i: RoI i of the chunk, bin `bin` in output channels [c_out0,
     // c_out0 + planes).
-    const int64_t runs = forward_runs<Tune, Layout>(d);
-    const int64_t run_planes = forward_planes<Tune, Layout>(d);
+    const int64_t runs = forward_runs<Tune, Layout>(shape);
+    const int64_t run_planes = forward_planes<Tune, Layout>(shape);
     const int64_t bin = group / runs;
     const int64_t c_out0 = (group - bin * runs) * run_planes;
-    const int64_t left = d.channels_out - c_out0;
+    const int64_t left = shape.channels_out - c_out0;
     const int64_t planes = left < run_planes ? left : run_planes;
-    const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
+    const int64_t ph = bin / shape.pooled_w, pw = bin % shape.pooled_w;
     ex.each(end - begin, [&](int64_t i) {
-      const int64_t roi = ws.order[begin + i];
+      const int64_t roi = views.order[begin + i];
       T values[kForwardPlanes] = {};
-      if (image < d.num_images) {
-        const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
-        pooled_values<kForwardPlanes, kPixelSums>(plane_of(c_out0, bin), plane_step, planes,
-                                                  layout, g, d, ph, pw, values);
+      if (image < shape.num_images) {
+        const RoiGeometry<T> geometry =
+            stored_geometry<T>(views, roi, image, shape, rule, sampling_ratio);
+        pooled_values<kForwardPlanes, kPixelSums>(plane_of(c_out0, bin), plane_step, planes, layout,
+                                                  geometry, shape, ph, pw, values);
       }
       for (int k = 0; k < kForwardPlanes; ++k) {
         if (k < planes) {
-          output[Layout::pooled_offset(d, roi, c_out0 + k, bin)] = Storage<S>::store(values[k]);
+          output[Layout::pooled_offset(shape, roi, c_out0 + k, bin)] = Storage<S>::store(values[k]);
         }
       }
     });
@@ -572,13 +577,14 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const PsRoiDims& d,
 // neighbouring bins of a plane in NCHW, consecutive channels of one pixel
 // channels-last.
 template <typename Tune>
-PSROI_HD int64_t roi_pool_chunks(const PsRoiDims& d) {
-  return (d.channels * d.bins() + Tune::kRoiPoolBlockOutputs - 1) / Tune::kRoiPoolBlockOutputs;
+PSROI_HD int64_t roi_pool_chunks(const CallShape& shape) {
+  return (shape.channels * shape.bins() + Tune::kRoiPoolBlockOutputs - 1) /
+         Tune::kRoiPoolBlockOutputs;
 }
 
 template <typename Tune>
-PSROI_HD int64_t roi_pool_blocks(const PsRoiDims& d) {
-  return d.num_rois * roi_pool_chunks<Tune>(d);
+PSROI_HD int64_t roi_pool_blocks(const CallShape& shape) {
+  return shape.num_rois * roi_pool_chunks<Tune>(shape);
 }
 
 template <typename T>
@@ -587,57 +593,57 @@ struct RoiPoolShared {
 };
 
 // RoI Pool's forward element i (in the pooled tensor's memory order), output
-// `rest` of an RoI of geometry g: the maximum of its window and its pixel,
+// `rest` of an RoI of `geometry`: the maximum of its window and its pixel,
 // or with `recorded` the input at the recorded pixel (then `pixels`, aliased
 // to it, is not written).
 template <typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD void roi_pool_element(const S* input, const RoiGeometry<T>& g, const PsRoiDims& d,
-                               const int32_t* recorded, int64_t i, int64_t rest, S* output,
-                               int32_t* pixels) {
+PSROI_HD void roi_pool_element(const S* input, const RoiGeometry<T>& geometry,
+                               const CallShape& shape, const int32_t* recorded, int64_t i,
+                               int64_t rest, S* output, int32_t* pixels) {
   // Pooled layouts: [K, C, PH, PW] or [K, PH, PW, C].
   int64_t c, bin;
   if (Layout::kChannelsLast) {
-    bin = rest / d.channels;
-    c = rest - bin * d.channels;
+    bin = rest / shape.channels;
+    c = rest - bin * shape.channels;
   } else {
-    c = rest / d.bins();
-    bin = rest - c * d.bins();
+    c = rest / shape.bins();
+    bin = rest - c * shape.bins();
   }
-  if (g.empty()) {
+  if (geometry.empty()) {
     output[i] = Storage<S>::store(static_cast<T>(0));
     if (!recorded) pixels[i] = -1;
     return;
   }
-  const Layout layout = Layout::of(d);
-  const S* plane = input + layout.plane_offset(g.image, c);
+  const Layout layout = Layout::of(shape);
+  const S* plane = input + layout.plane_offset(geometry.image, c);
   if (recorded) {
-    output[i] = Storage<S>::store(value_at_pixel(plane, layout, d, recorded[i]));
+    output[i] = Storage<S>::store(value_at_pixel(plane, layout, shape, recorded[i]));
     return;
   }
-  const WindowMax<T> m = window_max(plane, layout, g.y.window(bin / d.pooled_w, d.height),
-                                    g.x.window(bin % d.pooled_w, d.width), d);
+  const WindowMax<T> m =
+      window_max(plane, layout, geometry.y.window(bin / shape.pooled_w, shape.height),
+                 geometry.x.window(bin % shape.pooled_w, shape.width), shape);
   output[i] = Storage<S>::store(m.value);
   pixels[i] = m.pixel;
 }
 
-template <typename Tune, typename Exec, typename S, typename Layout,
-          typename T = ComputeType<S>>
+template <typename Tune, typename Exec, typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD void roi_pool_block(Exec& ex, RoiPoolShared<T>& shared, const S* input, const T* rois,
-                             const PsRoiDims& d, T spatial_scale, const int32_t* recorded,
-                             int64_t block, S* output, int32_t* pixels) {
+                             const CallShape& shape, const BoxRule& rule, T spatial_scale,
+                             const int32_t* recorded, int64_t block, S* output, int32_t* pixels) {
   constexpr int64_t kRoiPoolBlockOutputs = Tune::kRoiPoolBlockOutputs;
-  const int64_t chunks = roi_pool_chunks<Tune>(d);
+  const int64_t chunks = roi_pool_chunks<Tune>(shape);
   const int64_t roi = block / chunks;
-  const int64_t per_roi = d.channels * d.bins();
+  const int64_t per_roi = shape.channels * shape.bins();
   // Outputs [first, end) of the RoI's.
   const int64_t first = (block % chunks) * kRoiPoolBlockOutputs;
   const int64_t end = first + kRoiPoolBlockOutputs < per_roi ? first + kRoiPoolBlockOutputs
                                                              : per_roi;
-  ex.single([&] { shared.geometry = roi_geometry(rois, roi, d, spatial_scale, 0); });
-  const RoiGeometry<T> g = shared.geometry;
+  ex.single([&] { shared.geometry = roi_geometry(rois, roi, shape, rule, spatial_scale, 0); });
+  const RoiGeometry<T> geometry = shared.geometry;
   ex.each(end - first, [&](int64_t j) {
-    roi_pool_element<S, Layout>(input, g, d, recorded, roi * per_roi + first + j, first + j,
-                                output, pixels);
+    roi_pool_element<S, Layout>(input, geometry, shape, recorded, roi * per_roi + first + j,
+                                first + j, output, pixels);
   });
 }
 
@@ -647,20 +653,20 @@ template <typename Tune>
 struct BackwardTiling {
   int64_t tiles_y, tiles_x;
 
-  static PSROI_HD BackwardTiling of(const PsRoiDims& d) {
-    return BackwardTiling{(d.height + Tune::kTileRows - 1) / Tune::kTileRows,
-                          (d.width + Tune::kTileCols - 1) / Tune::kTileCols};
+  static PSROI_HD BackwardTiling of(const CallShape& shape) {
+    return BackwardTiling{(shape.height + Tune::kTileRows - 1) / Tune::kTileRows,
+                          (shape.width + Tune::kTileCols - 1) / Tune::kTileCols};
   }
   // Blocks: (image, tile, bin), the bin fastest, so that the blocks in
   // flight write neighbouring channels of the same pixels (one cache line
   // per NHWC pixel in torchvision order) and read neighbouring cotangents.
   // With shared channels every bin feeds the same elements: (image, tile),
   // each block summing its bins in turn.
-  PSROI_HD int64_t blocks(const PsRoiDims& d) const {
-    return d.num_images * tiles_y * tiles_x * block_bins(d);
+  PSROI_HD int64_t blocks(const CallShape& shape) const {
+    return shape.num_images * tiles_y * tiles_x * block_bins(shape);
   }
-  static PSROI_HD int64_t block_bins(const PsRoiDims& d) {
-    return d.shared_channels() ? 1 : d.bins();
+  static PSROI_HD int64_t block_bins(const CallShape& shape) {
+    return shape.shared_channels() ? 1 : shape.bins();
   }
 };
 
@@ -694,46 +700,47 @@ struct BackwardShared {
 // Adds bin `bin` of RoI `roi` to the list at `entry`, for the tile at
 // (y0, x0).
 template <bool kPixelSums, typename Tune, typename T>
-PSROI_HD void make_entry(const Workspace& ws, const PsRoiDims& d, int64_t sampling_ratio,
-                         const int32_t* row_spans, const int32_t* col_spans, int64_t roi,
-                         int64_t image, int64_t bin, int64_t y0, int64_t x0, int64_t entry,
-                         BackwardShared<Tune, T>& sh) {
+PSROI_HD void make_entry(const Workspace& views, const CallShape& shape, const BoxRule& rule,
+                         int64_t sampling_ratio, const int32_t* row_spans, const int32_t* col_spans,
+                         int64_t roi, int64_t image, int64_t bin, int64_t y0, int64_t x0,
+                         int64_t entry, BackwardShared<Tune, T>& block_shared) {
   constexpr int kTileRows = Tune::kTileRows, kTileCols = Tune::kTileCols;
-  const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
+  const int64_t ph = bin / shape.pooled_w, pw = bin % shape.pooled_w;
   const int32_t* row = row_spans + 2 * roi;
   const int32_t* col = col_spans + 2 * roi;
   const int64_t r0 = row[0] > y0 ? row[0] : y0;
   const int64_t r1 = row[1] < y0 + kTileRows - 1 ? row[1] : y0 + kTileRows - 1;
   const int64_t c0 = col[0] > x0 ? col[0] : x0;
   const int64_t c1 = col[1] < x0 + kTileCols - 1 ? col[1] : x0 + kTileCols - 1;
-  sh.roi[entry] = static_cast<int32_t>(roi);
-  sh.row_first[entry] = static_cast<int8_t>(r0 - y0);
-  sh.row_last[entry] = static_cast<int8_t>(r1 - y0);
-  sh.col_first[entry] = static_cast<int8_t>(c0 - x0);
-  sh.col_last[entry] = static_cast<int8_t>(c1 - x0);
+  block_shared.roi[entry] = static_cast<int32_t>(roi);
+  block_shared.row_first[entry] = static_cast<int8_t>(r0 - y0);
+  block_shared.row_last[entry] = static_cast<int8_t>(r1 - y0);
+  block_shared.col_first[entry] = static_cast<int8_t>(c0 - x0);
+  block_shared.col_last[entry] = static_cast<int8_t>(c1 - x0);
 
-  const RoiGeometry<T> g = stored_geometry<T>(ws, roi, image, d, sampling_ratio);
-  T* wy = sh.row_weight[entry];
-  T* wx = sh.col_weight[entry];
+  const RoiGeometry<T> geometry =
+      stored_geometry<T>(views, roi, image, shape, rule, sampling_ratio);
+  T* wy = block_shared.row_weight[entry];
+  T* wx = block_shared.col_weight[entry];
   for (int r = 0; r < kTileRows; ++r) wy[r] = static_cast<T>(0);
   for (int c = 0; c < kTileCols; ++c) wx[c] = static_cast<T>(0);
   // The weights the bin gives the tile's rows and columns (its separable
   // form, as the CPU's RoiWeights sums it over a bin's span).
-  for_each_axis_tap<kPixelSums>(g.y, ph, d.height, [&](int64_t y, T weight) {
+  for_each_axis_tap<kPixelSums>(geometry.y, ph, shape.height, [&](int64_t y, T weight) {
     if (y >= y0 && y < y0 + kTileRows) wy[y - y0] += weight;
   });
-  for_each_axis_tap<kPixelSums>(g.x, pw, d.width, [&](int64_t x, T weight) {
+  for_each_axis_tap<kPixelSums>(geometry.x, pw, shape.width, [&](int64_t x, T weight) {
     if (x >= x0 && x < x0 + kTileCols) wx[x - x0] += weight;
   });
-  const T divisor = g.divisor(ph, pw, d);
+  const T divisor = geometry.divisor(ph, pw, shape);
   for (int r = 0; r < kTileRows; ++r) wy[r] /= divisor;
 }
 
 template <typename Tune, typename T>
-PSROI_HD bool entry_covers(const BackwardShared<Tune, T>& sh, int64_t entry, int64_t py,
+PSROI_HD bool entry_covers(const BackwardShared<Tune, T>& block_shared, int64_t entry, int64_t py,
                            int64_t px) {
-  return py >= sh.row_first[entry] && py <= sh.row_last[entry] &&
-         px >= sh.col_first[entry] && px <= sh.col_last[entry];
+  return py >= block_shared.row_first[entry] && py <= block_shared.row_last[entry] &&
+         px >= block_shared.col_first[entry] && px <= block_shared.col_last[entry];
 }
 
 // Element i of a block: pixel and output channel, in the order that makes
@@ -758,10 +765,10 @@ PSROI_HD void tile_element(int32_t channels_out, int32_t i, int32_t* pixel, int3
 template <typename S, typename Layout, typename T = ComputeType<S>>
 struct WeightedCotangent {
   const S* cotangent;
-  PsRoiDims d;
+  CallShape shape;
   PSROI_HD T operator()(int64_t roi, int32_t c_out, int64_t bin, int64_t, int64_t,
                         T weight) const {
-    return Storage<S>::load(cotangent[Layout::pooled_offset(d, roi, c_out, bin)]) * weight;
+    return Storage<S>::load(cotangent[Layout::pooled_offset(shape, roi, c_out, bin)]) * weight;
   }
 };
 
@@ -770,45 +777,44 @@ template <typename S, typename Layout, typename T = ComputeType<S>>
 struct CotangentAtMaximum {
   const S* cotangent;
   const int32_t* pixels;
-  PsRoiDims d;
+  CallShape shape;
   PSROI_HD T operator()(int64_t roi, int32_t c_out, int64_t bin, int64_t y, int64_t x,
                         T) const {
-    const int64_t at = Layout::pooled_offset(d, roi, c_out, bin);
-    return pixels[at] == y * d.width + x ? Storage<S>::load(cotangent[at])
-                                         : static_cast<T>(0);
+    const int64_t at = Layout::pooled_offset(shape, roi, c_out, bin);
+    return pixels[at] == y * shape.width + x ? Storage<S>::load(cotangent[at]) : static_cast<T>(0);
   }
 };
 
 // `sums` is the gradient itself when S is the compute type, else the
 // compute-type accumulator; it carries partial sums between passes only.
-template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums,
-          typename Term, typename T = ComputeType<S>>
-PSROI_HD void backward_block(Exec& ex, BackwardShared<Tune, T>& sh, const Term& term,
-                             const PsRoiDims& d, int64_t sampling_ratio, const Workspace& ws,
-                             int64_t block, T* sums, S* grad) {
+template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums, typename Term,
+          typename T = ComputeType<S>>
+PSROI_HD void backward_block(Exec& ex, BackwardShared<Tune, T>& block_shared, const Term& term,
+                             const CallShape& shape, const BoxRule& rule, int64_t sampling_ratio,
+                             const Workspace& views, int64_t block, T* sums, S* grad) {
   constexpr int kTileRows = Tune::kTileRows, kTileCols = Tune::kTileCols;
   constexpr int kTilePixels = Tune::kTilePixels, kCoverPerPixel = Tune::kCoverPerPixel;
-  const BackwardTiling<Tune> tiling = BackwardTiling<Tune>::of(d);
-  const int64_t block_bins = BackwardTiling<Tune>::block_bins(d);
+  const BackwardTiling<Tune> tiling = BackwardTiling<Tune>::of(shape);
+  const int64_t block_bins = BackwardTiling<Tune>::block_bins(shape);
   const int64_t tile = (block / block_bins) % (tiling.tiles_y * tiling.tiles_x);
   const int64_t image = block / (block_bins * tiling.tiles_y * tiling.tiles_x);
   const int64_t y0 = (tile / tiling.tiles_x) * kTileRows;
   const int64_t x0 = (tile % tiling.tiles_x) * kTileCols;
   const int64_t bucket = image * tiling.tiles_y + tile / tiling.tiles_x;  // see in_bucket
-  const int64_t begin = ws.offsets[bucket], end = ws.offsets[bucket + 1];
-  const Layout layout = Layout::of(d);
+  const int64_t begin = views.offsets[bucket], end = views.offsets[bucket + 1];
+  const Layout layout = Layout::of(shape);
   constexpr int kCapacity = BackwardShared<Tune, T>::kCapacity;
   constexpr int kChunk = Tune::template list_chunk<T>();
   // The block's bins: its own; with shared channels, every bin in turn, the
   // partial sums carried between them as between passes.
-  const int64_t bin_begin = d.shared_channels() ? 0 : block % block_bins;
-  const int64_t bin_end = d.shared_channels() ? d.bins() : bin_begin + 1;
+  const int64_t bin_begin = shape.shared_channels() ? 0 : block % block_bins;
+  const int64_t bin_end = shape.shared_channels() ? shape.bins() : bin_begin + 1;
 
   bool first_pass = true;
   for (int64_t bin = bin_begin; bin < bin_end; ++bin) {
-    const int64_t ph = bin / d.pooled_w, pw = bin % d.pooled_w;
-    const int32_t* row_spans = ws.spans + 2 * ph * d.num_rois;
-    const int32_t* col_spans = ws.spans + 2 * (d.pooled_h + pw) * d.num_rois;
+    const int64_t ph = bin / shape.pooled_w, pw = bin % shape.pooled_w;
+    const int32_t* row_spans = views.spans + 2 * ph * shape.num_rois;
+    const int32_t* col_spans = views.spans + 2 * (shape.pooled_h + pw) * shape.num_rois;
 
     // Does bin (ph, pw) of RoI `roi` touch the tile?
     auto meets_tile = [&](int64_t roi) {
@@ -818,31 +824,31 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<Tune, T>& sh, const Term& 
              col[0] <= x0 + kTileCols - 1 && col[1] >= x0;
     };
 
-    ex.single([&] { sh.next = begin; });
+    ex.single([&] { block_shared.next = begin; });
     for (;;) {
-      // List the RoIs that meet the tile, from sh.next on, chunk by chunk,
+      // List the RoIs that meet the tile, from block_shared.next on, chunk by chunk,
       // until the bucket ends or a chunk would overflow the list.
-      ex.single([&] { sh.listed = 0; });
+      ex.single([&] { block_shared.listed = 0; });
       for (;;) {
-        const int64_t k0 = sh.next;
+        const int64_t k0 = block_shared.next;
         if (k0 >= end) break;
         const int64_t n = end - k0 < kChunk ? end - k0 : kChunk;
-        const int64_t listed = sh.listed;
+        const int64_t listed = block_shared.listed;
         const int64_t hits = ex.compact(
-            n, [&](int64_t i) { return meets_tile(ws.order[k0 + i]); }, listed, kCapacity,
+            n, [&](int64_t i) { return meets_tile(views.order[k0 + i]); }, listed, kCapacity,
             [&](int64_t i, int64_t at) {
-              make_entry<kPixelSums>(ws, d, sampling_ratio, row_spans, col_spans,
-                                     ws.order[k0 + i], image, bin, y0, x0, at, sh);
+              make_entry<kPixelSums>(views, shape, rule, sampling_ratio, row_spans, col_spans,
+                                     views.order[k0 + i], image, bin, y0, x0, at, block_shared);
             });
         if (listed + hits > kCapacity) break;
         ex.single([&] {
-          sh.listed = static_cast<int32_t>(listed + hits);
-          sh.next = k0 + n;
+          block_shared.listed = static_cast<int32_t>(listed + hits);
+          block_shared.next = k0 + n;
         });
       }
-      const bool last_pass = sh.next >= end && bin + 1 == bin_end;
-      const bool bin_done = sh.next >= end;
-      const int64_t listed = sh.listed;
+      const bool last_pass = block_shared.next >= end && bin + 1 == bin_end;
+      const bool bin_done = block_shared.next >= end;
+      const int64_t listed = block_shared.listed;
 
       // Each pixel keeps the entries that cover it, in list order.
       ex.each(kTilePixels, [&](int64_t pixel) {
@@ -852,45 +858,47 @@ PSROI_HD void backward_block(Exec& ex, BackwardShared<Tune, T>& sh, const Term& 
         int resume = static_cast<int>(listed);
         int covering = 0;
         for (int e = 0; e < listed; ++e) {
-          if (!entry_covers(sh, e, py, px)) continue;
+          if (!entry_covers(block_shared, e, py, px)) continue;
           ++covering;
           if (kept < kCoverPerPixel) {
-            sh.cover_entry[kept][p] = static_cast<int16_t>(e);
-            sh.cover_weight[kept][p] = sh.row_weight[e][py] * sh.col_weight[e][px];
+            block_shared.cover_entry[kept][p] = static_cast<int16_t>(e);
+            block_shared.cover_weight[kept][p] =
+                block_shared.row_weight[e][py] * block_shared.col_weight[e][px];
             ++kept;
             resume = e + 1;
           }
         }
-        sh.cover_count[p] = static_cast<int16_t>(covering);
-        sh.cover_resume[p] = static_cast<int16_t>(resume);
+        block_shared.cover_count[p] = static_cast<int16_t>(covering);
+        block_shared.cover_resume[p] = static_cast<int16_t>(resume);
       });
 
       // Every element of the block: its sum over the entries covering its
       // pixel, in list order, then written once per pass.
-      ex.each(kTilePixels * d.channels_out, [&](int64_t i) {
+      ex.each(kTilePixels * shape.channels_out, [&](int64_t i) {
         int32_t p, c_out;
-        tile_element<Tune, Layout>(static_cast<int32_t>(d.channels_out), static_cast<int32_t>(i),
-                             &p, &c_out);
+        tile_element<Tune, Layout>(static_cast<int32_t>(shape.channels_out),
+                                   static_cast<int32_t>(i), &p, &c_out);
         const int32_t py = p / kTileCols, px = p % kTileCols;
         const int64_t y = y0 + py, x = x0 + px;
-        if (y >= d.height || x >= d.width) return;
-        const int64_t at = layout.plane_offset(image, d.first_channel(bin) +
-                                                          c_out * d.channel_step()) +
-                           layout.pixel_offset(y, x);
+        if (y >= shape.height || x >= shape.width) return;
+        const int64_t at =
+            layout.plane_offset(image, shape.first_channel(bin) + c_out * shape.channel_step()) +
+            layout.pixel_offset(y, x);
         // One running sum in list order across passes (the partial sum of
         // earlier passes first), so the result does not depend on where
         // passes end: every tuning sums alike.
         T sum = first_pass ? static_cast<T>(0) : sums[at];
-        const int covering = sh.cover_count[p];
+        const int covering = block_shared.cover_count[p];
         const int kept = covering < kCoverPerPixel ? covering : kCoverPerPixel;
         for (int m = 0; m < kept; ++m) {
-          sum += term(sh.roi[sh.cover_entry[m][p]], c_out, bin, y, x, sh.cover_weight[m][p]);
+          sum += term(block_shared.roi[block_shared.cover_entry[m][p]], c_out, bin, y, x,
+                      block_shared.cover_weight[m][p]);
         }
         if (covering > kept) {
-          for (int e = sh.cover_resume[p]; e < listed; ++e) {
-            if (entry_covers(sh, e, py, px)) {
-              sum += term(sh.roi[e], c_out, bin, y, x,
-                          sh.row_weight[e][py] * sh.col_weight[e][px]);
+          for (int e = block_shared.cover_resume[p]; e < listed; ++e) {
+            if (entry_covers(block_shared, e, py, px)) {
+              sum += term(block_shared.roi[e], c_out, bin, y, x,
+                          block_shared.row_weight[e][py] * block_shared.col_weight[e][px]);
             }
           }
         }

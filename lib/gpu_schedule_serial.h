@@ -1,7 +1,7 @@
 // The CUDA kernels' schedule (gpu_schedule.h) run serially on the host,
 // block after block, each block's steps over all its threads in turn: what
 // the barriers of a thread block guarantee on the GPU. The CPU tests' FFI
-// handlers (lib/cpu/gpu_schedule_handlers.cc) run it with DefaultTuning; the
+// handlers (lib/testing/gpu_schedule_handlers.cc) run it with DefaultTuning; the
 // GPU driver (benchmarks/gpu_driver.cu) runs it with each tuning it times,
 // so every index, ownership rule and summation order of a variant is
 // checked on a machine without a GPU. No XLA types.
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "gpu_schedule.h"
-#include "psroi_math.h"
+#include "roi_math.h"
 
 namespace jax_psroi {
 namespace gpu_schedule {
@@ -63,36 +63,37 @@ struct SerialBlock {
 
 // The bucket kernels, as the launchers run them, into `storage`.
 template <typename Tune, typename T>
-Workspace serial_buckets(std::vector<int32_t>& storage, const T* rois, const PsRoiDims& d,
-                         T spatial_scale, int64_t sampling_ratio, bool backward) {
-  storage.assign(workspace_elements<Tune>(d, backward), 0);
-  const Workspace ws = workspace_views<Tune>(storage.data(), d, backward);
-  for (int64_t k = 0; k < d.num_rois; ++k) {
-    roi_info<Tune>(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
+Workspace serial_buckets(std::vector<int32_t>& storage, const T* rois, const CallShape& shape,
+                         const BoxRule& rule, T spatial_scale, int64_t sampling_ratio,
+                         bool backward) {
+  storage.assign(workspace_elements<Tune>(shape, backward), 0);
+  const Workspace views = workspace_views<Tune>(storage.data(), shape, backward);
+  for (int64_t k = 0; k < shape.num_rois; ++k) {
+    roi_info<Tune>(rois, shape, rule, spatial_scale, sampling_ratio, k, backward, views);
   }
   SerialBlock block{Tune::kThreads};
-  const int64_t blocks = buckets_of<Tune>(d, backward) * segments_of(d);
-  for (int64_t b = 0; b < blocks; ++b) count_block<Tune>(block, d, ws, backward, b);
-  start_block<Tune>(block, d, ws, backward);
-  for (int64_t b = 0; b < blocks; ++b) place_block<Tune>(block, d, ws, backward, b);
-  return ws;
+  const int64_t blocks = buckets_of<Tune>(shape, backward) * segments_of(shape);
+  for (int64_t b = 0; b < blocks; ++b) count_block<Tune>(block, shape, views, backward, b);
+  start_block<Tune>(block, shape, views, backward);
+  for (int64_t b = 0; b < blocks; ++b) place_block<Tune>(block, shape, views, backward, b);
+  return views;
 }
 
 // The forward of the averaging operators: buckets, then every block.
 template <typename Tune, typename S, typename Layout, typename T = ComputeType<S>>
-void serial_forward(const S* input, const T* rois, const PsRoiDims& d, T spatial_scale,
-                    int64_t sampling_ratio, S* output) {
+void serial_forward(const S* input, const T* rois, const CallShape& shape, const BoxRule& rule,
+                    T spatial_scale, int64_t sampling_ratio, bool skip_empty_rois, S* output) {
   std::vector<int32_t> storage;
-  const Workspace ws =
-      serial_buckets<Tune>(storage, rois, d, spatial_scale, sampling_ratio, false);
+  const Workspace views =
+      serial_buckets<Tune>(storage, rois, shape, rule, spatial_scale, sampling_ratio, false);
   SerialBlock block{Tune::kThreads};
-  for (int64_t b = 0; b < forward_blocks<Tune, Layout>(d); ++b) {
+  for (int64_t b = 0; b < forward_blocks<Tune, Layout>(shape); ++b) {
     if (pixel_sums(sampling_ratio)) {
-      forward_block<Tune, SerialBlock, S, Layout, true>(block, input, d, sampling_ratio, ws, b,
-                                                        output);
+      forward_block<Tune, SerialBlock, S, Layout, true>(block, input, shape, rule, sampling_ratio,
+                                                        views, b, skip_empty_rois, output);
     } else {
-      forward_block<Tune, SerialBlock, S, Layout, false>(block, input, d, sampling_ratio, ws,
-                                                         b, output);
+      forward_block<Tune, SerialBlock, S, Layout, false>(block, input, shape, rule, sampling_ratio,
+                                                         views, b, skip_empty_rois, output);
     }
   }
 }
@@ -100,45 +101,44 @@ void serial_forward(const S* input, const T* rois, const PsRoiDims& d, T spatial
 // Every backward block, in turn, adding `term`s. A 16-bit gradient carries
 // its partial sums in a float32 accumulator, as on the GPU (where it is the
 // call's further result).
-template <typename Tune, typename S, typename Layout, typename Term,
-          typename T = ComputeType<S>>
-void serial_backward(const Term& term, const T* rois, const PsRoiDims& d, T spatial_scale,
-                     int64_t sampling_ratio, S* grad) {
+template <typename Tune, typename S, typename Layout, typename Term, typename T = ComputeType<S>>
+void serial_backward(const Term& term, const T* rois, const CallShape& shape, const BoxRule& rule,
+                     T spatial_scale, int64_t sampling_ratio, S* grad) {
   std::vector<int32_t> storage;
-  const Workspace ws =
-      serial_buckets<Tune>(storage, rois, d, spatial_scale, sampling_ratio, true);
+  const Workspace views =
+      serial_buckets<Tune>(storage, rois, shape, rule, spatial_scale, sampling_ratio, true);
   std::vector<T> accumulator;
   T* sums;
   if constexpr (std::is_same_v<S, T>) {
     sums = grad;
   } else {
-    accumulator.assign(d.feature_elements(), T(0));
+    accumulator.assign(shape.feature_elements(), T(0));
     sums = accumulator.data();
   }
   SerialBlock block{Tune::kThreads};
   auto shared = std::make_unique<BackwardShared<Tune, T>>();
-  const int64_t blocks = BackwardTiling<Tune>::of(d).blocks(d);
+  const int64_t blocks = BackwardTiling<Tune>::of(shape).blocks(shape);
   for (int64_t b = 0; b < blocks; ++b) {
     if (pixel_sums(sampling_ratio)) {
-      backward_block<Tune, SerialBlock, S, Layout, true>(block, *shared, term, d,
-                                                         sampling_ratio, ws, b, sums, grad);
+      backward_block<Tune, SerialBlock, S, Layout, true>(block, *shared, term, shape, rule,
+                                                         sampling_ratio, views, b, sums, grad);
     } else {
-      backward_block<Tune, SerialBlock, S, Layout, false>(block, *shared, term, d,
-                                                          sampling_ratio, ws, b, sums, grad);
+      backward_block<Tune, SerialBlock, S, Layout, false>(block, *shared, term, shape, rule,
+                                                          sampling_ratio, views, b, sums, grad);
     }
   }
 }
 
 // RoI Pool's forward (or, with `recorded`, its tangent).
 template <typename Tune, typename S, typename Layout, typename T = ComputeType<S>>
-void serial_roi_pool_forward(const S* input, const T* rois, const PsRoiDims& d,
-                             T spatial_scale, const int32_t* recorded, S* output,
-                             int32_t* pixels) {
+void serial_roi_pool_forward(const S* input, const T* rois, const CallShape& shape,
+                             const BoxRule& rule, T spatial_scale, const int32_t* recorded,
+                             S* output, int32_t* pixels) {
   SerialBlock block{Tune::kThreads};
   RoiPoolShared<T> shared;
-  for (int64_t b = 0; b < roi_pool_blocks<Tune>(d); ++b) {
-    roi_pool_block<Tune, SerialBlock, S, Layout>(block, shared, input, rois, d, spatial_scale,
-                                                 recorded, b, output, pixels);
+  for (int64_t b = 0; b < roi_pool_blocks<Tune>(shape); ++b) {
+    roi_pool_block<Tune, SerialBlock, S, Layout>(block, shared, input, rois, shape, rule,
+                                                 spatial_scale, recorded, b, output, pixels);
   }
 }
 

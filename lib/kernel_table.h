@@ -9,21 +9,20 @@
 #ifndef JAX_PSROI_KERNEL_TABLE_H_
 #define JAX_PSROI_KERNEL_TABLE_H_
 
-#include "psroi_math.h"
+#include "operators/ps_roi_align.h"
+#include "operators/ps_roi_pool.h"
+#include "operators/roi_align.h"
+#include "operators/roi_pool.h"
+#include "roi_math.h"
 
-// X(operation tag, operation name). roi_align is the kernels of
-// ps_roi_align with shared channels (ChannelOrder::kShared) and its choice of
-// box geometry; ps_roi_pool, the same kernels averaging windows of whole
-// pixels (PsRoiDims::whole_pixels): the rows differ only in how their
-// handlers read the call (ffi_common.h, OperationTraits). roi_pool takes
-// maxima of windows of whole pixels, with kernels of its own for its
-// forward (and tangent) and its arg-max scatter, on the same geometry and,
-// on CUDA, the same backward schedule.
+// X(operator policy): every operator, its policy in lib/operators/ (what
+// it reads, how its bins pool, its attribute). A new operator is its policy
+// header, an #include above and one line here.
 #define JAX_PSROI_OPERATIONS(X) \
-  X(PsRoiAlign, ps_roi_align)   \
-  X(RoiAlign, roi_align)        \
-  X(PsRoiPool, ps_roi_pool)     \
-  X(RoiPool, roi_pool)
+  X(PsRoiAlign)                 \
+  X(RoiAlign)                   \
+  X(PsRoiPool)                  \
+  X(RoiPool)
 
 // X(storage type (storage_types.h), dtype name as JAX spells it, XLA FFI
 // data type). The compute type of each is Storage<type>::Compute.
@@ -33,7 +32,7 @@
   X(BFloat16, bfloat16, BF16) \
   X(Float16, float16, F16)
 
-// X(layout of psroi_math.h, data_format name)
+// X(layout of roi_math.h, data_format name)
 #define JAX_PSROI_LAYOUTS(X) \
   X(NchwLayout, NCHW)        \
   X(NhwcLayout, NHWC)
@@ -60,11 +59,10 @@ struct DirectionTag {
 template <typename T>
 struct KernelName;
 
-#define JAX_PSROI_OPERATION_TAG_(tag, name) \
-  struct tag {};                            \
-  template <>                               \
-  struct KernelName<tag> {                  \
-    static constexpr const char* value = #name; \
+#define JAX_PSROI_OPERATION_NAME_(policy)               \
+  template <>                                           \
+  struct KernelName<policy> {                           \
+    static constexpr const char* value = policy::kName; \
   };
 #define JAX_PSROI_DTYPE_NAME_(type, name, ffi_type) \
   template <>                                       \
@@ -76,10 +74,10 @@ struct KernelName;
   struct KernelName<layout> {                   \
     static constexpr const char* value = #name; \
   };
-JAX_PSROI_OPERATIONS(JAX_PSROI_OPERATION_TAG_)
+JAX_PSROI_OPERATIONS(JAX_PSROI_OPERATION_NAME_)
 JAX_PSROI_DTYPES(JAX_PSROI_DTYPE_NAME_)
 JAX_PSROI_LAYOUTS(JAX_PSROI_LAYOUT_NAME_)
-#undef JAX_PSROI_OPERATION_TAG_
+#undef JAX_PSROI_OPERATION_NAME_
 #undef JAX_PSROI_DTYPE_NAME_
 #undef JAX_PSROI_LAYOUT_NAME_
 
@@ -91,13 +89,15 @@ struct DropFirst {
 }  // namespace internal
 
 #define JAX_PSROI_LIST_ENTRY_(entry, ...) , entry
+#define JAX_PSROI_OPERATION_ENTRY_(policy) , policy
 
 // The lists as types (the leading void only absorbs the first comma).
 using KernelOperations =
-    internal::DropFirst<void JAX_PSROI_OPERATIONS(JAX_PSROI_LIST_ENTRY_)>::type;
+    internal::DropFirst<void JAX_PSROI_OPERATIONS(JAX_PSROI_OPERATION_ENTRY_)>::type;
 using KernelDTypes = internal::DropFirst<void JAX_PSROI_DTYPES(JAX_PSROI_LIST_ENTRY_)>::type;
 using KernelLayouts = internal::DropFirst<void JAX_PSROI_LAYOUTS(JAX_PSROI_LIST_ENTRY_)>::type;
 #undef JAX_PSROI_LIST_ENTRY_
+#undef JAX_PSROI_OPERATION_ENTRY_
 
 template <typename... Ts, typename Visit>
 void for_each_type(TypeList<Ts...>, Visit&& visit) {

@@ -16,24 +16,27 @@ std::vector<FfiTarget> cpu_targets();
 
 // Bytes of the workspace that a CPU backward call of the kernel-table row
 // (operation, layout, dtype), as KernelName spells them, takes as its
-// further result, for the call's dims `d` (channel_order: the call's
+// further result, for the call's dims `shape` (channel_order: the call's
 // attribute): what the lowering asks for, or with pass_rois >= 0 room for
 // passes of that many RoIs (the tests'); 0 for rows that take none (RoI
 // Pool's).
 int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::string& layout,
-                                     const std::string& dtype, PsRoiDims d, int64_t pass_rois);
+                                     const std::string& dtype, CallShape shape, int64_t pass_rois);
 
 // Test-only: the most scratch, in bytes, that one task of the float32 CPU
 // forward of the kernel-table row (operation, layout) holds while it pools
-// `rois` ([K, 5], K = d.num_rois) from a map of zeros: what bounds the
-// forward's memory (lib/cpu/psroi_cpu_kernels.h, forward_rois).
+// `rois` ([K, 5], K = shape.num_rois) from a map of zeros (`attribute`: the
+// operator's, as its calls take it): what bounds the
+// forward's memory (lib/cpu/average_kernels.h, forward_rois).
 int64_t cpu_forward_scratch_bytes(const std::string& operation, const std::string& layout,
-                                  PsRoiDims d, const std::vector<float>& rois,
-                                  double spatial_scale, int64_t sampling_ratio);
+                                  CallShape shape, int64_t attribute,
+                                  const std::vector<float>& rois, double spatial_scale,
+                                  int64_t sampling_ratio);
 
-// Test-only: the CUDA kernels' schedule run serially on the CPU
-// (lib/cpu/gpu_schedule_handlers.cc). Registered by the tests, never at import.
-std::vector<FfiTarget> cpu_gpu_schedule_targets();
+// The test rig: the CUDA kernels' schedule run serially on the CPU
+// (lib/testing/gpu_schedule_handlers.cc), in the module
+// _gpu_schedule_testing that only JAX_PSROI_TESTING=ON builds.
+std::vector<FfiTarget> gpu_schedule_testing_targets();
 
 // The CUDA kernels (lib/cuda/cuda_handlers.cu).
 std::vector<FfiTarget> cuda_targets();

@@ -15,8 +15,8 @@
 #                          abi3) with the CUDA kernels for sm_90, for
 #                          gpu_check.sh --wheel on the device
 #
-# Needs the package installed with its CPU module (the hashes come from
-# it), nvcc, and about 10 minutes on 2 cores. DIR stays under the device
+# Needs the package installed with its CPU module and test rig
+# (JAX_PSROI_TESTING=ON: the hashes come from them), nvcc, and about 10 minutes on 2 cores. DIR stays under the device
 # tool's carry limit (a few MB, the wheel about 10 MB more).
 set -euo pipefail
 cd "$(dirname "$0")/.."

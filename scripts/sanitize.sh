@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory-safety proof of the CPU kernels (and of the CUDA kernels' schedule,
-# which the CPU extension also builds for the tests): builds the extension
+# which the test rig _gpu_schedule_testing runs on the CPU): builds them
 # with AddressSanitizer and UndefinedBehaviorSanitizer (JAX_PSROI_SANITIZE=ON,
 # every report fatal) into a throwaway virtual environment, then runs the
 # kernel tests and the property-based fuzz test with EXAMPLES examples under
@@ -29,11 +29,12 @@ pip install --quiet "jax==0.10.2" "jaxlib==0.10.2" nanobind scikit-build-core \
   "pytest>=8" "chex>=0.1.90" "flatbuffers>=24" "hypothesis>=6.100" numpy
 echo "=== building the sanitized CPU extension"
 # Unstripped, so that reports name files and lines.
-JAX_PSROI_CUDA=OFF JAX_PSROI_SANITIZE=ON pip install --quiet --no-build-isolation \
+JAX_PSROI_CUDA=OFF JAX_PSROI_SANITIZE=ON JAX_PSROI_TESTING=ON pip install --quiet --no-build-isolation \
   -Cbuild-dir="$work/build" -Cinstall.strip=false "$repo"
-extension="$(ls "$work"/venv/lib/python*/site-packages/jax_psroi/_cpu*.so)"
-grep -q __asan_report "$extension" && grep -q __ubsan_handle "$extension" \
-  || { echo "$extension was not built with the sanitizers" >&2; exit 1; }
+for extension in "$work"/venv/lib/python*/site-packages/jax_psroi/{_cpu,_gpu_schedule_testing}*.so; do
+  grep -q __asan_report "$extension" && grep -q __ubsan_handle "$extension" \
+    || { echo "$extension was not built with the sanitizers" >&2; exit 1; }
+done
 
 runtimes="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libubsan.so)"
 reports="$work/reports"

@@ -1,10 +1,12 @@
 """Random and hostile inputs, oracles and kernel names shared by the tests."""
 
+import importlib
 import pathlib
 from functools import partial
 
 import jax
 import numpy as np
+import pytest
 
 import jax_psroi
 from jax_psroi import _arguments, _extension
@@ -19,7 +21,7 @@ LOW_PRECISION_DTYPES = [dtype for dtype in DTYPES if np.dtype(dtype).itemsize < 
 LAYOUTS = list(_extension.SUPPORTED_LAYOUTS)
 CHANNEL_ORDERS = list(_arguments.CHANNEL_ORDERS)
 # The kernels' image-group attributes of a direct call with [K, 5] RoIs whose
-# batch indices are their images (0 and 0: one group; lib/psroi_math.h).
+# batch indices are their images (0 and 0: one group; lib/roi_math.h).
 ONE_GROUP = dict(rois_per_group=0, images_per_group=0)
 
 # Tolerances keyed by dtype: summation order differs between the kernels and
@@ -131,13 +133,44 @@ def pooled_as(pooled, data_format):
     return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
 
 
-def _register_gpu_schedule_targets():
-    """The test-only targets (not registered by the package), by key."""
-    return {key: row.name for key, row in _extension._register(
-        _extension._cpu.gpu_schedule_targets(), "cpu").items()}
+# The test rig: the CUDA kernels' schedule built for the CPU, in the module
+# that only a build with JAX_PSROI_TESTING=ON has. Tests that use it carry the
+# `gpu_schedule` marker; without the module they fail (tests/conftest.py)
+# unless deselected with -m "not gpu_schedule".
+GPU_SCHEDULE_MISSING = (
+    "this test needs jax_psroi's test rig, the module jax_psroi._gpu_schedule_testing, "
+    "which this installation lacks: install with JAX_PSROI_TESTING=ON "
+    "(JAX_PSROI_TESTING=ON pip install \".[test]\"), or deselect these tests with "
+    "-m \"not gpu_schedule\"")
 
 
-_GPU_SCHEDULE = _register_gpu_schedule_targets()
+def gpu_schedule_module():
+    """jax_psroi._gpu_schedule_testing, or None when it was not built."""
+    try:
+        return importlib.import_module("jax_psroi._gpu_schedule_testing")
+    except ImportError:
+        return None
+
+
+_gpu_schedule_targets = None
+
+
+def gpu_schedule_target(key):
+    """The rig's target name of kernel-table row `key` = (operation,
+    direction, data_format, dtype); the targets are registered on first use
+    (the package never registers them)."""
+    global _gpu_schedule_targets
+    if _gpu_schedule_targets is None:
+        module = gpu_schedule_module()
+        if module is None:
+            pytest.fail(GPU_SCHEDULE_MISSING, pytrace=False)
+        _gpu_schedule_targets = {key: row.name for key, row in _extension._register(
+            module.targets(), "cpu").items()}
+    return _gpu_schedule_targets[key]
+
+
+# The `kernels` parameter of tests that run on the CPU kernels and on the rig.
+KERNELS = ["cpu", pytest.param("gpu_schedule", marks=pytest.mark.gpu_schedule)]
 
 
 def golden(operator):
@@ -234,7 +267,7 @@ def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,
     dtype = jax.numpy.dtype(operand.dtype)
     if aligned is not None:
         operation = "roi_align"
-    name = _GPU_SCHEDULE[(operation, direction, data_format, dtype)]
+    name = gpu_schedule_target((operation, direction, data_format, dtype))
     call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype)])
     pooled = out_shape if direction == "forward" else operand.shape
     pooled_h, _ = _arguments.pooled_size_of(pooled, data_format)

@@ -5,7 +5,13 @@ for properties that must hold on every backend; the CPU, named explicitly
 (inputs committed to jax.devices("cpu")), for CPU properties such as the
 bitwise-deterministic backward and the test-only GPU-schedule targets; the
 GPU only in tests marked `gpu`.
+
+Tests marked `gpu_schedule` run the test rig (the CUDA kernels' schedule on
+the CPU, built only with JAX_PSROI_TESTING=ON): without it they fail, saying
+so, unless deselected with -m "not gpu_schedule".
 """
+
+import importlib.util
 
 import jax
 import pytest
@@ -27,3 +33,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _has_gpu_schedule():
+    return importlib.util.find_spec("jax_psroi._gpu_schedule_testing") is not None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    if item.get_closest_marker("gpu_schedule") and not _has_gpu_schedule():
+        from cases import GPU_SCHEDULE_MISSING
+        pytest.fail(GPU_SCHEDULE_MISSING, pytrace=False)

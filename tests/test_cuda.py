@@ -139,7 +139,7 @@ def test_calls_take_their_workspaces(dtype):
     # B = N*TY = 4, 40 + 3K + 2K(PH + PW) + B(1 + S) + 1 + K*TY = 134) and,
     # first, for a 16-bit backward the float32 partial sums. A CPU forward
     # returns the result alone, a CPU backward its byte workspace too (its
-    # passes of RoI tables; lib/cpu/psroi_cpu_kernels.h sizes it).
+    # passes of RoI tables; lib/cpu/average_kernels.h sizes it).
     features, rois = _data(np.float32)
     features = features.astype(dtype)
     if np.dtype(dtype) == np.float64:
@@ -268,6 +268,7 @@ def test_gpu_forward_and_backward_match_cpu_and_reference(dtype, sampling_ratio)
                                _on("cpu", grad, features, rois), **tol)
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("data_format,channel_order",
@@ -300,6 +301,7 @@ def test_gpu_runs_the_schedule_the_cpu_tests_check(data_format, channel_order, d
     assert np.abs(as_f32(gpu_grads[0])).max() > 1
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_out", [11, 17])

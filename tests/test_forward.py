@@ -35,6 +35,7 @@ def _native(features, rois, output_size, scale, ratio):
 @pytest.mark.parametrize("spatial_scale,sampling_ratio", [
     (1.0, -1), (1.0, 2), (0.5, 0), (0.5, 1), (1 / 16, -1), (1 / 16, 4),
 ])
+@pytest.mark.gpu_schedule
 def test_random_cases_match_reference(dtype, output_size, spatial_scale,
                                       sampling_ratio):
     rng = np.random.default_rng(hash((output_size, spatial_scale,
@@ -134,6 +135,7 @@ class HandComputedTest(chex.TestCase):
         assert not np.allclose(out, grid4, rtol=1e-4)
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 def test_hostile_rois_are_safe(dtype, sampling_ratio):

@@ -47,7 +47,14 @@ from hypothesis import strategies as st
 import jax_psroi
 from jax_psroi import _arguments, _extension, reference, reference_pools
 
-from cases import _GPU_SCHEDULE, CHANNEL_ORDERS, DTYPES, LAYOUTS, features_as, target
+from cases import (
+    CHANNEL_ORDERS,
+    DTYPES,
+    LAYOUTS,
+    features_as,
+    gpu_schedule_target,
+    target,
+)
 
 EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_EXAMPLES", "20"))
 REFERENCE_EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_REFERENCE_EXAMPLES", str(EXAMPLES)))
@@ -145,7 +152,7 @@ def pools(call):
 
 
 def reads_nothing(rois, n, call):
-    """The RoIs the kernels must skip (lib/psroi_math.h: roi_geometry), in
+    """The RoIs the kernels must skip (lib/roi_math.h: roi_geometry), in
     their compute dtype's arithmetic."""
     t = rois.dtype.type
     pooled, scale, ratio = call["pooled"], call["scale"], call["ratio"]
@@ -306,6 +313,7 @@ def attribute_errors(call) -> list[str]:
     return errors
 
 
+@pytest.mark.gpu_schedule
 @FUZZ
 @given(attribute_calls())
 def test_fuzzed_attributes_of_direct_calls(call):
@@ -339,7 +347,7 @@ def test_fuzzed_attributes_of_direct_calls(call):
         else:
             operands.append(np.full(pooled_shape, -1, np.int32))
     name = (target(call["direction"], dtype, layout, operation) if call["kernels"] == "cpu"
-            else _GPU_SCHEDULE[(operation, call["direction"], layout, np.dtype(dtype))])
+            else gpu_schedule_target((operation, call["direction"], layout, np.dtype(dtype))))
     errors = attribute_errors(call)
     with jax.default_device(jax.devices("cpu")[0]):
         run = jax.ffi.ffi_call(name, results)

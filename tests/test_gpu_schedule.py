@@ -30,6 +30,8 @@ from cases import (
     reference_vjp,
 )
 
+pytestmark = pytest.mark.gpu_schedule
+
 OUTPUT_SIZE = (2, 3)
 COMBINATIONS = [(f, o) for f in LAYOUTS for o in CHANNEL_ORDERS]
 

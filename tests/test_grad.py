@@ -44,6 +44,7 @@ def _native_grad(features, rois, cotangent, output_size, scale, ratio):
 @pytest.mark.parametrize("output_size,spatial_scale,sampling_ratio", [
     ((3, 3), 1.0, -1), ((2, 3), 0.5, 2), ((3, 2), 1 / 16, 0), ((1, 1), 1.0, 4),
 ])
+@pytest.mark.gpu_schedule
 def test_backward_matches_reference_and_gpu_schedule(
         dtype, output_size, spatial_scale, sampling_ratio):
     rng = np.random.default_rng(11)

@@ -53,6 +53,7 @@ def _case(dtype, seed, output_size=(2, 3), channels_out=5, n=2, h=9, w=37, scale
     return rng, features, rois
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
@@ -74,6 +75,7 @@ def test_forward_equals_permuted_nchw(data_format, channel_order, sampling_ratio
     np.testing.assert_allclose(scheduled, expected, **TOLERANCE[np.dtype(dtype)])
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)

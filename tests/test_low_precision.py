@@ -76,6 +76,7 @@ def _check(value, exact, low_precision, dtype):
                                  _step(dtype) * np.abs(exact) + 1e-6)
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("dtype,data_format,channel_order,sampling_ratio", CASES)
 def test_forward_within_the_low_precision_rule(dtype, data_format, channel_order,
                                                sampling_ratio):
@@ -93,6 +94,7 @@ def test_forward_within_the_low_precision_rule(dtype, data_format, channel_order
     _check(scheduled, exact, low_precision, dtype)
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("dtype,data_format,channel_order,sampling_ratio", CASES)
 def test_gradient_within_the_low_precision_rule(dtype, data_format, channel_order,
                                                 sampling_ratio):

@@ -14,11 +14,12 @@ import jax_psroi
 from jax_psroi import _extension
 
 from cases import (
-    _GPU_SCHEDULE,
+    KERNELS,
     LAYOUTS,
     ONE_GROUP,
     TOLERANCE,
     golden,
+    gpu_schedule_target,
     multi_scale_case,
     random_rois,
     target,
@@ -307,7 +308,7 @@ def test_export_for_cuda_calls_roi_align_per_level():
 
 # --- The kernels' in-place update ---------------------------------------------
 
-@pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("data_format", LAYOUTS)
 def test_an_update_leaves_the_rois_that_read_nothing(kernels, data_format):
     # A forward given the pooled tensor it updates writes the RoIs that read
@@ -320,7 +321,7 @@ def test_an_update_leaves_the_rois_that_read_nothing(kernels, data_format):
     pooled_shape = (4, 2, 2, 2)
     before = rng.normal(size=pooled_shape).astype(np.float32)
     name = (target("forward", np.float32, data_format, "roi_align") if kernels == "cpu"
-            else _GPU_SCHEDULE[("roi_align", "forward", data_format, np.dtype(np.float32))])
+            else gpu_schedule_target(("roi_align", "forward", data_format, np.dtype(np.float32))))
     attributes = dict(spatial_scale=1.0, sampling_ratio=2, aligned=0, first_bin_row=0,
                       bin_rows=2, **ONE_GROUP)
     result = jax.ShapeDtypeStruct(pooled_shape, np.float32)

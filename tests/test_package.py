@@ -50,6 +50,7 @@ def test_kernel_table_has_a_forward_and_a_backward_per_operation_dtype_and_layou
         "jax_psroi_ps_roi_align_forward_nchw_f32")
 
 
+@pytest.mark.gpu_schedule
 def test_import_registers_no_test_only_targets(tmp_path):
     # The GPU-schedule targets exist for the tests only: after a plain import
     # of the package, XLA's CPU backend does not know them.
@@ -72,6 +73,7 @@ def test_import_registers_no_test_only_targets(tmp_path):
         "run()\n"
         f"sys.path.insert(0, {str(tests)!r})\n"
         "import cases\n"
+        "cases.gpu_schedule_target(('ps_roi_align', 'forward', 'NCHW', np.dtype(np.float32)))\n"
         "run()\n")
     result = _run(code, tmp_path, JAX_PLATFORMS="cpu")
     before, after = result.stdout.strip().splitlines()[-2:]

@@ -147,6 +147,7 @@ def test_export_for_cuda_calls_the_ps_roi_pool_rows():
 
 # --- The CUDA schedule with windows of whole pixels, on the CPU ------------------
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
 def test_gpu_schedule_crowded_tiles_match_the_reference(dtype, data_format, channel_order):

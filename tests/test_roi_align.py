@@ -115,6 +115,7 @@ def test_export_for_cuda_calls_the_roi_align_rows():
 
 # --- The CUDA schedule with shared channels, on the CPU --------------------------
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("dtype,aligned", [(np.float32, False), (np.float64, True)])
 @pytest.mark.parametrize("data_format", LAYOUTS)
 def test_gpu_schedule_crowded_tiles_sum_every_bin(dtype, data_format, aligned):
@@ -138,6 +139,7 @@ def test_gpu_schedule_crowded_tiles_sum_every_bin(dtype, data_format, aligned):
     np.testing.assert_allclose(grad, vjp(cotangent)[0], **TOLERANCE[np.dtype(dtype)])
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("data_format", LAYOUTS)
 def test_gpu_schedule_16_bit_gradient_is_rounded_once(data_format):
     rng = np.random.default_rng(11)

@@ -13,7 +13,6 @@ import jax_psroi
 from jax_psroi import _extension, _roi_pool, _xla_path, reference_pools
 
 from cases import (
-    _GPU_SCHEDULE,
     LAYOUTS,
     LOW_PRECISION_DTYPES,
     ONE_GROUP,
@@ -21,6 +20,7 @@ from cases import (
     check_rounded_once,
     crowded_rois,
     golden,
+    gpu_schedule_target,
     hostile_rois,
     pooled_as,
     random_rois,
@@ -198,7 +198,7 @@ def _scheduled(direction, operand, rois, pixels, out_shape, scale, data_format):
     forward's blocks of one RoI's outputs, or the backward's tile lists and
     passes."""
     dtype = jnp.dtype(operand.dtype)
-    name = _GPU_SCHEDULE[("roi_pool", direction, data_format, dtype)]
+    name = gpu_schedule_target(("roi_pool", direction, data_format, dtype))
     with jax.default_device(jax.devices("cpu")[0]):
         if direction == "forward":
             call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype),
@@ -209,6 +209,7 @@ def _scheduled(direction, operand, rois, pixels, out_shape, scale, data_format):
         return np.asarray(call(operand, rois, pixels, spatial_scale=scale, **ONE_GROUP)[0])
 
 
+@pytest.mark.gpu_schedule
 @pytest.mark.parametrize("data_format,dtype,channels", [
     ("NCHW", np.float32, 3), ("NCHW", np.float32, 60), ("NHWC", np.float64, 60),
     ("NHWC", np.float16, 3)])

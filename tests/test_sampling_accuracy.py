@@ -17,7 +17,7 @@ import pytest
 
 import jax_psroi
 
-from cases import LAYOUTS, native_gpu_schedule, pooled_as
+from cases import KERNELS, LAYOUTS, native_gpu_schedule, pooled_as
 
 RATIOS = [2**16, 2**20, 2**22, 2**23]
 OUTPUT_SIZE = (2, 2)
@@ -87,7 +87,7 @@ def _gradient_of_ones(kernels, features_shape, ratio, data_format):
                                data_format)
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_float32_forward_at_large_sampling_ratios(ratio, data_format, kernels):
@@ -101,7 +101,7 @@ def test_float32_forward_at_large_sampling_ratios(ratio, data_format, kernels):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_float32_gradient_at_large_sampling_ratios(ratio, data_format, kernels):
@@ -115,7 +115,7 @@ def test_float32_gradient_at_large_sampling_ratios(ratio, data_format, kernels):
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_adaptive_grids_past_the_cap_and_over_many_pixels(kernels):
     # Adaptive grids of more than 64 samples (bins of 140 pixels) and a
     # box so wide that its grid is capped at 2^23 samples per axis (2^24

@@ -21,6 +21,7 @@ import sharding_worker as worker
 from jax_psroi import _arguments, _averaging
 
 from cases import (
+    KERNELS,
     ONE_GROUP,
     features_as,
     native_gpu_schedule,
@@ -111,7 +112,7 @@ def _kernel(kernels, direction, operand, rois, out_shape, data_format, first_bin
 
 
 @pytest.mark.parametrize("operation", ["ps_roi_align", "ps_roi_pool"])
-@pytest.mark.parametrize("kernels", ["cpu", "gpu_schedule"])
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bin_rows_of_a_grid_are_those_rows_of_the_whole_call(kernels, data_format, dtype,

@@ -1,6 +1,6 @@
-// XLA FFI handlers for the CPU: decode buffers, check shapes, and split the
-// work over XLA's intra-op thread pool (parallel.h). Errors are returned,
-// never thrown. One handler per row of the kernel table.
+// XLA FFI handlers for the CPU: after the shared prologue (ffi_handlers.h),
+// split the work over XLA's intra-op thread pool (parallel.h). Errors are
+// returned, never thrown. One handler per row of the kernel table.
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -8,11 +8,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/average_kernels.h"
 #include "cpu/huge_pages.h"
+#include "cpu/max_kernels.h"
 #include "cpu/parallel.h"
-#include "cpu/psroi_cpu_kernels.h"
-#include "cpu/roi_pool_cpu_kernels.h"
 #include "ffi_common.h"
+#include "ffi_handlers.h"
 #include "kernel_table.h"
 #include "targets.h"
 #include "xla/ffi/api/ffi.h"
@@ -21,7 +22,7 @@ namespace jax_psroi {
 namespace cpu {
 namespace {
 
-// A backward call's workspace, its further result (psroi_cpu_kernels.h,
+// A backward call's workspace, its further result (average_kernels.h,
 // BackwardPlan).
 using WorkspaceBytes = ffi::Buffer<ffi::DataType::U8, 1>;
 
@@ -31,14 +32,15 @@ using WorkspaceBytes = ffi::Buffer<ffi::DataType::U8, 1>;
 // handler, filled by the phases.
 template <typename T, typename Layout>
 struct BackwardState {
-  BackwardState(const PsRoiDims& d, const BackwardPlan& plan, Carver memory)
+  BackwardState(const CallShape& shape, const BackwardPlan& plan, Carver memory)
       : plan(plan),
-        units(d, sizeof(T), Layout::kChannelsLast),
-        run(staged_run<T>(d, Layout::kChannelsLast)),
-        tables(d, plan.pass_rois, memory),
+        units(shape, sizeof(T), Layout::kChannelsLast),
+        run(staged_run<T>(shape, Layout::kChannelsLast)),
+        tables(shape, plan.pass_rois, memory),
         // Every element is written before it is read: no zero fill.
-        bin_major(memory.take<T>(plan.pass_rois * d.bins() * run)),
-        accumulator(plan.accumulates ? memory.take<T>(apart_elements<T, Layout>(d)) : nullptr) {}
+        bin_major(memory.take<T>(plan.pass_rois * shape.bins() * run)),
+        accumulator(plan.accumulates ? memory.take<T>(apart_elements<T, Layout>(shape))
+                                     : nullptr) {}
   BackwardPlan plan;
   Units units;
   int64_t run;
@@ -48,183 +50,161 @@ struct BackwardState {
   RoisByImage by_image;
 };
 
-template <typename Operation, typename S, typename Layout>
-ffi::Future forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
-                    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
-                    ffi::RemainingRets, double spatial_scale, int64_t sampling_ratio,
-                    int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
-                    int64_t rois_per_group, int64_t images_per_group) {
+// The averaging operators' forward, by RoI.
+template <typename Layout, typename S>
+ffi::Future average_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
-      input.dimensions(), rois.dimensions(), output->dimensions(),
-      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
-       images_per_group});
-  if (dims.has_error()) return ready_with(dims.error());
-  PsRoiDims d = dims.value();
-  if (ffi::Error e = apply_update(updated, *output, &d); e.failure()) {
-    return ready_with(e);
-  }
-  const S* in = data<S>(input);
-  const T* boxes = data<T>(rois);
-  S* out = data<S>(*output);
-  const T scale = static_cast<T>(spatial_scale);
+  const CallShape shape = call.shape;
+  const S* in = call.input;
+  const T* boxes = call.rois;
+  S* out = call.output;
+  const T scale = call.spatial_scale;
+  const int64_t sampling_ratio = call.sampling_ratio;
+  const BoxRule rule = call.rule;
+  const bool skip_empty_rois = call.skip_empty_rois;
   auto order = std::make_shared<const std::vector<int64_t>>(
-      locality_order(boxes, d, scale, sampling_ratio));
-  return run_phases(pool, call_work(d, Direction::kForward),
-                    {over_rois(pool, d.num_rois, [=](int64_t begin, int64_t end) {
-                      forward_rois<S, Layout>(in, boxes, d, scale, sampling_ratio,
-                                              order->data(), begin, end, out);
+      locality_order(boxes, shape, rule, scale, sampling_ratio));
+  return run_phases(pool, call_work(shape, Direction::kForward),
+                    {over_rois(pool, shape.num_rois, [=](int64_t begin, int64_t end) {
+                      forward_rois<S, Layout>(in, boxes, shape, rule, scale, sampling_ratio,
+                                              order->data(), begin, end, skip_empty_rois, out);
                     })});
 }
 
-template <typename Operation, typename S, typename Layout>
-ffi::Future backward(ffi::ThreadPool pool, MapBuffer<S> cotangent, RoisBuffer<S> rois,
-                     ffi::Result<MapBuffer<S>> grad_input,
-                     ffi::RemainingRets further, double spatial_scale,
-                     int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row,
-                     int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
+// The averaging operators' backward, in passes of RoIs whose tables fit
+// the workspace.
+template <typename Layout, typename S>
+ffi::Future average_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = call_dims<Operation, Layout, T>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
-       images_per_group});
-  if (dims.has_error()) return ready_with(dims.error());
-  const PsRoiDims d = dims.value();
+  const CallShape shape = call.shape;
   // The lowering asks for backward_workspace_bytes; less works too, in more
   // passes.
   ffi::ErrorOr<WorkspaceBytes> workspace = further_result<WorkspaceBytes>(
-      further, 0, static_cast<int64_t>(least_workspace_bytes<S, Layout>(d)),
+      call.further, 0, static_cast<int64_t>(least_workspace_bytes<S, Layout>(shape)),
       "a workspace of bytes");
   if (workspace.has_error()) return ready_with(workspace.error());
-  const BackwardPlan plan = plan_backward<S, Layout>(d, workspace->size_bytes());
-  const S* cot = data<S>(cotangent);
-  const T* boxes = data<T>(rois);
-  S* grad = data<S>(*grad_input);
-  advise_huge_pages(grad, grad_input->size_bytes());
-  const T scale = static_cast<T>(spatial_scale);
-  auto state = std::make_shared<BackwardState<T, Layout>>(
-      d, plan, Carver(workspace->untyped_data()));
+  const BackwardPlan plan = plan_backward<S, Layout>(shape, workspace->size_bytes());
+  const S* cot = call.cotangent;
+  const T* boxes = call.rois;
+  S* grad = call.grad;
+  advise_huge_pages(grad, call.grad_bytes);
+  const BoxRule rule = call.rule;
+  const T scale = call.spatial_scale;
+  const int64_t sampling_ratio = call.sampling_ratio;
+  auto state =
+      std::make_shared<BackwardState<T, Layout>>(shape, plan, Carver(workspace->untyped_data()));
   // Per pass: its RoIs' tables and cotangent bin-major (by RoI); its RoIs of
   // each image (one item); then the gradient (by unit).
   std::vector<Phase> phases;
   for (int64_t p = 0; p < plan.passes; ++p) {
     const int64_t first = p * plan.pass_rois;
-    const int64_t n = std::min(plan.pass_rois, d.num_rois - first);
+    const int64_t n = std::min(plan.pass_rois, shape.num_rois - first);
     const PassOrder<T> order{p == 0, p + 1 == plan.passes, state->accumulator};
     phases.push_back(over_rois(pool, n, [=](int64_t begin, int64_t end) {
-      RoiWeights<T> weights(d);
-      state->tables.compute(boxes, scale, sampling_ratio, first, first + begin,
-                            first + end, &weights);
-      to_bin_major<S, Layout>(cot, d, state->tables, first, n, first + begin, first + end,
+      RoiWeights<T> weights(shape);
+      state->tables.compute(boxes, rule, scale, sampling_ratio, first, first + begin, first + end,
+                            &weights);
+      to_bin_major<S, Layout>(cot, shape, state->tables, first, n, first + begin, first + end,
                               state->bin_major);
     }));
     phases.push_back(
-        Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, d, n); }});
+        Phase{1, [=](int64_t) { state->by_image = rois_by_image(state->tables, shape, n); }});
     phases.push_back(Phase{state->units.count(), [=](int64_t unit) {
                              const Pass<T> pass{state->tables, state->by_image,
                                                 state->bin_major, n, state->run};
-                             backward_unit<S, Layout>(pass, d, state->units, unit, order,
-                                                      grad);
+                             backward_unit<S, Layout>(pass, shape, state->units, unit, order, grad);
                            }});
   }
-  return run_phases(pool, call_work(d, Direction::kBackward), std::move(phases));
+  return run_phases(pool, call_work(shape, Direction::kBackward), std::move(phases));
 }
 
 // RoI Pool's forward: maxima and their pixels, or with `recorded` the
 // input at recorded pixels (ffi_common.h). By RoI.
-template <typename S, typename Layout>
-ffi::Future roi_pool_forward(ffi::ThreadPool pool, MapBuffer<S> input, RoisBuffer<S> rois,
-                             std::optional<PixelsBuffer> recorded,
-                             ffi::Result<MapBuffer<S>> output,
-                             ffi::Result<PixelsBuffer> pixels, ffi::RemainingRets,
-                             double spatial_scale, int64_t rois_per_group,
-                             int64_t images_per_group) {
+template <typename Layout, typename S>
+ffi::Future max_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
   using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_forward_dims<Layout, T>(
-      input, rois, recorded, *output, *pixels,
-      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
-  if (dims.has_error()) return ready_with(dims.error());
-  const PsRoiDims d = dims.value();
-  const S* in = data<S>(input);
-  const T* boxes = data<T>(rois);
-  const int32_t* at = recorded ? data<int32_t>(*recorded) : nullptr;
-  S* out = data<S>(*output);
-  int32_t* px = data<int32_t>(*pixels);
-  const T scale = static_cast<T>(spatial_scale);
-  return run_phases(pool, call_work(d, Direction::kForward),
-                    {over_rois(pool, d.num_rois, [=](int64_t begin, int64_t end) {
-                      roi_pool_forward_rois<S, Layout>(in, boxes, d, scale, at, begin, end,
-                                                       out, px);
+  const CallShape shape = call.shape;
+  const S* in = call.input;
+  const T* boxes = call.rois;
+  const int32_t* at = call.recorded;
+  S* out = call.output;
+  int32_t* px = call.pixels;
+  const BoxRule rule = call.rule;
+  const T scale = call.spatial_scale;
+  return run_phases(pool, call_work(shape, Direction::kForward),
+                    {over_rois(pool, shape.num_rois, [=](int64_t begin, int64_t end) {
+                      roi_pool_forward_rois<S, Layout>(in, boxes, shape, rule, scale, at, begin,
+                                                       end, out, px);
                     })});
 }
 
 // RoI Pool's backward: the cotangent added at the recorded pixels, by
 // (image, channel run).
-template <typename S, typename Layout>
-ffi::Future roi_pool_backward(ffi::ThreadPool pool, MapBuffer<S> cotangent,
-                              RoisBuffer<S> rois, PixelsBuffer pixels,
-                              ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets,
-                              double spatial_scale, int64_t rois_per_group,
-                              int64_t images_per_group) {
-  using T = ComputeType<S>;
-  ffi::ErrorOr<PsRoiDims> dims = roi_pool_dims<Layout, T>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      pixels.dimensions(),
-      roi_pool_attributes(spatial_scale, rois_per_group, images_per_group));
-  if (dims.has_error()) return ready_with(dims.error());
-  const PsRoiDims d = dims.value();
-  const S* cot = data<S>(cotangent);
-  const int32_t* px = data<int32_t>(pixels);
-  S* grad = data<S>(*grad_input);
-  advise_huge_pages(grad, grad_input->size_bytes());
-  const RoiPoolUnits units = RoiPoolUnits::of(d, pool.num_threads(), Layout::kChannelsLast);
+template <typename Layout, typename S>
+ffi::Future max_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
+  const CallShape shape = call.shape;
+  const S* cot = call.cotangent;
+  const int32_t* px = call.pixels;
+  S* grad = call.grad;
+  advise_huge_pages(grad, call.grad_bytes);
+  const RoiPoolUnits units = RoiPoolUnits::of(shape, pool.num_threads(), Layout::kChannelsLast);
   auto by_image = std::make_shared<const RoiPoolByImage>(
-      roi_pool_by_image(data<T>(rois), d, static_cast<T>(spatial_scale)));
-  return run_phases(pool, call_work(d, Direction::kBackward),
-                    {Phase{units.count(d), [=](int64_t unit) {
-                       roi_pool_backward_unit<S, Layout>(cot, px, d, *by_image, units, unit,
-                                                         grad);
-                     }}});
+      roi_pool_by_image(call.rois, shape, call.rule, call.spatial_scale));
+  return run_phases(pool, call_work(shape, Direction::kBackward),
+                    {Phase{units.count(shape), [=](int64_t unit) {
+                             roi_pool_backward_unit<S, Layout>(cot, px, shape, *by_image, units,
+                                                               unit, grad);
+                           }}});
 }
 
 }  // namespace
 
-template <typename Operation, Direction D, typename Layout, typename S>
-struct CpuHandler {
-  static auto make() {
-    auto context = [] { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); };
-    if constexpr (OperationTraits<Operation>::kMaxPool) {
-      return bind_row<Operation, D, S>(context, roi_pool_forward<S, Layout>,
-                                       roi_pool_backward<S, Layout>);
-    } else {
-      return bind_row<Operation, D, S>(context, forward<Operation, S, Layout>,
-                                       backward<Operation, S, Layout>);
-    }
+// The CPU platform (ffi_handlers.h): XLA's intra-op thread pool, futures.
+struct Cpu {
+  using Context = ffi::ThreadPool;
+  using Result = ffi::Future;
+  static constexpr bool kCommandBuffer = false;
+  static auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); }
+  static ffi::Future fail(ffi::Error error) { return ready_with(std::move(error)); }
+  template <typename Layout, typename S>
+  static ffi::Future average_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
+    return cpu::average_forward<Layout>(pool, call);
+  }
+  template <typename Layout, typename S>
+  static ffi::Future average_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
+    return cpu::average_backward<Layout>(pool, call);
+  }
+  template <typename Layout, typename S>
+  static ffi::Future max_forward(ffi::ThreadPool pool, const ForwardCall<S>& call) {
+    return cpu::max_forward<Layout>(pool, call);
+  }
+  template <typename Layout, typename S>
+  static ffi::Future max_backward(ffi::ThreadPool pool, const BackwardCall<S>& call) {
+    return cpu::max_backward<Layout>(pool, call);
   }
 };
 
 }  // namespace cpu
 
 std::vector<FfiTarget> cpu_targets() {
-  return ffi_targets<cpu::CpuHandler>("jax_psroi_");
+  return ffi_targets<PlatformHandler<cpu::Cpu>::Row>("jax_psroi_");
 }
 
 int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::string& layout,
-                                     const std::string& dtype, PsRoiDims d,
-                                     int64_t pass_rois) {
+                                     const std::string& dtype, CallShape shape, int64_t pass_rois) {
   int64_t bytes = 0;
   for_each_kernel([&](auto op, auto direction, auto row_layout, auto row_dtype) {
     using Operation = typename decltype(op)::type;
     using Layout = typename decltype(row_layout)::type;
     using S = typename decltype(row_dtype)::type;
     if constexpr (decltype(direction)::value == Direction::kBackward &&
-                  !OperationTraits<Operation>::kMaxPool) {
+                  std::is_same_v<typename Operation::Pooling, AveragePooling>) {
       if (operation == KernelName<Operation>::value && layout == KernelName<Layout>::value &&
           dtype == KernelName<S>::value) {
-        if (OperationTraits<Operation>::kSharedChannels) d.channel_order = ChannelOrder::kShared;
-        bytes = static_cast<int64_t>(
-            pass_rois < 0 ? cpu::backward_workspace_bytes<S, Layout>(d)
-                          : cpu::pass_workspace_bytes<S, Layout>(d, pass_rois));
+        shape.channel_order = Operation::channel_order(static_cast<int64_t>(shape.channel_order));
+        bytes = static_cast<int64_t>(pass_rois < 0
+                                         ? cpu::backward_workspace_bytes<S, Layout>(shape)
+                                         : cpu::pass_workspace_bytes<S, Layout>(shape, pass_rois));
       }
     }
   });
@@ -232,26 +212,28 @@ int64_t cpu_backward_workspace_bytes(const std::string& operation, const std::st
 }
 
 int64_t cpu_forward_scratch_bytes(const std::string& operation, const std::string& layout,
-                                  PsRoiDims d, const std::vector<float>& rois,
-                                  double spatial_scale, int64_t sampling_ratio) {
+                                  CallShape shape, int64_t attribute,
+                                  const std::vector<float>& rois, double spatial_scale,
+                                  int64_t sampling_ratio) {
   int64_t bytes = 0;
   for_each_kernel([&](auto op, auto direction, auto row_layout, auto row_dtype) {
     using Operation = typename decltype(op)::type;
     using Layout = typename decltype(row_layout)::type;
     using S = typename decltype(row_dtype)::type;
     if constexpr (decltype(direction)::value == Direction::kForward &&
-                  !OperationTraits<Operation>::kMaxPool && std::is_same_v<S, float>) {
+                  std::is_same_v<typename Operation::Pooling, AveragePooling> &&
+                  std::is_same_v<S, float>) {
       if (operation == KernelName<Operation>::value && layout == KernelName<Layout>::value) {
-        if (OperationTraits<Operation>::kSharedChannels) d.channel_order = ChannelOrder::kShared;
-        d.whole_pixels = OperationTraits<Operation>::kWholePixels;
-        const std::vector<float> input(static_cast<size_t>(d.feature_elements()));
-        std::vector<float> output(static_cast<size_t>(d.outputs()));
+        shape.channel_order = Operation::channel_order(static_cast<int64_t>(shape.channel_order));
+        const BoxRule rule = Operation::box_rule(attribute);
+        const std::vector<float> input(static_cast<size_t>(shape.feature_elements()));
+        std::vector<float> output(static_cast<size_t>(shape.outputs()));
         const float scale = static_cast<float>(spatial_scale);
         const std::vector<int64_t> order =
-            cpu::locality_order(rois.data(), d, scale, sampling_ratio);
+            cpu::locality_order(rois.data(), shape, rule, scale, sampling_ratio);
         bytes = static_cast<int64_t>(cpu::forward_rois<float, Layout>(
-            input.data(), rois.data(), d, scale, sampling_ratio, order.data(), 0, d.num_rois,
-            output.data()));
+            input.data(), rois.data(), shape, rule, scale, sampling_ratio, order.data(), 0,
+            shape.num_rois, /*skip_empty_rois=*/false, output.data()));
       }
     }
   });

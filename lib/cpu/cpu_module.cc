@@ -16,22 +16,19 @@ NB_MODULE(_cpu, m) {
       nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.def("targets", []() { return jax_psroi::python_targets(jax_psroi::cpu_targets()); },
         "The product's targets: [(name, operation, direction, layout, dtype, capsule)].");
-  m.def("gpu_schedule_targets",
-        []() { return jax_psroi::python_targets(jax_psroi::cpu_gpu_schedule_targets()); },
-        "Test-only targets running the CUDA kernels' schedule serially on the CPU.");
   // Here rather than in _cuda: exporting for CUDA works without a CUDA build.
   m.def(
       "cuda_workspace_elements",
-      [](bool backward, int64_t num_images, int64_t num_rois, int64_t height,
-         int64_t pooled_h, int64_t pooled_w) {
-        jax_psroi::PsRoiDims d{};
-        d.num_images = num_images;
-        d.num_rois = num_rois;
-        d.height = height;
-        d.pooled_h = pooled_h;
-        d.pooled_w = pooled_w;
-        return jax_psroi::gpu_schedule::workspace_elements<
-            jax_psroi::gpu_schedule::DefaultTuning>(d, backward);
+      [](bool backward, int64_t num_images, int64_t num_rois, int64_t height, int64_t pooled_h,
+         int64_t pooled_w) {
+        jax_psroi::CallShape shape{};
+        shape.num_images = num_images;
+        shape.num_rois = num_rois;
+        shape.height = height;
+        shape.pooled_h = pooled_h;
+        shape.pooled_w = pooled_w;
+        return jax_psroi::gpu_schedule::workspace_elements<jax_psroi::gpu_schedule::DefaultTuning>(
+            shape, backward);
       },
       "Int32 elements of a CUDA call's workspace (lib/gpu_schedule.h).");
   m.def(
@@ -40,39 +37,38 @@ NB_MODULE(_cpu, m) {
          int64_t num_images, int64_t channels, int64_t height, int64_t width, int64_t num_rois,
          int64_t channels_out, int64_t pooled_h, int64_t pooled_w, int64_t channel_order,
          int64_t pass_rois) {
-        jax_psroi::PsRoiDims d{};
-        d.num_images = num_images;
-        d.channels = channels;
-        d.height = height;
-        d.width = width;
-        d.num_rois = num_rois;
-        d.channels_out = channels_out;
-        d.pooled_h = pooled_h;
-        d.pooled_w = pooled_w;
-        d.channel_order = static_cast<jax_psroi::ChannelOrder>(channel_order);
-        return jax_psroi::cpu_backward_workspace_bytes(operation, layout, dtype, d, pass_rois);
+        jax_psroi::CallShape shape{};
+        shape.num_images = num_images;
+        shape.channels = channels;
+        shape.height = height;
+        shape.width = width;
+        shape.num_rois = num_rois;
+        shape.channels_out = channels_out;
+        shape.pooled_h = pooled_h;
+        shape.pooled_w = pooled_w;
+        shape.channel_order = static_cast<jax_psroi::ChannelOrder>(channel_order);
+        return jax_psroi::cpu_backward_workspace_bytes(operation, layout, dtype, shape, pass_rois);
       },
-      "Bytes of a CPU backward call's workspace (lib/cpu/psroi_cpu_kernels.h): what the "
+      "Bytes of a CPU backward call's workspace (lib/cpu/average_kernels.h): what the "
       "lowering asks for (pass_rois -1), or room for passes of pass_rois RoIs.");
   m.def(
       "forward_scratch_bytes",
       [](const std::string& operation, const std::string& layout, int64_t num_images,
-         int64_t channels, int64_t height, int64_t width, int64_t channels_out,
-         int64_t pooled_h, int64_t pooled_w, bool aligned, const std::vector<float>& rois,
-         double spatial_scale, int64_t sampling_ratio) {
-        jax_psroi::PsRoiDims d{};
-        d.num_images = num_images;
-        d.channels = channels;
-        d.height = height;
-        d.width = width;
-        d.num_rois = static_cast<int64_t>(rois.size() / 5);
-        d.channels_out = channels_out;
-        d.pooled_h = pooled_h;
-        d.pooled_w = pooled_w;
-        d.aligned = aligned;
-        return jax_psroi::cpu_forward_scratch_bytes(operation, layout, d, rois, spatial_scale,
-                                                    sampling_ratio);
+         int64_t channels, int64_t height, int64_t width, int64_t channels_out, int64_t pooled_h,
+         int64_t pooled_w, bool aligned, const std::vector<float>& rois, double spatial_scale,
+         int64_t sampling_ratio) {
+        jax_psroi::CallShape shape{};
+        shape.num_images = num_images;
+        shape.channels = channels;
+        shape.height = height;
+        shape.width = width;
+        shape.num_rois = static_cast<int64_t>(rois.size() / 5);
+        shape.channels_out = channels_out;
+        shape.pooled_h = pooled_h;
+        shape.pooled_w = pooled_w;
+        return jax_psroi::cpu_forward_scratch_bytes(operation, layout, shape, aligned ? 1 : 0, rois,
+                                                    spatial_scale, sampling_ratio);
       },
       "Test-only: the most scratch one task of the float32 CPU forward holds for `rois` (a "
-      "flat list of [K, 5]) on a map of zeros (lib/cpu/psroi_cpu_kernels.h).");
+      "flat list of [K, 5]) on a map of zeros (lib/cpu/average_kernels.h).");
 }

@@ -13,9 +13,9 @@ namespace cpu {
 // Asks the kernel to back the 2 MiB-aligned interior of a large result buffer
 // with transparent huge pages. glibc serves allocations of 32 MiB and more
 // with a fresh mmap every time, so a call that writes such a result pays a
-// page fault per 4 KiB page on first touch, which dominated the R-FCN
-// class-map backward (a 38 MB gradient). Smaller buffers are reused from the
-// heap without faults and are left alone (advising them measured no better).
+// page fault per 4 KiB page on first touch, which can dominate a large
+// backward. Smaller buffers are reused from the heap without faults and are
+// left alone.
 // The buffer is written whole, so no memory is wasted; where THP is disabled
 // the call fails harmlessly and is ignored.
 inline void advise_huge_pages(void* data, size_t bytes) {

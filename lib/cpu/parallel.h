@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "kernel_table.h"
-#include "psroi_math.h"
+#include "roi_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_psroi {
@@ -27,10 +27,10 @@ namespace ffi = ::xla::ffi;
 // the backward also writes every gradient element once.
 constexpr int64_t kWindowTaps = 16;
 
-inline int64_t call_work(const PsRoiDims& d, Direction direction) {
-  const int64_t windows = d.outputs() * kWindowTaps;
+inline int64_t call_work(const CallShape& shape, Direction direction) {
+  const int64_t windows = shape.outputs() * kWindowTaps;
   if (direction == Direction::kForward) return windows;
-  return windows + d.num_images * d.channels * d.plane_size();
+  return windows + shape.num_images * shape.channels * shape.plane_size();
 }
 
 // Calls doing less work than this run inline: scheduling would cost more

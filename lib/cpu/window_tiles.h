@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "psroi_math.h"
+#include "roi_math.h"
 
 namespace jax_psroi {
 namespace cpu {

@@ -1,10 +1,10 @@
 // CUDA kernels of the RoI operators and their launchers. What each block does is
 // in gpu_schedule.h (shared with the CPU tests), the arithmetic in
-// psroi_math.h; this file gives the schedule a real thread block and
+// roi_math.h; this file gives the schedule a real thread block and
 // launches it. No XLA types: the handlers in cuda_handlers.cu translate FFI
 // buffers into these calls. Every kernel is deterministic: no float atomics.
-#ifndef JAX_PSROI_CUDA_PSROI_CUDA_KERNELS_CUH_
-#define JAX_PSROI_CUDA_PSROI_CUDA_KERNELS_CUH_
+#ifndef JAX_PSROI_CUDA_KERNELS_CUH_
+#define JAX_PSROI_CUDA_KERNELS_CUH_
 
 #include <algorithm>
 #include <cstdint>
@@ -12,7 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include "gpu_schedule.h"
-#include "psroi_math.h"
+#include "roi_math.h"
 
 namespace jax_psroi {
 namespace cuda {
@@ -101,11 +101,11 @@ struct DeviceBlock {
 
 template <typename Tune, typename T>
 __global__ void __launch_bounds__(Tune::kThreads)
-    roi_info_kernel(const T* __restrict__ rois, PsRoiDims d, T spatial_scale,
-                    int64_t sampling_ratio, bool backward, gs::Workspace ws) {
+    roi_info_kernel(const T* __restrict__ rois, CallShape shape, BoxRule rule, T spatial_scale,
+                    int64_t sampling_ratio, bool backward, gs::Workspace views) {
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * Tune::kThreads + threadIdx.x;
-       k < d.num_rois; k += static_cast<int64_t>(gridDim.x) * Tune::kThreads) {
-    gs::roi_info<Tune>(rois, d, spatial_scale, sampling_ratio, k, backward, ws);
+       k < shape.num_rois; k += static_cast<int64_t>(gridDim.x) * Tune::kThreads) {
+    gs::roi_info<Tune>(rois, shape, rule, spatial_scale, sampling_ratio, k, backward, views);
   }
 }
 
@@ -114,41 +114,42 @@ __global__ void __launch_bounds__(Tune::kThreads)
 // blocks.
 template <typename Tune, bool kPlace>
 __global__ void __launch_bounds__(Tune::kThreads)
-    segment_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
+    segment_kernel(CallShape shape, gs::Workspace views, bool backward) {
   using Block = DeviceBlock<Tune::kThreads>;
   __shared__ int warp_totals[Block::kWarps];
   Block block{warp_totals};
-  const int64_t blocks = gs::buckets_of<Tune>(d, backward) * gs::segments_of(d);
+  const int64_t blocks = gs::buckets_of<Tune>(shape, backward) * gs::segments_of(shape);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     if constexpr (kPlace) {
-      gs::place_block<Tune>(block, d, ws, backward, b);
+      gs::place_block<Tune>(block, shape, views, backward, b);
     } else {
-      gs::count_block<Tune>(block, d, ws, backward, b);
+      gs::count_block<Tune>(block, shape, views, backward, b);
     }
   }
 }
 
 template <typename Tune>
 __global__ void __launch_bounds__(Tune::kThreads)
-    start_kernel(PsRoiDims d, gs::Workspace ws, bool backward) {
+    start_kernel(CallShape shape, gs::Workspace views, bool backward) {
   using Block = DeviceBlock<Tune::kThreads>;
   __shared__ int warp_totals[Block::kWarps];
   Block block{warp_totals};
-  gs::start_block<Tune>(block, d, ws, backward);
+  gs::start_block<Tune>(block, shape, views, backward);
 }
 
 // Launch bounds (minimum blocks per SM) are the tuning's: they set the
 // register budget (gpu_schedule.h, DefaultTuning).
 template <typename Tune, typename S, typename Layout, bool kPixelSums>
 __global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
-    forward_kernel(const S* __restrict__ input, PsRoiDims d, int64_t sampling_ratio,
-                   gs::Workspace ws, S* __restrict__ output) {
+    forward_kernel(const S* __restrict__ input, CallShape shape, BoxRule rule,
+                   int64_t sampling_ratio, gs::Workspace views, bool skip_empty_rois,
+                   S* __restrict__ output) {
   using Block = DeviceBlock<Tune::kThreads>;
   Block block{nullptr};  // the forward never compacts
-  const int64_t blocks = gs::forward_blocks<Tune, Layout>(d);
+  const int64_t blocks = gs::forward_blocks<Tune, Layout>(shape);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::forward_block<Tune, Block, S, Layout, kPixelSums>(block, input, d, sampling_ratio, ws,
-                                                          b, output);
+    gs::forward_block<Tune, Block, S, Layout, kPixelSums>(block, input, shape, rule, sampling_ratio,
+                                                          views, b, skip_empty_rois, output);
   }
 }
 
@@ -157,18 +158,18 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
 template <typename Tune, typename S, typename Layout, bool kPixelSums, typename Term,
           typename T = ComputeType<S>>
 __global__ void __launch_bounds__(Tune::kThreads, Tune::kBackwardBlocksPerSm)
-    backward_kernel(Term term, PsRoiDims d, int64_t sampling_ratio, gs::Workspace ws, T* sums,
-                    S* grad) {
+    backward_kernel(Term term, CallShape shape, BoxRule rule, int64_t sampling_ratio,
+                    gs::Workspace views, T* sums, S* grad) {
   using Block = DeviceBlock<Tune::kThreads>;
   static_assert(sizeof(gs::BackwardShared<Tune, T>) <= 48 * 1024,
                 "a tuning's backward list must fit static shared memory");
   __shared__ gs::BackwardShared<Tune, T> shared;
   __shared__ int warp_totals[Block::kWarps];
   Block block{warp_totals};
-  const int64_t blocks = gs::BackwardTiling<Tune>::of(d).blocks(d);
+  const int64_t blocks = gs::BackwardTiling<Tune>::of(shape).blocks(shape);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::backward_block<Tune, Block, S, Layout, kPixelSums>(block, shared, term, d,
-                                                           sampling_ratio, ws, b, sums, grad);
+    gs::backward_block<Tune, Block, S, Layout, kPixelSums>(block, shared, term, shape, rule,
+                                                           sampling_ratio, views, b, sums, grad);
   }
 }
 
@@ -177,68 +178,68 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kBackwardBlocksPerSm)
 template <typename Tune, typename S, typename Layout, typename T = ComputeType<S>>
 __global__ void __launch_bounds__(Tune::kThreads)
     roi_pool_forward_kernel(const S* __restrict__ input, const T* __restrict__ rois,
-                            PsRoiDims d, T spatial_scale, const int32_t* recorded, S* output,
-                            int32_t* pixels) {
+                            CallShape shape, BoxRule rule, T spatial_scale, const int32_t* recorded,
+                            S* output, int32_t* pixels) {
   using Block = DeviceBlock<Tune::kThreads>;
   __shared__ gs::RoiPoolShared<T> shared;
   Block block{nullptr};  // never compacts
-  const int64_t blocks = gs::roi_pool_blocks<Tune>(d);
+  const int64_t blocks = gs::roi_pool_blocks<Tune>(shape);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::roi_pool_block<Tune, Block, S, Layout>(block, shared, input, rois, d, spatial_scale,
-                                               recorded, b, output, pixels);
+    gs::roi_pool_block<Tune, Block, S, Layout>(block, shared, input, rois, shape, rule,
+                                               spatial_scale, recorded, b, output, pixels);
   }
 }
 
 // Enqueues the RoI buckets (gpu_schedule.h, part 1) into `workspace`, of
-// gs::workspace_elements<Tune>(d, backward) int32s.
+// gs::workspace_elements<Tune>(shape, backward) int32s.
 template <typename Tune, typename T>
-cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const PsRoiDims& d,
-                           T spatial_scale, int64_t sampling_ratio, int32_t* workspace,
-                           bool backward, gs::Workspace* ws) {
+cudaError_t launch_buckets(cudaStream_t stream, const T* rois, const CallShape& shape,
+                           const BoxRule& rule, T spatial_scale, int64_t sampling_ratio,
+                           int32_t* workspace, bool backward, gs::Workspace* views) {
   constexpr int kThreads = Tune::kThreads;
-  *ws = gs::workspace_views<Tune>(workspace, d, backward);
-  if (d.num_rois > 0) {
-    roi_info_kernel<Tune, T><<<grid_for((d.num_rois + kThreads - 1) / kThreads), kThreads, 0,
-                               stream>>>(rois, d, spatial_scale, sampling_ratio, backward, *ws);
+  *views = gs::workspace_views<Tune>(workspace, shape, backward);
+  if (shape.num_rois > 0) {
+    roi_info_kernel<Tune, T>
+        <<<grid_for((shape.num_rois + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+            rois, shape, rule, spatial_scale, sampling_ratio, backward, *views);
   }
-  const int64_t blocks = gs::buckets_of<Tune>(d, backward) * gs::segments_of(d);
-  segment_kernel<Tune, false><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
-  start_kernel<Tune><<<1, kThreads, 0, stream>>>(d, *ws, backward);
-  segment_kernel<Tune, true><<<grid_for(blocks), kThreads, 0, stream>>>(d, *ws, backward);
+  const int64_t blocks = gs::buckets_of<Tune>(shape, backward) * gs::segments_of(shape);
+  segment_kernel<Tune, false><<<grid_for(blocks), kThreads, 0, stream>>>(shape, *views, backward);
+  start_kernel<Tune><<<1, kThreads, 0, stream>>>(shape, *views, backward);
+  segment_kernel<Tune, true><<<grid_for(blocks), kThreads, 0, stream>>>(shape, *views, backward);
   return cudaGetLastError();
 }
 
-template <typename S, typename Layout, typename Tune = DefaultTuning,
-          typename T = ComputeType<S>>
+template <typename S, typename Layout, typename Tune = DefaultTuning, typename T = ComputeType<S>>
 cudaError_t launch_forward(cudaStream_t stream, const S* input, const T* rois,
-                           const PsRoiDims& d, T spatial_scale, int64_t sampling_ratio,
-                           int32_t* workspace, S* output) {
-  if (d.outputs() == 0) return cudaSuccess;
-  gs::Workspace ws;
-  cudaError_t err = launch_buckets<Tune>(stream, rois, d, spatial_scale, sampling_ratio,
-                                         workspace, /*backward=*/false, &ws);
+                           const CallShape& shape, const BoxRule& rule, T spatial_scale,
+                           int64_t sampling_ratio, int32_t* workspace, bool skip_empty_rois,
+                           S* output) {
+  if (shape.outputs() == 0) return cudaSuccess;
+  gs::Workspace views;
+  cudaError_t err = launch_buckets<Tune>(stream, rois, shape, rule, spatial_scale, sampling_ratio,
+                                         workspace, /*backward=*/false, &views);
   if (err != cudaSuccess) return err;
-  const int blocks = grid_for(gs::forward_blocks<Tune, Layout>(d));
+  const int blocks = grid_for(gs::forward_blocks<Tune, Layout>(shape));
   if (gs::pixel_sums(sampling_ratio)) {
     if constexpr (!Tune::kLargeGrids) return cudaErrorNotSupported;
     forward_kernel<Tune, S, Layout, Tune::kLargeGrids><<<blocks, Tune::kThreads, 0, stream>>>(
-        input, d, sampling_ratio, ws, output);
+        input, shape, rule, sampling_ratio, views, skip_empty_rois, output);
   } else {
     forward_kernel<Tune, S, Layout, false><<<blocks, Tune::kThreads, 0, stream>>>(
-        input, d, sampling_ratio, ws, output);
+        input, shape, rule, sampling_ratio, views, skip_empty_rois, output);
   }
   return cudaGetLastError();
 }
 
-template <typename S, typename Layout, typename Tune = DefaultTuning,
-          typename T = ComputeType<S>>
+template <typename S, typename Layout, typename Tune = DefaultTuning, typename T = ComputeType<S>>
 cudaError_t launch_roi_pool_forward(cudaStream_t stream, const S* input, const T* rois,
-                                    const PsRoiDims& d, T spatial_scale,
+                                    const CallShape& shape, const BoxRule& rule, T spatial_scale,
                                     const int32_t* recorded, S* output, int32_t* pixels) {
-  if (d.outputs() == 0) return cudaSuccess;
+  if (shape.outputs() == 0) return cudaSuccess;
   roi_pool_forward_kernel<Tune, S, Layout>
-      <<<grid_for(gs::roi_pool_blocks<Tune>(d)), Tune::kThreads, 0, stream>>>(
-          input, rois, d, spatial_scale, recorded, output, pixels);
+      <<<grid_for(gs::roi_pool_blocks<Tune>(shape)), Tune::kThreads, 0, stream>>>(
+          input, rois, shape, rule, spatial_scale, recorded, output, pixels);
   return cudaGetLastError();
 }
 
@@ -247,21 +248,21 @@ cudaError_t launch_roi_pool_forward(cudaStream_t stream, const S* input, const T
 template <typename S, typename Layout, typename Tune = DefaultTuning, typename Term,
           typename T = ComputeType<S>>
 cudaError_t launch_backward(cudaStream_t stream, const Term& term, const T* rois,
-                            const PsRoiDims& d, T spatial_scale, int64_t sampling_ratio,
-                            int32_t* workspace, T* sums, S* grad) {
-  if (d.feature_elements() == 0) return cudaSuccess;
-  gs::Workspace ws;
-  cudaError_t err = launch_buckets<Tune>(stream, rois, d, spatial_scale, sampling_ratio,
-                                         workspace, /*backward=*/true, &ws);
+                            const CallShape& shape, const BoxRule& rule, T spatial_scale,
+                            int64_t sampling_ratio, int32_t* workspace, T* sums, S* grad) {
+  if (shape.feature_elements() == 0) return cudaSuccess;
+  gs::Workspace views;
+  cudaError_t err = launch_buckets<Tune>(stream, rois, shape, rule, spatial_scale, sampling_ratio,
+                                         workspace, /*backward=*/true, &views);
   if (err != cudaSuccess) return err;
-  const int blocks = grid_for(gs::BackwardTiling<Tune>::of(d).blocks(d));
+  const int blocks = grid_for(gs::BackwardTiling<Tune>::of(shape).blocks(shape));
   if (gs::pixel_sums(sampling_ratio)) {
     if constexpr (!Tune::kLargeGrids) return cudaErrorNotSupported;
     backward_kernel<Tune, S, Layout, Tune::kLargeGrids><<<blocks, Tune::kThreads, 0, stream>>>(
-        term, d, sampling_ratio, ws, sums, grad);
+        term, shape, rule, sampling_ratio, views, sums, grad);
   } else {
     backward_kernel<Tune, S, Layout, false><<<blocks, Tune::kThreads, 0, stream>>>(
-        term, d, sampling_ratio, ws, sums, grad);
+        term, shape, rule, sampling_ratio, views, sums, grad);
   }
   return cudaGetLastError();
 }
@@ -269,4 +270,4 @@ cudaError_t launch_backward(cudaStream_t stream, const Term& term, const T* rois
 }  // namespace cuda
 }  // namespace jax_psroi
 
-#endif  // JAX_PSROI_CUDA_PSROI_CUDA_KERNELS_CUH_
+#endif  // JAX_PSROI_CUDA_KERNELS_CUH_

@@ -1,4 +1,5 @@
-// Shared per-element math of Position-Sensitive RoI Align.
+// The per-element math every operator shares: box geometry, sampling grids,
+// bilinear weights, windows of whole pixels and their maxima.
 //
 // This header is the single source of truth for box geometry, the sampling
 // grid, bilinear weights and the per-output-element work. It compiles for the
@@ -7,11 +8,11 @@
 //
 // Semantics follow torchvision's ps_roi_align kernel (0.29), and its
 // roi_align with kShared channels: a -0.5 pixel offset and no clamp of the
-// RoI size (roi_align with aligned=False, PsRoiDims::aligned false: no
+// RoI size (roi_align with aligned=False, BoxRule::aligned false: no
 // offset, sizes clamped to at least 1), an adaptive grid of ceil(bin_size)
 // samples per bin axis when sampling_ratio <= 0, samples in [-1, 0] reading the border,
 // samples outside [-1, size] contributing 0, and division by the sample count.
-// With PsRoiDims::whole_pixels (ps_roi_pool) a bin instead averages the whole
+// With BoxRule::whole_pixels (ps_roi_pool) a bin instead averages the whole
 // pixels of a window (RoiAxis::window): the same bins, channels and
 // separable form, another rule for which pixels a bin weighs.
 // Deliberate deviations (each one a case where torchvision reads out of
@@ -23,8 +24,8 @@
 //     in-map samples (binary search over a monotone coordinate), so the work
 //     per bin is bounded by the map size however large the box is;
 //   * the grid is capped at kMaxGridPerAxis samples per bin axis.
-#ifndef JAX_PSROI_PSROI_MATH_H_
-#define JAX_PSROI_PSROI_MATH_H_
+#ifndef JAX_PSROI_ROI_MATH_H_
+#define JAX_PSROI_ROI_MATH_H_
 
 #include <cmath>
 #include <cstdint>
@@ -51,7 +52,7 @@ enum class ChannelOrder : int64_t {
 };
 
 // Sizes of one call, shared by forward and backward.
-struct PsRoiDims {
+struct CallShape {
   int64_t num_images;    // N
   int64_t channels;      // C = channels_out * pooled_h * pooled_w
   int64_t height;        // H
@@ -67,24 +68,6 @@ struct PsRoiDims {
   // (jax_psroi/_partitioning.py); every other call computes the whole grid.
   int64_t first_bin_row = 0;
   int64_t bin_rows = 0;  // 0: pooled_h
-  // Box geometry: true, ps_roi_align's (and roi_align's with aligned=True):
-  // coordinates shifted by -0.5 pixel, sizes as they are; false, roi_align's
-  // default: no shift, RoI sizes clamped to at least 1 pixel.
-  bool aligned = true;
-  // ps_roi_pool's bins: corners rounded to whole pixels, then the unaligned
-  // geometry (aligned false: sizes clamped to at least 1), each bin the plain
-  // average of a window of pixels (no samples: the sampling ratio plays no
-  // part).
-  bool whole_pixels = false;
-  // RoI Pool's windows (with whole_pixels): an RoI spans both of its rounded
-  // corners (end - start + 1 pixels, at least 1), and windows are clipped to
-  // [0, size], so they may reach the last row and column (ps_roi_pool's
-  // forward clips them to [0, size - 1]).
-  bool roi_pool_windows = false;
-  // Whether the forward leaves the outputs of RoIs that read nothing (bad
-  // batch index or geometry) as they were instead of writing zeros: a call
-  // that updates a result in place (ffi_common.h).
-  bool skip_empty_rois = false;
   // Image groups, which let jax.vmap fold its mapped axis into the images
   // without rewriting batch indices: the RoIs come in groups of
   // rois_per_group, group g reads the images_per_group images of image group
@@ -122,6 +105,28 @@ struct PsRoiDims {
   PSROI_HD int64_t channel_bins() const { return channels_out * bins(); }
 };
 
+// How an operator turns an RoI into bins: what its policy's box_rule gives
+// (lib/operators/).
+struct BoxRule {
+  // Coordinates shifted by -0.5 pixel, sizes as they are; false: no shift,
+  // RoI sizes clamped to at least 1 pixel.
+  bool aligned;
+  // Corners rounded to whole pixels (C's round), and each bin a window of
+  // whole pixels (RoiAxis::window) instead of a grid of samples: the
+  // sampling ratio plays no part.
+  bool whole_pixels;
+  // With whole_pixels: both rounded corner pixels belong to the RoI (end -
+  // start + 1 pixels), and windows are clipped to [0, size], so they may
+  // reach the last row and column (RoI Pool's; ps_roi_pool's forward clips
+  // them to [0, size - 1]).
+  bool inclusive_corners;
+
+  static constexpr PSROI_HD BoxRule samples(bool aligned) { return {aligned, false, false}; }
+  static constexpr PSROI_HD BoxRule windows(bool inclusive_corners) {
+    return {false, true, inclusive_corners};
+  }
+};
+
 // Layouts: where feature element (n, c, y, x) and pooled element
 // (k, c_out, ph, pw) live. Each is one line in the kernel table's list of
 // layouts (kernel_table.h). kAxes: the positions of N, C, H, W in the
@@ -134,8 +139,8 @@ struct NchwLayout {
   static constexpr int kAxes[4] = {0, 1, 2, 3};
   int64_t channels, height, width;
 
-  static PSROI_HD NchwLayout of(const PsRoiDims& d) {
-    return NchwLayout{d.channels, d.height, d.width};
+  static PSROI_HD NchwLayout of(const CallShape& shape) {
+    return NchwLayout{shape.channels, shape.height, shape.width};
   }
   PSROI_HD int64_t plane_offset(int64_t image, int64_t channel) const {
     return (image * channels + channel) * height * width;
@@ -144,11 +149,11 @@ struct NchwLayout {
   // Elements between channel c and c + 1 of one pixel.
   PSROI_HD int64_t channel_stride() const { return height * width; }
 
-  static PSROI_HD int64_t pooled_offset(const PsRoiDims& d, int64_t roi, int64_t c_out,
+  static PSROI_HD int64_t pooled_offset(const CallShape& shape, int64_t roi, int64_t c_out,
                                         int64_t bin) {
-    return (roi * d.channels_out + c_out) * d.bins() + bin;
+    return (roi * shape.channels_out + c_out) * shape.bins() + bin;
   }
-  static PSROI_HD int64_t pooled_channel_stride(const PsRoiDims& d) { return d.bins(); }
+  static PSROI_HD int64_t pooled_channel_stride(const CallShape& shape) { return shape.bins(); }
 };
 
 // Features [N, H, W, C], pooled [K, PH, PW, C_out]: every pixel holds its
@@ -158,8 +163,8 @@ struct NhwcLayout {
   static constexpr int kAxes[4] = {0, 3, 1, 2};
   int64_t channels, height, width;
 
-  static PSROI_HD NhwcLayout of(const PsRoiDims& d) {
-    return NhwcLayout{d.channels, d.height, d.width};
+  static PSROI_HD NhwcLayout of(const CallShape& shape) {
+    return NhwcLayout{shape.channels, shape.height, shape.width};
   }
   PSROI_HD int64_t plane_offset(int64_t image, int64_t channel) const {
     return image * height * width * channels + channel;
@@ -169,11 +174,11 @@ struct NhwcLayout {
   }
   PSROI_HD int64_t channel_stride() const { return 1; }
 
-  static PSROI_HD int64_t pooled_offset(const PsRoiDims& d, int64_t roi, int64_t c_out,
+  static PSROI_HD int64_t pooled_offset(const CallShape& shape, int64_t roi, int64_t c_out,
                                         int64_t bin) {
-    return (roi * d.bins() + bin) * d.channels_out + c_out;
+    return (roi * shape.bins() + bin) * shape.channels_out + c_out;
   }
-  static PSROI_HD int64_t pooled_channel_stride(const PsRoiDims&) { return 1; }
+  static PSROI_HD int64_t pooled_channel_stride(const CallShape&) { return 1; }
 };
 
 // Pixels [first, last] of an axis; empty when first > last.
@@ -189,8 +194,8 @@ struct RoiAxis {
   T bin_size;
   int64_t grid;  // samples per bin along this axis; 0 means "no samples"
   int64_t first_bin;  // the RoI's bin that this call's bin 0 is
-  bool whole_pixels;  // PsRoiDims::whole_pixels: bins are windows, not samples
-  bool reaches_last;  // PsRoiDims::roi_pool_windows: windows clipped to [0, size]
+  bool whole_pixels;  // BoxRule::whole_pixels: bins are windows, not samples
+  bool reaches_last;  // BoxRule::inclusive_corners: windows clipped to [0, size]
 
   // Window of bin `bin` on an axis of `size` pixels (whole_pixels), as
   // torchvision's ps_roi_pool forward and roi_pool take it: [floor(b *
@@ -230,10 +235,10 @@ struct RoiGeometry {
   // The divisor of bin (ph, pw)'s average: its samples, or the pixels of its
   // window (then 0 for an empty window, whose value is 0); 1 for RoI Pool's
   // maxima, which average nothing.
-  PSROI_HD T divisor(int64_t ph, int64_t pw, const PsRoiDims& d) const {
+  PSROI_HD T divisor(int64_t ph, int64_t pw, const CallShape& shape) const {
     if (!y.whole_pixels) return count;
     if (y.reaches_last) return static_cast<T>(1);
-    const AxisSpan r = y.window(ph, d.height), c = x.window(pw, d.width);
+    const AxisSpan r = y.window(ph, shape.height), c = x.window(pw, shape.width);
     const int64_t rows = r.last - r.first + 1, cols = c.last - c.first + 1;
     return rows > 0 && cols > 0 ? static_cast<T>(rows * cols) : static_cast<T>(0);
   }
@@ -269,43 +274,44 @@ struct RoiBox {
 // The image RoI `roi` reads, from its batch index `batch`, or -1 when it
 // reads none. torchvision truncates the index toward zero, so (-1, N) is
 // accepted; the comparisons are false for NaN. The index counts from the
-// first image of the RoI's group (PsRoiDims::rois_per_group); the group's
+// first image of the RoI's group (CallShape::rois_per_group); the group's
 // offset is integer arithmetic. A map without images has nothing to read.
 template <typename T>
-PSROI_HD int64_t roi_image(T batch, int64_t roi, const PsRoiDims& d) {
-  const int64_t per_group = d.group_images();
-  if (d.num_images <= 0 || per_group <= 0) return -1;
+PSROI_HD int64_t roi_image(T batch, int64_t roi, const CallShape& shape) {
+  const int64_t per_group = shape.group_images();
+  if (shape.num_images <= 0 || per_group <= 0) return -1;
   // Bounded by the group's size before any conversion (no undefined
   // float-to-int conversion of a huge index); the integer test catches a
   // size that rounded up in T.
   if (!(batch > static_cast<T>(-1) && batch < static_cast<T>(per_group))) return -1;
   const int64_t index = static_cast<int64_t>(batch);
   if (index >= per_group) return -1;
-  const int64_t group = (roi / d.group_rois()) % (d.num_images / per_group);
+  const int64_t group = (roi / shape.group_rois()) % (shape.num_images / per_group);
   return group * per_group + index;
 }
 
 // Box `roi` of `rois` [K, 5] = (batch_index, x1, y1, x2, y2).
 template <typename T>
-PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const PsRoiDims& d, T spatial_scale) {
+PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const CallShape& shape, const BoxRule& rule,
+                           T spatial_scale) {
   const T* values = rois + 5 * roi;
-  const T offset = static_cast<T>(d.aligned ? 0.5 : 0.0);
+  const T offset = static_cast<T>(rule.aligned ? 0.5 : 0.0);
   T start_w = values[1] * spatial_scale - offset;
   T start_h = values[2] * spatial_scale - offset;
   T end_w = values[3] * spatial_scale - offset;
   T end_h = values[4] * spatial_scale - offset;
-  if (d.whole_pixels) {  // C's round: halves away from zero
+  if (rule.whole_pixels) {  // C's round: halves away from zero
     start_w = round(start_w);
     start_h = round(start_h);
     end_w = round(end_w);
     end_h = round(end_h);
   }
   T size_w = end_w - start_w, size_h = end_h - start_h;
-  if (d.roi_pool_windows) {  // both corner pixels count
+  if (rule.inclusive_corners) {  // both corner pixels count
     size_w += static_cast<T>(1);
     size_h += static_cast<T>(1);
   }
-  if (!d.aligned) {
+  if (!rule.aligned) {
     // torchvision's std::max(size, 1): a NaN size stays NaN.
     const T one = static_cast<T>(1);
     if (size_w < one) size_w = one;
@@ -314,44 +320,45 @@ PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const PsRoiDims& d, T spa
   RoiBox<T> box;
   box.start_x = start_w;
   box.start_y = start_h;
-  box.bin_w = size_w / static_cast<T>(d.pooled_w);
-  box.bin_h = size_h / static_cast<T>(d.grid_rows());
+  box.bin_w = size_w / static_cast<T>(shape.pooled_w);
+  box.bin_h = size_h / static_cast<T>(shape.grid_rows());
 
   // A map without pixels has nothing to read (with H or W = 0, the border
   // rule would take pixel -1).
-  const bool map_ok = d.height > 0 && d.width > 0;
+  const bool map_ok = shape.height > 0 && shape.width > 0;
   const bool finite = is_finite(start_w) && is_finite(start_h) &&
                       is_finite(box.bin_w) && is_finite(box.bin_h);
-  const int64_t image = roi_image(values[0], roi, d);
+  const int64_t image = roi_image(values[0], roi, shape);
   box.image = (map_ok && finite) ? image : -1;
   return box;
 }
 
 // The sampling geometry of a box: its grids, windows and divisor.
 template <typename T>
-PSROI_HD RoiGeometry<T> geometry_of_box(const RoiBox<T>& box, const PsRoiDims& d,
-                                        int64_t sampling_ratio) {
-  RoiGeometry<T> g;
-  g.image = box.image;
-  g.x.start = box.start_x;
-  g.y.start = box.start_y;
-  g.x.bin_size = box.bin_w;
-  g.y.bin_size = box.bin_h;
-  g.x.first_bin = 0;
-  g.y.first_bin = d.first_bin_row;
-  g.x.whole_pixels = g.y.whole_pixels = d.whole_pixels;
-  g.x.reaches_last = g.y.reaches_last = d.roi_pool_windows;
+PSROI_HD RoiGeometry<T> geometry_of_box(const RoiBox<T>& box, const CallShape& shape,
+                                        const BoxRule& rule, int64_t sampling_ratio) {
+  RoiGeometry<T> geometry;
+  geometry.image = box.image;
+  geometry.x.start = box.start_x;
+  geometry.y.start = box.start_y;
+  geometry.x.bin_size = box.bin_w;
+  geometry.y.bin_size = box.bin_h;
+  geometry.x.first_bin = 0;
+  geometry.y.first_bin = shape.first_bin_row;
+  geometry.x.whole_pixels = geometry.y.whole_pixels = rule.whole_pixels;
+  geometry.x.reaches_last = geometry.y.reaches_last = rule.inclusive_corners;
   // A window is never a grid of samples: grid 1 marks the axis non-empty.
-  g.x.grid = d.whole_pixels ? 1 : grid_size(g.x.bin_size, sampling_ratio);
-  g.y.grid = d.whole_pixels ? 1 : grid_size(g.y.bin_size, sampling_ratio);
-  g.count = static_cast<T>(g.y.grid) * static_cast<T>(g.x.grid);
-  return g;
+  geometry.x.grid = rule.whole_pixels ? 1 : grid_size(geometry.x.bin_size, sampling_ratio);
+  geometry.y.grid = rule.whole_pixels ? 1 : grid_size(geometry.y.bin_size, sampling_ratio);
+  geometry.count = static_cast<T>(geometry.y.grid) * static_cast<T>(geometry.x.grid);
+  return geometry;
 }
 
 template <typename T>
-PSROI_HD RoiGeometry<T> roi_geometry(const T* rois, int64_t roi, const PsRoiDims& d,
-                                     T spatial_scale, int64_t sampling_ratio) {
-  return geometry_of_box(roi_box(rois, roi, d, spatial_scale), d, sampling_ratio);
+PSROI_HD RoiGeometry<T> roi_geometry(const T* rois, int64_t roi, const CallShape& shape,
+                                     const BoxRule& rule, T spatial_scale, int64_t sampling_ratio) {
+  return geometry_of_box(roi_box(rois, roi, shape, rule, spatial_scale), shape, rule,
+                         sampling_ratio);
 }
 
 // Bilinear interpolation along one axis for coordinate `v` on an axis of
@@ -456,7 +463,7 @@ PSROI_HD SampleRange samples_to_visit(const RoiAxis<T>& axis, int64_t bin, int64
 }
 
 // ---------------------------------------------------------------------------
-// RoI Pool: the maximum of a bin's window (PsRoiDims::roi_pool_windows) and
+// RoI Pool: the maximum of a bin's window (BoxRule::inclusive_corners) and
 // the pixel it came from, which the gradient goes to. torchvision scans the
 // window row by row from -FLT_MAX (0 for an empty window) and takes a value
 // when it is strictly greater: the first maximum in row-major order among
@@ -501,11 +508,11 @@ PSROI_HD void window_max_fold(WindowMax<T>& m, T value, int64_t pixel) {
 // plane (features of the RoI's image, one channel, in `Layout`).
 template <typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD WindowMax<T> window_max(const S* plane, const Layout& layout, const AxisSpan& rows,
-                                 const AxisSpan& cols, const PsRoiDims& d) {
+                                 const AxisSpan& cols, const CallShape& shape) {
   WindowMax<T> m = window_max_start<T>(rows, cols);
   for (int64_t y = rows.first; y <= rows.last; ++y) {
     for (int64_t x = cols.first; x <= cols.last; ++x) {
-      window_max_fold(m, Storage<S>::load(plane[layout.pixel_offset(y, x)]), y * d.width + x);
+      window_max_fold(m, Storage<S>::load(plane[layout.pixel_offset(y, x)]), y * shape.width + x);
     }
   }
   return m;
@@ -515,11 +522,11 @@ PSROI_HD WindowMax<T> window_max(const S* plane, const Layout& layout, const Axi
 // function of the features, for its tangent. No pixel (or one off the
 // plane, which no kernel records) gives 0.
 template <typename S, typename Layout, typename T = ComputeType<S>>
-PSROI_HD T value_at_pixel(const S* plane, const Layout& layout, const PsRoiDims& d,
+PSROI_HD T value_at_pixel(const S* plane, const Layout& layout, const CallShape& shape,
                           int32_t pixel) {
-  if (pixel < 0 || pixel >= d.plane_size()) return static_cast<T>(0);
-  const int64_t y = pixel / d.width;
-  return Storage<S>::load(plane[layout.pixel_offset(y, pixel - y * d.width)]);
+  if (pixel < 0 || pixel >= shape.plane_size()) return static_cast<T>(0);
+  const int64_t y = pixel / shape.width;
+  return Storage<S>::load(plane[layout.pixel_offset(y, pixel - y * shape.width)]);
 }
 
 // ---------------------------------------------------------------------------
@@ -659,22 +666,21 @@ PSROI_HD void for_each_axis_tap(const RoiAxis<T>& axis, int64_t bin, int64_t siz
 // Calls visit(ty, tx) for every sample of bin (ph, pw) that lies on the
 // map, in torchvision's order (rows outer, columns inner).
 template <typename T, typename Visit>
-PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
-                                     const PsRoiDims& d, int64_t ph,
-                                     int64_t pw, Visit& visit) {
-  const SampleRange ry = samples_to_visit(g.y, ph, d.height);
-  const SampleRange rx = samples_to_visit(g.x, pw, d.width);
+PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& geometry, const CallShape& shape,
+                                     int64_t ph, int64_t pw, Visit& visit) {
+  const SampleRange ry = samples_to_visit(geometry.y, ph, shape.height);
+  const SampleRange rx = samples_to_visit(geometry.x, pw, shape.width);
   for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
-    const AxisTap<T> ty = axis_tap(g.y.sample(ph, iy), d.height);
+    const AxisTap<T> ty = axis_tap(geometry.y.sample(ph, iy), shape.height);
     if (!ty.valid) continue;
     for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
-      const AxisTap<T> tx = axis_tap(g.x.sample(pw, ix), d.width);
+      const AxisTap<T> tx = axis_tap(geometry.x.sample(pw, ix), shape.width);
       if (tx.valid) visit(ty, tx);
     }
   }
 }
 
-// Pooled values of bin (ph, pw) of a non-empty RoI of geometry g in
+// Pooled values of bin (ph, pw) of a non-empty RoI of `geometry` in
 // `planes` (<= kPlanes) input planes, the first at `plane` and each next
 // `plane_step` elements further (the input channels consecutive output
 // channels of the bin read; pixel (y, x) of a plane at
@@ -684,17 +690,17 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& g,
 // for_each_axis_tap; grids past kPerSampleGrid are then summed in the
 // separable form, each row's summed weight times each column's (sample by
 // sample, a bin at the cap holds 2^46 samples).
-template <int kPlanes, bool kPixelSums, typename S, typename Layout,
-          typename T = ComputeType<S>>
+template <int kPlanes, bool kPixelSums, typename S, typename Layout, typename T = ComputeType<S>>
 PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
-                            const Layout& layout, const RoiGeometry<T>& g, const PsRoiDims& d,
-                            int64_t ph, int64_t pw, T (&values)[kPlanes]) {
+                            const Layout& layout, const RoiGeometry<T>& geometry,
+                            const CallShape& shape, int64_t ph, int64_t pw, T (&values)[kPlanes]) {
   for (int k = 0; k < kPlanes; ++k) values[k] = static_cast<T>(0);
   auto at = [&](int k, int64_t offset) {
     return Storage<S>::load(plane[k * plane_step + offset]);
   };
-  if (d.whole_pixels) {  // torchvision's sum, row by row, over the window
-    const AxisSpan rows = g.y.window(ph, d.height), cols = g.x.window(pw, d.width);
+  if (geometry.y.whole_pixels) {  // torchvision's sum, row by row, over the window
+    const AxisSpan rows = geometry.y.window(ph, shape.height),
+                   cols = geometry.x.window(pw, shape.width);
     for (int64_t y = rows.first; y <= rows.last; ++y) {
       for (int64_t x = cols.first; x <= cols.last; ++x) {
         const int64_t offset = layout.pixel_offset(y, x);
@@ -703,7 +709,7 @@ PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
         }
       }
     }
-    const T divisor = g.divisor(ph, pw, d);
+    const T divisor = geometry.divisor(ph, pw, shape);
     for (int k = 0; k < kPlanes; ++k) {
       values[k] = divisor > static_cast<T>(0) ? values[k] / divisor : static_cast<T>(0);
     }
@@ -723,10 +729,11 @@ PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
     }
   };
   bool separable = false;
-  if constexpr (kPixelSums) separable = g.y.grid > kPerSampleGrid || g.x.grid > kPerSampleGrid;
+  if constexpr (kPixelSums)
+    separable = geometry.y.grid > kPerSampleGrid || geometry.x.grid > kPerSampleGrid;
   if (separable) {
-    for_each_axis_tap(g.y, ph, d.height, [&](int64_t y, T w_y) {
-      for_each_axis_tap(g.x, pw, d.width, [&](int64_t x, T w_x) {
+    for_each_axis_tap(geometry.y, ph, shape.height, [&](int64_t y, T w_y) {
+      for_each_axis_tap(geometry.x, pw, shape.width, [&](int64_t x, T w_x) {
         const T w = w_y * w_x;
         const int64_t offset = layout.pixel_offset(y, x);
         for (int k = 0; k < kPlanes; ++k) {
@@ -735,11 +742,11 @@ PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
       });
     });
   } else {
-    for_each_sample_on_map(g, d, ph, pw, add_sample);
+    for_each_sample_on_map(geometry, shape, ph, pw, add_sample);
   }
-  for (int k = 0; k < kPlanes; ++k) values[k] /= g.count;
+  for (int k = 0; k < kPlanes; ++k) values[k] /= geometry.count;
 }
 
 }  // namespace jax_psroi
 
-#endif  // JAX_PSROI_PSROI_MATH_H_
+#endif  // JAX_PSROI_ROI_MATH_H_

@@ -1,0 +1,32 @@
+// What an operator's policy (lib/operators/*.h) declares, and the two ways a
+// bin pools. A policy is a type with
+//   kName:            the operator's name in target names and in Python;
+//   Pooling:          AveragePooling or MaxPooling, below;
+//   kAttribute:       the name of its one operator attribute (an int64, 0 or
+//                     1), or nullptr for none; kAttributeRule says what it
+//                     must be when a call's value is neither;
+//   channel_order(a): which input channel each bin of an output channel
+//                     reads, for attribute value a;
+//   box_rule(a):      how it turns an RoI into bins (BoxRule, roi_math.h).
+// No XLA types: the kernels include the policies too.
+#ifndef JAX_PSROI_OPERATORS_POOLING_H_
+#define JAX_PSROI_OPERATORS_POOLING_H_
+
+#include <cstdint>
+
+#include "roi_math.h"
+
+namespace jax_psroi {
+
+// A bin is the average of its samples (or of its window's pixels): the
+// operator is linear, and its backward spreads each cotangent over what the
+// bin read. Calls take a sampling ratio and the bin rows of a split grid.
+struct AveragePooling {};
+
+// A bin is the maximum of its window, and the forward records where it is
+// (the arg-max pixels), which the backward sends each cotangent to.
+struct MaxPooling {};
+
+}  // namespace jax_psroi
+
+#endif  // JAX_PSROI_OPERATORS_POOLING_H_

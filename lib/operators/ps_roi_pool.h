@@ -1,0 +1,30 @@
+// ps_roi_pool (R-FCN's original): output channel c of bin (i, j) averages a
+// window of whole pixels of its own input channel (corners rounded, then
+// the unshifted geometry).
+#ifndef JAX_PSROI_OPERATORS_PS_ROI_POOL_H_
+#define JAX_PSROI_OPERATORS_PS_ROI_POOL_H_
+
+#include <cstdint>
+
+#include "operators/pooling.h"
+#include "roi_math.h"
+
+namespace jax_psroi {
+
+struct PsRoiPool {
+  static constexpr const char* kName = "ps_roi_pool";
+  using Pooling = AveragePooling;
+  static constexpr const char* kAttribute = "channel_order";
+  static constexpr const char* kAttributeRule =
+      "channel_order must be 0 (torchvision) or 1 (bin_major)";
+  static PSROI_HD ChannelOrder channel_order(int64_t attribute) {
+    return static_cast<ChannelOrder>(attribute);
+  }
+  static PSROI_HD BoxRule box_rule(int64_t) {
+    return BoxRule::windows(/*inclusive_corners=*/false);
+  }
+};
+
+}  // namespace jax_psroi
+
+#endif  // JAX_PSROI_OPERATORS_PS_ROI_POOL_H_

@@ -1,0 +1,25 @@
+// roi_align (Mask R-CNN): every bin of output channel c averages bilinear
+// samples of input channel c; `aligned` picks the -0.5 pixel shift
+// (torchvision's aligned=True) or none, with RoI sizes of at least 1.
+#ifndef JAX_PSROI_OPERATORS_ROI_ALIGN_H_
+#define JAX_PSROI_OPERATORS_ROI_ALIGN_H_
+
+#include <cstdint>
+
+#include "operators/pooling.h"
+#include "roi_math.h"
+
+namespace jax_psroi {
+
+struct RoiAlign {
+  static constexpr const char* kName = "roi_align";
+  using Pooling = AveragePooling;
+  static constexpr const char* kAttribute = "aligned";
+  static constexpr const char* kAttributeRule = "aligned must be 0 or 1";
+  static PSROI_HD ChannelOrder channel_order(int64_t) { return ChannelOrder::kShared; }
+  static PSROI_HD BoxRule box_rule(int64_t aligned) { return BoxRule::samples(aligned == 1); }
+};
+
+}  // namespace jax_psroi
+
+#endif  // JAX_PSROI_OPERATORS_ROI_ALIGN_H_
