@@ -26,7 +26,7 @@ DataFormat = Literal["NCHW", "NHWC"]
 ChannelOrder = Literal["torchvision", "bin_major"]
 
 # Samples per bin axis are capped here, as in the kernels (kMaxGridPerAxis in
-# lib/psroi_math.h): beyond 2**23, float32's i + 0.5 is no longer exact.
+# lib/roi_math.h): beyond 2**23, float32's i + 0.5 is no longer exact.
 MAX_GRID_PER_AXIS = 2**23
 # sampling_ratio is a 64-bit FFI attribute; any value <= 0 means adaptive.
 MIN_SAMPLING_RATIO = -(2**63)
@@ -46,10 +46,10 @@ NO_SAMPLING_RATIO = object()
 
 # Each data format: the positions of N, C, H, W in a feature map's shape,
 # which are also those of K, C_out, PH, PW in a pooled tensor's (kAxes of the
-# layouts in lib/psroi_math.h).
+# layouts in lib/roi_math.h).
 LAYOUT_AXES = {"NCHW": (0, 1, 2, 3), "NHWC": (0, 3, 1, 2)}
 DATA_FORMATS = tuple(LAYOUT_AXES)
-# In the order of the kernels' ChannelOrder (lib/psroi_math.h): the index is
+# In the order of the kernels' ChannelOrder (lib/roi_math.h): the index is
 # the FFI attribute.
 CHANNEL_ORDERS = ("torchvision", "bin_major")
 

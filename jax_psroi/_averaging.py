@@ -94,7 +94,7 @@ def group_attributes(image_groups) -> dict:
 
 
 def native_call(operator: Operator, platform, direction, operand, rois, result_shape, *,
-                operation, spatial_scale, sampling_ratio, data_format, channel_order, aligned,
+                spatial_scale, sampling_ratio, data_format, channel_order, box_rule,
                 image_groups, first_bin_row=0, bin_rows=None, updated=None):
     """One kernel call of `operator` (its settings as Operator.settings gives
     them). `updated` (a forward's only): the pooled tensor the call updates
@@ -107,13 +107,13 @@ def native_call(operator: Operator, platform, direction, operand, rois, result_s
     if platform == "cuda":
         results += cuda_further_results(direction, dtype, features, pooled, data_format)
     else:
-        results += cpu_further_results(direction, operation, dtype, features, pooled,
+        results += cpu_further_results(direction, operator.name, dtype, features, pooled,
                                        data_format, channel_order)
-    name = _extension.target_name(platform, direction, dtype, data_format, operation)
+    name = _extension.target_name(platform, direction, dtype, data_format, operator.name)
     operands, aliases = (operand, rois), {}
     if updated is not None:
         operands, aliases = (operand, rois, updated), {2: 0}
-    attribute = operator.kernel_attributes(dict(channel_order=channel_order, aligned=aligned))
+    attribute = operator.kernel_attributes(channel_order, box_rule)
     return jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
         *operands, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio), **attribute,

@@ -2,7 +2,7 @@
 kernel table as Python sees it.
 
 ``_cpu`` is always built. ``_cuda`` exists when the package was built with
-CUDA (see README, "Building"); its targets are registered for the CUDA
+CUDA (docs/guides/building.md); its targets are registered for the CUDA
 platform even on machines without a GPU, which is what ``jax.export`` for
 ``cuda`` needs.
 
@@ -27,7 +27,7 @@ def _missing_extension_message(error) -> str:
     if any(here.glob("_cpu*")):
         return (f"jax_psroi's compiled extension in {here} failed to load ({error}). "
                 "Rebuild it against the installed jax (pip install --force-reinstall "
-                "--no-cache-dir .; see README, \"Building\").")
+                "--no-cache-dir .; see docs/guides/building.md).")
     installed = [
         str(path / "jax_psroi") for path in map(pathlib.Path, sys.path)
         if (path / "jax_psroi").resolve() != here
@@ -47,7 +47,7 @@ def _missing_extension_message(error) -> str:
     else:
         lines.append(
             "Install the package first (`pip install .`, or `pip install -e .` "
-            "to work on the source; see README, \"Building\").")
+            "to work on the source; see docs/guides/building.md).")
     return " ".join(lines)
 
 
@@ -57,7 +57,7 @@ except ImportError as error:
     # A pure-Python install: every operator runs the XLA path (_xla_path.py).
     _build_info = _cpu = None
     warnings.warn(f"{_missing_extension_message(error)} Until then every operator runs "
-                  "its XLA formulation (README, \"Platforms without native kernels\"), "
+                  "its XLA formulation (docs/guides/sharp_bits.md), "
                   "slower than the native kernels.", RuntimeWarning, stacklevel=2)
 
 _cuda = None
@@ -107,7 +107,7 @@ CUDA_MISSING_MESSAGE = (
     "jax_psroi was built without its CUDA kernels, so on the GPU its operators "
     "run their XLA formulation, slower than the native kernels. To get the "
     "kernels, reinstall with nvcc on PATH and CUDA forced on: JAX_PSROI_CUDA=ON "
-    "pip install --no-cache-dir --force-reinstall . (see README, 'Building').")
+    "pip install --no-cache-dir --force-reinstall . (see docs/guides/building.md).")
 
 
 def target_name(platform: str, direction: str, dtype, layout: str = "NCHW",
@@ -147,7 +147,7 @@ def export_safety_checks() -> list:
 
     ``jax.export.export`` refuses custom calls it does not know to be
     stable; jax_psroi's targets are (their names and attributes are ABI,
-    README "The kernel table"). This returns one
+    docs/design/architecture.md, "The kernel table"). This returns one
     ``jax.export.DisabledSafetyCheck.custom_call(name)`` for every FFI target
     the package registers, on every platform (the CPU and CUDA targets share
     their names)::

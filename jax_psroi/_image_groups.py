@@ -4,7 +4,7 @@
 come in groups of ``rois_per_group``; RoI k's group reads the
 ``images_per_group`` images of image group ``(k // rois_per_group) % (N //
 images_per_group)``, and its batch index counts from that group's first
-image (the kernels' ``roi_image`` in lib/psroi_math.h; ``images`` below for
+image (the kernels' ``roi_image`` in lib/roi_math.h; ``images`` below for
 the ``jax.numpy`` lowering). A call from the public functions is one group,
 (K, N), whose batch indices are the images themselves, or, for a list of
 equally many boxes per image, one group per image, (L, 1), every index 0.

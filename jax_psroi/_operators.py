@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from jax_psroi import _arguments, reference, reference_pools
 
@@ -26,6 +26,29 @@ ATTRIBUTE_CHECKS: Mapping[str, Callable[[Any], Any]] = {
     "channel_order": _arguments.channel_order,
     "aligned": _arguments.aligned,
 }
+
+
+class BoxRule(NamedTuple):
+    """How an operator turns an RoI into bins (the kernels' BoxRule,
+    lib/roi_math.h)."""
+
+    # Coordinates shifted by -0.5 pixel, sizes as they are; False: no shift,
+    # RoI sizes clamped to at least 1 pixel.
+    aligned: bool
+    # Corners rounded to whole pixels, each bin a window of whole pixels
+    # (no samples: the sampling ratio plays no part).
+    whole_pixels: bool
+    # With whole_pixels: both rounded corners belong to the RoI, and windows
+    # may reach the last row and column (RoI Pool's).
+    inclusive_corners: bool
+
+    @classmethod
+    def samples(cls, aligned: bool) -> BoxRule:
+        return cls(bool(aligned), False, False)
+
+    @classmethod
+    def windows(cls, inclusive_corners: bool) -> BoxRule:
+        return cls(False, True, inclusive_corners)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +68,8 @@ class Operator:
       attributes: the operator's own parameters, beyond the output size,
         spatial scale, layout and image groups every call has, as the
         public function names them (checked by ATTRIBUTE_CHECKS).
-      fixed: the kernel settings the operator fixes rather than takes:
-        ``sampling_ratio`` (0 for window pools, which take no samples) and
-        ``aligned`` (the box geometry: a -0.5 pixel shift and no size clamp).
+      box_rule: its BoxRule, from the primitive's parameters (its
+        attributes).
       kernel_attribute: the FFI attribute its kernel rows take beyond the
         shared ones: "channel_order" (an index of
         ``_arguments.CHANNEL_ORDERS``), "aligned" (0 or 1) or None.
@@ -58,7 +80,7 @@ class Operator:
     pooling: str
     position_sensitive: bool
     attributes: tuple[str, ...]
-    fixed: Mapping[str, Any]
+    box_rule: Callable[[Mapping[str, Any]], BoxRule]
     kernel_attribute: str | None
     reference: Callable
 
@@ -69,40 +91,43 @@ class Operator:
     def settings(self, params: Mapping[str, Any]) -> dict:
         """What a kernel call (or the XLA path) needs to know of the
         operator from a primitive's `params`: its channel order ("shared"
-        when not position-sensitive), sampling ratio and box geometry."""
-        merged = {**self.fixed, **{name: params[name] for name in self.attributes}}
-        return dict(operation=self.name,
-                    channel_order=merged.get("channel_order", "shared"),
-                    sampling_ratio=merged.get("sampling_ratio", 0),
-                    aligned=merged.get("aligned", False))
+        when not position-sensitive), sampling ratio (0 for windows, which
+        take no samples) and box rule."""
+        return dict(channel_order=params.get("channel_order", "shared"),
+                    sampling_ratio=params.get("sampling_ratio", 0),
+                    box_rule=self.box_rule(params))
 
-    def kernel_attributes(self, settings: Mapping[str, Any]) -> dict:
-        """The FFI attribute of the kernel rows, from `settings`."""
+    def kernel_attributes(self, channel_order: str, box_rule: BoxRule) -> dict:
+        """The FFI attribute of the kernel rows, from a call's settings."""
         if self.kernel_attribute == "channel_order":
-            return dict(channel_order=_arguments.CHANNEL_ORDERS.index(settings["channel_order"]))
+            return dict(channel_order=_arguments.CHANNEL_ORDERS.index(channel_order))
         if self.kernel_attribute == "aligned":
-            return dict(aligned=int(settings["aligned"]))
+            return dict(aligned=int(box_rule.aligned))
         return {}
 
 
 PS_ROI_ALIGN = Operator(
     name="ps_roi_align", pooling="average", position_sensitive=True,
-    attributes=("sampling_ratio", "channel_order"), fixed=dict(aligned=True),
+    attributes=("sampling_ratio", "channel_order"),
+    box_rule=lambda params: BoxRule.samples(aligned=True),
     kernel_attribute="channel_order", reference=reference.ps_roi_align_reference)
 
 ROI_ALIGN = Operator(
     name="roi_align", pooling="average", position_sensitive=False,
-    attributes=("sampling_ratio", "aligned"), fixed={},
+    attributes=("sampling_ratio", "aligned"),
+    box_rule=lambda params: BoxRule.samples(params["aligned"]),
     kernel_attribute="aligned", reference=reference.roi_align_reference)
 
 PS_ROI_POOL = Operator(
     name="ps_roi_pool", pooling="average", position_sensitive=True,
-    attributes=("channel_order",), fixed=dict(sampling_ratio=0, aligned=False),
+    attributes=("channel_order",),
+    box_rule=lambda params: BoxRule.windows(inclusive_corners=False),
     kernel_attribute="channel_order", reference=reference_pools.ps_roi_pool_reference)
 
 ROI_POOL = Operator(
     name="roi_pool", pooling="max", position_sensitive=False,
-    attributes=(), fixed=dict(sampling_ratio=0, aligned=False),
+    attributes=(),
+    box_rule=lambda params: BoxRule.windows(inclusive_corners=True),
     kernel_attribute=None, reference=reference_pools.roi_pool_reference)
 
 OPERATORS: Mapping[str, Operator] = {

@@ -55,7 +55,7 @@ from jax_psroi import _arguments
 # (or results), traced with the shapes of one device's shards. A call that can
 # compute a range of bin rows (`bin_rows_call` below) also takes
 # first_bin_row= and bin_rows= (the rows of the whole grid;
-# lib/psroi_math.h: PsRoiDims).
+# lib/roi_math.h: CallShape).
 LocalCall = Callable[..., jax.Array]
 
 

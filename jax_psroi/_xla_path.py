@@ -4,7 +4,7 @@ native kernels (TPU, ROCm, a CUDA machine whose install lacks jax_psroi's
 CUDA kernels, any machine without the compiled module) and wherever
 ``JAX_PSROI_IMPLEMENTATION=xla`` asks for it (_implementation.py).
 
-A bin's value is separable, as in the CPU kernels (lib/psroi_math.h): the
+A bin's value is separable, as in the CPU kernels (lib/roi_math.h): the
 sum over the bin's row taps r and column taps c of weight_y[r] * weight_x[c]
 * plane[r, c], over the divisor (samples, or a window's pixels). Each axis
 of every bin is a list of taps (``_Taps``): a pixel and a weight per RoI and
@@ -50,6 +50,7 @@ import numpy as np
 from jax import lax
 
 from jax_psroi import _arguments, _image_groups, _levels
+from jax_psroi._operators import ROI_ALIGN, ROI_POOL, BoxRule
 from jax_psroi.reference import (
     MAX_GRID_PER_AXIS,
     axis_taps,
@@ -192,25 +193,26 @@ class _Bins(NamedTuple):
     valid: jax.Array
 
 
-def _bins(operation, rois, pooled_size, map_size, spatial_scale, sampling_ratio, aligned,
+def _bins(box_rule: BoxRule, rois, pooled_size, map_size, spatial_scale, sampling_ratio,
           batch_ok) -> _Bins:
     (pooled_h, pooled_w), (height, width) = pooled_size, map_size
     dtype = rois.dtype
-    if operation in ("ps_roi_pool", "roi_pool"):
+    if box_rule.whole_pixels:
         scale = jnp.asarray(spatial_scale, dtype)
-        roi_pool = operation == "roi_pool"
+        inclusive = box_rule.inclusive_corners
         first_y, stop_y, finite_y = bin_windows(rois, scale, pooled_h, height, 2,
-                                             inclusive_end=roi_pool,
-                                             last=height if roi_pool else height - 1)
+                                                inclusive_end=inclusive,
+                                                last=height if inclusive else height - 1)
         first_x, stop_x, finite_x = bin_windows(rois, scale, pooled_w, width, 1,
-                                             inclusive_end=roi_pool,
-                                             last=width if roi_pool else width - 1)
+                                                inclusive_end=inclusive,
+                                                last=width if inclusive else width - 1)
         valid = batch_ok & finite_y & finite_x
         rows = jnp.maximum(stop_y - first_y, 0)
         cols = jnp.maximum(stop_x - first_x, 0)
         area = (rows[:, :, None] * cols[:, None, :])[..., None]
         return _Bins(_window_taps(first_y, stop_y, height, valid, dtype),
                      _window_taps(first_x, stop_x, width, valid, dtype), area, valid)
+    aligned = box_rule.aligned
     start_h, start_w, bin_h, bin_w, finite = box_geometry(
         rois, pooled_size, spatial_scale, offset=0.5 if aligned else 0.0, clamp=not aligned)
     grid_h = grid_size(bin_h, sampling_ratio)
@@ -271,12 +273,12 @@ class _Call(NamedTuple):
     bin_index: jax.Array | int
 
 
-def _call(operation, features_shape, rois, pooled_size, *, spatial_scale, sampling_ratio,
-          data_format, channel_order, aligned, image_groups) -> _Call:
+def _call(box_rule, features_shape, rois, pooled_size, *, spatial_scale, sampling_ratio,
+          data_format, channel_order, image_groups) -> _Call:
     n, _, h, w = (features_shape[a] for a in _arguments.LAYOUT_AXES[data_format])
     image, batch_ok = _image_groups.images(rois, image_groups, n)
-    bins = _bins(operation, rois, pooled_size, (h, w), spatial_scale, sampling_ratio,
-                 aligned, batch_ok)
+    bins = _bins(box_rule, rois, pooled_size, (h, w), spatial_scale, sampling_ratio,
+                 batch_ok)
     view_shape, index = _map_view(features_shape, data_format, channel_order, pooled_size)
     pooled_h, pooled_w = pooled_size
     bin_index = 0 if channel_order == "shared" else (
@@ -311,8 +313,8 @@ def _empty(features_shape, pooled_shape) -> bool:
     return 0 in features_shape or 0 in pooled_shape
 
 
-def pool(direction, operand, rois, result_shape, *, operation, spatial_scale, sampling_ratio,
-         data_format, channel_order, aligned, image_groups):
+def pool(direction, operand, rois, result_shape, *, spatial_scale, sampling_ratio,
+         data_format, channel_order, box_rule, image_groups):
     """One call of an averaging operator's forward (features -> pooled) or backward
     (pooled cotangent -> feature gradient) of ps_roi_align, roi_align or
     ps_roi_pool: `operand` and the result as the primitives take them
@@ -324,9 +326,9 @@ def pool(direction, operand, rois, result_shape, *, operation, spatial_scale, sa
         return jnp.zeros(result_shape, dtype)
     compute = _arguments.compute_dtype(dtype)
     pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
-    call = _call(operation, features_shape, rois.astype(compute), pooled_size,
+    call = _call(box_rule, features_shape, rois.astype(compute), pooled_size,
                  spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-                 data_format=data_format, channel_order=channel_order, aligned=aligned,
+                 data_format=data_format, channel_order=channel_order,
                  image_groups=image_groups)
     divisor = call.bins.divisor
     keep = call.bins.valid[:, None, None, None] & (divisor > 0)
@@ -366,10 +368,10 @@ def roi_pool(features, rois, pixels=None, *, result_shape, spatial_scale, data_f
         return jnp.zeros(result_shape, dtype), jnp.full(result_shape, -1, jnp.int32)
     compute = _arguments.compute_dtype(dtype)
     width = features.shape[_arguments.LAYOUT_AXES[data_format][3]]
-    call = _call("roi_pool", features.shape, rois.astype(compute),
+    call = _call(ROI_POOL.box_rule({}), features.shape, rois.astype(compute),
                  _arguments.pooled_size_of(result_shape, data_format),
                  spatial_scale=spatial_scale, sampling_ratio=0, data_format=data_format,
-                 channel_order="shared", aligned=False, image_groups=image_groups)
+                 channel_order="shared", image_groups=image_groups)
     view = features.reshape(call.view_shape)
 
     def scan(index, pixel, inside, carry):
@@ -442,7 +444,6 @@ def multi_scale(*operands, result_shape, spatial_scales, sampling_ratio, data_fo
     for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
         pooled = pooled + pool(
             "forward", features, _levels.level_rois(rois, levels, level), result_shape,
-            operation="roi_align", spatial_scale=scale, sampling_ratio=sampling_ratio,
-            data_format=data_format, channel_order="shared", aligned=False,
-            image_groups=image_groups)
+            spatial_scale=scale, data_format=data_format, image_groups=image_groups,
+            **ROI_ALIGN.settings(dict(sampling_ratio=sampling_ratio, aligned=False)))
     return pooled

@@ -163,7 +163,7 @@ using DefaultTuning = Tuning</*Threads=*/128, /*TileRows=*/4, /*CoverPerPixel=*/
 
 // --- Workspace --------------------------------------------------------------
 // One int32 buffer that XLA allocates as a further result of each CUDA call,
-// of workspace_elements(shape, backward) elements (jax_psroi._primitives asks
+// of workspace_elements(shape, backward) elements (jax_psroi._averaging asks
 // the CPU module, which compiles this header, for the number).
 //   forward:  boxes [K, kBoxWords] | image [K] | band [K] | order [K] |
 //             offsets [B + 1] | counts [B * S]

@@ -944,7 +944,7 @@ BackwardPlan plan_backward(const CallShape& shape, size_t available) {
   return {n, (k + n - 1) / n, accumulates};
 }
 
-// The workspace a backward call asks XLA for (jax_psroi._primitives): all
+// The workspace a backward call asks XLA for (jax_psroi._averaging): all
 // RoIs in one pass when their tables and cotangent fit max(kPassBytes, the
 // gradient in the compute type), else passes of that size (at least one
 // RoI) and the accumulator.
