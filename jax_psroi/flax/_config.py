@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
 
-from jax_psroi import _arguments
-from jax_psroi.ops import (
-    multi_scale_roi_align,
-    ps_roi_align,
-    ps_roi_pool,
-    roi_align,
-    roi_pool,
-)
+from jax_psroi import _arguments, _operators, ops
 
 FLAX_MISSING = ("jax_psroi.flax needs Flax, which is not installed: "
                 "pip install 'jax_psroi[flax]' (or pip install flax)")
@@ -35,8 +29,51 @@ def _size_text(output_size) -> str:
     return str(h) if h == w else str((h, w))
 
 
+# How each setting of a single-level layer is checked: the shared ones here,
+# the operator's own by the registry (_operators.ATTRIBUTE_CHECKS).
+_SHARED_CHECKS = {"output_size": _arguments.output_size,
+                  "spatial_scale": _arguments.spatial_scale,
+                  "data_format": _arguments.data_format}
+
+
+class _OperatorConfig:
+    """A single-level layer's settings: the dataclass fields of a subclass,
+    in its operator's positional order, for the operator of its spec
+    (``operator``). Made, called and shown from the registry."""
+
+    operator: ClassVar[_operators.Operator]
+
+    @classmethod
+    def make(cls, *args, **kwargs):
+        """The settings, each checked as the operator's function checks it
+        at trace time (positional in the fields' order, as torchvision's
+        modules take them)."""
+        given = cls(*args, **kwargs)
+        checks = {**_SHARED_CHECKS, **_operators.ATTRIBUTE_CHECKS}
+        return cls(**{field.name: checks[field.name](getattr(given, field.name))
+                      for field in dataclasses.fields(cls)})
+
+    def __call__(self, features, boxes) -> jax.Array:
+        function = getattr(ops, self.operator.name)
+        return function(features, boxes, self.output_size, self.spatial_scale,
+                        data_format=self.data_format,
+                        **{name: getattr(self, name) for name in self.operator.attributes})
+
+    def describe(self, name: str) -> str:
+        """torchvision's repr, with the layout."""
+        def shown(field):
+            value = getattr(self, field.name)
+            if field.name == "output_size":
+                return _size_text(value)
+            if field.name == "spatial_scale":
+                return f"{value:g}"
+            return repr(value) if isinstance(value, str) else str(value)
+        settings = ", ".join(f"{field.name}={shown(field)}" for field in dataclasses.fields(self))
+        return f"{name}({settings})"
+
+
 @dataclasses.dataclass(frozen=True)
-class PSRoIAlignConfig:
+class PSRoIAlignConfig(_OperatorConfig):
     """A PS-RoI Align layer's settings, checked when made (as
     ``ps_roi_align`` checks them at trace time).
 
@@ -48,36 +85,16 @@ class PSRoIAlignConfig:
       channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
     """
 
+    operator: ClassVar[_operators.Operator] = _operators.PS_ROI_ALIGN
     output_size: tuple[int, int]
     spatial_scale: float = 1.0
     sampling_ratio: int = -1
     data_format: str = "NHWC"
     channel_order: str = "torchvision"
 
-    @classmethod
-    def make(cls, output_size, spatial_scale=1.0, sampling_ratio=-1,
-             data_format="NHWC", channel_order="torchvision") -> PSRoIAlignConfig:
-        return cls(_arguments.output_size(output_size),
-                   _arguments.spatial_scale(spatial_scale),
-                   _arguments.sampling_ratio(sampling_ratio),
-                   _arguments.data_format(data_format),
-                   _arguments.channel_order(channel_order))
-
-    def __call__(self, features, boxes) -> jax.Array:
-        return ps_roi_align(features, boxes, self.output_size, self.spatial_scale,
-                            self.sampling_ratio, data_format=self.data_format,
-                            channel_order=self.channel_order)
-
-    def describe(self, name: str) -> str:
-        """torchvision's repr, with the layout."""
-        size = _size_text(self.output_size)
-        return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
-                f"sampling_ratio={self.sampling_ratio}, data_format={self.data_format!r}, "
-                f"channel_order={self.channel_order!r})")
-
 
 @dataclasses.dataclass(frozen=True)
-class RoIAlignConfig:
+class RoIAlignConfig(_OperatorConfig):
     """A RoI Align layer's settings, checked when made (as ``roi_align``
     checks them at trace time).
 
@@ -89,35 +106,16 @@ class RoIAlignConfig:
       data_format: "NHWC" (Flax's) or "NCHW".
     """
 
+    operator: ClassVar[_operators.Operator] = _operators.ROI_ALIGN
     output_size: tuple[int, int]
     spatial_scale: float = 1.0
     sampling_ratio: int = -1
     aligned: bool = False
     data_format: str = "NHWC"
 
-    @classmethod
-    def make(cls, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-             data_format="NHWC") -> RoIAlignConfig:
-        return cls(_arguments.output_size(output_size),
-                   _arguments.spatial_scale(spatial_scale),
-                   _arguments.sampling_ratio(sampling_ratio),
-                   _arguments.aligned(aligned),
-                   _arguments.data_format(data_format))
-
-    def __call__(self, features, boxes) -> jax.Array:
-        return roi_align(features, boxes, self.output_size, self.spatial_scale,
-                         self.sampling_ratio, self.aligned, data_format=self.data_format)
-
-    def describe(self, name: str) -> str:
-        """torchvision's repr, with the layout."""
-        size = _size_text(self.output_size)
-        return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, "
-                f"data_format={self.data_format!r})")
-
 
 @dataclasses.dataclass(frozen=True)
-class PSRoIPoolConfig:
+class PSRoIPoolConfig(_OperatorConfig):
     """A PS-RoI Pool layer's settings, checked when made (as ``ps_roi_pool``
     checks them at trace time).
 
@@ -128,32 +126,15 @@ class PSRoIPoolConfig:
       channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
     """
 
+    operator: ClassVar[_operators.Operator] = _operators.PS_ROI_POOL
     output_size: tuple[int, int]
     spatial_scale: float = 1.0
     data_format: str = "NHWC"
     channel_order: str = "torchvision"
 
-    @classmethod
-    def make(cls, output_size, spatial_scale=1.0, data_format="NHWC",
-             channel_order="torchvision") -> PSRoIPoolConfig:
-        return cls(_arguments.output_size(output_size),
-                   _arguments.spatial_scale(spatial_scale),
-                   _arguments.data_format(data_format),
-                   _arguments.channel_order(channel_order))
-
-    def __call__(self, features, boxes) -> jax.Array:
-        return ps_roi_pool(features, boxes, self.output_size, self.spatial_scale,
-                           data_format=self.data_format, channel_order=self.channel_order)
-
-    def describe(self, name: str) -> str:
-        """torchvision's repr, with the layout."""
-        size = _size_text(self.output_size)
-        return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
-                f"data_format={self.data_format!r}, channel_order={self.channel_order!r})")
-
 
 @dataclasses.dataclass(frozen=True)
-class RoIPoolConfig:
+class RoIPoolConfig(_OperatorConfig):
     """A RoI Pool layer's settings, checked when made (as ``roi_pool``
     checks them at trace time).
 
@@ -163,25 +144,10 @@ class RoIPoolConfig:
       data_format: "NHWC" (Flax's) or "NCHW".
     """
 
+    operator: ClassVar[_operators.Operator] = _operators.ROI_POOL
     output_size: tuple[int, int]
     spatial_scale: float = 1.0
     data_format: str = "NHWC"
-
-    @classmethod
-    def make(cls, output_size, spatial_scale=1.0, data_format="NHWC") -> RoIPoolConfig:
-        return cls(_arguments.output_size(output_size),
-                   _arguments.spatial_scale(spatial_scale),
-                   _arguments.data_format(data_format))
-
-    def __call__(self, features, boxes) -> jax.Array:
-        return roi_pool(features, boxes, self.output_size, self.spatial_scale,
-                        data_format=self.data_format)
-
-    def describe(self, name: str) -> str:
-        """torchvision's repr, with the layout."""
-        size = _size_text(self.output_size)
-        return (f"{name}(output_size={size}, spatial_scale={self.spatial_scale:g}, "
-                f"data_format={self.data_format!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,10 +210,11 @@ class MultiScaleRoIAlignConfig:
         shapes = [_arguments.image_size(shape, f"image_shapes[{index}]")
                   for index, shape in enumerate(image_shapes)]
         image_size = (max(h for h, _ in shapes), max(w for _, w in shapes))
-        return multi_scale_roi_align(levels, boxes, self.output_size, self.sampling_ratio,
-                                     image_size, canonical_scale=self.canonical_scale,
-                                     canonical_level=self.canonical_level,
-                                     data_format=self.data_format)
+        return ops.multi_scale_roi_align(levels, boxes, self.output_size,
+                                         self.sampling_ratio, image_size,
+                                         canonical_scale=self.canonical_scale,
+                                         canonical_level=self.canonical_level,
+                                         data_format=self.data_format)
 
     def describe(self, name: str) -> str:
         """torchvision's repr, with the layout."""
