@@ -11,15 +11,9 @@
 
 namespace jax_psroi {
 
-struct PsRoiPool {
+struct PsRoiPool : PositionSensitiveChannels {
   static constexpr const char* kName = "ps_roi_pool";
   using Pooling = AveragePooling;
-  static constexpr const char* kAttribute = "channel_order";
-  static constexpr const char* kAttributeRule =
-      "channel_order must be 0 (torchvision) or 1 (bin_major)";
-  static PSROI_HD ChannelOrder channel_order(int64_t attribute) {
-    return static_cast<ChannelOrder>(attribute);
-  }
   static PSROI_HD BoxRule box_rule(int64_t) {
     return BoxRule::windows(/*inclusive_corners=*/false);
   }

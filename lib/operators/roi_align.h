@@ -11,12 +11,11 @@
 
 namespace jax_psroi {
 
-struct RoiAlign {
+struct RoiAlign : SharedChannels {
   static constexpr const char* kName = "roi_align";
   using Pooling = AveragePooling;
   static constexpr const char* kAttribute = "aligned";
   static constexpr const char* kAttributeRule = "aligned must be 0 or 1";
-  static PSROI_HD ChannelOrder channel_order(int64_t) { return ChannelOrder::kShared; }
   static PSROI_HD BoxRule box_rule(int64_t aligned) { return BoxRule::samples(aligned == 1); }
 };
 
