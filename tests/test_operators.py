@@ -12,7 +12,8 @@ import pytest
 
 import jax_psroi
 from jax_psroi import _extension, _operators
-from tests.cases import EXACT_DTYPES, LAYOUTS, TOLERANCE, random_features, random_rois
+
+from cases import EXACT_DTYPES, LAYOUTS, TOLERANCE, random_features, random_rois
 
 OUTPUT_SIZE = (2, 3)
 SCALE = 0.5
