@@ -31,10 +31,12 @@ scores' gradients: ``jnp.where(indices >= 0, scores[indices], 0)`` (the
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jax_psroi import _extension, _implementation, _nms
@@ -46,10 +48,12 @@ def _static_threshold(iou_threshold) -> float:
     if isinstance(iou_threshold, jax.core.Tracer):
         raise TypeError("iou_threshold must be a static Python number (it selects the "
                         "compiled program), got a traced value; mark it static in jax.jit")
-    try:
-        value = float(iou_threshold)
-    except (TypeError, ValueError):
-        raise TypeError(f"iou_threshold must be a real number, got {iou_threshold!r}") from None
+    # A 0-d array counts (np.float32(0.5) is a Real already); strings and
+    # bools, which float() would take, do not.
+    if isinstance(iou_threshold, str | bytes | bool) or not (
+            isinstance(iou_threshold, numbers.Real) or np.shape(iou_threshold) == ()):
+        raise TypeError(f"iou_threshold must be a real number, got {iou_threshold!r}")
+    value = float(iou_threshold)
     if math.isnan(value):
         raise ValueError("iou_threshold must not be NaN")
     return value
