@@ -133,8 +133,9 @@ def _abstract_eval(boxes, scores, categories, *, iou_threshold, max_output_size,
                    implementation):
     del scores, categories, iou_threshold, implementation
     images = boxes.shape[0]
-    return (jax.core.ShapedArray((images, max_output_size), jnp.int32),
-            jax.core.ShapedArray((images,), jnp.int32))
+    return (boxes.update(shape=(images, max_output_size), dtype=jnp.dtype(jnp.int32),
+                         weak_type=False),
+            boxes.update(shape=(images,), dtype=jnp.dtype(jnp.int32), weak_type=False))
 
 
 def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_output_size,

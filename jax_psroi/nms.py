@@ -44,16 +44,22 @@ from jax_psroi import _extension, _implementation, _nms
 __all__ = ["batched_nms", "nms"]
 
 
+# What converting a traced value to a Python number raises.
+_TRACED = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError)
+
+
 def _static_threshold(iou_threshold) -> float:
-    if isinstance(iou_threshold, jax.core.Tracer):
-        raise TypeError("iou_threshold must be a static Python number (it selects the "
-                        "compiled program), got a traced value; mark it static in jax.jit")
     # A 0-d array counts (np.float32(0.5) is a Real already); strings and
     # bools, which float() would take, do not.
     if isinstance(iou_threshold, str | bytes | bool) or not (
             isinstance(iou_threshold, numbers.Real) or np.shape(iou_threshold) == ()):
         raise TypeError(f"iou_threshold must be a real number, got {iou_threshold!r}")
-    value = float(iou_threshold)
+    try:
+        value = float(iou_threshold)
+    except _TRACED:
+        raise TypeError("iou_threshold must be a static Python number (it selects the "
+                        "compiled program), got a traced value; mark it static in "
+                        "jax.jit") from None
     if math.isnan(value):
         raise ValueError("iou_threshold must not be NaN")
     return value
@@ -62,11 +68,11 @@ def _static_threshold(iou_threshold) -> float:
 def _static_size(max_output_size, num_boxes: int) -> int:
     if max_output_size is None:
         return num_boxes
-    if isinstance(max_output_size, jax.core.Tracer):
-        raise TypeError("max_output_size must be a static Python int (it is the result's "
-                        "shape), got a traced value; mark it static in jax.jit")
     try:
         size = operator.index(max_output_size)
+    except _TRACED:
+        raise TypeError("max_output_size must be a static Python int (it is the result's "
+                        "shape), got a traced value; mark it static in jax.jit") from None
     except TypeError:
         raise TypeError(f"max_output_size must be an int, got {max_output_size!r}") from None
     if size < 0:
