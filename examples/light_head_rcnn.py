@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jax_psroi
 from jax_psroi.flax.linen import PSRoIAlign
 
 CANVAS = 128            # scenes are CANVAS x CANVAS, one channel
@@ -109,7 +110,12 @@ def nms(boxes, scores, threshold, keep):
     """Greedy non-maximum suppression, static shapes: the indices of the
     `keep` best boxes that no better box overlaps by more than `threshold`
     IoU, best first, and whether each is real (False pads when fewer
-    survive). Boxes with score -inf never survive."""
+    survive). Boxes with score -inf never survive.
+
+    The RPN's NMS. Written in jax.numpy (an [n, n] IoU matrix, n steps)
+    rather than jax_psroi.nms, which has no sharding rule yet: under
+    sharded_training.py's mesh its call would gather every device's
+    proposals. The detections' NMS (`detect`) calls jax_psroi.batched_nms."""
     order = jnp.argsort(-scores)
     boxes, scores = boxes[order], scores[order]
     iou = box_iou(boxes, boxes)
@@ -333,8 +339,9 @@ def detect(model, params, image):
     scores = jnp.where(real, probs.max(axis=1), -jnp.inf)
     boxes = jnp.clip(decode(box_deltas, boxes, BOX_WEIGHTS), 0, CANVAS)
     # Per-class NMS: boxes of different classes never suppress each other.
-    shifted = boxes + (labels * 2 * CANVAS)[:, None].astype(boxes.dtype)
-    index, kept = nms(shifted, scores, 0.5, DETECTIONS)
+    index, _ = jax_psroi.batched_nms(boxes, scores, labels, 0.5, DETECTIONS)
+    # Padding proposals (score -inf) come last and are no detections.
+    kept = (index >= 0) & jnp.isfinite(scores[index])
     return boxes[index], jnp.where(kept, scores[index], 0.0), labels[index]
 
 

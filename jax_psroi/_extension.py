@@ -93,6 +93,11 @@ def _register(module_targets, platform) -> dict:
 KERNELS = {"cpu": {} if _cpu is None else _register(_cpu.targets(), "cpu"),
            "cuda": {} if _cuda is None else _register(_cuda.targets(), "CUDA")}
 
+# Non-maximum suppression's targets (lib/cpu/nms_handlers.cc), by dtype:
+# outside the RoI kernel table, whose rows have layouts and directions.
+NMS_TARGETS = {"cpu": {} if _cpu is None else {
+    row.dtype: row.name for row in _register(_cpu.nms_targets(), "cpu").values()}}
+
 OPERATION = "ps_roi_align"
 # What the operators take: the native kernels' dtypes and layouts, read off
 # the table; the XLA path takes the same (all of them, without the module).
@@ -159,7 +164,8 @@ def export_safety_checks() -> list:
     deserializes and calls the program must ``import jax_psroi`` first: the
     import registers the targets it calls.
     """
-    names = sorted({row.name for table in KERNELS.values() for row in table.values()})
+    names = sorted({row.name for table in KERNELS.values() for row in table.values()}
+                   | {name for table in NMS_TARGETS.values() for name in table.values()})
     return [jax.export.DisabledSafetyCheck.custom_call(name) for name in names]
 
 

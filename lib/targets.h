@@ -14,6 +14,10 @@ namespace jax_psroi {
 // The product's CPU kernels (lib/cpu/cpu_handlers.cc).
 std::vector<FfiTarget> cpu_targets();
 
+// Non-maximum suppression on the CPU, one target per storage type
+// (lib/cpu/nms_handlers.cc): operation "nms", direction "forward", no layout.
+std::vector<FfiTarget> cpu_nms_targets();
+
 // Bytes of the workspace that a CPU backward call of the kernel-table row
 // (operation, layout, dtype), as KernelName spells them, takes as its
 // further result, for the call's dims `shape` (channel_order: the call's

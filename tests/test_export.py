@@ -39,10 +39,12 @@ OPERATORS = {
 def test_the_checks_name_every_registered_target_once():
     checks = jax_psroi.export_safety_checks()
     names = [check.is_custom_call() for check in checks]
-    expected = {row.name for table in _extension.KERNELS.values() for row in table.values()}
+    expected = ({row.name for table in _extension.KERNELS.values() for row in table.values()}
+                | {name for table in _extension.NMS_TARGETS.values() for name in table.values()})
     assert sorted(names) == sorted(expected)
+    # The RoI kernel table's rows and one NMS target per dtype.
     assert len(names) == 2 * 4 * len(_extension.SUPPORTED_DTYPES) * len(
-        _extension.SUPPORTED_LAYOUTS)
+        _extension.SUPPORTED_LAYOUTS) + len(_extension.NMS_TARGETS["cpu"])
 
 
 @pytest.mark.parametrize("platforms", [

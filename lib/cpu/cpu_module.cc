@@ -16,6 +16,8 @@ NB_MODULE(_cpu, m) {
       nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.def("targets", []() { return jax_psroi::python_targets(jax_psroi::cpu_targets()); },
         "The product's targets: [(name, operation, direction, layout, dtype, capsule)].");
+  m.def("nms_targets", []() { return jax_psroi::python_targets(jax_psroi::cpu_nms_targets()); },
+        "Non-maximum suppression's targets, one per dtype, as targets() lists them.");
   // Here rather than in _cuda: exporting for CUDA works without a CUDA build.
   m.def(
       "cuda_workspace_elements",

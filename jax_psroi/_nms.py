@@ -1,0 +1,165 @@
+"""The primitive of non-maximum suppression:
+
+``nms``: (boxes [B, N, 4], scores [B, N], categories [B, N] int32)
+         -> (indices [B, M] int32, counts [B] int32)
+
+boxes and scores in one of the supported float dtypes, M =
+``max_output_size``. Image b keeps ``counts[b]`` boxes, their indices best
+first in ``indices[b]``, -1 after them. Boxes of different categories never
+suppress each other (plain NMS passes one category).
+
+Parameters, all static: ``iou_threshold`` (a python float: an F64 FFI
+attribute), ``max_output_size`` and ``implementation`` ("native" or "xla",
+_implementation.py). The CPU lowers to the native kernel
+(lib/cpu/nms_kernels.h); every other platform, CUDA included (no kernel
+yet), and ``implementation="xla"`` lower to :func:`suppress_image` under
+vmap, which gives the same indices. A vmap axis folds into the images: one
+kernel call. Not differentiable: the outputs are integers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir, xla
+
+from jax_psroi import _arguments, _extension, _rules
+
+nms_p = Primitive("nms")
+nms_p.multiple_results = True
+
+NO_CUDA_KERNEL_MESSAGE = (
+    "jax_psroi.nms has no CUDA kernel yet: on the GPU it runs its XLA formulation, one "
+    "sequential step per kept box.")
+# Whether a CUDA lowering has warned (once a process).
+_warned_cuda: list[bool] = []
+
+
+def threshold_in(iou_threshold: float, dtype) -> np.generic:
+    """The largest `dtype` value not above `iou_threshold`: for IoUs in
+    `dtype`, ``iou > it`` is ``iou > iou_threshold`` in float64, the
+    comparison torchvision makes (lib/cpu/nms_kernels.h, threshold_in)."""
+    dtype = np.dtype(dtype)
+    threshold = dtype.type(iou_threshold)
+    if float(threshold) > iou_threshold:
+        threshold = np.nextafter(threshold, dtype.type(-np.inf))
+    return threshold
+
+
+def visiting_order(scores) -> jax.Array:
+    """Indices [N] int32 of `scores` [N] in the order NMS visits them: NaN
+    scores first, then descending score, ties in index order (torchvision
+    sorts with a stable sort; torch orders NaN above every number)."""
+    not_nan = (~jnp.isnan(scores)).astype(jnp.int32)
+    # +0 for both zeros: -0.0 and 0.0 tie, in index order.
+    descending = jnp.where((scores == 0) | jnp.isnan(scores), 0, -scores)
+    iota = lax.iota(jnp.int32, scores.shape[0])
+    return lax.sort((not_nan, descending, iota), num_keys=3)[2]
+
+
+def suppress_image(boxes, scores, categories, *, iou_threshold: float, max_output_size: int):
+    """One image's NMS in jax.numpy, the native kernel's semantics: `boxes`
+    [N, 4], `scores` [N], `categories` [N] -> (indices [M] int32, count int32).
+
+    One loop step per kept box: its IoUs with every box (a vector, no
+    [N, N] matrix) remove the later boxes it overlaps, and the next box
+    still alive is the next kept."""
+    n, m = boxes.shape[0], max_output_size
+    compute = _arguments.compute_dtype(boxes.dtype)
+    if n == 0 or m == 0:
+        return jnp.full((m,), -1, jnp.int32), jnp.int32(0)
+    order = visiting_order(scores.astype(compute))
+    boxes = boxes.astype(compute)[order]
+    categories = categories[order]
+    x1, y1, x2, y2 = (boxes[:, k] for k in range(4))
+    area = (x2 - x1) * (y2 - y1)
+    threshold = threshold_in(iou_threshold, compute)
+    positions = lax.iota(jnp.int32, n)
+
+    def keep_next(state):
+        i, removed, indices, count = state
+        # jnp.maximum and minimum propagate NaN, as the kernel's max_nan.
+        w = jnp.maximum(0, jnp.minimum(x2[i], x2) - jnp.maximum(x1[i], x1))
+        h = jnp.maximum(0, jnp.minimum(y2[i], y2) - jnp.maximum(y1[i], y1))
+        inter = w * h
+        iou = inter / (area[i] + area - inter)
+        removed = removed | ((iou > threshold) & (categories == categories[i]) & (positions > i))
+        indices = indices.at[count].set(order[i])
+        alive = ~removed & (positions > i)
+        following = jnp.where(jnp.any(alive), jnp.argmax(alive).astype(jnp.int32), n)
+        return following, removed, indices, count + 1
+
+    def more(state):
+        i, _, _, count = state
+        return (i < n) & (count < m)
+
+    state = (jnp.int32(0), jnp.zeros((n,), bool), jnp.full((m,), -1, jnp.int32), jnp.int32(0))
+    _, _, indices, count = lax.while_loop(more, keep_next, state)
+    return indices, count
+
+
+def _native(platform, implementation: str) -> bool:
+    if implementation == "xla" or platform is None:
+        return False
+    if platform == "cuda":
+        if not _warned_cuda:
+            _warned_cuda.append(True)
+            warnings.warn(NO_CUDA_KERNEL_MESSAGE, RuntimeWarning, stacklevel=2)
+        return False
+    return bool(_extension.NMS_TARGETS[platform])
+
+
+def _native_call(boxes, scores, categories, *, iou_threshold, max_output_size):
+    images = boxes.shape[0]
+    name = _extension.NMS_TARGETS["cpu"][jnp.dtype(boxes.dtype)]
+    results = (jax.ShapeDtypeStruct((images, max_output_size), jnp.int32),
+               jax.ShapeDtypeStruct((images,), jnp.int32))
+    return jax.ffi.ffi_call(name, results)(boxes, scores, categories,
+                                          iou_threshold=float(iou_threshold))
+
+
+def _xla_call(boxes, scores, categories, *, iou_threshold, max_output_size):
+    return jax.vmap(partial(suppress_image, iou_threshold=iou_threshold,
+                            max_output_size=max_output_size))(boxes, scores, categories)
+
+
+def _abstract_eval(boxes, scores, categories, *, iou_threshold, max_output_size,
+                   implementation):
+    del scores, categories, iou_threshold, implementation
+    images = boxes.shape[0]
+    return (boxes.update(shape=(images, max_output_size), dtype=jnp.dtype(jnp.int32),
+                         weak_type=False),
+            boxes.update(shape=(images,), dtype=jnp.dtype(jnp.int32), weak_type=False))
+
+
+def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_output_size,
+              implementation):
+    call = _native_call if _native(platform, implementation) else _xla_call
+    return mlir.lower_fun(partial(call, iou_threshold=iou_threshold,
+                                  max_output_size=max_output_size),
+                          multiple_results=True)(ctx, boxes, scores, categories)
+
+
+def _batch(args, dims, **params):
+    # The mapped axis folds into the images: [S, B, ...] -> [S * B, ...].
+    size = _rules.mapped_size(args, dims)
+    folded = [_rules.to_front(x, d, size) for x, d in zip(args, dims, strict=True)]
+    images = folded[0].shape[1]
+    folded = [x.reshape((size * images, *x.shape[2:])) for x in folded]
+    indices, counts = nms_p.bind(*folded, **params)
+    return ((indices.reshape((size, images, indices.shape[-1])),
+             counts.reshape((size, images))), (0, 0))
+
+
+nms_p.def_impl(partial(xla.apply_primitive, nms_p))
+nms_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(nms_p, partial(_lowering, None))
+for _platform in _rules.NATIVE_PLATFORMS:
+    mlir.register_lowering(nms_p, partial(_lowering, _platform), platform=_platform)
+batching.primitive_batchers[nms_p] = _batch

@@ -1,0 +1,157 @@
+"""Non-maximum suppression with static shapes and torchvision's semantics
+(``torchvision.ops.nms`` and ``batched_nms``), native on the CPU.
+
+Semantics, exactly those of torchvision's CPU kernel:
+
+* boxes are visited in descending score; equal scores in index order (the
+  stable sort torchvision uses); NaN scores first (torch orders NaN above
+  every number), -inf last;
+* a visited box is kept unless a kept box overlaps it by an IoU strictly
+  greater than ``iou_threshold``; every box that survives is kept, whatever
+  its score, up to ``max_output_size``;
+* the IoU is ``inter / (area1 + area2 - inter)`` with ``area = (x2 - x1) *
+  (y2 - y1)`` (not clamped) and the intersection's sides clamped at 0,
+  computed in float32 for float32, bfloat16 and float16 boxes and in
+  float64 for float64 ones, compared with the threshold as float64;
+* a degenerate box (x2 <= x1 or y2 <= y1) intersects nothing: its IoUs are
+  0, or NaN where both areas sum to 0, so it neither suppresses nor is
+  suppressed, and is kept where its score ranks it. A box with a NaN
+  coordinate has NaN IoUs and behaves the same way.
+
+The results are padded: ``indices`` [max_output_size] int32, the kept boxes
+best first and then -1, and ``count``, how many are kept (the convention of
+TensorFlow's ``non_max_suppression_padded``).
+
+Gradients: the results are integers, so nothing flows through them; the
+boxes and scores enter as constants. Gather with the indices to keep the
+scores' gradients: ``jnp.where(indices >= 0, scores[indices], 0)`` (the
+``where`` matters: ``scores[-1]`` is the last score, not a pad).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_psroi import _extension, _implementation, _nms
+
+__all__ = ["batched_nms", "nms"]
+
+
+# What converting a traced value to a Python number raises.
+_TRACED = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError)
+
+
+def _static_threshold(iou_threshold) -> float:
+    # A 0-d array counts (np.float32(0.5) is a Real already); strings and
+    # bools, which float() would take, do not.
+    if isinstance(iou_threshold, str | bytes | bool) or not (
+            isinstance(iou_threshold, numbers.Real) or np.shape(iou_threshold) == ()):
+        raise TypeError(f"iou_threshold must be a real number, got {iou_threshold!r}")
+    try:
+        value = float(iou_threshold)
+    except _TRACED:
+        raise TypeError("iou_threshold must be a static Python number (it selects the "
+                        "compiled program), got a traced value; mark it static in "
+                        "jax.jit") from None
+    if math.isnan(value):
+        raise ValueError("iou_threshold must not be NaN")
+    return value
+
+
+def _static_size(max_output_size, num_boxes: int) -> int:
+    if max_output_size is None:
+        return num_boxes
+    try:
+        size = operator.index(max_output_size)
+    except _TRACED:
+        raise TypeError("max_output_size must be a static Python int (it is the result's "
+                        "shape), got a traced value; mark it static in jax.jit") from None
+    except TypeError:
+        raise TypeError(f"max_output_size must be an int, got {max_output_size!r}") from None
+    if size < 0:
+        raise ValueError(f"max_output_size must be >= 0, got {size}")
+    return size
+
+
+def _check(boxes, scores):
+    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape [N, 4], got {boxes.shape}")
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"scores must have shape [N] = {boxes.shape[:1]} like the boxes, "
+                         f"got {scores.shape}")
+    dtype = jnp.result_type(boxes, scores)
+    if dtype not in _extension.SUPPORTED_DTYPES:
+        names = ", ".join(d.name for d in _extension.SUPPORTED_DTYPES)
+        raise TypeError(f"boxes and scores must be floating point ({names}), got "
+                        f"{boxes.dtype} and {scores.dtype}")
+    # Integer results: nothing to differentiate (see the module's docstring).
+    return (lax.stop_gradient(boxes.astype(dtype)), lax.stop_gradient(scores.astype(dtype)))
+
+
+def _suppress(boxes, scores, categories, iou_threshold, max_output_size):
+    threshold = _static_threshold(iou_threshold)
+    size = _static_size(max_output_size, boxes.shape[0])
+    indices, counts = _nms.nms_p.bind(
+        boxes[None], scores[None], categories[None], iou_threshold=threshold,
+        max_output_size=size, implementation=_implementation.requested())
+    return indices[0], counts[0]
+
+
+def nms(boxes, scores, iou_threshold: float, max_output_size: int | None = None):
+    """Greedy non-maximum suppression, as ``torchvision.ops.nms``.
+
+    Args:
+      boxes: [N, 4] (x1, y1, x2, y2), float32, float64, bfloat16 or float16.
+      scores: [N], a float dtype (boxes and scores are promoted together).
+      iou_threshold: static float; a box is suppressed by a kept box whose
+        IoU with it is strictly greater.
+      max_output_size: static int M >= 0, the most boxes kept (None: N).
+
+    Returns:
+      (indices [M] int32, the kept boxes' indices best first, then -1;
+      count int32 scalar, how many were kept).
+
+    Under ``jax.vmap`` over images, a batch is one native call. See the
+    module's docstring for ties, NaN scores, degenerate boxes and gradients.
+    """
+    boxes, scores = _check(boxes, scores)
+    categories = jnp.zeros(scores.shape, jnp.int32)
+    return _suppress(boxes, scores, categories, iou_threshold, max_output_size)
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold: float, max_output_size: int | None = None):
+    """Non-maximum suppression per category, as ``torchvision.ops.batched_nms``:
+    boxes of different ``idxs`` never suppress each other; the kept boxes of
+    every category come together, best first.
+
+    Args:
+      boxes: [N, 4] (x1, y1, x2, y2), a float dtype as for :func:`nms`.
+      scores: [N].
+      idxs: [N] integer categories (compared as int32).
+      iou_threshold: static float.
+      max_output_size: static int M >= 0 (None: N).
+
+    Returns:
+      (indices [M] int32 best first, then -1; count int32 scalar).
+
+    The suppression is exact per category: IoUs of the boxes as given.
+    torchvision's CPU version offsets each category's boxes by a multiple of
+    the largest coordinate, which rounds large coordinates, so IoUs within a
+    hair of the threshold may be decided differently there.
+    """
+    boxes, scores = _check(boxes, scores)
+    idxs = jnp.asarray(idxs)
+    if idxs.shape != scores.shape:
+        raise ValueError(f"idxs must have shape [N] = {scores.shape} like the scores, got "
+                         f"{idxs.shape}")
+    if not jnp.issubdtype(idxs.dtype, jnp.integer):
+        raise TypeError(f"idxs must be integers, got {idxs.dtype}")
+    return _suppress(boxes, scores, idxs.astype(jnp.int32), iou_threshold, max_output_size)

@@ -1,0 +1,393 @@
+"""Non-maximum suppression (jax_psroi.nms, batched_nms) and the box utilities.
+
+The oracles: hand-computed cases, a greedy numpy loop written from
+torchvision's CPU kernel, and torchvision's own results
+(tests/fixtures/golden_nms.npz, made by tests/fixtures/make_golden_nms.py;
+torchvision is not needed to run these tests). Both implementations are
+checked: the native CPU kernel and the XLA formulation other platforms run.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_psroi
+from jax_psroi import _extension, _nms
+
+GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_nms.npz")
+GOLDEN_CASES = sorted({key.split("/")[0] for key in GOLDEN.files})
+IMPLEMENTATIONS = ["native", "xla"]
+DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", request.param)
+    return request.param
+
+
+def greedy_reference(boxes, scores, threshold, idxs=None, max_output=None):
+    """torchvision's CPU loop in numpy: the kept indices, best first.
+    Computes in float32 (float64 for float64 boxes), compares in float64."""
+    boxes = np.asarray(boxes)
+    compute = np.float64 if boxes.dtype == np.float64 else np.float32
+    boxes = boxes.astype(compute)
+    scores = np.asarray(scores).astype(compute)
+    n = len(scores)
+    idxs = np.zeros(n, np.int64) if idxs is None else np.asarray(idxs)
+    descending = -scores
+    descending[(descending == 0) | np.isnan(descending)] = 0
+    order = np.lexsort((np.arange(n), descending, ~np.isnan(scores)))
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1) * (y2 - y1)
+    removed = np.zeros(n, bool)
+    keep = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for position, i in enumerate(order):
+            if removed[i]:
+                continue
+            keep.append(int(i))
+            if max_output is not None and len(keep) == max_output:
+                break
+            later = order[position + 1:]
+            w = np.maximum(compute(0), np.minimum(x2[i], x2[later]) - np.maximum(x1[i], x1[later]))
+            h = np.maximum(compute(0), np.minimum(y2[i], y2[later]) - np.maximum(y1[i], y1[later]))
+            inter = w * h
+            iou = inter / (area[i] + area[later] - inter)
+            removed[later] |= (iou.astype(np.float64) > threshold) & (idxs[later] == idxs[i])
+    return np.array(keep, np.int64)
+
+
+def kept(indices, count):
+    indices, count = np.asarray(indices), int(count)
+    assert np.all(indices[count:] == -1), "padding after the kept boxes must be -1"
+    assert np.all(indices[:count] >= 0)
+    return indices[:count]
+
+
+def random_boxes(rng, n, extent=100.0, size=(5.0, 40.0)):
+    x1, y1 = rng.uniform(0, extent, (2, n))
+    w, h = rng.uniform(*size, (2, n))
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
+
+
+def crowded_boxes(rng, n, objects=6):
+    centres = random_boxes(rng, objects, size=(20.0, 60.0))
+    return (centres[rng.integers(0, objects, n)]
+            + rng.normal(0, 3, (n, 4))).astype(np.float32)
+
+
+# --- Hand-computed cases ------------------------------------------------------
+
+def test_hand_computed(implementation):
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]],
+                     np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.95], np.float32)
+    # IoU(box 0 or 3, box 1) = 81 / 119 = 0.68; boxes 0 and 3 are the same.
+    indices, count = jax_psroi.nms(boxes, scores, 0.5, 4)
+    np.testing.assert_array_equal(indices, [3, 2, -1, -1])
+    assert int(count) == 2 and indices.dtype == jnp.int32 and count.shape == ()
+    indices, count = jax_psroi.nms(boxes, scores, 0.7, 4)
+    np.testing.assert_array_equal(indices, [3, 1, 2, -1])
+    indices, count = jax_psroi.nms(boxes, scores, 0.7, 2)
+    np.testing.assert_array_equal(indices, [3, 1])
+    assert int(count) == 2
+    indices, count = jax_psroi.nms(boxes, scores, 0.7)
+    assert indices.shape == (4,) and int(count) == 3
+
+
+def test_threshold_is_strict(implementation):
+    # IoU exactly 1/2: kept at threshold 0.5, suppressed below it.
+    boxes = np.array([[0, 0, 2, 1], [0, 0, 1, 1]], np.float32)
+    scores = np.array([1.0, 0.5], np.float32)
+    np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, 0.5)[0], [0, 1])
+    np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, 0.4999)[0], [0, -1])
+
+
+def test_threshold_compared_in_float64(implementation):
+    # IoU 0.7f (0.699999988...) is not above 0.7 in float64, though float32(0.7)
+    # equals it: torchvision compares as double.
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 7, 10]], np.float32)
+    scores = np.array([1.0, 0.5], np.float32)
+    np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, 0.7)[0], [0, 1])
+    np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, 0.6999999)[0], [0, -1])
+
+
+def test_ties_nan_and_infinite_scores(implementation):
+    boxes = np.array([[20.0 * i, 0, 20.0 * i + 10, 10] for i in range(7)], np.float32)
+    scores = np.array([0.5, np.nan, 0.7, np.nan, -np.inf, np.inf, 0.5], np.float32)
+    # NaN first in index order, then +inf, descending, ties in index order.
+    np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, 0.5)[0], [1, 3, 5, 2, 0, 6, 4])
+    zeros = np.array([-0.0, 0.0, -0.0], np.float32)
+    np.testing.assert_array_equal(jax_psroi.nms(boxes[:3], zeros, 0.5)[0], [0, 1, 2])
+
+
+def test_degenerate_boxes_neither_suppress_nor_are_suppressed(implementation):
+    boxes = np.array([[5, 5, 5, 5], [5, 5, 5, 5], [0, 0, 10, 10], [10, 0, 0, 10],
+                      [0, 10, 10, 0], [0, 0, 10, 10], [np.nan, 0, 10, 10]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], np.float32)
+    # Box 5 is box 2 again: the only suppression.
+    indices, count = jax_psroi.nms(boxes, scores, 0.0)
+    np.testing.assert_array_equal(kept(indices, count), [0, 1, 2, 3, 4, 6])
+
+
+def test_batched_nms_keeps_categories_apart(implementation):
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, 10]],
+                     np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.95], np.float32)
+    indices, count = jax_psroi.batched_nms(boxes, scores, np.array([0, 1, 0, 1]), 0.5, 4)
+    np.testing.assert_array_equal(indices, [3, 0, -1, -1])
+    indices, count = jax_psroi.batched_nms(boxes, scores, np.array([0, 1, 2, 3]), 0.5, 3)
+    np.testing.assert_array_equal(indices, [3, 0, 1])
+    assert int(count) == 3
+
+
+def test_empty(implementation):
+    indices, count = jax_psroi.nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5, 3)
+    np.testing.assert_array_equal(indices, [-1, -1, -1])
+    assert int(count) == 0
+    boxes = random_boxes(np.random.default_rng(0), 5)
+    indices, count = jax_psroi.nms(boxes, np.ones(5, np.float32), 0.5, 0)
+    assert indices.shape == (0,) and int(count) == 0
+
+
+# --- torchvision's results ----------------------------------------------------
+
+def test_golden_cover_the_cases():
+    assert {"random", "crowded", "identical", "tied", "degenerate", "huge", "special_scores",
+            "batched"} <= set(GOLDEN_CASES)
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_matches_torchvision(case, implementation):
+    boxes, scores = GOLDEN[f"{case}/boxes"], GOLDEN[f"{case}/scores"]
+    threshold = float(GOLDEN[f"{case}/threshold"])
+    expected = GOLDEN[f"{case}/keep"]
+    if f"{case}/idxs" in GOLDEN:
+        indices, count = jax_psroi.batched_nms(boxes, scores, GOLDEN[f"{case}/idxs"], threshold)
+    else:
+        indices, count = jax_psroi.nms(boxes, scores, threshold)
+    np.testing.assert_array_equal(kept(indices, count), expected)
+    # Cut short: the best max_output_size of the same.
+    size = max(1, len(expected) // 2)
+    if f"{case}/idxs" not in GOLDEN:
+        indices, count = jax_psroi.nms(boxes, scores, threshold, size)
+        np.testing.assert_array_equal(kept(indices, count), expected[:size])
+
+
+# --- The greedy loop on generated inputs ----------------------------------------
+
+def _generated(kind, rng, n):
+    if kind == "random":
+        return random_boxes(rng, n), rng.uniform(size=n).astype(np.float32)
+    if kind == "crowded":
+        return crowded_boxes(rng, n), rng.uniform(size=n).astype(np.float32)
+    if kind == "identical":
+        return np.tile([[3.0, 4.0, 30.0, 40.0]], (n, 1)).astype(np.float32), \
+            rng.uniform(size=n).astype(np.float32)
+    if kind == "tied":
+        return np.round(crowded_boxes(rng, n) * 4) / 4, \
+            (rng.integers(0, 3, n) / 3).astype(np.float32)
+    if kind == "degenerate":
+        boxes = crowded_boxes(rng, n)
+        boxes[::3, 2] = boxes[::3, 0] - rng.uniform(0, 5, len(boxes[::3]))
+        boxes[1::5, 3] = boxes[1::5, 1]
+        return boxes, rng.uniform(size=n).astype(np.float32)
+    if kind == "huge":
+        return random_boxes(rng, n, extent=3e7, size=(1e6, 1e7)), \
+            rng.uniform(size=n).astype(np.float32)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "crowded", "identical", "tied", "degenerate",
+                                  "huge"])
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_matches_greedy_loop(kind, threshold, implementation):
+    rng = np.random.default_rng(hash((kind, threshold)) % 2**32)
+    boxes, scores = _generated(kind, rng, 257)
+    for max_output in (None, 5):
+        indices, count = jax_psroi.nms(boxes, scores, threshold, max_output)
+        np.testing.assert_array_equal(kept(indices, count),
+                                      greedy_reference(boxes, scores, threshold,
+                                                       max_output=max_output))
+    idxs = rng.integers(0, 4, len(scores))
+    indices, count = jax_psroi.batched_nms(boxes, scores, idxs, threshold)
+    np.testing.assert_array_equal(kept(indices, count),
+                                  greedy_reference(boxes, scores, threshold, idxs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_dtypes_compute_in_float32_or_wider(dtype, implementation):
+    rng = np.random.default_rng(7)
+    boxes, scores = crowded_boxes(rng, 300), rng.uniform(size=300).astype(np.float32)
+    boxes, scores = jnp.asarray(boxes, dtype), jnp.asarray(scores, dtype)
+    indices, count = jax_psroi.nms(boxes, scores, 0.6)
+    # The reference on the values the dtype holds.
+    expected = greedy_reference(np.asarray(boxes.astype(jnp.float64 if dtype == jnp.float64
+                                                        else jnp.float32)),
+                                np.asarray(scores.astype(jnp.float32)), 0.6)
+    np.testing.assert_array_equal(kept(indices, count), expected)
+
+
+# --- Transformations ----------------------------------------------------------
+
+def test_vmap_is_a_loop_of_calls(implementation):
+    rng = np.random.default_rng(3)
+    boxes = np.stack([crowded_boxes(rng, 120) for _ in range(4)])
+    scores = rng.uniform(size=(4, 120)).astype(np.float32)
+    idxs = rng.integers(0, 3, (4, 120))
+    batched = jax.vmap(lambda b, s, i: jax_psroi.batched_nms(b, s, i, 0.5, 40))
+    indices, counts = batched(boxes, scores, idxs)
+    for k in range(4):
+        one, count = jax_psroi.batched_nms(boxes[k], scores[k], idxs[k], 0.5, 40)
+        np.testing.assert_array_equal(indices[k], one)
+        assert int(counts[k]) == int(count)
+    # Unmapped scores are shared; nested vmaps fold into one call.
+    shared = jax.vmap(lambda b: jax_psroi.nms(b, scores[0], 0.5, 40))(boxes)
+    for k in range(4):
+        np.testing.assert_array_equal(shared[0][k], jax_psroi.nms(boxes[k], scores[0], 0.5,
+                                                                  40)[0])
+    nested = jax.vmap(jax.vmap(lambda b, s: jax_psroi.nms(b, s, 0.5, 40)))(
+        boxes.reshape(2, 2, 120, 4), scores.reshape(2, 2, 120))
+    np.testing.assert_array_equal(nested[0].reshape(4, 40), batched(boxes, scores, 0 * idxs)[0])
+
+
+def test_vmap_is_one_kernel_call():
+    boxes = jnp.zeros((8, 50, 4), jnp.float32)
+    scores = jnp.zeros((8, 50), jnp.float32)
+    text = jax.jit(jax.vmap(lambda b, s: jax_psroi.nms(b, s, 0.5, 10))).lower(
+        boxes, scores).as_text()
+    assert text.count("jax_psroi_nms_f32") == 1
+
+
+def test_jit_and_static_arguments():
+    rng = np.random.default_rng(4)
+    boxes, scores = crowded_boxes(rng, 100), rng.uniform(size=100).astype(np.float32)
+    jitted = jax.jit(jax_psroi.nms, static_argnums=(2, 3))
+    np.testing.assert_array_equal(jitted(boxes, scores, 0.5, 20)[0],
+                                  jax_psroi.nms(boxes, scores, 0.5, 20)[0])
+    with pytest.raises(TypeError, match="iou_threshold must be a static"):
+        jax.jit(jax_psroi.nms)(boxes, scores, 0.5, 20)
+    with pytest.raises(TypeError, match="max_output_size must be a static"):
+        jax.jit(jax_psroi.nms, static_argnums=2)(boxes, scores, 0.5, 20)
+
+
+def test_argument_errors():
+    boxes, scores = np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match=r"boxes must have shape \[N, 4\]"):
+        jax_psroi.nms(boxes[:, :3], scores, 0.5)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        jax_psroi.nms(boxes, scores[:4], 0.5)
+    with pytest.raises(TypeError, match="floating point"):
+        jax_psroi.nms(boxes.astype(np.int32), scores.astype(np.int32), 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        jax_psroi.nms(boxes, scores, float("nan"))
+    with pytest.raises(TypeError, match="real number"):
+        jax_psroi.nms(boxes, scores, "0.5")
+    with pytest.raises(ValueError, match=">= 0"):
+        jax_psroi.nms(boxes, scores, 0.5, -1)
+    with pytest.raises(TypeError, match="must be an int"):
+        jax_psroi.nms(boxes, scores, 0.5, 2.5)
+    with pytest.raises(TypeError, match="idxs must be integers"):
+        jax_psroi.batched_nms(boxes, scores, scores, 0.5)
+    with pytest.raises(ValueError, match="idxs must have shape"):
+        jax_psroi.batched_nms(boxes, scores, np.zeros(4, np.int32), 0.5)
+
+
+def test_native_and_xla_formulations_agree(monkeypatch):
+    rng = np.random.default_rng(5)
+    boxes = np.stack([crowded_boxes(rng, 500), random_boxes(rng, 500)])
+    scores = rng.uniform(size=(2, 500)).astype(np.float32)
+    idxs = rng.integers(0, 6, (2, 500))
+    call = jax.jit(jax.vmap(lambda b, s, i: jax_psroi.batched_nms(b, s, i, 0.45, 100)))
+    native = call(boxes, scores, idxs)
+    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
+    text = jax.jit(lambda b, s, i: jax_psroi.batched_nms(b, s, i, 0.45, 100)).lower(
+        boxes[0], scores[0], idxs[0]).as_text()
+    assert "jax_psroi_nms" not in text
+    xla = jax.jit(jax.vmap(lambda b, s, i: jax_psroi.batched_nms(b, s, i, 0.45, 100)))(
+        boxes, scores, idxs)
+    np.testing.assert_array_equal(native[0], xla[0])
+    np.testing.assert_array_equal(native[1], xla[1])
+
+
+def test_export_for_cpu():
+    rng = np.random.default_rng(6)
+    boxes, scores = crowded_boxes(rng, 64), rng.uniform(size=64).astype(np.float32)
+    exported = jax.export.export(
+        jax.jit(lambda b, s: jax_psroi.nms(b, s, 0.5, 16)), platforms=["cpu"],
+        disabled_checks=jax_psroi.export_safety_checks())(boxes, scores)
+    assert "jax_psroi_nms_f32" in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    np.testing.assert_array_equal(restored.call(boxes, scores)[0],
+                                  jax_psroi.nms(boxes, scores, 0.5, 16)[0])
+
+
+def test_export_safety_checks_name_the_nms_targets():
+    names = {str(check) for check in jax_psroi.export_safety_checks()}
+    for target in _extension.NMS_TARGETS["cpu"].values():
+        assert any(target in name for name in names)
+    assert set(_extension.NMS_TARGETS["cpu"]) == {jnp.dtype(d) for d in DTYPES}
+
+
+def test_scores_keep_gradients_through_gathered_indices():
+    rng = np.random.default_rng(8)
+    boxes, scores = crowded_boxes(rng, 30), jnp.asarray(rng.uniform(size=30), jnp.float32)
+
+    def loss(scores):
+        indices, _ = jax_psroi.nms(boxes, scores, 0.5, 10)
+        return jnp.where(indices >= 0, scores[indices], 0).sum()
+
+    grad = jax.grad(loss)(scores)
+    indices, count = jax_psroi.nms(boxes, scores, 0.5, 10)
+    expected = np.zeros(30, np.float32)
+    expected[kept(indices, count)] = 1
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_threshold_in_rounds_down():
+    assert float(_nms.threshold_in(0.7, np.float32)) <= 0.7
+    assert np.nextafter(_nms.threshold_in(0.7, np.float32), np.float32(1)) > 0.7
+    assert _nms.threshold_in(0.5, np.float32) == np.float32(0.5)
+    assert _nms.threshold_in(0.7, np.float64) == 0.7
+
+
+# --- Box utilities --------------------------------------------------------------
+
+def test_box_area_and_iou():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [10, 10, 0, 0], [0, 0, 0, 0]],
+                     np.float32)
+    np.testing.assert_array_equal(jax_psroi.box_area(boxes), [100, 100, 100, 0])
+    iou = np.asarray(jax_psroi.box_iou(boxes[:2], boxes))
+    np.testing.assert_allclose(iou[0], [1, 25 / 175, 0, 0])
+    np.testing.assert_allclose(iou[1], [25 / 175, 1, 0, 0])
+    assert np.isnan(jax_psroi.box_iou(boxes[3:], boxes[3:])[0, 0])
+
+
+def test_box_convert_round_trips():
+    xyxy = np.array([[1, 2, 5, 10], [0, 0, 3, 3]], np.float32)
+    np.testing.assert_array_equal(jax_psroi.box_convert(xyxy, "xyxy", "xywh"),
+                                  [[1, 2, 4, 8], [0, 0, 3, 3]])
+    np.testing.assert_array_equal(jax_psroi.box_convert(xyxy, "xyxy", "cxcywh"),
+                                  [[3, 6, 4, 8], [1.5, 1.5, 3, 3]])
+    for fmt in ("xywh", "cxcywh"):
+        there = jax_psroi.box_convert(xyxy, "xyxy", fmt)
+        np.testing.assert_allclose(jax_psroi.box_convert(there, fmt, "xyxy"), xyxy)
+    np.testing.assert_allclose(
+        jax_psroi.box_convert(jax_psroi.box_convert(xyxy, "xyxy", "xywh"), "xywh", "cxcywh"),
+        jax_psroi.box_convert(xyxy, "xyxy", "cxcywh"))
+    with pytest.raises(ValueError, match="in_fmt"):
+        jax_psroi.box_convert(xyxy, "yxyx", "xyxy")
+
+
+def test_clip_and_small_boxes():
+    boxes = np.array([[-5, -5, 20, 8], [3, 4, 3.5, 30], [1, 1, 4, 4]], np.float32)
+    np.testing.assert_array_equal(jax_psroi.clip_boxes_to_image(boxes, (10, 15)),
+                                  [[0, 0, 15, 8], [3, 4, 3.5, 10], [1, 1, 4, 4]])
+    np.testing.assert_array_equal(jax_psroi.remove_small_boxes(boxes, 1.0), [True, False, True])
+    np.testing.assert_array_equal(jax_psroi.remove_small_boxes(boxes, 3.0), [True, False, True])
+    np.testing.assert_array_equal(jax_psroi.remove_small_boxes(boxes, 3.5), [True, False, False])
+    assert jax.jit(jax_psroi.remove_small_boxes, static_argnums=1)(boxes, 1.0).dtype == bool
