@@ -126,8 +126,6 @@ def native_call(operator: Operator, platform, direction, operand, rois, result_s
 def _make(operator: Operator) -> Primitives:
     forward_p = Primitive(operator.name)
     backward_p = Primitive(f"{operator.name}_backward")
-    channel_order = (lambda params: params["channel_order"]) if operator.position_sensitive \
-        else (lambda params: "shared")
 
     # Shapes only: the public functions check the arguments (_arguments.py),
     # and the rules below preserve what they checked.
@@ -139,13 +137,14 @@ def _make(operator: Operator) -> Primitives:
             c_out //= ph * pw
         shape = _arguments.pooled_shape(rois.shape[0], c_out, pooled_size, data_format)
         return _rules.typed_result("forward", features, rois, shape, data_format=data_format,
-                                   channel_order=channel_order(params),
+                                   channel_order=operator.channel_order(params),
                                    image_groups=image_groups)
 
     def backward_abstract_eval(cotangent, rois, *, input_shape, data_format, image_groups,
                                **params):
         return _rules.typed_result("backward", cotangent, rois, input_shape,
-                                   data_format=data_format, channel_order=channel_order(params),
+                                   data_format=data_format,
+                                   channel_order=operator.channel_order(params),
                                    image_groups=image_groups)
 
     # One device's call, (operand, rois, result_shape=) -> result: the native

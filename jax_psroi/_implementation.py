@@ -23,8 +23,8 @@ from jax_psroi import _extension
 ENVIRONMENT_VARIABLE = "JAX_PSROI_IMPLEMENTATION"
 IMPLEMENTATIONS = ("native", "xla")
 
-# Whether a lowering for CUDA without the CUDA kernels has warned (once a process).
-_warned_cuda: list[bool] = []
+# The CUDA warnings a lowering has given (each once a process).
+_warned_cuda: list[str] = []
 
 
 def requested() -> str:
@@ -36,15 +36,20 @@ def requested() -> str:
     return value
 
 
-def native(platform: str | None, implementation: str) -> bool:
+def native(platform: str | None, implementation: str, targets=None,
+           cuda_missing: str | None = None) -> bool:
     """Whether a call of `implementation` lowers to native kernels on
-    `platform` (None: a platform without a lowering of its own)."""
+    `platform` (None: a platform without a lowering of its own). `targets`:
+    the operator's kernels by platform (the kernel table's by default);
+    `cuda_missing`: the warning, once a process, for a CUDA platform
+    without them (by default, how to build the CUDA kernels)."""
     if implementation == "xla" or platform is None:
         return False
-    if _extension.KERNELS[platform]:
+    if (_extension.KERNELS if targets is None else targets).get(platform):
         return True
     # A CPU without the compiled module warned at import.
-    if platform == "cuda" and not _warned_cuda:
-        _warned_cuda.append(True)
-        warnings.warn(_extension.CUDA_MISSING_MESSAGE, RuntimeWarning, stacklevel=2)
+    message = cuda_missing or _extension.CUDA_MISSING_MESSAGE
+    if platform == "cuda" and message not in _warned_cuda:
+        _warned_cuda.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return False

@@ -19,7 +19,6 @@ kernel call. Not differentiable: the outputs are integers.
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import jax
@@ -29,7 +28,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir, xla
 
-from jax_psroi import _arguments, _extension, _rules
+from jax_psroi import _arguments, _extension, _implementation, _rules
 
 nms_p = Primitive("nms")
 nms_p.multiple_results = True
@@ -37,8 +36,6 @@ nms_p.multiple_results = True
 NO_CUDA_KERNEL_MESSAGE = (
     "jax_psroi.nms has no CUDA kernel yet: on the GPU it runs its XLA formulation, one "
     "sequential step per kept box.")
-# Whether a CUDA lowering has warned (once a process).
-_warned_cuda: list[bool] = []
 
 
 def threshold_in(iou_threshold: float, dtype) -> np.generic:
@@ -104,17 +101,6 @@ def suppress_image(boxes, scores, categories, *, iou_threshold: float, max_outpu
     return indices, count
 
 
-def _native(platform, implementation: str) -> bool:
-    if implementation == "xla" or platform is None:
-        return False
-    if platform == "cuda":
-        if not _warned_cuda:
-            _warned_cuda.append(True)
-            warnings.warn(NO_CUDA_KERNEL_MESSAGE, RuntimeWarning, stacklevel=2)
-        return False
-    return bool(_extension.NMS_TARGETS[platform])
-
-
 def _native_call(boxes, scores, categories, *, iou_threshold, max_output_size):
     images = boxes.shape[0]
     name = _extension.NMS_TARGETS["cpu"][jnp.dtype(boxes.dtype)]
@@ -140,7 +126,9 @@ def _abstract_eval(boxes, scores, categories, *, iou_threshold, max_output_size,
 
 def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_output_size,
               implementation):
-    call = _native_call if _native(platform, implementation) else _xla_call
+    native = _implementation.native(platform, implementation, _extension.NMS_TARGETS,
+                                    NO_CUDA_KERNEL_MESSAGE)
+    call = _native_call if native else _xla_call
     return mlir.lower_fun(partial(call, iou_threshold=iou_threshold,
                                   max_output_size=max_output_size),
                           multiple_results=True)(ctx, boxes, scores, categories)
@@ -159,7 +147,5 @@ def _batch(args, dims, **params):
 
 nms_p.def_impl(partial(xla.apply_primitive, nms_p))
 nms_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(nms_p, partial(_lowering, None))
-for _platform in _rules.NATIVE_PLATFORMS:
-    mlir.register_lowering(nms_p, partial(_lowering, _platform), platform=_platform)
+_rules.register_lowerings(nms_p, _lowering, with_devices=False)
 batching.primitive_batchers[nms_p] = _batch

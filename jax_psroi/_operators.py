@@ -88,12 +88,17 @@ class Operator:
         """The operator's attributes `given` by a public call, checked."""
         return {name: ATTRIBUTE_CHECKS[name](given[name]) for name in self.attributes}
 
+    def channel_order(self, params: Mapping[str, Any]) -> str:
+        """The channel order of a call with the primitive's `params`
+        ("shared" when not position-sensitive)."""
+        return params["channel_order"] if self.position_sensitive else "shared"
+
     def settings(self, params: Mapping[str, Any]) -> dict:
         """What a kernel call (or the XLA path) needs to know of the
         operator from a primitive's `params`: its channel order ("shared"
         when not position-sensitive), sampling ratio (0 for windows, which
         take no samples) and box rule."""
-        return dict(channel_order=params.get("channel_order", "shared"),
+        return dict(channel_order=self.channel_order(params),
                     sampling_ratio=params.get("sampling_ratio", 0),
                     box_rule=self.box_rule(params))
 

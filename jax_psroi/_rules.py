@@ -49,12 +49,13 @@ def typed_result(direction: str, operand, rois, shape, *, data_format: str,
         image_blocks=image_blocks(features, rois, image_groups, data_format))
 
 
-def register_lowerings(primitive, lowering: Callable) -> None:
+def register_lowerings(primitive, lowering: Callable, *, with_devices: bool = True) -> None:
     """Registers ``lowering(platform, ctx, *operands, **params)`` for
     `primitive`: the native platforms' own, and platform None for every
-    other. Lowered with the program's devices in hand, for its sharding
-    rules (_partitioning.lower_with_devices)."""
-    _partitioning.lower_with_devices(primitive)
+    other. `with_devices`: lowered with the program's devices in hand, which
+    its sharding rules need (_partitioning.lower_with_devices)."""
+    if with_devices:
+        _partitioning.lower_with_devices(primitive)
     mlir.register_lowering(primitive, partial(lowering, None))
     for platform in NATIVE_PLATFORMS:
         mlir.register_lowering(primitive, partial(lowering, platform), platform=platform)
