@@ -3,6 +3,7 @@ write and torchvision's CPU nms.
 
     python benchmarks/nms.py            # N = 1,000 / 6,000 / 12,000
     python benchmarks/nms.py --quick    # N = 1,000 only (CI)
+    python benchmarks/nms.py --device gpu --out DIR   # on the GPU (scripts/gpu_check.sh)
 
 Workload: 8 images of N RPN-like proposals each on an 800 x 1344 image
 (boxes jittered around N / 20 objects, uniform scores), IoU threshold 0.7,
@@ -10,13 +11,14 @@ every survivor kept (max_output_size = N, as torchvision returns them all),
 and again keeping the best 1,000 (an RPN's post-NMS count), which the
 native kernel stops at. Timed, as medians after warm-up, in one process:
 
-* ``native``: ``jax.vmap(jax_psroi.nms)`` under jit, one kernel call;
+* ``native``: ``jax.vmap(jax_psroi.nms)`` under jit, one kernel call (on
+  the GPU: XLA's sort, then the mask and scan kernels);
 * ``xla``: the same on the XLA formulation (JAX_PSROI_IMPLEMENTATION=xla),
   what platforms without a kernel run;
 * ``jnp``: the formulation of examples/light_head_rcnn.py before this
   operator, vmapped: an [N, N] IoU matrix and a fori_loop of N steps;
 * ``torchvision``: ``torchvision.ops.nms`` on each image in turn (its CPU
-  kernel is serial), when installed.
+  kernel is serial), when installed; on the CPU whatever --device is.
 
 Every implementation's kept indices are checked against the native ones
 first. Writes nms.md and nms.json to --out (default benchmarks/results).
@@ -120,8 +122,10 @@ def time_rows(n, keep, boxes, scores, torch_ops):
 
 def markdown(results):
     machine = results["machine"]
+    where = (f"{machine['device_kind']} (torchvision on the host's CPU)"
+             if results.get("device") == "gpu" else machine["cpu_model"])
     lines = [
-        f"Machine: {machine['cpu_model']}, {results['threads']} threads (shared with other "
+        f"Machine: {where}, {results['threads']} CPU threads (shared with other "
         f"jobs: times move by tens of percent), jax {machine['jax']}, "
         + (f"torchvision {results['torchvision']}." if results["torchvision"]
            else "torchvision not installed."),
@@ -159,6 +163,8 @@ def markdown(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1,000 only")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where the JAX implementations run")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -170,18 +176,19 @@ def main(argv=None):
         torch_ops, tv_version = (torch, torchvision.ops), torchvision.__version__
     except ImportError:
         torch_ops, tv_version = None, None
+    device = jax.devices(args.device)[0]
     rng = np.random.default_rng(0)
     rows = []
     for n in QUICK_SIZES if args.quick else SIZES:
         data = [proposals(rng, n) for _ in range(IMAGES)]
-        boxes = jax.device_put(np.stack([b for b, _ in data]))
-        scores = jax.device_put(np.stack([s for _, s in data]))
+        boxes = jax.device_put(np.stack([b for b, _ in data]), device)
+        scores = jax.device_put(np.stack([s for _, s in data]), device)
         for keep in sorted({n, min(n, POST_NMS)}, reverse=True):
             times, kept = time_rows(n, keep, boxes, scores, torch_ops)
             rows.append({"n": n, "keep": keep, "kept": kept, "times": times})
             print(f"N {n} keep {keep}: kept {kept:.0f}, "
                   + ", ".join(f"{k} {v[0] * 1e3:.2f} ms" for k, v in times.items()), flush=True)
-    results = {"machine": bench.machine_description("cpu"),
+    results = {"machine": bench.machine_description(args.device), "device": args.device,
                "threads": len(os.sched_getaffinity(0)), "torchvision": tv_version,
                "images": IMAGES, "threshold": THRESHOLD, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

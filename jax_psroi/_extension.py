@@ -93,10 +93,17 @@ def _register(module_targets, platform) -> dict:
 KERNELS = {"cpu": {} if _cpu is None else _register(_cpu.targets(), "cpu"),
            "cuda": {} if _cuda is None else _register(_cuda.targets(), "CUDA")}
 
-# Non-maximum suppression's targets (lib/cpu/nms_handlers.cc), by dtype:
-# outside the RoI kernel table, whose rows have layouts and directions.
-NMS_TARGETS = {"cpu": {} if _cpu is None else {
-    row.dtype: row.name for row in _register(_cpu.nms_targets(), "cpu").values()}}
+
+# Non-maximum suppression's targets (lib/cpu/nms_handlers.cc,
+# lib/cuda/nms_handlers.cu), by platform and dtype: outside the RoI kernel
+# table, whose rows have layouts and directions.
+def _nms_targets(module, platform) -> dict:
+    if module is None:
+        return {}
+    return {row.dtype: row.name for row in _register(module.nms_targets(), platform).values()}
+
+
+NMS_TARGETS = {"cpu": _nms_targets(_cpu, "cpu"), "cuda": _nms_targets(_cuda, "CUDA")}
 
 OPERATION = "ps_roi_align"
 # What the operators take: the native kernels' dtypes and layouts, read off

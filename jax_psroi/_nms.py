@@ -10,11 +10,14 @@ suppress each other (plain NMS passes one category).
 
 Parameters, all static: ``iou_threshold`` (a python float: an F64 FFI
 attribute), ``max_output_size`` and ``implementation`` ("native" or "xla",
-_implementation.py). The CPU lowers to the native kernel
-(lib/cpu/nms_kernels.h); every other platform, CUDA included (no kernel
-yet), and ``implementation="xla"`` lower to :func:`suppress_image` under
-vmap, which gives the same indices. A vmap axis folds into the images: one
-kernel call. Not differentiable: the outputs are integers.
+_implementation.py). The CPU lowers to its native kernel
+(lib/cpu/nms_kernels.h), which sorts as it goes; CUDA to XLA's sort of each
+image's scores (:func:`visiting_order`) and then the native kernels of
+lib/nms_schedule.h on the boxes in that order (:func:`sorted_call`, which
+the tests also run on the CPU test rig); every other platform, and
+``implementation="xla"``, to :func:`suppress_image` under vmap. All give
+the same indices. A vmap axis folds into the images: one kernel call. Not
+differentiable: the outputs are integers.
 """
 
 from __future__ import annotations
@@ -32,10 +35,6 @@ from jax_psroi import _arguments, _extension, _implementation, _rules
 
 nms_p = Primitive("nms")
 nms_p.multiple_results = True
-
-NO_CUDA_KERNEL_MESSAGE = (
-    "jax_psroi.nms has no CUDA kernel yet: on the GPU it runs its XLA formulation, one "
-    "sequential step per kept box.")
 
 
 def threshold_in(iou_threshold: float, dtype) -> np.generic:
@@ -110,6 +109,32 @@ def _native_call(boxes, scores, categories, *, iou_threshold, max_output_size):
                                           iou_threshold=float(iou_threshold))
 
 
+def workspace_halves(images: int, n: int) -> int:
+    """uint32 elements of a sorted call's workspace of 64-bit words
+    (lib/nms_schedule.h, image_words), two per word (without jax_enable_x64
+    JAX has no uint64 arrays): per image, the upper triangle of a bitmask in
+    blocks of 64 boxes, then one word per block."""
+    words = -(-n // 64)
+    return 2 * images * (64 * words * (words + 1) // 2 + words)
+
+
+def sorted_call(target: str, boxes, scores, categories, *, iou_threshold, max_output_size):
+    """The call of a kernel of lib/nms_schedule.h, FFI target `target` (the
+    CUDA kernels, or the CPU test rig's copy of their schedule): each image's
+    boxes and categories put in visiting order by XLA's sort, with the order
+    itself, which maps the kernel's positions back to box indices."""
+    images, n = scores.shape
+    order = jax.vmap(visiting_order)(scores.astype(_arguments.compute_dtype(scores.dtype)))
+    sorted_boxes = jnp.take_along_axis(boxes, order[:, :, None], axis=1)
+    sorted_categories = jnp.take_along_axis(categories, order, axis=1)
+    results = (jax.ShapeDtypeStruct((images, max_output_size), jnp.int32),
+               jax.ShapeDtypeStruct((images,), jnp.int32),
+               jax.ShapeDtypeStruct((workspace_halves(images, n),), jnp.uint32))
+    indices, counts, _ = jax.ffi.ffi_call(target, results)(
+        sorted_boxes, order, sorted_categories, iou_threshold=float(iou_threshold))
+    return indices, counts
+
+
 def _xla_call(boxes, scores, categories, *, iou_threshold, max_output_size):
     return jax.vmap(partial(suppress_image, iou_threshold=iou_threshold,
                             max_output_size=max_output_size))(boxes, scores, categories)
@@ -126,9 +151,12 @@ def _abstract_eval(boxes, scores, categories, *, iou_threshold, max_output_size,
 
 def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_output_size,
               implementation):
-    native = _implementation.native(platform, implementation, _extension.NMS_TARGETS,
-                                    NO_CUDA_KERNEL_MESSAGE)
-    call = _native_call if native else _xla_call
+    if not _implementation.native(platform, implementation, _extension.NMS_TARGETS):
+        call = _xla_call
+    elif platform == "cuda":
+        call = partial(sorted_call, _extension.NMS_TARGETS["cuda"][ctx.avals_in[0].dtype])
+    else:
+        call = _native_call
     return mlir.lower_fun(partial(call, iou_threshold=iou_threshold,
                                   max_output_size=max_output_size),
                           multiple_results=True)(ctx, boxes, scores, categories)

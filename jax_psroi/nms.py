@@ -1,5 +1,7 @@
 """Non-maximum suppression with static shapes and torchvision's semantics
-(``torchvision.ops.nms`` and ``batched_nms``), native on the CPU.
+(``torchvision.ops.nms`` and ``batched_nms``), native on the CPU and on
+NVIDIA GPUs (the same kept indices on both: the GPU computes every IoU
+as the CPU rounds it; deterministic).
 
 Semantics, exactly those of torchvision's CPU kernel:
 

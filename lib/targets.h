@@ -42,8 +42,16 @@ int64_t cpu_forward_scratch_bytes(const std::string& operation, const std::strin
 // _gpu_schedule_testing that only JAX_PSROI_TESTING=ON builds.
 std::vector<FfiTarget> gpu_schedule_testing_targets();
 
+// Non-maximum suppression's CUDA schedule run serially on the CPU
+// (lib/testing/nms_schedule_handlers.cc), in the same module.
+std::vector<FfiTarget> nms_schedule_testing_targets();
+
 // The CUDA kernels (lib/cuda/cuda_handlers.cu).
 std::vector<FfiTarget> cuda_targets();
+
+// Non-maximum suppression on the GPU (lib/cuda/nms_handlers.cu), named as
+// the CPU's targets.
+std::vector<FfiTarget> cuda_nms_targets();
 
 }  // namespace jax_psroi
 

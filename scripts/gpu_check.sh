@@ -17,7 +17,7 @@
 # wheel; or this checkout, built with the CUDA kernels, when a GPU is present
 # and the installed package lacks them, or with --reinstall); the tests
 # marked gpu; the whole suite; the torchvision golden fixtures on the GPU;
-# the benchmarks on the GPU (bench.py, family.py); compute-sanitizer's memcheck over a small
+# the benchmarks on the GPU (bench.py, family.py, nms.py); compute-sanitizer's memcheck over a small
 # forward, gradient and vmap run with hostile boxes, and memcheck and
 # racecheck over the fuzz test on the GPU; gradient determinism
 # (the same gradient 5 times, compared bitwise) on the CPU and on the GPU;
@@ -153,9 +153,11 @@ if [ -n "$gpu" ]; then
   # shellcheck disable=SC2086
   step family_benchmark 420 python benchmarks/family.py --device gpu $bench_mode \
     --out "$out/bench" --no-reference
+  step nms_benchmark 300 python benchmarks/nms.py --device gpu --out "$out/bench"
 else
   skip benchmark "$no_gpu"
   skip family_benchmark "$no_gpu"
+  skip nms_benchmark "$no_gpu"
 fi
 
 # --- memory safety -------------------------------------------------------------

@@ -169,6 +169,22 @@ def gpu_schedule_target(key):
     return _gpu_schedule_targets[key]
 
 
+_nms_schedule_targets = None
+
+
+def nms_schedule_target(dtype):
+    """The rig's target of non-maximum suppression's CUDA schedule
+    (lib/nms_schedule.h) for boxes of `dtype`, registered on first use."""
+    global _nms_schedule_targets
+    if _nms_schedule_targets is None:
+        module = gpu_schedule_module()
+        if module is None:
+            pytest.fail(GPU_SCHEDULE_MISSING, pytrace=False)
+        _nms_schedule_targets = {row.dtype: row.name for row in _extension._register(
+            module.nms_targets(), "cpu").values()}
+    return _nms_schedule_targets[np.dtype(dtype)]
+
+
 # The `kernels` parameter of tests that run on the CPU kernels and on the rig.
 KERNELS = ["cpu", pytest.param("gpu_schedule", marks=pytest.mark.gpu_schedule)]
 

@@ -400,3 +400,88 @@ def test_gpu_family_matches_cpu_and_repeats(operator, data_format):
 def _on_tree(device_kind, fn, *args):
     device = jax.devices(device_kind)[0]
     return jax.tree.map(np.asarray, jax.jit(fn)(*jax.device_put(args, device)))
+
+
+# --- Non-maximum suppression (lib/cuda/nms_handlers.cu) -----------------------
+
+def _nms_data(images=2, n=300, seed=40):
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 200, (images, 8, 2))
+    picked = centres[:, rng.integers(0, 8, n)]
+    size = rng.uniform(10, 60, (images, n, 2))
+    jitter = rng.normal(0, 3, (images, n, 2))
+    boxes = np.concatenate([picked + jitter, picked + jitter + size], axis=-1)
+    scores = np.round(rng.uniform(size=(images, n)) * 16) / 16  # ties
+    categories = rng.integers(0, 3, (images, n))
+    return boxes.astype(np.float32), scores.astype(np.float32), categories.astype(np.int32)
+
+
+def _batched_nms(boxes, scores, categories):
+    return jax.vmap(lambda b, s, c: jax_psroi.batched_nms(b, s, c, 0.5, 150))(
+        boxes, scores, categories)
+
+
+@needs_cuda_build
+def test_cuda_module_has_the_nms_targets():
+    # One per dtype, named as the CPU's (exported programs name them).
+    assert _extension.NMS_TARGETS["cuda"] == _extension.NMS_TARGETS["cpu"]
+    assert set(_extension.NMS_TARGETS["cuda"]) == set(_extension.SUPPORTED_DTYPES)
+
+
+@needs_cuda_build
+def test_export_nms_for_cuda_sorts_then_calls_the_kernels_once():
+    boxes, scores, categories = _nms_data()
+    exported = export.export(jax.jit(_batched_nms), platforms=["cuda"],
+                             disabled_checks=DISABLED)(boxes, scores, categories)
+    calls = _custom_calls(exported)
+    # vmap folds into one call, whose last result is the uint32 workspace of
+    # 2 images x (64 x 5 x 6 / 2 mask words + 5 removed words) words.
+    assert len(calls) == 1 and "@jax_psroi_nms_f32" in calls[0]
+    assert "iou_threshold = 5.000000e-01 : f64" in calls[0]
+    assert f"tensor<{2 * 2 * (64 * 15 + 5)}xui32>" in calls[0]
+    text = exported.mlir_module()
+    assert "stablehlo.sort" in text and "while" not in text
+
+
+@needs_cuda_build
+def test_nms_exported_for_cpu_and_cuda_runs_on_cpu():
+    boxes, scores, categories = _nms_data()
+    exported = export.export(jax.jit(_batched_nms), platforms=["cpu", "cuda"],
+                             disabled_checks=DISABLED)(boxes, scores, categories)
+    restored = export.deserialize(exported.serialize())
+    cpu = jax.devices("cpu")[0]
+    indices, counts = restored.call(*jax.device_put((boxes, scores, categories), cpu))
+    expected = jax.jit(_batched_nms)(boxes, scores, categories)
+    np.testing.assert_array_equal(indices, expected[0])
+    np.testing.assert_array_equal(counts, expected[1])
+    assert np.all(np.asarray(counts) > 10)
+
+
+def test_nms_cuda_lowering_without_cuda_build_runs_the_xla_formulation(monkeypatch):
+    monkeypatch.setitem(_extension.NMS_TARGETS, "cuda", {})
+    monkeypatch.setattr(_implementation, "_warned_cuda", [])
+    boxes, scores, categories = _nms_data()
+
+    def suppress(b, s, c):
+        return _batched_nms(b, s, c)
+
+    with pytest.warns(RuntimeWarning, match="JAX_PSROI_CUDA=ON"):
+        text = jax.jit(suppress).trace(boxes, scores, categories).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "custom_call" not in text and "while" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_nms_matches_cpu_and_repeats(dtype):
+    # 8 images of 3,000 crowded boxes in 3 categories: the GPU's kept
+    # indices are the CPU kernel's (IoUs rounded alike: no fused
+    # multiply-add), the same on every run.
+    boxes, scores, categories = _nms_data(images=8, n=3000, seed=41)
+    boxes, scores = boxes.astype(dtype), scores.astype(dtype)
+    cpu = _on_tree("cpu", _batched_nms, boxes, scores, categories)
+    runs = [_on_tree("gpu", _batched_nms, boxes, scores, categories) for _ in range(3)]
+    for indices, counts in runs:
+        np.testing.assert_array_equal(indices, cpu[0])
+        np.testing.assert_array_equal(counts, cpu[1])
+    assert np.all(cpu[1] > 20)

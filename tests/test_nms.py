@@ -3,8 +3,10 @@
 The oracles: hand-computed cases, a greedy numpy loop written from
 torchvision's CPU kernel, and torchvision's own results
 (tests/fixtures/golden_nms.npz, made by tests/fixtures/make_golden_nms.py;
-torchvision is not needed to run these tests). Both implementations are
-checked: the native CPU kernel and the XLA formulation other platforms run.
+torchvision is not needed to run these tests). Every implementation is
+checked: the native CPU kernel, the XLA formulation other platforms run,
+and the CUDA kernels' schedule (lib/nms_schedule.h: bitmask tiles, then
+the scan) that the test rig runs serially on the CPU.
 """
 
 import pathlib
@@ -17,15 +19,31 @@ import pytest
 import jax_psroi
 from jax_psroi import _extension, _nms
 
+from cases import nms_schedule_target
+
 GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_nms.npz")
 GOLDEN_CASES = sorted({key.split("/")[0] for key in GOLDEN.files})
-IMPLEMENTATIONS = ["native", "xla"]
+IMPLEMENTATIONS = ["native", "xla",
+                   pytest.param("gpu_schedule", marks=pytest.mark.gpu_schedule)]
 DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
+
+
+def _gpu_schedule_call(boxes, scores, categories, **params):
+    """The CUDA lowering's call (_nms.sorted_call) on the rig's target."""
+    return _nms.sorted_call(nms_schedule_target(boxes.dtype), boxes, scores, categories,
+                            **params)
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request, monkeypatch):
-    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", request.param)
+    if request.param == "gpu_schedule":
+        # The CPU's native lowering becomes the CUDA one on the rig; no
+        # program compiled either way may be reused by the other.
+        monkeypatch.setattr(_nms, "_native_call", _gpu_schedule_call)
+        jax.clear_caches()
+        request.addfinalizer(jax.clear_caches)
+    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION",
+                       "native" if request.param == "gpu_schedule" else request.param)
     return request.param
 
 
@@ -391,3 +409,90 @@ def test_clip_and_small_boxes():
     np.testing.assert_array_equal(jax_psroi.remove_small_boxes(boxes, 3.0), [True, False, True])
     np.testing.assert_array_equal(jax_psroi.remove_small_boxes(boxes, 3.5), [True, False, False])
     assert jax.jit(jax_psroi.remove_small_boxes, static_argnums=1)(boxes, 1.0).dtype == bool
+
+
+# --- The CUDA kernels' schedule (lib/nms_schedule.h) on the test rig ----------
+
+def _overlap_matrix(boxes, categories, threshold):
+    """[N, N] bool in float32: box j is suppressed by box i (nms_math.h)."""
+    x1, y1, x2, y2 = np.asarray(boxes, np.float32).T
+    area = (x2 - x1) * (y2 - y1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # np.maximum and minimum propagate NaN, as max_nan and min_nan.
+        w = np.maximum(np.float32(0), np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1))
+        h = np.maximum(np.float32(0), np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1))
+        inter = w * h
+        iou = inter / (area[:, None] + area - inter)
+    return (iou.astype(np.float64) > threshold) & (categories[:, None] == categories)
+
+
+@pytest.mark.gpu_schedule
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 130, 200])
+def test_gpu_schedule_mask_is_the_upper_triangle_of_64_box_words(n):
+    # The workspace the sorted call returns: per image, row block r's rows
+    # keep the words of column blocks c >= r, bit j of word (i, c) set when
+    # box 64 c + j is later than i and suppressed by it; then the removed
+    # bits the scan ends with.
+    rng = np.random.default_rng(n)
+    images, threshold = 2, 0.4
+    boxes = np.stack([crowded_boxes(rng, n, objects=3) for _ in range(images)])
+    boxes[0, ::7, 2] = np.nan
+    categories = rng.integers(0, 2, (images, n)).astype(np.int32)
+    order = np.tile(np.arange(n, dtype=np.int32), (images, 1))
+    halves = _nms.workspace_halves(images, n)
+    results = (jax.ShapeDtypeStruct((images, 5), jnp.int32),
+               jax.ShapeDtypeStruct((images,), jnp.int32),
+               jax.ShapeDtypeStruct((halves,), jnp.uint32))
+    _, counts, workspace = jax.ffi.ffi_call(nms_schedule_target(np.float32), results)(
+        boxes.astype(np.float32), order, categories, iou_threshold=threshold)
+    words = np.asarray(workspace).view(np.uint64).reshape(images, -1)
+    blocks = -(-n // 64)
+    for b in range(images):
+        suppressed = _overlap_matrix(boxes[b], categories[b], threshold)
+        suppressed &= np.arange(n)[None, :] > np.arange(n)[:, None]
+        at = 0
+        for r in range(blocks):
+            for row in range(64):
+                for c in range(r, blocks):
+                    i = 64 * r + row
+                    expected = 0
+                    if i < n:
+                        for j in range(64 * c, min(64 * c + 64, n)):
+                            expected |= int(suppressed[i, j]) << (j - 64 * c)
+                        assert int(words[b, at]) == expected, (b, i, c)
+                    at += 1
+        assert at + blocks == len(words[b])
+        assert 1 <= int(counts[b]) <= 5
+
+
+@pytest.mark.gpu_schedule
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 129, 700])
+def test_gpu_schedule_matches_the_cpu_kernel_across_block_edges(n, monkeypatch):
+    # Kept boxes cut off by max_output before, at and after a 64-box block's
+    # end; several images and categories in one call.
+    rng = np.random.default_rng(n + 1)
+    boxes = np.stack([crowded_boxes(rng, n, objects=max(1, n // 20)) for _ in range(3)])
+    scores = np.round(rng.uniform(size=(3, n)) * 8).astype(np.float32) / 8
+    idxs = rng.integers(0, 3, (3, n)).astype(np.int32)
+    call = jax.jit(jax.vmap(lambda b, s, i, m: jax_psroi.batched_nms(b, s, i, 0.5, m),
+                            in_axes=(0, 0, 0, None)), static_argnums=3)
+    for max_output in sorted({0, 1, 37, 63, 64, 65, n, n + 5}):
+        expected = call(boxes, scores, idxs, max_output)
+        jax.clear_caches()
+        with monkeypatch.context() as patch:
+            patch.setattr(_nms, "_native_call", _gpu_schedule_call)
+            scheduled = call(boxes, scores, idxs, max_output)
+            jax.clear_caches()
+        np.testing.assert_array_equal(scheduled[0], expected[0])
+        np.testing.assert_array_equal(scheduled[1], expected[1])
+
+
+@pytest.mark.gpu_schedule
+def test_gpu_schedule_checks_its_workspace():
+    boxes = jnp.zeros((1, 70, 4), jnp.float32)
+    order = jnp.zeros((1, 70), jnp.int32)
+    results = (jax.ShapeDtypeStruct((1, 4), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
+               jax.ShapeDtypeStruct((_nms.workspace_halves(1, 70) - 1,), jnp.uint32))
+    with pytest.raises(Exception, match="needs a workspace of"):
+        jax.ffi.ffi_call(nms_schedule_target(np.float32), results)(
+            boxes, order, order, iou_threshold=0.5)

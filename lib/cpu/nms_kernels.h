@@ -1,15 +1,6 @@
 // Greedy non-maximum suppression of one image on the CPU, with torchvision's
-// semantics (torchvision/csrc/ops/cpu/nms_kernel.cpp): boxes visited in
-// descending score, ties in index order (a stable sort), NaN scores first;
-// a box is suppressed when its IoU with a kept box of its category exceeds
-// the threshold, the IoU computed as torchvision computes it:
-//   area = (x2 - x1) * (y2 - y1)   (not clamped: a degenerate box's may be <= 0)
-//   inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))
-//   iou = inter / (area_i + area_j - inter)
-// in the compute type (float32 for every 16-bit storage type). A degenerate
-// box intersects nothing, so its IoU is 0 or NaN (0 / 0) and it neither
-// suppresses nor is suppressed; a NaN coordinate makes every IoU of its box
-// NaN (max and min propagate NaN here), with the same effect.
+// semantics: boxes visited in descending score, ties in index order (a
+// stable sort), NaN scores first; the IoU test is nms_math.h's.
 //
 // Only the rows of kept boxes are computed, when the scan reaches them, each
 // one vectorisable loop over the later candidates, which drop the removed
@@ -21,36 +12,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <numeric>
 #include <vector>
 
+#include "nms_math.h"
 #include "storage_types.h"
 
 namespace jax_psroi {
 namespace cpu {
-
-// The largest T not above `threshold`: for any T value v, `v > it` in T is
-// `v > threshold` in double, which is how torchvision compares.
-template <typename T>
-T threshold_in(double threshold) {
-  T t = static_cast<T>(threshold);
-  if (static_cast<double>(t) > threshold) {
-    t = std::nextafter(t, -std::numeric_limits<T>::infinity());
-  }
-  return t;
-}
-
-// max and min that return NaN when either operand is NaN (std::max does not),
-// as jax.numpy's do: the XLA formulation gives the same IoUs.
-template <typename T>
-inline T max_nan(T a, T b) {
-  return (a > b || a != a) ? a : b;
-}
-template <typename T>
-inline T min_nan(T a, T b) {
-  return (a < b || a != a) ? a : b;
-}
 
 // Box indices [0, n) in visiting order: NaN scores first, then descending
 // score, ties in index order.
@@ -90,11 +59,10 @@ int64_t nms_image(const S* boxes, const S* scores, const int32_t* categories, in
     y1[k] = Storage<S>::load(box[1]);
     x2[k] = Storage<S>::load(box[2]);
     y2[k] = Storage<S>::load(box[3]);
-    area[k] = (x2[k] - x1[k]) * (y2[k] - y1[k]);
+    area[k] = nms::box_area(x1[k], y1[k], x2[k], y2[k]);
     category[k] = categories[order[k]];
   }
-  const T threshold = threshold_in<T>(iou_threshold);
-  const T zero = T(0);
+  const T threshold = nms::threshold_in<T>(iou_threshold);
   int64_t kept = 0;
   int64_t end = n;  // candidates [0, end)
   for (int64_t i = 0; i < end && kept < max_output; ++i) {
@@ -110,11 +78,9 @@ int64_t nms_image(const S* boxes, const S* scores, const int32_t* categories, in
     const int32_t* jcategory = category.data();
     uint8_t* jremoved = removed.data();
     for (int64_t j = i + 1; j < end; ++j) {
-      const T w = max_nan(zero, min_nan(ix2, jx2[j]) - max_nan(ix1, jx1[j]));
-      const T h = max_nan(zero, min_nan(iy2, jy2[j]) - max_nan(iy1, jy1[j]));
-      const T inter = w * h;
-      const T iou = inter / (iarea + jarea[j] - inter);
-      jremoved[j] |= static_cast<uint8_t>((iou > threshold) & (jcategory[j] == icategory));
+      const bool overlap = nms::overlaps(ix1, iy1, ix2, iy2, iarea, jx1[j], jy1[j], jx2[j],
+                                         jy2[j], jarea[j], threshold);
+      jremoved[j] |= static_cast<uint8_t>(overlap & (jcategory[j] == icategory));
     }
     // Every kCompactEvery kept boxes, drop the removed candidates: later rows
     // then loop over live boxes only, as torchvision's skips them. Counting

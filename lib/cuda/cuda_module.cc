@@ -17,6 +17,9 @@ NB_MODULE(_cuda, m) {
   // Same target names as the CPU's, registered for platform "CUDA".
   m.def("targets", []() { return jax_psroi::python_targets(jax_psroi::cuda_targets()); },
         "[(name, operation, direction, layout, dtype, capsule)]");
+  m.def("nms_targets",
+        []() { return jax_psroi::python_targets(jax_psroi::cuda_nms_targets()); },
+        "Non-maximum suppression's, one per dtype, in the same form.");
   // CUDA runtime version compiled in (static runtime), e.g. 13000.
   m.def("cuda_runtime_version", []() { return CUDART_VERSION; });
 }

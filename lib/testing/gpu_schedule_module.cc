@@ -16,4 +16,7 @@ NB_MODULE(_gpu_schedule_testing, m) {
   m.def("targets",
         []() { return jax_psroi::python_targets(jax_psroi::gpu_schedule_testing_targets()); },
         "[(name, operation, direction, layout, dtype, capsule)], for the CPU platform.");
+  m.def("nms_targets",
+        []() { return jax_psroi::python_targets(jax_psroi::nms_schedule_testing_targets()); },
+        "Non-maximum suppression's CUDA schedule, one target per dtype, in the same form.");
 }
