@@ -14,7 +14,9 @@ _implementation.py). The CPU lowers to the native kernel
 (lib/cpu/nms_kernels.h); every other platform, CUDA included (no kernel
 yet), and ``implementation="xla"`` lower to :func:`suppress_image` under
 vmap, which gives the same indices. A vmap axis folds into the images: one
-kernel call. Not differentiable: the outputs are integers.
+kernel call. Over a device mesh, each device suppresses its own images
+(_partitioning.lower_nms): no communication. Not differentiable: the
+outputs are integers.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir, xla
+from jax.interpreters import batching, xla
 
-from jax_psroi import _arguments, _extension, _implementation, _rules
+from jax_psroi import _arguments, _extension, _implementation, _partitioning, _rules
 
 nms_p = Primitive("nms")
 nms_p.multiple_results = True
@@ -129,9 +131,9 @@ def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_ou
     native = _implementation.native(platform, implementation, _extension.NMS_TARGETS,
                                     NO_CUDA_KERNEL_MESSAGE)
     call = _native_call if native else _xla_call
-    return mlir.lower_fun(partial(call, iou_threshold=iou_threshold,
-                                  max_output_size=max_output_size),
-                          multiple_results=True)(ctx, boxes, scores, categories)
+    return _partitioning.lower_nms(ctx, boxes, scores, categories,
+                                   local_call=partial(call, iou_threshold=iou_threshold,
+                                                      max_output_size=max_output_size))
 
 
 def _batch(args, dims, **params):
@@ -147,5 +149,5 @@ def _batch(args, dims, **params):
 
 nms_p.def_impl(partial(xla.apply_primitive, nms_p))
 nms_p.def_abstract_eval(_abstract_eval)
-_rules.register_lowerings(nms_p, _lowering, with_devices=False)
+_rules.register_lowerings(nms_p, _lowering)
 batching.primitive_batchers[nms_p] = _batch
