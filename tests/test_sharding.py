@@ -188,7 +188,8 @@ def test_a_row_range_outside_the_grid_is_an_error():
 
 def test_sharded_training_example():
     """examples/sharded_training.py on 8 simulated devices: each device pools
-    its own scenes, the step's one collective is the gradients' all-reduce,
+    and suppresses (the RPN's NMS) its own scenes, the step's one collective
+    is the gradients' all-reduce,
     and the first step is the one-device step."""
     example = Path(__file__).parents[1] / "examples" / "sharded_training.py"
     run = subprocess.run([sys.executable, str(example), "--devices", "8", "--steps", "2",
@@ -202,6 +203,9 @@ def test_sharded_training_example():
                      r"f32\[54,7,7,10\] on each device", out), out
     assert re.search(r"backward_nhwc_f32: f32\[54,7,7,10\], rois f32\[54,5\] -> "
                      r"f32\[1,16,16,490\] on each device", out), out
+    # The RPN's NMS: one scene's 200 best boxes per device.
+    assert re.search(r"jax_psroi_nms_f32: f32\[1,200,4\], scores f32\[1,200\] -> "
+                     r"s32\[1,48\] on each device", out), out
     assert ("collectives of the compiled step: all-gather 0, all-reduce 1, all-to-all 0, "
             "collective-permute 0, reduce-scatter 0") in out, out
     sharded, alone = map(float, re.search(
