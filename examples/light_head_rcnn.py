@@ -10,7 +10,7 @@ jax_psroi's position-sensitive RoI Align:
     held-out fifth of the scans, with their own seed.
   * model: a small convolutional backbone (NHWC, stride 8); a region
     proposal network (3 anchor sizes per position, objectness and box
-    deltas, top-k and non-maximum suppression in jax.numpy under jit); and a
+    deltas, top-k and ``jax_psroi.nms`` under jit); and a
     Light-Head R-CNN head: a thin position-sensitive score map (10 x 7 x 7
     channels) pooled by ``jax_psroi.flax.linen.PSRoIAlign`` (7 x 7 bins,
     sampling ratio 2), then one hidden layer and class and box layers.
@@ -104,31 +104,6 @@ def decode(deltas, reference, weights=(1.0, 1.0, 1.0, 1.0)):
     x, y = cx + deltas[..., 0] / wx * w, cy + deltas[..., 1] / wy * h
     half_w, half_h = 0.5 * w * jnp.exp(dw), 0.5 * h * jnp.exp(dh)
     return jnp.stack([x - half_w, y - half_h, x + half_w, y + half_h], axis=-1)
-
-
-def nms(boxes, scores, threshold, keep):
-    """Greedy non-maximum suppression, static shapes: the indices of the
-    `keep` best boxes that no better box overlaps by more than `threshold`
-    IoU, best first, and whether each is real (False pads when fewer
-    survive). Boxes with score -inf never survive.
-
-    The RPN's NMS. Written in jax.numpy (an [n, n] IoU matrix, n steps)
-    rather than jax_psroi.nms, which has no sharding rule yet: under
-    sharded_training.py's mesh its call would gather every device's
-    proposals. The detections' NMS (`detect`) calls jax_psroi.batched_nms."""
-    order = jnp.argsort(-scores)
-    boxes, scores = boxes[order], scores[order]
-    iou = box_iou(boxes, boxes)
-    n = boxes.shape[0]
-
-    def visit(i, alive):
-        # Box i, if still alive, removes the later boxes it overlaps.
-        later = jnp.arange(n) > i
-        return alive & ~(alive[i] & later & (iou[i] > threshold))
-
-    alive = jax.lax.fori_loop(0, n, visit, jnp.isfinite(scores))
-    ranked = jnp.argsort(~alive, stable=True)[:keep]  # survivors first, in score order
-    return order[ranked], alive[ranked]
 
 
 def anchors():
@@ -277,7 +252,13 @@ def proposals(objectness, deltas, keep):
     scores = objectness[top]
     boxes = boxes[top]
     small = (boxes[:, 2] - boxes[:, 0] < 4) | (boxes[:, 3] - boxes[:, 1] < 4)
-    index, real = nms(boxes, jnp.where(small, -jnp.inf, scores), 0.7, keep)
+    scores = jnp.where(small, -jnp.inf, scores)
+    index, count = jax_psroi.nms(boxes, scores, 0.7, keep)
+    # Small boxes (score -inf) survive NMS after every other, as in
+    # torchvision, but are no proposals; pads (-1) take box 0 and are none
+    # either.
+    index = jnp.where(index < 0, 0, index)
+    real = (jnp.arange(keep) < count) & jnp.isfinite(scores[index])
     return jax.lax.stop_gradient(boxes[index]), real
 
 

@@ -3,12 +3,12 @@
 The detector of light_head_rcnn.py, trained with its batch of scenes split
 over the devices of a mesh (axis "data") and its parameters replicated:
 plain ``jax.jit`` with shardings, the same per-scene code. Each device runs
-the backbone, the RPN and jax_psroi's pooling (forward and backward) on its
-own scenes; the only communication of the step is the all-reduce of the
-gradients (and of the loss). The script prints the shape each device holds,
-the kernels' per-device shapes and the collectives of the compiled step, then
-trains a few steps and checks the first one against the same step on one
-device.
+the backbone, the RPN (its NMS included) and jax_psroi's pooling (forward
+and backward) on its own scenes; the only communication of the step is the
+all-reduce of the gradients (and of the loss). The script prints the shape
+each device holds, the kernels' per-device shapes and the collectives of the
+compiled step, then trains a few steps and checks the first one against the
+same step on one device.
 
 Run on one machine, with the CPU split into simulated devices:
 
@@ -96,15 +96,16 @@ def main(argv=None) -> dict:
         print(f"  {name}: global {array.shape}, each device {shard.data.shape}")
     # The kernels' calls in the partitioned program, with their per-device
     # shapes (a call's first result; the backward's further result is its
-    # workspace).
+    # workspace; the RPN's NMS: boxes and scores -> kept indices).
     kernels = sorted(set(re.findall(
         r"= \(?(\w+\[[\d,]*\])\S*(?: \w+\[[\d,]*\]\S*)* custom-call\([^)]*\), "
         r"custom_call_target=\"(jax_psroi_\w+)\", "
         r"operand_layout_constraints=\{(\w+\[[\d,]*\])\S*, (\w+\[[\d,]*\])", text)))
     if not kernels:
         raise SystemExit("the compiled step does not call jax_psroi's kernels")
-    for result, target, operand, rois in kernels:
-        print(f"  {target}: {operand}, rois {rois} -> {result} on each device")
+    for result, target, operand, second in kernels:
+        second_name = "scores" if "_nms_" in target else "rois"
+        print(f"  {target}: {operand}, {second_name} {second} -> {result} on each device")
     collectives = {name: len(re.findall(rf"\b{name}(?:-start)?\(", text))
                    for name in COLLECTIVES}
     print("collectives of the compiled step:",

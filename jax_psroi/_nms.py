@@ -16,8 +16,10 @@ image's scores (:func:`visiting_order`) and then the native kernels of
 lib/nms_schedule.h on the boxes in that order (:func:`sorted_call`, which
 the tests also run on the CPU test rig); every other platform, and
 ``implementation="xla"``, to :func:`suppress_image` under vmap. All give
-the same indices. A vmap axis folds into the images: one kernel call. Not
-differentiable: the outputs are integers.
+the same indices. A vmap axis folds into the images: one kernel call. Over
+a device mesh, each device suppresses its own images
+(_partitioning.lower_nms): no communication. Not differentiable: the
+outputs are integers.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir, xla
+from jax.interpreters import batching, xla
 
-from jax_psroi import _arguments, _extension, _implementation, _rules
+from jax_psroi import _arguments, _extension, _implementation, _partitioning, _rules
 
 nms_p = Primitive("nms")
 nms_p.multiple_results = True
@@ -157,9 +159,9 @@ def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_ou
         call = partial(sorted_call, _extension.NMS_TARGETS["cuda"][ctx.avals_in[0].dtype])
     else:
         call = _native_call
-    return mlir.lower_fun(partial(call, iou_threshold=iou_threshold,
-                                  max_output_size=max_output_size),
-                          multiple_results=True)(ctx, boxes, scores, categories)
+    return _partitioning.lower_nms(ctx, boxes, scores, categories,
+                                   local_call=partial(call, iou_threshold=iou_threshold,
+                                                      max_output_size=max_output_size))
 
 
 def _batch(args, dims, **params):
@@ -175,5 +177,5 @@ def _batch(args, dims, **params):
 
 nms_p.def_impl(partial(xla.apply_primitive, nms_p))
 nms_p.def_abstract_eval(_abstract_eval)
-_rules.register_lowerings(nms_p, _lowering, with_devices=False)
+_rules.register_lowerings(nms_p, _lowering)
 batching.primitive_batchers[nms_p] = _batch

@@ -3,7 +3,8 @@ averaging operators' (``_averaging.py``), RoI Pool's (``_roi_pool.py``,
 whose pixels operand or result splits like the pooled tensor) and
 multi-scale RoI Align's forward
 (``_multi_scale.py``: its levels split alike, the RoIs' levels like the
-RoIs).
+RoIs) and non-maximum suppression (``_nms.py``: over its images only, at
+the end of this file).
 
 XLA's SPMD partitioner sees a kernel as an opaque custom call and gathers its
 operands onto every device. So when a program is partitioned over several
@@ -73,18 +74,20 @@ def lower(ctx, operand, rois, *pooled_like, direction: str, local_call: LocalCal
     form cannot carry a Python partitioning callback (XLA replicates the
     call's operands instead).
     """
+    operands = (operand, rois, *pooled_like)
+    whole = partial(local_call, result_shape=ctx.avals_out[0].shape)
+    if not _partitioned(ctx):
+        return _lower(ctx, operands, whole)
     further_results = len(ctx.avals_out) - 1
-    partitioner = rule = None
-    if _partitioned(ctx):
-        features, pooled = _arguments.features_and_pooled(direction, ctx.avals_in[0].shape,
-                                                          ctx.avals_out[0].shape)
-        partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
-                                   image_blocks, bin_rows_call, further_results=further_results)
-        rule = _sharding_rule(direction, data_format, channel_order,
-                              partitioner.factor_sizes(), pooled_operands=len(pooled_like),
-                              further_results=further_results)
-    return _lower(ctx, (operand, rois, *pooled_like), local_call, partitioner, rule,
-                  direction, channel_order)
+    features, pooled = _arguments.features_and_pooled(direction, ctx.avals_in[0].shape,
+                                                      ctx.avals_out[0].shape)
+    partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
+                               image_blocks, bin_rows_call, further_results=further_results)
+    rule = _sharding_rule(direction, data_format, channel_order, partitioner.factor_sizes(),
+                          pooled_operands=len(pooled_like), further_results=further_results)
+    partition = partitioner.forward if direction == "forward" else partitioner.backward
+    return _lower(ctx, operands, whole, partition,
+                  **_rule_options(rule, direction, channel_order, partitioner.factor_sizes()))
 
 
 def lower_pyramid(ctx, *operands, local_call: LocalCall, image_blocks: int,
@@ -93,35 +96,45 @@ def lower_pyramid(ctx, *operands, local_call: LocalCall, image_blocks: int,
     map_{L-1}, rois, levels, result_shape=)``, partitioned as roi_align's
     forward when the module is partitioned: every level split alike (images,
     channels), the RoIs' levels [K] split like the RoIs."""
+    whole = partial(local_call, result_shape=ctx.avals_out[0].shape)
+    if not _partitioned(ctx):
+        return _lower(ctx, operands, whole)
     maps = len(operands) - 2
-    partitioner = rule = None
-    if _partitioned(ctx):
-        partitioner = _Partitioner(local_call, ctx.avals_in[0].shape, ctx.avals_out[0].shape,
-                                   data_format, "shared", image_blocks, bin_rows_call=False,
-                                   maps=maps)
-        rule = _pyramid_rule(maps, data_format, partitioner.factor_sizes())
-    return _lower(ctx, operands, local_call, partitioner, rule, "forward", "shared")
+    partitioner = _Partitioner(local_call, ctx.avals_in[0].shape, ctx.avals_out[0].shape,
+                               data_format, "shared", image_blocks, bin_rows_call=False,
+                               maps=maps)
+    rule = _pyramid_rule(maps, data_format, partitioner.factor_sizes())
+    return _lower(ctx, operands, whole, partitioner.forward,
+                  **_rule_options(rule, "forward", "shared", partitioner.factor_sizes()))
 
 
-def _lower(ctx, operands, local_call: LocalCall, partitioner, rule, direction,
-           channel_order):
-    """Lowers the call of `local_call` on `operands` for the whole program:
-    as it is without a `partitioner`, else through ``custom_partitioning``
-    with the Shardy `rule` and the partitioner's callbacks."""
-    result_shape = ctx.avals_out[0].shape
-    multiple_results = len(ctx.avals_out) > 1
+def lower_nms(ctx, boxes, scores, categories, *, local_call: Callable):
+    """Lowers non-maximum suppression, ``local_call(boxes [B, N, 4], scores
+    [B, N], categories [B, N]) -> (indices [B, M], counts [B])``, split over
+    the images B when the module is partitioned: each device suppresses its
+    own images, with no communication. A split of the boxes (N) or of their
+    coordinates is undone, since any box of an image may suppress any other."""
+    operands = (boxes, scores, categories)
+    if not _partitioned(ctx):
+        return _lower(ctx, operands, local_call)
+    return _lower(ctx, operands, local_call, partial(_nms_partition, local_call),
+                  sharding_rule=_NMS_RULE, need_replication_factors=("n", "c", "m"))
 
-    def whole(*args):
-        return local_call(*args, result_shape=result_shape)
 
-    if partitioner is None:
-        return mlir.lower_fun(whole, multiple_results=multiple_results)(ctx, *operands)
-    call = custom_partitioning(whole)
-    call.def_partition(
-        partition=partitioner.forward if direction == "forward" else partitioner.backward,
-        sharding_rule=rule, **_special_factors(rule, direction, channel_order),
-        **_compound_factor_sizes(rule, partitioner.factor_sizes()))
-    return mlir.lower_fun(call, multiple_results=multiple_results)(ctx, *operands)
+def _lower(ctx, operands, whole: Callable, partition: Callable | None = None, **rule):
+    """Lowers `whole` (the call of the whole program's operands) on
+    `operands`: as it is without a `partition` callback, else through
+    ``custom_partitioning`` with that callback and `rule`, def_partition's
+    sharding_rule= and the rule's factor lists and sizes."""
+    def call(*args):
+        # Positional only: custom_partitioning resolves arguments by the
+        # signature, which a partial's bound keywords confuse.
+        return whole(*args)
+
+    if partition is not None:
+        call = custom_partitioning(call)
+        call.def_partition(partition=partition, **rule)
+    return mlir.lower_fun(call, multiple_results=len(ctx.avals_out) > 1)(ctx, *operands)
 
 
 def typed_result(direction: str, operand, rois, result, *, data_format: str,
@@ -248,6 +261,12 @@ def _compound_factor_sizes(rule: str, sizes: dict) -> dict:
     inside compound dimensions."""
     whole = set(re.sub(r"\([^)]*\)", " ", rule).replace(",", " ").replace("->", " ").split())
     return {f: size for f, size in sizes.items() if f in rule and f not in whole}
+
+
+def _rule_options(rule: str, direction: str, channel_order: str, sizes: dict) -> dict:
+    """def_partition's arguments of a RoI operator's Shardy `rule`."""
+    return dict(sharding_rule=rule, **_special_factors(rule, direction, channel_order),
+                **_compound_factor_sizes(rule, sizes))
 
 
 def _special_factors(rule: str, direction: str, channel_order: str) -> dict:
@@ -446,3 +465,30 @@ class _Partitioner:
         return (mesh, lower_fn, gradient,
                 (pooled, NamedSharding(mesh, PartitionSpec(roi_axes or None, None)),
                  *(pooled,) * (len(arg_shapes) - 2)))
+
+
+# --- Non-maximum suppression --------------------------------------------------
+# Factors: b images, n boxes, c the 4 coordinates, m kept indices.
+_NMS_RULE = "b n c, b n, b n -> b m, b"
+
+
+def _nms_partition(local_call: Callable, mesh, arg_shapes, result_shape):
+    """The split of an nms call: over the mesh axes that split the boxes'
+    images, when they divide them; the call of one device is the same call
+    on its images."""
+    del result_shape
+    boxes = _axes(arg_shapes[0].sharding, 3)
+    images = boxes[0] if boxes else ()
+    if arg_shapes[0].shape[0] % _count(mesh, images):
+        images = ()
+    split = images or None
+
+    def lower_fn(*operands):
+        # Traced without the caller's mesh, as _Partitioner._local says.
+        with jax.sharding.use_abstract_mesh(_NO_MESH):
+            return local_call(*operands)
+
+    def spec(*rest):
+        return NamedSharding(mesh, PartitionSpec(split, *rest))
+
+    return mesh, lower_fn, (spec(None), spec()), (spec(None, None), spec(None), spec(None))

@@ -3,8 +3,9 @@
 # which the test rig _gpu_schedule_testing runs on the CPU): builds them
 # with AddressSanitizer and UndefinedBehaviorSanitizer (JAX_PSROI_SANITIZE=ON,
 # every report fatal) into a throwaway virtual environment, then runs the
-# kernel tests and the property-based fuzz test with EXAMPLES examples under
-# the sanitizers. Exits non-zero on any report or failure.
+# kernel tests (non-maximum suppression's included) and the property-based
+# fuzz tests (test_fuzz.py, test_fuzz_nms.py) with EXAMPLES examples each
+# under the sanitizers. Exits non-zero on any report or failure.
 #
 #   bash scripts/sanitize.sh [EXAMPLES]        # default 10000
 #
@@ -13,7 +14,7 @@
 # XLA keep memory until exit by design). The fuzz test compares with the
 # jax.numpy reference on its first REFERENCE_EXAMPLES examples (default 300:
 # the reference compiles once per shape) and checks its other properties on
-# every example.
+# every example (the NMS fuzz test compares every example with its reference).
 set -euo pipefail
 examples="${1:-10000}"
 reference_examples="${REFERENCE_EXAMPLES:-300}"
@@ -39,7 +40,7 @@ done
 runtimes="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libubsan.so)"
 reports="$work/reports"
 mkdir -p "$reports"
-tests=(test_fuzz.py test_forward.py test_grad.py test_vmap.py test_layouts.py
+tests=(test_fuzz.py test_fuzz_nms.py test_nms.py test_forward.py test_grad.py test_vmap.py test_layouts.py
        test_low_precision.py test_golden.py test_gpu_schedule.py test_roi_align.py
        test_ps_roi_pool.py test_roi_pool.py test_multi_scale_roi_align.py)
 echo "=== ${tests[*]} under ASan + UBSan; fuzz examples: $examples" \

@@ -1,4 +1,5 @@
-"""A third, independent oracle: torchvision's loops transcribed to numpy.
+"""A third, independent oracle: torchvision's loops transcribed to numpy
+(RoI operators here; non-maximum suppression at the end).
 
 One output element at a time, every sample of the grid visited (so only for
 small boxes), arithmetic in numpy scalars of the case's dtype so rounding
@@ -107,3 +108,43 @@ def ps_roi_align_grad_loops(features, rois, cotangent, output_size,
             for r, c, wgt in _bilinear(features[image, c_in], y, x)[1]:
                 grad[image, c_in, r, c] += g * wgt / count
     return grad
+
+
+def greedy_nms(boxes, scores, threshold, idxs=None, max_output=None):
+    """torchvision's CPU NMS loop (torchvision/csrc/ops/cpu/nms_kernel.cpp)
+    in numpy: the kept indices, best first, at most `max_output` (None: all).
+    Visits NaN scores first, then descending scores, ties in index order;
+    IoUs in float32 (float64 for float64 boxes) with NaN-propagating max and
+    min, compared with the threshold in float64; boxes of different `idxs`
+    never suppress each other."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return _greedy_nms(np.asarray(boxes), scores, threshold, idxs, max_output)
+
+
+def _greedy_nms(boxes, scores, threshold, idxs, max_output):
+    # IEEE arithmetic throughout: overflowing areas, 0 / 0 and NaN are cases.
+    compute = np.float64 if boxes.dtype == np.float64 else np.float32
+    boxes = boxes.astype(compute)
+    scores = np.asarray(scores).astype(compute)
+    n = len(scores)
+    idxs = np.zeros(n, np.int64) if idxs is None else np.asarray(idxs)
+    descending = -scores
+    descending[(descending == 0) | np.isnan(descending)] = 0
+    order = np.lexsort((np.arange(n), descending, ~np.isnan(scores)))
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1) * (y2 - y1)
+    removed = np.zeros(n, bool)
+    keep = []
+    for position, i in enumerate(order):
+        if len(keep) == max_output:
+            break
+        if removed[i]:
+            continue
+        keep.append(int(i))
+        later = order[position + 1:]
+        w = np.maximum(compute(0), np.minimum(x2[i], x2[later]) - np.maximum(x1[i], x1[later]))
+        h = np.maximum(compute(0), np.minimum(y2[i], y2[later]) - np.maximum(y1[i], y1[later]))
+        inter = w * h
+        iou = inter / (area[i] + area[later] - inter)
+        removed[later] |= (iou.astype(np.float64) > threshold) & (idxs[later] == idxs[i])
+    return np.array(keep, np.int64)

@@ -9,13 +9,17 @@ For each case, layout, channel order and dtype, the sharded program (jit
 with the inputs placed as the case says) and the same function on one device
 are compiled and run; a record gives the largest difference of their
 results, the largest magnitude of the unsharded result, and the number of
-each kind of collective in the compiled sharded program.
+each kind of collective in the compiled sharded program. Non-maximum
+suppression's records (each case and operation) say whether the sharded
+indices and counts equal the unsharded ones, the counts, how the results
+are split and the collectives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 from functools import partial
@@ -202,14 +206,96 @@ def _run(case, direction, operation, layout, order, dtype):
                 collectives=_collectives(sharded))
 
 
+# --- Non-maximum suppression ----------------------------------------------------
+# NMS_IMAGES images of NMS_BOXES crowded boxes (a few objects, each boxed many
+# times, with tied scores), NMS_KEPT kept per image. Cases: the per-image call
+# vmapped over images split over the mesh, native and XLA formulation; a
+# vmap of that (images [NMS_GROUPS, NMS_IMAGES / NMS_GROUPS]) split over its
+# first axis; the images under explicit mesh axes; the boxes split over N,
+# which no rule splits (gathered); images over one mesh axis and boxes over
+# another.
+NMS_IMAGES, NMS_BOXES, NMS_KEPT, NMS_GROUPS, NMS_CATEGORIES = 16, 48, 24, 8, 3
+NMS_OPERATIONS = ["nms", "batched_nms"]
+NMS_CASES = ["images", "images_xla", "nested_vmap", "images_explicit", "boxes",
+             "images_and_boxes"]
+
+
+def _nms_inputs(rng):
+    objects = rng.uniform(0, 60, (NMS_IMAGES, 6, 1, 4))
+    objects[..., 2:] += objects[..., :2] + rng.uniform(15, 30, (NMS_IMAGES, 6, 1, 2))
+    boxes = objects + rng.normal(0, 2, (NMS_IMAGES, 6, NMS_BOXES // 6, 4))
+    boxes = boxes.reshape(NMS_IMAGES, NMS_BOXES, 4)
+    scores = rng.integers(0, 20, (NMS_IMAGES, NMS_BOXES)) / 20  # ties
+    categories = rng.integers(0, NMS_CATEGORIES, (NMS_IMAGES, NMS_BOXES))
+    return (jnp.asarray(boxes, jnp.float32), jnp.asarray(scores, jnp.float32),
+            jnp.asarray(categories, jnp.int32))
+
+
+def _nms_function(operation, nested: bool):
+    """(boxes [B, N, 4], scores, categories) -> (indices [B, M], counts [B]),
+    one call per image under vmap (twice, over [G, B / G], when nested)."""
+    if operation == "nms":
+        def per_image(boxes, scores, categories):
+            del categories
+            return jax_psroi.nms(boxes, scores, 0.5, NMS_KEPT)
+    else:
+        def per_image(boxes, scores, categories):
+            return jax_psroi.batched_nms(boxes, scores, categories, 0.5, NMS_KEPT)
+    if not nested:
+        return jax.vmap(per_image)
+
+    def grouped(*inputs):
+        inputs = [x.reshape(NMS_GROUPS, -1, *x.shape[1:]) for x in inputs]
+        indices, counts = jax.vmap(jax.vmap(per_image))(*inputs)
+        return indices.reshape(NMS_IMAGES, -1), counts.reshape(NMS_IMAGES)
+    return grouped
+
+
+def _nms_run(case, operation):
+    mesh = _mesh("images_and_channels" if case == "images_and_boxes" else case)
+    spec = {"boxes": P(None, "x"), "images_and_boxes": P("data", "model")}.get(case, P("x"))
+    inputs = _nms_inputs(np.random.default_rng(1))
+    function = _nms_function(operation, nested=case == "nested_vmap")
+    implementation = "xla" if case == "images_xla" else "native"
+    with _implementation(implementation):
+        placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in inputs]
+        with jax.set_mesh(mesh) if case.endswith("_explicit") else contextlib.nullcontext():
+            sharded = jax.jit(function).lower(*placed).compile()
+            indices, counts = sharded(*placed)
+        expected_indices, expected_counts = jax.jit(function)(*inputs)
+    return dict(case=case, operation=operation,
+                equal=bool(np.array_equal(indices, expected_indices)
+                           and np.array_equal(counts, expected_counts)),
+                counts=np.asarray(expected_counts).tolist(),
+                # The mesh axes that split the images of each result.
+                split=[x.sharding.spec[0] if x.sharding.spec else None
+                       for x in (indices, counts)],
+                collectives=_collectives(sharded))
+
+
+@contextlib.contextmanager
+def _implementation(name):
+    # Read when a call is traced (_implementation.py).
+    before = os.environ.get("JAX_PSROI_IMPLEMENTATION")
+    os.environ["JAX_PSROI_IMPLEMENTATION"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["JAX_PSROI_IMPLEMENTATION"]
+        else:
+            os.environ["JAX_PSROI_IMPLEMENTATION"] = before
+
+
 def main():
     jax.config.update("jax_enable_x64", True)
     if jax.device_count() < 8:
         sys.exit("needs 8 devices: set XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    records = [_run(case, direction, *combination)
+    pooling = [_run(case, direction, *combination)
                for case in CASES for direction in DIRECTIONS
                for combination in COMBINATIONS]
-    print(json.dumps(records))
+    nms = [_nms_run(case, operation) for case in NMS_CASES for operation in NMS_OPERATIONS]
+    print(json.dumps(dict(pooling=pooling, nms=nms)))
 
 
 if __name__ == "__main__":

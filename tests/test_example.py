@@ -43,17 +43,26 @@ def test_encode_and_decode(example):
             rtol=1e-5, atol=1e-4)
 
 
-def test_nms(example):
-    boxes = jnp.array([[1.0, 1, 11, 11],     # IoU 0.68 with the first box below
-                       [20, 20, 30, 30],
-                       [0, 0, 10, 10],
-                       [50, 50, 60, 60]])
-    scores = jnp.array([0.8, 0.7, 0.9, -jnp.inf])
-    index, real = example.nms(boxes, scores, 0.5, 4)
-    assert list(np.asarray(index)[np.asarray(real)]) == [2, 1]   # best first; 0 suppressed
-    assert list(np.asarray(real)) == [True, True, False, False]  # the -inf box never survives
-    index, real = example.nms(boxes, scores, 0.7, 3)
-    assert list(np.asarray(index)) == [2, 0, 1] and np.asarray(real).all()
+def test_proposals_are_the_nms_survivors_that_are_not_small(example):
+    def anchor(row, column, size):  # example.anchors()'s order; sizes 16, 28, 48
+        return (row * 16 + column) * 3 + size
+
+    # Every anchor shrunk to under 4 pixels (no proposal: score -inf) but four.
+    anchors = np.asarray(example.anchors())
+    a28, a48, b28, c48 = anchor(5, 5, 1), anchor(5, 5, 2), anchor(10, 3, 1), anchor(2, 12, 2)
+    deltas = np.tile(np.array([0, 0, np.log(1 / 24), np.log(1 / 24)], np.float32),
+                     (len(anchors), 1))
+    deltas[[a48, b28, c48]] = 0
+    deltas[a28, 2:] = np.log(48 / 28)  # grown into anchor a48's box
+    objectness = np.random.default_rng(0).uniform(-1, 1, len(anchors)).astype(np.float32)
+    objectness[[a28, a48, b28, c48]] = [5, 4, 3, 2]
+    boxes, real = example.proposals(jnp.asarray(objectness), jnp.asarray(deltas), 6)
+    # a48 is suppressed by a28 (the same box); the small boxes survive NMS
+    # but are not real, nor are the pads.
+    np.testing.assert_array_equal(real, [True, True, True, False, False, False])
+    np.testing.assert_allclose(boxes[:3], [[20, 20, 68, 68], [14, 70, 42, 98],
+                                           [76, 0, 124, 44]], atol=1e-4)
+    assert np.isfinite(np.asarray(boxes)).all()
 
 
 def test_training_run_saves_and_reloads(example, tmp_path):

@@ -27,6 +27,8 @@ groups). Each either fails with the kernels' error or, exactly when every
 attribute is valid, runs; valid image groups pool as the jax.numpy lowering
 of the same groups does.
 
+Non-maximum suppression is fuzzed in test_fuzz_nms.py.
+
 Examples: JAX_PSROI_FUZZ_EXAMPLES (default 20 here, so the suite stays
 quick; scripts/sanitize.sh runs 10,000 under ASan and UBSan). The reference
 compiles once per shape, which dominates long runs: only the first

@@ -20,6 +20,7 @@ import jax_psroi
 from jax_psroi import _extension, _nms
 
 from cases import nms_schedule_target
+from loop_reference import greedy_nms
 
 GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_nms.npz")
 GOLDEN_CASES = sorted({key.split("/")[0] for key in GOLDEN.files})
@@ -45,38 +46,6 @@ def implementation(request, monkeypatch):
     monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION",
                        "native" if request.param == "gpu_schedule" else request.param)
     return request.param
-
-
-def greedy_reference(boxes, scores, threshold, idxs=None, max_output=None):
-    """torchvision's CPU loop in numpy: the kept indices, best first.
-    Computes in float32 (float64 for float64 boxes), compares in float64."""
-    boxes = np.asarray(boxes)
-    compute = np.float64 if boxes.dtype == np.float64 else np.float32
-    boxes = boxes.astype(compute)
-    scores = np.asarray(scores).astype(compute)
-    n = len(scores)
-    idxs = np.zeros(n, np.int64) if idxs is None else np.asarray(idxs)
-    descending = -scores
-    descending[(descending == 0) | np.isnan(descending)] = 0
-    order = np.lexsort((np.arange(n), descending, ~np.isnan(scores)))
-    x1, y1, x2, y2 = boxes.T
-    area = (x2 - x1) * (y2 - y1)
-    removed = np.zeros(n, bool)
-    keep = []
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for position, i in enumerate(order):
-            if removed[i]:
-                continue
-            keep.append(int(i))
-            if max_output is not None and len(keep) == max_output:
-                break
-            later = order[position + 1:]
-            w = np.maximum(compute(0), np.minimum(x2[i], x2[later]) - np.maximum(x1[i], x1[later]))
-            h = np.maximum(compute(0), np.minimum(y2[i], y2[later]) - np.maximum(y1[i], y1[later]))
-            inter = w * h
-            iou = inter / (area[i] + area[later] - inter)
-            removed[later] |= (iou.astype(np.float64) > threshold) & (idxs[later] == idxs[i])
-    return np.array(keep, np.int64)
 
 
 def kept(indices, count):
@@ -229,12 +198,12 @@ def test_matches_greedy_loop(kind, threshold, implementation):
     for max_output in (None, 5):
         indices, count = jax_psroi.nms(boxes, scores, threshold, max_output)
         np.testing.assert_array_equal(kept(indices, count),
-                                      greedy_reference(boxes, scores, threshold,
+                                      greedy_nms(boxes, scores, threshold,
                                                        max_output=max_output))
     idxs = rng.integers(0, 4, len(scores))
     indices, count = jax_psroi.batched_nms(boxes, scores, idxs, threshold)
     np.testing.assert_array_equal(kept(indices, count),
-                                  greedy_reference(boxes, scores, threshold, idxs))
+                                  greedy_nms(boxes, scores, threshold, idxs))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -244,7 +213,7 @@ def test_dtypes_compute_in_float32_or_wider(dtype, implementation):
     boxes, scores = jnp.asarray(boxes, dtype), jnp.asarray(scores, dtype)
     indices, count = jax_psroi.nms(boxes, scores, 0.6)
     # The reference on the values the dtype holds.
-    expected = greedy_reference(np.asarray(boxes.astype(jnp.float64 if dtype == jnp.float64
+    expected = greedy_nms(np.asarray(boxes.astype(jnp.float64 if dtype == jnp.float64
                                                         else jnp.float32)),
                                 np.asarray(scores.astype(jnp.float32)), 0.6)
     np.testing.assert_array_equal(kept(indices, count), expected)

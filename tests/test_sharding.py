@@ -1,4 +1,5 @@
-"""The operators over a device mesh: equal results, no all-gathers.
+"""The operators over a device mesh: equal results, no all-gathers (RoI
+operators and non-maximum suppression).
 
 The cases run on 8 simulated CPU devices in one process of their own
 (tests/sharding_worker.py), so that the test process keeps its one device; each
@@ -41,14 +42,19 @@ SUMMED = {"float32": 1e-6, "float64": 1e-14, "bfloat16": 2**-7, "float16": 2**-1
 
 
 @pytest.fixture(scope="module")
-def records():
+def worker_run():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, str(Path(worker.__file__))], env=env,
                          capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def records(worker_run):
     return {(r["case"], r["direction"], r["operation"], r["layout"], r["order"], r["dtype"]): r
-            for r in json.loads(run.stdout.splitlines()[-1])}
+            for r in worker_run["pooling"]}
 
 
 @pytest.mark.parametrize("combination", worker.COMBINATIONS, ids="-".join)
@@ -75,6 +81,30 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
     else:
         # Over RoIs, the gradient is one all-reduce; everything else is local.
         assert collectives == ({"all-reduce": 1} if summed else {}), record
+
+
+@pytest.mark.parametrize("operation", worker.NMS_OPERATIONS)
+@pytest.mark.parametrize("case", worker.NMS_CASES)
+def test_sharded_nms_equals_unsharded(worker_run, case, operation):
+    record = next(r for r in worker_run["nms"]
+                  if (r["case"], r["operation"]) == (case, operation))
+    assert record["equal"], record
+    # Crowded images: every one keeps some boxes and suppresses others.
+    assert 0 < min(record["counts"]) and max(record["counts"]) < worker.NMS_KEPT, record
+    collectives = {name: n for name, n in record["collectives"].items() if n}
+    if case == "boxes":
+        # Any box may suppress any other: the boxes are gathered, the
+        # results replicated.
+        assert collectives.get("all-gather", 0) >= 1, record
+        assert record["split"] == [None, None], record
+    elif case == "images_and_boxes":
+        # Gathered over the boxes' axis only; each device keeps its images.
+        assert set(collectives) == {"all-gather"}, record
+        assert record["split"] == ["data", "data"], record
+    else:
+        # Each device suppresses its own images: no communication at all.
+        assert collectives == {}, record
+        assert record["split"] == ["x", "x"], record
 
 
 # --- The kernels' bin-row ranges ----------------------------------------------
@@ -158,7 +188,8 @@ def test_a_row_range_outside_the_grid_is_an_error():
 
 def test_sharded_training_example():
     """examples/sharded_training.py on 8 simulated devices: each device pools
-    its own scenes, the step's one collective is the gradients' all-reduce,
+    and suppresses (the RPN's NMS) its own scenes, the step's one collective
+    is the gradients' all-reduce,
     and the first step is the one-device step."""
     example = Path(__file__).parents[1] / "examples" / "sharded_training.py"
     run = subprocess.run([sys.executable, str(example), "--devices", "8", "--steps", "2",
@@ -172,6 +203,9 @@ def test_sharded_training_example():
                      r"f32\[54,7,7,10\] on each device", out), out
     assert re.search(r"backward_nhwc_f32: f32\[54,7,7,10\], rois f32\[54,5\] -> "
                      r"f32\[1,16,16,490\] on each device", out), out
+    # The RPN's NMS: one scene's 200 best boxes per device.
+    assert re.search(r"jax_psroi_nms_f32: f32\[1,200,4\], scores f32\[1,200\] -> "
+                     r"s32\[1,48\] on each device", out), out
     assert ("collectives of the compiled step: all-gather 0, all-reduce 1, all-to-all 0, "
             "collective-permute 0, reduce-scatter 0") in out, out
     sharded, alone = map(float, re.search(
