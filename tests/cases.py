@@ -1,15 +1,17 @@
 """Random and hostile inputs, oracles and kernel names shared by the tests."""
 
+import contextlib
 import importlib
 import pathlib
 from functools import partial
+from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
 import jax_psroi
-from jax_psroi import _arguments, _extension
+from jax_psroi import _arguments, _extension, _nms
 
 # The dtypes and layouts with native kernels, from the kernel table, and the
 # channel orders every kernel takes.
@@ -183,6 +185,23 @@ def nms_schedule_target(dtype):
         _nms_schedule_targets = {row.dtype: row.name for row in _extension._register(
             module.nms_targets(), "cpu").values()}
     return _nms_schedule_targets[np.dtype(dtype)]
+
+
+@contextlib.contextmanager
+def nms_on_gpu_schedule():
+    """Within it, the CPU's native nms lowering is the CUDA one
+    (_nms.sorted_call: XLA's sort, then lib/nms_schedule.h) on the rig's
+    targets; no program compiled inside is reused outside, or the reverse."""
+    def call(boxes, scores, categories, **params):
+        return _nms.sorted_call(nms_schedule_target(boxes.dtype), boxes, scores, categories,
+                                **params)
+
+    jax.clear_caches()
+    try:
+        with mock.patch.object(_nms, "_native_call", call):
+            yield
+    finally:
+        jax.clear_caches()
 
 
 # The `kernels` parameter of tests that run on the CPU kernels and on the rig.

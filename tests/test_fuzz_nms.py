@@ -7,8 +7,9 @@ coordinates (up to float32's largest, areas that overflow), non-finite
 coordinates; scores uniform, tied (+0 and -0 among them), NaN and infinite;
 categories from one to a few, extreme int32 values included; every dtype;
 0 to 300 boxes; max_output_size 0, 1, some, N and past N; thresholds from
-below 0 to 1. The native CPU kernel and the XLA formulation must each give
-exactly the indices and count of the greedy numpy loop
+below 0 to 1. The native CPU kernel, the XLA formulation and the CUDA
+kernels' schedule (lib/nms_schedule.h, serially on the CPU: the test rig)
+must each give exactly the indices and count of the greedy numpy loop
 (loop_reference.greedy_nms, torchvision's semantics as lib/cpu/nms_kernels.h
 states them), run on the values the dtype holds.
 
@@ -22,11 +23,13 @@ from unittest import mock
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_psroi
 
+from cases import nms_on_gpu_schedule
 from loop_reference import greedy_nms
 
 EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_EXAMPLES", "20"))
@@ -103,9 +106,7 @@ def _call(problem, boxes, scores, categories, implementation):
                                      problem["max_output"])
 
 
-@FUZZ
-@given(problems())
-def test_fuzzed_nms_equals_the_greedy_loop(problem):
+def _check(problem, implementations):
     rng = np.random.default_rng(problem["seed"])
     n, dtype = problem["n"], problem["dtype"]
     with np.errstate(over="ignore"):  # huge values become inf in 16 bits: a case
@@ -121,10 +122,24 @@ def test_fuzzed_nms_equals_the_greedy_loop(problem):
     expected = greedy_nms(np.asarray(boxes.astype(compute)), np.asarray(scores.astype(compute)),
                           problem["threshold"], categories, problem["max_output"])
     size = n if problem["max_output"] is None else problem["max_output"]
-    for implementation in ("native", "xla"):
+    for implementation in implementations:
         indices, count = _call(problem, boxes, scores, categories, implementation)
         assert indices.shape == (size,) and indices.dtype == jnp.int32, implementation
         assert int(count) == len(expected), (implementation, int(count), expected)
         np.testing.assert_array_equal(indices[:len(expected)], expected,
                                       err_msg=implementation)
         np.testing.assert_array_equal(indices[len(expected):], -1, err_msg=implementation)
+
+
+@FUZZ
+@given(problems())
+def test_fuzzed_nms_equals_the_greedy_loop(problem):
+    _check(problem, ("native", "xla"))
+
+
+@pytest.mark.gpu_schedule
+@FUZZ
+@given(problems())
+def test_fuzzed_nms_on_the_gpu_schedule_equals_the_greedy_loop(problem):
+    with nms_on_gpu_schedule():
+        _check(problem, ("native",))

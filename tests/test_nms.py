@@ -19,7 +19,7 @@ import pytest
 import jax_psroi
 from jax_psroi import _extension, _nms
 
-from cases import nms_schedule_target
+from cases import nms_on_gpu_schedule, nms_schedule_target
 from loop_reference import greedy_nms
 
 GOLDEN = np.load(pathlib.Path(__file__).parent / "fixtures" / "golden_nms.npz")
@@ -29,23 +29,16 @@ IMPLEMENTATIONS = ["native", "xla",
 DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
 
 
-def _gpu_schedule_call(boxes, scores, categories, **params):
-    """The CUDA lowering's call (_nms.sorted_call) on the rig's target."""
-    return _nms.sorted_call(nms_schedule_target(boxes.dtype), boxes, scores, categories,
-                            **params)
-
-
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request, monkeypatch):
-    if request.param == "gpu_schedule":
-        # The CPU's native lowering becomes the CUDA one on the rig; no
-        # program compiled either way may be reused by the other.
-        monkeypatch.setattr(_nms, "_native_call", _gpu_schedule_call)
-        jax.clear_caches()
-        request.addfinalizer(jax.clear_caches)
+    # The rig: the CPU's native lowering runs the CUDA kernels' schedule.
     monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION",
                        "native" if request.param == "gpu_schedule" else request.param)
-    return request.param
+    if request.param != "gpu_schedule":
+        yield request.param
+        return
+    with nms_on_gpu_schedule():
+        yield request.param
 
 
 def kept(indices, count):
@@ -436,7 +429,7 @@ def test_gpu_schedule_mask_is_the_upper_triangle_of_64_box_words(n):
 
 @pytest.mark.gpu_schedule
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 129, 700])
-def test_gpu_schedule_matches_the_cpu_kernel_across_block_edges(n, monkeypatch):
+def test_gpu_schedule_matches_the_cpu_kernel_across_block_edges(n):
     # Kept boxes cut off by max_output before, at and after a 64-box block's
     # end; several images and categories in one call.
     rng = np.random.default_rng(n + 1)
@@ -447,11 +440,8 @@ def test_gpu_schedule_matches_the_cpu_kernel_across_block_edges(n, monkeypatch):
                             in_axes=(0, 0, 0, None)), static_argnums=3)
     for max_output in sorted({0, 1, 37, 63, 64, 65, n, n + 5}):
         expected = call(boxes, scores, idxs, max_output)
-        jax.clear_caches()
-        with monkeypatch.context() as patch:
-            patch.setattr(_nms, "_native_call", _gpu_schedule_call)
+        with nms_on_gpu_schedule():
             scheduled = call(boxes, scores, idxs, max_output)
-            jax.clear_caches()
         np.testing.assert_array_equal(scheduled[0], expected[0])
         np.testing.assert_array_equal(scheduled[1], expected[1])
 
