@@ -14,9 +14,10 @@ differentiation in the features). In the RoIs, the operators of samples
 terms of _box_derivatives.py, made of the same primitives with a
 ``box_parameter`` (1 to 4: the derivative of the pooled tensor with
 respect to one sampling parameter of every RoI, or its transpose: the
-kernels' box directions). A second derivative in the RoIs raises
-NotImplementedError; ps_roi_pool's pooled tensor is piecewise constant in
-its RoIs, whose derivative is zero. Each has
+kernels' box rows; on the XLA path, the forward-mode derivatives of its
+taps). A second derivative in the RoIs raises NotImplementedError;
+ps_roi_pool's pooled tensor is piecewise constant in its RoIs, whose
+derivative is zero. Each has
 a lowering to the native kernels on CPU and CUDA, a lowering to the XLA path
 (_xla_path.py) for every other platform, and a vmap rule that folds the
 mapped axis into the images and RoIs so a batch is one kernel launch.
@@ -169,13 +170,10 @@ def _make(operator: Operator) -> Primitives:
                  data_format, image_groups, box_parameter, pooled_size=None, input_shape=None,
                  **params):
         native = _implementation.native(platform, implementation)
-        if box_parameter and not native:
-            raise NotImplementedError(
-                f"jax_psroi.{operator.name}: derivatives with respect to the boxes run on the "
-                "native kernels (CPU, and CUDA where built) only; on this platform (or with "
-                "JAX_PSROI_IMPLEMENTATION=xla) pass jax.lax.stop_gradient(boxes)")
         if native:
             call = partial(native_call, operator, platform, box_parameter=box_parameter)
+        elif box_parameter:
+            call = partial(_xla_path.box_derivative, box_parameter)
         else:
             call = _xla_path.pool
         settings = operator.settings(params)

@@ -99,6 +99,23 @@ def test_box_gradient_equals_the_references(name, data_format, channel_order):
         boxes[0]), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, 70])
+def test_xla_path_box_derivatives_equal_the_native_ones(sampling_ratio, monkeypatch):
+    # 70 samples per bin axis: the XLA path's and the kernels' per-pixel sums.
+    _, features, boxes = _case(15)
+    op, _ = _operator("roi_align", "NHWC", sampling_ratio=sampling_ratio)
+    features = _layout(features, "NHWC", "torchvision")
+    loss = lambda f, b: jnp.sum(jnp.sin(op(f, b)))
+    mixed = lambda f, b: jnp.sum(jax.grad(loss, argnums=1)(f, b)[0] ** 2)
+    native = jax.grad(loss, argnums=1)(features, boxes), jax.grad(mixed)(features, boxes)
+    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
+    text = jax.jit(jax.grad(loss, argnums=1)).lower(features, boxes).as_text()
+    assert "custom_call" not in text
+    xla = jax.grad(loss, argnums=1)(features, boxes), jax.grad(mixed)(features, boxes)
+    for got, want in zip(jax.tree.leaves(xla), jax.tree.leaves(native), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_rois_array_gets_no_batch_index_gradient():
     _, features, boxes = _case(3)
     rois = np.concatenate([np.column_stack([np.full(len(b), i), b])
