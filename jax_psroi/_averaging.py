@@ -8,7 +8,16 @@ with features [N, C, H, W] and pooled [K, C_out, PH, PW] in NCHW, or
 [N, H, W, C] and [K, PH, PW, C_out] in NHWC.
 
 Both are linear in their first operand and adjoint to each other, which gives
-their JVP and transpose rules (and so any order of differentiation). Each has
+their transpose rules and their JVPs in that operand (and so any order of
+differentiation in the features). In the RoIs, the operators of samples
+(ps_roi_align, roi_align) have exact first derivatives: their JVPs add the
+terms of _box_derivatives.py, made of the same primitives with a
+``box_parameter`` (1 to 4: the derivative of the pooled tensor with
+respect to one sampling parameter of every RoI, or its transpose: the
+kernels' box rows; on the XLA path, the forward-mode derivatives of its
+taps). A second derivative in the RoIs raises NotImplementedError;
+ps_roi_pool's pooled tensor is piecewise constant in its RoIs, whose
+derivative is zero. Each has
 a lowering to the native kernels on CPU and CUDA, a lowering to the XLA path
 (_xla_path.py) for every other platform, and a vmap rule that folds the
 mapped axis into the images and RoIs so a batch is one kernel launch.
@@ -21,7 +30,7 @@ images_per_group: which image each RoI's batch index counts from;
 _image_groups.py), ``implementation`` ("native" or "xla", read from the
 environment when the call was traced: _implementation.py) and the
 operator's own attributes (its spec's ``attributes``: ``sampling_ratio``,
-``channel_order``, ``aligned``).
+``channel_order``, ``aligned``) and ``box_parameter`` (0: the values).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from jax.interpreters import ad, batching, xla
 
 from jax_psroi import (
     _arguments,
+    _box_derivatives,
     _extension,
     _image_groups,
     _implementation,
@@ -95,11 +105,12 @@ def group_attributes(image_groups) -> dict:
 
 def native_call(operator: Operator, platform, direction, operand, rois, result_shape, *,
                 spatial_scale, sampling_ratio, data_format, channel_order, box_rule,
-                image_groups, first_bin_row=0, bin_rows=None, updated=None):
+                image_groups, first_bin_row=0, bin_rows=None, updated=None, box_parameter=0):
     """One kernel call of `operator` (its settings as Operator.settings gives
     them). `updated` (a forward's only): the pooled tensor the call updates
     in place, leaving the outputs of RoIs that read nothing (multi-scale
-    RoI Align, level after level)."""
+    RoI Align, level after level). `box_parameter` > 0: the call of the
+    direction's box row (_box_derivatives.py)."""
     dtype = operand.dtype
     features, pooled = _arguments.features_and_pooled(direction, operand.shape, result_shape)
     pooled_h, _ = _arguments.pooled_size_of(pooled, data_format)
@@ -109,11 +120,14 @@ def native_call(operator: Operator, platform, direction, operand, rois, result_s
     else:
         results += cpu_further_results(direction, operator.name, dtype, features, pooled,
                                        data_format, channel_order)
-    name = _extension.target_name(platform, direction, dtype, data_format, operator.name)
+    row = f"box_{direction}" if box_parameter else direction
+    name = _extension.target_name(platform, row, dtype, data_format, operator.name)
     operands, aliases = (operand, rois), {}
     if updated is not None:
         operands, aliases = (operand, rois, updated), {2: 0}
     attribute = operator.kernel_attributes(channel_order, box_rule)
+    if box_parameter:
+        attribute["box_parameter"] = int(box_parameter)
     return jax.ffi.ffi_call(name, results, input_output_aliases=aliases)(
         *operands, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio), **attribute,
@@ -153,9 +167,15 @@ def _make(operator: Operator) -> Primitives:
     # asks for it. _partitioning.lower runs it on every device's shards when
     # the program is partitioned over a mesh.
     def lowering(direction, platform, ctx, operand, rois, *, implementation, spatial_scale,
-                 data_format, image_groups, pooled_size=None, input_shape=None, **params):
+                 data_format, image_groups, box_parameter, pooled_size=None, input_shape=None,
+                 **params):
         native = _implementation.native(platform, implementation)
-        call = partial(native_call, operator, platform) if native else _xla_path.pool
+        if native:
+            call = partial(native_call, operator, platform, box_parameter=box_parameter)
+        elif box_parameter:
+            call = partial(_xla_path.box_derivative, box_parameter)
+        else:
+            call = _xla_path.pool
         settings = operator.settings(params)
         local_call = partial(call, direction, spatial_scale=spatial_scale,
                              data_format=data_format, image_groups=image_groups, **settings)
@@ -167,8 +187,52 @@ def _make(operator: Operator) -> Primitives:
                                    channel_order=settings["channel_order"],
                                    bin_rows_call=native)
 
-    # RoIs are not differentiated (torchvision gives them a zero gradient):
-    # their JVP rules are None and their transposes are never requested.
+    # JVPs: linear in the first operand; in the RoIs (operators of samples,
+    # first order), the sum over the four box parameters of the box calls
+    # times the parameters' tangents, per RoI (_box_derivatives.py). The
+    # RoIs are never transposed: their tangents enter through jax.numpy.
+    def parameter_tangents(rois, rois_dot, params, pooled_size):
+        if params["box_parameter"]:
+            raise NotImplementedError(
+                f"jax_psroi.{operator.name}: second derivatives with respect to the boxes are "
+                "not implemented (first derivatives, and mixed ones of first order in the "
+                "boxes, are exact)")
+        return _box_derivatives.parameter_tangents(
+            rois, rois_dot, spatial_scale=params["spatial_scale"], pooled_size=pooled_size,
+            aligned=operator.box_rule(params).aligned)
+
+    def differentiable_in_rois(rois_dot, params) -> bool:
+        return type(rois_dot) is not ad.Zero and not operator.box_rule(params).whole_pixels
+
+    def forward_jvp(primals, tangents, **params):
+        features, rois = primals
+        features_dot, rois_dot = tangents
+        out = forward_p.bind(features, rois, **params)
+        out_dot = (ad.Zero(jax.typeof(out).to_tangent_aval()) if type(features_dot) is ad.Zero
+                   else forward_p.bind(features_dot, rois, **params))
+        if differentiable_in_rois(rois_dot, params):
+            theta_dot = parameter_tangents(rois, rois_dot, params, params["pooled_size"])
+            for j in _box_derivatives.PARAMETERS:
+                term = forward_p.bind(features, rois, **{**params, "box_parameter": j})
+                term = term * _box_derivatives.per_roi(theta_dot[:, j - 1], term)
+                out_dot = term if type(out_dot) is ad.Zero else out_dot + term
+        return out, out_dot
+
+    def backward_jvp(primals, tangents, **params):
+        cotangent, rois = primals
+        cotangent_dot, rois_dot = tangents
+        grad = backward_p.bind(cotangent, rois, **params)
+        grad_dot = (ad.Zero(jax.typeof(grad).to_tangent_aval()) if type(cotangent_dot) is ad.Zero
+                    else backward_p.bind(cotangent_dot, rois, **params))
+        if differentiable_in_rois(rois_dot, params):
+            pooled_size = _arguments.pooled_size_of(cotangent.shape, params["data_format"])
+            theta_dot = parameter_tangents(rois, rois_dot, params, pooled_size)
+            for j in _box_derivatives.PARAMETERS:
+                scaled = cotangent * _box_derivatives.per_roi(theta_dot[:, j - 1], cotangent)
+                term = backward_p.bind(scaled, rois, **{**params, "box_parameter": j})
+                grad_dot = term if type(grad_dot) is ad.Zero else grad_dot + term
+        return grad, grad_dot
+
     def forward_transpose(cotangent, features, rois, *, pooled_size, **params):
         assert ad.is_undefined_primal(features) and not ad.is_undefined_primal(rois)
         if type(cotangent) is ad.Zero:
@@ -201,15 +265,12 @@ def _make(operator: Operator) -> Primitives:
 
     forward_p.def_abstract_eval(forward_abstract_eval)
     backward_p.def_abstract_eval(backward_abstract_eval)
-    for primitive, direction, transpose, batch in (
-            (forward_p, "forward", forward_transpose, forward_batch),
-            (backward_p, "backward", backward_transpose, backward_batch)):
+    for primitive, direction, jvp, transpose, batch in (
+            (forward_p, "forward", forward_jvp, forward_transpose, forward_batch),
+            (backward_p, "backward", backward_jvp, backward_transpose, backward_batch)):
         primitive.def_impl(partial(xla.apply_primitive, primitive))
         _rules.register_lowerings(primitive, partial(lowering, direction))
-        ad.defjvp(primitive,
-                  lambda t, _, rois, primitive=primitive, **params: primitive.bind(t, rois,
-                                                                                   **params),
-                  None)
+        ad.primitive_jvps[primitive] = jvp
         ad.primitive_transposes[primitive] = transpose
         batching.primitive_batchers[primitive] = batch
     return Primitives(forward_p, backward_p)
@@ -231,5 +292,5 @@ def apply(operator: Operator, input, boxes, output_size, spatial_scale, data_for
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return PRIMITIVES[operator.name].forward.bind(
         features, rois, image_groups=groups, implementation=_implementation.requested(),
-        **params, **operator.check(**attributes))
+        box_parameter=0, **params, **operator.check(**attributes))
 

@@ -36,6 +36,7 @@ from jax.interpreters import ad, batching, xla
 from jax_psroi import (
     _arguments,
     _averaging,
+    _box_derivatives,
     _image_groups,
     _implementation,
     _levels,
@@ -97,16 +98,40 @@ _rules.register_lowerings(multi_scale_p, _lowering)
 
 
 # --- Differentiation ---------------------------------------------------------
-# Linear in the maps; RoIs and levels are not differentiated.
+# Linear in the maps. In the RoIs, exact first derivatives: per level, as
+# roi_align's (_box_derivatives.py) with the level's scale, from roi_align's
+# box calls on the level's RoIs (the others read nothing there). Levels are
+# integers.
 
-def _jvp(primals, tangents, **params):
+def _jvp(primals, tangents, *, pooled_size, spatial_scales, sampling_ratio, data_format,
+         image_groups, implementation):
     *maps, rois, levels = primals
+    params = dict(pooled_size=pooled_size, spatial_scales=spatial_scales,
+                  sampling_ratio=sampling_ratio, data_format=data_format,
+                  image_groups=image_groups, implementation=implementation)
     out = multi_scale_p.bind(*primals, **params)
-    map_tangents = tangents[:len(maps)]
-    if all(type(t) is ad.Zero for t in map_tangents):
-        return out, ad.Zero(jax.typeof(out).to_tangent_aval())
-    map_tangents = [ad.instantiate_zeros(t) for t in map_tangents]
-    return out, multi_scale_p.bind(*map_tangents, rois, levels, **params)
+    map_tangents, rois_dot = tangents[:len(maps)], tangents[len(maps)]
+    out_dot = ad.Zero(jax.typeof(out).to_tangent_aval())
+    if not all(type(t) is ad.Zero for t in map_tangents):
+        map_tangents = [ad.instantiate_zeros(t) for t in map_tangents]
+        out_dot = multi_scale_p.bind(*map_tangents, rois, levels, **params)
+    if type(rois_dot) is ad.Zero:
+        return out, out_dot
+    forward = _averaging.PRIMITIVES[_ROI_ALIGN.name].forward
+    level_params = _level_params(sampling_ratio)
+    aligned = _ROI_ALIGN.box_rule(level_params).aligned
+    for level, (features, scale) in enumerate(zip(maps, spatial_scales, strict=True)):
+        theta_dot = _box_derivatives.parameter_tangents(
+            rois, rois_dot, spatial_scale=scale, pooled_size=pooled_size, aligned=aligned)
+        level_rois = _levels.level_rois(rois, levels, level)
+        for j in _box_derivatives.PARAMETERS:
+            term = forward.bind(features, level_rois, pooled_size=pooled_size,
+                                implementation=implementation, spatial_scale=scale,
+                                data_format=data_format, image_groups=image_groups,
+                                box_parameter=j, **level_params)
+            term = term * _box_derivatives.per_roi(theta_dot[:, j - 1], term)
+            out_dot = term if type(out_dot) is ad.Zero else out_dot + term
+    return out, out_dot
 
 
 def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio,
@@ -124,7 +149,7 @@ def _transpose(cotangent, *operands, pooled_size, spatial_scales, sampling_ratio
                 cotangent, _levels.level_rois(rois, levels, level),
                 input_shape=features.aval.shape, implementation=implementation,
                 spatial_scale=scale, data_format=data_format, image_groups=image_groups,
-                **_level_params(sampling_ratio)))
+                box_parameter=0, **_level_params(sampling_ratio)))
     return [*grads, None, None]
 
 

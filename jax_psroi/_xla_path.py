@@ -354,6 +354,28 @@ def pool(direction, operand, rois, result_shape, *, spatial_scale, sampling_rati
     return grad.reshape(features_shape).astype(dtype)
 
 
+def box_derivative(box_parameter, direction, operand, rois, result_shape, *, spatial_scale,
+                   data_format, **settings):
+    """The box rows' call on the XLA path (_box_derivatives.py): the
+    derivative of :func:`pool`'s forward (or backward, whose derivative is
+    the transpose of the forward's) with respect to one sampling parameter
+    of every RoI, in forward mode through its taps, along a tangent of the
+    corners that moves that parameter alone: both corners of an axis for
+    its start, the far one for its bin size (where aligned=False clamps the
+    size, nothing moves, and the JVP's parameter tangent is 0 too)."""
+    _, pooled_shape = _arguments.features_and_pooled(direction, operand.shape, result_shape)
+    pooled_h, pooled_w = _arguments.pooled_size_of(pooled_shape, data_format)
+    first, last, bins = {1: (1, 3, pooled_w), 2: (1, 3, pooled_w),
+                         3: (2, 4, pooled_h), 4: (2, 4, pooled_h)}[box_parameter]
+    step = (1.0 if box_parameter in (1, 3) else bins) / spatial_scale
+    tangent = jnp.zeros_like(rois).at[:, last].set(step)
+    if box_parameter in (1, 3):
+        tangent = tangent.at[:, first].set(step)
+    return jax.jvp(lambda r: pool(direction, operand, r, result_shape,
+                                  spatial_scale=spatial_scale, data_format=data_format,
+                                  **settings), (rois,), (tangent,))[1]
+
+
 # --- RoI Pool ------------------------------------------------------------------
 
 def roi_pool(features, rois, pixels=None, *, result_shape, spatial_scale, data_format,

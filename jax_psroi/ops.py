@@ -86,7 +86,12 @@ def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     so reverse mode (``jax.grad``, ``jax.vjp``), forward mode (``jax.jvp``,
     ``jax.jacfwd``) and any mix and order of them (``jax.hessian``,
     Hessian-vector products, gradient penalties) run on the native kernels.
-    ``boxes`` receive a zero gradient (and tangent), as in torchvision.
+    Unlike torchvision's, ``boxes`` have exact first derivatives (through
+    every sample's bilinear weights; the batch index column gets 0), on the
+    native kernels too; conventions where the output is not differentiable
+    in a box, and the orders, in docs/guides/differentiation.md. Write
+    ``jax.lax.stop_gradient(boxes)`` to detach them, as torchvision-style
+    training does.
 
     Differences from torchvision, all where torchvision returns NaN, reads
     out of bounds or never returns: an RoI whose batch index is outside
@@ -114,7 +119,8 @@ def roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     Same signature and semantics as ``torchvision.ops.roi_align``, on the
     native kernels of ``ps_roi_align`` (with every bin of output channel c
     reading input channel c): ``jax.jit``, ``jax.vmap`` and every mode and
-    order of differentiation.
+    order of differentiation, exact first derivatives in ``boxes`` included
+    (see ``ps_roi_align``).
 
     Args:
       input: [N, C, H, W] feature map (or [N, H, W, C] with
@@ -237,7 +243,9 @@ def multi_scale_roi_align(features: Sequence[ArrayLike], boxes: Boxes, output_si
     Mask R-CNN), what ``torchvision.ops.MultiScaleRoIAlign`` computes, each
     RoI pooled from its own level only, on the native kernels of
     ``roi_align``: ``jax.jit``, ``jax.vmap`` and every mode and order of
-    differentiation.
+    differentiation, exact first derivatives in ``boxes`` included (each
+    RoI's through its level's geometry; its level, piecewise constant in the
+    box, contributes none).
 
     Each level's spatial scale is inferred from its height, as torchvision
     infers it: 2 to the rounded log2 of (level height / image height). RoI

@@ -94,7 +94,9 @@ def axis_taps(coord, inside, size):
     `size` pixels, with torchvision's border rules (clamp to 0 below, to the
     last pixel above): int32 low and high pixels and their weights, all
     shaped like `coord`; weights 0 (and pixels 0) where `inside` is False."""
-    coord = jnp.where(inside, jnp.maximum(coord, 0), 0)
+    # Not jnp.maximum: at a coordinate of exactly 0 its derivative is 1/2;
+    # held at the border, the weights are constant (the kernels' convention).
+    coord = jnp.where(inside & (coord > 0), coord, 0)
     low = jnp.floor(coord).astype(jnp.int32)
     at_end = low >= size - 1
     low = jnp.where(at_end, size - 1, low)
@@ -177,7 +179,8 @@ def roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     """RoI Align in ``jax.numpy``: the arguments and semantics of
     ``torchvision.ops.roi_align``, with ps_roi_align's safe deviations (an
     RoI with a batch index outside [0, N) or non-finite coordinates gives 0),
-    for any floating dtype. Differentiable (it is linear in ``input``).
+    for any floating dtype. Differentiable (it is linear in ``input``, and
+    JAX differentiates its boxes with the kernels' conventions).
 
     Args:
       input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)

@@ -134,10 +134,15 @@ struct PoolingBinding<AveragePooling> {
                                             .template Arg<MapBuffer<S>>()            // input
                                             .template Arg<RoisBuffer<S>>()           // rois
                                             .template OptionalArg<MapBuffer<S>>());  // updated
-    } else {
+    } else if constexpr (D == Direction::kBackward) {
       return bind_results<Operation, S>(std::move(binding)
                                             .template Arg<MapBuffer<S>>()     // cotangent
                                             .template Arg<RoisBuffer<S>>());  // rois
+    } else {  // the box directions: input or cotangent, rois
+      return bind_results<Operation, S>(std::move(binding)
+                                            .template Arg<MapBuffer<S>>()
+                                            .template Arg<RoisBuffer<S>>())
+          .template Attr<int64_t>("box_parameter");
     }
   }
 };

@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "ffi_common.h"
 #include "kernel_table.h"
@@ -60,12 +61,23 @@ struct BackwardCall {
 
 namespace entry {
 
+// The parameter a box direction's call names, checked.
+inline ffi::ErrorOr<BoxParameter> box_parameter_of(int64_t value) {
+  if (value < 1 || value > 4) {
+    return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
+        "jax_psroi: box_parameter must be 1 (x start), 2 (bin width), 3 (y start) or 4 (bin "
+        "height), got " + std::to_string(value)));
+  }
+  return static_cast<BoxParameter>(value);
+}
+
+// The forward, or with a box parameter its derivative with respect to it.
 template <typename Platform, typename Operation, typename Layout, typename S>
-typename Platform::Result average_forward(
-    typename Platform::Context context, MapBuffer<S> input, RoisBuffer<S> rois,
-    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output, ffi::RemainingRets further,
-    double spatial_scale, int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row,
-    int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
+typename Platform::Result average_forward_of(
+    BoxParameter parameter, typename Platform::Context context, MapBuffer<S> input,
+    RoisBuffer<S> rois, UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output,
+    ffi::RemainingRets further, double spatial_scale, int64_t sampling_ratio, int64_t attribute,
+    int64_t first_bin_row, int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
   using T = ComputeType<S>;
   ffi::ErrorOr<CallShape> shape =
       call_dims<Operation, Layout, T>(input.dimensions(), rois.dimensions(), output->dimensions(),
@@ -83,10 +95,62 @@ typename Platform::Result average_forward(
                       nullptr,
                       nullptr,
                       further};
+  call.rule.derivative = parameter;
   if (ffi::Error error = apply_update(updated, *output, &call.skip_empty_rois); error.failure()) {
     return Platform::fail(error);
   }
   return Platform::template average_forward<Layout>(context, call);
+}
+
+template <typename Platform, typename Operation, typename Layout, typename S>
+typename Platform::Result average_forward(
+    typename Platform::Context context, MapBuffer<S> input, RoisBuffer<S> rois,
+    UpdatedBuffer<S> updated, ffi::Result<MapBuffer<S>> output, ffi::RemainingRets further,
+    double spatial_scale, int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row,
+    int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
+  return average_forward_of<Platform, Operation, Layout, S>(
+      BoxParameter::kValue, context, input, rois, updated, output, further, spatial_scale,
+      sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group, images_per_group);
+}
+
+template <typename Platform, typename Operation, typename Layout, typename S>
+typename Platform::Result box_forward(
+    typename Platform::Context context, MapBuffer<S> input, RoisBuffer<S> rois,
+    ffi::Result<MapBuffer<S>> output, ffi::RemainingRets further, double spatial_scale,
+    int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
+    int64_t rois_per_group, int64_t images_per_group, int64_t box_parameter) {
+  ffi::ErrorOr<BoxParameter> parameter = box_parameter_of(box_parameter);
+  if (parameter.has_error()) return Platform::fail(parameter.error());
+  return average_forward_of<Platform, Operation, Layout, S>(
+      parameter.value(), context, input, rois, std::nullopt, output, further, spatial_scale,
+      sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group, images_per_group);
+}
+
+// The backward, or with a box parameter the transpose of box_forward's.
+template <typename Platform, typename Operation, typename Layout, typename S>
+typename Platform::Result average_backward_of(
+    BoxParameter parameter, typename Platform::Context context, MapBuffer<S> cotangent,
+    RoisBuffer<S> rois, ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets further,
+    double spatial_scale, int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row,
+    int64_t bin_rows, int64_t rois_per_group, int64_t images_per_group) {
+  using T = ComputeType<S>;
+  ffi::ErrorOr<CallShape> shape = call_dims<Operation, Layout, T>(
+      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
+      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
+       images_per_group});
+  if (shape.has_error()) return Platform::fail(shape.error());
+  BackwardCall<S> call{shape.value(),
+                       Operation::box_rule(attribute),
+                       data<S>(cotangent),
+                       data<T>(rois),
+                       data<S>(*grad_input),
+                       grad_input->size_bytes(),
+                       static_cast<T>(spatial_scale),
+                       sampling_ratio,
+                       nullptr,
+                       further};
+  call.rule.derivative = parameter;
+  return Platform::template average_backward<Layout>(context, call);
 }
 
 template <typename Platform, typename Operation, typename Layout, typename S>
@@ -95,23 +159,22 @@ typename Platform::Result average_backward(
     ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets further, double spatial_scale,
     int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
     int64_t rois_per_group, int64_t images_per_group) {
-  using T = ComputeType<S>;
-  ffi::ErrorOr<CallShape> shape = call_dims<Operation, Layout, T>(
-      grad_input->dimensions(), rois.dimensions(), cotangent.dimensions(),
-      {spatial_scale, sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group,
-       images_per_group});
-  if (shape.has_error()) return Platform::fail(shape.error());
-  const BackwardCall<S> call{shape.value(),
-                             Operation::box_rule(attribute),
-                             data<S>(cotangent),
-                             data<T>(rois),
-                             data<S>(*grad_input),
-                             grad_input->size_bytes(),
-                             static_cast<T>(spatial_scale),
-                             sampling_ratio,
-                             nullptr,
-                             further};
-  return Platform::template average_backward<Layout>(context, call);
+  return average_backward_of<Platform, Operation, Layout, S>(
+      BoxParameter::kValue, context, cotangent, rois, grad_input, further, spatial_scale,
+      sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group, images_per_group);
+}
+
+template <typename Platform, typename Operation, typename Layout, typename S>
+typename Platform::Result box_backward(
+    typename Platform::Context context, MapBuffer<S> cotangent, RoisBuffer<S> rois,
+    ffi::Result<MapBuffer<S>> grad_input, ffi::RemainingRets further, double spatial_scale,
+    int64_t sampling_ratio, int64_t attribute, int64_t first_bin_row, int64_t bin_rows,
+    int64_t rois_per_group, int64_t images_per_group, int64_t box_parameter) {
+  ffi::ErrorOr<BoxParameter> parameter = box_parameter_of(box_parameter);
+  if (parameter.has_error()) return Platform::fail(parameter.error());
+  return average_backward_of<Platform, Operation, Layout, S>(
+      parameter.value(), context, cotangent, rois, grad_input, further, spatial_scale,
+      sampling_ratio, attribute, first_bin_row, bin_rows, rois_per_group, images_per_group);
 }
 
 template <typename Platform, typename Operation, typename Layout, typename S>
@@ -176,6 +239,10 @@ struct PoolingEntries<AveragePooling> {
   static constexpr auto forward = &average_forward<Platform, Operation, Layout, S>;
   template <typename Platform, typename Operation, typename Layout, typename S>
   static constexpr auto backward = &average_backward<Platform, Operation, Layout, S>;
+  template <typename Platform, typename Operation, typename Layout, typename S>
+  static constexpr auto box_forward = &entry::box_forward<Platform, Operation, Layout, S>;
+  template <typename Platform, typename Operation, typename Layout, typename S>
+  static constexpr auto box_backward = &entry::box_backward<Platform, Operation, Layout, S>;
 };
 template <>
 struct PoolingEntries<MaxPooling> {
@@ -201,8 +268,12 @@ struct PlatformHandler {
       };
       if constexpr (D == Direction::kForward) {
         return bind_to(binding(), Entries::template forward<Platform, Operation, Layout, S>);
-      } else {
+      } else if constexpr (D == Direction::kBackward) {
         return bind_to(binding(), Entries::template backward<Platform, Operation, Layout, S>);
+      } else if constexpr (D == Direction::kBoxForward) {
+        return bind_to(binding(), Entries::template box_forward<Platform, Operation, Layout, S>);
+      } else {
+        return bind_to(binding(), Entries::template box_backward<Platform, Operation, Layout, S>);
       }
     }
 

@@ -39,7 +39,18 @@
 
 namespace jax_psroi {
 
-enum class Direction { kForward, kBackward };
+// A row's direction. The box directions, of the operators whose policy has
+// kBoxDerivatives, are the derivative of the forward with respect to one
+// sampling parameter of every box (BoxParameter, roi_math.h; the call's
+// attribute box_parameter) and its transpose: linear in their first operand
+// and called as the forward (without a pooled tensor to update) and the
+// backward are.
+enum class Direction { kForward, kBackward, kBoxForward, kBoxBackward };
+
+// Whether a direction is called as the forward (else as the backward).
+constexpr bool is_forward(Direction d) {
+  return d == Direction::kForward || d == Direction::kBoxForward;
+}
 
 template <typename... Ts>
 struct TypeList {};
@@ -52,7 +63,10 @@ struct Tag {
 template <Direction D>
 struct DirectionTag {
   static constexpr Direction value = D;
-  static constexpr const char* name = D == Direction::kForward ? "forward" : "backward";
+  static constexpr const char* name = D == Direction::kForward      ? "forward"
+                                      : D == Direction::kBackward   ? "backward"
+                                      : D == Direction::kBoxForward ? "box_forward"
+                                                                    : "box_backward";
 };
 
 // Names of the table's entries, as the target names and Python spell them.
@@ -118,6 +132,10 @@ void for_each_kernel(Visit&& visit) {
     };
     for_direction(DirectionTag<Direction::kForward>{});
     for_direction(DirectionTag<Direction::kBackward>{});
+    if constexpr (decltype(operation)::type::kBoxDerivatives) {
+      for_direction(DirectionTag<Direction::kBoxForward>{});
+      for_direction(DirectionTag<Direction::kBoxBackward>{});
+    }
   });
 }
 

@@ -105,6 +105,13 @@ struct CallShape {
   PSROI_HD int64_t channel_bins() const { return channels_out * bins(); }
 };
 
+// What a kernel computes of the pooled tensor: its value, or its derivative
+// with respect to one sampling parameter of each RoI (RoiBox: where an axis
+// starts, its bin size), from which jax_psroi/_box_derivatives.py composes
+// the derivatives with respect to the box corners. Only rules of samples
+// have derivatives: a window of whole pixels is piecewise constant in them.
+enum class BoxParameter : int8_t { kValue = 0, kStartX = 1, kBinW = 2, kStartY = 3, kBinH = 4 };
+
 // How an operator turns an RoI into bins: what its policy's box_rule gives
 // (lib/operators/).
 struct BoxRule {
@@ -120,6 +127,9 @@ struct BoxRule {
   // reach the last row and column (RoI Pool's; ps_roi_pool's forward clips
   // them to [0, size - 1]).
   bool inclusive_corners;
+  // The box directions' parameter (kernel_table.h); the operator's rule
+  // computes values.
+  BoxParameter derivative = BoxParameter::kValue;
 
   static constexpr PSROI_HD BoxRule samples(bool aligned) { return {aligned, false, false}; }
   static constexpr PSROI_HD BoxRule windows(bool inclusive_corners) {
@@ -196,6 +206,10 @@ struct RoiAxis {
   int64_t first_bin;  // the RoI's bin that this call's bin 0 is
   bool whole_pixels;  // BoxRule::whole_pixels: bins are windows, not samples
   bool reaches_last;  // BoxRule::inclusive_corners: windows clipped to [0, size]
+  // What the taps of a sample weigh (sample_tap): 0, their bilinear
+  // weights; 1 or 2, those weights' derivatives with respect to `start` or
+  // `bin_size` (BoxRule::derivative).
+  int8_t derivative;
 
   // Window of bin `bin` on an axis of `size` pixels (whole_pixels), as
   // torchvision's ps_roi_pool forward and roi_pool take it: [floor(b *
@@ -347,6 +361,11 @@ PSROI_HD RoiGeometry<T> geometry_of_box(const RoiBox<T>& box, const CallShape& s
   geometry.y.first_bin = shape.first_bin_row;
   geometry.x.whole_pixels = geometry.y.whole_pixels = rule.whole_pixels;
   geometry.x.reaches_last = geometry.y.reaches_last = rule.inclusive_corners;
+  const int parameter = static_cast<int>(rule.derivative);  // 1, 2: x; 3, 4: y
+  const bool sampled = !rule.whole_pixels;
+  geometry.x.derivative = static_cast<int8_t>(sampled && parameter >= 1 && parameter <= 2
+                                                  ? parameter : 0);
+  geometry.y.derivative = static_cast<int8_t>(sampled && parameter >= 3 ? parameter - 2 : 0);
   // A window is never a grid of samples: grid 1 marks the axis non-empty.
   geometry.x.grid = rule.whole_pixels ? 1 : grid_size(geometry.x.bin_size, sampling_ratio);
   geometry.y.grid = rule.whole_pixels ? 1 : grid_size(geometry.y.bin_size, sampling_ratio);
@@ -392,6 +411,30 @@ PSROI_HD AxisTap<T> axis_tap(T v, int64_t size) {
   const T frac = v - static_cast<T>(t.low);
   t.w_high = frac;
   t.w_low = static_cast<T>(1) - frac;
+  return t;
+}
+
+// The taps of sample i of bin `bin`: axis_tap's, whose weights are, when
+// the axis is differentiated (RoiAxis::derivative), the derivatives of the
+// bilinear weights with respect to the axis's start or bin size:
+// -dv and +dv on the low and high pixel, dv the derivative of the sample's
+// coordinate v (1, or (first_bin + bin) + (i + 0.5) / grid). Conventions
+// where the weights are not differentiable: at an integer coordinate,
+// the derivative of the piece to its right (the taps axis_tap picks there);
+// a sample the border rule holds (v <= 0 reads pixel 0, v >= size - 1 the
+// last pixel, outside [-1, size] nothing) has weights constant in v, so 0.
+template <typename T>
+PSROI_HD AxisTap<T> sample_tap(const RoiAxis<T>& axis, int64_t bin, int64_t i, int64_t size) {
+  const T v = axis.sample(bin, i);
+  AxisTap<T> t = axis_tap(v, size);
+  if (axis.derivative == 0 || !t.valid) return t;
+  const bool moves = v > static_cast<T>(0) && t.high != t.low;
+  const T dv = axis.derivative == 1
+                   ? static_cast<T>(1)
+                   : static_cast<T>(axis.first_bin + bin) +
+                         (static_cast<T>(i) + static_cast<T>(0.5)) / static_cast<T>(axis.grid);
+  t.w_low = moves ? -dv : static_cast<T>(0);
+  t.w_high = moves ? dv : static_cast<T>(0);
   return t;
 }
 
@@ -579,7 +622,7 @@ template <typename T, typename Add>
 PSROI_HD void for_each_sample_tap(const RoiAxis<T>& axis, int64_t bin, int64_t size, Add add) {
   const SampleRange r = samples_to_visit(axis, bin, size);
   for (int64_t i = r.begin; i < r.end; ++i) {
-    const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);
+    const AxisTap<T> t = sample_tap(axis, bin, i, size);
     if (!t.valid) continue;
     add(t.low, t.w_low);
     add(t.high, t.w_high);
@@ -622,7 +665,7 @@ PSROI_HD void for_each_pixel_weight(const RoiAxis<T>& axis, int64_t bin, int64_t
   };
   const SampleRange r = samples_to_visit(axis, bin, size);
   for (int64_t i = r.begin; i < r.end; ++i) {
-    const AxisTap<T> t = axis_tap(axis.sample(bin, i), size);
+    const AxisTap<T> t = sample_tap(axis, bin, i, size);
     if (!t.valid) continue;
     if (t.low != low) {
       end_run();
@@ -671,10 +714,10 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& geometry, const CallS
   const SampleRange ry = samples_to_visit(geometry.y, ph, shape.height);
   const SampleRange rx = samples_to_visit(geometry.x, pw, shape.width);
   for (int64_t iy = ry.begin; iy < ry.end; ++iy) {
-    const AxisTap<T> ty = axis_tap(geometry.y.sample(ph, iy), shape.height);
+    const AxisTap<T> ty = sample_tap(geometry.y, ph, iy, shape.height);
     if (!ty.valid) continue;
     for (int64_t ix = rx.begin; ix < rx.end; ++ix) {
-      const AxisTap<T> tx = axis_tap(geometry.x.sample(pw, ix), shape.width);
+      const AxisTap<T> tx = sample_tap(geometry.x, pw, ix, shape.width);
       if (tx.valid) visit(ty, tx);
     }
   }

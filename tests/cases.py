@@ -293,21 +293,24 @@ def check_transformations(op, features, boxes, operation):
 def native_gpu_schedule(direction, operand, rois, out_shape, spatial_scale,
                         sampling_ratio, data_format="NCHW", channel_order="torchvision",
                         first_bin_row=0, bin_rows=None, aligned=None,
-                        operation="ps_roi_align"):
+                        operation="ps_roi_align", box_parameter=0):
     """Runs the CUDA kernels' schedule (gpu_schedule.h: buckets, blocks, tile
     lists, passes), built for the CPU, serially on the CPU: bin rows
     [first_bin_row, first_bin_row + PH) of a grid of bin_rows (default PH),
     of `operation`'s rows. With `aligned` given, roi_align's rows (shared
-    channels)."""
+    channels); with `box_parameter` (1 to 4), the direction's box row."""
     dtype = jax.numpy.dtype(operand.dtype)
     if aligned is not None:
         operation = "roi_align"
-    name = gpu_schedule_target((operation, direction, data_format, dtype))
+    row = f"box_{direction}" if box_parameter else direction
+    name = gpu_schedule_target((operation, row, data_format, dtype))
     call = jax.ffi.ffi_call(name, [jax.ShapeDtypeStruct(out_shape, dtype)])
     pooled = out_shape if direction == "forward" else operand.shape
     pooled_h, _ = _arguments.pooled_size_of(pooled, data_format)
     attribute = (dict(channel_order=CHANNEL_ORDERS.index(channel_order)) if aligned is None
                  else dict(aligned=int(aligned)))
+    if box_parameter:
+        attribute["box_parameter"] = int(box_parameter)
     with jax.default_device(jax.devices("cpu")[0]):
         out = call(operand, rois, spatial_scale=float(spatial_scale),
                    sampling_ratio=int(sampling_ratio), **attribute,

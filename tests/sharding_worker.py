@@ -71,7 +71,9 @@ COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
 # default), where shardings are part of the types.
 CASES = ["images", "rois", "channels", "images_and_channels", "shard_map", "pixels",
          "images_explicit", "rois_explicit", "channels_explicit"]
-DIRECTIONS = ["forward", "gradient"]
+# The forward, the gradient in the features and the gradient in the boxes
+# (tests/test_box_derivatives.py: the box calls under the same rules).
+DIRECTIONS = ["forward", "gradient", "box_gradient"]
 
 
 def _mesh(case):
@@ -181,12 +183,15 @@ def _run(case, direction, operation, layout, order, dtype):
             # The vjp with `cotangent`, written so that under explicit axes
             # the cotangent takes the result's type.
             return jax.grad(lambda f: jnp.sum(forward(f, second) * cotangent))(features)
-        return gradient
+
+        def box_gradient(features, second):
+            return jax.grad(lambda b: jnp.sum(forward(features, b) * cotangent))(second)
+        return gradient if direction == "gradient" else box_gradient
 
     function = in_direction(forward)
 
     placements = [NamedSharding(mesh, spec) for spec in specs]
-    out_sharding = placements[0] if direction == "gradient" else None
+    out_sharding = {"gradient": placements[0], "box_gradient": placements[1]}.get(direction)
     placed = [jax.device_put(x, s) for x, s in zip((features, second), placements, strict=True)]
     with jax.set_mesh(mesh) if case.endswith("_explicit") else contextlib.nullcontext():
         sharded = jax.jit(function, out_shardings=out_sharding).lower(*placed).compile()

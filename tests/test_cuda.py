@@ -78,7 +78,8 @@ def test_cuda_module_has_every_row_of_the_kernel_table():
     assert _extension.KERNELS["cuda"] == _extension.KERNELS["cpu"]
     operations = {row.operation for row in _extension.KERNELS["cpu"].values()}
     assert operations == {"ps_roi_align", "roi_align", "ps_roi_pool", "roi_pool"}
-    assert len(TARGETS) == 2 * len(operations) * len(_extension.SUPPORTED_DTYPES) * len(
+    # Forward and backward rows of each, and box rows of the two of samples.
+    assert len(TARGETS) == (2 * len(operations) + 4) * len(_extension.SUPPORTED_DTYPES) * len(
         _extension.SUPPORTED_LAYOUTS)
 
 
@@ -485,3 +486,21 @@ def test_gpu_nms_matches_cpu_and_repeats(dtype):
         np.testing.assert_array_equal(indices, cpu[0])
         np.testing.assert_array_equal(counts, cpu[1])
     assert np.all(cpu[1] > 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_gpu_box_gradient_matches_cpu(data_format):
+    # The CUDA kernels' box rows (tests/test_box_derivatives.py checks the
+    # CPU's against finite differences and the reference).
+    rng = np.random.default_rng(44)
+    features = features_as(random_features(rng, 2, 3 * 49, 25, 42, np.float64), data_format,
+                           "bin_major", (7, 7))
+    rois = random_rois(rng, 200, 2, 25, 42, 1 / 8, np.float64)
+    loss = lambda f, r: jnp.sum(jnp.sin(jax_psroi.ps_roi_align(
+        f, r, 7, 1 / 8, 2, data_format=data_format, channel_order="bin_major")))
+    grads = lambda f, r: jax.grad(loss, argnums=(0, 1))(f, r)
+    gpu, cpu = _on_tree("gpu", grads, features, rois), _on_tree("cpu", grads, features, rois)
+    for got, want in zip(gpu, cpu, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert np.abs(cpu[1]).max() > 0.1

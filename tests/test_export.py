@@ -42,8 +42,9 @@ def test_the_checks_name_every_registered_target_once():
     expected = ({row.name for table in _extension.KERNELS.values() for row in table.values()}
                 | {name for table in _extension.NMS_TARGETS.values() for name in table.values()})
     assert sorted(names) == sorted(expected)
-    # The RoI kernel table's rows and one NMS target per dtype.
-    assert len(names) == 2 * 4 * len(_extension.SUPPORTED_DTYPES) * len(
+    # The RoI kernel table's rows (a forward and a backward per operator,
+    # and the box rows of the two of samples) and one NMS target per dtype.
+    assert len(names) == (2 * 4 + 2 * 2) * len(_extension.SUPPORTED_DTYPES) * len(
         _extension.SUPPORTED_LAYOUTS) + len(_extension.NMS_TARGETS["cpu"])
 
 

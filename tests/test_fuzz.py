@@ -16,7 +16,11 @@ forward, backward and vmap:
   adaptive grid) give exactly 0 and send exactly 0 to the gradient;
 * finite results for finite features and cotangents;
 * a bitwise-deterministic backward;
-* vmap equal to the separate calls, bit for bit.
+* vmap equal to the separate calls, bit for bit;
+* the gradient in the boxes (ps_roi_align, roi_align): finite, bitwise
+  deterministic, zero for RoIs that read nothing and for the batch index,
+  and equal to the reference's (differentiated by JAX) for RoIs of finite
+  coordinates.
 
 And the kernels' own checks, past Python: direct FFI calls of every
 operation, direction, layout and dtype, on the CPU kernels and on the CUDA
@@ -236,6 +240,15 @@ def test_fuzzed_calls(call):
     np.testing.assert_array_equal(np.asarray(twice[1]),
                                   np.asarray(forward(-features, rois[::-1])))
 
+    box_gradient = None
+    if call["operator"] in ("ps_roi_align", "roi_align"):
+        box_vjp = jax.jit(lambda f, r, t: jax.vjp(lambda b: pool(f, b), r)[1](t)[0])
+        box_gradient = np.asarray(box_vjp(features, rois, cotangent), np.float64)
+        assert np.isfinite(box_gradient).all()
+        np.testing.assert_array_equal(np.asarray(box_vjp(features, rois, cotangent),
+                                                 np.float64), box_gradient)
+        assert not box_gradient[dead].any() and not box_gradient[:, 0].any()
+
     example = next(_examples)
     if example % 500 == 499:
         # Every example compiles new programs: keep long runs' memory flat.
@@ -248,6 +261,22 @@ def test_fuzzed_calls(call):
         expected, expected_gradient = jax.jit(reference_and_gradient)(features, rois, cotangent)
         _close(pooled, expected, dtype)
         _close(gradient, expected_gradient, dtype)
+        if box_gradient is not None:
+            expected_box = np.asarray(jax.jit(lambda f, r, t: jax.vjp(
+                lambda b: reference(f, b), r)[1](t)[0])(features, rois, cotangent), np.float64)
+            # RoIs of moderate, finite coordinates (the reference's
+            # derivative of 1e30 boxes is not finite).
+            moderate = ~dead & (np.abs(rois[:, 1:].astype(np.float64)) < 1e7).all(axis=1)
+            _close_box_gradient(box_gradient[moderate], expected_box[moderate], dtype)
+
+
+def _close_box_gradient(value, expected, dtype):
+    # A box gradient sums products of the cotangent, the features and the
+    # tap derivatives over a bin: relative to the largest of them, within
+    # the rounding of their sums (16-bit: each box call is rounded once).
+    scale = np.abs(expected).max(initial=0.0) + 1e-30
+    tolerance = {2: 2e-2, 4: 1e-4, 8: 1e-9}[jnp.dtype(dtype).itemsize]
+    np.testing.assert_allclose(value / scale, expected / scale, rtol=0, atol=tolerance)
 
 
 # Values of each attribute (the kernels' S64 and F64 attributes): as often
@@ -267,12 +296,15 @@ def _mostly(valid, values):
 @st.composite
 def attribute_calls(draw):
     operation = draw(st.sampled_from(OPERATORS))
-    direction = draw(st.sampled_from(["forward", "backward"]))
+    # The box rows (lib/kernel_table.h) of the operators of samples.
+    boxes = ["box_forward", "box_backward"] if operation in ("ps_roi_align", "roi_align") else []
+    direction = draw(st.sampled_from(["forward", "backward", *boxes]))
+    forward = direction.endswith("forward")
     pooled = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     # Results of at least one element: XLA does not run a call whose result
     # is empty (a forward's N and a backward's K may still be 0).
-    n = draw(st.integers(0 if direction == "forward" else 1, 4))
-    k = draw(st.integers(1 if direction == "forward" else 0, 4))
+    n = draw(st.integers(0 if forward else 1, 4))
+    k = draw(st.integers(1 if forward else 0, 4))
     shared = operation in ("roi_align", "roi_pool")
     attributes = dict(spatial_scale=draw(_mostly([1.0, 0.5], SCALES)),
                       rois_per_group=draw(_mostly([0, 1, 2], INTS)),
@@ -284,6 +316,8 @@ def attribute_calls(draw):
             bin_rows=draw(_mostly([pooled[0]], [*INTS, pooled[0] + 1])))
         attributes["aligned" if shared else "channel_order"] = draw(
             _mostly([0, 1], [2, -1, INT64_MAX]))
+    if direction in boxes:
+        attributes["box_parameter"] = draw(_mostly([1, 2, 3, 4], [0, 5, -1, INT64_MAX]))
     return dict(operation=operation, direction=direction,
                 kernels=draw(st.sampled_from(["cpu", "gpu_schedule"])),
                 dtype=draw(st.sampled_from(DTYPES)), data_format=draw(st.sampled_from(LAYOUTS)),
@@ -306,6 +340,8 @@ def attribute_errors(call) -> list[str]:
         errors.append("sampling_ratio")
     if a.get("aligned", a.get("channel_order", 0)) not in (0, 1):
         errors.append("aligned" if "aligned" in a else "channel_order")
+    if a.get("box_parameter", 1) not in (1, 2, 3, 4):
+        errors.append("box_parameter")
     first, rows = a.get("first_bin_row", 0), a.get("bin_rows", call["pooled"][0])
     if first < 0 or rows < 0 or rows - first < call["pooled"][0]:
         errors.append("bin rows")
@@ -331,20 +367,22 @@ def test_fuzzed_attributes_of_direct_calls(call):
     pooled_shape = (k, c_out, *call["pooled"])
     if layout == "NHWC":
         pooled_shape = (k, *call["pooled"], c_out)
+    # A box row is called as its direction is.
+    direction = call["direction"].removeprefix("box_")
     operand = features
-    if call["direction"] == "backward":
+    if direction == "backward":
         operand = rng.normal(size=pooled_shape).astype(dtype)
-    results = [jax.ShapeDtypeStruct(pooled_shape if call["direction"] == "forward"
+    results = [jax.ShapeDtypeStruct(pooled_shape if direction == "forward"
                                     else features.shape, dtype)]
     operands = [operand, rois]
-    if (call["direction"] == "backward" and call["kernels"] == "cpu"
+    if (direction == "backward" and call["kernels"] == "cpu"
             and operation != "roi_pool"):  # the CPU backward's byte workspace
         size = _extension.cpu_backward_workspace_bytes(
             operation, layout, dtype, call["shape"], (k, c_out, *call["pooled"]),
             call["attributes"].get("channel_order", 0) == 1)  # the size of a valid order
         results.append(jax.ShapeDtypeStruct((size,), np.uint8))
     if operation == "roi_pool":
-        if call["direction"] == "forward":
+        if direction == "forward":
             results.append(jax.ShapeDtypeStruct(pooled_shape, np.int32))
         else:
             operands.append(np.full(pooled_shape, -1, np.int32))

@@ -31,14 +31,17 @@ def _run(code, cwd, **env):
                           text=True, timeout=120)
 
 
-def test_kernel_table_has_a_forward_and_a_backward_per_operation_dtype_and_layout():
+def test_kernel_table_has_its_directions_per_operation_dtype_and_layout():
     table = _extension.KERNELS["cpu"]
     dtypes = {np.dtype(d) for d in jax_psroi.build_info()["dtypes"]}
     assert dtypes >= {np.dtype(np.float32), np.dtype(np.float64)}
     assert set(_extension.SUPPORTED_DTYPES) == dtypes
+    # A forward and a backward each; the operators of samples, box rows too.
+    directions = {"ps_roi_align": ("forward", "backward", "box_forward", "box_backward"),
+                  "roi_align": ("forward", "backward", "box_forward", "box_backward"),
+                  "ps_roi_pool": ("forward", "backward"), "roi_pool": ("forward", "backward")}
     expected = {(operation, direction, layout, dtype)
-                for operation in ("ps_roi_align", "roi_align", "ps_roi_pool", "roi_pool")
-                for direction in ("forward", "backward")
+                for operation, names in directions.items() for direction in names
                 for layout in _extension.SUPPORTED_LAYOUTS for dtype in dtypes}
     assert set(table) == expected
     for (operation, direction, layout, dtype), row in table.items():

@@ -8,7 +8,10 @@
 //   channel_order(a): which input channel each bin of an output channel
 //                     reads, for attribute value a (PositionSensitiveChannels
 //                     or SharedChannels, below, give it);
-//   box_rule(a):      how it turns an RoI into bins (BoxRule, roi_math.h).
+//   box_rule(a):      how it turns an RoI into bins (BoxRule, roi_math.h);
+//   kBoxDerivatives:  whether it has the box directions (kernel_table.h):
+//                     the operators of samples, whose pooled tensor varies
+//                     continuously with the boxes.
 // No XLA types: the kernels include the policies too.
 #ifndef JAX_PSROI_OPERATORS_POOLING_H_
 #define JAX_PSROI_OPERATORS_POOLING_H_

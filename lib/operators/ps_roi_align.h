@@ -13,6 +13,7 @@ namespace jax_psroi {
 struct PsRoiAlign : PositionSensitiveChannels {
   static constexpr const char* kName = "ps_roi_align";
   using Pooling = AveragePooling;
+  static constexpr bool kBoxDerivatives = true;
   static PSROI_HD BoxRule box_rule(int64_t) { return BoxRule::samples(/*aligned=*/true); }
 };
 

@@ -14,6 +14,7 @@ namespace jax_psroi {
 struct PsRoiPool : PositionSensitiveChannels {
   static constexpr const char* kName = "ps_roi_pool";
   using Pooling = AveragePooling;
+  static constexpr bool kBoxDerivatives = false;
   static PSROI_HD BoxRule box_rule(int64_t) {
     return BoxRule::windows(/*inclusive_corners=*/false);
   }

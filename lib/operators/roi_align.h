@@ -14,6 +14,7 @@ namespace jax_psroi {
 struct RoiAlign : SharedChannels {
   static constexpr const char* kName = "roi_align";
   using Pooling = AveragePooling;
+  static constexpr bool kBoxDerivatives = true;
   static constexpr const char* kAttribute = "aligned";
   static constexpr const char* kAttributeRule = "aligned must be 0 or 1";
   static PSROI_HD BoxRule box_rule(int64_t aligned) { return BoxRule::samples(aligned == 1); }

@@ -14,6 +14,7 @@ namespace jax_psroi {
 struct RoiPool : SharedChannels {
   static constexpr const char* kName = "roi_pool";
   using Pooling = MaxPooling;
+  static constexpr bool kBoxDerivatives = false;
   static constexpr const char* kAttribute = nullptr;
   static constexpr const char* kAttributeRule = "roi_pool takes no operator attribute";
   static PSROI_HD BoxRule box_rule(int64_t) { return BoxRule::windows(/*inclusive_corners=*/true); }
