@@ -259,6 +259,9 @@ def proposals(objectness, deltas, keep):
     # either.
     index = jnp.where(index < 0, 0, index)
     real = (jnp.arange(keep) < count) & jnp.isfinite(scores[index])
+    # Detached, as torchvision's R-CNNs detach their proposals: jax_psroi's
+    # RoI operators differentiate their boxes, which would otherwise pass
+    # the head's loss back into the RPN's box deltas.
     return jax.lax.stop_gradient(boxes[index]), real
 
 
