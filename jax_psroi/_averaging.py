@@ -201,37 +201,29 @@ def _make(operator: Operator) -> Primitives:
             rois, rois_dot, spatial_scale=params["spatial_scale"], pooled_size=pooled_size,
             aligned=operator.box_rule(params).aligned)
 
-    def differentiable_in_rois(rois_dot, params) -> bool:
-        return type(rois_dot) is not ad.Zero and not operator.box_rule(params).whole_pixels
-
-    def forward_jvp(primals, tangents, **params):
-        features, rois = primals
-        features_dot, rois_dot = tangents
-        out = forward_p.bind(features, rois, **params)
-        out_dot = (ad.Zero(jax.typeof(out).to_tangent_aval()) if type(features_dot) is ad.Zero
-                   else forward_p.bind(features_dot, rois, **params))
-        if differentiable_in_rois(rois_dot, params):
-            theta_dot = parameter_tangents(rois, rois_dot, params, params["pooled_size"])
+    def jvp_rule(primitive, direction):
+        # The box calls' terms: a forward's outputs scaled per RoI by the
+        # parameters' tangents, or a backward's cotangents scaled alike.
+        def jvp(primals, tangents, **params):
+            operand, rois = primals
+            operand_dot, rois_dot = tangents
+            result = primitive.bind(operand, rois, **params)
+            result_dot = (ad.Zero(jax.typeof(result).to_tangent_aval())
+                          if type(operand_dot) is ad.Zero
+                          else primitive.bind(operand_dot, rois, **params))
+            if type(rois_dot) is ad.Zero or operator.box_rule(params).whole_pixels:
+                return result, result_dot
+            pooled = result.shape if direction == "forward" else operand.shape
+            theta_dot = parameter_tangents(
+                rois, rois_dot, params, _arguments.pooled_size_of(pooled, params["data_format"]))
             for j in _box_derivatives.PARAMETERS:
-                term = forward_p.bind(features, rois, **{**params, "box_parameter": j})
-                term = term * _box_derivatives.per_roi(theta_dot[:, j - 1], term)
-                out_dot = term if type(out_dot) is ad.Zero else out_dot + term
-        return out, out_dot
-
-    def backward_jvp(primals, tangents, **params):
-        cotangent, rois = primals
-        cotangent_dot, rois_dot = tangents
-        grad = backward_p.bind(cotangent, rois, **params)
-        grad_dot = (ad.Zero(jax.typeof(grad).to_tangent_aval()) if type(cotangent_dot) is ad.Zero
-                    else backward_p.bind(cotangent_dot, rois, **params))
-        if differentiable_in_rois(rois_dot, params):
-            pooled_size = _arguments.pooled_size_of(cotangent.shape, params["data_format"])
-            theta_dot = parameter_tangents(rois, rois_dot, params, pooled_size)
-            for j in _box_derivatives.PARAMETERS:
-                scaled = cotangent * _box_derivatives.per_roi(theta_dot[:, j - 1], cotangent)
-                term = backward_p.bind(scaled, rois, **{**params, "box_parameter": j})
-                grad_dot = term if type(grad_dot) is ad.Zero else grad_dot + term
-        return grad, grad_dot
+                box = {**params, "box_parameter": j}
+                scaled = lambda x, j=j: x * _box_derivatives.per_roi(theta_dot[:, j - 1], x)
+                term = (scaled(primitive.bind(operand, rois, **box)) if direction == "forward"
+                        else primitive.bind(scaled(operand), rois, **box))
+                result_dot = term if type(result_dot) is ad.Zero else result_dot + term
+            return result, result_dot
+        return jvp
 
     def forward_transpose(cotangent, features, rois, *, pooled_size, **params):
         assert ad.is_undefined_primal(features) and not ad.is_undefined_primal(rois)
@@ -265,12 +257,12 @@ def _make(operator: Operator) -> Primitives:
 
     forward_p.def_abstract_eval(forward_abstract_eval)
     backward_p.def_abstract_eval(backward_abstract_eval)
-    for primitive, direction, jvp, transpose, batch in (
-            (forward_p, "forward", forward_jvp, forward_transpose, forward_batch),
-            (backward_p, "backward", backward_jvp, backward_transpose, backward_batch)):
+    for primitive, direction, transpose, batch in (
+            (forward_p, "forward", forward_transpose, forward_batch),
+            (backward_p, "backward", backward_transpose, backward_batch)):
         primitive.def_impl(partial(xla.apply_primitive, primitive))
         _rules.register_lowerings(primitive, partial(lowering, direction))
-        ad.primitive_jvps[primitive] = jvp
+        ad.primitive_jvps[primitive] = jvp_rule(primitive, direction)
         ad.primitive_transposes[primitive] = transpose
         batching.primitive_batchers[primitive] = batch
     return Primitives(forward_p, backward_p)
