@@ -146,9 +146,11 @@ def _abstract_eval(boxes, scores, categories, *, iou_threshold, max_output_size,
                    implementation):
     del scores, categories, iou_threshold, implementation
     images = boxes.shape[0]
+    shardings = _partitioning.nms_result_shardings(boxes)
     return (boxes.update(shape=(images, max_output_size), dtype=jnp.dtype(jnp.int32),
-                         weak_type=False),
-            boxes.update(shape=(images,), dtype=jnp.dtype(jnp.int32), weak_type=False))
+                         weak_type=False, **shardings["indices"]),
+            boxes.update(shape=(images,), dtype=jnp.dtype(jnp.int32), weak_type=False,
+                         **shardings["counts"]))
 
 
 def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_output_size,

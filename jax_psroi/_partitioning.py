@@ -472,16 +472,35 @@ class _Partitioner:
 _NMS_RULE = "b n c, b n, b n -> b m, b"
 
 
+def _nms_split(mesh, boxes_sharding, images: int):
+    """The mesh axes an nms call splits its images over: those that split
+    the boxes' images, when they divide them; None for none."""
+    boxes = _axes(boxes_sharding, 3)
+    split = boxes[0] if boxes else ()
+    if images % _count(mesh, split):
+        split = ()
+    return split or None
+
+
+def nms_result_shardings(boxes) -> dict:
+    """The shardings of nms's abstract results (indices [B, M], counts [B])
+    as ``update`` arguments: when the boxes live on a mesh with explicit
+    axes (as typed_result for the RoI operators), the split its
+    partitioning gives them; else none ({}: the results keep the boxes')."""
+    sharding = getattr(boxes, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return {"indices": {}, "counts": {}}
+    split = _nms_split(mesh, sharding, boxes.shape[0])
+    return {"indices": {"sharding": NamedSharding(mesh, PartitionSpec(split, None))},
+            "counts": {"sharding": NamedSharding(mesh, PartitionSpec(split))}}
+
+
 def _nms_partition(local_call: Callable, mesh, arg_shapes, result_shape):
-    """The split of an nms call: over the mesh axes that split the boxes'
-    images, when they divide them; the call of one device is the same call
-    on its images."""
+    """The split of an nms call: _nms_split's; the call of one device is the
+    same call on its images."""
     del result_shape
-    boxes = _axes(arg_shapes[0].sharding, 3)
-    images = boxes[0] if boxes else ()
-    if arg_shapes[0].shape[0] % _count(mesh, images):
-        images = ()
-    split = images or None
+    split = _nms_split(mesh, arg_shapes[0].sharding, arg_shapes[0].shape[0])
 
     def lower_fn(*operands):
         # Traced without the caller's mesh, as _Partitioner._local says.
