@@ -91,7 +91,8 @@ for root in (spec.submodule_search_locations or []) if spec else []:
     # see no Python or nanobind headers, so their objects do not depend on
     # the Python being built for, and a build directory reused for another
     # Python (scripts/build_wheels.sh) does not compile them again.
-    add_library(jax_psroi_cuda_handlers OBJECT lib/cuda/cuda_handlers.cu lib/cuda/nms_handlers.cu)
+    add_library(jax_psroi_cuda_handlers OBJECT lib/cuda/cuda_handlers.cu lib/cuda/nms_handlers.cu
+      lib/cuda/deformable_handlers.cu)
     target_include_directories(jax_psroi_cuda_handlers PRIVATE "${JAX_PSROI_LIB}")
     target_include_directories(jax_psroi_cuda_handlers SYSTEM PRIVATE "${XLA_INCLUDE_DIR}")
     # No fused multiply-add: the GPU then rounds like the CPU kernels that

@@ -13,7 +13,13 @@ jax_psroi's position-sensitive RoI Align:
     deltas, top-k and ``jax_psroi.nms`` under jit); and a
     Light-Head R-CNN head: a thin position-sensitive score map (10 x 7 x 7
     channels) pooled by ``jax_psroi.flax.linen.PSRoIAlign`` (7 x 7 bins,
-    sampling ratio 2), then one hidden layer and class and box layers.
+    sampling ratio 2), then one hidden layer and class and box layers. With
+    ``--head deformable``, a Deformable R-FCN-style head instead: a second
+    position-sensitive map of 2 x 7 x 7 channels, pooled by PSRoIAlign,
+    gives every bin of every proposal an offset (zero at initialization),
+    and ``jax_psroi.flax.linen.DeformPSRoIAlign`` pools the thin map from
+    the moved bins; the offsets learn through the operator's exact
+    derivatives with respect to them.
   * training: the detector is written per image and ``jax.vmap``-ed over the
     batch; one step is ``jax.jit(jax.value_and_grad(...))`` with optax's
     AdamW. The pooling and its gradient run as jax_psroi's native kernels
@@ -26,6 +32,7 @@ It writes to --out: ``params.npz`` (reload with --eval-only), and
 green and detections in red).
 
 Run:  python examples/light_head_rcnn.py [--steps N] [--batch B] [--dtype bfloat16]
+                                         [--head light|deformable]
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import numpy as np
 import optax
 
 import jax_psroi
-from jax_psroi.flax.linen import PSRoIAlign
+from jax_psroi.flax.linen import DeformPSRoIAlign, PSRoIAlign
 
 CANVAS = 128            # scenes are CANVAS x CANVAS, one channel
 STRIDE = 8              # backbone stride
@@ -199,9 +206,11 @@ class Backbone(nn.Module):
 
 
 class Detector(nn.Module):
-    """RPN and Light-Head R-CNN head over one scene."""
+    """RPN and Light-Head R-CNN head over one scene; `head` "deformable":
+    its bins moved by learned offsets (Deformable R-FCN)."""
 
     dtype: jnp.dtype = jnp.float32
+    head_kind: str = "light"
 
     def setup(self):
         self.backbone = Backbone(self.dtype)
@@ -215,24 +224,39 @@ class Detector(nn.Module):
         self.thin_b = (nn.Conv(64, (1, 7), dtype=self.dtype),
                        nn.Conv(THIN * POOL * POOL, (7, 1), dtype=self.dtype))
         self.pool = PSRoIAlign(POOL, 1 / STRIDE, 2)  # NHWC
+        if self.head_kind == "deformable":
+            # Per-bin (x, y) offsets, position-sensitive like the thin map
+            # (Deformable R-FCN's offset branch); zero at initialization.
+            self.offset_map = nn.Conv(2 * POOL * POOL, (3, 3), dtype=self.dtype,
+                                      kernel_init=nn.initializers.zeros)
+            self.deform_pool = DeformPSRoIAlign(POOL, 1 / STRIDE, 2, gamma=0.1)
         self.hidden = nn.Dense(256, dtype=self.dtype)
         self.classify = nn.Dense(NUM_CLASSES + 1, dtype=self.dtype)
         self.regress = nn.Dense(4, dtype=self.dtype)
 
     def features(self, image):
         """Backbone features [h, w, 128], RPN objectness [A] and deltas [A, 4],
-        and the thin position-sensitive map [1, h, w, THIN * 49]."""
+        and the thin position-sensitive map [1, h, w, THIN * 49] (deformable head:
+        and its offset map, 2 * 49 channels more)."""
         x = self.backbone(image[None].astype(self.dtype))
         r = nn.relu(self.rpn_conv(x))
         objectness = self.rpn_objectness(r).reshape(-1).astype(jnp.float32)
         deltas = self.rpn_deltas(r).reshape(-1, 4).astype(jnp.float32)
         thin = self.thin_a[1](self.thin_a[0](x)) + self.thin_b[1](self.thin_b[0](x))
+        if self.head_kind == "deformable":  # the offset map rides along
+            thin = jnp.concatenate([thin, self.offset_map(x)], axis=-1)
         return objectness, deltas, thin
 
     def head(self, thin, proposals):
         """Class logits [P, NUM_CLASSES + 1] (0: background) and box deltas
         [P, 4] of proposals [P, 4] on the thin map."""
-        pooled = self.pool(thin, [proposals])            # [P, 7, 7, THIN]
+        if self.head_kind == "deformable":
+            thin, offset_map = thin[..., :-2 * POOL * POOL], thin[..., -2 * POOL * POOL:]
+            # [P, 7, 7, 2] -> [P, 2, 7, 7]: bin (i, j)'s (x, y) offset.
+            offset = self.pool(offset_map, [proposals]).transpose(0, 3, 1, 2)
+            pooled = self.deform_pool(thin, [proposals], offset)  # [P, 7, 7, THIN]
+        else:
+            pooled = self.pool(thin, [proposals])        # [P, 7, 7, THIN]
         h = nn.relu(self.hidden(pooled.reshape(pooled.shape[0], -1)))
         return (self.classify(h).astype(jnp.float32), self.regress(h).astype(jnp.float32))
 
@@ -433,6 +457,9 @@ def parse(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the network, the thin map and its pooling "
                              "(parameters stay float32)")
+    parser.add_argument("--head", choices=("light", "deformable"), default="light",
+                        help="the second stage: Light-Head R-CNN's (default) or a Deformable "
+                             "R-FCN-style one whose bins learn offsets")
     parser.add_argument("--eval-only", action="store_true",
                         help="load --out/params.npz and evaluate it, without training")
     parser.add_argument("--eval-scenes", type=int, default=300,
@@ -447,7 +474,7 @@ def main(argv=None) -> dict:
     train_scans, held_out_scans = load_scans(args.seed)
     held_out = make_batch(np.random.default_rng(args.seed + 10_000), held_out_scans,
                           args.eval_scenes)
-    model = Detector(dtype)
+    model = Detector(dtype, args.head)
     params = model.init(jax.random.key(args.seed), held_out[0][0])
     args.out.mkdir(parents=True, exist_ok=True)
     losses = []
@@ -502,7 +529,8 @@ def main(argv=None) -> dict:
     picture = args.out / "detections.png"
     draw(picture, losses, held_out, found,
          f"{args.steps if not args.eval_only else 'loaded'} steps, batch {args.batch}, "
-         f"{args.dtype}: mAP@.5 = {map_50:.3f} on {args.eval_scenes} held-out scenes")
+         f"{args.dtype}, {args.head} head: mAP@.5 = {map_50:.3f} on {args.eval_scenes} "
+         "held-out scenes")
     print(f"saved {args.out / 'params.npz'} and {picture}")
     print(f"mAP@[.5:.95] = {map_all:.3f}")
     print(f"mAP@.5 = {map_50:.3f}")

@@ -105,6 +105,15 @@ def _nms_targets(module, platform) -> dict:
 
 NMS_TARGETS = {"cpu": _nms_targets(_cpu, "cpu"), "cuda": _nms_targets(_cuda, "CUDA")}
 
+
+# Deformable RoI Align's targets (lib/deformable_ffi.h), by platform and
+# (operation, direction, layout, dtype), as KERNELS keys its rows.
+def _deform_targets(module, platform) -> dict:
+    return {} if module is None else _register(module.deform_targets(), platform)
+
+
+DEFORM_KERNELS = {"cpu": _deform_targets(_cpu, "cpu"), "cuda": _deform_targets(_cuda, "CUDA")}
+
 OPERATION = "ps_roi_align"
 # What the operators take: the native kernels' dtypes and layouts, read off
 # the table; the XLA path takes the same (all of them, without the module).
@@ -171,7 +180,8 @@ def export_safety_checks() -> list:
     deserializes and calls the program must ``import jax_psroi`` first: the
     import registers the targets it calls.
     """
-    names = sorted({row.name for table in KERNELS.values() for row in table.values()}
+    names = sorted({row.name for tables in (KERNELS, DEFORM_KERNELS)
+                    for table in tables.values() for row in table.values()}
                    | {name for table in NMS_TARGETS.values() for name in table.values()})
     return [jax.export.DisabledSafetyCheck.custom_call(name) for name in names]
 

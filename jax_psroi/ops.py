@@ -11,6 +11,7 @@ from jax.typing import ArrayLike
 from jax_psroi import (
     _arguments,
     _averaging,
+    _deformable,
     _extension,
     _image_groups,
     _implementation,
@@ -22,7 +23,8 @@ from jax_psroi import (
 from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 
 # The package exports every name listed here (jax_psroi/__init__.py).
-__all__ = ["multi_scale_roi_align", "ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool"]
+__all__ = ["deform_ps_roi_align", "deform_roi_align", "multi_scale_roi_align", "ps_roi_align",
+           "ps_roi_pool", "roi_align", "roi_pool"]
 
 
 def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
@@ -305,3 +307,67 @@ def multi_scale_roi_align(features: Sequence[ArrayLike], boxes: Boxes, output_si
                                            spatial_scales=scales, sampling_ratio=ratio,
                                            data_format=layout,
                                            implementation=_implementation.requested())
+
+
+def deform_roi_align(input: ArrayLike, boxes: Boxes, offset: ArrayLike | None,
+                     output_size: OutputSize, spatial_scale: float = 1.0,
+                     sampling_ratio: int = -1, gamma: float = 0.1, *,
+                     data_format: DataFormat = "NCHW") -> jax.Array:
+    """Deformable RoI Align (Dai et al., "Deformable Convolutional Networks",
+    2017): mmcv's ``deform_roi_pool``, with native CPU and CUDA kernels.
+
+    Bin ``(i, j)`` of RoI k samples as ``roi_align(..., aligned=True)``'s
+    (a -0.5 pixel offset, no clamp of the RoI size, the same adaptive grid)
+    from a start moved by ``gamma * roi_width * offset[k, 0, i, j]`` along x
+    and ``gamma * roi_height * offset[k, 1, i, j]`` along y (roi sizes on
+    the feature map). With ``offset`` zero (or None) the result is
+    ``roi_align(input, boxes, output_size, spatial_scale, sampling_ratio,
+    aligned=True)`` bit for bit. Differentiable in ``input``, ``boxes`` and
+    ``offset`` (first order in the last two; the conventions where it is
+    not differentiable are roi_align's: docs/guides/differentiation.md),
+    under ``jit`` and ``vmap``; deterministic.
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``),
+        float32, float64, bfloat16 or float16.
+      boxes: [K, 5] (batch_index, x1, y1, x2, y2), or a list of [L_i, 4]
+        arrays, one per image (as ``ps_roi_align``).
+      offset: [K, 2, h, w] real array, x offsets then y offsets per bin, in
+        units of ``gamma`` times the RoI's size; None for zeros. Cast to
+        the boxes' dtype (float32 for 16-bit input).
+      output_size: int or (h, w).
+      spatial_scale: box coordinates to feature-map pixels.
+      sampling_ratio: samples per bin axis; <= 0 is adaptive
+        (``ceil(roi_size / output_size)``, of the RoI before any offset).
+      gamma: the offsets' scale (mmcv's default 0.1), finite.
+      data_format: "NCHW" or "NHWC", keyword-only.
+
+    Returns:
+      [K, C, h, w] (or [K, h, w, C]) array of the input's dtype.
+    """
+    return _deformable.apply("deform_roi_align", input, boxes, offset, output_size,
+                             spatial_scale, sampling_ratio, gamma, data_format, "shared")
+
+
+def deform_ps_roi_align(input: ArrayLike, boxes: Boxes, offset: ArrayLike | None,
+                        output_size: OutputSize, spatial_scale: float = 1.0,
+                        sampling_ratio: int = -1, gamma: float = 0.1, *,
+                        data_format: DataFormat = "NCHW",
+                        channel_order: ChannelOrder = "torchvision") -> jax.Array:
+    """Deformable Position-Sensitive RoI Align: the Deformable R-FCN head's
+    pooling. ``ps_roi_align``'s channels and bins, each bin's start moved
+    by its offset as in :func:`deform_roi_align`; with ``offset`` zero (or
+    None), ``ps_roi_align`` bit for bit.
+
+    Args:
+      input: [N, C, H, W] (or [N, H, W, C]), C = C_out * h * w.
+      boxes, offset, output_size, spatial_scale, sampling_ratio, gamma,
+      data_format: as in :func:`deform_roi_align`.
+      channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
+
+    Returns:
+      [K, C_out, h, w] (or [K, h, w, C_out]) array of the input's dtype.
+    """
+    return _deformable.apply("deform_ps_roi_align", input, boxes, offset, output_size,
+                             spatial_scale, sampling_ratio, gamma, data_format,
+                             _arguments.channel_order(channel_order))

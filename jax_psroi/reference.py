@@ -62,8 +62,11 @@ def grid_size(bin_size, sampling_ratio):
 
 
 def sample_coordinates(bin_start, bin_size, grid, index):
-    """Coordinate of sample ``index`` in torchvision's evaluation order."""
+    """Coordinate of sample ``index`` in torchvision's evaluation order (of
+    no sample for an empty grid, whose coordinates are computed with a grid
+    of 1 so that their discarded derivatives stay finite)."""
     dtype = bin_start.dtype
+    grid = jnp.where(grid > 0, grid, 1)
     step = (index.astype(dtype) + 0.5) * bin_size
     return bin_start + _divide(step, grid.astype(dtype))
 
@@ -226,14 +229,14 @@ def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,
     Returns:
       [K, C_out, PH, PW] (or [K, PH, PW, C_out]) array of the features' dtype.
     """
-    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
+    nchw = to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
     pooled = _pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
                         sampling_ratio, offset=0.5, clamp=False, position_sensitive=True,
                         image_groups=image_groups)
-    return _from_nchw(pooled.astype(features.dtype), data_format)
+    return from_nchw(pooled.astype(features.dtype), data_format)
 
 
-def _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order):
+def to_nchw_torchvision_order(features, pooled_size, data_format, channel_order):
     """The map in NCHW, torchvision's channel order and the compute dtype
     (16-bit maps are computed in float32 and rounded once, as the kernels
     do): the oracle of other layouts and orders is the permuted result."""
@@ -248,7 +251,7 @@ def _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order
     return features
 
 
-def _from_nchw(pooled, data_format):
+def from_nchw(pooled, data_format):
     return pooled.transpose(0, 2, 3, 1) if data_format == "NHWC" else pooled
 
 
@@ -258,11 +261,11 @@ def pool_roi_align(features, rois, pooled_size, spatial_scale, sampling_ratio, a
     (or [N, H, W, C]), rois [K, 5] of the features' compute dtype (batch
     indices counting from their image group's first image, ``pool``);
     returns [K, C, PH, PW] (or [K, PH, PW, C]) of the features' dtype."""
-    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
+    nchw = to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
     pooled = _pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
                         sampling_ratio, offset=0.5 if aligned else 0.0, clamp=not aligned,
                         position_sensitive=False, image_groups=image_groups)
-    return _from_nchw(pooled.astype(features.dtype), data_format)
+    return from_nchw(pooled.astype(features.dtype), data_format)
 
 
 def _pool_nchw(features, rois, pooled_size, spatial_scale, sampling_ratio, *, offset,

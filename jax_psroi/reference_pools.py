@@ -22,9 +22,9 @@ from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 from jax_psroi.reference import (
     _contract,
     _divide,
-    _from_nchw,
-    _to_nchw_torchvision_order,
+    from_nchw,
     image_of,
+    to_nchw_torchvision_order,
 )
 
 
@@ -63,10 +63,10 @@ def pool_ps_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format=
     [N, C, H, W] (or [N, H, W, C]), rois [K, 5] of the features' compute
     dtype; returns [K, C_out, PH, PW] (or [K, PH, PW, C_out]) of the
     features' dtype."""
-    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
+    nchw = to_nchw_torchvision_order(features, pooled_size, data_format, channel_order)
     pooled = _ps_roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size, spatial_scale,
                                image_groups)
-    return _from_nchw(pooled.astype(features.dtype), data_format)
+    return from_nchw(pooled.astype(features.dtype), data_format)
 
 
 def roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
@@ -106,11 +106,11 @@ def pool_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NC
     the pooled tensor [K, C, PH, PW] (or [K, PH, PW, C]) of the features'
     dtype and, shaped like it, the int32 pixel y * W + x of each maximum
     (-1 for none), as the native kernels record them."""
-    nchw = _to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
+    nchw = to_nchw_torchvision_order(features, pooled_size, data_format, "torchvision")
     pooled, pixels = _roi_pool_nchw(nchw, rois.astype(nchw.dtype), pooled_size,
                                     spatial_scale, image_groups)
-    return (_from_nchw(pooled.astype(features.dtype), data_format),
-            _from_nchw(pixels, data_format))
+    return (from_nchw(pooled.astype(features.dtype), data_format),
+            from_nchw(pixels, data_format))
 
 
 def values_at_pixels(features, rois, pixels, *, data_format="NCHW", image_groups=None):
@@ -122,13 +122,13 @@ def values_at_pixels(features, rois, pixels, *, data_format="NCHW", image_groups
         pixels = pixels.transpose(0, 3, 1, 2)
     n, c, h, w = nchw.shape
     if n * h * w == 0:  # no pixel was recorded
-        return _from_nchw(jnp.zeros(pixels.shape, nchw.dtype), data_format)
+        return from_nchw(jnp.zeros(pixels.shape, nchw.dtype), data_format)
     image, batch_ok = image_of(rois, nchw.shape, image_groups)
     found = (pixels >= 0) & (pixels < h * w) & batch_ok[:, None, None, None]
     safe = jnp.where(found, pixels, 0)
     channel = jnp.arange(c)[None, :, None, None]
     values = nchw[image[:, None, None, None], channel, safe // w, safe % w]
-    return _from_nchw(jnp.where(found, values, jnp.zeros((), nchw.dtype)), data_format)
+    return from_nchw(jnp.where(found, values, jnp.zeros((), nchw.dtype)), data_format)
 
 
 def _c_round(x):

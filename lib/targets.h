@@ -18,6 +18,11 @@ std::vector<FfiTarget> cpu_targets();
 // (lib/cpu/nms_handlers.cc): operation "nms", direction "forward", no layout.
 std::vector<FfiTarget> cpu_nms_targets();
 
+// Deformable RoI Align and PS-RoI Align on the CPU
+// (lib/cpu/deformable_handlers.cc): operations "deform_roi_align" and
+// "deform_ps_roi_align", per direction, layout and dtype.
+std::vector<FfiTarget> cpu_deform_targets();
+
 // Bytes of the workspace that a CPU backward call of the kernel-table row
 // (operation, layout, dtype), as KernelName spells them, takes as its
 // further result, for the call's dims `shape` (channel_order: the call's
@@ -46,12 +51,20 @@ std::vector<FfiTarget> gpu_schedule_testing_targets();
 // (lib/testing/nms_schedule_handlers.cc), in the same module.
 std::vector<FfiTarget> nms_schedule_testing_targets();
 
+// Deformable RoI Align's CUDA kernels run serially on the CPU
+// (lib/testing/deformable_schedule_handlers.cc), in the same module.
+std::vector<FfiTarget> deform_schedule_testing_targets();
+
 // The CUDA kernels (lib/cuda/cuda_handlers.cu).
 std::vector<FfiTarget> cuda_targets();
 
 // Non-maximum suppression on the GPU (lib/cuda/nms_handlers.cu), named as
 // the CPU's targets.
 std::vector<FfiTarget> cuda_nms_targets();
+
+// Deformable RoI Align on the GPU (lib/cuda/deformable_handlers.cu), named
+// as the CPU's targets.
+std::vector<FfiTarget> cuda_deform_targets();
 
 }  // namespace jax_psroi
 

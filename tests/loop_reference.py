@@ -110,6 +110,57 @@ def ps_roi_align_grad_loops(features, rois, cotangent, output_size,
     return grad
 
 
+def deform_roi_align_loops(features, rois, offset, output_size, spatial_scale,
+                           sampling_ratio, gamma, position_sensitive):
+    """Deformable RoI Align (position_sensitive False: every bin of output
+    channel c reads channel c) or Deformable PS-RoI Align, from the
+    Deformable ConvNets paper's equations as mmcv's deform_roi_pool
+    computes them: the RoI shifted by -0.5 pixel, no size clamp, bin (ph,
+    pw) starting at roi_start + gamma * roi_size * offset[k, :, ph, pw]
+    (x, then y), ceil(bin size) samples per axis when sampling_ratio <= 0,
+    the average of their bilinear values (0 outside [-1, size]); and
+    jax_psroi's deviations (invalid batch index, non-finite geometry, empty
+    grid: 0)."""
+    features = np.asarray(features)
+    rois = np.asarray(rois).astype(features.dtype)
+    offset = np.asarray(offset).astype(features.dtype)
+    n, c, _, _ = features.shape
+    ph_n, pw_n = output_size
+    c_out_n = c // (ph_n * pw_n) if position_sensitive else c
+    t = features.dtype.type
+    scale, half, gamma = t(spatial_scale), t(0.5), t(gamma)
+    out = np.zeros((len(rois), c_out_n, ph_n, pw_n), features.dtype)
+    for k, roi in enumerate(rois):
+        roi_start_w, roi_start_h = roi[1] * scale - half, roi[2] * scale - half
+        roi_width = (roi[3] * scale - half) - roi_start_w
+        roi_height = (roi[4] * scale - half) - roi_start_h
+        bin_w, bin_h = roi_width / t(pw_n), roi_height / t(ph_n)
+        if not (roi[0] > -1 and roi[0] < n
+                and np.all(np.isfinite([roi_start_w, roi_start_h, bin_w, bin_h]))):
+            continue
+        grid_h = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(bin_h))
+        grid_w = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(bin_w))
+        if grid_h == 0 or grid_w == 0:
+            continue
+        image = int(roi[0])
+        for ph in range(ph_n):
+            for pw in range(pw_n):
+                start_w = roi_start_w + gamma * roi_width * offset[k, 0, ph, pw]
+                start_h = roi_start_h + gamma * roi_height * offset[k, 1, ph, pw]
+                if not np.isfinite([start_w, start_h]).all():
+                    continue
+                for c_out in range(c_out_n):
+                    c_in = (c_out * ph_n + ph) * pw_n + pw if position_sensitive else c_out
+                    total = t(0)
+                    for iy in range(grid_h):
+                        y = t(ph) * bin_h + start_h + t(iy + 0.5) * bin_h / t(grid_h)
+                        for ix in range(grid_w):
+                            x = t(pw) * bin_w + start_w + t(ix + 0.5) * bin_w / t(grid_w)
+                            total = total + _bilinear(features[image, c_in], y, x)[0]
+                    out[k, c_out, ph, pw] = total / t(grid_h * grid_w)
+    return out
+
+
 def greedy_nms(boxes, scores, threshold, idxs=None, max_output=None):
     """torchvision's CPU NMS loop (torchvision/csrc/ops/cpu/nms_kernel.cpp)
     in numpy: the kept indices, best first, at most `max_output` (None: all).

@@ -3,6 +3,7 @@ checks marked `gpu` that run on a GPU machine (docs/guides/gpu.md)."""
 
 import os
 import pathlib
+import re
 import tomllib
 import warnings
 
@@ -504,3 +505,53 @@ def test_gpu_box_gradient_matches_cpu(data_format):
     for got, want in zip(gpu, cpu, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
     assert np.abs(cpu[1]).max() > 0.1
+
+
+# --- Deformable RoI Align (lib/cuda/deformable_handlers.cu) ----------------------
+
+def _deform_data(seed=50):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(2, 3 * 49, 24, 30)).astype(np.float32)
+    corners = np.sort(rng.uniform(-8, 260, size=(40, 2, 2)), axis=1)
+    boxes = np.concatenate([rng.integers(0, 2, (40, 1)), corners[:, :, 0], corners[:, :, 1]],
+                           axis=1)[:, [0, 1, 3, 2, 4]].astype(np.float32)
+    offset = rng.uniform(-1, 1, size=(40, 2, 7, 7)).astype(np.float32)
+    return features, boxes, offset
+
+
+def _deform_loss(features, boxes, offset):
+    pooled = jax_psroi.deform_ps_roi_align(features, boxes, offset, 7, 1 / 8, 2)
+    return jnp.sum(pooled * jnp.cos(pooled))
+
+
+def test_cuda_module_has_the_deformable_targets():
+    # Every CPU row, named as the CPU's (exported programs name them).
+    cuda = {key: row.name for key, row in _extension.DEFORM_KERNELS["cuda"].items()}
+    assert cuda == {key: row.name for key, row in _extension.DEFORM_KERNELS["cpu"].items()}
+    assert len(cuda) == 2 * 2 * len(_extension.SUPPORTED_LAYOUTS) * len(
+        _extension.SUPPORTED_DTYPES)
+
+
+@needs_cuda_build
+def test_export_deformable_for_cuda_calls_its_kernels():
+    exported = export.export(jax.jit(jax.value_and_grad(_deform_loss, argnums=(0, 1, 2))),
+                             platforms=["cuda"], disabled_checks=DISABLED)(*_deform_data())
+    text = exported.mlir_module()
+    calls = re.findall(r"custom_call @(jax_psroi_\w+)", text)
+    # The forward, its four derivative directions (boxes and offsets) and
+    # the backward (features).
+    assert calls.count("jax_psroi_deform_ps_roi_align_forward_nchw_f32") == 5
+    assert calls.count("jax_psroi_deform_ps_roi_align_backward_nchw_f32") == 1
+
+
+@pytest.mark.gpu
+def test_gpu_deformable_matches_cpu_and_repeats():
+    grad = jax.value_and_grad(_deform_loss, argnums=(0, 1, 2))
+    data = _deform_data()
+    cpu = _on_tree("cpu", grad, *data)
+    runs = [_on_tree("gpu", grad, *data) for _ in range(3)]
+    for run in runs[1:]:  # deterministic: the same bits every run
+        for a, b in zip(jax.tree.leaves(run), jax.tree.leaves(runs[0]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(cpu), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())

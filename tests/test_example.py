@@ -80,6 +80,19 @@ def test_training_run_saves_and_reloads(example, tmp_path):
     assert reloaded["map_50"] == summary["map_50"] and reloaded["map"] == summary["map"]
 
 
+def test_deformable_head_learns_its_offsets(example, tmp_path):
+    summary = example.main(["--steps", "12", "--batch", "2", "--eval-scenes", "4",
+                            "--head", "deformable", "--out", str(tmp_path)])
+    for direction in ("forward", "backward"):
+        assert f"jax_psroi_deform_ps_roi_align_{direction}_nhwc_f32" in summary["custom_calls"]
+    assert np.isfinite(summary["losses"]).all()
+    assert np.mean(summary["losses"][-3:]) < np.mean(summary["losses"][:3])
+    saved = np.load(tmp_path / "params.npz")
+    offset_kernels = [saved[name] for name in saved.files if "offset_map" in name]
+    # Zero at initialization; the offsets' gradient moved them.
+    assert offset_kernels and max(np.abs(k).max() for k in offset_kernels) > 0
+
+
 def test_bfloat16_run_uses_the_16_bit_kernels(example, tmp_path):
     summary = example.main(["--steps", "2", "--batch", "2", "--eval-scenes", "4",
                             "--dtype", "bfloat16", "--out", str(tmp_path)])
@@ -93,5 +106,5 @@ def test_help_explains_the_flags(example, capsys):
         example.parse(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--steps", "--batch", "--seed", "--out", "--dtype", "--eval-only"):
+    for flag in ("--steps", "--batch", "--seed", "--out", "--dtype", "--head", "--eval-only"):
         assert flag in text

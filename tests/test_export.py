@@ -33,18 +33,24 @@ OPERATORS = {
     "roi_pool": lambda f, r: jax_psroi.roi_pool(f, r, 2, 0.5),
     "multi_scale_roi_align": lambda f, r: jax_psroi.multi_scale_roi_align(
         [f, f[:, :, ::2, ::2]], r, 2, 2, (24, 20), canonical_scale=8),
+    "deform_roi_align": lambda f, r: jax_psroi.deform_roi_align(
+        f, r, jnp.full((r.shape[0], 2, 2, 2), 0.3, r.dtype), 2, 0.5, 2),
+    "deform_ps_roi_align": lambda f, r: jax_psroi.deform_ps_roi_align(
+        f, r, jnp.full((r.shape[0], 2, 2, 2), -0.2, r.dtype), 2, 0.5, 2),
 }
 
 
 def test_the_checks_name_every_registered_target_once():
     checks = jax_psroi.export_safety_checks()
     names = [check.is_custom_call() for check in checks]
-    expected = ({row.name for table in _extension.KERNELS.values() for row in table.values()}
+    expected = ({row.name for tables in (_extension.KERNELS, _extension.DEFORM_KERNELS)
+                 for table in tables.values() for row in table.values()}
                 | {name for table in _extension.NMS_TARGETS.values() for name in table.values()})
     assert sorted(names) == sorted(expected)
     # The RoI kernel table's rows (a forward and a backward per operator,
-    # and the box rows of the two of samples) and one NMS target per dtype.
-    assert len(names) == (2 * 4 + 2 * 2) * len(_extension.SUPPORTED_DTYPES) * len(
+    # and the box rows of the two of samples), the deformable operators' (a
+    # forward and a backward each) and one NMS target per dtype.
+    assert len(names) == (2 * 4 + 2 * 2 + 2 * 2) * len(_extension.SUPPORTED_DTYPES) * len(
         _extension.SUPPORTED_LAYOUTS) + len(_extension.NMS_TARGETS["cpu"])
 
 

@@ -12,12 +12,17 @@ plus ``data_format`` and ``channel_order``; ``RoIPool`` like
 ``MultiScaleRoIAlign`` like
 ``torchvision.ops.MultiScaleRoIAlign(featmap_names, output_size,
 sampling_ratio)``, called as ``module(features, boxes, image_shapes)``
-with features a mapping of level names to maps. The others are called as
+with features a mapping of level names to maps; ``DeformRoIAlign`` and
+``DeformPSRoIAlign`` like mmcv's ``DeformRoIPool(output_size,
+spatial_scale, sampling_ratio, gamma)`` plus ``data_format`` (and
+``channel_order``), called as ``module(features, boxes, offset)``. The others are called as
 ``module(features, boxes)``; none holds parameters. Flax is optional:
 ``pip install "jax_psroi[flax]"``.
 """
 
 from jax_psroi.flax._config import (
+    DeformPSRoIAlignConfig,
+    DeformRoIAlignConfig,
     MultiScaleRoIAlignConfig,
     PSRoIAlignConfig,
     PSRoIPoolConfig,
@@ -25,5 +30,5 @@ from jax_psroi.flax._config import (
     RoIPoolConfig,
 )
 
-__all__ = ["MultiScaleRoIAlignConfig", "PSRoIAlignConfig", "PSRoIPoolConfig",
-           "RoIAlignConfig", "RoIPoolConfig"]
+__all__ = ["DeformPSRoIAlignConfig", "DeformRoIAlignConfig", "MultiScaleRoIAlignConfig",
+           "PSRoIAlignConfig", "PSRoIPoolConfig", "RoIAlignConfig", "RoIPoolConfig"]

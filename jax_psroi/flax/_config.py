@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import jax
 
-from jax_psroi import _arguments, _operators, ops
+from jax_psroi import _arguments, _deformable, _operators, ops
 
 FLAX_MISSING = ("jax_psroi.flax needs Flax, which is not installed: "
                 "pip install 'jax_psroi[flax]' (or pip install flax)")
@@ -148,6 +148,80 @@ class RoIPoolConfig(_OperatorConfig):
     output_size: tuple[int, int]
     spatial_scale: float = 1.0
     data_format: str = "NHWC"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeformRoIAlignConfig:
+    """A deformable RoI Align layer's settings, checked when made (as
+    ``deform_roi_align`` checks them at trace time), like mmcv's
+    ``DeformRoIPool(output_size, spatial_scale, sampling_ratio, gamma)``.
+
+    Attributes:
+      output_size: (h, w) bins per RoI (an int is made (n, n)).
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      gamma: the offsets' scale.
+      data_format: "NHWC" (Flax's) or "NCHW".
+    """
+
+    output_size: tuple[int, int]
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    gamma: float = 0.1
+    data_format: str = "NHWC"
+
+    @classmethod
+    def make(cls, output_size, spatial_scale=1.0, sampling_ratio=-1, gamma=0.1,
+             data_format="NHWC"):
+        return cls(_arguments.output_size(output_size), _arguments.spatial_scale(spatial_scale),
+                   _arguments.sampling_ratio(sampling_ratio), _deformable.checked_gamma(gamma),
+                   _arguments.data_format(data_format))
+
+    def __call__(self, features, boxes, offset=None) -> jax.Array:
+        return ops.deform_roi_align(features, boxes, offset, self.output_size,
+                                    self.spatial_scale, self.sampling_ratio, self.gamma,
+                                    data_format=self.data_format)
+
+    def describe(self, name: str) -> str:
+        return (f"{name}(output_size={_size_text(self.output_size)}, "
+                f"spatial_scale={self.spatial_scale:g}, sampling_ratio={self.sampling_ratio}, "
+                f"gamma={self.gamma:g}, data_format={self.data_format!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeformPSRoIAlignConfig:
+    """A deformable PS-RoI Align layer's settings (``deform_ps_roi_align``):
+    DeformRoIAlignConfig's and the channel order.
+
+    Attributes:
+      output_size, spatial_scale, sampling_ratio, gamma, data_format: as in
+        DeformRoIAlignConfig.
+      channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
+    """
+
+    output_size: tuple[int, int]
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    gamma: float = 0.1
+    data_format: str = "NHWC"
+    channel_order: str = "torchvision"
+
+    @classmethod
+    def make(cls, output_size, spatial_scale=1.0, sampling_ratio=-1, gamma=0.1,
+             data_format="NHWC", channel_order="torchvision"):
+        plain = DeformRoIAlignConfig.make(output_size, spatial_scale, sampling_ratio, gamma,
+                                          data_format)
+        return cls(*dataclasses.astuple(plain), _arguments.channel_order(channel_order))
+
+    def __call__(self, features, boxes, offset=None) -> jax.Array:
+        return ops.deform_ps_roi_align(features, boxes, offset, self.output_size,
+                                       self.spatial_scale, self.sampling_ratio, self.gamma,
+                                       data_format=self.data_format,
+                                       channel_order=self.channel_order)
+
+    def describe(self, name: str) -> str:
+        plain = DeformRoIAlignConfig(*dataclasses.astuple(self)[:5]).describe(name)
+        return f"{plain[:-1]}, channel_order={self.channel_order!r})"
 
 
 @dataclasses.dataclass(frozen=True)

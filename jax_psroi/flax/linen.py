@@ -1,5 +1,6 @@
 """The RoI family as ``flax.linen.Module``s: ``PSRoIAlign``, ``RoIAlign``,
-``PSRoIPool``, ``RoIPool`` and ``MultiScaleRoIAlign``."""
+``PSRoIPool``, ``RoIPool``, ``MultiScaleRoIAlign``, ``DeformRoIAlign`` and
+``DeformPSRoIAlign``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from jax.typing import ArrayLike
 
 from jax_psroi._arguments import Boxes
 from jax_psroi.flax._config import (
+    DeformPSRoIAlignConfig,
+    DeformRoIAlignConfig,
     MultiScaleRoIAlignConfig,
     PSRoIAlignConfig,
     PSRoIPoolConfig,
@@ -187,3 +190,67 @@ class MultiScaleRoIAlign(_Layer):
         return MultiScaleRoIAlignConfig.make(self.featmap_names, self.output_size,
                                              self.sampling_ratio, self.canonical_scale,
                                              self.canonical_level, self.data_format)
+
+
+class DeformRoIAlign(_Layer):
+    """Deformable RoI Align layer (no parameters: the offsets are an
+    input, typically a head's prediction), like mmcv's ``DeformRoIPool``
+    with Flax's NHWC layout by default.
+
+    ``DeformRoIAlign(7, 1 / 16, 2)(features, boxes, offset)`` with features
+    [N, H, W, C] (or [N, C, H, W]), boxes [K, 5] or a list of N arrays
+    [L_i, 4] and offset [K, 2, h, w] (or None: roi_align with
+    aligned=True) returns [K, h, w, C] (or [K, C, h, w]). See
+    ``jax_psroi.deform_roi_align``; bad settings raise when the module is
+    made.
+
+    Attributes:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      gamma: the offsets' scale (0.1).
+      data_format: "NHWC" (default) or "NCHW".
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    gamma: float = 0.1
+    data_format: str = "NHWC"
+
+    def __call__(self, features: ArrayLike, boxes: Boxes,
+                 offset: ArrayLike | None = None) -> jax.Array:
+        return self._settings()(features, boxes, offset)
+
+    def _settings(self) -> DeformRoIAlignConfig:
+        return DeformRoIAlignConfig.make(self.output_size, self.spatial_scale,
+                                         self.sampling_ratio, self.gamma, self.data_format)
+
+
+class DeformPSRoIAlign(_Layer):
+    """Deformable Position-Sensitive RoI Align layer (no parameters), the
+    Deformable R-FCN head's pooling: ``DeformPSRoIAlign(7, 1 / 16, 2)(
+    features, boxes, offset)`` with features [N, H, W, C], C = C_out * h *
+    w, returns [K, h, w, C_out]. See ``jax_psroi.deform_ps_roi_align``.
+
+    Attributes:
+      output_size, spatial_scale, sampling_ratio, gamma, data_format: as
+        in DeformRoIAlign.
+      channel_order: "torchvision" (default) or "bin_major".
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    gamma: float = 0.1
+    data_format: str = "NHWC"
+    channel_order: str = "torchvision"
+
+    def __call__(self, features: ArrayLike, boxes: Boxes,
+                 offset: ArrayLike | None = None) -> jax.Array:
+        return self._settings()(features, boxes, offset)
+
+    def _settings(self) -> DeformPSRoIAlignConfig:
+        return DeformPSRoIAlignConfig.make(self.output_size, self.spatial_scale,
+                                           self.sampling_ratio, self.gamma, self.data_format,
+                                           self.channel_order)

@@ -1,5 +1,6 @@
 """The RoI family as ``flax.nnx.Module``s: ``PSRoIAlign``, ``RoIAlign``,
-``PSRoIPool``, ``RoIPool`` and ``MultiScaleRoIAlign``."""
+``PSRoIPool``, ``RoIPool``, ``MultiScaleRoIAlign``, ``DeformRoIAlign`` and
+``DeformPSRoIAlign``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from jax.typing import ArrayLike
 
 from jax_psroi._arguments import Boxes
 from jax_psroi.flax._config import (
+    DeformPSRoIAlignConfig,
+    DeformRoIAlignConfig,
     MultiScaleRoIAlignConfig,
     PSRoIAlignConfig,
     PSRoIPoolConfig,
@@ -149,3 +152,49 @@ class MultiScaleRoIAlign(nnx.Module):
     def __call__(self, features: Mapping[str, ArrayLike], boxes: Boxes,
                  image_shapes: Sequence[tuple[int, int]]) -> jax.Array:
         return self.settings(features, boxes, image_shapes)
+
+
+class DeformRoIAlign(nnx.Module):
+    """Deformable RoI Align layer (no parameters: the offsets are an
+    input), like mmcv's ``DeformRoIPool`` with Flax's NHWC layout by
+    default: ``DeformRoIAlign(7, 1 / 16, 2)(features, boxes, offset)``. See
+    ``jax_psroi.deform_roi_align``; bad arguments raise here.
+
+    Args:
+      output_size: int or (h, w), bins per RoI.
+      spatial_scale: box coordinates to feature-map pixels (1 / stride).
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      gamma: the offsets' scale (0.1).
+      data_format: "NHWC" (default) or "NCHW", keyword-only.
+    """
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 gamma: float = 0.1, *, data_format: str = "NHWC"):
+        self.settings = DeformRoIAlignConfig.make(output_size, spatial_scale, sampling_ratio,
+                                                  gamma, data_format)
+
+    def __call__(self, features: ArrayLike, boxes: Boxes,
+                 offset: ArrayLike | None = None) -> jax.Array:
+        return self.settings(features, boxes, offset)
+
+
+class DeformPSRoIAlign(nnx.Module):
+    """Deformable Position-Sensitive RoI Align layer (no parameters), the
+    Deformable R-FCN head's pooling. See ``jax_psroi.deform_ps_roi_align``.
+
+    Args:
+      output_size, spatial_scale, sampling_ratio, gamma: as DeformRoIAlign.
+      data_format: "NHWC" (default) or "NCHW", keyword-only.
+      channel_order: "torchvision" (default) or "bin_major", keyword-only.
+    """
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 gamma: float = 0.1, *, data_format: str = "NHWC",
+                 channel_order: str = "torchvision"):
+        self.settings = DeformPSRoIAlignConfig.make(output_size, spatial_scale,
+                                                    sampling_ratio, gamma, data_format,
+                                                    channel_order)
+
+    def __call__(self, features: ArrayLike, boxes: Boxes,
+                 offset: ArrayLike | None = None) -> jax.Array:
+        return self.settings(features, boxes, offset)

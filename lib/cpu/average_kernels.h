@@ -65,6 +65,14 @@ class RoiWeights {
 
   // Tabulates the bins of `geometry` (not empty) in a new slot; returns it.
   int64_t add(const RoiGeometry<T>& geometry) {
+    return add_bins(geometry, AxisSpan{0, shape_.pooled_h - 1}, AxisSpan{0, shape_.pooled_w - 1});
+  }
+
+  // Tabulates bin rows `rows` and bin columns `cols` of `geometry` (not
+  // empty) in a new slot, the others as bins without samples; returns it.
+  // A deformable bin, whose start is its own, is a slot of one row and one
+  // column (lib/cpu/deformable_handlers.cc).
+  int64_t add_bins(const RoiGeometry<T>& geometry, AxisSpan rows, AxisSpan cols) {
     const int64_t slot = slots_++;
     if (entries_.size() < static_cast<size_t>(slots_ * axes_)) {
       entries_.resize(static_cast<size_t>(slots_ * axes_));
@@ -75,14 +83,19 @@ class RoiWeights {
     // rounding moves a sample, which grows them), then the spans one after
     // another, then the size they took.
     size_t end = weights_.size();
-    weights_.resize(end + most_weights(geometry.y, shape_.pooled_h, shape_.height) +
-                        most_weights(geometry.x, shape_.pooled_w, shape_.width),
+    weights_.resize(end + most_weights(geometry.y, rows.last - rows.first + 1, shape_.height) +
+                        most_weights(geometry.x, cols.last - cols.first + 1, shape_.width),
                     T(0));
     for (int64_t a = 0; a < axes_; ++a) {
       const bool row = a < shape_.pooled_h;
       const RoiAxis<T>& axis = row ? geometry.y : geometry.x;
       const int64_t bin = row ? a : a - shape_.pooled_h;
       const int64_t size = row ? shape_.height : shape_.width;
+      const AxisSpan tabulated = row ? rows : cols;
+      if (bin < tabulated.first || bin > tabulated.last) {
+        entries[a] = Entry{AxisSpan{size, -1}, end};
+        continue;
+      }
       // Few samples: their taps, kept, give the span; more: touched_pixels,
       // and the samples are gone over again below.
       constexpr int64_t kMostTaps = 2 * kWalkWholeGrid;

@@ -18,6 +18,9 @@ NB_MODULE(_cpu, m) {
         "The product's targets: [(name, operation, direction, layout, dtype, capsule)].");
   m.def("nms_targets", []() { return jax_psroi::python_targets(jax_psroi::cpu_nms_targets()); },
         "Non-maximum suppression's targets, one per dtype, as targets() lists them.");
+  m.def("deform_targets",
+        []() { return jax_psroi::python_targets(jax_psroi::cpu_deform_targets()); },
+        "Deformable RoI Align's targets, as targets() lists them.");
   // Here rather than in _cuda: exporting for CUDA works without a CUDA build.
   m.def(
       "cuda_workspace_elements",

@@ -20,6 +20,9 @@ NB_MODULE(_cuda, m) {
   m.def("nms_targets",
         []() { return jax_psroi::python_targets(jax_psroi::cuda_nms_targets()); },
         "Non-maximum suppression's, one per dtype, in the same form.");
+  m.def("deform_targets",
+        []() { return jax_psroi::python_targets(jax_psroi::cuda_deform_targets()); },
+        "Deformable RoI Align's, in the same form.");
   // CUDA runtime version compiled in (static runtime), e.g. 13000.
   m.def("cuda_runtime_version", []() { return CUDART_VERSION; });
 }

@@ -19,4 +19,7 @@ NB_MODULE(_gpu_schedule_testing, m) {
   m.def("nms_targets",
         []() { return jax_psroi::python_targets(jax_psroi::nms_schedule_testing_targets()); },
         "Non-maximum suppression's CUDA schedule, one target per dtype, in the same form.");
+  m.def("deform_targets",
+        []() { return jax_psroi::python_targets(jax_psroi::deform_schedule_testing_targets()); },
+        "Deformable RoI Align's CUDA kernels, in the same form.");
 }

@@ -1,0 +1,106 @@
+// Deformable RoI Align's CUDA kernels (deformable.h on CUDA threads) and
+// their XLA FFI handlers, targets jax_psroi_deform_<operation>_<direction>_
+// <layout>_<dtype> registered for platform CUDA (deformable_ffi.h). The
+// forward is a thread per pooled element; the backward a thread per unit of
+// one image's input channel and band of rows, which owns that part of the
+// gradient: no atomics, the same sums as the CPU's. One launch on XLA's
+// stream, no synchronisation, no state: safe inside CUDA graphs.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "cuda/kernels.cuh"
+#include "deformable.h"
+#include "deformable_ffi.h"
+#include "ffi_common.h"
+#include "targets.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_psroi {
+namespace cuda {
+namespace {
+
+constexpr int kDeformThreads = 256;
+
+template <typename S, typename Layout>
+__global__ void __launch_bounds__(kDeformThreads)
+    deform_forward_kernel(deform::DeformCall<S> call, S* output) {
+  const int64_t outputs = call.shape.outputs();
+  for (int64_t index = blockIdx.x * int64_t{kDeformThreads} + threadIdx.x; index < outputs;
+       index += int64_t{gridDim.x} * kDeformThreads) {
+    output[index] = deform::forward_element<S, Layout>(call, index);
+  }
+}
+
+template <typename S, typename Layout, typename T = ComputeType<S>>
+__global__ void __launch_bounds__(kDeformThreads)
+    deform_backward_kernel(deform::DeformCall<S> call, T* grad) {
+  const CallShape& shape = call.shape;
+  const int64_t bands = deform::bands_of(shape);
+  const int64_t units = shape.num_images * shape.channels * bands;
+  for (int64_t unit = blockIdx.x * int64_t{kDeformThreads} + threadIdx.x; unit < units;
+       unit += int64_t{gridDim.x} * kDeformThreads) {
+    // Neighbouring threads take neighbouring channels of one band (channels
+    // last, their writes are adjacent).
+    const int64_t channel = unit % shape.channels;
+    const int64_t band = unit / shape.channels % bands;
+    const int64_t image = unit / shape.channels / bands;
+    const int64_t first_row = band * deform::kBandRows;
+    const int64_t end_row =
+        first_row + deform::kBandRows < shape.height ? first_row + deform::kBandRows : shape.height;
+    deform::backward_unit<S, Layout>(call, grad, image, channel, channel + 1, first_row, end_row);
+  }
+}
+
+inline int blocks_for(int64_t threads) {
+  return grid_for((threads + kDeformThreads - 1) / kDeformThreads);
+}
+
+template <typename Operation, bool kForward, typename Layout, typename S>
+struct DeformHandler {
+  static ffi::Error run(cudaStream_t stream, MapBuffer<S> operand, RoisBuffer<S> rois,
+                        deform::OffsetBuffer<S> offset,
+                        ffi::Result<deform::ResultBuffer<S, kForward>> result,
+                        double spatial_scale, int64_t sampling_ratio, double gamma,
+                        int64_t operation, int64_t box_parameter, int64_t rois_per_group,
+                        int64_t images_per_group) {
+    ffi::ErrorOr<deform::DeformCall<S>> call =
+        deform::checked_call<Operation, Layout, S, kForward>(
+            operand, rois, offset, *result,
+            deform::DeformAttributes{spatial_scale, sampling_ratio, gamma, operation,
+                                     box_parameter, rois_per_group, images_per_group});
+    if (call.has_error()) return call.error();
+    const CallShape& shape = call->shape;
+    if constexpr (kForward) {
+      if (shape.outputs() == 0) return ffi::Error::Success();
+      deform_forward_kernel<S, Layout>
+          <<<blocks_for(shape.outputs()), kDeformThreads, 0, stream>>>(*call, data<S>(*result));
+    } else {
+      const int64_t units = shape.num_images * shape.channels * deform::bands_of(shape);
+      if (units == 0) return ffi::Error::Success();
+      deform_backward_kernel<S, Layout>
+          <<<blocks_for(units), kDeformThreads, 0, stream>>>(*call, result->typed_data());
+    }
+    const cudaError_t launched = cudaGetLastError();
+    if (launched == cudaSuccess) return ffi::Error::Success();
+    return ffi::Error::Internal(std::string("jax_psroi: deformable kernel launch: ") +
+                                cudaGetErrorString(launched));
+  }
+
+  static auto make() {
+    return deform::bind_call<Operation, S, kForward>(
+               ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+        .To(run, {ffi::Traits::kCmdBufferCompatible});
+  }
+};
+
+}  // namespace
+}  // namespace cuda
+
+std::vector<FfiTarget> cuda_deform_targets() {
+  return deform::targets<cuda::DeformHandler>("jax_psroi_");
+}
+
+}  // namespace jax_psroi

@@ -1,0 +1,70 @@
+// Test-only FFI handlers: deformable RoI Align's CUDA kernels
+// (lib/cuda/deformable_handlers.cu) run serially on the CPU, the forward
+// element by element and the backward unit by unit (one image's input
+// channel and band of rows), as the CUDA threads run them, so that the CPU
+// tests check the code the GPU runs. Targets
+// jax_psroi_testing_deform_<operation>_<direction>_<layout>_<dtype>, in the
+// testing module only (JAX_PSROI_TESTING).
+#include <cstdint>
+#include <vector>
+
+#include "deformable.h"
+#include "deformable_ffi.h"
+#include "ffi_common.h"
+#include "targets.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_psroi {
+namespace cpu {
+namespace {
+
+template <typename Operation, bool kForward, typename Layout, typename S>
+struct SerialDeformHandler {
+  static ffi::Error run(MapBuffer<S> operand, RoisBuffer<S> rois, deform::OffsetBuffer<S> offset,
+                        ffi::Result<deform::ResultBuffer<S, kForward>> result,
+                        double spatial_scale, int64_t sampling_ratio, double gamma,
+                        int64_t operation, int64_t box_parameter, int64_t rois_per_group,
+                        int64_t images_per_group) {
+    ffi::ErrorOr<deform::DeformCall<S>> call =
+        deform::checked_call<Operation, Layout, S, kForward>(
+            operand, rois, offset, *result,
+            deform::DeformAttributes{spatial_scale, sampling_ratio, gamma, operation,
+                                     box_parameter, rois_per_group, images_per_group});
+    if (call.has_error()) return call.error();
+    const CallShape& shape = call->shape;
+    if constexpr (kForward) {
+      S* output = data<S>(*result);
+      for (int64_t index = 0; index < shape.outputs(); ++index) {
+        output[index] = deform::forward_element<S, Layout>(*call, index);
+      }
+    } else {
+      const int64_t bands = deform::bands_of(shape);
+      for (int64_t image = 0; image < shape.num_images; ++image) {
+        for (int64_t band = 0; band < bands; ++band) {
+          const int64_t first_row = band * deform::kBandRows;
+          const int64_t end_row = first_row + deform::kBandRows < shape.height
+                                      ? first_row + deform::kBandRows
+                                      : shape.height;
+          for (int64_t channel = 0; channel < shape.channels; ++channel) {
+            deform::backward_unit<S, Layout>(*call, result->typed_data(), image, channel,
+                                             channel + 1, first_row, end_row);
+          }
+        }
+      }
+    }
+    return ffi::Error::Success();
+  }
+
+  static auto make() {
+    return deform::bind_call<Operation, S, kForward>(ffi::Ffi::Bind()).To(run);
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+
+std::vector<FfiTarget> deform_schedule_testing_targets() {
+  return deform::targets<cpu::SerialDeformHandler>("jax_psroi_testing_");
+}
+
+}  // namespace jax_psroi

@@ -1,0 +1,364 @@
+"""Deformable RoI Align and PS-RoI Align (jax_psroi/_deformable.py,
+lib/deformable.h).
+
+The oracles: loops written from the paper's equations with mmcv's
+semantics (loop_reference.py), the jax.numpy reference
+(reference_deformable.py) differentiated by JAX, finite differences in
+float64, and the plain operators, which an offset of zero must equal bit
+for bit. Every native check runs on the CPU kernels and, through the test
+rig, on the CUDA kernels' code.
+"""
+
+import contextlib
+from unittest import mock
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jax_psroi
+from jax_psroi import _extension
+
+from cases import (
+    GPU_SCHEDULE_MISSING,
+    KERNELS,
+    LAYOUTS,
+    features_as,
+    gpu_schedule_module,
+    hostile_rois,
+    native_gpu_schedule,
+    random_features,
+    random_rois,
+)
+from loop_reference import deform_roi_align_loops
+
+SCALE = 0.5
+SIZE = (3, 2)  # unequal: rows and columns are not mixed up
+GAMMA = 0.1
+OPERATIONS = ("deform_roi_align", "deform_ps_roi_align")
+
+_rig_kernels = None
+
+
+@contextlib.contextmanager
+def on_kernels(kernels):
+    """Within it (kernels "gpu_schedule"), the CPU lowering of the
+    deformable primitives calls the rig's copy of their CUDA kernels."""
+    global _rig_kernels
+    if kernels == "cpu":
+        yield
+        return
+    if _rig_kernels is None:
+        module = gpu_schedule_module()
+        if module is None:
+            pytest.fail(GPU_SCHEDULE_MISSING, pytrace=False)
+        _rig_kernels = _extension._register(module.deform_targets(), "cpu")
+    jax.clear_caches()
+    try:
+        with mock.patch.dict(_extension.DEFORM_KERNELS, {"cpu": _rig_kernels}):
+            yield
+    finally:
+        jax.clear_caches()
+
+
+def _case(rng, operation, dtype=np.float64, n=2, h=9, w=11, k=6, c_out=2):
+    """(features [N, C, H, W], boxes [K, 5], offset [K, 2, PH, PW])."""
+    bins = SIZE[0] * SIZE[1]
+    c = c_out * bins if operation == "deform_ps_roi_align" else c_out
+    features = random_features(rng, n, c, h, w, dtype)
+    boxes = random_rois(rng, k, n, h, w, SCALE, np.float64, outside=0.3)
+    offset = rng.uniform(-1.5, 1.5, size=(k, 2, *SIZE))
+    return features, boxes, offset
+
+
+def _op(operation, sampling_ratio=-1, data_format="NCHW", channel_order="torchvision"):
+    """(features, boxes, offset) -> pooled, and its reference."""
+    kw = dict(data_format=data_format)
+    if operation == "deform_ps_roi_align":
+        kw["channel_order"] = channel_order
+    native = getattr(jax_psroi, operation)
+    reference = getattr(jax_psroi, f"{operation}_reference")
+    return (lambda f, b, o: native(f, b, o, SIZE, SCALE, sampling_ratio, GAMMA, **kw),
+            lambda f, b, o: reference(f, b, o, SIZE, SCALE, sampling_ratio, GAMMA, **kw))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("operation", OPERATIONS)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_loops(kernels, operation, sampling_ratio, dtype):
+    features, boxes, offset = _case(np.random.default_rng(0), operation, dtype)
+    op, reference = _op(operation, sampling_ratio)
+    expected = deform_roi_align_loops(features, boxes, offset, SIZE, SCALE, sampling_ratio,
+                                      GAMMA, operation == "deform_ps_roi_align")
+    tolerance = 1e-12 if dtype == np.float64 else 2e-5
+    with on_kernels(kernels):
+        np.testing.assert_allclose(op(features, boxes, offset), expected, rtol=tolerance,
+                                   atol=tolerance)
+    np.testing.assert_allclose(reference(features, boxes, offset), expected, rtol=tolerance,
+                               atol=tolerance)
+    assert np.abs(expected).max() > 0.1  # the offsets move real samples
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+def test_zero_offset_is_the_plain_operator_bit_for_bit(kernels, data_format, dtype):
+    rng = np.random.default_rng(1)
+    features, boxes, _ = _case(rng, "deform_ps_roi_align", np.float32, k=9)
+    features = features_as(jnp.asarray(features, dtype), data_format, "torchvision", SIZE)
+    shared = features[..., :3] if data_format == "NHWC" else features[:, :3]
+    with on_kernels(kernels):
+        ps = jax_psroi.deform_ps_roi_align(features, boxes, None, SIZE, SCALE,
+                                           data_format=data_format)
+        align = jax_psroi.deform_roi_align(shared, boxes, np.zeros((9, 2, *SIZE)), SIZE, SCALE,
+                                           data_format=data_format)
+    if kernels == "cpu":
+        plain_ps = jax_psroi.ps_roi_align(features, boxes, SIZE, SCALE, data_format=data_format)
+        plain_align = jax_psroi.roi_align(shared, boxes, SIZE, SCALE, aligned=True,
+                                          data_format=data_format)
+    else:  # the plain operators' CUDA forward on the rig
+        rois = jnp.asarray(boxes, jnp.float64 if dtype == "float64" else jnp.float32)
+        plain_ps = native_gpu_schedule("forward", features, rois, ps.shape, SCALE, -1,
+                                       data_format)
+        plain_align = native_gpu_schedule("forward", shared, rois, align.shape, SCALE, -1,
+                                          data_format, aligned=True)
+    assert np.abs(np.asarray(ps, np.float64)).max() > 0.1
+    np.testing.assert_array_equal(np.asarray(ps, np.float64), np.asarray(plain_ps, np.float64))
+    np.testing.assert_array_equal(np.asarray(align, np.float64),
+                                  np.asarray(plain_align, np.float64))
+
+
+class LayoutsTest(chex.TestCase):
+    """Every layout, channel order and dtype against the reference, jitted
+    and not."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_layouts_orders_and_dtypes(self):
+        rng = np.random.default_rng(2)
+        for operation in OPERATIONS:
+            orders = ["torchvision", "bin_major"] if operation == "deform_ps_roi_align" else [
+                "torchvision"]
+            features, boxes, offset = _case(rng, operation, np.float32)
+            for data_format in LAYOUTS:
+                for order in orders:
+                    for dtype in ("float32", "bfloat16", "float16", "float64"):
+                        op, reference = _op(operation, 2, data_format, order)
+                        if operation == "deform_roi_align":
+                            x = features_as(features, data_format, "torchvision", (1, 1))
+                        else:
+                            x = features_as(features, data_format, order, SIZE)
+                        x = jnp.asarray(x, dtype)
+                        out = self.variant(op)(x, boxes, offset)
+                        expected = reference(x, boxes, offset)
+                        chex.assert_equal(out.dtype, jnp.dtype(dtype))
+                        chex.assert_shape(out, expected.shape)
+                        tolerance = 2e-2 if dtype in ("bfloat16", "float16") else 1e-5
+                        np.testing.assert_allclose(np.asarray(out, np.float64),
+                                                   np.asarray(expected, np.float64),
+                                                   rtol=tolerance, atol=tolerance)
+
+
+def _loss(op, cotangent):
+    return lambda f, b, o: jnp.sum(op(f, b, o) * cotangent)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("operation", OPERATIONS)
+@pytest.mark.parametrize("data_format", LAYOUTS)
+def test_gradients_match_the_reference(kernels, operation, data_format):
+    rng = np.random.default_rng(3)
+    features, boxes, offset = _case(rng, operation)
+    op, reference = _op(operation, -1, data_format)
+    features = features_as(features, data_format, "torchvision",
+                           SIZE if operation == "deform_ps_roi_align" else (1, 1))
+    cotangent = rng.normal(size=reference(features, boxes, offset).shape)
+    with on_kernels(kernels):
+        grads = jax.jit(jax.grad(_loss(op, cotangent), argnums=(0, 1, 2)))(
+            features, boxes, offset)
+    expected = jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2))(features, boxes,
+                                                                         offset)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert np.abs(grads[1][:, 1:]).max() > 1e-3 and np.abs(grads[2]).max() > 1e-3
+    np.testing.assert_array_equal(grads[1][:, 0], 0)  # the batch index
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("operation", OPERATIONS)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_check_grads_in_boxes_and_offsets(kernels, operation, sampling_ratio):
+    """Finite differences in float64, both modes, away from the points
+    where the pooled tensor is not differentiable (random boxes and
+    offsets almost surely are)."""
+    features, boxes, offset = _case(np.random.default_rng(4), operation, k=4)
+    op, _ = _op(operation, sampling_ratio)
+    with on_kernels(kernels):
+        # The corners only: the batch index is piecewise constant (truncated).
+        check_grads(lambda c, o: op(features, jnp.concatenate([boxes[:, :1], c], axis=1), o),
+                    (boxes[:, 1:], offset), order=1, modes=("fwd", "rev"), eps=1e-6)
+        check_grads(lambda f: op(f, boxes, offset), (features,), order=2,
+                    modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_mixed_second_derivatives_and_higher_orders(operation):
+    """Mixed feature/box second derivatives (first order in the boxes) are
+    exact; a second derivative in the boxes or offsets raises."""
+    features, boxes, offset = _case(np.random.default_rng(5), operation, k=3)
+    op, reference = _op(operation)
+
+    def mixed(fn):
+        return jax.jacfwd(jax.grad(lambda f, b: jnp.sum(fn(f, b, offset) ** 2) / 2),
+                          argnums=1)(features, boxes)
+
+    np.testing.assert_allclose(mixed(op), mixed(reference), rtol=1e-8, atol=1e-8)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        jax.hessian(lambda o: jnp.sum(op(features, boxes, o)))(offset)
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_undifferentiated_boxes_and_offsets_cost_nothing(operation):
+    features, boxes, offset = _case(np.random.default_rng(6), operation, k=3)
+    op, _ = _op(operation)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda f: jnp.sum(op(f, boxes, offset))))(features))
+    assert "box_parameter=0" in jaxpr and "box_parameter=1" not in jaxpr
+    assert f"{operation}_backward" in jaxpr
+    text = jax.jit(jax.grad(lambda f: jnp.sum(op(f, boxes, offset)))).lower(features).as_text()
+    assert f"jax_psroi_{operation}_backward_nchw_f64" in text
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_vmap_is_one_launch_and_matches_a_loop(operation):
+    rng = np.random.default_rng(7)
+    batch = [_case(rng, operation, n=2, k=4) for _ in range(3)]
+    features, boxes, offset = (np.stack(parts) for parts in zip(*batch, strict=True))
+    op, _ = _op(operation)
+    out = jax.vmap(op)(features, boxes, offset)
+    for b in range(3):
+        np.testing.assert_allclose(out[b], op(features[b], boxes[b], offset[b]), rtol=1e-12)
+    grads = jax.vmap(jax.grad(lambda f, b, o: jnp.sum(op(f, b, o) ** 2), argnums=(0, 1, 2)))(
+        features, boxes, offset)
+    for b in range(3):
+        want = jax.grad(lambda f, b_, o: jnp.sum(op(f, b_, o) ** 2), argnums=(0, 1, 2))(
+            features[b], boxes[b], offset[b])
+        for got, expected in zip(grads, want, strict=True):
+            np.testing.assert_allclose(got[b], expected, rtol=1e-10, atol=1e-12)
+    # Boxes and offsets mapped over one set of images.
+    shared = jax.vmap(op, in_axes=(None, 0, 0))(features[0], boxes, offset)
+    for b in range(3):
+        np.testing.assert_allclose(shared[b], op(features[0], boxes[b], offset[b]), rtol=1e-12)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(op))(features, boxes, offset))
+    assert jaxpr.count(f"{operation}[") == 1
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kernels,
+                                                                           operation):
+    features, _, _ = _case(np.random.default_rng(8), operation, n=2, h=8, w=8)
+    boxes = hostile_rois(2, 8, 8, np.float64)
+    k = len(boxes)
+    offset = np.full((k, 2, *SIZE), 0.25)
+    offset[0, 0, 0, 0] = np.nan       # one bin of a sane box
+    offset[0, 1, 1, 1] = 1e300        # moved far off the map
+    offset[10, :, :, :] = -np.inf
+    op, reference = _op(operation)
+    with on_kernels(kernels):
+        out = op(features, boxes, offset)
+        grads = jax.grad(lambda f, b, o: jnp.sum(op(f, b, o)), argnums=(0, 1, 2))(
+            features, boxes, offset)
+    assert np.isfinite(out).all()
+    assert out[0, :, 0, 0].tolist() == [0] * out.shape[1]  # the NaN offset's bin
+    assert np.abs(out[0]).max() > 0  # the box's other bins
+    for g in grads:
+        assert np.isfinite(g).all()
+    reference_grads = jax.grad(lambda f, b, o: jnp.sum(reference(f, b, o)), argnums=(0, 1, 2))(
+        features, boxes, offset)
+    for g in reference_grads:
+        assert np.isfinite(g).all()
+    sane = np.isfinite(boxes).all(axis=1) & (np.abs(boxes[:, 1:]).max(axis=1) < 1e5)
+    np.testing.assert_allclose(out[sane], reference(features, boxes, offset)[sane], rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_arguments_are_checked():
+    features, boxes, offset = _case(np.random.default_rng(9), "deform_roi_align")
+    with pytest.raises(ValueError, match=r"offset must be \[K, 2, h, w\]"):
+        jax_psroi.deform_roi_align(features, boxes, offset[:, :1], SIZE, SCALE)
+    with pytest.raises(TypeError, match="offset must be a real"):
+        jax_psroi.deform_roi_align(features, boxes, offset > 0, SIZE, SCALE)
+    with pytest.raises(ValueError, match="gamma must be a finite"):
+        jax_psroi.deform_roi_align(features, boxes, offset, SIZE, SCALE, gamma=float("nan"))
+    with pytest.raises(ValueError):
+        jax_psroi.deform_ps_roi_align(features, boxes, offset, SIZE, SCALE)  # C % (h * w)
+
+
+def test_xla_path_matches_the_native_kernels(monkeypatch):
+    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
+    for operation in OPERATIONS:
+        features, boxes, offset = _case(np.random.default_rng(10), operation, k=4)
+        op, _ = _op(operation)
+        cotangent = np.random.default_rng(11).normal(size=op(features, boxes, offset).shape)
+        loss = _loss(op, cotangent)
+        xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        text = xla.lower(features, boxes, offset).as_text()
+        assert "jax_psroi_" not in text
+        got = xla(features, boxes, offset)
+        monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "native")
+        want = jax.value_and_grad(loss, argnums=(0, 1, 2))(features, boxes, offset)
+        monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_backward_is_bitwise_reproducible_and_pooled_as_reference(kernels):
+    """The backward's units own their part of the gradient: the same bits
+    on every run, however the threads split it."""
+    features, boxes, offset = _case(np.random.default_rng(12), "deform_roi_align", np.float32,
+                                    h=20, k=40)
+    op, reference = _op("deform_roi_align")
+    cotangent = np.random.default_rng(13).normal(size=(40, 2, *SIZE)).astype(np.float32)
+    with on_kernels(kernels):
+        grad = jax.jit(jax.grad(_loss(op, cotangent)))
+        first = np.asarray(grad(features, boxes, offset))
+        for _ in range(3):
+            np.testing.assert_array_equal(np.asarray(grad(features, boxes, offset)), first)
+    want = jax.grad(_loss(reference, cotangent))(features, boxes, offset)
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-5)
+
+
+def test_flax_modules():
+    from jax_psroi.flax import linen, nnx
+
+    rng = np.random.default_rng(14)
+    for operation, name in (("deform_roi_align", "DeformRoIAlign"),
+                            ("deform_ps_roi_align", "DeformPSRoIAlign")):
+        features, boxes, offset = _case(rng, operation, np.float32)
+        nhwc = features.transpose(0, 2, 3, 1)
+        expected = getattr(jax_psroi, operation)(nhwc, boxes, offset, SIZE, SCALE, 2, 0.2,
+                                                 data_format="NHWC")
+        layer = getattr(linen, name)(SIZE, SCALE, 2, gamma=0.2)
+        np.testing.assert_array_equal(layer.apply({}, nhwc, boxes, offset), expected)
+        module = getattr(nnx, name)(SIZE, SCALE, 2, 0.2)
+        np.testing.assert_array_equal(module(nhwc, boxes, offset), expected)
+        plain = layer.apply({}, nhwc, boxes)  # no offset: the plain operator's sampling
+        np.testing.assert_array_equal(plain, layer.apply({}, nhwc, boxes, np.zeros_like(offset)))
+        assert repr(layer).startswith(f"{name}(output_size=(3, 2), spatial_scale=0.5, "
+                                      "sampling_ratio=2, gamma=0.2, data_format='NHWC'")
+    with pytest.raises(ValueError, match="gamma"):
+        linen.DeformRoIAlign(7, gamma=float("inf"))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "rocm"])
+def test_platforms_without_kernels_lower_to_the_xla_path(platform):
+    features, boxes, offset = _case(np.random.default_rng(15), "deform_ps_roi_align", k=3)
+    op, _ = _op("deform_ps_roi_align")
+    loss = jax.value_and_grad(lambda f, b, o: jnp.sum(op(f, b, o) ** 2), argnums=(0, 1, 2))
+    text = jax.jit(loss).trace(features, boxes, offset).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert "custom_call" not in text and "jax_psroi" not in text

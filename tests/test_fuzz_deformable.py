@@ -1,0 +1,114 @@
+"""Property-based fuzzing of deformable RoI Align and PS-RoI Align
+(hypothesis).
+
+Random calls over the inputs where a per-bin start is easy to get wrong:
+boxes partly or wholly off the map, degenerate (zero-size, inverted), huge
+and non-finite; offsets small, large (bins moved off the map), huge and
+non-finite; every dtype and layout; fixed and adaptive grids; maps of one
+pixel. The native CPU kernels and the CUDA kernels' code (serially on the
+CPU: the test rig) must give the jax.numpy reference's values and keep
+every derivative finite; nothing may read or write out of bounds (run under
+ASan and UBSan by scripts/sanitize.sh).
+
+Examples: JAX_PSROI_FUZZ_EXAMPLES, as for test_fuzz.py (default 20 here).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jax_psroi
+
+from cases import KERNELS
+from test_deformable import on_kernels
+
+EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_EXAMPLES", "20"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                derandomize=EXAMPLES <= 100,
+                suppress_health_check=[HealthCheck.too_slow])
+
+DTYPES = ["float32", "float64", "bfloat16", "float16"]
+BOX_KINDS = ["random", "off_map", "degenerate", "huge", "non_finite"]
+OFFSET_KINDS = ["small", "large", "huge", "non_finite"]
+SPECIAL = [np.nan, np.inf, -np.inf, 1e30, -1e30, 3e38, 0.0, -0.0]
+# Few shapes, so that compiled programs are reused across examples.
+MAPS = [(1, 1), (5, 7), (12, 9)]
+SIZES = [(1, 1), (2, 3)]
+
+
+def _boxes(rng, k, n, height, width, kinds):
+    corners = rng.uniform(-4, 4 + 2 * max(height, width), (k, 2, 2))
+    x1, x2 = np.sort(corners[:, :, 0], axis=1).T
+    y1, y2 = np.sort(corners[:, :, 1], axis=1).T
+    boxes = np.stack([rng.integers(0, n, k), x1, y1, x2, y2], axis=1)
+    for i, kind in enumerate(rng.choice(kinds, k)):
+        if kind == "off_map":
+            boxes[i, 1:] += rng.choice([-1, 1]) * 10 * (height + width)
+        elif kind == "degenerate":
+            boxes[i, 3:] = boxes[i, 1:3] - rng.uniform(0, 3) * rng.integers(0, 2)
+        elif kind == "huge":
+            boxes[i, 1:] = [-1e7, -1e7, 1e7, 1e7]
+        elif kind == "non_finite":
+            boxes[i, rng.integers(0, 5)] = rng.choice(SPECIAL)
+    return boxes
+
+
+def _offsets(rng, k, size, kinds):
+    offset = rng.uniform(-0.5, 0.5, (k, 2, *size))
+    for i, kind in enumerate(rng.choice(kinds, k)):
+        if kind == "large":
+            offset[i] *= 40
+        elif kind == "huge":
+            offset[i] = rng.choice([-1, 1]) * 1e30
+        elif kind == "non_finite":
+            offset[i].flat[rng.integers(0, offset[i].size)] = rng.choice(SPECIAL)
+    return offset
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@FUZZ
+@given(seed=st.integers(0, 2**32 - 1), operation=st.sampled_from(["deform_roi_align",
+                                                                  "deform_ps_roi_align"]),
+       dtype=st.sampled_from(DTYPES), data_format=st.sampled_from(["NCHW", "NHWC"]),
+       map_size=st.sampled_from(MAPS), size=st.sampled_from(SIZES),
+       sampling_ratio=st.sampled_from([-1, 1, 3]),
+       box_kinds=st.lists(st.sampled_from(BOX_KINDS), min_size=1, unique=True),
+       offset_kinds=st.lists(st.sampled_from(OFFSET_KINDS), min_size=1, unique=True))
+def test_fuzz_deformable(kernels, seed, operation, dtype, data_format, map_size, size,
+                         sampling_ratio, box_kinds, offset_kinds):
+    rng = np.random.default_rng(seed)
+    height, width = map_size
+    n, k, c_out = 2, 6, 2
+    channels = c_out * size[0] * size[1] if operation == "deform_ps_roi_align" else c_out
+    shape = (n, channels, height, width) if data_format == "NCHW" else (n, height, width,
+                                                                         channels)
+    features = jnp.asarray(rng.normal(size=shape), dtype)
+    boxes = _boxes(rng, k, n, height, width, box_kinds)
+    offset = _offsets(rng, k, size, offset_kinds)
+    compute = np.float64 if dtype == "float64" else np.float32
+    boxes, offset = boxes.astype(compute), offset.astype(compute)
+    op = getattr(jax_psroi, operation)
+    reference = getattr(jax_psroi, f"{operation}_reference")
+    call = lambda fn: lambda f, b, o: fn(f, b, o, size, 0.5, sampling_ratio, 0.1,  # noqa: E731
+                                         data_format=data_format)
+    with on_kernels(kernels):
+        out = call(op)(features, boxes, offset)
+        grads = jax.grad(lambda f, b, o: jnp.sum(call(op)(f, b, o).astype(jnp.float32)),
+                         argnums=(0, 1, 2))(features, boxes, offset)
+    expected = call(reference)(features, boxes, offset)
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all()
+    for g in grads:
+        assert np.isfinite(np.asarray(g, np.float64)).all()
+    # Boxes of huge or non-finite geometry (or a bin moved by a huge
+    # offset) read nothing in both; elsewhere, the reference's values.
+    tolerance = 2e-2 if dtype in ("bfloat16", "float16") else (1e-4 if dtype == "float32"
+                                                                else 1e-9)
+    scale = max(1.0, float(np.abs(np.asarray(expected, np.float64)).max()))
+    np.testing.assert_allclose(out, np.asarray(expected, np.float64), rtol=tolerance,
+                               atol=tolerance * scale)
