@@ -40,7 +40,8 @@ done
 runtimes="$(c++ -print-file-name=libasan.so) $(c++ -print-file-name=libubsan.so)"
 reports="$work/reports"
 mkdir -p "$reports"
-tests=(test_fuzz.py test_fuzz_nms.py test_nms.py test_box_derivatives.py test_forward.py
+tests=(test_fuzz.py test_fuzz_nms.py test_fuzz_deformable.py test_nms.py test_box_derivatives.py
+       test_deformable.py test_forward.py
        test_grad.py test_vmap.py test_layouts.py
        test_low_precision.py test_golden.py test_gpu_schedule.py test_roi_align.py
        test_ps_roi_pool.py test_roi_pool.py test_multi_scale_roi_align.py)
