@@ -361,8 +361,13 @@ def deform_ps_roi_align(input: ArrayLike, boxes: Boxes, offset: ArrayLike | None
 
     Args:
       input: [N, C, H, W] (or [N, H, W, C]), C = C_out * h * w.
-      boxes, offset, output_size, spatial_scale, sampling_ratio, gamma,
-      data_format: as in :func:`deform_roi_align`.
+      boxes: as in :func:`deform_roi_align`.
+      offset: [K, 2, h, w], or None (as in :func:`deform_roi_align`).
+      output_size: int or (h, w).
+      spatial_scale: box coordinates to feature-map pixels.
+      sampling_ratio: samples per bin axis; <= 0 is adaptive.
+      gamma: the offsets' scale, finite.
+      data_format: "NCHW" or "NHWC", keyword-only.
       channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
 
     Returns:

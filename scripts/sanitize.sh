@@ -4,8 +4,9 @@
 # with AddressSanitizer and UndefinedBehaviorSanitizer (JAX_PSROI_SANITIZE=ON,
 # every report fatal) into a throwaway virtual environment, then runs the
 # kernel tests (non-maximum suppression's included) and the property-based
-# fuzz tests (test_fuzz.py, test_fuzz_nms.py) with EXAMPLES examples each
-# under the sanitizers. Exits non-zero on any report or failure.
+# fuzz tests (test_fuzz.py, test_fuzz_nms.py, test_fuzz_deformable.py) with
+# EXAMPLES examples each under the sanitizers. Exits non-zero on any report
+# or failure.
 #
 #   bash scripts/sanitize.sh [EXAMPLES]        # default 10000
 #
