@@ -49,7 +49,8 @@ def _operators():
 
 def run(workload, repeats, with_reference):
     features, rois, cotangent = bench.make_inputs(workload)
-    offset = np.random.default_rng(0).uniform(-0.5, 0.5, size=(rois.shape[0], 2, bench.BINS, bench.BINS))
+    offset = np.random.default_rng(0).uniform(-0.5, 0.5,
+                                              size=(rois.shape[0], 2, bench.BINS, bench.BINS))
     offset = jnp.asarray(offset, jnp.float32)
     row = {"workload": workload.name, "features": list(workload.features),
            "rois": workload.num_rois}

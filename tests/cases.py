@@ -204,6 +204,30 @@ def nms_on_gpu_schedule():
         jax.clear_caches()
 
 
+_deform_schedule_kernels = None
+
+
+@contextlib.contextmanager
+def deformable_kernels(kernels):
+    """Within it (kernels "gpu_schedule"), the CPU lowering of the
+    deformable primitives calls the rig's copy of their CUDA kernels."""
+    global _deform_schedule_kernels
+    if kernels == "cpu":
+        yield
+        return
+    if _deform_schedule_kernels is None:
+        module = gpu_schedule_module()
+        if module is None:
+            pytest.fail(GPU_SCHEDULE_MISSING, pytrace=False)
+        _deform_schedule_kernels = _extension._register(module.deform_targets(), "cpu")
+    jax.clear_caches()
+    try:
+        with mock.patch.dict(_extension.DEFORM_KERNELS, {"cpu": _deform_schedule_kernels}):
+            yield
+    finally:
+        jax.clear_caches()
+
+
 # The `kernels` parameter of tests that run on the CPU kernels and on the rig.
 KERNELS = ["cpu", pytest.param("gpu_schedule", marks=pytest.mark.gpu_schedule)]
 

@@ -9,8 +9,6 @@ for bit. Every native check runs on the CPU kernels and, through the test
 rig, on the CUDA kernels' code.
 """
 
-import contextlib
-from unittest import mock
 
 import chex
 import jax
@@ -20,14 +18,12 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_psroi
-from jax_psroi import _extension
 
 from cases import (
-    GPU_SCHEDULE_MISSING,
     KERNELS,
     LAYOUTS,
+    deformable_kernels,
     features_as,
-    gpu_schedule_module,
     hostile_rois,
     native_gpu_schedule,
     random_features,
@@ -39,30 +35,6 @@ SCALE = 0.5
 SIZE = (3, 2)  # unequal: rows and columns are not mixed up
 GAMMA = 0.1
 OPERATIONS = ("deform_roi_align", "deform_ps_roi_align")
-
-_rig_kernels = None
-
-
-@contextlib.contextmanager
-def on_kernels(kernels):
-    """Within it (kernels "gpu_schedule"), the CPU lowering of the
-    deformable primitives calls the rig's copy of their CUDA kernels."""
-    global _rig_kernels
-    if kernels == "cpu":
-        yield
-        return
-    if _rig_kernels is None:
-        module = gpu_schedule_module()
-        if module is None:
-            pytest.fail(GPU_SCHEDULE_MISSING, pytrace=False)
-        _rig_kernels = _extension._register(module.deform_targets(), "cpu")
-    jax.clear_caches()
-    try:
-        with mock.patch.dict(_extension.DEFORM_KERNELS, {"cpu": _rig_kernels}):
-            yield
-    finally:
-        jax.clear_caches()
-
 
 def _case(rng, operation, dtype=np.float64, n=2, h=9, w=11, k=6, c_out=2):
     """(features [N, C, H, W], boxes [K, 5], offset [K, 2, PH, PW])."""
@@ -95,7 +67,7 @@ def test_matches_loops(kernels, operation, sampling_ratio, dtype):
     expected = deform_roi_align_loops(features, boxes, offset, SIZE, SCALE, sampling_ratio,
                                       GAMMA, operation == "deform_ps_roi_align")
     tolerance = 1e-12 if dtype == np.float64 else 2e-5
-    with on_kernels(kernels):
+    with deformable_kernels(kernels):
         np.testing.assert_allclose(op(features, boxes, offset), expected, rtol=tolerance,
                                    atol=tolerance)
     np.testing.assert_allclose(reference(features, boxes, offset), expected, rtol=tolerance,
@@ -111,7 +83,7 @@ def test_zero_offset_is_the_plain_operator_bit_for_bit(kernels, data_format, dty
     features, boxes, _ = _case(rng, "deform_ps_roi_align", np.float32, k=9)
     features = features_as(jnp.asarray(features, dtype), data_format, "torchvision", SIZE)
     shared = features[..., :3] if data_format == "NHWC" else features[:, :3]
-    with on_kernels(kernels):
+    with deformable_kernels(kernels):
         ps = jax_psroi.deform_ps_roi_align(features, boxes, None, SIZE, SCALE,
                                            data_format=data_format)
         align = jax_psroi.deform_roi_align(shared, boxes, np.zeros((9, 2, *SIZE)), SIZE, SCALE,
@@ -176,7 +148,7 @@ def test_gradients_match_the_reference(kernels, operation, data_format):
     features = features_as(features, data_format, "torchvision",
                            SIZE if operation == "deform_ps_roi_align" else (1, 1))
     cotangent = rng.normal(size=reference(features, boxes, offset).shape)
-    with on_kernels(kernels):
+    with deformable_kernels(kernels):
         grads = jax.jit(jax.grad(_loss(op, cotangent), argnums=(0, 1, 2)))(
             features, boxes, offset)
     expected = jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2))(features, boxes,
@@ -196,7 +168,7 @@ def test_check_grads_in_boxes_and_offsets(kernels, operation, sampling_ratio):
     offsets almost surely are)."""
     features, boxes, offset = _case(np.random.default_rng(4), operation, k=4)
     op, _ = _op(operation, sampling_ratio)
-    with on_kernels(kernels):
+    with deformable_kernels(kernels):
         # The corners only: the batch index is piecewise constant (truncated).
         check_grads(lambda c, o: op(features, jnp.concatenate([boxes[:, :1], c], axis=1), o),
                     (boxes[:, 1:], offset), order=1, modes=("fwd", "rev"), eps=1e-6)
@@ -267,7 +239,7 @@ def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kern
     offset[0, 1, 1, 1] = 1e300        # moved far off the map
     offset[10, :, :, :] = -np.inf
     op, reference = _op(operation)
-    with on_kernels(kernels):
+    with deformable_kernels(kernels):
         out = op(features, boxes, offset)
         grads = jax.grad(lambda f, b, o: jnp.sum(op(f, b, o)), argnums=(0, 1, 2))(
             features, boxes, offset)
@@ -323,7 +295,7 @@ def test_backward_is_bitwise_reproducible_and_pooled_as_reference(kernels):
                                     h=20, k=40)
     op, reference = _op("deform_roi_align")
     cotangent = np.random.default_rng(13).normal(size=(40, 2, *SIZE)).astype(np.float32)
-    with on_kernels(kernels):
+    with deformable_kernels(kernels):
         grad = jax.jit(jax.grad(_loss(op, cotangent)))
         first = np.asarray(grad(features, boxes, offset))
         for _ in range(3):

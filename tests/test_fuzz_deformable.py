@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 
 import jax_psroi
 
-from cases import KERNELS
-from test_deformable import on_kernels
+from cases import KERNELS, deformable_kernels
 
 EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_EXAMPLES", "20"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -94,9 +93,9 @@ def test_fuzz_deformable(kernels, seed, operation, dtype, data_format, map_size,
     boxes, offset = boxes.astype(compute), offset.astype(compute)
     op = getattr(jax_psroi, operation)
     reference = getattr(jax_psroi, f"{operation}_reference")
-    call = lambda fn: lambda f, b, o: fn(f, b, o, size, 0.5, sampling_ratio, 0.1,  # noqa: E731
+    call = lambda fn: lambda f, b, o: fn(f, b, o, size, 0.5, sampling_ratio, 0.1,
                                          data_format=data_format)
-    with on_kernels(kernels):
+    with deformable_kernels(kernels):
         out = call(op)(features, boxes, offset)
         grads = jax.grad(lambda f, b, o: jnp.sum(call(op)(f, b, o).astype(jnp.float32)),
                          argnums=(0, 1, 2))(features, boxes, offset)
