@@ -144,7 +144,8 @@ def test_cuda_export_of_every_operator_and_its_gradient_names_our_cuda_targets(n
                                  disabled_checks=jax_psroi.export_safety_checks())(
         features, rois)
     calls = re.findall(r"stablehlo.custom_call @(\w+)", exported.mlir_module())
-    cuda_targets = {row.name: row for row in _extension.KERNELS["cuda"].values()}
+    cuda_targets = {row.name: row for tables in (_extension.KERNELS, _extension.DEFORM_KERNELS)
+                    for row in tables["cuda"].values()}
     assert calls and set(calls) <= set(cuda_targets), calls
     assert {cuda_targets[call].direction for call in calls} == {"forward", "backward"}
 
