@@ -26,8 +26,10 @@ linear in the tangents of the boxes and offsets) scaled onto each bin's
 outputs; reverse mode transposes the jax.numpy and the D_j (to the
 backward's derivative directions). Second derivatives in the RoIs or the
 offsets raise NotImplementedError. A vmap axis folds into the images and
-RoIs (one launch). Native kernels on CPU and CUDA; every other platform,
-and ``implementation="xla"``, runs reference_deformable.py.
+RoIs (one launch). Over a device mesh, the calls split as the plain
+operators' do (_partitioning.py), the offsets like the RoIs. Native
+kernels on CPU and CUDA; every other platform, and
+``implementation="xla"``, runs reference_deformable.py.
 
 Parameters, all static: ``pooled_size`` on the forward, ``input_shape`` on
 the backward; on both ``spatial_scale``, ``sampling_ratio``, ``gamma``,
@@ -45,13 +47,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir, xla
+from jax.interpreters import ad, batching, xla
 
 from jax_psroi import (
     _arguments,
     _extension,
     _image_groups,
     _implementation,
+    _partitioning,
     _rules,
     reference,
     reference_deformable,
@@ -76,8 +79,13 @@ def _kernel_attributes(channel_order: str) -> dict:
 
 def _native_call(name, platform, direction, operand, rois, offset, result_shape, *,
                  spatial_scale, sampling_ratio, gamma, data_format, channel_order,
-                 image_groups, box_parameter):
+                 image_groups, box_parameter, first_bin_row=0, bin_rows=None):
+    """One kernel call; rows [first_bin_row, first_bin_row + PH) of grids
+    of `bin_rows` rows (a device's share of a bin-major map split over
+    channels, with its rows of the offsets)."""
     dtype = jnp.dtype(operand.dtype)
+    _, pooled = _arguments.features_and_pooled(direction, operand.shape, result_shape)
+    pooled_h, _ = _arguments.pooled_size_of(pooled, data_format)
     row = _extension.DEFORM_KERNELS[platform][(name, direction, data_format, dtype)]
     # The backward's gradient comes in the compute type: rounded once, here.
     result_dtype = dtype if direction == "forward" else _arguments.compute_dtype(dtype)
@@ -85,7 +93,8 @@ def _native_call(name, platform, direction, operand, rois, offset, result_shape,
     result = jax.ffi.ffi_call(row.name, jax.ShapeDtypeStruct(result_shape, result_dtype))(
         operand, rois, offset, spatial_scale=float(spatial_scale),
         sampling_ratio=int(sampling_ratio), gamma=float(gamma),
-        **_kernel_attributes(channel_order), box_parameter=int(box_parameter),
+        **_kernel_attributes(channel_order), first_bin_row=int(first_bin_row),
+        bin_rows=int(bin_rows or pooled_h), box_parameter=int(box_parameter),
         rois_per_group=int(rois_per_group), images_per_group=int(images_per_group))
     return result.astype(dtype)
 
@@ -173,26 +182,40 @@ def _make(operation: str) -> Primitives:
     backward_p = Primitive(f"{operation}_backward")
 
     def forward_abstract_eval(features, rois, offset, *, pooled_size, data_format,
-                              channel_order, **params):
+                              channel_order, image_groups, **params):
         ph, pw = pooled_size
         c_out = features.shape[_arguments.channel_axis(data_format)]
         if channel_order != "shared":
             c_out //= ph * pw
         shape = _arguments.pooled_shape(rois.shape[0], c_out, pooled_size, data_format)
-        return features.update(shape=shape, weak_type=False)
+        return _rules.typed_result("forward", features, rois, shape, data_format=data_format,
+                                   channel_order=channel_order, image_groups=image_groups)
 
-    def backward_abstract_eval(cotangent, rois, offset, *, input_shape, **params):
-        return cotangent.update(shape=tuple(input_shape), weak_type=False)
+    def backward_abstract_eval(cotangent, rois, offset, *, input_shape, data_format,
+                               channel_order, image_groups, **params):
+        return _rules.typed_result("backward", cotangent, rois, input_shape,
+                                   data_format=data_format, channel_order=channel_order,
+                                   image_groups=image_groups)
 
+    # One device's call, (operand, rois, offset, result_shape=) -> result,
+    # run on every device's shards by _partitioning.lower when the program
+    # is partitioned over a mesh (the offsets split like the RoIs).
     def lowering(direction, platform, ctx, operand, rois, offset, *, implementation,
                  pooled_size=None, input_shape=None, **params):
-        result_shape = ctx.avals_out[0].shape
-        if _implementation.native(platform, implementation, _extension.DEFORM_KERNELS):
-            call = partial(_native_call, operation, platform, direction)
-        else:
-            call = partial(_xla_call, direction)
-        local = lambda o, r, f: call(o, r, f, result_shape, **params)
-        return mlir.lower_fun(local, multiple_results=False)(ctx, operand, rois, offset)
+        native = _implementation.native(platform, implementation, _extension.DEFORM_KERNELS)
+        call = (partial(_native_call, operation, platform, direction) if native
+                else partial(_xla_call, direction))
+
+        def local_call(operand, rois, offset, *, result_shape, **rows):
+            return call(operand, rois, offset, result_shape, **params, **rows)
+
+        blocks = _rules.image_blocks(_rules.features_shape_of(direction, ctx), ctx.avals_in[1],
+                                     params["image_groups"], params["data_format"])
+        return _partitioning.lower(ctx, operand, rois, offset, direction=direction,
+                                   local_call=local_call, image_blocks=blocks,
+                                   data_format=params["data_format"],
+                                   channel_order=params["channel_order"], bin_rows_call=native,
+                                   bin_operands=1)
 
     def jvp_rule(primitive, direction):
         def jvp(primals, tangents, **params):
@@ -268,7 +291,7 @@ def _make(operation: str) -> Primitives:
             (forward_p, "forward", forward_transpose, forward_batch),
             (backward_p, "backward", backward_transpose, backward_batch)):
         primitive.def_impl(partial(xla.apply_primitive, primitive))
-        _rules.register_lowerings(primitive, partial(lowering, direction), with_devices=False)
+        _rules.register_lowerings(primitive, partial(lowering, direction))
         ad.primitive_jvps[primitive] = jvp_rule(primitive, direction)
         ad.primitive_transposes[primitive] = transpose
         batching.primitive_batchers[primitive] = batch

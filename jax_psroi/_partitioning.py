@@ -3,7 +3,9 @@ averaging operators' (``_averaging.py``), RoI Pool's (``_roi_pool.py``,
 whose pixels operand or result splits like the pooled tensor) and
 multi-scale RoI Align's forward
 (``_multi_scale.py``: its levels split alike, the RoIs' levels like the
-RoIs) and non-maximum suppression (``_nms.py``: over its images only, at
+RoIs), deformable RoI Align's (``_deformable.py``: its per-bin offsets
+[K, 2, PH, PW] split like the RoIs and, with a bin-major map's channels,
+over their bin rows) and non-maximum suppression (``_nms.py``: over its images only, at
 the end of this file).
 
 XLA's SPMD partitioner sees a kernel as an opaque custom call and gathers its
@@ -52,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_psroi import _arguments
 
-# One device's call: (operand, rois, *pooled_like, result_shape=) -> result
+# One device's call: (operand, rois, *further, result_shape=) -> result
 # (or results), traced with the shapes of one device's shards. A call that can
 # compute a range of bin rows (`bin_rows_call` below) also takes
 # first_bin_row= and bin_rows= (the rows of the whole grid;
@@ -60,21 +62,24 @@ from jax_psroi import _arguments
 LocalCall = Callable[..., jax.Array]
 
 
-def lower(ctx, operand, rois, *pooled_like, direction: str, local_call: LocalCall,
-          image_blocks: int, data_format: str, channel_order: str, bin_rows_call: bool):
+def lower(ctx, operand, rois, *further, direction: str, local_call: LocalCall,
+          image_blocks: int, data_format: str, channel_order: str, bin_rows_call: bool,
+          bin_operands: int = 0):
     """Lowers ``local_call`` for the whole call, partitioned when the module
     is partitioned over several devices. `bin_rows_call`: whether
-    local_call takes first_bin_row= and bin_rows=. `pooled_like`: further
-    operands shaped like the pooled tensor (RoI Pool's recorded pixels),
-    split as it is; the call may also have further results shaped like its
-    first (RoI Pool's forward: the pixels), split as it is.
+    local_call takes first_bin_row= and bin_rows=. `further`: operands
+    shaped like the pooled tensor (RoI Pool's recorded pixels), split as it
+    is, then `bin_operands` shaped [K, X, PH, PW] (deformable offsets),
+    split over K and PH as the pooled tensor is; the call may also have
+    further results shaped like its first (RoI Pool's forward: the
+    pixels), split as it is.
 
     Not partitioned: a single device, inside ``shard_map`` (the call runs
     per shard as it is), and programs for ``jax.export``, whose serialized
     form cannot carry a Python partitioning callback (XLA replicates the
     call's operands instead).
     """
-    operands = (operand, rois, *pooled_like)
+    operands = (operand, rois, *further)
     whole = partial(local_call, result_shape=ctx.avals_out[0].shape)
     if not _partitioned(ctx):
         return _lower(ctx, operands, whole)
@@ -82,9 +87,11 @@ def lower(ctx, operand, rois, *pooled_like, direction: str, local_call: LocalCal
     features, pooled = _arguments.features_and_pooled(direction, ctx.avals_in[0].shape,
                                                       ctx.avals_out[0].shape)
     partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
-                               image_blocks, bin_rows_call, further_results=further_results)
+                               image_blocks, bin_rows_call, further_results=further_results,
+                               bin_operands=bin_operands)
     rule = _sharding_rule(direction, data_format, channel_order, partitioner.factor_sizes(),
-                          pooled_operands=len(pooled_like), further_results=further_results)
+                          pooled_operands=len(further) - bin_operands,
+                          bin_operands=bin_operands, further_results=further_results)
     partition = partitioner.forward if direction == "forward" else partitioner.backward
     return _lower(ctx, operands, whole, partition,
                   **_rule_options(rule, direction, channel_order, partitioner.factor_sizes()))
@@ -196,7 +203,8 @@ def _partitioned(ctx) -> bool:
 
 # --- Sharding propagation (Shardy) -------------------------------------------
 # Factors: n images, k RoIs, r the 5 RoI fields, d output channels, p q the bins
-# (rows, columns), h w the feature map. The input channel axis is the compound
+# (rows, columns), h w the feature map, o the second axis of a per-bin operand
+# (deformable offsets). The input channel axis is the compound
 # (d p q) in torchvision order and (p q d) in bin-major order. With blocks of
 # images, the image and RoI axes are (b m) and (b l): one factor b, the block,
 # that propagation carries from the features to the RoIs and the results.
@@ -234,13 +242,13 @@ def _map_dimensions(data_format, images, channels, pixels=("h", "w")) -> str:
 
 
 def _sharding_rule(direction, data_format, channel_order, sizes, pooled_operands=0,
-                   further_results=0) -> str:
+                   bin_operands=0, further_results=0) -> str:
     """The rule of a call whose factors have `sizes` (b, m, l given only
     with blocks of images), with further operands and results shaped like
-    its pooled tensor."""
+    its pooled tensor, then operands [K, X, PH, PW]."""
     images, rois, channels, pooled = _dimensions(data_format, channel_order, sizes)
     features = _map_dimensions(data_format, images, channels)
-    further = "".join(f", {pooled}" for _ in range(pooled_operands))
+    further = "".join([f", {pooled}"] * pooled_operands + [f", {rois} o p q"] * bin_operands)
     if direction == "forward":
         outputs = ", ".join([pooled] * (1 + further_results))
         return f"{features}, {rois} r{further} -> {outputs}"
@@ -275,7 +283,7 @@ def _special_factors(rule: str, direction: str, channel_order: str) -> dict:
     # (within a block). Shardy wants each list in the order the factors
     # first appear in the rule.
     order = list(dict.fromkeys(re.findall(r"[A-Za-z_]\w*", rule)))
-    unsplit = "hwrpq" if channel_order == "shared" else "hwr"
+    unsplit = "hwropq" if channel_order == "shared" else "hwro"
     # (A pyramid's levels have pixels h0 w0, h1 w1, ...)
     factors = {"need_replication_factors": tuple(f for f in order if f[0] in unsplit)}
     if direction == "backward":
@@ -309,9 +317,10 @@ class _Partitioner:
 
     def __init__(self, local_call: LocalCall, features_shape, pooled_shape, data_format,
                  channel_order, image_blocks, bin_rows_call: bool, further_results=0,
-                 maps=1):
+                 maps=1, bin_operands=0):
         self.local_call = local_call
         self.further_results = further_results
+        self.bin_operands = bin_operands
         # The operands: `maps` feature maps (a pyramid's levels), the RoIs,
         # then anything split like them (a pyramid's levels of the RoIs) or
         # like the pooled tensor.
@@ -423,6 +432,15 @@ class _Partitioner:
         image_axes, _, channel_axes = self.backward_plan(mesh, operand, rois, None)
         return self._map(mesh, image_axes, channel_axes, pooled=False).spec
 
+    def _further(self, mesh, count, roi_axes, channel_axes, pooled):
+        """The shardings of a call's `count` operands after its RoIs: those
+        shaped like the pooled tensor split as `pooled`, then the per-bin
+        operands [K, X, PH, PW] over the RoIs' axes and, where a bin-major
+        map's channels split its bin rows, over those rows."""
+        rows = (channel_axes or None) if self.bin_major else None
+        per_bin = NamedSharding(mesh, PartitionSpec(roi_axes or None, None, rows, None))
+        return (pooled,) * (count - self.bin_operands) + (per_bin,) * self.bin_operands
+
     def forward(self, mesh, arg_shapes, result_shape):
         image_axes, roi_axes, channel_axes = self.forward_plan(
             mesh, _axes(arg_shapes[0].sharding, 4),
@@ -439,7 +457,7 @@ class _Partitioner:
         if self.maps > 1:  # a pyramid: its levels, the RoIs and their levels
             further = (NamedSharding(mesh, PartitionSpec(roi_axes or None)),)
         else:
-            further = (pooled,) * (len(arg_shapes) - 2)
+            further = self._further(mesh, len(arg_shapes) - 2, roi_axes, channel_axes, pooled)
         return (mesh, lower_fn, results if self.further_results else pooled,
                 (*(features,) * self.maps,
                  NamedSharding(mesh, PartitionSpec(roi_axes or None, None)), *further))
@@ -464,7 +482,7 @@ class _Partitioner:
         pooled = self._map(mesh, roi_axes, channel_axes, pooled=True)
         return (mesh, lower_fn, gradient,
                 (pooled, NamedSharding(mesh, PartitionSpec(roi_axes or None, None)),
-                 *(pooled,) * (len(arg_shapes) - 2)))
+                 *self._further(mesh, len(arg_shapes) - 2, roi_axes, channel_axes, pooled)))
 
 
 # --- Non-maximum suppression --------------------------------------------------

@@ -9,13 +9,16 @@
 // in the row's layout and storage type S, rois and offsets in S's compute
 // type, with the attributes spatial_scale (F64), sampling_ratio, gamma
 // (F64), the plain operator's own attribute (ps_roi_align's
-// channel_order; roi_align's aligned, which must be 1), box_parameter (0:
-// values; 1 to 4: the derivative directions, BoxParameter) and the image
-// groups.
+// channel_order; roi_align's aligned, which must be 1), the bin rows of
+// the call (first_bin_row, bin_rows: a device's share of a bin-major map
+// split over channels computes those rows, with the offsets of those rows),
+// box_parameter (0: values; 1 to 4: the derivative directions,
+// BoxParameter) and the image groups.
 #ifndef JAX_PSROI_DEFORMABLE_FFI_H_
 #define JAX_PSROI_DEFORMABLE_FFI_H_
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -50,29 +53,14 @@ using GradBuffer = ffi::Buffer<FfiDType<ComputeType<S>>::value, 4>;
 template <typename S, bool kForward>
 using ResultBuffer = std::conditional_t<kForward, MapBuffer<S>, GradBuffer<S>>;
 
-// The binding of a call after the platform's context (`bound`).
-template <typename Operation, typename S, bool kForward, typename Binding>
-auto bind_call(Binding bound) {
-  return std::move(bound)
-      .template Arg<MapBuffer<S>>()       // features / cotangent
-      .template Arg<RoisBuffer<S>>()      // rois
-      .template Arg<OffsetBuffer<S>>()    // offset
-      .template Ret<ResultBuffer<S, kForward>>()
-      .template Attr<double>("spatial_scale")
-      .template Attr<int64_t>("sampling_ratio")
-      .template Attr<double>("gamma")
-      .template Attr<int64_t>(Operation::kAttribute)
-      .template Attr<int64_t>("box_parameter")
-      .template Attr<int64_t>("rois_per_group")
-      .template Attr<int64_t>("images_per_group");
-}
-
-// A call's attributes as bound above.
+// A call's attributes, as bind_handler binds them.
 struct DeformAttributes {
   double spatial_scale;
   int64_t sampling_ratio;
   double gamma;
   int64_t operation;
+  int64_t first_bin_row;  // CallShape: a device's share of the bin rows
+  int64_t bin_rows;
   int64_t box_parameter;
   int64_t rois_per_group;
   int64_t images_per_group;
@@ -92,8 +80,8 @@ ffi::ErrorOr<DeformCall<S>> checked_call(const MapBuffer<S>& operand, const Rois
   plain.spatial_scale = attributes.spatial_scale;
   plain.sampling_ratio = attributes.sampling_ratio;
   plain.operation = attributes.operation;
-  plain.first_bin_row = 0;
-  plain.bin_rows = pooled[Layout::kAxes[2]];
+  plain.first_bin_row = attributes.first_bin_row;
+  plain.bin_rows = attributes.bin_rows;
   plain.rois_per_group = attributes.rois_per_group;
   plain.images_per_group = attributes.images_per_group;
   ffi::ErrorOr<CallShape> shape =
@@ -130,6 +118,44 @@ ffi::ErrorOr<DeformCall<S>> checked_call(const MapBuffer<S>& operand, const Rois
   call.sampling_ratio = attributes.sampling_ratio;
   call.gamma = gamma;
   return call;
+}
+
+// A handler: the platform's context (`bound`: its binding, decoded as
+// Context), then the call's buffers and attributes, which it hands to
+// run(context, checked_call's call or its error, result buffer).
+template <typename Operation, typename Layout, typename S, bool kForward, typename Context,
+          typename Binding, typename Run>
+auto bind_handler(Binding bound, Run run, std::initializer_list<ffi::Traits> traits = {}) {
+  using Result = ResultBuffer<S, kForward>;
+  return std::move(bound)
+      .template Arg<MapBuffer<S>>()     // features / cotangent
+      .template Arg<RoisBuffer<S>>()    // rois
+      .template Arg<OffsetBuffer<S>>()  // offset
+      .template Ret<Result>()
+      .template Attr<double>("spatial_scale")
+      .template Attr<int64_t>("sampling_ratio")
+      .template Attr<double>("gamma")
+      .template Attr<int64_t>(Operation::kAttribute)
+      .template Attr<int64_t>("first_bin_row")
+      .template Attr<int64_t>("bin_rows")
+      .template Attr<int64_t>("box_parameter")
+      .template Attr<int64_t>("rois_per_group")
+      .template Attr<int64_t>("images_per_group")
+      .To(
+          [run](Context context, MapBuffer<S> operand, RoisBuffer<S> rois,
+                OffsetBuffer<S> offset, ffi::Result<Result> result, double spatial_scale,
+                int64_t sampling_ratio, double gamma, int64_t operation, int64_t first_bin_row,
+                int64_t bin_rows, int64_t box_parameter, int64_t rois_per_group,
+                int64_t images_per_group) {
+            const DeformAttributes attributes{spatial_scale, sampling_ratio, gamma,
+                                              operation,     first_bin_row,  bin_rows,
+                                              box_parameter, rois_per_group, images_per_group};
+            return run(context,
+                       checked_call<Operation, Layout, S, kForward>(operand, rois, offset,
+                                                                    *result, attributes),
+                       *result);
+          },
+          traits);
 }
 
 // One target per (operation, direction, layout, storage type) of

@@ -46,7 +46,10 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
 # split with the channels of a bin-major map) and roi_pool (maxima, their
 # pixels split like the pooled tensor) on the same map; multi-scale RoI
 # Align on a pyramid of that map and its every other pixel (PYRAMID_LEVELS
-# levels, each RoI pooled from the one its size picks).
+# levels, each RoI pooled from the one its size picks); the deformable
+# operators with offsets made from the boxes (so the box gradient flows
+# through the offsets too), split with the RoIs and, bin-major, over the
+# bin rows a device's channels hold.
 COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
                 ("ps_roi_align", "NHWC", "torchvision", "float32"),
                 ("ps_roi_align", "NCHW", "bin_major", "float32"),
@@ -60,7 +63,11 @@ COMBINATIONS = [("ps_roi_align", "NCHW", "torchvision", "float32"),
                 ("roi_pool", "NCHW", "shared", "float32"),
                 ("roi_pool", "NHWC", "shared", "float64"),
                 ("multi_scale_roi_align", "NCHW", "shared", "float32"),
-                ("multi_scale_roi_align", "NHWC", "shared", "float32")]
+                ("multi_scale_roi_align", "NHWC", "shared", "float32"),
+                ("deform_ps_roi_align", "NCHW", "torchvision", "float32"),
+                ("deform_ps_roi_align", "NHWC", "bin_major", "float32"),
+                ("deform_roi_align", "NHWC", "shared", "float64")]
+DEFORM_GAMMA = 0.1
 # How the inputs are split: the per-image head
 # vmapped over a batch of images split over the mesh; RoIs split with the
 # features replicated; features split over channels with the RoIs
@@ -104,6 +111,27 @@ def _rois(boxes, rng):
     return jnp.concatenate([jnp.asarray(index)[:, None], boxes.reshape(k, 4)], axis=1)
 
 
+def _offsets(coordinates):
+    """Offsets [K, 2, PH, PW] that vary with each box [K, 4] and bin, made
+    by exact arithmetic (scaling by powers of 2, one rounded sum), so that a
+    device computes its share's offsets bit for bit as one device does
+    (which XLA's vectorized transcendentals do not promise)."""
+    rows = jnp.arange(POOLED[0], dtype=coordinates.dtype)[:, None] / 16
+    columns = jnp.arange(POOLED[1], dtype=coordinates.dtype) / 8
+    return coordinates[:, :2, None, None] / 128 + (rows - columns)
+
+
+def _deformable(operation, layout, order):
+    operator = getattr(jax_psroi, operation)
+    position_sensitive = {} if order == "shared" else {"channel_order": order}
+
+    def pool(features, boxes):
+        coordinates = boxes[0] if isinstance(boxes, list) else boxes[:, 1:]
+        return operator(features, boxes, _offsets(coordinates), POOLED, SCALE, SAMPLING,
+                        DEFORM_GAMMA, data_format=layout, **position_sensitive)
+    return pool
+
+
 def _functions(case, operation, layout, order, mesh):
     """(forward, placements): forward(features, boxes) -> pooled, and the
     sharding of each input."""
@@ -123,6 +151,8 @@ def _functions(case, operation, layout, order, mesh):
     elif operation == "roi_pool":
         pool = partial(jax_psroi.roi_pool, output_size=POOLED, spatial_scale=SCALE,
                        data_format=layout)
+    elif operation.startswith("deform_"):
+        pool = _deformable(operation, layout, order)
     elif operation == "ps_roi_pool":
         pool = partial(jax_psroi.ps_roi_pool, output_size=POOLED, spatial_scale=SCALE,
                        data_format=layout, channel_order=order)
@@ -163,6 +193,14 @@ def _functions(case, operation, layout, order, mesh):
 def _collectives(compiled) -> dict:
     text = compiled.as_text()
     return {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
+
+
+def _largest_gather(compiled) -> int:
+    """The most elements any all-gather of the compiled program gathers."""
+    shapes = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(",
+                        compiled.as_text())
+    return max((int(np.prod([int(n) for n in shape.split(",") if n])) for shape in shapes),
+               default=0)
 
 
 def _run(case, direction, operation, layout, order, dtype):
@@ -208,7 +246,7 @@ def _run(case, direction, operation, layout, order, dtype):
                 shape=list(result.shape), expected_shape=list(expected.shape),
                 max_difference=float(np.max(np.abs(result - expected))),
                 max_magnitude=float(np.max(np.abs(expected))),
-                collectives=_collectives(sharded))
+                collectives=_collectives(sharded), largest_gather=_largest_gather(sharded))
 
 
 # --- Non-maximum suppression ----------------------------------------------------

@@ -524,6 +524,7 @@ def _deform_loss(features, boxes, offset):
     return jnp.sum(pooled * jnp.cos(pooled))
 
 
+@needs_cuda_build
 def test_cuda_module_has_the_deformable_targets():
     # Every CPU row, named as the CPU's (exported programs name them).
     cuda = {key: row.name for key, row in _extension.DEFORM_KERNELS["cuda"].items()}

@@ -7,6 +7,7 @@ test asserts on one record of that run.
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -19,11 +20,12 @@ import numpy as np
 import pytest
 import sharding_worker as worker
 
-from jax_psroi import _arguments, _averaging
+from jax_psroi import _arguments, _averaging, _deformable
 
 from cases import (
     KERNELS,
     ONE_GROUP,
+    deformable_kernels,
     features_as,
     native_gpu_schedule,
     pooled_as,
@@ -123,6 +125,15 @@ def _check_box_gradient(record, case, combination, collectives):
     assert record["max_difference"] <= SUMMED[dtype] * 4 * record["max_magnitude"], record
     if case == "pixels":
         return
+    bin_rows_split = case == "channels_explicit" and combination[2] == "bin_major"
+    if operation.startswith("deform_") and bin_rows_split:
+        # Each device differentiates its bin rows: under explicit mesh axes,
+        # the cotangents of the replicated per-bin tangents (each bin's four
+        # sampling parameters, through its box and offset) are gathered, K x
+        # PH x PW values each; never the feature map.
+        rois = worker.IMAGES * worker.ROIS_PER_IMAGE
+        assert 0 < record["largest_gather"] <= rois * math.prod(worker.POOLED), record
+        collectives.pop("all-gather")
     assert "all-gather" not in collectives, record
     if "channels" in case:
         assert set(collectives) <= {"all-reduce"}, record
@@ -181,25 +192,72 @@ def test_bin_rows_of_a_grid_are_those_rows_of_the_whole_call(kernels, data_forma
     cotangent = rng.normal(size=pooled.shape).astype(dtype)
     gradient = _kernel(kernels, "backward", cotangent, rois, features.shape, data_format, 0,
                        operation)
-    channel_axis = 1 if data_format == "NCHW" else 3
-    row_axis = 2 if data_format == "NCHW" else 1
-    rows = ROWS // SHARES
-    channels = features.shape[channel_axis] // SHARES
-    for share in range(SHARES):
-        first = share * rows
-        local_features = np.take(features, range(share * channels, (share + 1) * channels),
-                                 axis=channel_axis)
-        local_pooled = np.take(pooled, range(first, first + rows), axis=row_axis)
-        local_cotangent = np.take(cotangent, range(first, first + rows), axis=row_axis)
-        local_gradient = np.take(gradient, range(share * channels, (share + 1) * channels),
-                                 axis=channel_axis)
-        assert np.abs(local_pooled).max() > 0.1
+    for first, local_features, local_pooled, local_cotangent, local_gradient in _shares(
+            features, pooled, cotangent, gradient, data_format):
         np.testing.assert_array_equal(
             _kernel(kernels, "forward", local_features, rois, local_pooled.shape,
                     data_format, first, operation), local_pooled)
         np.testing.assert_array_equal(
             _kernel(kernels, "backward", local_cotangent, rois, local_gradient.shape,
                     data_format, first, operation), local_gradient)
+
+
+def _shares(features, pooled, cotangent, gradient, data_format):
+    """Each device's share of a bin-major call split over C in SHARES:
+    (its first bin row, its features, pooled tensor, cotangent, gradient)."""
+    channel_axis = 1 if data_format == "NCHW" else 3
+    row_axis = 2 if data_format == "NCHW" else 1
+    rows = ROWS // SHARES
+    channels = features.shape[channel_axis] // SHARES
+    for share in range(SHARES):
+        first = share * rows
+        local_pooled = np.take(pooled, range(first, first + rows), axis=row_axis)
+        assert np.abs(local_pooled).max() > 0.1
+        yield (first,
+               np.take(features, range(share * channels, (share + 1) * channels),
+                       axis=channel_axis),
+               local_pooled,
+               np.take(cotangent, range(first, first + rows), axis=row_axis),
+               np.take(gradient, range(share * channels, (share + 1) * channels),
+                       axis=channel_axis))
+
+
+@pytest.mark.parametrize("box_parameter", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_deformable_bin_rows_are_those_rows_of_the_whole_call(kernels, data_format, dtype,
+                                                              box_parameter):
+    """The same for deform_ps_roi_align, whose share also holds its rows of
+    the offsets; in the values and in every derivative direction."""
+    rng = np.random.default_rng(4)
+    features = features_as(random_features(rng, 2, 5 * ROWS * COLUMNS, 9, 11, dtype),
+                           data_format, "bin_major", (ROWS, COLUMNS))
+    rois = random_rois(rng, 40, 2, 9, 11, SPATIAL_SCALE, dtype)
+    offset = rng.normal(scale=0.4, size=(40, 2, ROWS, COLUMNS)).astype(dtype)
+
+    def call(direction, operand, result_shape, first, rows_offset):
+        with deformable_kernels(kernels), jax.default_device(jax.devices("cpu")[0]):
+            return np.asarray(_deformable._native_call(
+                "deform_ps_roi_align", "cpu", direction, operand, rois, rows_offset,
+                result_shape, spatial_scale=SPATIAL_SCALE, sampling_ratio=SAMPLING_RATIO,
+                gamma=0.1, data_format=data_format, channel_order="bin_major",
+                image_groups=(0, 0), box_parameter=box_parameter, first_bin_row=first,
+                bin_rows=ROWS))
+
+    pooled_shape = pooled_as(np.zeros((40, 5, ROWS, COLUMNS)), data_format).shape
+    pooled = call("forward", features, pooled_shape, 0, offset)
+    cotangent = rng.normal(size=pooled.shape).astype(dtype)
+    gradient = call("backward", cotangent, features.shape, 0, offset)
+    for first, local_features, local_pooled, local_cotangent, local_gradient in _shares(
+            features, pooled, cotangent, gradient, data_format):
+        local_offset = offset[:, :, first:first + ROWS // SHARES]
+        np.testing.assert_array_equal(
+            call("forward", local_features, local_pooled.shape, first, local_offset),
+            local_pooled)
+        np.testing.assert_array_equal(
+            call("backward", local_cotangent, local_gradient.shape, first, local_offset),
+            local_gradient)
 
 
 def test_a_row_range_outside_the_grid_is_an_error():

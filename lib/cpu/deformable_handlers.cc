@@ -56,29 +56,20 @@ void deform_forward_rois(const deform::DeformCall<S>& call, int64_t begin, int64
 
 template <typename Operation, bool kForward, typename Layout, typename S>
 struct DeformHandler {
-  static ffi::Future run(ffi::ThreadPool pool, MapBuffer<S> operand, RoisBuffer<S> rois,
-                         deform::OffsetBuffer<S> offset,
-                         ffi::Result<deform::ResultBuffer<S, kForward>> result,
-                         double spatial_scale, int64_t sampling_ratio, double gamma,
-                         int64_t operation, int64_t box_parameter, int64_t rois_per_group,
-                         int64_t images_per_group) {
+  static ffi::Future run(ffi::ThreadPool pool, ffi::ErrorOr<deform::DeformCall<S>> checked,
+                         deform::ResultBuffer<S, kForward> result) {
     using T = ComputeType<S>;
-    ffi::ErrorOr<deform::DeformCall<S>> checked =
-        deform::checked_call<Operation, Layout, S, kForward>(
-            operand, rois, offset, *result,
-            deform::DeformAttributes{spatial_scale, sampling_ratio, gamma, operation,
-                                     box_parameter, rois_per_group, images_per_group});
     if (checked.has_error()) return ready_with(checked.error());
     const deform::DeformCall<S> call = *checked;
     const CallShape& shape = call.shape;
     if constexpr (kForward) {
-      S* output = data<S>(*result);
+      S* output = data<S>(result);
       return run_phases(pool, call_work(shape, Direction::kForward),
                         {over_rois(pool, shape.num_rois, [=](int64_t begin, int64_t end) {
                           deform_forward_rois<S, Layout>(call, begin, end, output);
                         })});
     } else {
-      T* grad = result->typed_data();
+      T* grad = result.typed_data();
       const int64_t bands = deform::bands_of(shape);
       return run_phases(pool, call_work(shape, Direction::kBackward),
                         {Phase{shape.num_images * bands, [=](int64_t unit) {
@@ -94,8 +85,8 @@ struct DeformHandler {
   }
 
   static auto make() {
-    return deform::bind_call<Operation, S, kForward>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
-        .To(run);
+    return deform::bind_handler<Operation, Layout, S, kForward, ffi::ThreadPool>(
+        ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(), run);
   }
 };
 

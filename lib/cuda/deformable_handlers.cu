@@ -60,28 +60,19 @@ inline int blocks_for(int64_t threads) {
 
 template <typename Operation, bool kForward, typename Layout, typename S>
 struct DeformHandler {
-  static ffi::Error run(cudaStream_t stream, MapBuffer<S> operand, RoisBuffer<S> rois,
-                        deform::OffsetBuffer<S> offset,
-                        ffi::Result<deform::ResultBuffer<S, kForward>> result,
-                        double spatial_scale, int64_t sampling_ratio, double gamma,
-                        int64_t operation, int64_t box_parameter, int64_t rois_per_group,
-                        int64_t images_per_group) {
-    ffi::ErrorOr<deform::DeformCall<S>> call =
-        deform::checked_call<Operation, Layout, S, kForward>(
-            operand, rois, offset, *result,
-            deform::DeformAttributes{spatial_scale, sampling_ratio, gamma, operation,
-                                     box_parameter, rois_per_group, images_per_group});
+  static ffi::Error run(cudaStream_t stream, ffi::ErrorOr<deform::DeformCall<S>> call,
+                        deform::ResultBuffer<S, kForward> result) {
     if (call.has_error()) return call.error();
     const CallShape& shape = call->shape;
     if constexpr (kForward) {
       if (shape.outputs() == 0) return ffi::Error::Success();
       deform_forward_kernel<S, Layout>
-          <<<blocks_for(shape.outputs()), kDeformThreads, 0, stream>>>(*call, data<S>(*result));
+          <<<blocks_for(shape.outputs()), kDeformThreads, 0, stream>>>(*call, data<S>(result));
     } else {
       const int64_t units = shape.num_images * shape.channels * deform::bands_of(shape);
       if (units == 0) return ffi::Error::Success();
       deform_backward_kernel<S, Layout>
-          <<<blocks_for(units), kDeformThreads, 0, stream>>>(*call, result->typed_data());
+          <<<blocks_for(units), kDeformThreads, 0, stream>>>(*call, result.typed_data());
     }
     const cudaError_t launched = cudaGetLastError();
     if (launched == cudaSuccess) return ffi::Error::Success();
@@ -90,9 +81,9 @@ struct DeformHandler {
   }
 
   static auto make() {
-    return deform::bind_call<Operation, S, kForward>(
-               ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-        .To(run, {ffi::Traits::kCmdBufferCompatible});
+    return deform::bind_handler<Operation, Layout, S, kForward, cudaStream_t>(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(), run,
+        {ffi::Traits::kCmdBufferCompatible});
   }
 };
 

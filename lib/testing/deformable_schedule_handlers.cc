@@ -20,20 +20,14 @@ namespace {
 
 template <typename Operation, bool kForward, typename Layout, typename S>
 struct SerialDeformHandler {
-  static ffi::Error run(MapBuffer<S> operand, RoisBuffer<S> rois, deform::OffsetBuffer<S> offset,
-                        ffi::Result<deform::ResultBuffer<S, kForward>> result,
-                        double spatial_scale, int64_t sampling_ratio, double gamma,
-                        int64_t operation, int64_t box_parameter, int64_t rois_per_group,
-                        int64_t images_per_group) {
-    ffi::ErrorOr<deform::DeformCall<S>> call =
-        deform::checked_call<Operation, Layout, S, kForward>(
-            operand, rois, offset, *result,
-            deform::DeformAttributes{spatial_scale, sampling_ratio, gamma, operation,
-                                     box_parameter, rois_per_group, images_per_group});
+  // Bound with XLA's thread pool like the CPU's handler (bind_handler
+  // takes a context), which the serial rig leaves unused.
+  static ffi::Error run(ffi::ThreadPool, ffi::ErrorOr<deform::DeformCall<S>> call,
+                        deform::ResultBuffer<S, kForward> result) {
     if (call.has_error()) return call.error();
     const CallShape& shape = call->shape;
     if constexpr (kForward) {
-      S* output = data<S>(*result);
+      S* output = data<S>(result);
       for (int64_t index = 0; index < shape.outputs(); ++index) {
         output[index] = deform::forward_element<S, Layout>(*call, index);
       }
@@ -46,7 +40,7 @@ struct SerialDeformHandler {
                                       ? first_row + deform::kBandRows
                                       : shape.height;
           for (int64_t channel = 0; channel < shape.channels; ++channel) {
-            deform::backward_unit<S, Layout>(*call, result->typed_data(), image, channel,
+            deform::backward_unit<S, Layout>(*call, result.typed_data(), image, channel,
                                              channel + 1, first_row, end_row);
           }
         }
@@ -56,7 +50,8 @@ struct SerialDeformHandler {
   }
 
   static auto make() {
-    return deform::bind_call<Operation, S, kForward>(ffi::Ffi::Bind()).To(run);
+    return deform::bind_handler<Operation, Layout, S, kForward, ffi::ThreadPool>(
+        ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(), run);
   }
 };
 
