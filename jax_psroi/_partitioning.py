@@ -141,7 +141,26 @@ def _lower(ctx, operands, whole: Callable, partition: Callable | None = None, **
     if partition is not None:
         call = custom_partitioning(call)
         call.def_partition(partition=partition, **rule)
-    return mlir.lower_fun(call, multiple_results=len(ctx.avals_out) > 1)(ctx, *operands)
+    lower = mlir.lower_fun(call, multiple_results=len(ctx.avals_out) > 1)
+    if not any(map(_explicit, (*ctx.avals_in, *ctx.avals_out))):
+        return lower(ctx, *operands)
+    # Under explicit mesh axes, the whole call is traced as one device's
+    # (_Partitioner._local traces the devices' calls so): typed with the
+    # mesh's shardings, a jax.numpy body (the XLA path) would be refused its
+    # gathers and scatters, whose result shardings JAX cannot infer.
+    with jax.sharding.use_abstract_mesh(_NO_MESH):
+        unmeshed = ctx.replace(avals_in=[_unmeshed(a) for a in ctx.avals_in],
+                               avals_out=[_unmeshed(a) for a in ctx.avals_out])
+        return lower(unmeshed, *operands)
+
+
+def _explicit(aval) -> bool:
+    mesh = getattr(getattr(aval, "sharding", None), "mesh", None)
+    return jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ())
+
+
+def _unmeshed(aval):
+    return aval.update(sharding=NamedSharding(_NO_MESH, PartitionSpec()))
 
 
 def typed_result(direction: str, operand, rois, result, *, data_format: str,

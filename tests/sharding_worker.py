@@ -75,9 +75,10 @@ DEFORM_GAMMA = 0.1
 # per-image call inside shard_map; and features split over rows of pixels,
 # which no rule splits (they are gathered).
 # The first three again on a mesh with explicit axes (jax.make_mesh's
-# default), where shardings are part of the types.
+# default), where shardings are part of the types; the first of those again
+# on the XLA path (what a platform without native kernels runs).
 CASES = ["images", "rois", "channels", "images_and_channels", "shard_map", "pixels",
-         "images_explicit", "rois_explicit", "channels_explicit"]
+         "images_explicit", "rois_explicit", "channels_explicit", "images_explicit_xla"]
 # The forward, the gradient in the features and the gradient in the boxes
 # (tests/test_box_derivatives.py: the box calls under the same rules).
 DIRECTIONS = ["forward", "gradient", "box_gradient"]
@@ -204,6 +205,13 @@ def _largest_gather(compiled) -> int:
 
 
 def _run(case, direction, operation, layout, order, dtype):
+    with _implementation("xla" if case.endswith("_xla") else "native"):
+        record = _run_case(case.removesuffix("_xla"), direction, operation, layout, order,
+                           dtype)
+    return {**record, "case": case}
+
+
+def _run_case(case, direction, operation, layout, order, dtype):
     rng = np.random.default_rng(0)
     mesh = _mesh(case)
     features, boxes = _inputs(layout, dtype, rng)

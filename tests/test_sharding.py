@@ -72,7 +72,10 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
         return
     assert record["max_magnitude"] > 0.5  # the case pools something
     summed = case.startswith("rois") and direction == "gradient"
-    tolerance = SUMMED[dtype] if summed else EXACT
+    # The XLA path's gradients sum in the order XLA's fusions of each
+    # device's shapes give.
+    tolerance = SUMMED[dtype] if summed or (case.endswith("_xla") and direction != "forward") \
+        else EXACT
     assert record["max_difference"] <= tolerance * record["max_magnitude"], record
     if case == "pixels":
         # No rule splits the map's pixels: the forward gathers the map (the
@@ -121,8 +124,10 @@ def _check_box_gradient(record, case, combination, collectives):
     assert record["max_magnitude"] > 0.5, record
     # Each box's gradient sums over its outputs: a split of the channels
     # sums the devices' partial sums (one all-reduce), any other split is
-    # local; the sums may be ordered differently.
-    assert record["max_difference"] <= SUMMED[dtype] * 4 * record["max_magnitude"], record
+    # local; the sums may be ordered differently (on the XLA path, in the
+    # dtype: 16-bit sums of a box's 192 outputs drift further).
+    ulps = 16 if case.endswith("_xla") else 4
+    assert record["max_difference"] <= SUMMED[dtype] * ulps * record["max_magnitude"], record
     if case == "pixels":
         return
     bin_rows_split = case == "channels_explicit" and combination[2] == "bin_major"
