@@ -30,6 +30,7 @@
 #define JAX_PSROI_DEFORMABLE_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "roi_math.h"
 #include "storage_types.h"
@@ -77,7 +78,8 @@ PSROI_HD RoiGeometry<T> bin_geometry(const DeformCall<S>& call, int64_t roi, int
 
 // Pooled element `index` (in the pooled tensor's `Layout` order) of a
 // forward call: its bin's average as the CUDA forward sums it.
-template <typename S, typename Layout, typename T = ComputeType<S>>
+// kPixelSums: as pooled_values (the callers pass pixel_sums(sampling_ratio)).
+template <typename S, typename Layout, bool kPixelSums, typename T = ComputeType<S>>
 PSROI_HD S forward_element(const DeformCall<S>& call, int64_t index) {
   const CallShape& shape = call.shape;
   int64_t roi, c_out, bin;
@@ -98,7 +100,7 @@ PSROI_HD S forward_element(const DeformCall<S>& call, int64_t index) {
                                       geometry.image,
                                       shape.first_channel(bin) + c_out * shape.channel_step());
   T value[1];
-  pooled_values<1, true>(plane, 0, 1, layout, geometry, shape, ph, pw, value);
+  pooled_values<1, kPixelSums>(plane, 0, 1, layout, geometry, shape, ph, pw, value);
   return Storage<S>::store(value[0]);
 }
 
@@ -127,9 +129,15 @@ PSROI_HD ChannelRange outputs_reading(const CallShape& shape, int64_t bin,
 // `image` on rows [first_row, end_row), every column, in the compute type
 // (`grad` in the features' layout): zeroed, then every RoI of the image
 // adds, bin by bin, its cotangent over its sample count times each pair of
-// its row and column taps' weights (for_each_axis_tap, the weights the
-// forward applies; derivative weights in a derivative direction).
-template <typename S, typename Layout, typename T = ComputeType<S>>
+// its row and column taps' weights (for_each_axis_tap<kPixelSums>, the
+// weights the forward applies; derivative weights in a derivative
+// direction). The output channels of a bin are taken kChannels at a time,
+// their shares of the cotangent loaded and divided once per bin; each
+// element still adds its terms in the order tap row, tap column, so the
+// chunking changes no bit (the CPU takes 8, a CUDA thread its 1 channel).
+// kPixelSums: pixel_sums(sampling_ratio), the same on every device.
+template <typename S, typename Layout, bool kPixelSums, int kChannels,
+          typename T = ComputeType<S>>
 PSROI_HD void backward_unit(const DeformCall<S>& call, T* grad, int64_t image,
                             int64_t first_channel, int64_t end_channel, int64_t first_row,
                             int64_t end_row) {
@@ -153,21 +161,37 @@ PSROI_HD void backward_unit(const DeformCall<S>& call, T* grad, int64_t image,
       const AxisSpan rows = touched_pixels(geometry.y, ph, shape.height);
       if (rows.last < first_row || rows.first >= end_row) continue;
       const S* cotangent = call.operand + Layout::pooled_offset(shape, roi, 0, bin);
-      T* first_plane = grad + layout.plane_offset(image, shape.first_channel(bin));
       const int64_t plane_step = shape.channel_step() * layout.channel_stride();
-      for_each_axis_tap(geometry.y, ph, shape.height, [&](int64_t y, T w_y) {
-        if (y < first_row || y >= end_row) return;
-        for_each_axis_tap(geometry.x, pw, shape.width, [&](int64_t x, T w_x) {
-          const T weight = w_y * w_x;
-          const int64_t pixel = layout.pixel_offset(y, x);
-          for (int64_t c = outputs.begin; c < outputs.end; ++c) {
-            const T share = Storage<S>::load(cotangent[c * out_stride]) / geometry.count;
-            first_plane[c * plane_step + pixel] += share * weight;
-          }
+      for (int64_t first = outputs.begin; first < outputs.end; first += kChannels) {
+        const int64_t count = outputs.end - first < kChannels ? outputs.end - first : kChannels;
+        T share[kChannels];
+        for (int k = 0; k < kChannels; ++k) {
+          share[k] = k < count ? Storage<S>::load(cotangent[(first + k) * out_stride]) /
+                                     geometry.count
+                               : static_cast<T>(0);
+        }
+        T* planes = grad + layout.plane_offset(image, shape.first_channel(bin)) +
+                    first * plane_step;
+        for_each_axis_tap<kPixelSums>(geometry.y, ph, shape.height, [&](int64_t y, T w_y) {
+          if (y < first_row || y >= end_row) return;
+          for_each_axis_tap<kPixelSums>(geometry.x, pw, shape.width, [&](int64_t x, T w_x) {
+            const T weight = w_y * w_x;
+            const int64_t pixel = layout.pixel_offset(y, x);
+            for (int k = 0; k < kChannels; ++k) {
+              if (k < count) planes[k * plane_step + pixel] += share[k] * weight;
+            }
+          });
         });
-      });
+      }
     }
   }
+}
+
+// run(std::true_type or std::false_type: pixel_sums(sampling_ratio)), which
+// instantiates a call's kernels for its kind of grid (host code).
+template <typename Run>
+auto with_pixel_sums(int64_t sampling_ratio, Run run) {
+  return pixel_sums(sampling_ratio) ? run(std::true_type{}) : run(std::false_type{});
 }
 
 // Rows per unit of a backward: bands of at most this many rows.

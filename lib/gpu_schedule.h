@@ -272,11 +272,10 @@ PSROI_HD int64_t workspace_elements(const CallShape& shape, bool backward) {
   return 3 * K + 2 * K * (shape.pooled_h + shape.pooled_w) + fixed + K * tile_rows_of<Tune>(shape);
 }
 
-// Whether a call's forward and backward blocks sum the samples of a grid
-// past kPerSampleGrid pixel by pixel (roi_math.h): only a fixed sampling
-// ratio past it puts many samples in a pixel, and the blocks for those calls
-// are instantiated apart, so that the others carry none of their code.
-PSROI_HD bool pixel_sums(int64_t sampling_ratio) { return sampling_ratio > kPerSampleGrid; }
+// The forward and backward blocks of calls that sum pixel by pixel
+// (pixel_sums, roi_math.h) are instantiated apart, so that the others carry
+// none of their code.
+using ::jax_psroi::pixel_sums;
 
 // --- 1. Buckets -------------------------------------------------------------
 

@@ -615,6 +615,14 @@ PSROI_HD AxisSpan touched_pixels(const RoiAxis<T>& axis, int64_t bin, int64_t si
 // grid, ceil(bin size), puts at most two there.
 constexpr int64_t kPerSampleGrid = 64;
 
+// Whether the calls of `sampling_ratio` sum the samples of a grid past
+// kPerSampleGrid pixel by pixel (kPixelSums below): only a fixed sampling
+// ratio past it puts many samples in a pixel. Kernels instantiated for the
+// others carry none of that code (fewer registers).
+PSROI_HD bool pixel_sums(int64_t sampling_ratio) {
+  return sampling_ratio > kPerSampleGrid;
+}
+
 // Calls add(pixel, weight) for the low and then the high tap of every sample
 // of bin `bin` on the map, in sample order: the weights a bin's samples give
 // the pixels of one axis, as torchvision sums them.

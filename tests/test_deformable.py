@@ -287,6 +287,40 @@ def test_xla_path_matches_the_native_kernels(monkeypatch):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.gpu_schedule
+@pytest.mark.parametrize("data_format", LAYOUTS)
+@pytest.mark.parametrize("sampling_ratio", [-1, 3, 80])
+def test_cpu_and_cuda_backward_give_the_same_bits(sampling_ratio, data_format):
+    """The CPU's backward units (every channel of a band, its bins' outputs
+    8 at a time) and the CUDA kernels' (one channel each) add the same
+    terms in the same order: the same feature gradient, bit for bit, for
+    grids summed sample by sample and, past kPerSampleGrid (sampling ratio
+    80), pixel by pixel in kernels of their own. The boxes' and offsets'
+    gradients come from the forward's derivative directions, which the CPU
+    sums from its tables: close."""
+    rng = np.random.default_rng(21)
+    features, boxes, offset = _case(rng, "deform_ps_roi_align", np.float32, h=12, k=10,
+                                    c_out=10)
+    if data_format == "NHWC":
+        features = np.transpose(features, (0, 2, 3, 1))
+    op, reference = _op("deform_ps_roi_align", sampling_ratio, data_format)
+    pooled_shape = jax.eval_shape(op, features, boxes, offset).shape
+    cotangent = rng.normal(size=pooled_shape).astype(np.float32)
+    grad = jax.jit(jax.grad(_loss(op, cotangent), argnums=(0, 1, 2)))
+    grads = {}
+    for kernels in KERNELS:
+        kernels = getattr(kernels, "values", [kernels])[0]
+        with deformable_kernels(kernels):
+            grads[kernels] = [np.asarray(g) for g in grad(features, boxes, offset)]
+    np.testing.assert_array_equal(grads["cpu"][0], grads["gpu_schedule"][0])
+    assert np.abs(grads["cpu"][0]).max() > 0.1
+    for cpu, rig in zip(grads["cpu"][1:], grads["gpu_schedule"][1:], strict=True):
+        np.testing.assert_allclose(cpu, rig, rtol=1e-5, atol=1e-5)
+    want = jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2))(features, boxes, offset)
+    for got, expected in zip(grads["cpu"], want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_backward_is_bitwise_reproducible_and_pooled_as_reference(kernels):
     """The backward's units own their part of the gradient: the same bits

@@ -54,6 +54,10 @@ void deform_forward_rois(const deform::DeformCall<S>& call, int64_t begin, int64
   }
 }
 
+// Output channels of a bin whose cotangent shares a backward unit holds at
+// once (deform::backward_unit).
+constexpr int kBackwardChannels = 8;
+
 template <typename Operation, bool kForward, typename Layout, typename S>
 struct DeformHandler {
   static ffi::Future run(ffi::ThreadPool pool, ffi::ErrorOr<deform::DeformCall<S>> checked,
@@ -71,16 +75,20 @@ struct DeformHandler {
     } else {
       T* grad = result.typed_data();
       const int64_t bands = deform::bands_of(shape);
-      return run_phases(pool, call_work(shape, Direction::kBackward),
-                        {Phase{shape.num_images * bands, [=](int64_t unit) {
-                          const int64_t image = unit / bands, band = unit % bands;
-                          const int64_t first_row = band * deform::kBandRows;
-                          const int64_t end_row = first_row + deform::kBandRows < shape.height
-                                                      ? first_row + deform::kBandRows
-                                                      : shape.height;
-                          deform::backward_unit<S, Layout>(call, grad, image, 0, shape.channels,
-                                                           first_row, end_row);
-                        }}});
+      const Phase units = deform::with_pixel_sums(call.sampling_ratio, [&](auto pixel_sums) {
+        return Phase{shape.num_images * bands, [=](int64_t unit) {
+                       const int64_t image = unit / bands, band = unit % bands;
+                       const int64_t first_row = band * deform::kBandRows;
+                       const int64_t end_row = first_row + deform::kBandRows < shape.height
+                                                   ? first_row + deform::kBandRows
+                                                   : shape.height;
+                       deform::backward_unit<S, Layout, decltype(pixel_sums)::value,
+                                             kBackwardChannels>(call, grad, image, 0,
+                                                                shape.channels, first_row,
+                                                                end_row);
+                     }};
+      });
+      return run_phases(pool, call_work(shape, Direction::kBackward), {units});
     }
   }
 

@@ -24,17 +24,17 @@ namespace {
 
 constexpr int kDeformThreads = 256;
 
-template <typename S, typename Layout>
+template <typename S, typename Layout, bool kPixelSums>
 __global__ void __launch_bounds__(kDeformThreads)
     deform_forward_kernel(deform::DeformCall<S> call, S* output) {
   const int64_t outputs = call.shape.outputs();
   for (int64_t index = blockIdx.x * int64_t{kDeformThreads} + threadIdx.x; index < outputs;
        index += int64_t{gridDim.x} * kDeformThreads) {
-    output[index] = deform::forward_element<S, Layout>(call, index);
+    output[index] = deform::forward_element<S, Layout, kPixelSums>(call, index);
   }
 }
 
-template <typename S, typename Layout, typename T = ComputeType<S>>
+template <typename S, typename Layout, bool kPixelSums, typename T = ComputeType<S>>
 __global__ void __launch_bounds__(kDeformThreads)
     deform_backward_kernel(deform::DeformCall<S> call, T* grad) {
   const CallShape& shape = call.shape;
@@ -50,7 +50,8 @@ __global__ void __launch_bounds__(kDeformThreads)
     const int64_t first_row = band * deform::kBandRows;
     const int64_t end_row =
         first_row + deform::kBandRows < shape.height ? first_row + deform::kBandRows : shape.height;
-    deform::backward_unit<S, Layout>(call, grad, image, channel, channel + 1, first_row, end_row);
+    deform::backward_unit<S, Layout, kPixelSums, 1>(call, grad, image, channel, channel + 1,
+                                                    first_row, end_row);
   }
 }
 
@@ -64,16 +65,22 @@ struct DeformHandler {
                         deform::ResultBuffer<S, kForward> result) {
     if (call.has_error()) return call.error();
     const CallShape& shape = call->shape;
-    if constexpr (kForward) {
-      if (shape.outputs() == 0) return ffi::Error::Success();
-      deform_forward_kernel<S, Layout>
-          <<<blocks_for(shape.outputs()), kDeformThreads, 0, stream>>>(*call, data<S>(result));
-    } else {
-      const int64_t units = shape.num_images * shape.channels * deform::bands_of(shape);
-      if (units == 0) return ffi::Error::Success();
-      deform_backward_kernel<S, Layout>
-          <<<blocks_for(units), kDeformThreads, 0, stream>>>(*call, result.typed_data());
-    }
+    // Kernels of the call's kind of grid (pixel_sums): the others carry no
+    // code of the pixel sums, nor its registers.
+    deform::with_pixel_sums(call->sampling_ratio, [&](auto pixel_sums) {
+      constexpr bool kPixelSums = decltype(pixel_sums)::value;
+      if constexpr (kForward) {
+        if (shape.outputs() == 0) return;
+        deform_forward_kernel<S, Layout, kPixelSums>
+            <<<blocks_for(shape.outputs()), kDeformThreads, 0, stream>>>(*call,
+                                                                           data<S>(result));
+      } else {
+        const int64_t units = shape.num_images * shape.channels * deform::bands_of(shape);
+        if (units == 0) return;
+        deform_backward_kernel<S, Layout, kPixelSums>
+            <<<blocks_for(units), kDeformThreads, 0, stream>>>(*call, result.typed_data());
+      }
+    });
     const cudaError_t launched = cudaGetLastError();
     if (launched == cudaSuccess) return ffi::Error::Success();
     return ffi::Error::Internal(std::string("jax_psroi: deformable kernel launch: ") +

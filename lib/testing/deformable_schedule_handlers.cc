@@ -26,26 +26,31 @@ struct SerialDeformHandler {
                         deform::ResultBuffer<S, kForward> result) {
     if (call.has_error()) return call.error();
     const CallShape& shape = call->shape;
-    if constexpr (kForward) {
-      S* output = data<S>(result);
-      for (int64_t index = 0; index < shape.outputs(); ++index) {
-        output[index] = deform::forward_element<S, Layout>(*call, index);
-      }
-    } else {
-      const int64_t bands = deform::bands_of(shape);
-      for (int64_t image = 0; image < shape.num_images; ++image) {
-        for (int64_t band = 0; band < bands; ++band) {
-          const int64_t first_row = band * deform::kBandRows;
-          const int64_t end_row = first_row + deform::kBandRows < shape.height
-                                      ? first_row + deform::kBandRows
-                                      : shape.height;
-          for (int64_t channel = 0; channel < shape.channels; ++channel) {
-            deform::backward_unit<S, Layout>(*call, result.typed_data(), image, channel,
-                                             channel + 1, first_row, end_row);
+    // The kernels the CUDA handler picks for the call's kind of grid.
+    deform::with_pixel_sums(call->sampling_ratio, [&](auto pixel_sums) {
+      constexpr bool kPixelSums = decltype(pixel_sums)::value;
+      if constexpr (kForward) {
+        S* output = data<S>(result);
+        for (int64_t index = 0; index < shape.outputs(); ++index) {
+          output[index] = deform::forward_element<S, Layout, kPixelSums>(*call, index);
+        }
+      } else {
+        const int64_t bands = deform::bands_of(shape);
+        for (int64_t image = 0; image < shape.num_images; ++image) {
+          for (int64_t band = 0; band < bands; ++band) {
+            const int64_t first_row = band * deform::kBandRows;
+            const int64_t end_row = first_row + deform::kBandRows < shape.height
+                                        ? first_row + deform::kBandRows
+                                        : shape.height;
+            for (int64_t channel = 0; channel < shape.channels; ++channel) {
+              deform::backward_unit<S, Layout, kPixelSums, 1>(*call, result.typed_data(), image,
+                                                              channel, channel + 1, first_row,
+                                                              end_row);
+            }
           }
         }
       }
-    }
+    });
     return ffi::Error::Success();
   }
 
