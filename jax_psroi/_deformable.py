@@ -56,7 +56,6 @@ from jax_psroi import (
     _implementation,
     _partitioning,
     _rules,
-    reference,
     reference_deformable,
 )
 
@@ -112,22 +111,14 @@ def _xla_forward(features, rois, offset, *, pooled_size, spatial_scale, sampling
         return reference_deformable.pool(features, rois, offset, **settings)
     own = reference_deformable.sampling_parameters(rois, offset, pooled_size, spatial_scale,
                                                    gamma)[:4]
-    position_sensitive = channel_order != "shared"
-    nchw = reference.to_nchw_torchvision_order(
-        features, pooled_size, data_format,
-        channel_order if position_sensitive else "torchvision")
 
     def pooled(parameters):
-        return reference_deformable.pool_nchw(
-            nchw, rois.astype(nchw.dtype), offset.astype(nchw.dtype), pooled_size,
-            spatial_scale, sampling_ratio, gamma, position_sensitive=position_sensitive,
-            image_groups=image_groups, parameters=parameters)
+        return reference_deformable.pool(features, rois, offset, parameters=parameters,
+                                         **settings)
 
     directions = [jnp.zeros_like(p) for p in own]
     directions[box_parameter - 1] = jnp.ones_like(own[box_parameter - 1])
-    _, derivative = jax.jvp(pooled, (tuple(own),), (tuple(directions),))
-    return reference.from_nchw(derivative.astype(features.dtype),
-                                                   data_format)
+    return jax.jvp(pooled, (tuple(own),), (tuple(directions),))[1]
 
 
 def _xla_call(direction, operand, rois, offset, result_shape, **params):
@@ -145,30 +136,21 @@ def parameter_tangents(rois, rois_dot, offset, offset_dot, *, spatial_scale, poo
                        gamma):
     """The tangents [K, PH, PW, 4] of every bin's sampling parameters (x
     start, bin width, y start, bin height) for the tangents of `rois` [K, 5]
-    and `offset` [K, 2, PH, PW].
+    and `offset` [K, 2, PH, PW]: the forward-mode derivative of
+    reference_deformable.sampling_parameters, the kernels' geometry.
 
-    A bin whose moved start is not finite reads nothing (its derivatives
-    are 0): its tangents are 0, computed from zeros in place of its
-    non-finite offset and size, so that neither mode multiplies an
-    infinity by 0."""
-    ph, pw = pooled_size
-    scale = jnp.asarray(spatial_scale, rois.dtype)
-    half = jnp.asarray(0.5, rois.dtype)
-    gamma = jnp.asarray(gamma, rois.dtype)
-    tangents = []
-    for axis, (first, last, bins) in enumerate(((1, 3, pw), (2, 4, ph))):
-        start = rois[:, first] * scale - half
-        size = (rois[:, last] * scale - half) - start
-        shift = (gamma * size)[:, None, None] * offset[:, axis]
-        moved = jnp.isfinite(start[:, None, None] + shift) & jnp.isfinite(size)[:, None, None]
-        size = jnp.where(moved, size[:, None, None], 0)
-        bin_offset = jnp.where(moved, offset[:, axis], 0)
-        size_dot = ((rois_dot[:, last] - rois_dot[:, first]) * scale)[:, None, None]
-        start_dot = (rois_dot[:, first] * scale)[:, None, None]
-        shift_dot = gamma * (size_dot * bin_offset + size * offset_dot[:, axis])
-        tangents += [jnp.where(moved, start_dot + shift_dot, 0),
-                     jnp.broadcast_to(size_dot / bins, shift_dot.shape)]
-    return jnp.stack(tangents, axis=-1)
+    Its conventions keep them finite where the parameters are not (a bin
+    whose moved start is not finite reads nothing, and the kernels'
+    derivatives there are 0), so that neither mode multiplies an infinity
+    by 0."""
+    def parameters(rois, offset):
+        return reference_deformable.sampling_parameters(rois, offset, pooled_size,
+                                                        spatial_scale, gamma)[:4]
+
+    start_x, bin_w, start_y, bin_h = jax.jvp(parameters, (rois, offset),
+                                             (rois_dot, offset_dot))[1]
+    per_roi = lambda values: jnp.broadcast_to(values[:, None, None], start_x.shape)
+    return jnp.stack([start_x, per_roi(bin_w), start_y, per_roi(bin_h)], axis=-1)
 
 
 def per_bin(values, pooled, data_format):

@@ -120,19 +120,20 @@ def pool_nchw(features, rois, offset, pooled_size, spatial_scale, sampling_ratio
 
 
 def pool(features, rois, offset, *, pooled_size, spatial_scale, sampling_ratio, gamma,
-         data_format, channel_order, image_groups=None):
+         data_format, channel_order, image_groups=None, parameters=None):
     """The reference on checked arguments: features [N, C, H, W] (or
     [N, H, W, C]), rois [K, 5] and offsets [K, 2, PH, PW] in the compute
     dtype; channel_order "shared" (deform_roi_align) or a position-sensitive
-    order. Returns [K, C_out, PH, PW] (or [K, PH, PW, C_out]) in the
-    features' dtype."""
+    order; `parameters` as :func:`pool_nchw` takes them. Returns
+    [K, C_out, PH, PW] (or [K, PH, PW, C_out]) in the features' dtype."""
     position_sensitive = channel_order != "shared"
     nchw = reference.to_nchw_torchvision_order(
         features, pooled_size, data_format,
         channel_order if position_sensitive else "torchvision")
     pooled = pool_nchw(nchw, rois.astype(nchw.dtype), offset.astype(nchw.dtype), pooled_size,
                        spatial_scale, sampling_ratio, gamma,
-                       position_sensitive=position_sensitive, image_groups=image_groups)
+                       position_sensitive=position_sensitive, image_groups=image_groups,
+                       parameters=parameters)
     return reference.from_nchw(pooled.astype(features.dtype), data_format)
 
 
