@@ -125,9 +125,12 @@ def _check_box_gradient(record, case, combination, collectives):
     # Each box's gradient sums over its outputs: a split of the channels
     # sums the devices' partial sums (one all-reduce), any other split is
     # local; the sums may be ordered differently (on the XLA path, in the
-    # dtype: 16-bit sums of a box's 192 outputs drift further).
+    # dtype: 16-bit sums of a box's 192 outputs drift further). The boxes
+    # are float32: their gradient (through a deformable operator's offsets,
+    # summed over the bins in float32) is no finer than float32's.
     ulps = 16 if case.endswith("_xla") else 4
-    assert record["max_difference"] <= SUMMED[dtype] * ulps * record["max_magnitude"], record
+    tolerance = max(SUMMED[dtype], SUMMED["float32"]) * ulps
+    assert record["max_difference"] <= tolerance * record["max_magnitude"], record
     if case == "pixels":
         return
     bin_rows_split = case == "channels_explicit" and combination[2] == "bin_major"
