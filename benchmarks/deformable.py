@@ -11,10 +11,14 @@ one process:
   of a training step's loss in the features and boxes;
 * ``deform fwd`` / ``deform grad``: deform_ps_roi_align's, the gradient in
   the features, boxes and offsets;
+* ``xla fwd`` / ``xla grad``: deform_ps_roi_align on its XLA path (what
+  platforms without native kernels run: gathers and scatter-adds of each
+  bin's taps, _xla_path.py);
 * ``jnp fwd`` / ``jnp grad``: the same on the jax.numpy reference of the
-  deformable operator (reference_deformable.py), differentiated by JAX.
+  deformable operator (reference_deformable.py: dense weights contracted
+  with the map), differentiated by JAX.
 
-Every native gradient is checked against the reference's first. Writes
+Every native and XLA-path gradient is checked against the reference's first. Writes
 deformable.md and deformable.json to --out (default benchmarks/results).
 """
 
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import pathlib
+from unittest import mock
 
 import bench  # run as a script: benchmarks/ is on sys.path
 import jax
@@ -43,8 +48,14 @@ def _operators():
                                                            GAMMA)
     reference = lambda f, r, o: jax_psroi.deform_ps_roi_align_reference(
         f, r, o, bench.BINS, scale, RATIO, GAMMA)
+
+    def xla(f, r, o):
+        # The implementation is read when the call is traced.
+        with mock.patch.dict(os.environ, {"JAX_PSROI_IMPLEMENTATION": "xla"}):
+            return deform(f, r, o)
+
     return {"plain": (plain, (0, 1)), "deform": (deform, (0, 1, 2)),
-            "jnp": (reference, (0, 1, 2))}
+            "xla": (xla, (0, 1, 2)), "jnp": (reference, (0, 1, 2))}
 
 
 def run(workload, repeats, with_reference):
@@ -67,9 +78,10 @@ def run(workload, repeats, with_reference):
                 lambda fn=fn: jax.block_until_ready(fn(features, rois, offset)),
                 repeats if name != "jnp" else 3, 1.0)
     if with_reference:
-        for got, expected in zip(grads["deform"], grads["jnp"], strict=True):
-            scale = float(np.abs(expected).max())
-            np.testing.assert_allclose(got, expected, atol=1e-3 * scale, rtol=0)
+        for name in ("deform", "xla"):
+            for got, expected in zip(grads[name], grads["jnp"], strict=True):
+                scale = float(np.abs(expected).max())
+                np.testing.assert_allclose(got, expected, atol=1e-3 * scale, rtol=0)
     return row
 
 
@@ -81,16 +93,17 @@ def markdown(results):
         "",
         "Median milliseconds under jit, sampling ratio 2, NCHW float32: the forward, and "
         "the gradient of a loss in the features and boxes (plain) or the features, boxes "
-        "and offsets (deformable and its jax.numpy reference).",
+        "and offsets (deformable on native kernels and on its XLA path, and its jax.numpy "
+        "reference).",
         "",
-        "| workload | K | plain fwd | deform fwd | jnp fwd | plain grad | deform grad "
-        "| jnp grad |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | K | plain fwd | deform fwd | xla fwd | jnp fwd | plain grad "
+        "| deform grad | xla grad | jnp grad |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["rows"]:
         cells = [f"{row[k] * 1e3:.1f}" if k in row else "-"
-                 for k in ("plain_forward", "deform_forward", "jnp_forward", "plain_grad",
-                           "deform_grad", "jnp_grad")]
+                 for k in ("plain_forward", "deform_forward", "xla_forward", "jnp_forward",
+                           "plain_grad", "deform_grad", "xla_grad", "jnp_grad")]
         lines.append(f"| {row['workload']} | {row['rois']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,8 @@ offsets raise NotImplementedError. A vmap axis folds into the images and
 RoIs (one launch). Over a device mesh, the calls split as the plain
 operators' do (_partitioning.py), the offsets like the RoIs. Native
 kernels on CPU and CUDA; every other platform, and
-``implementation="xla"``, runs reference_deformable.py.
+``implementation="xla"``, runs the XLA path (_xla_path.deformable:
+gathers and scatter-adds of each bin's taps).
 
 Parameters, all static: ``pooled_size`` on the forward, ``input_shape`` on
 the backward; on both ``spatial_scale``, ``sampling_ratio``, ``gamma``,
@@ -56,6 +57,7 @@ from jax_psroi import (
     _implementation,
     _partitioning,
     _rules,
+    _xla_path,
     reference_deformable,
 )
 
@@ -98,38 +100,26 @@ def _native_call(name, platform, direction, operand, rois, offset, result_shape,
     return result.astype(dtype)
 
 
-def _xla_forward(features, rois, offset, *, pooled_size, spatial_scale, sampling_ratio, gamma,
-                 data_format, channel_order, image_groups, box_parameter):
-    """reference_deformable's pooled tensor, or (box_parameter j) its
+def _xla_call(direction, operand, rois, offset, result_shape, *, box_parameter, **params):
+    """The XLA path's call (_xla_path.deformable), or (box_parameter j) its
     derivative with respect to sampling parameter j of every bin, the grids
-    held (a forward-mode derivative: linear in the features, like the
+    held (a forward-mode derivative: linear in the operand, like the
     kernels' derivative directions)."""
-    settings = dict(pooled_size=pooled_size, spatial_scale=spatial_scale,
-                    sampling_ratio=sampling_ratio, gamma=gamma, data_format=data_format,
-                    channel_order=channel_order, image_groups=image_groups)
+    def call(parameters=None):
+        return _xla_path.deformable(direction, operand, rois, offset, result_shape,
+                                    parameters=parameters, **params)
+
     if not box_parameter:
-        return reference_deformable.pool(features, rois, offset, **settings)
-    own = reference_deformable.sampling_parameters(rois, offset, pooled_size, spatial_scale,
-                                                   gamma)[:4]
-
-    def pooled(parameters):
-        return reference_deformable.pool(features, rois, offset, parameters=parameters,
-                                         **settings)
-
+        return call()
+    compute = _arguments.compute_dtype(operand.dtype)
+    pooled_size = _arguments.pooled_size_of(
+        result_shape if direction == "forward" else operand.shape, params["data_format"])
+    own = reference_deformable.sampling_parameters(
+        rois.astype(compute), offset.astype(compute), pooled_size, params["spatial_scale"],
+        params["gamma"])[:4]
     directions = [jnp.zeros_like(p) for p in own]
     directions[box_parameter - 1] = jnp.ones_like(own[box_parameter - 1])
-    return jax.jvp(pooled, (tuple(own),), (tuple(directions),))[1]
-
-
-def _xla_call(direction, operand, rois, offset, result_shape, **params):
-    if direction == "forward":
-        pooled_size = _arguments.pooled_size_of(result_shape, params["data_format"])
-        return _xla_forward(operand, rois, offset, pooled_size=pooled_size, **params)
-    pooled_size = _arguments.pooled_size_of(operand.shape, params["data_format"])
-    zeros = jnp.zeros(result_shape, operand.dtype)
-    _, transpose = jax.vjp(
-        lambda f: _xla_forward(f, rois, offset, pooled_size=pooled_size, **params), zeros)
-    return transpose(operand)[0]
+    return jax.jvp(call, (tuple(own),), (tuple(directions),))[1]
 
 
 def parameter_tangents(rois, rois_dot, offset, offset_dot, *, spatial_scale, pooled_size,

@@ -26,6 +26,9 @@ cotangents in the same loop. The tap lists:
   in float32), read over the run-time span of pixels the bins touch;
 * windows of whole pixels (the pools): the window's pixels, weight 1.
 
+Deformable RoI Align's bins each start where their offsets move them: each
+bin has taps of its own on both axes (``_Bins.per_bin``).
+
 RoI Pool's maxima scan each window row by row with the same loop, keeping
 the first strictly greater value and its pixel as torchvision does; its
 tangent gathers at the recorded pixels and its gradient scatter-adds there.
@@ -49,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_psroi import _arguments, _image_groups, _levels
+from jax_psroi import _arguments, _image_groups, _levels, reference_deformable
 from jax_psroi._operators import ROI_ALIGN, ROI_POOL, BoxRule
 from jax_psroi.reference import (
     MAX_GRID_PER_AXIS,
@@ -186,11 +189,15 @@ def _align_taps(start, bin_size, grid, ratio, bins, size, valid) -> _Taps:
 class _Bins(NamedTuple):
     """What a call's bins read: the taps of each axis, the divisor of each
     bin's sum ([K, PH, PW, 1] or broadcastable to it; 0 gives 0) and which
-    RoIs read anything ([K])."""
+    RoIs read anything ([K]). The taps of a row of bins are those of its
+    every bin ([K, PH] rows, [K, PW] columns), unless `per_bin`: bins that
+    start where they like (deformable), whose taps are each bin's own
+    ([K, PH * PW] on both axes)."""
     rows: _Taps
     columns: _Taps
     divisor: jax.Array
     valid: jax.Array
+    per_bin: bool = False
 
 
 def _bins(box_rule: BoxRule, rois, pooled_size, map_size, spatial_scale, sampling_ratio,
@@ -265,12 +272,14 @@ def _in_layout(pooled, data_format):
 
 class _Call(NamedTuple):
     """One call's geometry: the map's view and index, the RoIs' images and
-    bins, and the bin of each pooled element ([PH, PW], or 0 when shared)."""
+    bins, the bin of each pooled element ([PH, PW], or 0 when shared) and
+    the grid (PH, PW)."""
     view_shape: tuple
     index: Callable
     image: jax.Array
     bins: _Bins
     bin_index: jax.Array | int
+    pooled_size: tuple
 
 
 def _call(box_rule, features_shape, rois, pooled_size, *, spatial_scale, sampling_ratio,
@@ -279,11 +288,16 @@ def _call(box_rule, features_shape, rois, pooled_size, *, spatial_scale, samplin
     image, batch_ok = _image_groups.images(rois, image_groups, n)
     bins = _bins(box_rule, rois, pooled_size, (h, w), spatial_scale, sampling_ratio,
                  batch_ok)
+    return _call_of_bins(features_shape, image, bins, pooled_size, data_format, channel_order)
+
+
+def _call_of_bins(features_shape, image, bins, pooled_size, data_format,
+                  channel_order) -> _Call:
     view_shape, index = _map_view(features_shape, data_format, channel_order, pooled_size)
     pooled_h, pooled_w = pooled_size
     bin_index = 0 if channel_order == "shared" else (
         jnp.arange(pooled_h)[:, None] * pooled_w + jnp.arange(pooled_w)[None, :])
-    return _Call(view_shape, index, image, bins, bin_index)
+    return _Call(view_shape, index, image, bins, bin_index, tuple(pooled_size))
 
 
 def _for_each_tap_pair(call: _Call, step, carry):
@@ -291,16 +305,19 @@ def _for_each_tap_pair(call: _Call, step, carry):
     row tap and a column tap, rows outer: `index` into the map's view,
     `pixel` = (y [K, PH, 1], x [K, 1, PW]) and `weight` [K, PH, PW, 1]."""
     rows, columns = call.bins.rows, call.bins.columns
+    if call.bins.per_bin:
+        grid = (call.image.shape[0], *call.pooled_size)
+        row_grid = column_grid = lambda taps: taps.reshape(grid)
+    else:
+        row_grid, column_grid = (lambda taps: taps[:, :, None]), (lambda taps: taps[:, None, :])
 
     def row(j_y, carry):
-        y, w_y = rows.at(j_y)
+        y, w_y = map(row_grid, rows.at(j_y))
 
         def column(j_x, carry):
-            x, w_x = columns.at(j_x)
-            y_k, x_k = y[:, :, None], x[:, None, :]
-            index = call.index(call.image[:, None, None], call.bin_index, y_k, x_k)
-            return step(index, (y_k, x_k), (w_y[:, :, None] * w_x[:, None, :])[..., None],
-                        carry)
+            x, w_x = map(column_grid, columns.at(j_x))
+            index = call.index(call.image[:, None, None], call.bin_index, y, x)
+            return step(index, (y, x), (w_y * w_x)[..., None], carry)
 
         return lax.fori_loop(0, columns.count, column, carry)
 
@@ -321,15 +338,21 @@ def pool(direction, operand, rois, result_shape, *, spatial_scale, sampling_rati
     (_averaging.py), rois [K, 5]."""
     features_shape, pooled_shape = _arguments.features_and_pooled(direction, operand.shape,
                                                                   result_shape)
-    dtype = operand.dtype
     if _empty(features_shape, pooled_shape):
-        return jnp.zeros(result_shape, dtype)
-    compute = _arguments.compute_dtype(dtype)
+        return jnp.zeros(result_shape, operand.dtype)
     pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
-    call = _call(box_rule, features_shape, rois.astype(compute), pooled_size,
+    call = _call(box_rule, features_shape,
+                 rois.astype(_arguments.compute_dtype(operand.dtype)), pooled_size,
                  spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
                  data_format=data_format, channel_order=channel_order,
                  image_groups=image_groups)
+    return _pool_call(direction, operand, call, features_shape, pooled_shape, data_format)
+
+
+def _pool_call(direction, operand, call: _Call, features_shape, pooled_shape, data_format):
+    """The averages of `call`'s bins (forward), or their transpose (backward)."""
+    dtype = operand.dtype
+    compute = _arguments.compute_dtype(dtype)
     divisor = call.bins.divisor
     keep = call.bins.valid[:, None, None, None] & (divisor > 0)
     divisor = jnp.where(keep, divisor, 1)
@@ -374,6 +397,54 @@ def box_derivative(box_parameter, direction, operand, rois, result_shape, *, spa
     return jax.jvp(lambda r: pool(direction, operand, r, result_shape,
                                   spatial_scale=spatial_scale, data_format=data_format,
                                   **settings), (rois,), (tangent,))[1]
+
+
+# --- Deformable RoI Align -------------------------------------------------------
+
+def deformable(direction, operand, rois, offset, result_shape, *, spatial_scale,
+               sampling_ratio, gamma, data_format, channel_order, image_groups,
+               parameters=None):
+    """One call of a deformable operator's forward or backward (_deformable.py;
+    channel_order "shared" for deform_roi_align): RoI Align's averages over
+    bins each starting where its offset moves it, with taps of their own
+    (the bins' sampling parameters of reference_deformable.sampling_parameters,
+    or `parameters`, the same four, to sample with the grids and validity of
+    the boxes' own: the derivative directions differentiate them)."""
+    features_shape, pooled_shape = _arguments.features_and_pooled(direction, operand.shape,
+                                                                  result_shape)
+    if _empty(features_shape, pooled_shape):
+        return jnp.zeros(result_shape, operand.dtype)
+    compute = _arguments.compute_dtype(operand.dtype)
+    pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
+    n, _, height, width = (features_shape[a] for a in _arguments.LAYOUT_AXES[data_format])
+    rois = rois.astype(compute)
+    own = reference_deformable.sampling_parameters(rois, offset.astype(compute), pooled_size,
+                                                   spatial_scale, gamma)
+    _, own_bin_w, _, own_bin_h, finite, moved = own
+    start_x, bin_w, start_y, bin_h = (parameters or own)[:4]
+    image, batch_ok = _image_groups.images(rois, image_groups, n)
+    grid_h = grid_size(own_bin_h, sampling_ratio)
+    grid_w = grid_size(own_bin_w, sampling_ratio)
+    valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
+
+    def taps(start, bin_size, grid, index, size):
+        # Bins whose moved start is not finite read nothing (divisor 0):
+        # their taps start from 0, as the reference's do.
+        bin_start = (index.astype(compute) * bin_size[:, None, None]
+                     + jnp.where(moved, start, 0)).reshape(rois.shape[0], -1)
+        if 0 < sampling_ratio <= _SAMPLE_TAPS_GRID:
+            return _sample_taps(bin_start, bin_size[:, None], sampling_ratio, size)
+        grid = jnp.broadcast_to(grid[:, None], bin_start.shape)
+        return _table_taps(_pixel_weights(bin_start, bin_size[:, None], grid, sampling_ratio,
+                                          size, valid), valid)
+
+    pooled_h, pooled_w = pooled_size
+    count = (grid_h.astype(compute) * grid_w.astype(compute))[:, None, None]
+    bins = _Bins(taps(start_y, bin_h, grid_h, jnp.arange(pooled_h)[None, :, None], height),
+                 taps(start_x, bin_w, grid_w, jnp.arange(pooled_w)[None, None, :], width),
+                 jnp.where(moved, count, 0)[..., None], valid, per_bin=True)
+    call = _call_of_bins(features_shape, image, bins, pooled_size, data_format, channel_order)
+    return _pool_call(direction, operand, call, features_shape, pooled_shape, data_format)
 
 
 # --- RoI Pool ------------------------------------------------------------------

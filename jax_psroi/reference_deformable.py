@@ -1,6 +1,6 @@
 """Deformable RoI Align and PS-RoI Align in ``jax.numpy``: the oracle of the
-native kernels (lib/deformable.h) and the XLA path of the deformable
-operators on platforms without them.
+native kernels (lib/deformable.h) and of the XLA path (_xla_path.py), whose
+sampling parameters are this module's.
 
 Each bin (ph, pw) of RoI k samples as the plain operator's (reference.py:
 -0.5 pixel, no size clamp, the adaptive grid of its RoI's bin size) from a
@@ -73,21 +73,17 @@ def sampling_parameters(rois, offset, pooled_size, spatial_scale, gamma):
 
 
 def pool_nchw(features, rois, offset, pooled_size, spatial_scale, sampling_ratio, gamma, *,
-              position_sensitive, image_groups=None, parameters=None):
+              position_sensitive, image_groups=None):
     """Pooled [K, C_out, PH, PW] of an NCHW map in torchvision's channel
-    order and its compute dtype. `parameters`: the sampling parameters
-    (:func:`sampling_parameters`) to sample with, whose grids and validity
-    stay those of the boxes' own (the kernels' derivative directions
-    differentiate them with the grid held)."""
+    order and its compute dtype."""
     n, c, height, width = features.shape
     pooled_h, pooled_w = pooled_size
     num_rois = rois.shape[0]
     dtype = features.dtype
-    own = sampling_parameters(rois, offset, pooled_size, spatial_scale, gamma)
-    _, own_bin_w, _, own_bin_h, _, moved = own
-    start_x, bin_w, start_y, bin_h = (parameters or own)[:4]
-    grid_h = reference.grid_size(own_bin_h, sampling_ratio)
-    grid_w = reference.grid_size(own_bin_w, sampling_ratio)
+    start_x, bin_w, start_y, bin_h, _, moved = sampling_parameters(
+        rois, offset, pooled_size, spatial_scale, gamma)
+    grid_h = reference.grid_size(bin_h, sampling_ratio)
+    grid_w = reference.grid_size(bin_w, sampling_ratio)
     image, batch_ok = reference.image_of(rois, features.shape, image_groups)
     valid = (batch_ok & (grid_h > 0) & (grid_w > 0))[:, None, None] & moved  # [K, PH, PW]
     bins = pooled_h * pooled_w
@@ -120,20 +116,19 @@ def pool_nchw(features, rois, offset, pooled_size, spatial_scale, sampling_ratio
 
 
 def pool(features, rois, offset, *, pooled_size, spatial_scale, sampling_ratio, gamma,
-         data_format, channel_order, image_groups=None, parameters=None):
+         data_format, channel_order, image_groups=None):
     """The reference on checked arguments: features [N, C, H, W] (or
     [N, H, W, C]), rois [K, 5] and offsets [K, 2, PH, PW] in the compute
     dtype; channel_order "shared" (deform_roi_align) or a position-sensitive
-    order; `parameters` as :func:`pool_nchw` takes them. Returns
-    [K, C_out, PH, PW] (or [K, PH, PW, C_out]) in the features' dtype."""
+    order. Returns [K, C_out, PH, PW] (or [K, PH, PW, C_out]) in the
+    features' dtype."""
     position_sensitive = channel_order != "shared"
     nchw = reference.to_nchw_torchvision_order(
         features, pooled_size, data_format,
         channel_order if position_sensitive else "torchvision")
     pooled = pool_nchw(nchw, rois.astype(nchw.dtype), offset.astype(nchw.dtype), pooled_size,
                        spatial_scale, sampling_ratio, gamma,
-                       position_sensitive=position_sensitive, image_groups=image_groups,
-                       parameters=parameters)
+                       position_sensitive=position_sensitive, image_groups=image_groups)
     return reference.from_nchw(pooled.astype(features.dtype), data_format)
 
 

@@ -227,10 +227,11 @@ def test_vmap_is_one_launch_and_matches_a_loop(operation):
     assert jaxpr.count(f"{operation}[") == 1
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("kernels", [*KERNELS, "xla"])
 @pytest.mark.parametrize("operation", OPERATIONS)
 def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kernels,
-                                                                           operation):
+                                                                           operation,
+                                                                           monkeypatch):
     features, _, _ = _case(np.random.default_rng(8), operation, n=2, h=8, w=8)
     boxes = hostile_rois(2, 8, 8, np.float64)
     k = len(boxes)
@@ -239,7 +240,9 @@ def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kern
     offset[0, 1, 1, 1] = 1e300        # moved far off the map
     offset[10, :, :, :] = -np.inf
     op, reference = _op(operation)
-    with deformable_kernels(kernels):
+    if kernels == "xla":
+        monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
+    with deformable_kernels("cpu" if kernels == "xla" else kernels):
         out = op(features, boxes, offset)
         grads = jax.grad(lambda f, b, o: jnp.sum(op(f, b, o)), argnums=(0, 1, 2))(
             features, boxes, offset)
@@ -269,11 +272,19 @@ def test_arguments_are_checked():
         jax_psroi.deform_ps_roi_align(features, boxes, offset, SIZE, SCALE)  # C % (h * w)
 
 
-def test_xla_path_matches_the_native_kernels(monkeypatch):
+@pytest.mark.parametrize(("sampling_ratio", "data_format", "channel_order"),
+                         [(-1, "NCHW", "torchvision"), (2, "NHWC", "bin_major"),
+                          (7, "NHWC", "torchvision"), (80, "NCHW", "bin_major")])
+def test_xla_path_matches_the_native_kernels(monkeypatch, sampling_ratio, data_format,
+                                             channel_order):
+    """The XLA path's taps: adaptive grids and fixed ones past 4 samples
+    from tables of pixel weights, small fixed grids sample by sample."""
     monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
     for operation in OPERATIONS:
         features, boxes, offset = _case(np.random.default_rng(10), operation, k=4)
-        op, _ = _op(operation)
+        order = channel_order if operation == "deform_ps_roi_align" else "torchvision"
+        features = features_as(features, data_format, order, SIZE)
+        op, _ = _op(operation, sampling_ratio, data_format, channel_order)
         cotangent = np.random.default_rng(11).normal(size=op(features, boxes, offset).shape)
         loss = _loss(op, cotangent)
         xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))

@@ -5,8 +5,8 @@ Random calls over the inputs where a per-bin start is easy to get wrong:
 boxes partly or wholly off the map, degenerate (zero-size, inverted), huge
 and non-finite; offsets small, large (bins moved off the map), huge and
 non-finite; every dtype and layout; fixed and adaptive grids; maps of one
-pixel. The native CPU kernels and the CUDA kernels' code (serially on the
-CPU: the test rig) must give the jax.numpy reference's values and keep
+pixel. The native CPU kernels, the CUDA kernels' code (serially on the
+CPU: the test rig) and the XLA path must give the jax.numpy reference's values and keep
 every derivative finite; nothing may read or write out of bounds (run under
 ASan and UBSan by scripts/sanitize.sh).
 
@@ -14,6 +14,7 @@ Examples: JAX_PSROI_FUZZ_EXAMPLES, as for test_fuzz.py (default 20 here).
 """
 
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def _offsets(rng, k, size, kinds):
     return offset
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("kernels", [*KERNELS, "xla"])
 @FUZZ
 @given(seed=st.integers(0, 2**32 - 1), operation=st.sampled_from(["deform_roi_align",
                                                                   "deform_ps_roi_align"]),
@@ -95,7 +96,9 @@ def test_fuzz_deformable(kernels, seed, operation, dtype, data_format, map_size,
     reference = getattr(jax_psroi, f"{operation}_reference")
     call = lambda fn: lambda f, b, o: fn(f, b, o, size, 0.5, sampling_ratio, 0.1,
                                          data_format=data_format)
-    with deformable_kernels(kernels):
+    implementation = "xla" if kernels == "xla" else "native"
+    with (deformable_kernels("cpu" if kernels == "xla" else kernels),
+          mock.patch.dict(os.environ, {"JAX_PSROI_IMPLEMENTATION": implementation})):
         out = call(op)(features, boxes, offset)
         grads = jax.grad(lambda f, b, o: jnp.sum(call(op)(f, b, o).astype(jnp.float32)),
                          argnums=(0, 1, 2))(features, boxes, offset)
