@@ -72,10 +72,12 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
         return
     assert record["max_magnitude"] > 0.5  # the case pools something
     summed = case.startswith("rois") and direction == "gradient"
-    # The XLA path's gradients sum in the order XLA's fusions of each
-    # device's shapes give.
-    tolerance = SUMMED[dtype] if summed or (case.endswith("_xla") and direction != "forward") \
-        else EXACT
+    # The XLA path's sums are compiled for each device's shapes: XLA may
+    # vectorize and contract them (fused multiply-adds) differently from the
+    # whole program's (JAX 0.12's XLA does, in the forward too: up to 17
+    # float32 ulps of a sum of 16 products).
+    tolerance = (8 * SUMMED[dtype] if case.endswith("_xla")
+                 else SUMMED[dtype] if summed else EXACT)
     assert record["max_difference"] <= tolerance * record["max_magnitude"], record
     if case == "pixels":
         # No rule splits the map's pixels: the forward gathers the map (the
