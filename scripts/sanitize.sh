@@ -27,7 +27,7 @@ python3 -m venv "$work/venv"
 # shellcheck disable=SC1091
 source "$work/venv/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip install --quiet "jax==0.10.2" "jaxlib==0.10.2" nanobind scikit-build-core \
+pip install --quiet "jax==0.10.2" "jaxlib==0.10.2" nanobind scikit-build-core "cmake>=3.18" ninja \
   "pytest>=8" "chex>=0.1.90" "flatbuffers>=24" "hypothesis>=6.100" numpy
 echo "=== building the sanitized CPU extension"
 # Unstripped, so that reports name files and lines.
