@@ -2,6 +2,8 @@
 
     python benchmarks/deformable.py            # the workloads of bench.py
     python benchmarks/deformable.py --quick    # the small ones (CI)
+    python benchmarks/deformable.py --device gpu --no-reference --out DIR
+                                               # on the GPU (scripts/gpu_check.sh)
 
 On bench.py's workloads and inputs (sampling ratio 2, NCHW float32, offsets
 uniform in [-0.5, 0.5], gamma 0.1), under jit, medians after warm-up, in
@@ -58,11 +60,11 @@ def _operators():
             "xla": (xla, (0, 1, 2)), "jnp": (reference, (0, 1, 2))}
 
 
-def run(workload, repeats, with_reference):
-    features, rois, cotangent = bench.make_inputs(workload)
+def run(workload, repeats, with_reference, device):
+    features, rois, cotangent = jax.device_put(bench.make_inputs(workload), device)
     offset = np.random.default_rng(0).uniform(-0.5, 0.5,
                                               size=(rois.shape[0], 2, bench.BINS, bench.BINS))
-    offset = jnp.asarray(offset, jnp.float32)
+    offset = jax.device_put(jnp.asarray(offset, jnp.float32), device)
     row = {"workload": workload.name, "features": list(workload.features),
            "rois": workload.num_rois}
     grads = {}
@@ -86,10 +88,12 @@ def run(workload, repeats, with_reference):
 
 
 def markdown(results):
+    machine = results["machine"]
+    where = (machine["device_kind"] if results.get("device") == "gpu" else
+             f"{machine['cpu_model']}, {results['threads']} threads (shared with other jobs: "
+             "times move by tens of percent)")
     lines = [
-        f"Machine: {results['machine']['cpu_model']}, {results['threads']} threads (shared "
-        "with other jobs: times move by tens of percent), jax "
-        f"{results['machine']['jax']}.",
+        f"Machine: {where}, jax {machine['jax']}.",
         "",
         "Median milliseconds under jit, sampling ratio 2, NCHW float32: the forward, and "
         "the gradient of a loss in the features and boxes (plain) or the features, boxes "
@@ -113,15 +117,18 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the small workloads only")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the jax.numpy reference (slow on large workloads)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where the operators run")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     workloads = bench.QUICK_WORKLOADS if args.quick else bench.WORKLOADS
+    device = jax.devices(args.device)[0]
     rows = []
     for workload in workloads:
-        rows.append(run(workload, 5, not args.no_reference))
+        rows.append(run(workload, 5, not args.no_reference, device))
         print(rows[-1], flush=True)
-    results = {"machine": bench.machine_description("cpu"),
+    results = {"machine": bench.machine_description(args.device), "device": args.device,
                "threads": len(os.sched_getaffinity(0)), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deformable.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -154,10 +154,13 @@ if [ -n "$gpu" ]; then
   step family_benchmark 420 python benchmarks/family.py --device gpu $bench_mode \
     --out "$out/bench" --no-reference
   step nms_benchmark 300 python benchmarks/nms.py --device gpu --out "$out/bench"
+  step deformable_benchmark 300 python benchmarks/deformable.py --device gpu --no-reference \
+    --out "$out/bench"
 else
   skip benchmark "$no_gpu"
   skip family_benchmark "$no_gpu"
   skip nms_benchmark "$no_gpu"
+  skip deformable_benchmark "$no_gpu"
 fi
 
 # --- memory safety -------------------------------------------------------------
