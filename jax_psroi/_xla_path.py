@@ -303,7 +303,8 @@ def _call_of_bins(features_shape, image, bins, pooled_size, data_format,
 def _for_each_tap_pair(call: _Call, step, carry):
     """Runs step(index, pixel, weight, carry) -> carry over every pair of a
     row tap and a column tap, rows outer: `index` into the map's view,
-    `pixel` = (y [K, PH, 1], x [K, 1, PW]) and `weight` [K, PH, PW, 1]."""
+    `pixel` = (y [K, PH, 1], x [K, 1, PW]; both [K, PH, PW] when the taps
+    are each bin's own) and `weight` [K, PH, PW, 1]."""
     rows, columns = call.bins.rows, call.bins.columns
     if call.bins.per_bin:
         grid = (call.image.shape[0], *call.pooled_size)

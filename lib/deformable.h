@@ -20,7 +20,7 @@
 //     the CPU kernels' tables instead (lib/cpu/deformable_handlers.cc),
 //     which roi_align's and ps_roi_align's CPU forward apply.
 //   * backward_unit: the gradient (in the compute type) of one image's
-//     input channels [first, end) on rows [first, end), zeroed, then the
+//     input channels [first, end) on one band of rows, zeroed, then the
 //     contributions of the image's RoIs added in the order RoI, bin, row
 //     tap, column tap. That order is the same however the gradient is cut
 //     into units (the CPU: bands of rows with every channel; CUDA: a
@@ -125,8 +125,16 @@ PSROI_HD ChannelRange outputs_reading(const CallShape& shape, int64_t bin,
   return ChannelRange{clip(first_reaching(first_channel)), clip(first_reaching(end_channel))};
 }
 
+// Rows per unit of a backward: bands of at most this many rows.
+constexpr int64_t kBandRows = 8;
+
+PSROI_HD int64_t bands_of(const CallShape& shape) {
+  return (shape.height + kBandRows - 1) / kBandRows;
+}
+
 // The gradient of input channels [first_channel, end_channel) of image
-// `image` on rows [first_row, end_row), every column, in the compute type
+// `image` on the rows of band `band` (kBandRows of them, fewer in the last),
+// every column, in the compute type
 // (`grad` in the features' layout): zeroed, then every RoI of the image
 // adds, bin by bin, its cotangent over its sample count times each pair of
 // its row and column taps' weights (for_each_axis_tap<kPixelSums>, the
@@ -139,9 +147,11 @@ PSROI_HD ChannelRange outputs_reading(const CallShape& shape, int64_t bin,
 template <typename S, typename Layout, bool kPixelSums, int kChannels,
           typename T = ComputeType<S>>
 PSROI_HD void backward_unit(const DeformCall<S>& call, T* grad, int64_t image,
-                            int64_t first_channel, int64_t end_channel, int64_t first_row,
-                            int64_t end_row) {
+                            int64_t first_channel, int64_t end_channel, int64_t band) {
   const CallShape& shape = call.shape;
+  const int64_t first_row = band * kBandRows;
+  const int64_t end_row = first_row + kBandRows < shape.height ? first_row + kBandRows
+                                                               : shape.height;
   const Layout layout = Layout::of(shape);
   for (int64_t channel = first_channel; channel < end_channel; ++channel) {
     T* plane = grad + layout.plane_offset(image, channel);
@@ -194,12 +204,6 @@ auto with_pixel_sums(int64_t sampling_ratio, Run run) {
   return pixel_sums(sampling_ratio) ? run(std::true_type{}) : run(std::false_type{});
 }
 
-// Rows per unit of a backward: bands of at most this many rows.
-constexpr int64_t kBandRows = 8;
-
-PSROI_HD int64_t bands_of(const CallShape& shape) {
-  return (shape.height + kBandRows - 1) / kBandRows;
-}
 
 }  // namespace deform
 }  // namespace jax_psroi

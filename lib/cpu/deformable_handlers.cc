@@ -77,15 +77,9 @@ struct DeformHandler {
       const int64_t bands = deform::bands_of(shape);
       const Phase units = deform::with_pixel_sums(call.sampling_ratio, [&](auto pixel_sums) {
         return Phase{shape.num_images * bands, [=](int64_t unit) {
-                       const int64_t image = unit / bands, band = unit % bands;
-                       const int64_t first_row = band * deform::kBandRows;
-                       const int64_t end_row = first_row + deform::kBandRows < shape.height
-                                                   ? first_row + deform::kBandRows
-                                                   : shape.height;
                        deform::backward_unit<S, Layout, decltype(pixel_sums)::value,
-                                             kBackwardChannels>(call, grad, image, 0,
-                                                                shape.channels, first_row,
-                                                                end_row);
+                                             kBackwardChannels>(call, grad, unit / bands, 0,
+                                                                shape.channels, unit % bands);
                      }};
       });
       return run_phases(pool, call_work(shape, Direction::kBackward), {units});

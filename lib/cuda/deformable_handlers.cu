@@ -47,11 +47,8 @@ __global__ void __launch_bounds__(kDeformThreads)
     const int64_t channel = unit % shape.channels;
     const int64_t band = unit / shape.channels % bands;
     const int64_t image = unit / shape.channels / bands;
-    const int64_t first_row = band * deform::kBandRows;
-    const int64_t end_row =
-        first_row + deform::kBandRows < shape.height ? first_row + deform::kBandRows : shape.height;
     deform::backward_unit<S, Layout, kPixelSums, 1>(call, grad, image, channel, channel + 1,
-                                                    first_row, end_row);
+                                                    band);
   }
 }
 

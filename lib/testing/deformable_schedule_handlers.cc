@@ -38,14 +38,9 @@ struct SerialDeformHandler {
         const int64_t bands = deform::bands_of(shape);
         for (int64_t image = 0; image < shape.num_images; ++image) {
           for (int64_t band = 0; band < bands; ++band) {
-            const int64_t first_row = band * deform::kBandRows;
-            const int64_t end_row = first_row + deform::kBandRows < shape.height
-                                        ? first_row + deform::kBandRows
-                                        : shape.height;
             for (int64_t channel = 0; channel < shape.channels; ++channel) {
               deform::backward_unit<S, Layout, kPixelSums, 1>(*call, result.typed_data(), image,
-                                                              channel, channel + 1, first_row,
-                                                              end_row);
+                                                              channel, channel + 1, band);
             }
           }
         }
