@@ -16,6 +16,7 @@ bilinear weights of the bin's samples) and contracts them with the features.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -35,6 +36,21 @@ from jax_psroi._arguments import (
 # Every contraction at full precision: GPUs would otherwise run float32 ones
 # in TF32 (10 mantissa bits), whatever the dtype the caller asked for.
 _EXACT = lax.Precision.HIGHEST
+
+
+def one_program(pool_fn, *arrays, **settings):
+    """``pool_fn(*arrays, **settings)`` compiled as one program per shape and
+    setting (settings: hashable Python values). Called eagerly, a reference
+    would dispatch, and on every new shape compile, each of its dozens of
+    ``jax.numpy`` operations, and its eager gradient each of theirs: seconds
+    where one program takes a fraction of one. Inside a trace it is inlined
+    like any ``jax.jit``."""
+    return _one_program(pool_fn, tuple(sorted(settings.items())), *arrays)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _one_program(pool_fn, settings, *arrays):
+    return pool_fn(*arrays, **dict(settings))
 
 
 def _divide(x, divisor):
@@ -172,7 +188,7 @@ def ps_roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSi
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
         channel_order)
-    return pool(features, rois, **params)
+    return one_program(pool, features, rois, **params)
 
 
 def roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
@@ -205,7 +221,8 @@ def roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
         input, boxes, output_size, spatial_scale, sampling_ratio, data_format,
         "torchvision", position_sensitive=False)
     del params["channel_order"]
-    return pool_roi_align(features, rois, aligned=_arguments.aligned(aligned), **params)
+    return one_program(pool_roi_align, features, rois, aligned=_arguments.aligned(aligned),
+                       **params)
 
 
 def pool(features, rois, pooled_size, spatial_scale, sampling_ratio, *,

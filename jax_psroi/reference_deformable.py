@@ -144,7 +144,7 @@ def _call(input, boxes, offset, output_size, spatial_scale, sampling_ratio, gamm
     offset = jnp.zeros(shape, rois.dtype) if offset is None else jnp.asarray(offset, rois.dtype)
     if offset.shape != shape:
         raise ValueError(f"offset must be [K, 2, h, w] = {list(shape)}, got {list(offset.shape)}")
-    return pool(features, rois, offset, gamma=float(gamma), **params)
+    return reference.one_program(pool, features, rois, offset, gamma=float(gamma), **params)
 
 
 def deform_roi_align_reference(input: ArrayLike, boxes: Boxes, offset: ArrayLike | None,

@@ -24,6 +24,7 @@ from jax_psroi.reference import (
     _divide,
     from_nchw,
     image_of,
+    one_program,
     to_nchw_torchvision_order,
 )
 
@@ -54,7 +55,7 @@ def ps_roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSiz
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
         channel_order)
-    return pool_ps_roi_pool(features, rois, **params)
+    return one_program(pool_ps_roi_pool, features, rois, **params)
 
 
 def pool_ps_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW",
@@ -95,8 +96,8 @@ def roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     features, rois, params = _arguments.call(
         input, boxes, output_size, spatial_scale, _arguments.NO_SAMPLING_RATIO, data_format,
         "torchvision", position_sensitive=False)
-    return pool_roi_pool(features, rois, params["pooled_size"], params["spatial_scale"],
-                         data_format=data_format)[0]
+    return one_program(pool_roi_pool, features, rois, pooled_size=params["pooled_size"],
+                       spatial_scale=params["spatial_scale"], data_format=data_format)[0]
 
 
 def pool_roi_pool(features, rois, pooled_size, spatial_scale, *, data_format="NCHW",
