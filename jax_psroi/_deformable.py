@@ -101,25 +101,11 @@ def _native_call(name, platform, direction, operand, rois, offset, result_shape,
 
 
 def _xla_call(direction, operand, rois, offset, result_shape, *, box_parameter, **params):
-    """The XLA path's call (_xla_path.deformable), or (box_parameter j) its
-    derivative with respect to sampling parameter j of every bin, the grids
-    held (a forward-mode derivative: linear in the operand, like the
-    kernels' derivative directions)."""
-    def call(parameters=None):
-        return _xla_path.deformable(direction, operand, rois, offset, result_shape,
-                                    parameters=parameters, **params)
-
-    if not box_parameter:
-        return call()
-    compute = _arguments.compute_dtype(operand.dtype)
-    pooled_size = _arguments.pooled_size_of(
-        result_shape if direction == "forward" else operand.shape, params["data_format"])
-    own = reference_deformable.sampling_parameters(
-        rois.astype(compute), offset.astype(compute), pooled_size, params["spatial_scale"],
-        params["gamma"])[:4]
-    directions = [jnp.zeros_like(p) for p in own]
-    directions[box_parameter - 1] = jnp.ones_like(own[box_parameter - 1])
-    return jax.jvp(call, (tuple(own),), (tuple(directions),))[1]
+    """The XLA path's call, or (box_parameter j) its derivative direction j."""
+    if box_parameter:
+        return _xla_path.deformable_box_derivative(box_parameter, direction, operand, rois,
+                                                   offset, result_shape, **params)
+    return _xla_path.deformable(direction, operand, rois, offset, result_shape, **params)
 
 
 def parameter_tangents(rois, rois_dot, offset, offset_dot, *, spatial_scale, pooled_size,

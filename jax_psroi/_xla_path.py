@@ -448,6 +448,27 @@ def deformable(direction, operand, rois, offset, result_shape, *, spatial_scale,
     return _pool_call(direction, operand, call, features_shape, pooled_shape, data_format)
 
 
+def deformable_box_derivative(box_parameter, direction, operand, rois, offset, result_shape,
+                              **settings):
+    """The deformable rows' box call on the XLA path (_deformable.py): the
+    derivative of :func:`deformable`'s forward (or backward) with respect to
+    sampling parameter `box_parameter` (1 to 4: x start, bin width, y start,
+    bin height) of every bin at once, the grids and validity held: forward
+    mode through the taps, linear in the operand like the kernels'
+    derivative directions."""
+    _, pooled_shape = _arguments.features_and_pooled(direction, operand.shape, result_shape)
+    compute = _arguments.compute_dtype(operand.dtype)
+    own = reference_deformable.sampling_parameters(
+        rois.astype(compute), offset.astype(compute),
+        _arguments.pooled_size_of(pooled_shape, settings["data_format"]),
+        settings["spatial_scale"], settings["gamma"])[:4]
+    directions = [jnp.zeros_like(p) for p in own]
+    directions[box_parameter - 1] = jnp.ones_like(own[box_parameter - 1])
+    return jax.jvp(lambda parameters: deformable(direction, operand, rois, offset, result_shape,
+                                                 parameters=parameters, **settings),
+                   (tuple(own),), (tuple(directions),))[1]
+
+
 # --- RoI Pool ------------------------------------------------------------------
 
 def roi_pool(features, rois, pixels=None, *, result_shape, spatial_scale, data_format,
