@@ -28,7 +28,8 @@ python3 -m venv "$work/venv"
 source "$work/venv/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install --quiet "jax==0.10.2" "jaxlib==0.10.2" nanobind scikit-build-core "cmake>=3.18" ninja \
-  "pytest>=8" "chex>=0.1.90" "flatbuffers>=24" "hypothesis>=6.100" numpy
+  "pytest>=8" "chex>=0.1.90" "flatbuffers>=24" "hypothesis>=6.100" numpy \
+  "flax>=0.10"  # test_deformable.py's Flax modules
 echo "=== building the sanitized CPU extension"
 # Unstripped, so that reports name files and lines.
 JAX_PSROI_CUDA=OFF JAX_PSROI_SANITIZE=ON JAX_PSROI_TESTING=ON pip install --quiet --no-build-isolation \
