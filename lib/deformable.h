@@ -204,7 +204,6 @@ auto with_pixel_sums(int64_t sampling_ratio, Run run) {
   return pixel_sums(sampling_ratio) ? run(std::true_type{}) : run(std::false_type{});
 }
 
-
 }  // namespace deform
 }  // namespace jax_psroi
 
