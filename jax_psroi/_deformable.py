@@ -100,14 +100,6 @@ def _native_call(name, platform, direction, operand, rois, offset, result_shape,
     return result.astype(dtype)
 
 
-def _xla_call(direction, operand, rois, offset, result_shape, *, box_parameter, **params):
-    """The XLA path's call, or (box_parameter j) its derivative direction j."""
-    if box_parameter:
-        return _xla_path.deformable_box_derivative(box_parameter, direction, operand, rois,
-                                                   offset, result_shape, **params)
-    return _xla_path.deformable(direction, operand, rois, offset, result_shape, **params)
-
-
 def parameter_tangents(rois, rois_dot, offset, offset_dot, *, spatial_scale, pooled_size,
                        gamma):
     """The tangents [K, PH, PW, 4] of every bin's sampling parameters (x
@@ -162,7 +154,7 @@ def _make(operation: str) -> Primitives:
                  pooled_size=None, input_shape=None, **params):
         native = _implementation.native(platform, implementation, _extension.DEFORM_KERNELS)
         call = (partial(_native_call, operation, platform, direction) if native
-                else partial(_xla_call, direction))
+                else partial(_xla_path.deformable, direction))
 
         def local_call(operand, rois, offset, *, result_shape, **rows):
             return call(operand, rois, offset, result_shape, **params, **rows)

@@ -404,13 +404,16 @@ def box_derivative(box_parameter, direction, operand, rois, result_shape, *, spa
 
 def deformable(direction, operand, rois, offset, result_shape, *, spatial_scale,
                sampling_ratio, gamma, data_format, channel_order, image_groups,
-               parameters=None):
+               box_parameter=0):
     """One call of a deformable operator's forward or backward (_deformable.py;
     channel_order "shared" for deform_roi_align): RoI Align's averages over
-    bins each starting where its offset moves it, with taps of their own
-    (the bins' sampling parameters of reference_deformable.sampling_parameters,
-    or `parameters`, the same four, to sample with the grids and validity of
-    the boxes' own: the derivative directions differentiate them)."""
+    bins each starting where its offset moves it, with taps of their own.
+
+    With `box_parameter` j (1 to 4: x start, bin width, y start, bin
+    height), the deformable rows' box call instead: the derivative of that
+    forward (or backward) with respect to sampling parameter j of every bin
+    at once, the grids and validity held: forward mode through the taps,
+    linear in the operand like the kernels' derivative directions."""
     features_shape, pooled_shape = _arguments.features_and_pooled(direction, operand.shape,
                                                                   result_shape)
     if _empty(features_shape, pooled_shape):
@@ -419,14 +422,16 @@ def deformable(direction, operand, rois, offset, result_shape, *, spatial_scale,
     pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
     n, _, height, width = (features_shape[a] for a in _arguments.LAYOUT_AXES[data_format])
     rois = rois.astype(compute)
-    own = reference_deformable.sampling_parameters(rois, offset.astype(compute), pooled_size,
-                                                   spatial_scale, gamma)
-    _, own_bin_w, _, own_bin_h, finite, moved = own
-    start_x, bin_w, start_y, bin_h = (parameters or own)[:4]
+    # The bins' sampling parameters (reference_deformable.sampling_parameters:
+    # the kernels' geometry), the grids and validity they give.
+    *parameters, finite, moved = reference_deformable.sampling_parameters(
+        rois, offset.astype(compute), pooled_size, spatial_scale, gamma)
     image, batch_ok = _image_groups.images(rois, image_groups, n)
-    grid_h = grid_size(own_bin_h, sampling_ratio)
-    grid_w = grid_size(own_bin_w, sampling_ratio)
+    grid_h = grid_size(parameters[3], sampling_ratio)
+    grid_w = grid_size(parameters[1], sampling_ratio)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
+    pooled_h, pooled_w = pooled_size
+    count = (grid_h.astype(compute) * grid_w.astype(compute))[:, None, None]
 
     def taps(start, bin_size, grid, index, size):
         # Bins whose moved start is not finite read nothing (divisor 0):
@@ -439,34 +444,19 @@ def deformable(direction, operand, rois, offset, result_shape, *, spatial_scale,
         return _table_taps(_pixel_weights(bin_start, bin_size[:, None], grid, sampling_ratio,
                                           size, valid), valid)
 
-    pooled_h, pooled_w = pooled_size
-    count = (grid_h.astype(compute) * grid_w.astype(compute))[:, None, None]
-    bins = _Bins(taps(start_y, bin_h, grid_h, jnp.arange(pooled_h)[None, :, None], height),
-                 taps(start_x, bin_w, grid_w, jnp.arange(pooled_w)[None, None, :], width),
-                 jnp.where(moved, count, 0)[..., None], valid, per_bin=True)
-    call = _call_of_bins(features_shape, image, bins, pooled_size, data_format, channel_order)
-    return _pool_call(direction, operand, call, features_shape, pooled_shape, data_format)
+    def pooled_at(start_x, bin_w, start_y, bin_h):
+        bins = _Bins(taps(start_y, bin_h, grid_h, jnp.arange(pooled_h)[None, :, None], height),
+                     taps(start_x, bin_w, grid_w, jnp.arange(pooled_w)[None, None, :], width),
+                     jnp.where(moved, count, 0)[..., None], valid, per_bin=True)
+        call = _call_of_bins(features_shape, image, bins, pooled_size, data_format,
+                             channel_order)
+        return _pool_call(direction, operand, call, features_shape, pooled_shape, data_format)
 
-
-def deformable_box_derivative(box_parameter, direction, operand, rois, offset, result_shape,
-                              **settings):
-    """The deformable rows' box call on the XLA path (_deformable.py): the
-    derivative of :func:`deformable`'s forward (or backward) with respect to
-    sampling parameter `box_parameter` (1 to 4: x start, bin width, y start,
-    bin height) of every bin at once, the grids and validity held: forward
-    mode through the taps, linear in the operand like the kernels'
-    derivative directions."""
-    _, pooled_shape = _arguments.features_and_pooled(direction, operand.shape, result_shape)
-    compute = _arguments.compute_dtype(operand.dtype)
-    own = reference_deformable.sampling_parameters(
-        rois.astype(compute), offset.astype(compute),
-        _arguments.pooled_size_of(pooled_shape, settings["data_format"]),
-        settings["spatial_scale"], settings["gamma"])[:4]
-    directions = [jnp.zeros_like(p) for p in own]
-    directions[box_parameter - 1] = jnp.ones_like(own[box_parameter - 1])
-    return jax.jvp(lambda parameters: deformable(direction, operand, rois, offset, result_shape,
-                                                 parameters=parameters, **settings),
-                   (tuple(own),), (tuple(directions),))[1]
+    if not box_parameter:
+        return pooled_at(*parameters)
+    directions = [jnp.zeros_like(p) for p in parameters]
+    directions[box_parameter - 1] = jnp.ones_like(parameters[box_parameter - 1])
+    return jax.jvp(pooled_at, tuple(parameters), tuple(directions))[1]
 
 
 # --- RoI Pool ------------------------------------------------------------------
