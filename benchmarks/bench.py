@@ -91,6 +91,9 @@ VARIANTS = (Variant("NHWC", "torchvision"), Variant("NHWC", "bin_major"),
             Variant(dtype="bfloat16"), Variant("NHWC", "bin_major", "bfloat16"))
 VARIANT_WORKLOADS = {"lighthead_test", "lighthead_train", "rfcn_cls",
                      "lighthead_test_small", "rfcn_cls_gpu", "lighthead_train_gpu"}
+# The smoke run's one variant: every axis off the default, so that it runs
+# each code path of the variants.
+QUICK_VARIANTS = (Variant("NHWC", "bin_major", "bfloat16"),)
 SWEEP_K = (100, 300, 1000, 3000)   # time vs K, Light-Head test map
 QUICK_SWEEP_K = (30, 100)
 
@@ -325,7 +328,7 @@ def machine_description(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small workloads and few repeats (CI smoke test)")
+                        help="small workloads, one variant and few repeats (CI smoke test)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("benchmarks/results"))
@@ -356,7 +359,7 @@ def main(argv=None):
             rows.append(run_workload(workload, ratio, tv, args.device, repeats,
                                      args.no_reference))
         if workload.name in VARIANT_WORKLOADS:
-            for variant in VARIANTS:
+            for variant in QUICK_VARIANTS if args.quick else VARIANTS:
                 print(f"{workload.name} sampling_ratio=2 {variant} ...", flush=True)
                 rows.append(run_workload(workload, 2, tv, args.device, repeats,
                                          args.no_reference, variant=variant))
