@@ -83,20 +83,23 @@ def test_box_gradient_equals_the_references(name, data_format, channel_order):
     out = op(features, boxes)
     cotangent = rng.normal(size=out.shape)
     loss = lambda fn: lambda f, b: jnp.sum(fn(f, b) * cotangent)
+    # Each derivative compiled as one program (the operators' eager calls
+    # are tested in test_operators.py).
     native = jax.jit(jax.grad(loss(op), argnums=(0, 1)))(features, boxes)
-    expected = jax.grad(loss(reference), argnums=(0, 1))(features, boxes)
+    expected = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(features, boxes)
     np.testing.assert_allclose(native[0], expected[0], rtol=1e-10, atol=1e-10)
     for got, want in zip(native[1], expected[1], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
         assert np.abs(want).max() > 0.01
     # Forward mode, through jvp and jacfwd.
     tangent = [rng.normal(size=b.shape) for b in boxes]
-    _, native_dot = jax.jvp(lambda b: op(features, b), (boxes,), (tangent,))
-    _, expected_dot = jax.jvp(lambda b: reference(features, b), (boxes,), (tangent,))
-    np.testing.assert_allclose(native_dot, expected_dot, rtol=1e-9, atol=1e-9)
-    jacobian = jax.jit(jax.jacfwd(lambda b: op(features, [b, boxes[1]])))(boxes[0])
-    np.testing.assert_allclose(jacobian, jax.jacrev(lambda b: op(features, [b, boxes[1]]))(
-        boxes[0]), rtol=1e-10, atol=1e-10)
+    box_jvp = lambda fn: jax.jit(lambda b, t: jax.jvp(lambda b: fn(features, b), (b,), (t,))[1])
+    np.testing.assert_allclose(box_jvp(op)(boxes, tangent), box_jvp(reference)(boxes, tangent),
+                               rtol=1e-9, atol=1e-9)
+    of_first_boxes = lambda b: op(features, [b, boxes[1]])
+    np.testing.assert_allclose(jax.jit(jax.jacfwd(of_first_boxes))(boxes[0]),
+                               jax.jit(jax.jacrev(of_first_boxes))(boxes[0]),
+                               rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("sampling_ratio", [-1, 2, 70])
@@ -107,11 +110,15 @@ def test_xla_path_box_derivatives_equal_the_native_ones(sampling_ratio, monkeypa
     features = _layout(features, "NHWC", "torchvision")
     loss = lambda f, b: jnp.sum(jnp.sin(op(f, b)))
     mixed = lambda f, b: jnp.sum(jax.grad(loss, argnums=1)(f, b)[0] ** 2)
-    native = jax.grad(loss, argnums=1)(features, boxes), jax.grad(mixed)(features, boxes)
+    # Compiled as one program each; a new function for each implementation,
+    # which is chosen when it is traced.
+    derivatives = lambda: jax.jit(
+        lambda f, b: (jax.grad(loss, argnums=1)(f, b), jax.grad(mixed)(f, b)))
+    native = derivatives()(features, boxes)
     monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
-    text = jax.jit(jax.grad(loss, argnums=1)).lower(features, boxes).as_text()
-    assert "custom_call" not in text
-    xla = jax.grad(loss, argnums=1)(features, boxes), jax.grad(mixed)(features, boxes)
+    on_the_xla_path = derivatives()
+    assert "custom_call" not in on_the_xla_path.lower(features, boxes).as_text()
+    xla = on_the_xla_path(features, boxes)
     for got, want in zip(jax.tree.leaves(xla), jax.tree.leaves(native), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
@@ -137,13 +144,17 @@ def test_mixed_second_derivatives_are_exact(sampling_ratio):
     loss = lambda fn: lambda f, b: jnp.sum(jnp.sin(fn(f, b)))
     box_grad = lambda fn: lambda f: jax.grad(loss(fn), argnums=1)(f, boxes)[0]
     direction = np.random.default_rng(5).normal(size=features.shape)
-    native = jax.jvp(box_grad(op), (features,), (direction,))[1]
-    expected = jax.jvp(box_grad(reference), (features,), (direction,))[1]
-    np.testing.assert_allclose(native, expected, rtol=1e-9, atol=1e-9)
+    # Each derivative compiled as one program.
+    forward_over_reverse = lambda fn: jax.jit(
+        lambda f, d: jax.jvp(box_grad(fn), (f,), (d,))[1])
+    np.testing.assert_allclose(forward_over_reverse(op)(features, direction),
+                               forward_over_reverse(reference)(features, direction),
+                               rtol=1e-9, atol=1e-9)
     weights = np.random.default_rng(6).normal(size=boxes[0].shape)
     projected = lambda fn: lambda f: jnp.sum(box_grad(fn)(f) * weights)
-    np.testing.assert_allclose(jax.grad(projected(op))(features),
-                               jax.grad(projected(reference))(features), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(jax.jit(jax.grad(projected(op)))(features),
+                               jax.jit(jax.grad(projected(reference)))(features),
+                               rtol=1e-9, atol=1e-9)
     # The hessian in the features is exact as before (the operator is linear).
     check_grads(lambda f: loss(op)(f, boxes), (features,), order=2, modes=("fwd", "rev"))
 
