@@ -122,31 +122,36 @@ def test_transformations_run_on_the_native_kernels():
     boxes = rng.uniform(0, 40, size=(3, 6, 4)).astype(np.float32)
     boxes[..., 2:] += rng.uniform(1, 40, size=(3, 6, 2))
     op = lambda xs, b: jax_psroi.multi_scale_roi_align(xs, b, 2, 2, IMAGE, **SCALE24)
+    # Every transformation under jit: one program each (eagerly, each
+    # jax.numpy operation of the levels and of the losses compiles on its own).
+    pool = jax.jit(op)
 
-    mapped = jax.vmap(lambda xs, b: op([x[None] for x in xs], [b]))(levels, boxes)
-    whole = op(levels, list(boxes))
+    per_image = jax.jit(jax.vmap(lambda xs, b: op([x[None] for x in xs], [b])))
+    mapped = per_image(levels, boxes)
+    whole = pool(levels, list(boxes))
     np.testing.assert_allclose(mapped.reshape(whole.shape), whole, rtol=1e-6, atol=1e-6)
-    text = jax.jit(jax.vmap(lambda xs, b: op([x[None] for x in xs], [b]))).lower(
-        levels, boxes).as_text()
+    text = per_image.lower(levels, boxes).as_text()
     assert text.count("jax_psroi_roi_align_forward_nchw_f32") == 4
 
     rois = jax_psroi.rois_from_boxes(list(boxes), jnp.float32)
     tangents = [rng.normal(size=x.shape).astype(np.float32) for x in levels]
-    _, jvp_out = jax.jvp(lambda xs: op(xs, rois), (levels,), (tangents,))
-    np.testing.assert_allclose(jvp_out, op(tangents, rois), rtol=1e-6, atol=1e-6)
+    _, jvp_out = jax.jit(lambda xs, t: jax.jvp(lambda xs: op(xs, rois), (xs,), (t,)))(
+        levels, tangents)
+    np.testing.assert_allclose(jvp_out, pool(tangents, rois), rtol=1e-6, atol=1e-6)
     loss = lambda xs: 0.5 * jnp.sum(op(xs, rois) ** 2)
-    _, hvp = jax.jvp(jax.grad(loss), (levels,), (tangents,))
-    _, vjp = jax.vjp(lambda xs: op(xs, rois), levels)
-    for a, b in zip(hvp, vjp(jvp_out)[0], strict=True):
+    _, hvp = jax.jit(lambda xs, t: jax.jvp(jax.grad(loss), (xs,), (t,)))(levels, tangents)
+    vjp = jax.jit(lambda xs, c: jax.vjp(lambda xs: op(xs, rois), xs)[1](c)[0])
+    for a, b in zip(hvp, vjp(levels, jvp_out), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # With the maps constant, a box tangent moves the output (box
     # derivatives: tests/test_box_derivatives.py checks their values) and
     # a detached one does not.
-    out, box_tangent = jax.jvp(lambda r: op(levels, r), (rois,), (jnp.ones_like(rois),))
-    np.testing.assert_array_equal(out, op(levels, rois))
+    out, box_tangent = jax.jit(lambda r, t: jax.jvp(lambda r: op(levels, r), (r,), (t,)))(
+        rois, jnp.ones_like(rois))
+    np.testing.assert_array_equal(out, pool(levels, rois))
     assert np.abs(np.asarray(box_tangent)).max() > 0
-    _, detached = jax.jvp(lambda r: op(levels, jax.lax.stop_gradient(r)), (rois,),
-                          (jnp.ones_like(rois),))
+    _, detached = jax.jit(lambda r, t: jax.jvp(lambda r: op(levels, jax.lax.stop_gradient(r)),
+                                               (r,), (t,)))(rois, jnp.ones_like(rois))
     np.testing.assert_array_equal(detached, 0)
 
 

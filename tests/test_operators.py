@@ -4,6 +4,8 @@ with and without jit, under vmap, and named for itself in a jaxpr. A new
 operator's spec puts it in this matrix; its own test file adds its golden
 cases and what only it does."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,23 @@ def _calls(operator, data_format):
     return call(public), call(operator.reference)
 
 
+@functools.cache
+def _reference_results(name, data_format, dtype):
+    """The reference's forward of _data, random loss weights of its shape and
+    the gradient of the loss sum(forward * weights), read-only: one program,
+    shared by a case's jit and eager variants (an eager gradient of the
+    reference compiles it piece by piece)."""
+    operator = _operators.OPERATORS[name]
+    features, rois = _data(operator, dtype, data_format)
+    _, reference = _calls(operator, data_format)
+    shape = jax.eval_shape(reference, features, rois).shape
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=shape), dtype)
+    loss = lambda f, r, w: jnp.sum(reference(f, r) * w)
+    expected, grad = jax.jit(lambda f, r, w: (reference(f, r), jax.grad(loss)(f, r, w)))(
+        features, rois, weights)
+    return np.asarray(expected), weights, np.asarray(grad)
+
+
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("operator", OPERATORS, ids=lambda operator: operator.name)
 class TestEveryOperator:
@@ -57,17 +76,15 @@ class TestEveryOperator:
     def test_forward_and_gradient_equal_the_reference(self, operator, data_format, dtype,
                                                       variant):
         features, rois = _data(operator, dtype, data_format)
-        native, reference = _calls(operator, data_format)
+        native, _ = _calls(operator, data_format)
+        expected, weights, expected_grad = _reference_results(operator.name, data_format, dtype)
         out = variant(native)(features, rois)
-        expected = reference(features, rois)
         chex.assert_trees_all_equal_shapes_and_dtypes(out, expected)
-        assert np.abs(np.asarray(expected)).max() > 0
+        assert np.abs(expected).max() > 0
         np.testing.assert_allclose(out, expected, **TOLERANCE[np.dtype(dtype)])
-        weights = jnp.asarray(np.random.default_rng(1).normal(size=expected.shape), dtype)
-        loss = lambda op: (lambda f: jnp.sum(op(f, rois) * weights))
-        grad = variant(jax.grad(loss(native)))(features)
-        np.testing.assert_allclose(grad, jax.grad(loss(reference))(features),
-                                   **TOLERANCE[np.dtype(dtype)])
+        loss = lambda f: jnp.sum(native(f, rois) * weights)
+        grad = variant(jax.grad(loss))(features)
+        np.testing.assert_allclose(grad, expected_grad, **TOLERANCE[np.dtype(dtype)])
 
     def test_vmap_over_images_equals_a_loop(self, operator, data_format):
         features, rois = _data(operator, np.float32, data_format)

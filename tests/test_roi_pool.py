@@ -3,6 +3,8 @@ torchvision's golden cases and the jax.numpy reference, through every JAX
 transformation; and the CUDA kernels' schedule (the per-element forward and
 the deterministic tile scatter of the backward), run on the CPU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,18 @@ def test_forward_and_gradient_match_torchvision(key, data_format):
                                **TOLERANCE[features.dtype])
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4), static_argnames=("data_format",))
+def _reference_pool_and_vjp(features, rois, cotangent, output_size, scale, data_format):
+    """The reference's pooled tensor, its pixels and its gradient for
+    `cotangent`, as one program (eagerly, pool_roi_pool compiles each of
+    its operations, and a vjp its forward and its backward, on their own)."""
+    pooled, pixels = reference_pools.pool_roi_pool(features, rois, output_size, scale,
+                                                   data_format=data_format)
+    _, vjp = jax.vjp(lambda f: jax_psroi.roi_pool_reference(
+        f, rois, output_size, scale, data_format=data_format), features)
+    return pooled, pixels, vjp(cotangent)[0]
+
+
 @pytest.mark.parametrize("dtype,scale,data_format",
                          [(np.float32, 1.0, "NCHW"), (np.float64, 1 / 8, "NHWC"),
                           (np.float32, 1 / 8, "NHWC"), (np.float64, 1.0, "NCHW")])
@@ -71,17 +85,14 @@ def test_random_and_hostile_rois_match_the_reference(dtype, scale, data_format):
                            hostile_rois(2, 9, 12, dtype)])
     layout = dict(data_format=data_format)
     pooled, pixels = _recorded(features, rois, (3, 2), scale, data_format)
-    ref, ref_pixels = reference_pools.pool_roi_pool(jnp.asarray(features), jnp.asarray(rois),
-                                                    (3, 2), scale,
-                                                    data_format=data_format)
+    cotangent = rng.normal(size=pooled.shape).astype(dtype)
+    ref, ref_pixels, ref_grad = _reference_pool_and_vjp(features, rois, cotangent, (3, 2),
+                                                         scale, data_format=data_format)
     np.testing.assert_array_equal(pooled, ref)
     np.testing.assert_array_equal(pixels, ref_pixels)
     assert (np.asarray(pixels) >= 0).sum() > 100 and (np.asarray(pixels) == -1).any()
-    cotangent = rng.normal(size=pooled.shape).astype(dtype)
     _, vjp = jax.vjp(lambda f: native(f, rois, (3, 2), scale, **layout), features)
-    _, ref_vjp = jax.vjp(lambda f: reference(f, rois, (3, 2), scale, **layout), features)
-    np.testing.assert_allclose(vjp(cotangent)[0], ref_vjp(cotangent)[0],
-                               **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(vjp(cotangent)[0], ref_grad, **TOLERANCE[np.dtype(dtype)])
 
 
 def test_ties_nan_and_windows_without_a_maximum():
@@ -133,31 +144,35 @@ def test_transformations_run_on_the_native_kernels():
                                   op(features, list(boxes)))
     text = per_image.lower(features, boxes).as_text()
     assert text.count("jax_psroi_roi_pool_forward_nchw_f32") == 1
-    # vmap over RoI sets on shared features (features not copied), and of the gradient
+    # vmap over RoI sets on shared features (features not copied), and of the gradient;
+    # each transformation under jit, one program (eagerly, each jax.numpy
+    # operation of the losses compiles on its own)
+    pool = jax.jit(op)
     rois = np.stack([jax_psroi.rois_from_boxes(list(boxes), jnp.float32)] * 2)
     rois[1, :, 1:] += 0.7
-    mapped = jax.vmap(lambda r: op(features, r))(rois)
-    np.testing.assert_array_equal(mapped[1], op(features, rois[1]))
+    mapped = jax.jit(jax.vmap(lambda r: op(features, r)))(rois)
+    np.testing.assert_array_equal(mapped[1], pool(features, rois[1]))
     loss = lambda f, r: jnp.sum(jnp.sin(op(f, r)))
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(features, rois)
-    np.testing.assert_allclose(grads[1], jax.grad(loss)(features, rois[1]), rtol=1e-6)
+    grads = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(features, rois)
+    np.testing.assert_allclose(grads[1], jax.jit(jax.grad(loss))(features, rois[1]), rtol=1e-6)
 
     # forward mode is the tangent at the recorded pixels, as the reference's
     r = rois[0]
     tangent = rng.normal(size=features.shape).astype(np.float32)
-    out, jvp_out = jax.jvp(lambda f: op(f, r), (features,), (tangent,))
-    ref_out, ref_jvp = jax.jvp(lambda f: ref(f, r), (features,), (tangent,))
+    out, jvp_out = jax.jit(lambda f, t: jax.jvp(lambda f: op(f, r), (f,), (t,)))(
+        features, tangent)
+    ref_out, ref_jvp = jax.jit(lambda f, t: jax.jvp(lambda f: ref(f, r), (f,), (t,)))(
+        features, tangent)
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(jvp_out, ref_jvp)
     # the Hessian of 0.5 |pool(x)|^2 applied to a tangent is J^T J t
     quadratic = lambda f: 0.5 * jnp.sum(op(f, r) ** 2)
-    _, hvp = jax.jvp(jax.grad(quadratic), (features,), (tangent,))
-    _, vjp = jax.vjp(lambda f: op(f, r), features)
-    np.testing.assert_allclose(hvp, vjp(jvp_out)[0], rtol=1e-6, atol=1e-6)
-    reverse = jax.jit(jax.grad(quadratic)).lower(features).as_text()
-    second = jax.jit(lambda f, t: jax.jvp(jax.grad(quadratic), (f,), (t,))[1]).lower(
-        features, tangent).as_text()
-    for text in (reverse, second):
+    reverse = jax.jit(jax.grad(quadratic))
+    second = jax.jit(lambda f, t: jax.jvp(jax.grad(quadratic), (f,), (t,))[1])
+    vjp = jax.jit(lambda f, c: jax.vjp(lambda f: op(f, r), f)[1](c)[0])
+    np.testing.assert_allclose(second(features, tangent), vjp(features, jvp_out),
+                               rtol=1e-6, atol=1e-6)
+    for text in (reverse.lower(features).as_text(), second.lower(features, tangent).as_text()):
         assert "jax_psroi_roi_pool_forward_nchw_f32" in text
         assert "jax_psroi_roi_pool_backward_nchw_f32" in text
         assert "stablehlo.scatter" not in text and "stablehlo.gather" not in text
@@ -246,19 +261,23 @@ def test_the_xla_path_records_the_native_pixels():
     features = rng.normal(size=(1, 2, 8, 9)).astype(np.float64)
     rois = random_rois(rng, 10, 1, 8, 9, 1.0, np.float64)
     params = dict(spatial_scale=1.0, data_format="NCHW", image_groups=(10, 1))
-    pooled, pixels = _xla_path.roi_pool(jnp.asarray(features), jnp.asarray(rois),
-                                        result_shape=(10, 2, 2, 2), **params)
+    # Each call one program (eagerly, each of its operations compiles on
+    # its own).
+    static = ("result_shape", *params)
+    xla_pool = jax.jit(_xla_path.roi_pool, static_argnames=static)
+    xla_scatter = jax.jit(_xla_path.roi_pool_scatter, static_argnames=static)
+    pooled, pixels = xla_pool(jnp.asarray(features), jnp.asarray(rois),
+                              result_shape=(10, 2, 2, 2), **params)
     native_pooled, native_pixels = _recorded(features, rois, (2, 2), 1.0)
     np.testing.assert_array_equal(pooled, native_pooled)
     np.testing.assert_array_equal(pixels, native_pixels)
     tangent = rng.normal(size=features.shape)
     np.testing.assert_array_equal(
-        _xla_path.roi_pool(jnp.asarray(tangent), rois, pixels, result_shape=pooled.shape,
-                           **params),
+        xla_pool(jnp.asarray(tangent), rois, pixels, result_shape=pooled.shape, **params),
         jax.jvp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), (features,), (tangent,))[1])
     cotangent = rng.normal(size=pooled.shape)
-    scattered = _xla_path.roi_pool_scatter(jnp.asarray(cotangent), rois, pixels,
-                                           result_shape=features.shape, **params)
+    scattered = xla_scatter(jnp.asarray(cotangent), rois, pixels, result_shape=features.shape,
+                            **params)
     _, vjp = jax.vjp(lambda f: jax_psroi.roi_pool(f, rois, 2, 1.0), features)
     np.testing.assert_allclose(scattered, vjp(cotangent)[0], **TOLERANCE[np.dtype(np.float64)])
 
