@@ -12,8 +12,9 @@
 # newer the abi3 one); each is found as pythonX.Y or through pyenv. --out is
 # where the wheels go (default dist/), --work holds the virtual environments,
 # the toolchain and the CMake build directory, which every Python shares:
-# the CUDA kernels do not depend on the Python, so they are compiled once
-# and a rerun recompiles only what changed (default build/wheels).
+# the CUDA kernels and the CPU modules' handlers do not depend on the
+# Python, so they are compiled once and a rerun recompiles only what changed
+# (default build/wheels).
 #
 # Environment: JAX_PSROI_CUDA=OFF builds CPU-only wheels; CUDACXX uses that
 # nvcc instead of the pip toolchain; CUDAARCHS overrides the GPU
@@ -78,7 +79,7 @@ export JAX_PSROI_CUDA="$cuda"
 # scikit-build-core and nanobind (pure Python) installed once, for every
 # Python: scikit-build-core clears a build directory (CMakeFiles, objects
 # included) that another copy of itself configured, so one copy lets every
-# Python reuse the CUDA objects.
+# Python reuse the CUDA and CPU handlers' objects.
 if [ ! -d "$work/build-requirements/scikit_build_core" ]; then
   mapfile -t build_requirements < <(requirements build)
   python3 -m pip install --quiet --upgrade --target "$work/build-requirements" \
