@@ -9,6 +9,7 @@ for bit. Every native check runs on the CPU kernels and, through the test
 rig, on the CUDA kernels' code.
 """
 
+import functools
 
 import chex
 import jax
@@ -57,21 +58,31 @@ def _op(operation, sampling_ratio=-1, data_format="NCHW", channel_order="torchvi
             lambda f, b, o: reference(f, b, o, SIZE, SCALE, sampling_ratio, GAMMA, **kw))
 
 
+@functools.cache
+def _loops_case(operation, sampling_ratio, dtype):
+    """test_matches_loops's case, the loops' pooled tensor and the
+    reference's, shared by its kernels (switching to the rig clears JAX's
+    caches, and the reference would compile again, operation by
+    operation)."""
+    features, boxes, offset = _case(np.random.default_rng(0), operation, dtype)
+    _, reference = _op(operation, sampling_ratio)
+    expected = deform_roi_align_loops(features, boxes, offset, SIZE, SCALE, sampling_ratio,
+                                      GAMMA, operation == "deform_ps_roi_align")
+    return features, boxes, offset, expected, np.asarray(reference(features, boxes, offset))
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_matches_loops(kernels, operation, sampling_ratio, dtype):
-    features, boxes, offset = _case(np.random.default_rng(0), operation, dtype)
-    op, reference = _op(operation, sampling_ratio)
-    expected = deform_roi_align_loops(features, boxes, offset, SIZE, SCALE, sampling_ratio,
-                                      GAMMA, operation == "deform_ps_roi_align")
+    features, boxes, offset, expected, pooled = _loops_case(operation, sampling_ratio, dtype)
+    op, _ = _op(operation, sampling_ratio)
     tolerance = 1e-12 if dtype == np.float64 else 2e-5
     with deformable_kernels(kernels):
         np.testing.assert_allclose(op(features, boxes, offset), expected, rtol=tolerance,
                                    atol=tolerance)
-    np.testing.assert_allclose(reference(features, boxes, offset), expected, rtol=tolerance,
-                               atol=tolerance)
+    np.testing.assert_allclose(pooled, expected, rtol=tolerance, atol=tolerance)
     assert np.abs(expected).max() > 0.1  # the offsets move real samples
 
 
@@ -138,21 +149,32 @@ def _loss(op, cotangent):
     return lambda f, b, o: jnp.sum(op(f, b, o) * cotangent)
 
 
+@functools.cache
+def _gradient_case(operation, data_format):
+    """test_gradients_match_the_reference's case, cotangent and the
+    reference's gradients, shared by its kernels: compiled, one program
+    (eagerly, each operation of the reference and of its gradient compiles
+    on its own)."""
+    rng = np.random.default_rng(3)
+    features, boxes, offset = _case(rng, operation)
+    _, reference = _op(operation, -1, data_format)
+    features = features_as(features, data_format, "torchvision",
+                           SIZE if operation == "deform_ps_roi_align" else (1, 1))
+    cotangent = rng.normal(size=jax.eval_shape(reference, features, boxes, offset).shape)
+    expected = jax.jit(jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2)))(
+        features, boxes, offset)
+    return features, boxes, offset, cotangent, expected
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("data_format", LAYOUTS)
 def test_gradients_match_the_reference(kernels, operation, data_format):
-    rng = np.random.default_rng(3)
-    features, boxes, offset = _case(rng, operation)
-    op, reference = _op(operation, -1, data_format)
-    features = features_as(features, data_format, "torchvision",
-                           SIZE if operation == "deform_ps_roi_align" else (1, 1))
-    cotangent = rng.normal(size=reference(features, boxes, offset).shape)
+    features, boxes, offset, cotangent, expected = _gradient_case(operation, data_format)
+    op, _ = _op(operation, -1, data_format)
     with deformable_kernels(kernels):
         grads = jax.jit(jax.grad(_loss(op, cotangent), argnums=(0, 1, 2)))(
             features, boxes, offset)
-    expected = jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2))(features, boxes,
-                                                                         offset)
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
     assert np.abs(grads[1][:, 1:]).max() > 1e-3 and np.abs(grads[2]).max() > 1e-3
@@ -170,7 +192,10 @@ def test_check_grads_in_boxes_and_offsets(kernels, operation, sampling_ratio):
     op, _ = _op(operation, sampling_ratio)
     with deformable_kernels(kernels):
         # The corners only: the batch index is piecewise constant (truncated).
-        check_grads(lambda c, o: op(features, jnp.concatenate([boxes[:, :1], c], axis=1), o),
+        # Compiled: eagerly, every evaluation dispatches each operation of
+        # the box derivatives on its own.
+        check_grads(jax.jit(lambda c, o: op(features, jnp.concatenate([boxes[:, :1], c], axis=1),
+                                            o)),
                     (boxes[:, 1:], offset), order=1, modes=("fwd", "rev"), eps=1e-6)
         check_grads(lambda f: op(f, boxes, offset), (features,), order=2,
                     modes=("fwd", "rev"))
@@ -183,9 +208,9 @@ def test_mixed_second_derivatives_and_higher_orders(operation):
     features, boxes, offset = _case(np.random.default_rng(5), operation, k=3)
     op, reference = _op(operation)
 
-    def mixed(fn):
-        return jax.jacfwd(jax.grad(lambda f, b: jnp.sum(fn(f, b, offset) ** 2) / 2),
-                          argnums=1)(features, boxes)
+    def mixed(fn):  # compiled: one program, not each operation on its own
+        return jax.jit(jax.jacfwd(jax.grad(lambda f, b: jnp.sum(fn(f, b, offset) ** 2) / 2),
+                                  argnums=1))(features, boxes)
 
     np.testing.assert_allclose(mixed(op), mixed(reference), rtol=1e-8, atol=1e-8)
     with pytest.raises(NotImplementedError, match="second derivatives"):
@@ -212,11 +237,13 @@ def test_vmap_is_one_launch_and_matches_a_loop(operation):
     out = jax.vmap(op)(features, boxes, offset)
     for b in range(3):
         np.testing.assert_allclose(out[b], op(features[b], boxes[b], offset[b]), rtol=1e-12)
-    grads = jax.vmap(jax.grad(lambda f, b, o: jnp.sum(op(f, b, o) ** 2), argnums=(0, 1, 2)))(
-        features, boxes, offset)
+    # The gradients compiled: eagerly, each operation of the box derivatives
+    # compiles on its own.
+    grad = jax.grad(lambda f, b, o: jnp.sum(op(f, b, o) ** 2), argnums=(0, 1, 2))
+    grads = jax.jit(jax.vmap(grad))(features, boxes, offset)
+    single = jax.jit(grad)
     for b in range(3):
-        want = jax.grad(lambda f, b_, o: jnp.sum(op(f, b_, o) ** 2), argnums=(0, 1, 2))(
-            features[b], boxes[b], offset[b])
+        want = single(features[b], boxes[b], offset[b])
         for got, expected in zip(grads, want, strict=True):
             np.testing.assert_allclose(got[b], expected, rtol=1e-10, atol=1e-12)
     # Boxes and offsets mapped over one set of images.
@@ -227,11 +254,18 @@ def test_vmap_is_one_launch_and_matches_a_loop(operation):
     assert jaxpr.count(f"{operation}[") == 1
 
 
-@pytest.mark.parametrize("kernels", [*KERNELS, "xla"])
-@pytest.mark.parametrize("operation", OPERATIONS)
-def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kernels,
-                                                                           operation,
-                                                                           monkeypatch):
+def _pooled_and_gradient(op):
+    """(features, boxes, offset) -> (pooled, the gradients of its sum),
+    compiled as one program (eagerly, each operation of the gradient, and
+    the XLA path's forward, compile on their own)."""
+    loss = lambda f, b, o: jnp.sum(op(f, b, o))
+    return jax.jit(lambda f, b, o: (op(f, b, o), jax.grad(loss, argnums=(0, 1, 2))(f, b, o)))
+
+
+@functools.cache
+def _hostile_case(operation):
+    """The hostile case of `operation`, and the reference's pooled tensor
+    and gradients on it, shared by the kernels."""
     features, _, _ = _case(np.random.default_rng(8), operation, n=2, h=8, w=8)
     boxes = hostile_rois(2, 8, 8, np.float64)
     k = len(boxes)
@@ -239,25 +273,33 @@ def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kern
     offset[0, 0, 0, 0] = np.nan       # one bin of a sane box
     offset[0, 1, 1, 1] = 1e300        # moved far off the map
     offset[10, :, :, :] = -np.inf
-    op, reference = _op(operation)
+    _, reference = _op(operation)
+    return features, boxes, offset, *_pooled_and_gradient(reference)(features, boxes, offset)
+
+
+@pytest.mark.parametrize("kernels", [*KERNELS, "xla"])
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kernels,
+                                                                           operation,
+                                                                           monkeypatch):
+    features, boxes, offset, expected, reference_grads = _hostile_case(operation)
+    op, _ = _op(operation)
     if kernels == "xla":
         monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
     with deformable_kernels("cpu" if kernels == "xla" else kernels):
-        out = op(features, boxes, offset)
-        grads = jax.jit(jax.grad(lambda f, b, o: jnp.sum(op(f, b, o)), argnums=(0, 1, 2)))(
-            features, boxes, offset)
+        program = _pooled_and_gradient(op)
+        text = program.lower(features, boxes, offset).as_text()
+        assert ("custom_call" in text) == (kernels != "xla")
+        out, grads = program(features, boxes, offset)
     assert np.isfinite(out).all()
     assert out[0, :, 0, 0].tolist() == [0] * out.shape[1]  # the NaN offset's bin
     assert np.abs(out[0]).max() > 0  # the box's other bins
     for g in grads:
         assert np.isfinite(g).all()
-    reference_grads = jax.grad(lambda f, b, o: jnp.sum(reference(f, b, o)), argnums=(0, 1, 2))(
-        features, boxes, offset)
     for g in reference_grads:
         assert np.isfinite(g).all()
     sane = np.isfinite(boxes).all(axis=1) & (np.abs(boxes[:, 1:]).max(axis=1) < 1e5)
-    np.testing.assert_allclose(out[sane], reference(features, boxes, offset)[sane], rtol=1e-12,
-                               atol=1e-12)
+    np.testing.assert_allclose(out[sane], expected[sane], rtol=1e-12, atol=1e-12)
 
 
 def test_arguments_are_checked():
@@ -285,14 +327,17 @@ def test_xla_path_matches_the_native_kernels(monkeypatch, sampling_ratio, data_f
         order = channel_order if operation == "deform_ps_roi_align" else "torchvision"
         features = features_as(features, data_format, order, SIZE)
         op, _ = _op(operation, sampling_ratio, data_format, channel_order)
-        cotangent = np.random.default_rng(11).normal(size=op(features, boxes, offset).shape)
+        shape = jax.eval_shape(op, features, boxes, offset).shape
+        cotangent = np.random.default_rng(11).normal(size=shape)
         loss = _loss(op, cotangent)
-        xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        text = xla.lower(features, boxes, offset).as_text()
-        assert "jax_psroi_" not in text
-        got = xla(features, boxes, offset)
+        # The program checked is the one run (lowered once).
+        xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(features, boxes, offset)
+        assert "jax_psroi_" not in xla.as_text()
+        got = xla.compile()(features, boxes, offset)
         monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "native")
-        want = jax.value_and_grad(loss, argnums=(0, 1, 2))(features, boxes, offset)
+        # Compiled too, from a loss of its own: traced now, on the native kernels.
+        want = jax.jit(jax.value_and_grad(_loss(op, cotangent), argnums=(0, 1, 2)))(
+            features, boxes, offset)
         monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
@@ -327,25 +372,37 @@ def test_cpu_and_cuda_backward_give_the_same_bits(sampling_ratio, data_format):
     assert np.abs(grads["cpu"][0]).max() > 0.1
     for cpu, rig in zip(grads["cpu"][1:], grads["gpu_schedule"][1:], strict=True):
         np.testing.assert_allclose(cpu, rig, rtol=1e-5, atol=1e-5)
-    want = jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2))(features, boxes, offset)
+    # Compiled: eagerly, each operation of the reference's gradient compiles on its own.
+    want = jax.jit(jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2)))(features, boxes,
+                                                                             offset)
     for got, expected in zip(grads["cpu"], want, strict=True):
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
+@functools.cache
+def _reproducible_case():
+    """test_backward_is_bitwise_reproducible_and_pooled_as_reference's case,
+    cotangent and the reference's feature gradient (compiled), shared by
+    its kernels."""
+    features, boxes, offset = _case(np.random.default_rng(12), "deform_roi_align", np.float32,
+                                    h=20, k=40)
+    _, reference = _op("deform_roi_align")
+    cotangent = np.random.default_rng(13).normal(size=(40, 2, *SIZE)).astype(np.float32)
+    want = jax.jit(jax.grad(_loss(reference, cotangent)))(features, boxes, offset)
+    return features, boxes, offset, cotangent, want
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_backward_is_bitwise_reproducible_and_pooled_as_reference(kernels):
     """The backward's units own their part of the gradient: the same bits
     on every run, however the threads split it."""
-    features, boxes, offset = _case(np.random.default_rng(12), "deform_roi_align", np.float32,
-                                    h=20, k=40)
-    op, reference = _op("deform_roi_align")
-    cotangent = np.random.default_rng(13).normal(size=(40, 2, *SIZE)).astype(np.float32)
+    features, boxes, offset, cotangent, want = _reproducible_case()
+    op, _ = _op("deform_roi_align")
     with deformable_kernels(kernels):
         grad = jax.jit(jax.grad(_loss(op, cotangent)))
         first = np.asarray(grad(features, boxes, offset))
         for _ in range(3):
             np.testing.assert_array_equal(np.asarray(grad(features, boxes, offset)), first)
-    want = jax.grad(_loss(reference, cotangent))(features, boxes, offset)
     np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-5)
 
 

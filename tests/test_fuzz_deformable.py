@@ -13,6 +13,7 @@ ASan and UBSan by scripts/sanitize.sh).
 Examples: JAX_PSROI_FUZZ_EXAMPLES, as for test_fuzz.py (default 20 here).
 """
 
+import functools
 import os
 from unittest import mock
 
@@ -28,9 +29,11 @@ import jax_psroi
 from cases import KERNELS, deformable_kernels
 
 EXAMPLES = int(os.environ.get("JAX_PSROI_FUZZ_EXAMPLES", "20"))
+# The kernels' fixture spans a test's examples on purpose (below).
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize=EXAMPLES <= 100,
-                suppress_health_check=[HealthCheck.too_slow])
+                suppress_health_check=[HealthCheck.too_slow,
+                                       HealthCheck.function_scoped_fixture])
 
 DTYPES = ["float32", "float64", "bfloat16", "float16"]
 BOX_KINDS = ["random", "off_map", "degenerate", "huge", "non_finite"]
@@ -70,7 +73,33 @@ def _offsets(rng, k, size, kinds):
     return offset
 
 
+@pytest.fixture
+def lowering(kernels):
+    """The kernels' lowering for all of a test's examples: the rig's clears
+    JAX's caches when it starts and ends, which for each example would
+    compile every program again."""
+    with deformable_kernels("cpu" if kernels == "xla" else kernels):
+        yield
+
+
+def _call(fn, size, sampling_ratio, data_format):
+    return lambda f, b, o: fn(f, b, o, size, 0.5, sampling_ratio, 0.1, data_format=data_format)
+
+
+@functools.cache
+def _gradient(kernels, operation, size, sampling_ratio, data_format):
+    """The compiled gradient of a call's sum (in float32), one for each
+    kernels, whose implementation it is traced with, and call: examples of
+    the same shapes and dtype run its program again (an eager gradient
+    dispatches each of the box derivatives' operations, seconds an
+    example)."""
+    call = _call(getattr(jax_psroi, operation), size, sampling_ratio, data_format)
+    loss = lambda f, b, o: jnp.sum(call(f, b, o).astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
 @pytest.mark.parametrize("kernels", [*KERNELS, "xla"])
+@pytest.mark.usefixtures("lowering")
 @FUZZ
 @given(seed=st.integers(0, 2**32 - 1), operation=st.sampled_from(["deform_roi_align",
                                                                   "deform_ps_roi_align"]),
@@ -94,16 +123,12 @@ def test_fuzz_deformable(kernels, seed, operation, dtype, data_format, map_size,
     boxes, offset = boxes.astype(compute), offset.astype(compute)
     op = getattr(jax_psroi, operation)
     reference = getattr(jax_psroi, f"{operation}_reference")
-    call = lambda fn: lambda f, b, o: fn(f, b, o, size, 0.5, sampling_ratio, 0.1,
-                                         data_format=data_format)
+    call = lambda fn: _call(fn, size, sampling_ratio, data_format)
     implementation = "xla" if kernels == "xla" else "native"
-    with (deformable_kernels("cpu" if kernels == "xla" else kernels),
-          mock.patch.dict(os.environ, {"JAX_PSROI_IMPLEMENTATION": implementation})):
-        out = call(op)(features, boxes, offset)
-        # Compiled: an eager gradient dispatches each of the box derivatives'
-        # operations (seconds an example); the forward above stays eager.
-        grads = jax.jit(jax.grad(lambda f, b, o: jnp.sum(call(op)(f, b, o).astype(jnp.float32)),
-                                 argnums=(0, 1, 2)))(features, boxes, offset)
+    with mock.patch.dict(os.environ, {"JAX_PSROI_IMPLEMENTATION": implementation}):
+        out = call(op)(features, boxes, offset)  # eager; the gradient compiled
+        grads = _gradient(kernels, operation, size, sampling_ratio, data_format)(
+            features, boxes, offset)
     expected = call(reference)(features, boxes, offset)
     out = np.asarray(out, np.float64)
     assert np.isfinite(out).all()
