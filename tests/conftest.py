@@ -28,14 +28,15 @@ def _has_gpu():
 
 
 # The test files that take longest, longest first (seconds of test time on
-# a 2-core VM, measured with --junitxml: 240, 180, 110, 100, 80, 55; the
-# rest take 80 or less). pytest-xdist's `--dist
+# a 2-core VM, measured with --junitxml: 316, 129, 103, 96, 94, 84, 75; the
+# rest take 65 or less). pytest-xdist's `--dist
 # loadfile` hands out whole files; by default it orders them by their
 # number of tests, which handed the 3 fuzz tests of deformable pooling out
 # last, to run alone for minutes while the other worker idled. Handed out
 # first, the long files run side by side and the short ones fill in.
-LONGEST_FIRST = ("test_sharding.py", "test_deformable.py", "test_box_derivatives.py",
-                 "test_fuzz_deformable.py", "test_xla_path.py", "test_sampling_accuracy.py")
+LONGEST_FIRST = ("test_sharding.py", "test_deformable.py", "test_xla_path.py",
+                 "test_fuzz_deformable.py", "test_box_derivatives.py", "test_nms.py",
+                 "test_forward.py")
 
 
 def pytest_configure(config):
