@@ -8,7 +8,10 @@
 # EXAMPLES examples each under the sanitizers. Exits non-zero on any report
 # or failure.
 #
-#   bash scripts/sanitize.sh [EXAMPLES]        # default 10000
+#   bash scripts/sanitize.sh [EXAMPLES] [TEST_FILE ...]   # default 10000
+#
+# TEST_FILEs (names in tests/, e.g. test_nms.py) run only those, in that
+# order: the whole list takes hours on two cores, so a run can be split.
 #
 # Python is not instrumented, so the sanitizer runtimes are preloaded
 # (LD_PRELOAD) into the test process only. Leak checking is off (CPython and
@@ -18,6 +21,7 @@
 # every example (the NMS fuzz test compares every example with its reference).
 set -euo pipefail
 examples="${1:-10000}"
+shift $(($# > 0 ? 1 : 0))
 reference_examples="${REFERENCE_EXAMPLES:-300}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
@@ -47,6 +51,12 @@ tests=(test_fuzz.py test_fuzz_nms.py test_fuzz_deformable.py test_nms.py test_bo
        test_grad.py test_vmap.py test_layouts.py
        test_low_precision.py test_golden.py test_gpu_schedule.py test_roi_align.py
        test_ps_roi_pool.py test_roi_pool.py test_multi_scale_roi_align.py)
+if [ $# -gt 0 ]; then
+  tests=("$@")
+fi
+for name in "${tests[@]}"; do
+  [ -f "$repo/tests/$name" ] || { echo "no test file tests/$name" >&2; exit 2; }
+done
 echo "=== ${tests[*]} under ASan + UBSan; fuzz examples: $examples" \
      "(first $reference_examples against the reference)"
 start=$SECONDS
