@@ -58,6 +58,16 @@ def _op(operation, sampling_ratio=-1, data_format="NCHW", channel_order="torchvi
             lambda f, b, o: reference(f, b, o, SIZE, SCALE, sampling_ratio, GAMMA, **kw))
 
 
+def _shared(*values):
+    """`values` as the cached cases below hand them to every test that
+    shares them: their numpy arrays read-only, so no test can change
+    another's case."""
+    for value in values:
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    return values
+
+
 @functools.cache
 def _loops_case(operation, sampling_ratio, dtype):
     """test_matches_loops's case, the loops' pooled tensor and the
@@ -68,7 +78,8 @@ def _loops_case(operation, sampling_ratio, dtype):
     _, reference = _op(operation, sampling_ratio)
     expected = deform_roi_align_loops(features, boxes, offset, SIZE, SCALE, sampling_ratio,
                                       GAMMA, operation == "deform_ps_roi_align")
-    return features, boxes, offset, expected, np.asarray(reference(features, boxes, offset))
+    return _shared(features, boxes, offset, expected,
+                   np.asarray(reference(features, boxes, offset)))
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -163,7 +174,7 @@ def _gradient_case(operation, data_format):
     cotangent = rng.normal(size=jax.eval_shape(reference, features, boxes, offset).shape)
     expected = jax.jit(jax.grad(_loss(reference, cotangent), argnums=(0, 1, 2)))(
         features, boxes, offset)
-    return features, boxes, offset, cotangent, expected
+    return _shared(features, boxes, offset, cotangent, expected)
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -274,7 +285,8 @@ def _hostile_case(operation):
     offset[0, 1, 1, 1] = 1e300        # moved far off the map
     offset[10, :, :, :] = -np.inf
     _, reference = _op(operation)
-    return features, boxes, offset, *_pooled_and_gradient(reference)(features, boxes, offset)
+    pooled, gradients = _pooled_and_gradient(reference)(features, boxes, offset)
+    return _shared(features, boxes, offset, pooled, gradients)
 
 
 @pytest.mark.parametrize("kernels", [*KERNELS, "xla"])
@@ -389,7 +401,7 @@ def _reproducible_case():
     _, reference = _op("deform_roi_align")
     cotangent = np.random.default_rng(13).normal(size=(40, 2, *SIZE)).astype(np.float32)
     want = jax.jit(jax.grad(_loss(reference, cotangent)))(features, boxes, offset)
-    return features, boxes, offset, cotangent, want
+    return _shared(features, boxes, offset, cotangent, want)
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
