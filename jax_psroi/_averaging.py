@@ -218,7 +218,8 @@ def _make(operator: Operator) -> Primitives:
                 rois, rois_dot, params, _arguments.pooled_size_of(pooled, params["data_format"]))
             for j in _box_derivatives.PARAMETERS:
                 box = {**params, "box_parameter": j}
-                scaled = lambda x, j=j: x * _box_derivatives.per_roi(theta_dot[:, j - 1], x)
+                scaled = lambda x, j=j: _box_derivatives.scaled(
+                    x, _box_derivatives.per_roi(theta_dot[:, j - 1], x))
                 term = (scaled(primitive.bind(operand, rois, **box)) if direction == "forward"
                         else primitive.bind(scaled(operand), rois, **box))
                 result_dot = term if type(result_dot) is ad.Zero else result_dot + term

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jax_psroi import _arguments
+
 # The kernels' BoxParameter values (lib/roi_math.h): x start, bin width,
 # y start, bin height.
 PARAMETERS = (1, 2, 3, 4)
@@ -59,6 +61,16 @@ def parameter_tangents(rois, rois_dot, *, spatial_scale: float, pooled_size, ali
 
 
 def per_roi(values, pooled):
-    """`values` [K] broadcast against `pooled` [K, ...] (either layout: RoIs
-    come first), in its dtype."""
-    return values.astype(pooled.dtype).reshape((-1,) + (1,) * (pooled.ndim - 1))
+    """`values` [K] shaped to broadcast against `pooled` [K, ...] (either
+    layout: RoIs come first)."""
+    return values.reshape((-1,) + (1,) * (pooled.ndim - 1))
+
+
+def scaled(x, factors):
+    """`x` times `factors` (broadcast against it), multiplied in x's compute
+    type (_arguments.compute_dtype) and rounded to x's dtype once: in
+    reverse mode the product's transpose, the factors' cotangent, sums a
+    RoI's C_out * PH * PW terms, which 16 bits cannot (float16 overflows,
+    bfloat16 cancels the box gradient away)."""
+    compute = _arguments.compute_dtype(x.dtype)
+    return (x.astype(compute) * factors.astype(compute)).astype(x.dtype)

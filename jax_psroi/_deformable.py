@@ -52,6 +52,7 @@ from jax.interpreters import ad, batching, xla
 
 from jax_psroi import (
     _arguments,
+    _box_derivatives,
     _extension,
     _image_groups,
     _implementation,
@@ -121,9 +122,9 @@ def parameter_tangents(rois, rois_dot, offset, offset_dot, *, spatial_scale, poo
     return jnp.stack([start_x, per_roi(bin_w), start_y, per_roi(bin_h)], axis=-1)
 
 
-def per_bin(values, pooled, data_format):
-    """`values` [K, PH, PW] broadcast against `pooled` (its layout), in its dtype."""
-    values = values.astype(pooled.dtype)
+def per_bin(values, data_format):
+    """`values` [K, PH, PW] shaped to broadcast against a pooled tensor in
+    `data_format`."""
     return values[:, None] if data_format == "NCHW" else values[..., None]
 
 
@@ -191,7 +192,8 @@ def _make(operation: str) -> Primitives:
                 box = {**params, "box_parameter": j}
 
                 def scaled(x, j=j):
-                    return x * per_bin(theta_dot[..., j - 1], x, params["data_format"])
+                    return _box_derivatives.scaled(
+                        x, per_bin(theta_dot[..., j - 1], params["data_format"]))
 
                 term = (scaled(primitive.bind(operand, rois, offset, **box))
                         if direction == "forward"
@@ -276,7 +278,7 @@ def apply(operation: str, input, boxes, offset, output_size, spatial_scale, samp
         channel_order if position_sensitive else "torchvision", _extension.SUPPORTED_DTYPES,
         position_sensitive=position_sensitive)
     params["channel_order"] = channel_order
-    gamma = checked_gamma(gamma)
+    gamma = checked_gamma(gamma, rois.dtype)
     offset = checked_offset(offset, rois.shape[0], params["pooled_size"], rois.dtype)
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
     return PRIMITIVES[operation].forward.bind(
@@ -284,12 +286,18 @@ def apply(operation: str, input, boxes, offset, output_size, spatial_scale, samp
         box_parameter=0, gamma=gamma, **params)
 
 
-def checked_gamma(value) -> float:
-    """`value` as a finite python float, or a ValueError."""
+def checked_gamma(value, dtype) -> float:
+    """`value` as a python float, finite in `dtype` (the boxes' compute
+    dtype, in which the kernels take it), or a ValueError."""
     try:
         gamma = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         gamma = math.nan
     if not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite real number, got {value!r}")
+    most = float(jnp.finfo(dtype).max)
+    if abs(gamma) > most:
+        raise ValueError(f"gamma must be finite in {jnp.dtype(dtype).name}, the dtype the "
+                         f"kernels compute in for this input (|gamma| <= {most:g}), "
+                         f"got {value!r}")
     return gamma

@@ -129,7 +129,8 @@ def _jvp(primals, tangents, *, pooled_size, spatial_scales, sampling_ratio, data
                                 implementation=implementation, spatial_scale=scale,
                                 data_format=data_format, image_groups=image_groups,
                                 box_parameter=j, **level_params)
-            term = term * _box_derivatives.per_roi(theta_dot[:, j - 1], term)
+            term = _box_derivatives.scaled(
+                term, _box_derivatives.per_roi(theta_dot[:, j - 1], term))
             out_dot = term if type(out_dot) is ad.Zero else out_dot + term
     return out, out_dot
 

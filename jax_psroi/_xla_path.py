@@ -108,10 +108,11 @@ def _sample_taps(bin_start, bin_size, ratio, size) -> _Taps:
 
 
 def _pixel_weights(bin_start, bin_size, grid, ratio, size, valid):
-    """[K, P, size]: the weight of each pixel of the axis in each bin, summed
-    over the bin's samples on the map (all `ratio` of a fixed grid; from the
-    first on the map, at most 2 * size + 3 of an adaptive one, as the
-    reference visits them)."""
+    """The table of each bin's pixels along the axis: [K, P, size] weights,
+    summed over the bin's samples on the map (all `ratio` of a fixed grid;
+    from the first on the map, at most 2 * size + 3 of an adaptive one, as
+    the reference visits them), and [K, P] int32, the first and the last
+    pixel those samples tap, whatever its weight (size and -1: none)."""
     num_rois, bins = bin_start.shape
     if ratio > 0:
         first = jnp.zeros(bin_start.shape, jnp.int32)
@@ -128,7 +129,7 @@ def _pixel_weights(bin_start, bin_size, grid, ratio, size, valid):
     zeros = jnp.zeros((num_rois, bins, size), bin_start.dtype)
 
     def add_chunk(step, carry):
-        total, compensation = carry
+        total, compensation, first_tap, last_tap = carry
         offset = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
         index = first[..., None] + offset
         coord = sample_coordinates(bin_start[..., None], bin_size[..., None],
@@ -136,23 +137,28 @@ def _pixel_weights(bin_start, bin_size, grid, ratio, size, valid):
         inside = (offset < samples[..., None]) & (coord >= -1) & (coord <= size)
         low, high, w_low, w_high = axis_taps(coord, inside, size)
         part = zeros.at[roi, bin_index, low].add(w_low).at[roi, bin_index, high].add(w_high)
+        first_tap = jnp.minimum(first_tap, jnp.min(jnp.where(inside, low, size), axis=-1))
+        last_tap = jnp.maximum(last_tap, jnp.max(jnp.where(inside, high, -1), axis=-1))
         # Kahan's compensated sum of the chunks.
         addend = part - compensation
         summed = total + addend
-        return summed, (summed - total) - addend
+        return summed, (summed - total) - addend, first_tap, last_tap
 
-    weights, _ = lax.fori_loop(0, steps, add_chunk, (zeros, zeros))
-    return weights
+    none = jnp.full(bin_start.shape, size, jnp.int32), jnp.full(bin_start.shape, -1, jnp.int32)
+    weights, _, first_tap, last_tap = lax.fori_loop(0, steps, add_chunk, (zeros, zeros, *none))
+    return weights, first_tap, last_tap
 
 
-def _table_taps(weights, valid) -> _Taps:
-    """The taps of a table of pixel weights [K, P, size]: the span of pixels
-    from the first to the last of nonzero weight."""
+def _table_taps(table, valid) -> _Taps:
+    """The taps of a table of pixels (_pixel_weights): the span from the
+    first to the last pixel a sample taps. Not the last of nonzero weight: a
+    sample on a whole pixel gives its high tap weight 0 but a derivative
+    (the box directions differentiate these weights), and it multiplies its
+    pixel as the kernels' taps and torchvision's do (0 times an infinite
+    feature is NaN)."""
+    weights, first, last = table
     size = weights.shape[-1]
-    touched = weights != 0
-    first = jnp.argmax(touched, axis=-1).astype(jnp.int32)
-    last = size - 1 - jnp.argmax(touched[..., ::-1], axis=-1).astype(jnp.int32)
-    span = jnp.where(touched.any(axis=-1), last - first + 1, 0)
+    span = jnp.maximum(last - first + 1, 0)
 
     def at(j):
         pixel = jnp.minimum(first + j, size - 1)

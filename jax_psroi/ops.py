@@ -339,7 +339,8 @@ def deform_roi_align(input: ArrayLike, boxes: Boxes, offset: ArrayLike | None,
       spatial_scale: box coordinates to feature-map pixels.
       sampling_ratio: samples per bin axis; <= 0 is adaptive
         (``ceil(roi_size / output_size)``, of the RoI before any offset).
-      gamma: the offsets' scale (mmcv's default 0.1), finite.
+      gamma: the offsets' scale (mmcv's default 0.1), finite in the compute dtype
+        (float32 for 16- and 32-bit maps).
       data_format: "NCHW" or "NHWC", keyword-only.
 
     Returns:
@@ -354,8 +355,10 @@ def deform_ps_roi_align(input: ArrayLike, boxes: Boxes, offset: ArrayLike | None
                         sampling_ratio: int = -1, gamma: float = 0.1, *,
                         data_format: DataFormat = "NCHW",
                         channel_order: ChannelOrder = "torchvision") -> jax.Array:
-    """Deformable Position-Sensitive RoI Align: the Deformable R-FCN head's
-    pooling. ``ps_roi_align``'s channels and bins, each bin's start moved
+    """Deformable Position-Sensitive RoI Align: a PS-RoI Align analogue of
+    the Deformable R-FCN head's pooling (whose own sampling differs:
+    rounded corners, no half-pixel sample offsets, in-map samples only).
+    ``ps_roi_align``'s channels and bins, each bin's start moved
     by its offset as in :func:`deform_roi_align`; with ``offset`` zero (or
     None), ``ps_roi_align`` bit for bit.
 
@@ -366,7 +369,7 @@ def deform_ps_roi_align(input: ArrayLike, boxes: Boxes, offset: ArrayLike | None
       output_size: int or (h, w).
       spatial_scale: box coordinates to feature-map pixels.
       sampling_ratio: samples per bin axis; <= 0 is adaptive.
-      gamma: the offsets' scale, finite.
+      gamma: the offsets' scale, finite in the compute dtype.
       data_format: "NCHW" or "NHWC", keyword-only.
       channel_order: "torchvision" or "bin_major" (see ``ps_roi_align``).
 

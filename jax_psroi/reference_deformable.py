@@ -112,7 +112,7 @@ def pool_nchw(features, rois, offset, pooled_size, spatial_scale, sampling_ratio
     else:
         by_row = jnp.einsum("knbx,ncyx->kcby", image_col_w, features, precision=_EXACT)
     pooled = jnp.einsum("koby,kby->kob", by_row, row_w, precision=_EXACT)
-    return pooled.reshape(num_rois, -1, pooled_h, pooled_w)
+    return pooled.reshape(num_rois, pooled.shape[1], pooled_h, pooled_w)  # K may be 0
 
 
 def pool(features, rois, offset, *, pooled_size, spatial_scale, sampling_ratio, gamma,

@@ -68,6 +68,22 @@ def random_rois(rng, k, n, h, w, spatial_scale, dtype, outside=0.5):
     return np.stack([batch, x1, y1, x2, y2], axis=1).astype(dtype)
 
 
+def whole_pixel_rois(rng, k, n, h, w, spatial_scale, pooled_size):
+    """[K, 5] boxes (float64) whose samples fall on whole pixels under the
+    aligned rule (-0.5 pixel) of an adaptive grid and of a fixed grid of 5
+    samples: corners on whole map pixels (some off the map) and bins of 1 or
+    5 pixels. A sample on a pixel weighs its high tap 0, where the
+    weights' derivative in the box is still +-1 (random boxes almost never
+    reach such a point)."""
+    ph, pw = pooled_size
+    x1 = rng.integers(-2, w, size=k).astype(np.float64)
+    y1 = rng.integers(-2, h, size=k).astype(np.float64)
+    x2 = x1 + pw * rng.choice([1.0, 5.0], size=k)
+    y2 = y1 + ph * rng.choice([1.0, 5.0], size=k)
+    batch = rng.integers(0, n, size=k).astype(np.float64)
+    return np.stack([batch, x1, y1, x2, y2], axis=1) / np.array([1, *[spatial_scale] * 4])
+
+
 def crowded_rois(rng, k, image, centre, half, spatial_scale):
     """[K, 5] boxes (float64) of `image` whose corners lie within `half` map
     pixels of `centre` = (x, y) in map pixels: placed inside one 4 x 32-pixel

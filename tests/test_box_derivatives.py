@@ -26,6 +26,7 @@ from cases import (
     native_gpu_schedule,
     random_features,
     random_rois,
+    whole_pixel_rois,
 )
 
 SCALE = 0.5
@@ -121,6 +122,29 @@ def test_xla_path_box_derivatives_equal_the_native_ones(sampling_ratio, monkeypa
     xla = on_the_xla_path(features, boxes)
     for got, want in zip(jax.tree.leaves(xla), jax.tree.leaves(native), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 5])
+@pytest.mark.parametrize("name", ["ps_roi_align", "roi_align_aligned"])
+def test_xla_path_box_derivatives_at_samples_on_whole_pixels(name, sampling_ratio, monkeypatch):
+    # The XLA path's per-pixel tables (adaptive grids, fixed ones past 4
+    # samples) must keep a tap of weight 0 whose derivative is not.
+    _, features, _ = _case(16)
+    rois = whole_pixel_rois(np.random.default_rng(17), 12, 2, 9, 11, SCALE, SIZE)
+    op, reference = _operator(name, sampling_ratio=sampling_ratio)
+    loss = lambda fn: lambda f, r: jnp.sum(jnp.sin(fn(f, r)))
+    # A new function for each implementation, which is chosen when it is traced.
+    gradient = lambda: jax.jit(jax.grad(loss(op), argnums=(0, 1)))
+    native = gradient()(features, rois)
+    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
+    on_the_xla_path = gradient()
+    assert "custom_call" not in on_the_xla_path.lower(features, rois).as_text()
+    xla = on_the_xla_path(features, rois)
+    expected = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(features, rois)
+    assert np.abs(expected[1]).max() > 0.1
+    for got in (native, xla):
+        for g, want in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, want, rtol=1e-9, atol=1e-9)
 
 
 def test_rois_array_gets_no_batch_index_gradient():
@@ -226,6 +250,51 @@ def test_box_gradient_in_every_dtype(dtype, tolerance):
     for got, want in zip(low, exact, strict=True):
         assert got.dtype == dtype
         scale = np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tolerance * scale,
+                                   rtol=0)
+
+
+def _wide_16_bit_case(name):
+    """(features [1, C, 32, 32] of a smooth ramp, ready for `name`; the
+    function of the features and boxes [1, 4] whose box gradient (and
+    offset gradient, deformable) the caller takes). 256 channels of 7 x 7
+    bins: a RoI's box terms are thousands of products of one sign."""
+    ramp = np.linspace(0, 60, 32, dtype=np.float32)
+    channels = 16 * 49 if name == "ps_roi_align" else 256
+    features = np.broadcast_to(ramp, (1, channels, 32, 32)).copy()
+    size, scale = (7, 7), 0.25
+    offset = np.random.default_rng(22).uniform(-0.3, 0.3, (1, 2, *size)).astype(np.float32)
+    pooled = {
+        "roi_align": lambda f, b: jax_psroi.roi_align(f, b, size, scale, 2),
+        "ps_roi_align": lambda f, b: jax_psroi.ps_roi_align(f, b, size, scale, 2),
+        "multi_scale_roi_align": lambda f, b: jax_psroi.multi_scale_roi_align(
+            [f, f[:, :, ::2, ::2]], b, size, 2, (128, 128)),
+        "deform_roi_align": lambda f, b, o: jax_psroi.deform_roi_align(
+            f, b, o.astype(f.dtype), size, scale, 2, 0.1),
+    }[name]
+    if name == "deform_roi_align":
+        return features, lambda f, b, o: jnp.sum(pooled(f, b, o).astype(jnp.float32)), offset
+    return features, lambda f, b: jnp.sum(pooled(f, b).astype(jnp.float32)), None
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(np.float16, 2e-3), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("name", ["roi_align", "ps_roi_align", "multi_scale_roi_align",
+                                  "deform_roi_align"])
+def test_16_bit_box_gradients_are_summed_in_float32(name, dtype, tolerance):
+    # The per-RoI sums of the box terms (and the deformable offsets'
+    # per-bin sums) are those of float32 on the same 16-bit values, not
+    # sums in 16 bits (which overflow float16 and cancel bfloat16's).
+    features, loss, offset = _wide_16_bit_case(name)
+    features = np.asarray(jnp.asarray(features, dtype).astype(jnp.float32))
+    box = [np.array([[10.3, 12.7, 100.9, 90.1]], np.float32)]
+    operands = (box,) if offset is None else (box, offset)
+    argnums = tuple(range(1, 1 + len(operands)))
+    gradient = jax.jit(jax.grad(loss, argnums=argnums))
+    exact = gradient(features, *operands)
+    low = gradient(jnp.asarray(features, dtype), *operands)
+    for got, want in zip(jax.tree.leaves(low), jax.tree.leaves(exact), strict=True):
+        scale = np.abs(want).max()
+        assert scale > 100
         np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tolerance * scale,
                                    rtol=0)
 

@@ -29,6 +29,7 @@ from cases import (
     native_gpu_schedule,
     random_features,
     random_rois,
+    whole_pixel_rois,
 )
 from loop_reference import deform_roi_align_loops
 
@@ -314,6 +315,16 @@ def test_hostile_boxes_and_offsets_read_nothing_and_keep_derivatives_finite(kern
     np.testing.assert_allclose(out[sane], expected[sane], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_no_boxes_give_an_empty_result(operation):
+    features, _, _ = _case(np.random.default_rng(25), operation)
+    op, reference = _op(operation)
+    boxes, offset = np.zeros((0, 5)), np.zeros((0, 2, *SIZE))
+    for fn in (op, reference):
+        out = fn(features, boxes, offset)
+        assert out.shape == (0, 2, *SIZE) and out.dtype == features.dtype
+
+
 def test_arguments_are_checked():
     features, boxes, offset = _case(np.random.default_rng(9), "deform_roi_align")
     with pytest.raises(ValueError, match=r"offset must be \[K, 2, h, w\]"):
@@ -322,6 +333,13 @@ def test_arguments_are_checked():
         jax_psroi.deform_roi_align(features, boxes, offset > 0, SIZE, SCALE)
     with pytest.raises(ValueError, match="gamma must be a finite"):
         jax_psroi.deform_roi_align(features, boxes, offset, SIZE, SCALE, gamma=float("nan"))
+    # Finite in the kernels' compute dtype (float32 for 32- and 16-bit maps).
+    for dtype in (np.float32, jnp.bfloat16):
+        with pytest.raises(ValueError, match="gamma must be finite in float32"):
+            jax_psroi.deform_roi_align(features.astype(dtype), boxes, offset, SIZE, SCALE,
+                                       gamma=1e39)
+    assert jax.eval_shape(lambda f: jax_psroi.deform_roi_align(
+        f, boxes, offset, SIZE, SCALE, gamma=1e39), features).dtype == np.float64
     with pytest.raises(ValueError):
         jax_psroi.deform_ps_roi_align(features, boxes, offset, SIZE, SCALE)  # C % (h * w)
 
@@ -353,6 +371,29 @@ def test_xla_path_matches_the_native_kernels(monkeypatch, sampling_ratio, data_f
         monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 5])
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_xla_path_derivatives_at_samples_on_whole_pixels(monkeypatch, operation, sampling_ratio):
+    """Zero offsets and boxes whose samples fall on whole pixels: a tap of
+    weight 0 whose derivative is not, which the XLA path's tables of pixel
+    weights must keep (the boxes' and the offsets' gradients)."""
+    features, _, _ = _case(np.random.default_rng(23), operation)
+    boxes = whole_pixel_rois(np.random.default_rng(24), 8, 2, 9, 11, SCALE, SIZE)
+    offset = np.zeros((8, 2, *SIZE))
+    op, _ = _op(operation, sampling_ratio)
+    # A new function for each implementation, which is chosen when it is traced.
+    gradient = lambda: jax.jit(jax.grad(lambda f, b, o: jnp.sum(jnp.sin(op(f, b, o))),
+                                        argnums=(0, 1, 2)))
+    native = gradient()(features, boxes, offset)
+    monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", "xla")
+    on_the_xla_path = gradient()
+    assert "jax_psroi_" not in on_the_xla_path.lower(features, boxes, offset).as_text()
+    xla = on_the_xla_path(features, boxes, offset)
+    assert np.abs(native[1]).max() > 0.1 and np.abs(native[2]).max() > 0.1
+    for got, want in zip(xla, native, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.gpu_schedule
