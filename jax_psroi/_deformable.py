@@ -286,16 +286,17 @@ def apply(operation: str, input, boxes, offset, output_size, spatial_scale, samp
         box_parameter=0, gamma=gamma, **params)
 
 
-def checked_gamma(value, dtype) -> float:
-    """`value` as a python float, finite in `dtype` (the boxes' compute
-    dtype, in which the kernels take it), or a ValueError."""
+def checked_gamma(value, dtype=None) -> float:
+    """`value` as a finite python float, or a ValueError; given `dtype` (the
+    boxes' compute dtype, in which the kernels take it), finite in it too
+    (a layer's settings, checked before any input is seen, are not)."""
     try:
         gamma = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         gamma = math.nan
     if not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite real number, got {value!r}")
-    most = float(jnp.finfo(dtype).max)
+    most = float(jnp.finfo(dtype).max) if dtype is not None else math.inf
     if abs(gamma) > most:
         raise ValueError(f"gamma must be finite in {jnp.dtype(dtype).name}, the dtype the "
                          f"kernels compute in for this input (|gamma| <= {most:g}), "

@@ -23,12 +23,25 @@ def _check_boxes(boxes, name: str = "boxes") -> jax.Array:
     return boxes
 
 
+def _upcast(values) -> jax.Array:
+    """`values` widened as torchvision's box arithmetic widens them: 16-bit
+    floats to float32, integers narrower than 32 bits to int32 (a 300 x 300
+    box's area is past float16's range)."""
+    if jnp.issubdtype(values.dtype, jnp.floating):
+        return values.astype(jnp.promote_types(values.dtype, jnp.float32))
+    if jnp.issubdtype(values.dtype, jnp.integer) and values.dtype.itemsize < 4:
+        return values.astype(jnp.int32)
+    return values
+
+
 def box_area(boxes) -> jax.Array:
-    """Areas ``(x2 - x1) * (y2 - y1)`` of `boxes` [..., 4] (xyxy): [...].
+    """Areas ``(x2 - x1) * (y2 - y1)`` of `boxes` [..., 4] (xyxy): [...],
+    in float32 for 16-bit floats and int32 for narrower integers (as
+    torchvision's, widened first).
 
     Not clamped, as torchvision's: a box with x2 < x1 (or y2 < y1) has a
     negative area, one with both a positive area."""
-    boxes = _check_boxes(boxes)
+    boxes = _upcast(_check_boxes(boxes))
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
@@ -38,7 +51,9 @@ def box_iou(boxes1, boxes2) -> jax.Array:
 
     ``inter / (area1 + area2 - inter)`` with the intersection's sides
     clamped at 0 and the areas of :func:`box_area`; two empty boxes give
-    0 / 0 = NaN, as in torchvision."""
+    0 / 0 = NaN, as in torchvision. As there, the sides are differences in
+    the boxes' dtype, widened before they multiply (16-bit floats to
+    float32)."""
     boxes1, boxes2 = _check_boxes(boxes1, "boxes1"), _check_boxes(boxes2, "boxes2")
     if boxes1.ndim != 2 or boxes2.ndim != 2:
         raise ValueError(f"box_iou takes boxes [N, 4] and [M, 4], got {boxes1.shape} and "
@@ -46,7 +61,7 @@ def box_iou(boxes1, boxes2) -> jax.Array:
     area1, area2 = box_area(boxes1), box_area(boxes2)
     top_left = jnp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = jnp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    sides = jnp.maximum(bottom_right - top_left, 0)
+    sides = jnp.maximum(_upcast(bottom_right - top_left), 0)
     inter = sides[..., 0] * sides[..., 1]
     return inter / (area1[:, None] + area2[None, :] - inter)
 

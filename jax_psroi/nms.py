@@ -18,7 +18,11 @@ Semantics, exactly those of torchvision's CPU kernel:
 * a degenerate box (x2 <= x1 or y2 <= y1) intersects nothing: its IoUs are
   0, or NaN where both areas sum to 0, so it neither suppresses nor is
   suppressed, and is kept where its score ranks it. A box with a NaN
-  coordinate has NaN IoUs and behaves the same way.
+  coordinate has NaN IoUs and behaves the same way;
+* on the CPU, XLA runs with subnormal numbers flushed to zero, so an IoU,
+  an area or a threshold smaller in magnitude than the smallest normal
+  float counts as 0 there (torchvision keeps them; the GPU may too): only
+  boxes and thresholds near 1e-38 (float32) are decided differently.
 
 The results are padded: ``indices`` [max_output_size] int32, the kept boxes
 best first and then -1, and ``count``, how many are kept (the convention of
@@ -137,7 +141,8 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float, max_output_size: int 
     Args:
       boxes: [N, 4] (x1, y1, x2, y2), a float dtype as for :func:`nms`.
       scores: [N].
-      idxs: [N] integer categories (compared as int32).
+      idxs: [N] integer categories (64-bit ones ranked into int32: every
+        distinct value its own category).
       iou_threshold: static float.
       max_output_size: static int M >= 0 (None: N).
 
@@ -146,8 +151,10 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float, max_output_size: int 
 
     The suppression is exact per category: IoUs of the boxes as given.
     torchvision's CPU version offsets each category's boxes by a multiple of
-    the largest coordinate, which rounds large coordinates, so IoUs within a
-    hair of the threshold may be decided differently there.
+    the largest coordinate plus 1. That rounds large coordinates, so IoUs
+    within a hair of the threshold may be decided differently there; and
+    with negative coordinates the offsets need not separate the categories,
+    so there a box may suppress an overlapping box of another category.
     """
     boxes, scores = _check(boxes, scores)
     idxs = jnp.asarray(idxs)
@@ -156,4 +163,17 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float, max_output_size: int 
                          f"{idxs.shape}")
     if not jnp.issubdtype(idxs.dtype, jnp.integer):
         raise TypeError(f"idxs must be integers, got {idxs.dtype}")
-    return _suppress(boxes, scores, idxs.astype(jnp.int32), iou_threshold, max_output_size)
+    return _suppress(boxes, scores, _categories(idxs), iou_threshold, max_output_size)
+
+
+def _categories(idxs) -> jax.Array:
+    """`idxs` [N] as int32 categories, distinct where they are: a cast for
+    32 bits and fewer (one to one), the rank among the distinct values for
+    64-bit ids (a cast would wrap 2^32 onto 0)."""
+    if idxs.dtype.itemsize <= 4:
+        return idxs.astype(jnp.int32)
+    order = jnp.argsort(idxs)
+    ordered = idxs[order]
+    new = jnp.concatenate([jnp.zeros(1, jnp.int32),
+                           (ordered[1:] != ordered[:-1]).astype(jnp.int32)])
+    return jnp.zeros(idxs.shape, jnp.int32).at[order].set(jnp.cumsum(new, dtype=jnp.int32))

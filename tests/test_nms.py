@@ -123,6 +123,14 @@ def test_batched_nms_keeps_categories_apart(implementation):
     indices, count = jax_psroi.batched_nms(boxes, scores, np.array([0, 1, 2, 3]), 0.5, 3)
     np.testing.assert_array_equal(indices, [3, 0, 1])
     assert int(count) == 3
+    # 64-bit ids that an int32 cast would wrap onto each other stay apart
+    # (ranked); 32-bit ones past int32 too (cast one to one).
+    for ids in (np.array([0, 2**32, 0, 2**32 + 1], np.int64),
+                np.array([-1, 2**32 - 1, -1, 2**40], np.int64),
+                np.array([0, 2**32, 0, 2**63], np.uint64),
+                np.array([0, 2**31, 0, 2**32 - 1], np.uint32)):
+        indices, count = jax_psroi.batched_nms(boxes, scores, ids, 0.5)
+        np.testing.assert_array_equal(indices, [3, 0, 1, -1])
 
 
 def test_empty(implementation):
@@ -345,6 +353,19 @@ def test_box_area_and_iou():
     np.testing.assert_allclose(iou[0], [1, 25 / 175, 0, 0])
     np.testing.assert_allclose(iou[1], [25 / 175, 1, 0, 0])
     assert np.isnan(jax_psroi.box_iou(boxes[3:], boxes[3:])[0, 0])
+    # Widened as torchvision widens them: 16-bit floats to float32, narrow
+    # integers to int32 (a 300 x 300 box's area is past float16's range).
+    large = np.array([[0, 0, 300, 300], [10, 10, 400, 400], [200, 200, 0, 0]])
+    for dtype, wide in ((np.float16, np.float32), (jnp.bfloat16, np.float32),
+                        (np.int16, np.int32), (np.uint8, np.int32), (np.int64, np.int64)):
+        boxes = jnp.asarray(large if dtype != np.uint8 else large // 2, dtype)
+        area = jax_psroi.box_area(boxes)
+        assert area.dtype == wide
+        np.testing.assert_array_equal(
+            area, [90000, 152100, 40000] if dtype != np.uint8 else [22500, 38025, 10000])
+    iou = jax_psroi.box_iou(jnp.asarray(large[:2], np.float16), jnp.asarray(large[:2], np.float16))
+    assert iou.dtype == np.float32
+    np.testing.assert_allclose(iou, [[1, 84100 / 158000], [84100 / 158000, 1]], rtol=1e-6)
 
 
 def test_box_convert_round_trips():
