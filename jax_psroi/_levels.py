@@ -9,7 +9,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jax_psroi import _arguments
+from jax_psroi import _arguments, _rounding
 
 
 def level_scales(level_shapes, image_size, data_format: str) -> tuple[float, ...]:
@@ -69,7 +69,10 @@ def roi_levels(rois, scales, canonical_scale, canonical_level):
     k_min = int(-math.log2(scales[0]))
     k_max = int(-math.log2(scales[-1]))
     size = jnp.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    target = jnp.floor(canonical_level + jnp.log2(size / canonical_scale)
+    # Divided as torchvision divides (correctly rounded): XLA's reciprocal
+    # moved boxes within an ulp of a boundary to the next level, under jit
+    # or with more than one box. XLA's log2 may still be an ulp off there.
+    target = jnp.floor(canonical_level + jnp.log2(_rounding.divide(size, canonical_scale))
                        + jnp.asarray(1e-6, size.dtype))
     level = jnp.clip(target, k_min, k_max)
     return jnp.where(jnp.isnan(level), -1, level - k_min).astype(np.int32)

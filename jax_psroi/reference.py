@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jax_psroi import _arguments, _image_groups, _levels
+from jax_psroi import _arguments, _image_groups, _levels, _rounding
 from jax_psroi._arguments import (
     MAX_GRID_PER_AXIS,
     Boxes,
@@ -53,20 +53,6 @@ def _one_program(pool_fn, settings, *arrays):
     return pool_fn(*arrays, **dict(settings))
 
 
-def _divide(x, divisor):
-    """``x / divisor`` rounded as the kernels round it (correctly).
-
-    XLA on CPU rewrites a division by a constant, or by a broadcast, into a
-    multiplication by the reciprocal (float32 21 / 7 becomes 3.0000002, whose
-    ceil is 4 where torchvision gets 3; a sample coordinate of -1 becomes
-    -0.99999994 or -1.0000001, on the map or off it). The barrier hides a
-    divisor of x's own shape from that rewrite (a barrier before the
-    broadcast does not: the broadcast after it is rewritten).
-    """
-    divisor = jnp.broadcast_to(jnp.asarray(divisor, x.dtype), x.shape)
-    return x / lax.optimization_barrier(divisor)
-
-
 def grid_size(bin_size, sampling_ratio):
     """Samples per bin along one axis, int32 [K]: the ratio, or ceil(bin)."""
     if sampling_ratio > 0:
@@ -84,7 +70,7 @@ def sample_coordinates(bin_start, bin_size, grid, index):
     dtype = bin_start.dtype
     grid = jnp.where(grid > 0, grid, 1)
     step = (index.astype(dtype) + 0.5) * bin_size
-    return bin_start + _divide(step, grid.astype(dtype))
+    return bin_start + _rounding.divide(step, grid.astype(dtype))
 
 
 def first_in_map_sample(bin_start, bin_size, grid):
@@ -332,8 +318,8 @@ def box_geometry(rois, pooled_size, spatial_scale, *, offset, clamp):
         # torchvision's std::max(size, 1): a NaN size stays NaN (and gives 0).
         size_w = jnp.where(size_w < 1, jnp.ones_like(size_w), size_w)
         size_h = jnp.where(size_h < 1, jnp.ones_like(size_h), size_h)
-    bin_w = _divide(size_w, pooled_w)
-    bin_h = _divide(size_h, pooled_h)
+    bin_w = _rounding.divide(size_w, pooled_w)
+    bin_h = _rounding.divide(size_h, pooled_h)
     finite = (jnp.isfinite(start_w) & jnp.isfinite(start_h)
               & jnp.isfinite(bin_w) & jnp.isfinite(bin_h))
     start_h, start_w, bin_h, bin_w = (jnp.where(finite, v, 0)

@@ -17,11 +17,10 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jax_psroi import _arguments
+from jax_psroi import _arguments, _rounding
 from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 from jax_psroi.reference import (
     _contract,
-    _divide,
     from_nchw,
     image_of,
     one_program,
@@ -155,7 +154,7 @@ def bin_windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
     extent = end - start + (1 if inclusive_end else 0)
     # std::max(extent, 1); a NaN extent stays NaN and the RoI gives 0.
     extent = jnp.where(extent < 1, jnp.ones_like(extent), extent)
-    bin_size = _divide(extent, pooled)
+    bin_size = _rounding.divide(extent, pooled)
     finite = jnp.isfinite(start) & jnp.isfinite(bin_size)
     start, bin_size = jnp.where(finite, start, 0), jnp.where(finite, bin_size, 0)
     bins = jnp.arange(pooled, dtype=start.dtype)[None, :]

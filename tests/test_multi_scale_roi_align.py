@@ -11,7 +11,7 @@ import pytest
 from jax import export
 
 import jax_psroi
-from jax_psroi import _extension
+from jax_psroi import _extension, _levels
 
 from cases import (
     KERNELS,
@@ -344,3 +344,20 @@ def test_an_update_leaves_the_rois_that_read_nothing(kernels, data_format):
     np.testing.assert_array_equal(updated[[1, 2]], before[[1, 2]])
     np.testing.assert_array_equal(whole[[1, 2]], 0)
     assert np.abs(whole[[0, 3]]).min() > 0
+
+
+def test_a_box_at_a_level_boundary_gets_torchvision_level_eager_and_jitted():
+    # sqrt(area) / 224 just below 1: torchvision's float32 quotient is
+    # 0.99999924 and eq. 1 gives level 3 (index 1 of P2-P5); XLA's multiply
+    # by the reciprocal of 224 (under jit, or eagerly with more than one
+    # box) rounded it up to level 4.
+    side = np.float32(223.99983)
+    quotient = np.sqrt(side * side) / np.float32(224)
+    expected = int(np.floor(np.float32(4) + np.log2(quotient) + np.float32(1e-6))) - 2
+    assert expected == 1
+    box = np.array([[0, 0, 0, side, side]], np.float32)
+    other = np.array([[0, 0, 0, 50, 50]], np.float32)
+    levels = lambda rois: _levels.roi_levels(rois, (1 / 4, 1 / 8, 1 / 16, 1 / 32), 224, 4)
+    for rois in (box, np.concatenate([box, other])):
+        assert int(levels(rois)[0]) == expected
+        assert int(jax.jit(levels)(rois)[0]) == expected
