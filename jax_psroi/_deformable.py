@@ -62,10 +62,6 @@ from jax_psroi import (
     reference_deformable,
 )
 
-# The kernels' BoxParameter values (lib/roi_math.h): x start, bin width,
-# y start, bin height.
-PARAMETERS = (1, 2, 3, 4)
-
 
 class Primitives(NamedTuple):
     forward: Primitive
@@ -188,7 +184,7 @@ def _make(operation: str) -> Primitives:
                 rois, ad.instantiate_zeros(rois_dot), offset, ad.instantiate_zeros(offset_dot),
                 spatial_scale=params["spatial_scale"], gamma=params["gamma"],
                 pooled_size=_arguments.pooled_size_of(pooled, params["data_format"]))
-            for j in PARAMETERS:
+            for j in _box_derivatives.PARAMETERS:
                 box = {**params, "box_parameter": j}
 
                 def scaled(x, j=j):
@@ -296,9 +292,8 @@ def checked_gamma(value, dtype=None) -> float:
         gamma = math.nan
     if not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite real number, got {value!r}")
-    most = float(jnp.finfo(dtype).max) if dtype is not None else math.inf
-    if abs(gamma) > most:
+    if dtype is not None and abs(gamma) > float(jnp.finfo(dtype).max):
         raise ValueError(f"gamma must be finite in {jnp.dtype(dtype).name}, the dtype the "
-                         f"kernels compute in for this input (|gamma| <= {most:g}), "
-                         f"got {value!r}")
+                         f"kernels compute in for this input (|gamma| <= "
+                         f"{float(jnp.finfo(dtype).max):g}), got {value!r}")
     return gamma

@@ -69,9 +69,10 @@ def roi_levels(rois, scales, canonical_scale, canonical_level):
     k_min = int(-math.log2(scales[0]))
     k_max = int(-math.log2(scales[-1]))
     size = jnp.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    # Divided as torchvision divides (correctly rounded): XLA's reciprocal
-    # moved boxes within an ulp of a boundary to the next level, under jit
-    # or with more than one box. XLA's log2 may still be an ulp off there.
+    # Divided correctly rounded, as torchvision divides: XLA would multiply
+    # by the reciprocal (under jit, or for more than one box), which moves a
+    # box within an ulp of a boundary to the next level. XLA's log2 may
+    # still be an ulp off there.
     target = jnp.floor(canonical_level + jnp.log2(_rounding.divide(size, canonical_scale))
                        + jnp.asarray(1e-6, size.dtype))
     level = jnp.clip(target, k_min, k_max)

@@ -27,9 +27,8 @@ def _has_gpu():
         return False
 
 
-# The test files that take longest, longest first (seconds of test time on
-# a 2-core VM, measured with --junitxml: 316, 129, 103, 96, 94, 84, 75; the
-# rest take 65 or less). pytest-xdist's `--dist
+# The test files that take longest, longest first (by test time, as
+# --junitxml reports it; reorder when a file grows). pytest-xdist's `--dist
 # loadfile` hands out whole files; by default it orders them by their
 # number of tests, which handed the 3 fuzz tests of deformable pooling out
 # last, to run alone for minutes while the other worker idled. Handed out
