@@ -14,8 +14,8 @@ from jax_psroi import _arguments, _rounding
 
 def level_scales(level_shapes, image_size, data_format: str) -> tuple[float, ...]:
     """Each level's spatial scale, as torchvision infers it: 2 to the rounded
-    log2 of (level height / image height), from heights alone (``round``
-    takes halves to even, as ``torch.round`` does). Python floats.
+    log2 of (level height / image height) in float32, from heights alone
+    (rounded halves to even, as ``torch.round`` does). Python floats.
 
     torchvision's level mapping assumes what it does not check: that the
     levels come finest first at consecutive powers of two, level i at scale
@@ -34,7 +34,9 @@ def level_scales(level_shapes, image_size, data_format: str) -> tuple[float, ...
                 f"features[{index}] has height 0 (shape {tuple(level_shapes[index])}): a "
                 "level's scale is inferred from its height, 2**round(log2(H / image "
                 "height)), so every level needs H >= 1")
-        exponents.append(round(math.log2(height / image_height)))
+        # In float32, as torchvision takes it (torch.tensor of the ratio):
+        # float64 would round ratios within an ulp of 2**(k + 1/2) otherwise.
+        exponents.append(int(np.round(np.log2(np.float32(height / image_height)))))
     for index in range(1, len(exponents)):
         step = exponents[index - 1] - exponents[index]
         if step == 1:

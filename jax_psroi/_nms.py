@@ -42,11 +42,21 @@ nms_p.multiple_results = True
 def threshold_in(iou_threshold: float, dtype) -> np.generic:
     """The largest `dtype` value not above `iou_threshold`: for IoUs in
     `dtype`, ``iou > it`` is ``iou > iou_threshold`` in float64, the
-    comparison torchvision makes (lib/cpu/nms_kernels.h, threshold_in)."""
+    comparison torchvision makes (lib/cpu/nms_kernels.h, threshold_in).
+
+    Except that a threshold between the smallest negative normal number and
+    0 becomes that normal number: XLA's CPU runtime flushes subnormals, so
+    it would compare as 0 and keep boxes of IoU 0, which any negative
+    threshold suppresses. For every IoU that is not itself subnormal the
+    decision is the same. Every lowering takes its threshold from here, so
+    all platforms agree."""
     dtype = np.dtype(dtype)
     threshold = dtype.type(iou_threshold)
     if float(threshold) > iou_threshold:
         threshold = np.nextafter(threshold, dtype.type(-np.inf))
+    smallest_normal = np.finfo(dtype).tiny
+    if -smallest_normal < threshold < 0:
+        threshold = -smallest_normal
     return threshold
 
 
@@ -104,11 +114,12 @@ def suppress_image(boxes, scores, categories, *, iou_threshold: float, max_outpu
 
 def _native_call(boxes, scores, categories, *, iou_threshold, max_output_size):
     images = boxes.shape[0]
+    threshold = threshold_in(iou_threshold, _arguments.compute_dtype(boxes.dtype))
     name = _extension.NMS_TARGETS["cpu"][jnp.dtype(boxes.dtype)]
     results = (jax.ShapeDtypeStruct((images, max_output_size), jnp.int32),
                jax.ShapeDtypeStruct((images,), jnp.int32))
     return jax.ffi.ffi_call(name, results)(boxes, scores, categories,
-                                          iou_threshold=float(iou_threshold))
+                                          iou_threshold=float(threshold))
 
 
 def workspace_halves(images: int, n: int) -> int:
@@ -126,6 +137,7 @@ def sorted_call(target: str, boxes, scores, categories, *, iou_threshold, max_ou
     boxes and categories put in visiting order by XLA's sort, with the order
     itself, which maps the kernel's positions back to box indices."""
     images, n = scores.shape
+    threshold = threshold_in(iou_threshold, _arguments.compute_dtype(boxes.dtype))
     order = jax.vmap(visiting_order)(scores.astype(_arguments.compute_dtype(scores.dtype)))
     sorted_boxes = jnp.take_along_axis(boxes, order[:, :, None], axis=1)
     sorted_categories = jnp.take_along_axis(categories, order, axis=1)
@@ -133,7 +145,7 @@ def sorted_call(target: str, boxes, scores, categories, *, iou_threshold, max_ou
                jax.ShapeDtypeStruct((images,), jnp.int32),
                jax.ShapeDtypeStruct((workspace_halves(images, n),), jnp.uint32))
     indices, counts, _ = jax.ffi.ffi_call(target, results)(
-        sorted_boxes, order, sorted_categories, iou_threshold=float(iou_threshold))
+        sorted_boxes, order, sorted_categories, iou_threshold=float(threshold))
     return indices, counts
 
 

@@ -19,10 +19,14 @@ Semantics, exactly those of torchvision's CPU kernel:
   0, or NaN where both areas sum to 0, so it neither suppresses nor is
   suppressed, and is kept where its score ranks it. A box with a NaN
   coordinate has NaN IoUs and behaves the same way;
-* on the CPU, XLA runs with subnormal numbers flushed to zero, so an IoU,
-  an area or a threshold smaller in magnitude than the smallest normal
-  float counts as 0 there (torchvision keeps them; the GPU may too): only
-  boxes and thresholds near 1e-38 (float32) are decided differently.
+* on the CPU, XLA runs with subnormal numbers flushed to zero, so an IoU
+  or an area smaller in magnitude than the smallest normal float counts as
+  0 there (torchvision keeps them; the GPU may too): only boxes whose
+  sides or overlaps are near 1e-19 (float32) are decided differently. A
+  negative threshold above the smallest negative normal float is taken
+  as that float on every platform, which decides every IoU that is not
+  itself subnormal as torchvision does (flushed to 0, it would keep boxes
+  of IoU 0).
 
 The results are padded: ``indices`` [max_output_size] int32, the kept boxes
 best first and then -1, and ``count``, how many are kept (the convention of
@@ -74,6 +78,8 @@ def _static_threshold(iou_threshold) -> float:
 def _static_size(max_output_size, num_boxes: int) -> int:
     if max_output_size is None:
         return num_boxes
+    if isinstance(max_output_size, bool | np.bool_):  # operator.index takes True as 1
+        raise TypeError(f"max_output_size must be an int, got {max_output_size!r}")
     try:
         size = operator.index(max_output_size)
     except _TRACED:

@@ -125,6 +125,10 @@ def _axis_weights(start, bin_size, grid, pooled, size, sampling_ratio):
     """
     dtype = start.dtype
     num_rois = start.shape[0]
+    if size == 0:
+        # No pixel to weigh. Not the scatter below: differentiated, it
+        # transposes to a gather of slices wider than the empty axis.
+        return jnp.zeros((num_rois, pooled, 0), dtype)
     bins = jnp.arange(pooled, dtype=dtype)
     bin_start = bins[None, :] * bin_size[:, None] + start[:, None]  # [K, P]
     grid_kp = jnp.broadcast_to(grid[:, None], bin_start.shape)

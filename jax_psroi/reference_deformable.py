@@ -30,6 +30,8 @@ def _bin_weights(bin_start, bin_size, grid, size, sampling_ratio):
     """[M, size]: each bin's weight of every row (or column) of an axis of
     `size` pixels, for bins starting at `bin_start` [M] with sizes
     `bin_size` [M] and grids `grid` [M] int32."""
+    if size == 0:  # as reference._axis_weights: no scatter into an empty axis
+        return jnp.zeros((bin_start.shape[0], 0), bin_start.dtype)
     if sampling_ratio > 0:
         index = jnp.broadcast_to(jnp.arange(sampling_ratio, dtype=jnp.int32),
                                  (*bin_start.shape, sampling_ratio))

@@ -138,6 +138,21 @@ def _c_round(x):
     return jnp.where(jnp.abs(x - whole) >= 0.5, whole + jnp.sign(x), whole)
 
 
+def inclusive_extent(start, end):
+    """end - start + 1 for whole-number corners, rounded once, as
+    torchvision's int arithmetic and its conversion give it (two roundings
+    lose the 1 past 2^24 pixels in float32): the difference's rounding
+    error, a whole number a two-sum recovers exactly, is added back with
+    the 1. A non-finite difference stays as the plain sum gives it.
+    lib/roi_math.h, inclusive_extent, is the same computation."""
+    one = jnp.ones((), start.dtype)
+    difference = end - start
+    end_part = difference + start
+    start_part = difference - end_part
+    error = (end - end_part) + (-start - start_part)
+    return jnp.where(jnp.isfinite(difference), difference + (error + one), difference + one)
+
+
 def bin_windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
     """First and end pixel [K, pooled] of each bin's window along one axis.
 
@@ -151,7 +166,7 @@ def bin_windows(rois, scale, pooled, size, axis, *, inclusive_end, last):
     """
     start = _c_round(rois[:, axis] * scale)
     end = _c_round(rois[:, axis + 2] * scale)
-    extent = end - start + (1 if inclusive_end else 0)
+    extent = inclusive_extent(start, end) if inclusive_end else end - start
     # std::max(extent, 1); a NaN extent stays NaN and the RoI gives 0.
     extent = jnp.where(extent < 1, jnp.ones_like(extent), extent)
     bin_size = _rounding.divide(extent, pooled)

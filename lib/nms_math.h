@@ -25,7 +25,9 @@ namespace nms {
 
 // The largest T not above `threshold`: for any T value v, `v > it` in T is
 // `v > threshold` in double, which is how torchvision compares. Host only:
-// the handlers convert the attribute once.
+// the handlers convert the attribute once. The Python lowerings pass a value
+// of T already (jax_psroi/_nms.py, threshold_in, which also lifts negative
+// subnormals that XLA's CPU runtime would flush to 0).
 template <typename T>
 T threshold_in(double threshold) {
   T t = static_cast<T>(threshold);

@@ -263,6 +263,25 @@ PSROI_HD bool is_finite(T v) {
   return v - v == static_cast<T>(0);  // false for NaN and +-inf, on host and device
 }
 
+// end - start + 1 for whole-number corners, rounded once: torchvision takes
+// it in int, exactly, and converts the sum to T. Rounding the difference and
+// then the sum, as T's arithmetic would, loses the 1 past 2^24 pixels in
+// float32. The difference's rounding error is a whole number that a two-sum
+// recovers exactly, and adding 1 to it is exact while it is below 2^24 (boxes
+// within 2^48 pixels, far past torchvision's int range). A non-finite
+// difference has no error to recover; it stays as T's arithmetic gives it.
+// jax_psroi/reference_pools.py, inclusive_extent, is the same computation.
+template <typename T>
+PSROI_HD T inclusive_extent(T start, T end) {
+  const T one = static_cast<T>(1);
+  const T difference = end - start;
+  const T end_part = difference + start;
+  const T start_part = difference - end_part;  // -start, rounded as the difference took it
+  const T error = (end - end_part) + (-start - start_part);
+  const T extent = difference + (error + one);
+  return is_finite(difference) ? extent : difference + one;
+}
+
 // Samples per bin along one axis: the user's ratio, or ceil(bin_size) clamped
 // to [0, kMaxGridPerAxis] before any float-to-int conversion.
 template <typename T>
@@ -322,8 +341,8 @@ PSROI_HD RoiBox<T> roi_box(const T* rois, int64_t roi, const CallShape& shape, c
   }
   T size_w = end_w - start_w, size_h = end_h - start_h;
   if (rule.inclusive_corners) {  // both corner pixels count
-    size_w += static_cast<T>(1);
-    size_h += static_cast<T>(1);
+    size_w = inclusive_extent(start_w, end_w);
+    size_h = inclusive_extent(start_h, end_h);
   }
   if (!rule.aligned) {
     // torchvision's std::max(size, 1): a NaN size stays NaN.

@@ -218,6 +218,26 @@ def test_bad_layout_arguments_name_themselves():
         jax_psroi.ps_roi_align(features, rois, 2, 1.0, 2, "NHWC")  # keyword-only
 
 
+@pytest.mark.parametrize("shape", [(1, 0, 5), (1, 5, 0)])
+@pytest.mark.parametrize("operator", ["ps_roi_align", "roi_align", "deform_ps_roi_align",
+                                      "deform_roi_align"])
+def test_references_differentiate_maps_without_pixels(operator, shape):
+    # Every derivative is 0, as the kernels' are; the references' interpolation
+    # weights were a scatter into the empty axis, whose transpose raised.
+    n, h, w = shape
+    features = np.zeros((n, 8, h, w), np.float32)
+    rois = np.array([[0, 0.5, 1, 3, 2.5], [0, 0, 0, 4, 4]], np.float32)
+    offset = np.full((2, 2, 2, 2), 0.1, np.float32)
+    args = (features, rois, offset) if operator.startswith("deform") else (features, rois)
+    settings = dict(aligned=True) if operator == "roi_align" else {}
+    for function in (getattr(jax_psroi, operator), getattr(jax_psroi, operator + "_reference")):
+        grads = jax.grad(lambda *a, f=function: f(*a, 2, 1.0, 2, **settings).sum(),
+                         argnums=tuple(range(len(args))))(*args)
+        for grad, arg in zip(grads, args, strict=True):
+            assert grad.shape == arg.shape
+            np.testing.assert_array_equal(grad, 0)
+
+
 @pytest.mark.parametrize("dtype", [*EXACT_DTYPES, jnp.bfloat16])
 @pytest.mark.parametrize("data_format", LAYOUTS)
 @pytest.mark.parametrize("shape", [(1, 0, 5), (1, 5, 0), (0, 5, 5)])

@@ -361,3 +361,12 @@ def test_a_box_at_a_level_boundary_gets_torchvision_level_eager_and_jitted():
     for rois in (box, np.concatenate([box, other])):
         assert int(levels(rois)[0]) == expected
         assert int(jax.jit(levels)(rois)[0]) == expected
+
+
+def test_a_level_scale_is_inferred_in_float32_as_torchvision_infers_it():
+    # torchvision takes log2 of torch.tensor(2378 / 3363), a float32
+    # 0.70710677 just below 1/sqrt(2): its log2 is -0.500000025, -0.5 in
+    # float32, which rounds (half to even) to 0, scale 1. In float64 the
+    # ratio's log2 is -0.50000006 and rounds to -1.
+    assert round(np.log2(2378 / 3363)) == -1
+    assert _levels.level_scales([(1, 1, 2378, 8)], (3363, 3363), "NCHW") == (1.0,)

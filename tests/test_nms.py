@@ -96,6 +96,18 @@ def test_threshold_compared_in_float64(implementation):
     np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, 0.6999999)[0], [0, -1])
 
 
+@pytest.mark.parametrize("dtype, threshold", [(np.float32, -1e-40), (np.float64, -1e-310),
+                                              (np.float16, -1e-40)])
+def test_negative_subnormal_threshold_suppresses_boxes_of_iou_0(implementation, dtype,
+                                                                threshold):
+    # Disjoint boxes have IoU 0 > threshold: torchvision keeps only the best.
+    # XLA's CPU runtime flushes subnormals, so the threshold read as 0 kept all.
+    boxes = np.array([[0, 0, 1, 1], [2, 2, 3, 3], [5, 5, 6, 6]], dtype)
+    scores = np.array([0.5, 0.9, 0.7], dtype)
+    np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, threshold)[0], [1, -1, -1])
+    np.testing.assert_array_equal(jax_psroi.nms(boxes, scores, -0.0)[0], [1, 2, 0])
+
+
 def test_ties_nan_and_infinite_scores(implementation):
     boxes = np.array([[20.0 * i, 0, 20.0 * i + 10, 10] for i in range(7)], np.float32)
     scores = np.array([0.5, np.nan, 0.7, np.nan, -np.inf, np.inf, 0.5], np.float32)
@@ -279,6 +291,8 @@ def test_argument_errors():
         jax_psroi.nms(boxes, scores, 0.5, -1)
     with pytest.raises(TypeError, match="must be an int"):
         jax_psroi.nms(boxes, scores, 0.5, 2.5)
+    with pytest.raises(TypeError, match="must be an int"):
+        jax_psroi.nms(boxes, scores, 0.5, True)
     with pytest.raises(TypeError, match="idxs must be integers"):
         jax_psroi.batched_nms(boxes, scores, scores, 0.5)
     with pytest.raises(ValueError, match="idxs must have shape"):
@@ -341,6 +355,11 @@ def test_threshold_in_rounds_down():
     assert np.nextafter(_nms.threshold_in(0.7, np.float32), np.float32(1)) > 0.7
     assert _nms.threshold_in(0.5, np.float32) == np.float32(0.5)
     assert _nms.threshold_in(0.7, np.float64) == 0.7
+    # Negative subnormals become the smallest negative normal; the rest stay.
+    assert _nms.threshold_in(-1e-40, np.float32) == -np.finfo(np.float32).tiny
+    assert _nms.threshold_in(-1e-310, np.float64) == -np.finfo(np.float64).tiny
+    assert _nms.threshold_in(-1e-40, np.float64) == -1e-40
+    assert _nms.threshold_in(1e-40, np.float32) == np.float32(1e-40)
 
 
 # --- Box utilities --------------------------------------------------------------

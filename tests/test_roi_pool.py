@@ -119,6 +119,32 @@ def test_ties_nan_and_windows_without_a_maximum():
         np.testing.assert_array_equal(grad, pooled_as(expected, data_format))
 
 
+@pytest.mark.parametrize("implementation", [
+    "native", "xla", "reference", pytest.param("gpu_schedule", marks=pytest.mark.gpu_schedule)])
+def test_a_box_wider_than_2_24_pixels_spans_end_minus_start_plus_1(implementation,
+                                                                  monkeypatch):
+    # x from -2^24 to 1: torchvision's int width is 2^24 + 2, so with 2 bins
+    # of 2^23 + 1 pixels the second ends at column 2 and holds the maxima of
+    # columns 0 and 1. float32's (1 - -2^24) + 1 rounds twice to 2^24: bins
+    # of 2^23, the second ending at column 0, empty, pooled as 0.
+    features = np.arange(1.0, 13.0, dtype=np.float32).reshape(1, 2, 2, 3)
+    rois = np.array([[0, -2.0**24, 0, 1, 1]], np.float32)
+    expected = np.array([[[[0.0, 5.0]], [[0.0, 11.0]]]], np.float32)
+    if implementation == "gpu_schedule":
+        pooled, pixels = _scheduled("forward", features, rois, None, expected.shape, 1.0,
+                                    "NCHW")
+        np.testing.assert_array_equal(pixels.ravel(), [-1, 4, -1, 4])
+    elif implementation == "reference":
+        pooled = reference(features, rois, (1, 2), 1.0)
+    else:
+        monkeypatch.setenv("JAX_PSROI_IMPLEMENTATION", implementation)
+        pooled, vjp = jax.vjp(lambda f: jax_psroi.roi_pool(f, rois, (1, 2), 1.0), features)
+        grad = np.zeros_like(features)
+        grad[0, :, 1, 1] = 1.0
+        np.testing.assert_array_equal(vjp(np.ones_like(expected))[0], grad)
+    np.testing.assert_array_equal(pooled, expected)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)
 def test_16_bit_is_float32_rounded_once(dtype):
     rng = np.random.default_rng(5)
