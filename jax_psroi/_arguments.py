@@ -157,22 +157,27 @@ def _is_real_number(value) -> bool:
     return getattr(value, "shape", None) == () and dtype is not None and _real_dtype(dtype)
 
 
-def spatial_scale(value) -> float:
-    """``spatial_scale``: a finite positive real number known at trace time
-    (a Python or NumPy int or float, or a concrete 0-d array of one), as a
-    Python float."""
+def static_real(name: str, value) -> float:
+    """Argument `name`: a real number known at trace time (a Python or NumPy
+    int or float, or a concrete 0-d array of one), as a Python float (inf
+    for an int beyond every float); else a TypeError naming it."""
     expected = "a real number"
     if not _is_real_number(value):
-        raise TypeError(f"spatial_scale must be {expected}, got {_given(value)}")
+        raise TypeError(f"{name} must be {expected}, got {_given(value)}")
     try:
-        scale = float(value)
+        return float(value)
     except _TRACED:
         raise TypeError(
-            f"spatial_scale must be {expected} known at trace time, got a "
-            "traced value: pass it as a Python float (a static argument under "
-            "jax.jit)") from None
-    except OverflowError:  # an int beyond every float
-        scale = math.inf
+            f"{name} must be {expected} known at trace time, got a traced value: pass "
+            "it as a Python float (a static argument under jax.jit)") from None
+    except OverflowError:
+        return math.inf
+
+
+def spatial_scale(value) -> float:
+    """``spatial_scale``: a finite positive real number known at trace time,
+    as a Python float."""
+    scale = static_real("spatial_scale", value)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError("spatial_scale must be finite and positive (box coordinates times "
                          "it are feature-map pixels: 1/16 for a stride of 16), got "
@@ -183,12 +188,14 @@ def spatial_scale(value) -> float:
 def spatial_scale_in(scale: float, dtype) -> float:
     """`scale` as the kernels take it, in `dtype` (the compute dtype): in
     float32 (that of float32 and 16-bit maps) it must neither overflow to
-    inf nor round to 0, which would pool every RoI to nothing."""
+    inf nor round below the smallest normal number: XLA's CPU runtime
+    flushes subnormals to 0, which the kernels refuse at run time (and
+    which would pool every RoI to nothing)."""
     finfo = jnp.finfo(dtype)
-    if scale > float(finfo.max) or np.asarray(scale, dtype) == 0:
+    if scale > float(finfo.max) or np.asarray(scale, dtype) < finfo.tiny:
         raise ValueError(
-            f"spatial_scale must be representable in {finfo.dtype.name}, the dtype the "
-            f"kernels compute in for this input ({float(finfo.smallest_subnormal):g} to "
+            f"spatial_scale must be a normal number in {finfo.dtype.name}, the dtype the "
+            f"kernels compute in for this input ({float(finfo.tiny):g} to "
             f"{float(finfo.max):g}), got {scale!r}")
     return scale
 
@@ -310,10 +317,17 @@ def pyramid(value, pooled_size: tuple[int, int], data_format: str, dtypes=None) 
     for index, level in enumerate(maps[1:], start=1):
         if (level.dtype != first.dtype or level.shape[axes[0]] != first.shape[axes[0]]
                 or level.shape[axes[1]] != first.shape[axes[1]]):
-            raise ValueError(
-                f"every level of features must have the dtype, images and channels of "
-                f"level 0 ({first.dtype}, shape {first.shape}); level {index} is "
-                f"{level.dtype}, shape {level.shape}")
+            message = (f"every level of features must have the dtype, images and channels "
+                       f"of level 0 ({first.dtype}, shape {first.shape}); level {index} is "
+                       f"{level.dtype}, shape {level.shape}")
+            other_format = "NHWC" if data_format == "NCHW" else "NCHW"
+            other_axis = channel_axis(other_format)
+            if (level.dtype == first.dtype and level.shape[axes[0]] == first.shape[axes[0]]
+                    and level.shape[other_axis] == first.shape[other_axis]):
+                shape_name = "[N, C, H, W]" if other_format == "NCHW" else "[N, H, W, C]"
+                message += (f". Their axis {other_axis} agrees: if the maps are "
+                            f"{shape_name}, pass data_format={other_format!r}")
+            raise ValueError(message)
     return maps
 
 

@@ -283,13 +283,12 @@ def apply(operation: str, input, boxes, offset, output_size, spatial_scale, samp
 
 
 def checked_gamma(value, dtype=None) -> float:
-    """`value` as a finite python float, or a ValueError; given `dtype` (the
-    boxes' compute dtype, in which the kernels take it), finite in it too
-    (a layer's settings, checked before any input is seen, are not)."""
-    try:
-        gamma = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        gamma = math.nan
+    """`value` as a finite python float known at trace time (a TypeError for
+    anything but a real number, a ValueError for one not finite); given
+    `dtype` (the boxes' compute dtype, in which the kernels take it), finite
+    in it too (a layer's settings, checked before any input is seen, are
+    not)."""
+    gamma = _arguments.static_real("gamma", value)
     if not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite real number, got {value!r}")
     if dtype is not None and abs(gamma) > float(jnp.finfo(dtype).max):

@@ -8,6 +8,8 @@ width, height), ``cxcywh`` (centre x, centre y, width, height).
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -79,7 +81,9 @@ def box_convert(boxes, in_fmt: str, out_fmt: str) -> jax.Array:
     if in_fmt == "xywh":
         a, b, c, d = a, b, a + c, b + d
     elif in_fmt == "cxcywh":
-        a, b, c, d = a - 0.5 * c, b - 0.5 * d, a + 0.5 * c, b + 0.5 * d
+        # / 2, not 0.5 *: integer boxes then give a float that is not weakly
+        # typed (a later bfloat16 operand would round it), as for xyxy below.
+        a, b, c, d = a - c / 2, b - d / 2, a + c / 2, b + d / 2
     # (a, b, c, d) is xyxy now.
     if out_fmt == "xywh":
         a, b, c, d = a, b, c - a, d - b
@@ -92,10 +96,19 @@ def clip_boxes_to_image(boxes, size) -> jax.Array:
     """`boxes` [..., 4] (xyxy) with x clamped to [0, width] and y to
     [0, height], `size` being (height, width) as in torchvision: [..., 4]."""
     boxes = _check_boxes(boxes)
-    height, width = size
+    height, width = (_bound(value, boxes.dtype) for value in size)
     x = jnp.clip(boxes[..., 0::2], 0, width)
     y = jnp.clip(boxes[..., 1::2], 0, height)
     return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
+
+
+def _bound(value, dtype):
+    """An image side `value` as a bound for boxes of `dtype`: an integer
+    dtype's largest value caps a Python int (jnp.clip would convert it with
+    wraparound: 70000 is -25536 in int16); every box of the dtype is inside."""
+    if jnp.issubdtype(dtype, jnp.integer) and isinstance(value, numbers.Integral):
+        return min(int(value), int(jnp.iinfo(dtype).max))
+    return value
 
 
 def remove_small_boxes(boxes, min_size: float) -> jax.Array:

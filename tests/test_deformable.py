@@ -333,6 +333,15 @@ def test_arguments_are_checked():
         jax_psroi.deform_roi_align(features, boxes, offset > 0, SIZE, SCALE)
     with pytest.raises(ValueError, match="gamma must be a finite"):
         jax_psroi.deform_roi_align(features, boxes, offset, SIZE, SCALE, gamma=float("nan"))
+    for bad in ("0.1", None, True, np.True_):
+        with pytest.raises(TypeError, match="gamma must be a real number, got"):
+            jax_psroi.deform_roi_align(features, boxes, offset, SIZE, SCALE, gamma=bad)
+    with pytest.raises(TypeError, match="gamma must be a real number known at trace time"):
+        jax.jit(lambda g: jax_psroi.deform_roi_align(features, boxes, offset, SIZE, SCALE,
+                                                     gamma=g))(0.1)
+    np.testing.assert_array_equal(
+        jax_psroi.deform_roi_align(features, boxes, offset, SIZE, SCALE, gamma=np.float32(0.25)),
+        jax_psroi.deform_roi_align(features, boxes, offset, SIZE, SCALE, gamma=0.25))
     # Finite in the kernels' compute dtype (float32 for 32- and 16-bit maps).
     for dtype in (np.float32, jnp.bfloat16):
         with pytest.raises(ValueError, match="gamma must be finite in float32"):
@@ -479,6 +488,8 @@ def test_flax_modules():
                                       "sampling_ratio=2, gamma=0.2, data_format='NHWC'")
     with pytest.raises(ValueError, match="gamma"):
         linen.DeformRoIAlign(7, gamma=float("inf"))
+    with pytest.raises(TypeError, match="gamma must be a real number"):
+        linen.DeformRoIAlign(7, gamma="1e-1")
 
 
 @pytest.mark.parametrize("platform", ["tpu", "rocm"])

@@ -140,7 +140,7 @@ def test_every_module_checks_its_scale_when_made(module):
     features, rois = _data("NHWC")
     made = module(OUTPUT_SIZE, 1e300)
     call = made if isinstance(made, flax_nnx.Module) else partial(made.apply, {})
-    with pytest.raises(ValueError, match="spatial_scale must be representable in float32"):
+    with pytest.raises(ValueError, match="spatial_scale must be a normal number in float32"):
         call(features, rois)
     assert call(features.astype(np.float64), rois).dtype == np.float64
 
@@ -277,8 +277,9 @@ def test_multi_scale_settings_are_checked_when_made_and_shown():
     assert repr(linen.MultiScaleRoIAlign(["p2", "p3"], 7, 2)) == (
         "MultiScaleRoIAlign(featmap_names=['p2', 'p3'], output_size=7, sampling_ratio=2, "
         "data_format='NHWC')")
-    with pytest.raises(TypeError, match="featmap_names must be a non-empty sequence"):
-        nnx.MultiScaleRoIAlign("p2", 7, 2)
+    for names in ("p2", 5, None, [], ["p2", 3]):
+        with pytest.raises(TypeError, match="featmap_names must be a non-empty sequence"):
+            nnx.MultiScaleRoIAlign(names, 7, 2)
     with pytest.raises(ValueError, match="canonical_scale must be positive"):
         linen.MultiScaleRoIAlign(["p2"], 7, 2, canonical_scale=0)
 
@@ -289,6 +290,24 @@ def test_multi_scale_settings_are_checked_when_made_and_shown():
         nnx.MultiScaleRoIAlign(["p2"], 7, 2, canonical_level=2**40)
     with pytest.raises(ValueError, match="output_size must be at most 2147483647"):
         linen.MultiScaleRoIAlign(["p2"], 2**31, 2)
+
+
+def test_linen_modules_made_with_lists_are_static_arguments_of_jit():
+    # A module is hashed as a static argument; lists are not hashable.
+    layer = linen.RoIAlign([3, 2], 0.5, 2)
+    pyramid = linen.MultiScaleRoIAlign(["p2", "p3"], [3, 2], 2, canonical_scale=56)
+    assert layer.output_size == (3, 2) and pyramid.featmap_names == ("p2", "p3")
+    apply = jax.jit(lambda module, *args: module.apply({}, *args), static_argnums=0)
+    features = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+    boxes = np.array([[1, 0, 1, 9, 12]], np.float32)
+    np.testing.assert_array_equal(apply(layer, features, boxes),
+                                  jax_psroi.roi_align(features, boxes, (3, 2), 0.5, 2,
+                                                      data_format="NHWC"))
+    levels = {name: PYRAMID[name] for name in ("p2", "p3")}
+    apply_pyramid = jax.jit(lambda module, *args: module.apply({}, *args, [(64, 64)]),
+                            static_argnums=0)
+    np.testing.assert_array_equal(apply_pyramid(pyramid, levels, SIDES),
+                                  pyramid.apply({}, levels, SIDES, [(64, 64)]))
 
 
 # Levels p2-p4 of a 64 x 64 image, NHWC, every pixel of p<k> equal to k.

@@ -327,11 +327,16 @@ BAD_INPUTS = {
        for name, scale, shown in (("nan", np.nan, "nan"), ("inf", np.inf, "inf"),
                                   ("zero", 0, "0"), ("negative", -0.5, "-0.5"),
                                   ("huge_int", 10**400, "1000"))},
-    # float32 input computes in float32, where these become inf and 0.
+    # float32 input computes in float32, where these become inf, 0 and a
+    # subnormal (which XLA's CPU runtime flushes to 0).
     **{f"spatial_scale_{name}_in_float32": (
         lambda f, b, scale=scale: jax_psroi.ps_roi_align(f, b, 2, scale), ValueError,
-        rf"spatial_scale must be representable in float32, .* got {re.escape(str(scale))}")
-       for name, scale in (("overflow", 1e300), ("underflow", 1e-300))},
+        rf"spatial_scale must be a normal number in float32, .* got {re.escape(str(scale))}")
+       for name, scale in (("overflow", 1e300), ("underflow", 1e-300),
+                           ("subnormal", 1e-40))},
+    "spatial_scale_subnormal_in_float64": (
+        lambda f, b: jax_psroi.ps_roi_align(f.astype(np.float64), b, 2, 1e-310), ValueError,
+        r"spatial_scale must be a normal number in float64, .* got 1e-310"),
 }
 
 
@@ -374,7 +379,7 @@ BAD_FOR_EVERY_OPERATOR = {
     "scale_negative": (lambda x, b, s: (x, b, -s), ValueError,
                        "spatial_scale must be finite and positive"),
     "scale_float32_overflow": (lambda x, b, s: (x, b, 1e300), ValueError,
-                               "spatial_scale must be representable in float32"),
+                               "spatial_scale must be a normal number in float32"),
 }
 
 

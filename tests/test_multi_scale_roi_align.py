@@ -178,6 +178,15 @@ def test_arguments_are_checked():
                                         (64, 64))
     with pytest.raises(TypeError, match="image_size must be a pair"):
         jax_psroi.multi_scale_roi_align([x], rois, 2, 2, 64)
+    # NCHW levels called NHWC: their "channels" (widths) differ, their axis 1 not.
+    with pytest.raises(ValueError, match=r"level 1 is float32, shape \(1, 2, 8, 8\)\. Their "
+                                         r"axis 1 agrees: if the maps are \[N, C, H, W\], "
+                                         r"pass data_format='NCHW'"):
+        jax_psroi.multi_scale_roi_align([x, np.zeros((1, 2, 8, 8), np.float32)], rois, 2, 2,
+                                        (64, 64), data_format="NHWC")
+    with pytest.raises(ValueError, match=r"shape \(1, 3, 8, 8\)$"):  # no hint: C differs
+        jax_psroi.multi_scale_roi_align([x, np.zeros((1, 3, 8, 8), np.float32)], rois, 2, 2,
+                                        (64, 64))
 
 
 # Levels of a 256 x 256 image at strides 4, 8 and 16, every pixel of level j

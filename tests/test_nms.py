@@ -403,6 +403,18 @@ def test_box_convert_round_trips():
         jax_psroi.box_convert(xyxy, "yxyx", "xyxy")
 
 
+def test_box_convert_of_integer_boxes_gives_a_strong_float():
+    # Weakly typed, the float result would take a bfloat16 operand's dtype.
+    centred = jnp.array([[1000, 2000, 3, 7]], jnp.int32)
+    for fmt, expected in (("xyxy", [[998.5, 1996.5, 1001.5, 2003.5]]),
+                          ("xywh", [[998.5, 1996.5, 3, 7]])):
+        converted = jax_psroi.box_convert(centred, "cxcywh", fmt)
+        assert not converted.weak_type
+        assert converted.dtype == jax_psroi.box_convert(centred, "xyxy", "cxcywh").dtype
+        np.testing.assert_array_equal(converted + jnp.zeros((), jnp.bfloat16),
+                                      np.asarray(expected, converted.dtype))
+
+
 def test_clip_and_small_boxes():
     boxes = np.array([[-5, -5, 20, 8], [3, 4, 3.5, 30], [1, 1, 4, 4]], np.float32)
     np.testing.assert_array_equal(jax_psroi.clip_boxes_to_image(boxes, (10, 15)),
@@ -411,6 +423,19 @@ def test_clip_and_small_boxes():
     np.testing.assert_array_equal(jax_psroi.remove_small_boxes(boxes, 3.0), [True, False, True])
     np.testing.assert_array_equal(jax_psroi.remove_small_boxes(boxes, 3.5), [True, False, False])
     assert jax.jit(jax_psroi.remove_small_boxes, static_argnums=1)(boxes, 1.0).dtype == bool
+
+
+def test_clip_does_not_wrap_image_sizes_past_an_integer_dtype():
+    # 70000 is -25536 in int16: the boxes, all inside the image, came back
+    # clipped to it. Every box of the dtype is inside a larger image.
+    boxes = np.array([[-3, -4, 500, 600]], np.int16)
+    clipped = jax_psroi.clip_boxes_to_image(boxes, (40000, 70000))
+    assert clipped.dtype == np.int16
+    np.testing.assert_array_equal(clipped, [[0, 0, 500, 600]])
+    boxes = np.array([[0, 0, 250, 255]], np.uint8)
+    np.testing.assert_array_equal(jax_psroi.clip_boxes_to_image(boxes, (300, 300)), boxes)
+    np.testing.assert_array_equal(jax_psroi.clip_boxes_to_image(boxes, (200, 100)),
+                                  [[0, 0, 100, 200]])
 
 
 # --- The CUDA kernels' schedule (lib/nms_schedule.h) on the test rig ----------

@@ -4,7 +4,7 @@ message when Flax is missing."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import jax
@@ -250,8 +250,8 @@ class MultiScaleRoIAlignConfig:
     @classmethod
     def make(cls, featmap_names, output_size, sampling_ratio, canonical_scale=224,
              canonical_level=4, data_format="NHWC") -> MultiScaleRoIAlignConfig:
-        if isinstance(featmap_names, str) or not all(
-                isinstance(name, str) for name in featmap_names) or not featmap_names:
+        if (not isinstance(featmap_names, Sequence) or isinstance(featmap_names, str)
+                or not featmap_names or not all(isinstance(name, str) for name in featmap_names)):
             raise TypeError("featmap_names must be a non-empty sequence of level names, got "
                             f"{featmap_names!r}")
         return cls(tuple(featmap_names), _arguments.output_size(output_size),

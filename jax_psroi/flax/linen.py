@@ -30,6 +30,11 @@ class _Layer(nn.Module):
 
     def __post_init__(self):
         self._settings()  # raises on a bad setting, here rather than at the first call
+        # Lists (``RoIAlign([7, 7])``, the level names) as tuples: a module is
+        # hashed where it is a static argument of jax.jit.
+        for name in ("output_size", "featmap_names"):
+            if isinstance(getattr(self, name, None), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         super().__post_init__()
 
     def __call__(self, features: ArrayLike, boxes: Boxes) -> jax.Array:
