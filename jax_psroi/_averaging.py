@@ -242,10 +242,10 @@ def _make(operator: Operator) -> Primitives:
 
     def forward_batch(args, dims, *, image_groups, **params):
         size = _rules.mapped_size(args, dims)
-        (features,), rois, copies = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1],
+        (features,), rois, folding = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1],
                                                      size, image_groups)
         out = forward_p.bind(features, rois, image_groups=image_groups, **params)
-        return _image_groups.unfold(out, size, copies), 0
+        return _image_groups.unfold(out, folding), 0
 
     def backward_batch(args, dims, *, input_shape, image_groups, **params):
         size = _rules.mapped_size(args, dims)

@@ -217,17 +217,17 @@ def _make(operation: str) -> Primitives:
 
     def forward_batch(args, dims, *, image_groups, **params):
         size = _rules.mapped_size(args, dims)
-        (features,), rois, copies = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1],
+        (features,), rois, folding = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1],
                                                      size, image_groups)
-        offset = _rules.fold_like_rois(args[2], dims[2], size, copies)
+        offset = _rules.fold_like_rois(args[2], dims[2], folding)
         out = forward_p.bind(features, rois, offset, image_groups=image_groups, **params)
-        return _image_groups.unfold(out, size, copies), 0
+        return _image_groups.unfold(out, folding), 0
 
     def backward_batch(args, dims, *, input_shape, image_groups, **params):
         size = _rules.mapped_size(args, dims)
-        cotangent, rois, copies = _rules.fold_backward(args[0], dims[0], args[1], dims[1], size,
+        cotangent, rois, folding = _rules.fold_backward(args[0], dims[0], args[1], dims[1], size,
                                                        image_groups, input_shape[0])
-        offset = _rules.fold_like_rois(args[2], dims[2], size, copies)
+        offset = _rules.fold_like_rois(args[2], dims[2], folding)
         grad = backward_p.bind(cotangent, rois, offset,
                                input_shape=_rules.folded_input_shape(size, input_shape),
                                image_groups=image_groups, **params)

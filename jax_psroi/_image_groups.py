@@ -28,6 +28,8 @@ images without communication (``blocks``; _partitioning.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,9 +84,19 @@ def fold(x: jax.Array, num_copies: int) -> jax.Array:
     return x.reshape((size * num_rois, *rest))
 
 
-def unfold(x: jax.Array, size: int, num_copies: int) -> jax.Array:
-    """The inverse of ``fold``: [B * K, ...] -> [B, K, ...]."""
-    num_rois, rest = x.shape[0] // max(size, 1), x.shape[1:]
+class Folding(NamedTuple):
+    """How a mapped axis was folded into a call: `size` elements of
+    `num_rois` RoIs each, `copies` copies of the groups put first."""
+    size: int
+    num_rois: int
+    copies: int
+
+
+def unfold(x: jax.Array, folding: Folding) -> jax.Array:
+    """The inverse of ``fold``: [B * K, ...] -> [B, K, ...] (K from the
+    folding: with B = 0 the folded axis does not hold it)."""
+    size, num_rois, num_copies = folding
+    rest = x.shape[1:]
     if num_copies > 1:
         x = x.reshape((num_copies, size, num_rois // num_copies, *rest)).swapaxes(0, 1)
     return x.reshape((size, num_rois, *rest))

@@ -167,10 +167,10 @@ def _batch(args, dims, *, image_groups, **params):
     *maps, rois, levels = args
     *map_dims, rois_dim, levels_dim = dims
     size = _rules.mapped_size(args, dims)
-    maps, rois, copies = _rules.fold_maps(maps, map_dims, rois, rois_dim, size, image_groups)
-    levels = _rules.fold_like_rois(levels, levels_dim, size, copies)
+    maps, rois, folding = _rules.fold_maps(maps, map_dims, rois, rois_dim, size, image_groups)
+    levels = _rules.fold_like_rois(levels, levels_dim, folding)
     out = multi_scale_p.bind(*maps, rois, levels, image_groups=image_groups, **params)
-    return _image_groups.unfold(out, size, copies), 0
+    return _image_groups.unfold(out, folding), 0
 
 
 batching.primitive_batchers[multi_scale_p] = _batch

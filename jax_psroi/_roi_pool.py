@@ -165,27 +165,27 @@ def _linear_jvp(primitive):
 
 def _roi_pool_batch(args, dims, *, image_groups, **params):
     size = _rules.mapped_size(args, dims)
-    (features,), rois, copies = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1], size,
+    (features,), rois, folding = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1], size,
                                                  image_groups)
     pooled, pixels = roi_pool_p.bind(features, rois, image_groups=image_groups, **params)
-    return ((_image_groups.unfold(pooled, size, copies),
-             _image_groups.unfold(pixels, size, copies)), (0, 0))
+    return ((_image_groups.unfold(pooled, folding),
+             _image_groups.unfold(pixels, folding)), (0, 0))
 
 
 def _gather_batch(args, dims, *, image_groups, **params):
     size = _rules.mapped_size(args, dims)
-    (features,), rois, copies = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1], size,
+    (features,), rois, folding = _rules.fold_maps(args[:1], dims[:1], args[1], dims[1], size,
                                                  image_groups)
-    pixels = _rules.fold_like_rois(args[2], dims[2], size, copies)
+    pixels = _rules.fold_like_rois(args[2], dims[2], folding)
     out = gather_p.bind(features, rois, pixels, image_groups=image_groups, **params)
-    return _image_groups.unfold(out, size, copies), 0
+    return _image_groups.unfold(out, folding), 0
 
 
 def _scatter_batch(args, dims, *, input_shape, image_groups, **params):
     size = _rules.mapped_size(args, dims)
-    cotangent, rois, copies = _rules.fold_backward(args[0], dims[0], args[1], dims[1], size,
+    cotangent, rois, folding = _rules.fold_backward(args[0], dims[0], args[1], dims[1], size,
                                                    image_groups, input_shape[0])
-    pixels = _rules.fold_like_rois(args[2], dims[2], size, copies)
+    pixels = _rules.fold_like_rois(args[2], dims[2], folding)
     grad = scatter_p.bind(cotangent, rois, pixels,
                           input_shape=_rules.folded_input_shape(size, input_shape),
                           image_groups=image_groups, **params)

@@ -90,34 +90,38 @@ def to_front(x, dim, size):
 def fold_maps(maps, map_dims, rois, rois_dim, size, image_groups):
     """A forward's maps (features, or a pyramid's levels) and RoIs folded
     over a mapped axis of `size`: (maps [B * N, ...], or unmapped ones,
-    rois [B * K, 5] in the folded call's order, and how many copies of the
-    groups that order puts first; _image_groups.fold)."""
+    rois [B * K, 5] in the folded call's order, and the folding, which
+    says how many copies of the groups that order puts first;
+    _image_groups.fold)."""
     rois = to_front(rois, rois_dim, size)
     if all(dim is None for dim in map_dims):
         # The B RoI sets read the same images: copies of the groups, in order.
-        return list(maps), _image_groups.fold(rois, 1), 1
+        return (list(maps), _image_groups.fold(rois, 1),
+                _image_groups.Folding(size, rois.shape[1], 1))
     maps = [to_front(x, dim, size) for x, dim in zip(maps, map_dims, strict=True)]
     copies = _image_groups.copies(image_groups, rois.shape[1], maps[0].shape[1])
     # Explicit sizes: with a zero-size axis, -1 is ambiguous.
     maps = [x.reshape((size * x.shape[1], *x.shape[2:])) for x in maps]
-    return maps, _image_groups.fold(rois, copies), copies
+    return (maps, _image_groups.fold(rois, copies),
+            _image_groups.Folding(size, rois.shape[1], copies))
 
 
 def fold_backward(cotangent, cotangent_dim, rois, rois_dim, size, image_groups,
                   num_images):
     """A backward's pooled-like cotangent and RoIs folded over a mapped axis
     of `size` (the gradient is per element: its images are always folded),
-    and the copies of the groups put first."""
+    and the folding."""
     rois = to_front(rois, rois_dim, size)
     copies = _image_groups.copies(image_groups, rois.shape[1], num_images)
     return (_image_groups.fold(to_front(cotangent, cotangent_dim, size), copies),
-            _image_groups.fold(rois, copies), copies)
+            _image_groups.fold(rois, copies),
+            _image_groups.Folding(size, rois.shape[1], copies))
 
 
-def fold_like_rois(x, dim, size, copies):
+def fold_like_rois(x, dim, folding):
     """A further operand shaped like the RoIs or the pooled tensor, folded
     as the RoIs were."""
-    return _image_groups.fold(to_front(x, dim, size), copies)
+    return _image_groups.fold(to_front(x, dim, folding.size), folding.copies)
 
 
 def folded_input_shape(size: int, input_shape) -> tuple:

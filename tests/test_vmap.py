@@ -166,6 +166,29 @@ def test_vmap_with_empty_axes(n, c_out, k):
     assert gradient.shape == features.shape
 
 
+@pytest.mark.parametrize("in_axes", [(0, 0), (0, None), (None, 0)])
+def test_vmap_over_no_elements_keeps_the_rois_axis(in_axes):
+    # B = 0: unfolding took K from the folded axis, B * K = 0, so K came out 0.
+    features = np.zeros((1, 8, 5, 5), np.float32)
+    rois = np.array([[0, 1, 1, 3, 3]] * 3, np.float32)
+    offset = np.zeros((3, 2, 2, 2), np.float32)
+    empty = lambda x, axis: np.zeros((0, *x.shape), x.dtype) if axis == 0 else x
+    calls = {
+        "ps_roi_align": lambda f, r: jax_psroi.ps_roi_align(f, r, 2, 1.0, 2),
+        "ps_roi_pool": lambda f, r: jax_psroi.ps_roi_pool(f, r, 2, 1.0),
+        "roi_pool": lambda f, r: jax_psroi.roi_pool(f, r, 2, 1.0),
+        "multi_scale": lambda f, r: jax_psroi.multi_scale_roi_align([f], r, 2, 2, (5, 5)),
+        "deform_roi_align": lambda f, r: jax_psroi.deform_roi_align(f, r, offset, 2, 1.0, 2),
+    }
+    for name, call in calls.items():
+        args = (empty(features, in_axes[0]), empty(rois, in_axes[1]))
+        out, vjp = jax.vjp(jax.vmap(call, in_axes=in_axes), *args)
+        assert out.shape == (0, *call(features, rois).shape), name
+        grads = vjp(jnp.ones_like(out))
+        assert [g.shape for g in grads] == [a.shape for a in args], name
+        np.testing.assert_array_equal(grads[0], 0)
+
+
 def test_vmap_image_offsets_are_exact_past_float32_integers():
     # 2 x (2**24 + 2) images: folded into one call, element 1's image 1 is
     # image 2**24 + 3, which a float32 batch index cannot hold (it would
