@@ -77,8 +77,16 @@ def cuda_further_results(direction, dtype, features, pooled, data_format) -> lis
         results.append(jax.ShapeDtypeStruct((math.prod(features),), compute))
     n, _, height, _ = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
     pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
-    results.append(jax.ShapeDtypeStruct((_extension.cuda_workspace_elements(
-        direction == "backward", n, pooled[0], height, pooled_h, pooled_w),), np.int32))
+    elements = _extension.cuda_workspace_elements(direction == "backward", n, pooled[0], height,
+                                                  pooled_h, pooled_w)
+    if elements > np.iinfo(np.int32).max:
+        # The schedule's lists hold positions in the workspace as int32.
+        raise ValueError(
+            f"the CUDA kernels' {direction} schedule indexes its lists of RoIs in 32 bits: "
+            f"{pooled[0]} RoIs over a map of {height} rows take {elements} entries (the "
+            "backward lists each RoI once per 4-row tile its box may touch), past 2^31 - 1; "
+            "pool fewer RoIs per call")
+    results.append(jax.ShapeDtypeStruct((elements,), np.int32))
     return results
 
 
@@ -283,6 +291,7 @@ def apply(operator: Operator, input, boxes, output_size, spatial_scale, data_for
         position_sensitive=operator.position_sensitive)
     del params["channel_order"]  # the operator's own attributes, below
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
+    features, rois = _rules.varying_alike(features, rois)
     return PRIMITIVES[operator.name].forward.bind(
         features, rois, image_groups=groups, implementation=_implementation.requested(),
         box_parameter=0, **params, **operator.check(**attributes))

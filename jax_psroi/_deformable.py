@@ -277,6 +277,7 @@ def apply(operation: str, input, boxes, offset, output_size, spatial_scale, samp
     gamma = checked_gamma(gamma, rois.dtype)
     offset = checked_offset(offset, rois.shape[0], params["pooled_size"], rois.dtype)
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
+    features, rois, offset = _rules.varying_alike(features, rois, offset)
     return PRIMITIVES[operation].forward.bind(
         features, rois, offset, image_groups=groups, implementation=_implementation.requested(),
         box_parameter=0, gamma=gamma, **params)

@@ -66,13 +66,28 @@ def copies(image_groups: ImageGroups, num_rois: int, num_images: int) -> int:
     return num_rois // (groups * image_groups[0])
 
 
-def blocks(image_groups: ImageGroups, num_rois: int, num_images: int) -> int:
-    """The number of equal consecutive blocks the call's RoIs and images
-    come in, block b's RoIs reading only block b's images (1: none known)."""
+class Blocks(NamedTuple):
+    """What a partitioned program may split of a call's RoIs and images.
+
+    count: the number of equal consecutive blocks the RoIs and images come
+      in, block b's RoIs reading only block b's images (1: none known).
+    period: how many consecutive RoIs go once over every image group (1
+      with one group). A device that holds whole periods of RoIs, and every
+      image, computes the images they read as the whole call does (the
+      group of a RoI is counted from the first RoI the device holds); any
+      other run of RoIs would read other groups' images.
+    """
+    count: int
+    period: int
+
+
+def blocks(image_groups: ImageGroups, num_rois: int, num_images: int) -> Blocks:
+    """The blocks of a call's RoIs and images, and the period of its groups."""
     groups = _groups(image_groups, num_images)
-    if groups > 1 and num_rois == groups * image_groups[0]:
-        return groups
-    return 1
+    if groups <= 1:
+        return Blocks(1, 1)
+    count = groups if num_rois == groups * image_groups[0] else 1
+    return Blocks(count, groups * image_groups[0])
 
 
 def fold(x: jax.Array, num_copies: int) -> jax.Array:

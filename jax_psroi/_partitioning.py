@@ -23,10 +23,14 @@ device (the same kernel, on its shard). Per mesh axis, the call splits over
   many boxes per image; _image_groups.py). Each device pools its own
   images with the same groups: batch indices count from their group's
   first image, so they are local as they are. No communication, forward or
-  backward.
+  backward. RoIs in such blocks split over K with the features replicated
+  split this way too (each device slices its images out of the replica).
 * RoIs: RoIs sharded over K, features replicated over those axes. The
   forward's output is sharded over K; the backward's feature gradient is
-  the sum of the devices' gradients (one all-reduce).
+  the sum of the devices' gradients (one all-reduce). With several image
+  groups, only when each device holds whole periods of the groups
+  (_image_groups.Blocks): its RoIs then read the images the whole call's
+  would.
 * channel groups: features sharded over C in whole groups. In torchvision
   order the PH * PW input channels of one output channel are contiguous, so
   the output is sharded over C_out; in bin-major order the C_out channels of
@@ -52,7 +56,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_psroi import _arguments
+from jax_psroi import _arguments, _image_groups
 
 # One device's call: (operand, rois, *further, result_shape=) -> result
 # (or results), traced with the shapes of one device's shards. A call that can
@@ -63,7 +67,8 @@ LocalCall = Callable[..., jax.Array]
 
 
 def lower(ctx, operand, rois, *further, direction: str, local_call: LocalCall,
-          image_blocks: int, data_format: str, channel_order: str, bin_rows_call: bool,
+          image_blocks: _image_groups.Blocks, data_format: str, channel_order: str,
+          bin_rows_call: bool,
           bin_operands: int = 0):
     """Lowers ``local_call`` for the whole call, partitioned when the module
     is partitioned over several devices. `bin_rows_call`: whether
@@ -89,15 +94,17 @@ def lower(ctx, operand, rois, *further, direction: str, local_call: LocalCall,
     partitioner = _Partitioner(local_call, features, pooled, data_format, channel_order,
                                image_blocks, bin_rows_call, further_results=further_results,
                                bin_operands=bin_operands)
+    devices = len(ctx.module_context.axis_context.device_assignment)
     rule = _sharding_rule(direction, data_format, channel_order, partitioner.factor_sizes(),
                           pooled_operands=len(further) - bin_operands,
-                          bin_operands=bin_operands, further_results=further_results)
+                          bin_operands=bin_operands, further_results=further_results,
+                          opaque_channels=not partitioner.groups_split_over(devices))
     partition = partitioner.forward if direction == "forward" else partitioner.backward
     return _lower(ctx, operands, whole, partition,
                   **_rule_options(rule, direction, channel_order, partitioner.factor_sizes()))
 
 
-def lower_pyramid(ctx, *operands, local_call: LocalCall, image_blocks: int,
+def lower_pyramid(ctx, *operands, local_call: LocalCall, image_blocks: _image_groups.Blocks,
                   data_format: str):
     """Lowers multi-scale RoI Align's forward, ``local_call(map_0, ...,
     map_{L-1}, rois, levels, result_shape=)``, partitioned as roi_align's
@@ -164,7 +171,7 @@ def _unmeshed(aval):
 
 
 def typed_result(direction: str, operand, rois, result, *, data_format: str,
-                 channel_order: str, image_blocks: int):
+                 channel_order: str, image_blocks: _image_groups.Blocks):
     """`result` (an abstract value typed like its map operand) with the
     split the partitioning gives it, when the operands live on a mesh with
     explicit axes (whose shardings are part of the types); as it is
@@ -238,11 +245,18 @@ def _dimension(factors, alone: str) -> str:
     return names[0] if names else alone
 
 
-def _dimensions(data_format, channel_order, sizes):
+def _dimensions(data_format, channel_order, sizes, opaque_channels=False):
     """The rule's images, RoIs and channel dimensions, and its pooled tensor,
-    for factors of `sizes` (b, m, l given only with blocks of images)."""
+    for factors of `sizes` (b, m, l given only with blocks of images).
+    `opaque_channels`: the channels are one factor c of their own, which
+    propagation splits as a whole (the callback then decides what a split
+    of it means): a position-sensitive map whose channel groups a split of
+    the mesh may cut, where propagation would split a mesh axis across two
+    factors of the compound, a sub-axis custom_partitioning cannot express."""
     channel_factors = {"torchvision": ("d", "p", "q"), "bin_major": ("p", "q", "d"),
                        "shared": ("d",)}[channel_order]
+    if opaque_channels and channel_order != "shared":
+        channel_factors = ()
     channels = _dimension([(f, sizes[f]) for f in channel_factors], "c")
     if "b" in sizes:
         images = _dimension([("b", sizes["b"]), ("m", sizes["m"])], "n")
@@ -261,11 +275,13 @@ def _map_dimensions(data_format, images, channels, pixels=("h", "w")) -> str:
 
 
 def _sharding_rule(direction, data_format, channel_order, sizes, pooled_operands=0,
-                   bin_operands=0, further_results=0) -> str:
+                   bin_operands=0, further_results=0, opaque_channels=False) -> str:
     """The rule of a call whose factors have `sizes` (b, m, l given only
     with blocks of images), with further operands and results shaped like
-    its pooled tensor, then operands [K, X, PH, PW]."""
-    images, rois, channels, pooled = _dimensions(data_format, channel_order, sizes)
+    its pooled tensor, then operands [K, X, PH, PW]; `opaque_channels` as
+    for _dimensions."""
+    images, rois, channels, pooled = _dimensions(data_format, channel_order, sizes,
+                                                 opaque_channels)
     features = _map_dimensions(data_format, images, channels)
     further = "".join([f", {pooled}"] * pooled_operands + [f", {rois} o p q"] * bin_operands)
     if direction == "forward":
@@ -350,7 +366,7 @@ class _Partitioner:
         self.num_rois = pooled_shape[self.axes[0]]
         self.channels_out = pooled_shape[self.axes[1]]
         self.pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
-        self.image_blocks = image_blocks
+        self.image_blocks, self.roi_period = image_blocks
         # A split of the features over C in whole groups: torchvision order
         # splits C_out; bin-major order splits the bins, by whole bin rows
         # (PH), when the local call can compute a range of bin rows.
@@ -371,17 +387,33 @@ class _Partitioner:
                          l=self.num_rois // self.image_blocks)
         return sizes
 
+    def groups_split_over(self, devices: int) -> bool:
+        """Whether every split of `devices` devices' mesh axes over the
+        channels holds whole channel groups (their count a multiple of the
+        devices: each axis's size, and any product of them, divides it)."""
+        return self.channel_groups is not None and self.channel_groups % devices == 0
+
     def _splits(self, mesh, axes, *sizes) -> bool:
         return all(size % _count(mesh, axes) == 0 for size in sizes)
+
+    def _splits_images(self, mesh, axes) -> bool:
+        return bool(axes) and self._splits(mesh, axes, self.image_blocks, self.num_images,
+                                           self.num_rois)
+
+    def _splits_rois_alone(self, mesh, axes) -> bool:
+        # Each device's RoIs must be whole periods of the image groups: the
+        # kernels count a RoI's group from the first RoI of their call.
+        return (self._splits(mesh, axes, self.num_rois)
+                and (self.num_rois // _count(mesh, axes)) % self.roi_period == 0)
 
     def _plan(self, mesh, image_axes, roi_axes, channel_axes):
         """The axes the call splits over: (images, RoIs, channels), from the
         candidates the operands' (and results') shardings propose."""
-        if not (image_axes and self._splits(mesh, image_axes, self.image_blocks,
-                                            self.num_images, self.num_rois)
-                and roi_axes in ((), image_axes)):
-            image_axes = ()
-        roi_axes = image_axes or (roi_axes if self._splits(mesh, roi_axes, self.num_rois)
+        if not (self._splits_images(mesh, image_axes) and roi_axes in ((), image_axes)):
+            # RoIs in blocks split without their images take their images
+            # with them (a replicated map's slice costs nothing).
+            image_axes = roi_axes if self._splits_images(mesh, roi_axes) else ()
+        roi_axes = image_axes or (roi_axes if self._splits_rois_alone(mesh, roi_axes)
                                   else ())
         if not (self.channel_groups is not None
                 and self._splits(mesh, channel_axes, self.channel_groups)

@@ -228,6 +228,7 @@ def apply(input, boxes, output_size, spatial_scale, data_format) -> jax.Array:
         "torchvision", _extension.SUPPORTED_DTYPES, position_sensitive=False)
     _check_plane(features.shape, params["data_format"])
     rois, groups = _image_groups.of_call(boxes, rois, features.shape[0])
+    features, rois = _rules.varying_alike(features, rois)
     return roi_pool_p.bind(features, rois, pooled_size=params["pooled_size"],
                            spatial_scale=params["spatial_scale"],
                            data_format=params["data_format"], image_groups=groups,

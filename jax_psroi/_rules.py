@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
@@ -25,9 +26,24 @@ def _varying(aval) -> frozenset:
     return getattr(getattr(aval, "mat", None), "varying", frozenset())
 
 
-def image_blocks(operand_or_shape, rois, image_groups, data_format) -> int:
-    """_partitioning's blocks of images of a call with features (or their
-    shape) `operand_or_shape` and `rois` [K, 5]."""
+def varying_alike(*operands):
+    """`operands` cast to vary over every manual mesh axis (inside
+    ``shard_map``) any of them varies over, as JAX's own binary operations
+    cast theirs: the call's results then vary over all of them, and the
+    transpose of the cast sums a less varying operand's cotangent over the
+    axes it lacked (features replicated over RoIs split across shards get
+    their gradient summed). Outside ``shard_map`` a no-op."""
+    avals = [jax.typeof(x) for x in operands]
+    union = frozenset().union(*map(_varying, avals))
+    return tuple(x if _varying(aval) >= union
+                 else jax.lax.pcast(x, tuple(sorted(union - _varying(aval))), to="varying")
+                 for x, aval in zip(operands, avals, strict=True))
+
+
+def image_blocks(operand_or_shape, rois, image_groups, data_format) -> _image_groups.Blocks:
+    """_partitioning's blocks of images (and the period of the image groups)
+    of a call with features (or their shape) `operand_or_shape` and `rois`
+    [K, 5]."""
     shape = getattr(operand_or_shape, "shape", operand_or_shape)
     num_images = shape[_arguments.LAYOUT_AXES[data_format][0]]
     return _image_groups.blocks(image_groups, rois.shape[0], num_images)
@@ -38,11 +54,10 @@ def typed_result(direction: str, operand, rois, shape, *, data_format: str,
     """The abstract result of shape `shape` of a call of `direction` on
     `operand` (features forward, a pooled cotangent backward): typed like
     the operand, so that inside ``shard_map`` it varies over the manual mesh
-    axes its operands vary over (as transpose rules' cotangents must), and
-    under explicit mesh axes with the split the partitioning gives it."""
+    axes its operands vary over (the public calls cast them alike:
+    ``varying_alike``), and under explicit mesh axes with the split the
+    partitioning gives it."""
     result = operand.update(shape=tuple(shape), weak_type=False)
-    if _varying(rois) > _varying(operand):
-        result = result.update(manual_axis_type=rois.mat)
     features = operand.shape if direction == "forward" else shape
     return _partitioning.typed_result(
         direction, operand, rois, result, data_format=data_format, channel_order=channel_order,

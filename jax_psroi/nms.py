@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_psroi import _extension, _implementation, _nms
+from jax_psroi import _extension, _implementation, _nms, _rules
 
 __all__ = ["batched_nms", "nms"]
 
@@ -111,6 +111,7 @@ def _check(boxes, scores):
 def _suppress(boxes, scores, categories, iou_threshold, max_output_size):
     threshold = _static_threshold(iou_threshold)
     size = _static_size(max_output_size, boxes.shape[0])
+    boxes, scores, categories = _rules.varying_alike(boxes, scores, categories)
     indices, counts = _nms.nms_p.bind(
         boxes[None], scores[None], categories[None], iou_threshold=threshold,
         max_output_size=size, implementation=_implementation.requested())

@@ -19,6 +19,7 @@ from jax_psroi import (
     _multi_scale,
     _operators,
     _roi_pool,
+    _rules,
 )
 from jax_psroi._arguments import Boxes, ChannelOrder, DataFormat, OutputSize
 
@@ -302,6 +303,7 @@ def multi_scale_roi_align(features: Sequence[ArrayLike], boxes: Boxes, output_si
     levels = _levels.roi_levels(rois, scales, canonical_scale, canonical_level)
     rois, groups = _image_groups.of_call(boxes, rois,
                                          first.shape[_arguments.LAYOUT_AXES[layout][0]])
+    *maps, rois, levels = _rules.varying_alike(*maps, rois, levels)
     return _multi_scale.multi_scale_p.bind(*maps, rois, levels, image_groups=groups,
                                            pooled_size=pooled_size,
                                            spatial_scales=scales, sampling_ratio=ratio,

@@ -12,6 +12,8 @@ written in a different shape so that the two check each other: instead of
 visiting samples per output element, it builds, for every RoI and bin, dense
 row and column weight vectors over the whole feature map (the sum of the
 bilinear weights of the bin's samples) and contracts them with the features.
+That contraction weighs every pixel of every image, so the references are
+oracles for finite maps: one NaN or infinity anywhere makes every result NaN.
 """
 
 from __future__ import annotations

@@ -73,11 +73,16 @@ DEFORM_GAMMA = 0.1
 # features replicated; features split over channels with the RoIs
 # replicated; images over one mesh axis and channels over another; the
 # per-image call inside shard_map; and features split over rows of pixels,
-# which no rule splits (they are gathered).
+# which no rule splits (they are gathered); the per-image head with its
+# boxes split and the features replicated (each device slices its images:
+# RoIs in several image groups must not be split without them); the call on
+# all RoIs inside shard_map with the RoIs split and the features replicated
+# (the features' gradient summed over the shards).
 # The first three again on a mesh with explicit axes (jax.make_mesh's
 # default), where shardings are part of the types; the first of those again
 # on the XLA path (what a platform without native kernels runs).
 CASES = ["images", "rois", "channels", "images_and_channels", "shard_map", "pixels",
+         "images_of_replicated", "shard_map_rois",
          "images_explicit", "rois_explicit", "channels_explicit", "images_explicit_xla"]
 # The forward, the gradient in the features and the gradient in the boxes
 # (tests/test_box_derivatives.py: the box calls under the same rules).
@@ -181,6 +186,14 @@ def _functions(case, operation, layout, order, mesh):
     if case == "pixels":
         return (lambda features, rois: pool(features, rois)), (
             P(None, None, "x") if layout == "NCHW" else P(None, "x"), P())
+    if case == "images_of_replicated":
+        return per_image, (P(), P("x"))
+    if case == "shard_map_rois":
+        def sharded_rois(features, rois):
+            # Each shard pools its RoIs from the whole map.
+            return jax.shard_map(pool, mesh=mesh, in_specs=(P(), P("x")), out_specs=P("x"))(
+                features, rois)
+        return sharded_rois, (P(), P("x"))
     if case == "shard_map":
         def sharded(features, boxes):
             # Each shard holds one image and its boxes.
@@ -223,7 +236,8 @@ def _run_case(case, direction, operation, layout, order, dtype, implementation):
     mesh = _mesh(case)
     features, boxes = _inputs(layout, dtype, rng)
     forward, specs = _functions(case, operation, layout, order, mesh)
-    per_image = case in ("images", "images_and_channels", "shard_map", "images_explicit")
+    per_image = case in ("images", "images_and_channels", "shard_map", "images_explicit",
+                         "images_of_replicated")
     second = boxes if per_image else _rois(boxes, rng)
     pooled_shape = jax.eval_shape(forward, features, second).shape
     cotangent = jnp.asarray(rng.normal(size=pooled_shape), features.dtype)
@@ -254,8 +268,9 @@ def _run_case(case, direction, operation, layout, order, dtype, implementation):
     # inputs in every case of either: the same rng draws.
     key = (implementation, per_image, direction, operation, layout, order, dtype)
     if key not in _UNSHARDED:
-        if case == "shard_map":
-            forward = _functions("images", operation, layout, order, mesh)[0]
+        if case in ("shard_map", "shard_map_rois"):
+            forward = _functions("images" if per_image else "rois", operation, layout, order,
+                                 mesh)[0]
         _UNSHARDED[key] = np.asarray(jax.jit(in_direction(forward))(features, second),
                                      np.float64)
     expected = _UNSHARDED[key]
@@ -266,6 +281,49 @@ def _run_case(case, direction, operation, layout, order, dtype, implementation):
                 max_difference=float(np.max(np.abs(result - expected))),
                 max_magnitude=float(np.max(np.abs(expected))),
                 collectives=_collectives(sharded), largest_gather=_largest_gather(sharded))
+
+
+# --- Channel groups cut by the split ---------------------------------------------
+# A position-sensitive map split over C where a device's share cuts a channel
+# group: 4 output channels of 2 x 1 bins (torchvision order: 2 channels a
+# group, 1 a device) and a bin-major grid of 2 rows (a row: 8 channels, 2 a
+# device). No rule splits them: the map is gathered, the results right (the
+# sharding rule must not let propagation split a mesh axis across two
+# factors of the channels, which custom_partitioning cannot express).
+CUT_GROUPS = [("ps_roi_align", "torchvision", (2, 1)), ("ps_roi_align", "bin_major", (2, 2)),
+              ("ps_roi_pool", "torchvision", (2, 1)),
+              ("deform_ps_roi_align", "bin_major", (2, 2))]
+
+
+def _cut_groups_run(operation, order, pooled):
+    rng = np.random.default_rng(2)
+    mesh = _mesh("channels")
+    features = jnp.asarray(rng.normal(size=(IMAGES, 4 * pooled[0] * pooled[1], SIZE, SIZE)),
+                           jnp.float32)
+    rois = _rois(jnp.asarray(_inputs("NCHW", np.float32, rng)[1]), rng)
+    settings = dict(spatial_scale=SCALE, channel_order=order)
+    if operation == "ps_roi_pool":
+        pool = partial(jax_psroi.ps_roi_pool, output_size=pooled, **settings)
+    else:
+        pool = partial(getattr(jax_psroi, operation), output_size=pooled,
+                       sampling_ratio=SAMPLING, **settings)
+        if operation.startswith("deform_"):
+            pool = partial(pool, offset=None)
+    cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(
+        lambda f, r: pool(f, r), features, rois).shape), jnp.float32)
+    functions = {"forward": lambda f, r: pool(f, r),
+                 "gradient": jax.grad(lambda f, r: jnp.sum(pool(f, r) * cotangent))}
+    placed = jax.device_put(features, NamedSharding(mesh, P(None, "x")))
+    records = []
+    for direction, function in functions.items():
+        sharded = jax.jit(function).lower(placed, rois).compile()
+        result = np.asarray(sharded(placed, rois), np.float64)
+        expected = np.asarray(jax.jit(function)(features, rois), np.float64)
+        records.append(dict(operation=operation, order=order, direction=direction,
+                            max_difference=float(np.max(np.abs(result - expected))),
+                            max_magnitude=float(np.max(np.abs(expected))),
+                            collectives=_collectives(sharded)))
+    return records
 
 
 # --- Non-maximum suppression ----------------------------------------------------
@@ -357,7 +415,9 @@ def main():
                for case in CASES for direction in DIRECTIONS
                for combination in COMBINATIONS]
     nms = [_nms_run(case, operation) for case in NMS_CASES for operation in NMS_OPERATIONS]
-    print(json.dumps(dict(pooling=pooling, nms=nms)))
+    cut_groups = [record for combination in CUT_GROUPS
+                  for record in _cut_groups_run(*combination)]
+    print(json.dumps(dict(pooling=pooling, nms=nms, cut_groups=cut_groups)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 from jax import export
 
 import jax_psroi
-from jax_psroi import _build_info, _extension, _implementation
+from jax_psroi import _averaging, _build_info, _extension, _implementation
 
 from cases import (
     CHANNEL_ORDERS,
@@ -128,6 +128,19 @@ def test_export_grad_for_cuda():
     text = "\n".join(_custom_calls(exported))
     assert f"@{_target('forward', np.float64)}" in text
     assert f"@{_target('backward', np.float64)}" in text
+
+
+def test_a_schedule_past_32_bit_positions_is_refused_when_lowered():
+    # 1.1 million RoIs over 8192 rows: the backward lists each RoI in each of
+    # the 2048 tiles of 4 rows its box may touch, 2.27e9 entries, whose
+    # positions the schedule keeps in int32 (they wrapped negative).
+    features, pooled = (1, 1, 8192, 4), (1_100_000, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"1100000 RoIs over a map of 8192 rows take "
+                                         r"2271503649 entries .* past 2\^31 - 1"):
+        _averaging.cuda_further_results("backward", np.float32, features, pooled, "NCHW")
+    (workspace,) = _averaging.cuda_further_results("forward", np.float32, features, pooled,
+                                                   "NCHW")
+    assert workspace.dtype == np.int32 and workspace.shape[0] < 2**31
 
 
 @needs_cuda_build

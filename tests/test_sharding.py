@@ -71,7 +71,7 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
         _check_box_gradient(record, case, combination, collectives)
         return
     assert record["max_magnitude"] > 0.5  # the case pools something
-    summed = case.startswith("rois") and direction == "gradient"
+    summed = case.startswith(("rois", "shard_map_rois")) and direction == "gradient"
     # The XLA path's sums are compiled for each device's shapes: XLA may
     # vectorize and contract them (fused multiply-adds) differently from the
     # whole program's (JAX 0.12's XLA does, in the forward too: up to 17
@@ -84,6 +84,10 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
         # gradient is computed whole and sliced), and the results are right.
         if direction == "forward":
             assert collectives.get("all-gather", 0) >= 1, record
+    elif case == "images_of_replicated" and direction == "gradient":
+        # The features are replicated, so is their gradient: each device's
+        # images' share, gathered once.
+        assert collectives == {"all-gather": 1}, record
     elif summed and combination[0] == "multi_scale_roi_align":
         # Over RoIs, one all-reduce per level's gradient (XLA may combine them).
         assert set(collectives) == {"all-reduce"}, record
@@ -91,6 +95,19 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
     else:
         # Over RoIs, the gradient is one all-reduce; everything else is local.
         assert collectives == ({"all-reduce": 1} if summed else {}), record
+
+
+@pytest.mark.parametrize("combination", worker.CUT_GROUPS, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_split_that_cuts_channel_groups_is_gathered(worker_run, combination):
+    operation, order, _ = combination
+    for direction in ("forward", "gradient"):
+        record = next(r for r in worker_run["cut_groups"]
+                      if (r["operation"], r["order"], r["direction"])
+                      == (operation, order, direction))
+        assert record["max_magnitude"] > 0.5, record
+        assert record["max_difference"] == 0, record
+        if direction == "forward":  # the map (the gradient is computed whole, then sliced)
+            assert record["collectives"]["all-gather"] >= 1, record
 
 
 @pytest.mark.parametrize("operation", worker.NMS_OPERATIONS)

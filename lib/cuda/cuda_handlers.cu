@@ -28,15 +28,19 @@ ffi::Error launch_result(const char* what, cudaError_t err) {
 // The int32 workspace: the call's last further result.
 ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index,
                                  const CallShape& shape, bool backward) {
-  // The schedule keeps RoI indices, channels and a block's elements in 32 bits.
+  // The schedule keeps RoI indices, channels, a block's elements and
+  // positions in its workspace (the backward's lists) in 32 bits.
+  const int64_t elements =
+      gpu_schedule::workspace_elements<gpu_schedule::DefaultTuning>(shape, backward);
   if (shape.num_rois > INT32_MAX - shape.num_images - 2 || shape.channel_bins() > INT32_MAX ||
-      gpu_schedule::DefaultTuning::kTilePixels * shape.channels_out > INT32_MAX) {
+      gpu_schedule::DefaultTuning::kTilePixels * shape.channels_out > INT32_MAX ||
+      elements > INT32_MAX) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs and (output channel, bin) "
-        "pairs per call"));
+        "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs, (output channel, bin) "
+        "pairs and workspace entries per call"));
   }
-  ffi::ErrorOr<WorkspaceBuffer> words = further_result<WorkspaceBuffer>(
-      further, index, gpu_schedule::workspace_elements<gpu_schedule::DefaultTuning>(shape, backward), "an int32 workspace");
+  ffi::ErrorOr<WorkspaceBuffer> words =
+      further_result<WorkspaceBuffer>(further, index, elements, "an int32 workspace");
   if (words.has_error()) return ffi::Unexpected<ffi::Error>(words.error());
   return data<int32_t>(*words);
 }
