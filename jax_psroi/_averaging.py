@@ -75,8 +75,12 @@ def cuda_further_results(direction, dtype, features, pooled, data_format) -> lis
     compute = _arguments.compute_dtype(dtype)
     if direction == "backward" and compute != dtype:
         results.append(jax.ShapeDtypeStruct((math.prod(features),), compute))
-    n, _, height, _ = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
+    n, _, height, width = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
     pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
+    if max(height, width) > np.iinfo(np.int32).max:
+        # The backward's per-RoI spans of pixels are int32 (they wrapped).
+        raise ValueError(f"the CUDA kernels take maps of fewer than 2^31 pixels a side, got "
+                         f"{height} x {width}")
     elements = _extension.cuda_workspace_elements(direction == "backward", n, pooled[0], height,
                                                   pooled_h, pooled_w)
     if elements > np.iinfo(np.int32).max:

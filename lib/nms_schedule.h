@@ -2,7 +2,7 @@
 // of 64 boxes, then one scan per image. Written once over an executor `Exec`
 // that stands for a thread block (gpu_schedule.h lists its steps; this uses
 // `each` and `single`, each followed by a barrier), so that the CUDA kernels
-// (lib/cuda/nms_kernels.cuh) and the CPU test rig
+// (lib/cuda/nms_handlers.cu) and the CPU test rig
 // (lib/testing/nms_schedule_handlers.cc, a serial loop) run the same code.
 //
 // The boxes of each image come in visiting order (the caller sorts them:

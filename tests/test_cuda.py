@@ -141,6 +141,10 @@ def test_a_schedule_past_32_bit_positions_is_refused_when_lowered():
     (workspace,) = _averaging.cuda_further_results("forward", np.float32, features, pooled,
                                                    "NCHW")
     assert workspace.dtype == np.int32 and workspace.shape[0] < 2**31
+    # A side of 2^31 pixels: the backward's int32 spans of a box's pixels wrapped.
+    with pytest.raises(ValueError, match=r"fewer than 2\^31 pixels a side, got 1 x 2147487744"):
+        _averaging.cuda_further_results("backward", np.float32, (1, 1, 1, 2**31 + 4096),
+                                        (1, 1, 1, 1), "NCHW")
 
 
 @needs_cuda_build

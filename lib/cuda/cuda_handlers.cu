@@ -32,12 +32,13 @@ ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index
   // positions in its workspace (the backward's lists) in 32 bits.
   const int64_t elements =
       gpu_schedule::workspace_elements<gpu_schedule::DefaultTuning>(shape, backward);
+  // (Its per-RoI pixel spans too: a map's sides below 2^31.)
   if (shape.num_rois > INT32_MAX - shape.num_images - 2 || shape.channel_bins() > INT32_MAX ||
       gpu_schedule::DefaultTuning::kTilePixels * shape.channels_out > INT32_MAX ||
-      elements > INT32_MAX) {
+      elements > INT32_MAX || shape.height > INT32_MAX || shape.width > INT32_MAX) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
         "jax_psroi: the CUDA kernels take fewer than 2^31 RoIs, (output channel, bin) "
-        "pairs and workspace entries per call"));
+        "pairs, workspace entries and pixels a side per call"));
   }
   ffi::ErrorOr<WorkspaceBuffer> words =
       further_result<WorkspaceBuffer>(further, index, elements, "an int32 workspace");
