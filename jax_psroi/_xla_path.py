@@ -107,16 +107,43 @@ def _sample_taps(bin_start, bin_size, ratio, size) -> _Taps:
     return _Taps(2 * ratio, at)
 
 
+def _fixed_grid_on_map(bin_start, bin_size, ratio, size):
+    """The first sample of each bin of a fixed grid of `ratio` samples whose
+    coordinate lies in [-1, size], and how many follow it there ([K, P]
+    int32 each), by binary searches: the coordinates run monotonically with
+    the index (downwards in an inverted box of aligned roi_align), so the
+    samples on the map are one run, which may be a few of millions."""
+    grid = jnp.full(bin_start.shape, ratio, jnp.int32)
+    rising = jnp.broadcast_to(bin_size >= 0, bin_start.shape)
+
+    def first_where(predicate):
+        # The first index at which `predicate` of its coordinate holds; it
+        # holds from there on (ratio: nowhere; NaN coordinates never hold).
+        def step(_, bounds):
+            lo, hi = bounds
+            mid = lo + (hi - lo) // 2
+            holds = predicate(sample_coordinates(bin_start, bin_size, grid, mid))
+            active = lo < hi
+            return jnp.where(active & ~holds, mid + 1, lo), jnp.where(active & holds, mid, hi)
+
+        start = (jnp.zeros(bin_start.shape, jnp.int32), grid)
+        return lax.fori_loop(0, ratio.bit_length(), step, start)[0]
+
+    first = first_where(lambda c: jnp.where(rising, c >= -1, c <= size))
+    end = first_where(lambda c: jnp.where(rising, c > size, c < -1))
+    return first, jnp.maximum(end - first, 0)
+
+
 def _pixel_weights(bin_start, bin_size, grid, ratio, size, valid):
     """The table of each bin's pixels along the axis: [K, P, size] weights,
-    summed over the bin's samples on the map (all `ratio` of a fixed grid;
-    from the first on the map, at most 2 * size + 3 of an adaptive one, as
-    the reference visits them), and [K, P] int32, the first and the last
-    pixel those samples tap, whatever its weight (size and -1: none)."""
+    summed over the bin's samples on the map (those of a fixed grid, found
+    by _fixed_grid_on_map; from the first on the map, at most 2 * size + 3
+    of an adaptive one, as the reference visits them), and [K, P] int32,
+    the first and the last pixel those samples tap, whatever its weight
+    (size and -1: none)."""
     num_rois, bins = bin_start.shape
     if ratio > 0:
-        first = jnp.zeros(bin_start.shape, jnp.int32)
-        samples = jnp.full(bin_start.shape, ratio, jnp.int32)
+        first, samples = _fixed_grid_on_map(bin_start, bin_size, ratio, size)
         chunk = min(ratio, _FIXED_CHUNK)
     else:
         first = first_in_map_sample(bin_start, bin_size, grid)

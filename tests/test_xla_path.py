@@ -212,6 +212,37 @@ def test_huge_box_and_large_fixed_grid_stay_exact():
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ratio", [5, 300, 2**20])
+def test_fixed_grids_visit_the_run_of_samples_on_the_map(ratio, monkeypatch):
+    # A fixed grid's samples on the map are found by binary searches, upwards
+    # and, in an inverted box of aligned roi_align, downwards; the rest,
+    # maybe millions, are skipped. Values and box gradients as the kernels'.
+    rng = np.random.default_rng(11)
+    features = rng.normal(size=(1, 4 * 9, 16, 20))
+    rois = np.array([[0, -3e5, -3e5, 3e5, 3e5], [0, 3e5, 18, -3e5, -2],  # huge, and inverted
+                     [0, 15.2, 9.7, 4.1, 2.3], [0, -5, -6, 3, 25],       # inverted; half off
+                     [0, 19.6, 15.6, 19.9, 15.9]])                       # at the far corner
+    if ratio == 2**20:
+        rois = rois[:1]  # a million samples on the map take seconds on either path
+    calls = [lambda f, r: jax_psroi.roi_align(f, r, 3, 1.0, ratio, aligned=True),
+             lambda f, r: jax_psroi.ps_roi_align(f, r, 3, 1.0, ratio)]
+    for call in calls:
+        shape = jax.eval_shape(call, features, rois).shape
+        cotangent = np.cos(np.arange(math.prod(shape))).reshape(shape)
+
+        def value_and_gradients(f, r, call=call, cotangent=cotangent):
+            out, vjp = jax.vjp(call, f, r)
+            return (out, *vjp(cotangent))
+
+        results = {}
+        for path in ("native", "xla"):  # one program each (eagerly, every operation compiles)
+            monkeypatch.setenv(_implementation.ENVIRONMENT_VARIABLE, path)
+            results[path] = jax.jit(value_and_gradients)(features, rois)
+        for native, xla in zip(results["native"], results["xla"], strict=True):
+            assert np.abs(native).max() > 0
+            np.testing.assert_allclose(xla, native, rtol=1e-12, atol=1e-12)
+
+
 # --- Against torchvision -------------------------------------------------------
 
 def _golden_forward_and_gradient(pool, features, key, fixture, tolerance, exact=False):
