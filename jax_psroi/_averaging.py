@@ -78,7 +78,7 @@ def cuda_further_results(direction, dtype, features, pooled, data_format) -> lis
     n, _, height, width = (features[axis] for axis in _arguments.LAYOUT_AXES[data_format])
     pooled_h, pooled_w = _arguments.pooled_size_of(pooled, data_format)
     if max(height, width) > np.iinfo(np.int32).max:
-        # The backward's per-RoI spans of pixels are int32 (they wrapped).
+        # The backward keeps each RoI's span of pixels in int32.
         raise ValueError(f"the CUDA kernels take maps of fewer than 2^31 pixels a side, got "
                          f"{height} x {width}")
     elements = _extension.cuda_workspace_elements(direction == "backward", n, pooled[0], height,

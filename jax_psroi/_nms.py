@@ -114,12 +114,11 @@ def suppress_image(boxes, scores, categories, *, iou_threshold: float, max_outpu
 
 def _native_call(boxes, scores, categories, *, iou_threshold, max_output_size):
     images = boxes.shape[0]
-    threshold = threshold_in(iou_threshold, _arguments.compute_dtype(boxes.dtype))
     name = _extension.NMS_TARGETS["cpu"][jnp.dtype(boxes.dtype)]
     results = (jax.ShapeDtypeStruct((images, max_output_size), jnp.int32),
                jax.ShapeDtypeStruct((images,), jnp.int32))
     return jax.ffi.ffi_call(name, results)(boxes, scores, categories,
-                                          iou_threshold=float(threshold))
+                                          iou_threshold=float(iou_threshold))
 
 
 def workspace_halves(images: int, n: int) -> int:
@@ -137,7 +136,6 @@ def sorted_call(target: str, boxes, scores, categories, *, iou_threshold, max_ou
     boxes and categories put in visiting order by XLA's sort, with the order
     itself, which maps the kernel's positions back to box indices."""
     images, n = scores.shape
-    threshold = threshold_in(iou_threshold, _arguments.compute_dtype(boxes.dtype))
     order = jax.vmap(visiting_order)(scores.astype(_arguments.compute_dtype(scores.dtype)))
     sorted_boxes = jnp.take_along_axis(boxes, order[:, :, None], axis=1)
     sorted_categories = jnp.take_along_axis(categories, order, axis=1)
@@ -145,7 +143,7 @@ def sorted_call(target: str, boxes, scores, categories, *, iou_threshold, max_ou
                jax.ShapeDtypeStruct((images,), jnp.int32),
                jax.ShapeDtypeStruct((workspace_halves(images, n),), jnp.uint32))
     indices, counts, _ = jax.ffi.ffi_call(target, results)(
-        sorted_boxes, order, sorted_categories, iou_threshold=float(threshold))
+        sorted_boxes, order, sorted_categories, iou_threshold=float(iou_threshold))
     return indices, counts
 
 
@@ -173,8 +171,12 @@ def _lowering(platform, ctx, boxes, scores, categories, *, iou_threshold, max_ou
         call = partial(sorted_call, _extension.NMS_TARGETS["cuda"][ctx.avals_in[0].dtype])
     else:
         call = _native_call
+    # In the boxes' compute dtype already, negative subnormals lifted
+    # (threshold_in), whichever call takes it.
+    threshold = float(threshold_in(iou_threshold,
+                                   _arguments.compute_dtype(ctx.avals_in[0].dtype)))
     return _partitioning.lower_nms(ctx, boxes, scores, categories,
-                                   local_call=partial(call, iou_threshold=iou_threshold,
+                                   local_call=partial(call, iou_threshold=threshold,
                                                       max_output_size=max_output_size))
 
 

@@ -59,6 +59,7 @@ from jax_psroi.reference import (
     axis_taps,
     box_geometry,
     first_in_map_sample,
+    first_sample_where,
     grid_size,
     sample_coordinates,
 )
@@ -116,18 +117,8 @@ def _fixed_grid_on_map(bin_start, bin_size, ratio, size):
     grid = jnp.full(bin_start.shape, ratio, jnp.int32)
     rising = jnp.broadcast_to(bin_size >= 0, bin_start.shape)
 
-    def first_where(predicate):
-        # The first index at which `predicate` of its coordinate holds; it
-        # holds from there on (ratio: nowhere; NaN coordinates never hold).
-        def step(_, bounds):
-            lo, hi = bounds
-            mid = lo + (hi - lo) // 2
-            holds = predicate(sample_coordinates(bin_start, bin_size, grid, mid))
-            active = lo < hi
-            return jnp.where(active & ~holds, mid + 1, lo), jnp.where(active & holds, mid, hi)
-
-        start = (jnp.zeros(bin_start.shape, jnp.int32), grid)
-        return lax.fori_loop(0, ratio.bit_length(), step, start)[0]
+    def first_where(holds):  # NaN coordinates never hold: an empty run
+        return first_sample_where(bin_start, bin_size, grid, holds, most=ratio)
 
     first = first_where(lambda c: jnp.where(rising, c >= -1, c <= size))
     end = first_where(lambda c: jnp.where(rising, c > size, c < -1))

@@ -75,25 +75,33 @@ def sample_coordinates(bin_start, bin_size, grid, index):
     return bin_start + _rounding.divide(step, grid.astype(dtype))
 
 
-def first_in_map_sample(bin_start, bin_size, grid):
-    """First sample index whose coordinate is >= -1, by binary search.
-
-    Only used with adaptive sampling, where a bin holds at least one sample
-    only if its size is positive, so coordinates increase with the index.
-    """
+def first_sample_where(bin_start, bin_size, grid, holds, most=MAX_GRID_PER_AXIS):
+    """First sample index (of grids of at most `most` samples) whose
+    coordinate `holds` (a predicate on coordinates that, once true along a
+    bin's samples, stays true), by binary search; the grid size where it
+    holds for none."""
     lo = jnp.zeros(bin_start.shape, jnp.int32)
     hi = jnp.broadcast_to(grid, bin_start.shape)
 
     def step(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        reached = sample_coordinates(bin_start, bin_size, grid, mid) >= -1
+        reached = holds(sample_coordinates(bin_start, bin_size, grid, mid))
         active = lo < hi
         return (jnp.where(active & ~reached, mid + 1, lo),
                 jnp.where(active & reached, mid, hi))
 
-    lo, _ = lax.fori_loop(0, MAX_GRID_PER_AXIS.bit_length(), step, (lo, hi))
+    lo, _ = lax.fori_loop(0, most.bit_length(), step, (lo, hi))
     return lo
+
+
+def first_in_map_sample(bin_start, bin_size, grid):
+    """First sample index whose coordinate is >= -1, by binary search.
+
+    Only used with adaptive sampling, where a bin holds at least one sample
+    only if its size is positive, so coordinates increase with the index.
+    """
+    return first_sample_where(bin_start, bin_size, grid, lambda c: c >= -1)
 
 
 def axis_taps(coord, inside, size):

@@ -28,11 +28,11 @@ ffi::Error launch_result(const char* what, cudaError_t err) {
 // The int32 workspace: the call's last further result.
 ffi::ErrorOr<int32_t*> workspace(const ffi::RemainingRets& further, size_t index,
                                  const CallShape& shape, bool backward) {
-  // The schedule keeps RoI indices, channels, a block's elements and
-  // positions in its workspace (the backward's lists) in 32 bits.
+  // The schedule keeps RoI indices, channels, a block's elements, positions
+  // in its workspace (the backward's lists) and each RoI's span of pixels in
+  // 32 bits.
   const int64_t elements =
       gpu_schedule::workspace_elements<gpu_schedule::DefaultTuning>(shape, backward);
-  // (Its per-RoI pixel spans too: a map's sides below 2^31.)
   if (shape.num_rois > INT32_MAX - shape.num_images - 2 || shape.channel_bins() > INT32_MAX ||
       gpu_schedule::DefaultTuning::kTilePixels * shape.channels_out > INT32_MAX ||
       elements > INT32_MAX || shape.height > INT32_MAX || shape.width > INT32_MAX) {
