@@ -29,6 +29,13 @@ cotangents in the same loop. The tap lists:
 Deformable RoI Align's bins each start where their offsets move them: each
 bin has taps of its own on both axes (``_Bins.per_bin``).
 
+A loop runs as many steps as the widest bin among the RoIs it serves, and a
+table holds every RoI's bins; so where the tap counts are known only at run
+time (tables, windows), a call's RoIs run in blocks sorted by their cost,
+costliest first, of sizes doubling from 64 (``_RoiBlocks``): one box
+spanning the map takes its steps alone, not every RoI's, and the tables'
+memory is bounded by a budget per block.
+
 RoI Pool's maxima scan each window row by row with the same loop, keeping
 the first strictly greater value and its pixel as torchvision does; its
 tangent gathers at the recorded pixels and its gradient scatter-adds there.
@@ -73,6 +80,11 @@ _SAMPLE_TAPS_GRID = 4
 # bin axis (ceil of the bin size); large fixed grids up to 2^23.
 _ADAPTIVE_CHUNK = 16
 _FIXED_CHUNK = 256
+# RoIs whose taps are counted at run time run in blocks, costliest first
+# (_RoiBlocks): the first block holds this many, each next one twice the
+# last, and no block's weight tables exceed _TABLE_BUDGET bytes.
+_FIRST_BLOCK = 64
+_TABLE_BUDGET = 32 << 20
 # torchvision's -FLT_MAX: where RoI Pool's scan starts.
 _LOWEST = float(-np.finfo(np.float32).max)
 
@@ -255,6 +267,107 @@ def _bins(box_rule: BoxRule, rois, pooled_size, map_size, spatial_scale, samplin
                  count, valid)
 
 
+# --- RoI blocks ------------------------------------------------------------------
+# A loop over taps runs as many steps as the widest bin of the RoIs it
+# serves, and a table holds every RoI's bins: one box spanning the map
+# would make every RoI of a call take its steps. So the RoIs of a call whose
+# tap counts are known only at run time (tables, windows) run in blocks of
+# sizes m, 2m, 4m, ... (m = _FIRST_BLOCK; none past the tables' budget), sorted
+# by their estimated steps, costliest first: a block's steps are at most
+# those of any RoI of the block before it, at least half its size, so the
+# blocks together take at most m times the costliest RoI's steps plus twice
+# the steps the RoIs need each.
+
+def _roi_cost(rois, pooled_size, map_size, spatial_scale, valid):
+    """[K] each RoI's estimated steps: its bins' spans of pixels (the
+    bin's size on the map, at most the map, and a tap either side)
+    multiplied, 0 where it reads nothing."""
+    _, _, bin_h, bin_w, finite = box_geometry(rois, pooled_size, spatial_scale, offset=0.0,
+                                              clamp=False)
+    (height, width) = map_size
+    span_h = jnp.minimum(jnp.abs(bin_h), height) + 2
+    span_w = jnp.minimum(jnp.abs(bin_w), width) + 2
+    return jnp.where(valid & finite, span_h * span_w, 0)
+
+
+class _RoiBlocks(NamedTuple):
+    """How a call's K RoIs run: ``order`` [K] the RoIs by cost, costliest
+    first (None: one block, in their order), and ``runs`` the blocks as
+    (size, count) runs of equally sized blocks, in that order."""
+    order: jax.Array | None
+    runs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, cost, largest):
+        """Blocks for RoIs of `cost` [K] (None: their taps are counted
+        statically, so one block), none larger than `largest` RoIs."""
+        num_rois = cost.shape[0] if cost is not None else 0
+        largest = max(largest, 1)
+        first = min(_FIRST_BLOCK, largest)
+        if cost is None or num_rois <= first:
+            return cls(None, ((max(num_rois, 1), 1),))
+        runs, size, left = [], first, num_rois
+        while left:
+            size = min(size, largest, left)
+            count = left // size if size == largest else 1
+            runs.append((size, count))
+            left -= size * count
+            size *= 2
+        return cls(jnp.argsort(-cost, stable=True), tuple(runs))
+
+    def _sorted_runs(self, per_roi):
+        """Each run's count and slices of `per_roi` (arrays [K, ...]):
+        [size, ...] for one block, [count, size, ...] for several."""
+        per_roi = [x[self.order] for x in per_roi]
+        start = 0
+        for size, count in self.runs:
+            shape = (count, size) if count > 1 else (size,)
+            yield count, [x[start:start + size * count].reshape(*shape, *x.shape[1:])
+                          for x in per_roi]
+            start += size * count
+
+    def each(self, block, per_roi):
+        """block(*per_roi_block) -> arrays [B, ...], for every block of the
+        RoIs of `per_roi` (arrays [K, ...]): their results [K, ...], in the
+        RoIs' order."""
+        if self.order is None:
+            return block(*per_roi)
+        results = []
+        for count, slices in self._sorted_runs(per_roi):
+            if count == 1:
+                results.append(block(*slices))
+            else:
+                run = lax.map(lambda xs: block(*xs), slices)
+                results.append(jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:]), run))
+        inverse = jnp.zeros_like(self.order).at[self.order].set(
+            jnp.arange(self.order.shape[0], dtype=self.order.dtype))
+        return jax.tree.map(lambda *r: jnp.concatenate(r)[inverse], *results)
+
+    def accumulate(self, block, total, per_roi):
+        """block(total, *per_roi_block) -> total, for every block in turn."""
+        if self.order is None:
+            return block(total, *per_roi)
+        for count, slices in self._sorted_runs(per_roi):
+            if count == 1:
+                total = block(total, *slices)
+            else:
+                total, _ = lax.scan(lambda t, xs: (block(t, *xs), None), total, slices)
+        return total
+
+
+def _blocks(cost, largest) -> _RoiBlocks:
+    return _RoiBlocks.of(lax.stop_gradient(cost) if cost is not None else None, largest)
+
+
+def _largest_block(table_entries, dtype) -> int:
+    """The most RoIs whose weight tables, `table_entries` values per RoI
+    (0: none), fit _TABLE_BUDGET, counting the table, its compensation and
+    a chunk's part."""
+    if not table_entries:
+        return 2**62
+    return _TABLE_BUDGET // (3 * table_entries * np.dtype(dtype).itemsize)
+
+
 # --- Layouts -------------------------------------------------------------------
 # Every layout and channel order as a 5-d view of the map in which the C_out
 # channels one output element's bin reads are one axis: a gather at (image,
@@ -306,13 +419,29 @@ class _Call(NamedTuple):
     pooled_size: tuple
 
 
-def _call(box_rule, features_shape, rois, pooled_size, *, spatial_scale, sampling_ratio,
-          data_format, channel_order, image_groups) -> _Call:
+def _in_blocks(box_rule, features_shape, rois, pooled_size, *, spatial_scale, sampling_ratio,
+               data_format, channel_order, image_groups):
+    """A call of RoIs [K, 5] in blocks: (the _RoiBlocks, call_of(rois, image,
+    batch_ok) -> the _Call of a block's RoIs, those three per RoI [K, ...]).
+    Fixed grids of at most _SAMPLE_TAPS_GRID samples have static tap counts
+    and no tables: one block."""
     n, _, h, w = (features_shape[a] for a in _arguments.LAYOUT_AXES[data_format])
     image, batch_ok = _image_groups.images(rois, image_groups, n)
-    bins = _bins(box_rule, rois, pooled_size, (h, w), spatial_scale, sampling_ratio,
-                 batch_ok)
-    return _call_of_bins(features_shape, image, bins, pooled_size, data_format, channel_order)
+
+    def call_of(rois, image, batch_ok):
+        bins = _bins(box_rule, rois, pooled_size, (h, w), spatial_scale, sampling_ratio,
+                     batch_ok)
+        return _call_of_bins(features_shape, image, bins, pooled_size, data_format,
+                             channel_order)
+
+    windows = box_rule.whole_pixels
+    if not windows and 0 < sampling_ratio <= _SAMPLE_TAPS_GRID:
+        return _RoiBlocks.of(None, 0), call_of, (rois, image, batch_ok)
+    (pooled_h, pooled_w) = pooled_size
+    tables = 0 if windows else pooled_h * h + pooled_w * w
+    cost = _roi_cost(rois, pooled_size, (h, w), spatial_scale, batch_ok)
+    return (_blocks(cost, _largest_block(tables, rois.dtype)), call_of,
+            (rois, image, batch_ok))
 
 
 def _call_of_bins(features_shape, image, bins, pooled_size, data_format,
@@ -366,40 +495,57 @@ def pool(direction, operand, rois, result_shape, *, spatial_scale, sampling_rati
     if _empty(features_shape, pooled_shape):
         return jnp.zeros(result_shape, operand.dtype)
     pooled_size = _arguments.pooled_size_of(pooled_shape, data_format)
-    call = _call(box_rule, features_shape,
-                 rois.astype(_arguments.compute_dtype(operand.dtype)), pooled_size,
-                 spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-                 data_format=data_format, channel_order=channel_order,
-                 image_groups=image_groups)
-    return _pool_call(direction, operand, call, features_shape, pooled_shape, data_format)
+    blocks, call_of, per_roi = _in_blocks(
+        box_rule, features_shape, rois.astype(_arguments.compute_dtype(operand.dtype)),
+        pooled_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+        data_format=data_format, channel_order=channel_order, image_groups=image_groups)
+    return _pool_call(direction, operand, blocks, call_of, per_roi, features_shape,
+                      pooled_shape, data_format)
 
 
-def _pool_call(direction, operand, call: _Call, features_shape, pooled_shape, data_format):
-    """The averages of `call`'s bins (forward), or their transpose (backward)."""
+def _pool_call(direction, operand, blocks: _RoiBlocks, call_of, per_roi, features_shape,
+               pooled_shape, data_format):
+    """The averages of the bins of every block's call, call_of(*the block's
+    `per_roi`) (forward), or their transpose (backward)."""
     dtype = operand.dtype
     compute = _arguments.compute_dtype(dtype)
-    divisor = call.bins.divisor
-    keep = call.bins.valid[:, None, None, None] & (divisor > 0)
-    divisor = jnp.where(keep, divisor, 1)
+
+    def divisor_of(call):  # where the bins keep their sums, and their divisor there
+        keep = call.bins.valid[:, None, None, None] & (call.bins.divisor > 0)
+        return keep, jnp.where(keep, call.bins.divisor, 1)
+
     if direction == "forward":
-        view = operand.reshape(call.view_shape)
+        channels_last = _channels_last_shape(pooled_shape, data_format)[1:]
 
-        def gather(index, _, weight, sums):
-            values = view.at[index].get(mode="promise_in_bounds")
-            return sums + weight * values.astype(compute)
+        def pool_block(*roi_block):
+            call = call_of(*roi_block)
+            view = operand.reshape(call.view_shape)
 
-        sums = _for_each_tap_pair(call, gather, jnp.zeros(
-            _channels_last_shape(pooled_shape, data_format), compute))
-        return _in_layout(jnp.where(keep, sums / divisor, 0).astype(dtype), data_format)
+            def gather(index, _, weight, sums):
+                values = view.at[index].get(mode="promise_in_bounds")
+                return sums + weight * values.astype(compute)
 
-    cotangent = _channels_last(operand, data_format).astype(compute)
-    cotangent = jnp.where(keep, cotangent / divisor, 0)
+            sums = _for_each_tap_pair(call, gather, jnp.zeros(
+                (call.image.shape[0], *channels_last), compute))
+            keep, divisor = divisor_of(call)
+            return _in_layout(jnp.where(keep, sums / divisor, 0).astype(dtype), data_format)
 
-    def scatter(index, _, weight, grad):
-        return grad.at[index].add(weight * cotangent, mode="promise_in_bounds")
+        return blocks.each(pool_block, per_roi)
 
-    grad = _for_each_tap_pair(call, scatter, jnp.zeros(call.view_shape, compute))
-    return grad.reshape(features_shape).astype(dtype)
+    def transpose_block(grad, cotangent, *roi_block):
+        call = call_of(*roi_block)
+        keep, divisor = divisor_of(call)
+        cotangent = jnp.where(keep, cotangent.astype(compute) / divisor, 0)
+
+        def scatter(index, _, weight, grad):
+            return grad.at[index].add(weight * cotangent, mode="promise_in_bounds")
+
+        return _for_each_tap_pair(call, scatter, grad.reshape(call.view_shape)).reshape(
+            features_shape)
+
+    grad = blocks.accumulate(transpose_block, jnp.zeros(features_shape, compute),
+                             (_channels_last(operand, data_format), *per_roi))
+    return grad.astype(dtype)
 
 
 def box_derivative(box_parameter, direction, operand, rois, result_shape, *, spatial_scale,
@@ -455,26 +601,37 @@ def deformable(direction, operand, rois, offset, result_shape, *, spatial_scale,
     grid_w = grid_size(parameters[1], sampling_ratio)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
     pooled_h, pooled_w = pooled_size
-    count = (grid_h.astype(compute) * grid_w.astype(compute))[:, None, None]
+    sample_taps = 0 < sampling_ratio <= _SAMPLE_TAPS_GRID
+    # The bins move, their sizes do not: the RoI's cost is the plain one's.
+    blocks = _blocks(None if sample_taps else _roi_cost(rois, pooled_size, (height, width),
+                                                       spatial_scale, valid),
+                     _largest_block(pooled_h * pooled_w * (height + width), compute))
 
-    def taps(start, bin_size, grid, index, size):
+    def taps(start, bin_size, grid, index, size, moved, valid):
         # Bins whose moved start is not finite read nothing (divisor 0):
         # their taps start from 0, as the reference's do.
         bin_start = (index.astype(compute) * bin_size[:, None, None]
-                     + jnp.where(moved, start, 0)).reshape(rois.shape[0], -1)
-        if 0 < sampling_ratio <= _SAMPLE_TAPS_GRID:
+                     + jnp.where(moved, start, 0)).reshape(start.shape[0], -1)
+        if sample_taps:
             return _sample_taps(bin_start, bin_size[:, None], sampling_ratio, size)
         grid = jnp.broadcast_to(grid[:, None], bin_start.shape)
         return _table_taps(_pixel_weights(bin_start, bin_size[:, None], grid, sampling_ratio,
                                           size, valid), valid)
 
-    def pooled_at(start_x, bin_w, start_y, bin_h):
-        bins = _Bins(taps(start_y, bin_h, grid_h, jnp.arange(pooled_h)[None, :, None], height),
-                     taps(start_x, bin_w, grid_w, jnp.arange(pooled_w)[None, None, :], width),
+    def call_of(start_x, bin_w, start_y, bin_h, image, grid_h, grid_w, moved, valid):
+        count = (grid_h.astype(compute) * grid_w.astype(compute))[:, None, None]
+        bins = _Bins(taps(start_y, bin_h, grid_h, jnp.arange(pooled_h)[None, :, None], height,
+                          moved, valid),
+                     taps(start_x, bin_w, grid_w, jnp.arange(pooled_w)[None, None, :], width,
+                          moved, valid),
                      jnp.where(moved, count, 0)[..., None], valid, per_bin=True)
-        call = _call_of_bins(features_shape, image, bins, pooled_size, data_format,
+        return _call_of_bins(features_shape, image, bins, pooled_size, data_format,
                              channel_order)
-        return _pool_call(direction, operand, call, features_shape, pooled_shape, data_format)
+
+    def pooled_at(*parameters):
+        return _pool_call(direction, operand, blocks, call_of,
+                          (*parameters, image, grid_h, grid_w, moved, valid), features_shape,
+                          pooled_shape, data_format)
 
     if not box_parameter:
         return pooled_at(*parameters)
@@ -497,31 +654,38 @@ def roi_pool(features, rois, pixels=None, *, result_shape, spatial_scale, data_f
         return jnp.zeros(result_shape, dtype), jnp.full(result_shape, -1, jnp.int32)
     compute = _arguments.compute_dtype(dtype)
     width = features.shape[_arguments.LAYOUT_AXES[data_format][3]]
-    call = _call(ROI_POOL.box_rule({}), features.shape, rois.astype(compute),
-                 _arguments.pooled_size_of(result_shape, data_format),
-                 spatial_scale=spatial_scale, sampling_ratio=0, data_format=data_format,
-                 channel_order="shared", image_groups=image_groups)
-    view = features.reshape(call.view_shape)
+    blocks, call_of, per_roi = _in_blocks(
+        ROI_POOL.box_rule({}), features.shape, rois.astype(compute),
+        _arguments.pooled_size_of(result_shape, data_format), spatial_scale=spatial_scale,
+        sampling_ratio=0, data_format=data_format, channel_order="shared",
+        image_groups=image_groups)
+    channels_last = _channels_last_shape(result_shape, data_format)[1:]
 
-    def scan(index, pixel, inside, carry):
-        # torchvision's scan: a value strictly greater replaces the maximum
-        # (NaN never does), row by row, so the first maximum wins.
-        best, at = carry
-        values = view.at[index].get(mode="promise_in_bounds").astype(compute)
-        better = (inside > 0) & (values > best)
-        y, x = pixel
-        return (jnp.where(better, values, best),
-                jnp.where(better, (y * width + x)[..., None], at))
+    def pool_block(*roi_block):
+        call = call_of(*roi_block)
+        view = features.reshape(call.view_shape)
 
-    shape = _channels_last_shape(result_shape, data_format)
-    best, pixel = _for_each_tap_pair(call, scan, (jnp.full(shape, _LOWEST, compute),
-                                                  jnp.full(shape, -1, jnp.int32)))
-    valid = call.bins.valid[:, None, None, None]
-    empty = call.bins.divisor == 0
-    # No value above -FLT_MAX gives -FLT_MAX, an empty window 0.
-    pooled = jnp.where(pixel >= 0, best, jnp.where(empty, 0, _LOWEST).astype(compute))
-    return (_in_layout(jnp.where(valid, pooled, 0).astype(dtype), data_format),
-            _in_layout(jnp.where(valid, pixel, -1), data_format))
+        def scan(index, pixel, inside, carry):
+            # torchvision's scan: a value strictly greater replaces the
+            # maximum (NaN never does), row by row, so the first maximum wins.
+            best, at = carry
+            values = view.at[index].get(mode="promise_in_bounds").astype(compute)
+            better = (inside > 0) & (values > best)
+            y, x = pixel
+            return (jnp.where(better, values, best),
+                    jnp.where(better, (y * width + x)[..., None], at))
+
+        shape = (call.image.shape[0], *channels_last)
+        best, pixel = _for_each_tap_pair(call, scan, (jnp.full(shape, _LOWEST, compute),
+                                                      jnp.full(shape, -1, jnp.int32)))
+        valid = call.bins.valid[:, None, None, None]
+        empty = call.bins.divisor == 0
+        # No value above -FLT_MAX gives -FLT_MAX, an empty window 0.
+        pooled = jnp.where(pixel >= 0, best, jnp.where(empty, 0, _LOWEST).astype(compute))
+        return (_in_layout(jnp.where(valid, pooled, 0).astype(dtype), data_format),
+                _in_layout(jnp.where(valid, pixel, -1), data_format))
+
+    return blocks.each(pool_block, per_roi)
 
 
 def _pixel_index(shape, rois, pixels, data_format, image_groups):

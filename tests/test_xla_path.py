@@ -25,7 +25,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_psroi
-from jax_psroi import _implementation
+from jax_psroi import _implementation, _xla_path
 
 from cases import (
     CHANNEL_ORDERS,
@@ -212,6 +212,19 @@ def test_huge_box_and_large_fixed_grid_stay_exact():
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def _on_each_path(fn, monkeypatch, *args):
+    """{path: fn(*args)} for the native kernels and the XLA path, each one
+    compiled program, traced anew (a traced function keeps its path), the
+    XLA path's without a custom call."""
+    results = {}
+    for path in ("native", "xla"):
+        monkeypatch.setenv(_implementation.ENVIRONMENT_VARIABLE, path)
+        program = jax.jit(lambda *a: fn(*a)).lower(*args)
+        assert ("custom_call" in program.as_text()) == (path == "native")
+        results[path] = program.compile()(*args)
+    return results
+
+
 @pytest.mark.parametrize("ratio", [5, 300, 2**20])
 def test_fixed_grids_visit_the_run_of_samples_on_the_map(ratio, monkeypatch):
     # A fixed grid's samples on the map are found by binary searches, upwards
@@ -234,13 +247,62 @@ def test_fixed_grids_visit_the_run_of_samples_on_the_map(ratio, monkeypatch):
             out, vjp = jax.vjp(call, f, r)
             return (out, *vjp(cotangent))
 
-        results = {}
-        for path in ("native", "xla"):  # one program each (eagerly, every operation compiles)
-            monkeypatch.setenv(_implementation.ENVIRONMENT_VARIABLE, path)
-            results[path] = jax.jit(value_and_gradients)(features, rois)
+        results = _on_each_path(value_and_gradients, monkeypatch, features, rois)
         for native, xla in zip(results["native"], results["xla"], strict=True):
             assert np.abs(native).max() > 0
             np.testing.assert_allclose(xla, native, rtol=1e-12, atol=1e-12)
+
+
+def test_roi_blocks_double_from_the_first_up_to_the_largest():
+    blocks = _xla_path._RoiBlocks.of(jnp.arange(1000.0), largest=2**62)
+    assert blocks.runs == ((64, 1), (128, 1), (256, 1), (512, 1), (40, 1))
+    np.testing.assert_array_equal(blocks.order, np.arange(999, -1, -1))  # costliest first
+    assert _xla_path._RoiBlocks.of(jnp.arange(1000.0), largest=100).runs == (
+        (64, 1), (100, 9), (36, 1))
+    assert _xla_path._RoiBlocks.of(jnp.arange(64.0), largest=2**62).order is None  # one block
+    assert _xla_path._RoiBlocks.of(jnp.arange(64.0), largest=0).runs == ((1, 64),)
+    assert _xla_path._RoiBlocks.of(None, largest=1).runs == ((1, 1),)
+
+
+BLOCKED = {  # every kind of run-time tap count: tables (adaptive, a large fixed grid), windows
+    "ps_roi_align": lambda f, r, o: jax_psroi.ps_roi_align(f, r, 3, 0.5, -1),
+    "roi_align": lambda f, r, o: jax_psroi.roi_align(f[:, :4], r, 3, 0.5, 6, aligned=True),
+    "ps_roi_pool": lambda f, r, o: jax_psroi.ps_roi_pool(f, r, 3, 0.5),
+    "roi_pool": lambda f, r, o: jax_psroi.roi_pool(f[:, :4], r, 3, 0.5),
+    "deform_ps_roi_align": lambda f, r, o: jax_psroi.deform_ps_roi_align(f, r, o, 3, 0.5, -1),
+}
+
+
+@pytest.mark.parametrize("budget", ["default", "one block's tables"])
+@pytest.mark.parametrize("name", BLOCKED)
+def test_rois_in_blocks_equal_the_native_kernels(name, budget, monkeypatch):
+    # 167 RoIs of every size, hostile ones among them, run in blocks sorted
+    # by cost (64, then 103), or with the tables' budget cut to 64 RoIs (two
+    # blocks of 64 in one loop, then 39): values and the gradients of the
+    # map, the boxes and the offsets, in the RoIs' order, as the kernels'.
+    if budget != "default":
+        monkeypatch.setattr(_xla_path, "_largest_block", lambda *_: 64)
+    rng = np.random.default_rng(12)
+    features = rng.normal(size=(2, 4 * 9, 16, 20))
+    rois = np.concatenate([random_rois(rng, 150, 2, 16, 20, 0.5, np.float64, outside=2.0),
+                           random_rois(rng, 2, 2, 16, 20, 0.05, np.float64),
+                           hostile_rois(2, 16, 20, np.float64)])
+    rois[[5, 70, 140]] = [[1, -5, -5, 45, 37], [0, 0, 0, 40, 32], [1, 3, 3, 4, 4]]
+    offset = rng.normal(size=(len(rois), 2, 3, 3))
+    call = BLOCKED[name]
+    shape = jax.eval_shape(call, features, rois, offset).shape
+    cotangent = np.cos(np.arange(math.prod(shape))).reshape(shape)
+
+    def value_and_gradients(f, r, o):
+        out, vjp = jax.vjp(call, f, r, o)
+        return (out, *vjp(cotangent))
+
+    results = _on_each_path(value_and_gradients, monkeypatch, features, rois, offset)
+    assert "stablehlo.sort" in jax.jit(value_and_gradients).lower(
+        features, rois, offset).as_text()  # traced last on the XLA path
+    for native, xla in zip(results["native"], results["xla"], strict=True):
+        np.testing.assert_allclose(xla, native, rtol=1e-11, atol=1e-12)
+    assert np.abs(results["xla"][0]).max() > 0 and np.abs(results["xla"][1]).max() > 0
 
 
 # --- Against torchvision -------------------------------------------------------
