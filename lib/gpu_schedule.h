@@ -155,7 +155,8 @@ struct Tuning {
 // Launch bounds: the NCHW forward's threads keep the sums of up to 8
 // planes, and ptxas left unbounded spends registers until few blocks fit an
 // SM; 5 blocks keeps it near 96 registers with few spills. The backward at
-// 7 needs no spills, and float32 shared memory (32 KB a block) allows 7.
+// 7 (72 registers) spills at most 16 bytes, and float32 shared memory (32 KB
+// a block) allows 7; float64's, 5 (cuda/kernels.cuh, backward_blocks_per_sm).
 using DefaultTuning = Tuning</*Threads=*/128, /*TileRows=*/4, /*CoverPerPixel=*/16,
                              /*ForwardPlanes=*/8, /*NhwcChannelGroup=*/32, /*NhwcPlanes=*/0,
                              /*ForwardMinBlocks=*/2048, /*ForwardBlocksPerSm=*/5,

@@ -153,11 +153,26 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
   }
 }
 
+// The backward's __launch_bounds__ blocks per SM: the tuning's, or as many
+// as its shared memory lets share an SM if fewer (sm_90, the largest of the
+// targets: 228 KB, 1 KB reserved a block). Asking ptxas for blocks that
+// cannot run only takes registers from those that do: float64's list
+// (40 KB a block, 5 an SM) spilled up to 126 bytes at the tuning's 7.
+template <typename Tune, typename T>
+constexpr int backward_blocks_per_sm() {
+  constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
+  constexpr size_t kBlockShared = sizeof(gs::BackwardShared<Tune, T>) +
+                                  sizeof(int) * DeviceBlock<Tune::kThreads>::kWarps +
+                                  kReservedPerBlock;
+  constexpr int kFit = static_cast<int>(kSharedPerSm / kBlockShared);
+  return kFit < Tune::kBackwardBlocksPerSm ? kFit : Tune::kBackwardBlocksPerSm;
+}
+
 // `term`: what a covering list entry adds (gpu_schedule.h: the weighted
 // cotangent, or RoI Pool's cotangent at its maximum).
 template <typename Tune, typename S, typename Layout, bool kPixelSums, typename Term,
           typename T = ComputeType<S>>
-__global__ void __launch_bounds__(Tune::kThreads, Tune::kBackwardBlocksPerSm)
+__global__ void __launch_bounds__(Tune::kThreads, (backward_blocks_per_sm<Tune, T>()))
     backward_kernel(Term term, CallShape shape, BoxRule rule, int64_t sampling_ratio,
                     gs::Workspace views, T* sums, S* grad) {
   using Block = DeviceBlock<Tune::kThreads>;
