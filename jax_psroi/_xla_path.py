@@ -31,10 +31,10 @@ bin has taps of its own on both axes (``_Bins.per_bin``).
 
 A loop runs as many steps as the widest bin among the RoIs it serves, and a
 table holds every RoI's bins; so where the tap counts are known only at run
-time (tables, windows), a call's RoIs run in blocks sorted by their cost,
-costliest first, of sizes doubling from 64 (``_RoiBlocks``): one box
-spanning the map takes its steps alone, not every RoI's, and the tables'
-memory is bounded by a budget per block.
+time (tables, windows), a call's RoIs run in up to 16 equal blocks sorted
+by their cost, costliest first, in one loop (``_RoiBlocks``): a box
+spanning the map takes its steps with the RoIs of its block, not with every
+RoI, and the tables' memory is bounded by a budget per block.
 
 RoI Pool's maxima scan each window row by row with the same loop, keeping
 the first strictly greater value and its pixel as torchvision does; its
@@ -80,10 +80,11 @@ _SAMPLE_TAPS_GRID = 4
 # bin axis (ceil of the bin size); large fixed grids up to 2^23.
 _ADAPTIVE_CHUNK = 16
 _FIXED_CHUNK = 256
-# RoIs whose taps are counted at run time run in blocks, costliest first
-# (_RoiBlocks): the first block holds this many, each next one twice the
-# last, and no block's weight tables exceed _TABLE_BUDGET bytes.
-_FIRST_BLOCK = 64
+# RoIs whose taps are counted at run time run in equal blocks, costliest
+# first (_RoiBlocks): at most _MOST_BLOCKS, of at least _SMALLEST_BLOCK
+# RoIs, unless a block's weight tables would exceed _TABLE_BUDGET bytes.
+_MOST_BLOCKS = 16
+_SMALLEST_BLOCK = 64
 _TABLE_BUDGET = 32 << 20
 # torchvision's -FLT_MAX: where RoI Pool's scan starts.
 _LOWEST = float(-np.finfo(np.float32).max)
@@ -270,13 +271,16 @@ def _bins(box_rule: BoxRule, rois, pooled_size, map_size, spatial_scale, samplin
 # --- RoI blocks ------------------------------------------------------------------
 # A loop over taps runs as many steps as the widest bin of the RoIs it
 # serves, and a table holds every RoI's bins: one box spanning the map
-# would make every RoI of a call take its steps. So the RoIs of a call whose
-# tap counts are known only at run time (tables, windows) run in blocks of
-# sizes m, 2m, 4m, ... (m = _FIRST_BLOCK; none past the tables' budget), sorted
-# by their estimated steps, costliest first: a block's steps are at most
-# those of any RoI of the block before it, at least half its size, so the
-# blocks together take at most m times the costliest RoI's steps plus twice
-# the steps the RoIs need each.
+# would make every RoI of a call take its steps. So where the tap counts are
+# known only at run time (tables, windows), a call's RoIs run in equal
+# blocks sorted by their estimated steps, costliest first: up to
+# _MOST_BLOCKS blocks of at least _SMALLEST_BLOCK RoIs (more, smaller ones
+# where the tables' budget asks), all in one loop, so that the program holds
+# one copy of the taps' loops (each further copy, as blocks of another size
+# would need, costs seconds of compilation). A block's steps are at most
+# those of any RoI of the block before it: all blocks together take at most
+# a block's size times the costliest RoI's steps, plus the steps the RoIs
+# need each.
 
 def _roi_cost(rois, pooled_size, map_size, spatial_scale, valid):
     """[K] each RoI's estimated steps: its bins' spans of pixels (the
@@ -291,11 +295,12 @@ def _roi_cost(rois, pooled_size, map_size, spatial_scale, valid):
 
 
 class _RoiBlocks(NamedTuple):
-    """How a call's K RoIs run: ``order`` [K] the RoIs by cost, costliest
-    first (None: one block, in their order), and ``runs`` the blocks as
-    (size, count) runs of equally sized blocks, in that order."""
+    """How a call's K RoIs run: ``order`` [count * size] the RoIs by cost,
+    costliest first, the last repeated to fill the blocks (None: one block,
+    in their order), in ``count`` blocks of ``size``."""
     order: jax.Array | None
-    runs: tuple[tuple[int, int], ...]
+    count: int
+    size: int
 
     @classmethod
     def of(cls, cost, largest):
@@ -303,28 +308,18 @@ class _RoiBlocks(NamedTuple):
         statically, so one block), none larger than `largest` RoIs."""
         num_rois = cost.shape[0] if cost is not None else 0
         largest = max(largest, 1)
-        first = min(_FIRST_BLOCK, largest)
-        if cost is None or num_rois <= first:
-            return cls(None, ((max(num_rois, 1), 1),))
-        runs, size, left = [], first, num_rois
-        while left:
-            size = min(size, largest, left)
-            count = left // size if size == largest else 1
-            runs.append((size, count))
-            left -= size * count
-            size *= 2
-        return cls(jnp.argsort(-cost, stable=True), tuple(runs))
+        if cost is None or num_rois <= min(_SMALLEST_BLOCK, largest):
+            return cls(None, 1, num_rois)
+        count = max(min(_MOST_BLOCKS, -(-num_rois // _SMALLEST_BLOCK)),
+                    -(-num_rois // largest))
+        size = -(-num_rois // count)
+        order = jnp.argsort(-cost, stable=True)
+        filler = jnp.full((count * size - num_rois,), order[-1], order.dtype)
+        return cls(jnp.concatenate([order, filler]), count, size)
 
-    def _sorted_runs(self, per_roi):
-        """Each run's count and slices of `per_roi` (arrays [K, ...]):
-        [size, ...] for one block, [count, size, ...] for several."""
-        per_roi = [x[self.order] for x in per_roi]
-        start = 0
-        for size, count in self.runs:
-            shape = (count, size) if count > 1 else (size,)
-            yield count, [x[start:start + size * count].reshape(*shape, *x.shape[1:])
-                          for x in per_roi]
-            start += size * count
+    def _split(self, per_roi):
+        """`per_roi` (arrays [K, ...]) in blocks: [count, size, ...]."""
+        return [x[self.order].reshape(self.count, self.size, *x.shape[1:]) for x in per_roi]
 
     def each(self, block, per_roi):
         """block(*per_roi_block) -> arrays [B, ...], for every block of the
@@ -332,27 +327,22 @@ class _RoiBlocks(NamedTuple):
         RoIs' order."""
         if self.order is None:
             return block(*per_roi)
-        results = []
-        for count, slices in self._sorted_runs(per_roi):
-            if count == 1:
-                results.append(block(*slices))
-            else:
-                run = lax.map(lambda xs: block(*xs), slices)
-                results.append(jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:]), run))
-        inverse = jnp.zeros_like(self.order).at[self.order].set(
-            jnp.arange(self.order.shape[0], dtype=self.order.dtype))
-        return jax.tree.map(lambda *r: jnp.concatenate(r)[inverse], *results)
+        num_rois = per_roi[0].shape[0]
+        results = lax.map(lambda xs: block(*xs), self._split(per_roi))
+        inverse = jnp.zeros(num_rois, self.order.dtype).at[self.order[:num_rois]].set(
+            jnp.arange(num_rois, dtype=self.order.dtype))
+        return jax.tree.map(lambda r: r.reshape(-1, *r.shape[2:])[inverse], results)
 
     def accumulate(self, block, total, per_roi):
-        """block(total, *per_roi_block) -> total, for every block in turn."""
+        """block(total, present, *per_roi_block) -> total, for every block
+        in turn; `present` [B] bool is False for the fillers, which must add
+        nothing."""
+        num_rois = per_roi[0].shape[0]
         if self.order is None:
-            return block(total, *per_roi)
-        for count, slices in self._sorted_runs(per_roi):
-            if count == 1:
-                total = block(total, *slices)
-            else:
-                total, _ = lax.scan(lambda t, xs: (block(t, *xs), None), total, slices)
-        return total
+            return block(total, jnp.ones(num_rois, bool), *per_roi)
+        present = (jnp.arange(self.count * self.size) < num_rois).reshape(self.count, self.size)
+        return lax.scan(lambda t, xs: (block(t, *xs), None), total,
+                        [present, *self._split(per_roi)])[0]
 
 
 def _blocks(cost, largest) -> _RoiBlocks:
@@ -532,9 +522,10 @@ def _pool_call(direction, operand, blocks: _RoiBlocks, call_of, per_roi, feature
 
         return blocks.each(pool_block, per_roi)
 
-    def transpose_block(grad, cotangent, *roi_block):
+    def transpose_block(grad, present, cotangent, *roi_block):
         call = call_of(*roi_block)
         keep, divisor = divisor_of(call)
+        keep = keep & present[:, None, None, None]
         cotangent = jnp.where(keep, cotangent.astype(compute) / divisor, 0)
 
         def scatter(index, _, weight, grad):

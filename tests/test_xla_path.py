@@ -253,15 +253,15 @@ def test_fixed_grids_visit_the_run_of_samples_on_the_map(ratio, monkeypatch):
             np.testing.assert_allclose(xla, native, rtol=1e-12, atol=1e-12)
 
 
-def test_roi_blocks_double_from_the_first_up_to_the_largest():
+def test_roi_blocks_are_equal_sorted_by_cost_and_filled_with_the_cheapest():
     blocks = _xla_path._RoiBlocks.of(jnp.arange(1000.0), largest=2**62)
-    assert blocks.runs == ((64, 1), (128, 1), (256, 1), (512, 1), (40, 1))
-    np.testing.assert_array_equal(blocks.order, np.arange(999, -1, -1))  # costliest first
-    assert _xla_path._RoiBlocks.of(jnp.arange(1000.0), largest=100).runs == (
-        (64, 1), (100, 9), (36, 1))
+    assert blocks[1:] == (16, 63)  # at most 16 blocks, of at least 64 RoIs
+    np.testing.assert_array_equal(blocks.order, [*range(999, -1, -1), *[0] * 8])  # 8 fillers
+    assert _xla_path._RoiBlocks.of(jnp.arange(200.0), largest=2**62)[1:] == (4, 50)
+    assert _xla_path._RoiBlocks.of(jnp.arange(1000.0), largest=40)[1:] == (25, 40)  # tables
     assert _xla_path._RoiBlocks.of(jnp.arange(64.0), largest=2**62).order is None  # one block
-    assert _xla_path._RoiBlocks.of(jnp.arange(64.0), largest=0).runs == ((1, 64),)
-    assert _xla_path._RoiBlocks.of(None, largest=1).runs == ((1, 1),)
+    assert _xla_path._RoiBlocks.of(jnp.arange(64.0), largest=0)[1:] == (64, 1)
+    assert _xla_path._RoiBlocks.of(None, largest=1).order is None
 
 
 BLOCKED = {  # every kind of run-time tap count: tables (adaptive, a large fixed grid), windows
@@ -276,12 +276,13 @@ BLOCKED = {  # every kind of run-time tap count: tables (adaptive, a large fixed
 @pytest.mark.parametrize("budget", ["default", "one block's tables"])
 @pytest.mark.parametrize("name", BLOCKED)
 def test_rois_in_blocks_equal_the_native_kernels(name, budget, monkeypatch):
-    # 167 RoIs of every size, hostile ones among them, run in blocks sorted
-    # by cost (64, then 103), or with the tables' budget cut to 64 RoIs (two
-    # blocks of 64 in one loop, then 39): values and the gradients of the
-    # map, the boxes and the offsets, in the RoIs' order, as the kernels'.
+    # 167 RoIs of every size, hostile ones among them, run in 3 blocks of 56
+    # sorted by cost (the last with one filler), or with the tables' budget
+    # cut to 10 RoIs in 17 blocks of 10 (3 fillers): values and the
+    # gradients of the map, the boxes and the offsets, in the RoIs' order,
+    # as the kernels'.
     if budget != "default":
-        monkeypatch.setattr(_xla_path, "_largest_block", lambda *_: 64)
+        monkeypatch.setattr(_xla_path, "_largest_block", lambda *_: 10)
     rng = np.random.default_rng(12)
     features = rng.normal(size=(2, 4 * 9, 16, 20))
     rois = np.concatenate([random_rois(rng, 150, 2, 16, 20, 0.5, np.float64, outside=2.0),
