@@ -273,8 +273,10 @@ BLOCKED = {  # every kind of run-time tap count: tables (adaptive, a large fixed
 }
 
 
-@pytest.mark.parametrize("budget", ["default", "one block's tables"])
-@pytest.mark.parametrize("name", BLOCKED)
+@pytest.mark.parametrize("name,budget", [
+    *((name, "default") for name in BLOCKED),
+    # The tables' budget: the operators whose tables are largest.
+    ("ps_roi_align", "tables of 10 RoIs"), ("deform_ps_roi_align", "tables of 10 RoIs")])
 def test_rois_in_blocks_equal_the_native_kernels(name, budget, monkeypatch):
     # 167 RoIs of every size, hostile ones among them, run in 3 blocks of 56
     # sorted by cost (the last with one filler), or with the tables' budget
