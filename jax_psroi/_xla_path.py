@@ -211,12 +211,19 @@ def _window_taps(first, stop, size, valid, dtype) -> _Taps:
     return _Taps(_run_time_count(length, valid), at)
 
 
+def _sample_taps_suffice(ratio) -> bool:
+    """Whether a grid of `ratio` samples per bin axis reads its samples'
+    taps (a static count, no tables): fixed grids of at most
+    _SAMPLE_TAPS_GRID samples."""
+    return 0 < ratio <= _SAMPLE_TAPS_GRID
+
+
 def _align_taps(start, bin_size, grid, ratio, bins, size, valid) -> _Taps:
     """The taps of one axis of RoI Align's bins: start, bin_size [K], grid
     [K] int32 samples per bin."""
     bin_start = (jnp.arange(bins, dtype=start.dtype)[None, :] * bin_size[:, None]
                  + start[:, None])
-    if 0 < ratio <= _SAMPLE_TAPS_GRID:
+    if _sample_taps_suffice(ratio):
         return _sample_taps(bin_start, bin_size[:, None], ratio, size)
     grid = jnp.broadcast_to(grid[:, None], bin_start.shape)
     return _table_taps(_pixel_weights(bin_start, bin_size[:, None], grid, ratio, size, valid),
@@ -282,16 +289,15 @@ def _bins(box_rule: BoxRule, rois, pooled_size, map_size, spatial_scale, samplin
 # a block's size times the costliest RoI's steps, plus the steps the RoIs
 # need each.
 
-def _roi_cost(rois, pooled_size, map_size, spatial_scale, valid):
-    """[K] each RoI's estimated steps: its bins' spans of pixels (the
-    bin's size on the map, at most the map, and a tap either side)
-    multiplied, 0 where it reads nothing."""
-    _, _, bin_h, bin_w, finite = box_geometry(rois, pooled_size, spatial_scale, offset=0.0,
-                                              clamp=False)
+def _roi_cost(bin_h, bin_w, map_size, valid):
+    """[K] each RoI's estimated steps, for bin sizes bin_h, bin_w [K] on
+    the map: its bins' spans of pixels (the bin's size, at most the map,
+    and a tap either side) multiplied, 0 where it reads nothing (`valid`
+    False; there the sizes may not be finite)."""
     (height, width) = map_size
     span_h = jnp.minimum(jnp.abs(bin_h), height) + 2
     span_w = jnp.minimum(jnp.abs(bin_w), width) + 2
-    return jnp.where(valid & finite, span_h * span_w, 0)
+    return jnp.where(valid, span_h * span_w, 0)
 
 
 class _RoiBlocks(NamedTuple):
@@ -313,7 +319,7 @@ class _RoiBlocks(NamedTuple):
         count = max(min(_MOST_BLOCKS, -(-num_rois // _SMALLEST_BLOCK)),
                     -(-num_rois // largest))
         size = -(-num_rois // count)
-        order = jnp.argsort(-cost, stable=True)
+        order = jnp.argsort(-lax.stop_gradient(cost), stable=True)
         filler = jnp.full((count * size - num_rois,), order[-1], order.dtype)
         return cls(jnp.concatenate([order, filler]), count, size)
 
@@ -343,10 +349,6 @@ class _RoiBlocks(NamedTuple):
         present = (jnp.arange(self.count * self.size) < num_rois).reshape(self.count, self.size)
         return lax.scan(lambda t, xs: (block(t, *xs), None), total,
                         [present, *self._split(per_roi)])[0]
-
-
-def _blocks(cost, largest) -> _RoiBlocks:
-    return _RoiBlocks.of(lax.stop_gradient(cost) if cost is not None else None, largest)
 
 
 def _largest_block(table_entries, dtype) -> int:
@@ -425,12 +427,14 @@ def _in_blocks(box_rule, features_shape, rois, pooled_size, *, spatial_scale, sa
                              channel_order)
 
     windows = box_rule.whole_pixels
-    if not windows and 0 < sampling_ratio <= _SAMPLE_TAPS_GRID:
+    if not windows and _sample_taps_suffice(sampling_ratio):
         return _RoiBlocks.of(None, 0), call_of, (rois, image, batch_ok)
     (pooled_h, pooled_w) = pooled_size
     tables = 0 if windows else pooled_h * h + pooled_w * w
-    cost = _roi_cost(rois, pooled_size, (h, w), spatial_scale, batch_ok)
-    return (_blocks(cost, _largest_block(tables, rois.dtype)), call_of,
+    _, _, bin_h, bin_w, finite = box_geometry(rois, pooled_size, spatial_scale, offset=0.0,
+                                              clamp=False)
+    cost = _roi_cost(bin_h, bin_w, (h, w), batch_ok & finite)
+    return (_RoiBlocks.of(cost, _largest_block(tables, rois.dtype)), call_of,
             (rois, image, batch_ok))
 
 
@@ -592,11 +596,11 @@ def deformable(direction, operand, rois, offset, result_shape, *, spatial_scale,
     grid_w = grid_size(parameters[1], sampling_ratio)
     valid = batch_ok & finite & (grid_h > 0) & (grid_w > 0)
     pooled_h, pooled_w = pooled_size
-    sample_taps = 0 < sampling_ratio <= _SAMPLE_TAPS_GRID
+    sample_taps = _sample_taps_suffice(sampling_ratio)
     # The bins move, their sizes do not: the RoI's cost is the plain one's.
-    blocks = _blocks(None if sample_taps else _roi_cost(rois, pooled_size, (height, width),
-                                                       spatial_scale, valid),
-                     _largest_block(pooled_h * pooled_w * (height + width), compute))
+    blocks = _RoiBlocks.of(
+        None if sample_taps else _roi_cost(parameters[3], parameters[1], (height, width), valid),
+        _largest_block(pooled_h * pooled_w * (height + width), compute))
 
     def taps(start, bin_size, grid, index, size, moved, valid):
         # Bins whose moved start is not finite read nothing (divisor 0):

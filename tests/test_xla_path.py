@@ -213,16 +213,17 @@ def test_huge_box_and_large_fixed_grid_stay_exact():
 
 
 def _on_each_path(fn, monkeypatch, *args):
-    """{path: fn(*args)} for the native kernels and the XLA path, each one
-    compiled program, traced anew (a traced function keeps its path), the
-    XLA path's without a custom call."""
+    """({path: fn(*args)}, the XLA path's program text) for the native
+    kernels and the XLA path, each one compiled program, traced anew (a
+    traced function keeps its path), the XLA path's without a custom call."""
     results = {}
     for path in ("native", "xla"):
         monkeypatch.setenv(_implementation.ENVIRONMENT_VARIABLE, path)
         program = jax.jit(lambda *a: fn(*a)).lower(*args)
-        assert ("custom_call" in program.as_text()) == (path == "native")
+        text = program.as_text()
+        assert ("custom_call" in text) == (path == "native")
         results[path] = program.compile()(*args)
-    return results
+    return results, text
 
 
 @pytest.mark.parametrize("ratio", [5, 300, 2**20])
@@ -247,7 +248,7 @@ def test_fixed_grids_visit_the_run_of_samples_on_the_map(ratio, monkeypatch):
             out, vjp = jax.vjp(call, f, r)
             return (out, *vjp(cotangent))
 
-        results = _on_each_path(value_and_gradients, monkeypatch, features, rois)
+        results, _ = _on_each_path(value_and_gradients, monkeypatch, features, rois)
         for native, xla in zip(results["native"], results["xla"], strict=True):
             assert np.abs(native).max() > 0
             np.testing.assert_allclose(xla, native, rtol=1e-12, atol=1e-12)
@@ -300,9 +301,9 @@ def test_rois_in_blocks_equal_the_native_kernels(name, budget, monkeypatch):
         out, vjp = jax.vjp(call, f, r, o)
         return (out, *vjp(cotangent))
 
-    results = _on_each_path(value_and_gradients, monkeypatch, features, rois, offset)
-    assert "stablehlo.sort" in jax.jit(value_and_gradients).lower(
-        features, rois, offset).as_text()  # traced last on the XLA path
+    results, xla_program = _on_each_path(value_and_gradients, monkeypatch, features, rois,
+                                         offset)
+    assert "stablehlo.sort" in xla_program
     for native, xla in zip(results["native"], results["xla"], strict=True):
         np.testing.assert_allclose(xla, native, rtol=1e-11, atol=1e-12)
     assert np.abs(results["xla"][0]).max() > 0 and np.abs(results["xla"][1]).max() > 0

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
 // as its shared memory lets share an SM if fewer (sm_90, the largest of the
 // targets: 228 KB, 1 KB reserved a block). Asking ptxas for blocks that
 // cannot run only takes registers from those that do: float64's list
-// (40 KB a block, 5 an SM) spilled up to 126 bytes at the tuning's 7.
+// (40 KB a block) lets 5 share an SM, and the register cap of 7 spills.
 template <typename Tune, typename T>
 constexpr int backward_blocks_per_sm() {
   constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
