@@ -8,6 +8,9 @@ Semantics, exactly those of torchvision's CPU kernel:
 * boxes are visited in descending score; equal scores in index order (the
   stable sort torchvision uses); NaN scores first (torch orders NaN above
   every number), -inf last;
+* integer or bool scores (torchvision takes float scores only) order and
+  tie exactly as the integers do, not as their rounding to the boxes'
+  float would;
 * a visited box is kept unless a kept box overlaps it by an IoU strictly
   greater than ``iou_threshold``; every box that survives is kept, whatever
   its score, up to ``max_output_size``;
@@ -99,7 +102,16 @@ def _check(boxes, scores):
     if scores.shape != boxes.shape[:1]:
         raise ValueError(f"scores must have shape [N] = {boxes.shape[:1]} like the boxes, "
                          f"got {scores.shape}")
-    dtype = jnp.result_type(boxes, scores)
+    ranked = jnp.issubdtype(scores.dtype, jnp.integer) or scores.dtype == jnp.bool_
+    if ranked and jnp.issubdtype(boxes.dtype, jnp.floating):
+        # Integer scores enter as their ranks, which order and tie them as
+        # the integers do: promoted to the boxes' float, 2**24 and 2**24 + 1
+        # would tie (float16: 2049 and 2050). float32 at least: 16-bit boxes'
+        # IoUs are float32 anyway, so their decisions are unchanged.
+        dtype = jnp.result_type(boxes.dtype, jnp.float32)
+        scores = _dense_ranks(scores)
+    else:
+        dtype = jnp.result_type(boxes, scores)
     if dtype not in _extension.SUPPORTED_DTYPES:
         names = ", ".join(d.name for d in _extension.SUPPORTED_DTYPES)
         raise TypeError(f"boxes and scores must be floating point ({names}), got "
@@ -123,7 +135,10 @@ def nms(boxes, scores, iou_threshold: float, max_output_size: int | None = None)
 
     Args:
       boxes: [N, 4] (x1, y1, x2, y2), float32, float64, bfloat16 or float16.
-      scores: [N], a float dtype (boxes and scores are promoted together).
+      scores: [N], a float dtype (boxes and scores are promoted together),
+        or integers or bools, ranked exactly (not rounded to the boxes'
+        float; boxes then in float32 at least), up to 2**24 distinct
+        values (float64 boxes: 2**53).
       iou_threshold: static float; a box is suppressed by a kept box whose
         IoU with it is strictly greater.
       max_output_size: static int M >= 0, the most boxes kept (None: N).
@@ -179,8 +194,14 @@ def _categories(idxs) -> jax.Array:
     64-bit ids (a cast would wrap 2^32 onto 0)."""
     if idxs.dtype.itemsize <= 4:
         return idxs.astype(jnp.int32)
-    order = jnp.argsort(idxs)
-    ordered = idxs[order]
+    return _dense_ranks(idxs)
+
+
+def _dense_ranks(values) -> jax.Array:
+    """int32 [N]: the rank of each of `values` [N] (integers or bools) among
+    their distinct values, ascending, so equal values share a rank."""
+    order = jnp.argsort(values)
+    ordered = values[order]
     new = jnp.concatenate([jnp.zeros(1, jnp.int32),
-                           (ordered[1:] != ordered[:-1]).astype(jnp.int32)])
-    return jnp.zeros(idxs.shape, jnp.int32).at[order].set(jnp.cumsum(new, dtype=jnp.int32))
+                           (ordered[1:] != ordered[:-1]).astype(jnp.int32)])[:values.shape[0]]
+    return jnp.zeros(values.shape, jnp.int32).at[order].set(jnp.cumsum(new, dtype=jnp.int32))

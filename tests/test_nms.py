@@ -145,6 +145,26 @@ def test_batched_nms_keeps_categories_apart(implementation):
         np.testing.assert_array_equal(indices, [3, 0, 1, -1])
 
 
+def test_integer_scores_rank_exactly(implementation):
+    # Overlapping boxes (IoU 0.68) and a distant one. Rounded to the boxes'
+    # float, 2**24 + 1 (float32) and 2049 (float16) would tie with the score
+    # below them, and the lower index would win the tie.
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    cases = [(np.float32, np.array([2**24, 2**24 + 1, 5], np.int32), [1, 2, -1]),
+             (np.float16, np.array([2048, 2049, 0], np.int32), [1, 2, -1]),
+             (jnp.bfloat16, np.array([-300, -299, -301], np.int16), [1, 2, -1]),
+             (np.float32, np.array([7, 7, 9], np.uint8), [2, 0, -1]),  # tie: index order
+             (np.float32, np.array([True, False, True]), [0, 2, -1])]
+    for dtype, scores, expected in cases:
+        indices, count = jax_psroi.nms(boxes.astype(dtype), scores, 0.5, 3)
+        np.testing.assert_array_equal(indices, expected, err_msg=f"{dtype} {scores}")
+        assert int(count) == 2
+    # batched_nms ranks them too; categories 0, 1, 0 keep boxes 0 and 1 apart.
+    indices, count = jax_psroi.batched_nms(
+        boxes, np.array([2**24, 2**24 + 1, 2**24 + 2], np.int32), np.array([0, 1, 0]), 0.5)
+    np.testing.assert_array_equal(indices, [2, 1, 0])
+
+
 def test_empty(implementation):
     indices, count = jax_psroi.nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5, 3)
     np.testing.assert_array_equal(indices, [-1, -1, -1])
