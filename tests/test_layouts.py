@@ -22,6 +22,7 @@ from jax_psroi import _extension
 from cases import (
     CHANNEL_ORDERS,
     EXACT_DTYPES,
+    KERNELS,
     LAYOUTS,
     TOLERANCE,
     features_as,
@@ -53,33 +54,37 @@ def _case(dtype, seed, output_size=(2, 3), channels_out=5, n=2, h=9, w=37, scale
     return rng, features, rois
 
 
-@pytest.mark.gpu_schedule
+# `kernels` "gpu_schedule": the CUDA kernels' per-element code, serially on
+# the CPU, in the layout and order, against the CPU kernels' NCHW result.
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
-def test_forward_equals_permuted_nchw(data_format, channel_order, sampling_ratio, dtype):
+def test_forward_equals_permuted_nchw(data_format, channel_order, sampling_ratio, dtype,
+                                      kernels):
     # 5 output channels: the CPU's grouped and leftover channels both run;
     # a map 37 wide: tiles inside it and against its right border.
     _, features, rois = _case(dtype, 40)
     nchw = jax.jit(_op("NCHW", "torchvision", (2, 3), 0.5, sampling_ratio))(features, rois)
     permuted = features_as(features, data_format, channel_order, (2, 3))
-    out = jax.jit(_op(data_format, channel_order, (2, 3), 0.5, sampling_ratio))(
-        permuted, rois)
     expected = pooled_as(np.asarray(nchw), data_format)
+    if kernels == "cpu":
+        out = jax.jit(_op(data_format, channel_order, (2, 3), 0.5, sampling_ratio))(
+            permuted, rois)
+    else:
+        out = native_gpu_schedule("forward", permuted, rois, expected.shape, 0.5,
+                                  sampling_ratio, data_format, channel_order)
     assert out.shape == expected.shape and out.dtype == dtype
     assert np.abs(expected).max() > 0.01
     np.testing.assert_allclose(out, expected, **TOLERANCE[np.dtype(dtype)])
-    # The CUDA kernels' per-element code, in the same layout and order.
-    scheduled = native_gpu_schedule("forward", permuted, rois, expected.shape, 0.5,
-                                     sampling_ratio, data_format, channel_order)
-    np.testing.assert_allclose(scheduled, expected, **TOLERANCE[np.dtype(dtype)])
 
 
-@pytest.mark.gpu_schedule
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype", EXACT_DTYPES)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)
-def test_gradient_equals_permuted_nchw(data_format, channel_order, sampling_ratio, dtype):
+def test_gradient_equals_permuted_nchw(data_format, channel_order, sampling_ratio, dtype,
+                                       kernels):
     rng, features, rois = _case(dtype, 41)
     cotangent = rng.normal(size=(len(rois), 5, 2, 3)).astype(dtype)
 
@@ -89,17 +94,18 @@ def test_gradient_equals_permuted_nchw(data_format, channel_order, sampling_rati
     nchw = gradient(_op("NCHW", "torchvision", (2, 3), 0.5, sampling_ratio),
                     features, cotangent)
     permuted = features_as(features, data_format, channel_order, (2, 3))
-    grad = gradient(_op(data_format, channel_order, (2, 3), 0.5, sampling_ratio),
-                    permuted, pooled_as(cotangent, data_format))
+    if kernels == "cpu":
+        grad = gradient(_op(data_format, channel_order, (2, 3), 0.5, sampling_ratio),
+                        permuted, pooled_as(cotangent, data_format))
+    else:
+        grad = native_gpu_schedule("backward", pooled_as(cotangent, data_format), rois,
+                                   permuted.shape, 0.5, sampling_ratio, data_format,
+                                   channel_order)
     assert grad.shape == permuted.shape
     assert np.abs(np.asarray(nchw)).max() > 0.01
     np.testing.assert_allclose(features_from(np.asarray(grad), data_format, channel_order,
                                              (2, 3)),
                                nchw, **TOLERANCE[np.dtype(dtype)])
-    scheduled = native_gpu_schedule("backward", pooled_as(cotangent, data_format), rois,
-                                     permuted.shape, 0.5, sampling_ratio, data_format,
-                                     channel_order)
-    np.testing.assert_allclose(scheduled, grad, **TOLERANCE[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("data_format,channel_order", COMBINATIONS)

@@ -21,6 +21,7 @@ from jax_psroi import _extension
 
 from cases import (
     CHANNEL_ORDERS,
+    KERNELS,
     LAYOUTS,
     LOW_PRECISION_DTYPES,
     features_as,
@@ -76,34 +77,43 @@ def _check(value, exact, low_precision, dtype):
                                  _step(dtype) * np.abs(exact) + 1e-6)
 
 
-@pytest.mark.gpu_schedule
+# `kernels` "gpu_schedule": the CUDA kernels' per-element code, serially on
+# the CPU.
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype,data_format,channel_order,sampling_ratio", CASES)
 def test_forward_within_the_low_precision_rule(dtype, data_format, channel_order,
-                                               sampling_ratio):
+                                               sampling_ratio, kernels):
     _, features, rois = _data(dtype, data_format, channel_order, 50)
-    out = jax.jit(_op(data_format, channel_order, sampling_ratio))(features, rois)
+    op = _op(data_format, channel_order, sampling_ratio)
+    if kernels == "cpu":
+        out = jax.jit(op)(features, rois)
+    else:
+        out = native_gpu_schedule("forward", features, rois,
+                                  jax.eval_shape(op, features, rois).shape, 0.5,
+                                  sampling_ratio, data_format, channel_order)
     assert out.dtype == dtype
     layout = dict(data_format=data_format, channel_order=channel_order)
     exact = reference(features.astype(jnp.float32), rois, OUTPUT_SIZE, 0.5, sampling_ratio,
                       **layout)
     low_precision = reference(features, rois, OUTPUT_SIZE, 0.5, sampling_ratio, **layout)
     _check(out, exact, low_precision, dtype)
-    # The CUDA kernels' per-element code, on the CPU.
-    scheduled = native_gpu_schedule("forward", features, rois, out.shape, 0.5,
-                                     sampling_ratio, data_format, channel_order)
-    _check(scheduled, exact, low_precision, dtype)
 
 
-@pytest.mark.gpu_schedule
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype,data_format,channel_order,sampling_ratio", CASES)
 def test_gradient_within_the_low_precision_rule(dtype, data_format, channel_order,
-                                                sampling_ratio):
+                                                sampling_ratio, kernels):
     rng, features, rois = _data(dtype, data_format, channel_order, 51)
     op = _op(data_format, channel_order, sampling_ratio)
     shape = jax.eval_shape(op, features, rois).shape
     cotangent = jnp.asarray(rng.normal(size=shape), dtype)
 
-    grad = jax.jit(lambda f, c: jax.vjp(lambda x: op(x, rois), f)[1](c)[0])(features, cotangent)
+    if kernels == "cpu":
+        grad = jax.jit(lambda f, c: jax.vjp(lambda x: op(x, rois), f)[1](c)[0])(features,
+                                                                               cotangent)
+    else:
+        grad = native_gpu_schedule("backward", cotangent, rois, features.shape, 0.5,
+                                   sampling_ratio, data_format, channel_order)
     assert grad.dtype == dtype and grad.shape == features.shape
     layout = dict(data_format=data_format, channel_order=channel_order)
     exact = reference_vjp(features.astype(jnp.float32), rois, cotangent.astype(jnp.float32),
@@ -111,9 +121,6 @@ def test_gradient_within_the_low_precision_rule(dtype, data_format, channel_orde
     low_precision = reference_vjp(features, rois, cotangent, OUTPUT_SIZE, 0.5,
                                   sampling_ratio, **layout)
     _check(grad, exact, low_precision, dtype)
-    scheduled = native_gpu_schedule("backward", cotangent, rois, features.shape, 0.5,
-                                     sampling_ratio, data_format, channel_order)
-    _check(scheduled, exact, low_precision, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES)
