@@ -95,11 +95,21 @@ JAX_PSROI_DRIVER_TUNING(NhwcPlanes4, "nhwc_planes4", kForwardOnly, 128, 4, 16, 8
 // Launch bounds off: ptxas picks the registers.
 JAX_PSROI_DRIVER_TUNING(Unbounded, "unbounded", kBoth, 128, 4, 16, 8, 32, 0, 2048, 1, 1, 128)
 #undef JAX_PSROI_DRIVER_TUNING
+// NHWC forward, the default's channel groups, each block staging 4 RoIs'
+// taps at a time for their channels' threads (gpu_schedule.h, ForwardStage).
+struct NhwcStaged {
+  struct Tune : gs::DefaultTuning {
+    static constexpr bool kLargeGrids = false;
+    static constexpr int kStageRois = 4;
+  };
+  static constexpr const char* kName = "nhwc_staged";
+  static constexpr int kDirections = kForwardOnly;
+};
 
 template <typename... Ts>
 struct TuningList {};
 using AllTunings = TuningList<Default, Threads256, Tile2x64, Tile8x16, Cover8, Planes4, Nhwc64,
-                              NhwcPlanes8, NhwcPlanes4, Unbounded>;
+                              NhwcPlanes8, NhwcPlanes4, NhwcStaged, Unbounded>;
 
 // --- Workload values and hashes (gpu_workloads.py has their twins) ----------
 

@@ -144,7 +144,8 @@ def _host_cases() -> list[Case]:
 def small_rois(rng) -> np.ndarray:
     """float32 [K, 5] on a 320 x 480 image of two: boxes as the benchmark
     draws them, 300 crowding one spot (so backward tiles take passes), and
-    hostile ones (bad batch indices, NaN and infinite coordinates, huge)."""
+    hostile ones (bad batch indices, NaN and infinite coordinates, huge; one
+    past the image whose adaptive bins take tens of samples on the map)."""
     k = 100
     side = np.exp(rng.uniform(np.log(16), np.log(320), size=(k, 2)))
     x1 = rng.uniform(0, 480 - side[:, 0])
@@ -157,7 +158,7 @@ def small_rois(rng) -> np.ndarray:
     hostile = np.array([[-1, 10, 10, 50, 50], [2, 10, 10, 50, 50], [0, nan, 10, 50, 50],
                         [1, 10, 10, inf, 50], [0, -inf, -inf, inf, inf],
                         [1, -1e30, -1e30, 1e30, 1e30], [0, 470, 310, 480, 320],
-                        [1, 30, 40, 30, 40]])
+                        [1, 30, 40, 30, 40], [0, -2000, -2000, 2400, 2400]])
     return np.concatenate([spread, crowd, hostile]).astype(np.float32)
 
 

@@ -66,6 +66,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "roi_math.h"
 
@@ -117,6 +118,10 @@ struct Tuning {
   // the GPU driver times may leave them out (its launches of such a ratio
   // then fail) to halve its build.
   static constexpr bool kLargeGrids = true;
+  // NHWC forward with channel groups: 0, each thread finds its RoI's taps
+  // itself; else the block stages the taps of this many RoIs at a time
+  // (ForwardStage), which their channels' threads then read.
+  static constexpr int kStageRois = 0;
 
   static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, at most 1,024 threads");
   static_assert(kTilePixels == Threads, "the cover step gives each pixel a thread");
@@ -492,11 +497,117 @@ PSROI_HD ChannelBin channel_bin(const CallShape& shape, int64_t c) {
   return cb;
 }
 
+// NHWC forward, Tune::kStageRois > 0: with channel groups, the 32 threads
+// of a warp share one RoI, and each finding its taps itself (the box's
+// geometry, two binary searches, a division per sample) is most of their
+// instructions. So the block stages, kStageRois RoIs at a time, the taps of
+// every bin row and column of each (kStageBins at most per axis, each of at
+// most kStageSamples samples on the map; a larger bin's threads find its
+// taps themselves), and every channel's thread sums from them through
+// add_sample, the per-thread path's arithmetic: the same bits.
+constexpr int kStageBins = 16;
+constexpr int kStageSamples = 4;
+
+template <typename T>
+struct StagedTap {
+  int32_t low, high;  // low < 0: the sample reads nothing (AxisTap::valid)
+  T w_low, w_high;
+};
+
+template <typename Tune, typename T>
+struct ForwardStage {
+  static constexpr int kRois = Tune::kStageRois;
+  T count[kRois];                                // samples per bin (the divisor)
+  int32_t samples[kRois][2][kStageBins];         // per axis (y, x) and bin
+  StagedTap<T> taps[kRois][2][kStageBins][kStageSamples];
+};
+struct NoStage {};
+
+// What a forward block keeps in shared memory: the stage, if its tuning has one.
+template <typename Tune, typename T>
+using ForwardShared =
+    typename std::conditional<(Tune::kStageRois > 0), ForwardStage<Tune, T>, NoStage>::type;
+
+// Whether a call's NHWC forward stages taps: samples, not windows or pixel
+// sums, and bins and map axes that the stage's sizes hold.
+template <typename Tune, bool kPixelSums>
+PSROI_HD bool stages_taps(const CallShape& shape, const BoxRule& rule) {
+  return Tune::kStageRois > 0 && !kPixelSums && !rule.whole_pixels &&
+         shape.pooled_h <= kStageBins && shape.pooled_w <= kStageBins &&
+         shape.height <= INT32_MAX && shape.width <= INT32_MAX;
+}
+
+// The channel-group forward of the chunk's RoIs order[begin, end) of
+// `image` for pairs [c0, c0 + kNhwcChannelGroup), its taps staged.
+template <typename Tune, typename Exec, typename S, typename Layout, typename T, typename Plane>
+PSROI_HD void staged_forward(Exec& ex, ForwardStage<Tune, T>& stage, const CallShape& shape,
+                             const BoxRule& rule, int64_t sampling_ratio, const Workspace& views,
+                             int64_t image, int64_t begin, int64_t end, int64_t c0,
+                             const Layout& layout, Plane plane_of, S* output) {
+  constexpr int kGroup = Tune::kNhwcChannelGroup, kRois = Tune::kStageRois;
+  const int64_t axis_bins = shape.pooled_h + shape.pooled_w;
+  for (int64_t first = begin; first < end; first += kRois) {
+    const int64_t rois = end - first < kRois ? end - first : kRois;
+    // Item (r, j): RoI r's bin row j, or its bin column j - PH.
+    ex.each(rois * axis_bins, [&](int64_t item) {
+      const int64_t r = item / axis_bins, j = item - r * axis_bins;
+      const RoiGeometry<T> geometry =
+          stored_geometry<T>(views, views.order[first + r], image, shape, rule, sampling_ratio);
+      const int a = j < shape.pooled_h ? 0 : 1;
+      const int64_t bin = a == 0 ? j : j - shape.pooled_h;
+      // A copy: a reference chosen at run time would keep the geometry in
+      // local memory (80 bytes of stack a thread).
+      const RoiAxis<T> axis = a == 0 ? geometry.y : geometry.x;
+      const int64_t size = a == 0 ? shape.height : shape.width;
+      const SampleRange range = samples_to_visit(axis, bin, size);
+      const int64_t samples = range.end - range.begin;  // <= grid <= 2^23
+      stage.samples[r][a][bin] = static_cast<int32_t>(samples);
+      if (j == 0) stage.count[r] = geometry.count;
+      for (int64_t i = 0; i < samples && i < kStageSamples; ++i) {
+        const AxisTap<T> t = sample_tap(axis, bin, range.begin + i, size);
+        stage.taps[r][a][bin][i] = StagedTap<T>{t.valid ? static_cast<int32_t>(t.low) : -1,
+                                                static_cast<int32_t>(t.high), t.w_low, t.w_high};
+      }
+    });
+    // Element i: RoI i / kGroup of these, pair c0 + i % kGroup.
+    ex.each(rois * kGroup, [&](int64_t i) {
+      const int64_t c = c0 + i % kGroup;
+      if (c >= shape.channel_bins()) return;
+      const int64_t r = i / kGroup;
+      const ChannelBin cb = channel_bin(shape, c);
+      const int32_t rows = stage.samples[r][0][cb.ph], cols = stage.samples[r][1][cb.pw];
+      T value[1] = {static_cast<T>(0)};
+      const S* plane = plane_of(cb.c_out, cb.bin);
+      if (rows <= kStageSamples && cols <= kStageSamples) {
+        auto tap = [](const StagedTap<T>& t) {
+          return AxisTap<T>{t.low >= 0, t.low, t.high, t.w_low, t.w_high};
+        };
+        for (int32_t iy = 0; iy < rows; ++iy) {
+          const AxisTap<T> ty = tap(stage.taps[r][0][cb.ph][iy]);
+          if (!ty.valid) continue;
+          for (int32_t ix = 0; ix < cols; ++ix) {
+            const AxisTap<T> tx = tap(stage.taps[r][1][cb.pw][ix]);
+            if (tx.valid) add_sample<1, S>(plane, 0, 1, layout, ty, tx, value);
+          }
+        }
+        value[0] /= stage.count[r];
+      } else {  // a bin of many samples: its taps found here
+        const RoiGeometry<T> geometry =
+            stored_geometry<T>(views, views.order[first + r], image, shape, rule, sampling_ratio);
+        pooled_values<1, false>(plane, 0, 1, layout, geometry, shape, cb.ph, cb.pw, value);
+      }
+      output[Layout::pooled_offset(shape, views.order[first + r], cb.c_out, cb.bin)] =
+          Storage<S>::store(value[0]);
+    });
+  }
+}
+
 template <typename Tune, typename Exec, typename S, typename Layout, bool kPixelSums,
           typename T = ComputeType<S>>
-PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape, const BoxRule& rule,
-                            int64_t sampling_ratio, const Workspace& views, int64_t block,
-                            bool skip_empty_rois, S* output) {
+PSROI_HD void forward_block(Exec& ex, ForwardShared<Tune, T>& shared, const S* input,
+                            const CallShape& shape, const BoxRule& rule, int64_t sampling_ratio,
+                            const Workspace& views, int64_t block, bool skip_empty_rois,
+                            S* output) {
   constexpr int kNhwcChannelGroup = Tune::kNhwcChannelGroup;
   constexpr int kForwardPlanes = Tune::template forward_planes<Layout>();
   const int64_t groups = forward_channel_groups<Tune, Layout>(shape);
@@ -528,6 +639,13 @@ PSROI_HD void forward_block(Exec& ex, const S* input, const CallShape& shape, co
     // Element i: RoI i / kNhwcChannelGroup of the chunk, pair c0 + i %
     // kNhwcChannelGroup.
     const int64_t c0 = group * kNhwcChannelGroup;
+    if constexpr (Tune::kStageRois > 0) {
+      if (image < shape.num_images && stages_taps<Tune, kPixelSums>(shape, rule)) {
+        staged_forward<Tune>(ex, shared, shape, rule, sampling_ratio, views, image, begin, end,
+                             c0, layout, plane_of, output);
+        return;
+      }
+    }
     ex.each((end - begin) * kNhwcChannelGroup, [&](int64_t i) {
       const int64_t c = c0 + i % kNhwcChannelGroup;
       if (c >= shape.channel_bins()) return;

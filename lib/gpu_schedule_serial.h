@@ -87,13 +87,16 @@ void serial_forward(const S* input, const T* rois, const CallShape& shape, const
   const Workspace views =
       serial_buckets<Tune>(storage, rois, shape, rule, spatial_scale, sampling_ratio, false);
   SerialBlock block{Tune::kThreads};
+  ForwardShared<Tune, T> shared;
   for (int64_t b = 0; b < forward_blocks<Tune, Layout>(shape); ++b) {
     if (pixel_sums(sampling_ratio)) {
-      forward_block<Tune, SerialBlock, S, Layout, true>(block, input, shape, rule, sampling_ratio,
-                                                        views, b, skip_empty_rois, output);
+      forward_block<Tune, SerialBlock, S, Layout, true>(block, shared, input, shape, rule,
+                                                        sampling_ratio, views, b,
+                                                        skip_empty_rois, output);
     } else {
-      forward_block<Tune, SerialBlock, S, Layout, false>(block, input, shape, rule, sampling_ratio,
-                                                         views, b, skip_empty_rois, output);
+      forward_block<Tune, SerialBlock, S, Layout, false>(block, shared, input, shape, rule,
+                                                         sampling_ratio, views, b,
+                                                         skip_empty_rois, output);
     }
   }
 }

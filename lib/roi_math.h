@@ -750,6 +750,30 @@ PSROI_HD void for_each_sample_on_map(const RoiGeometry<T>& geometry, const CallS
   }
 }
 
+// Adds one sample, its taps `ty` and `tx`, to values[0, planes) of
+// `planes` (<= kPlanes) planes, the first at `plane` and each next
+// `plane_step` elements further, in pooled_values' order of operations
+// (the GPU forward's ways of finding the taps all sum through it, so they
+// give the same bits).
+template <int kPlanes, typename S, typename Layout, typename T = ComputeType<S>>
+PSROI_HD void add_sample(const S* plane, int64_t plane_step, int64_t planes, const Layout& layout,
+                         const AxisTap<T>& ty, const AxisTap<T>& tx, T (&values)[kPlanes]) {
+  const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
+  const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
+  const int64_t o1 = layout.pixel_offset(ty.low, tx.low);
+  const int64_t o2 = layout.pixel_offset(ty.low, tx.high);
+  const int64_t o3 = layout.pixel_offset(ty.high, tx.low);
+  const int64_t o4 = layout.pixel_offset(ty.high, tx.high);
+  auto at = [&](int k, int64_t offset) {
+    return Storage<S>::load(plane[k * plane_step + offset]);
+  };
+  for (int k = 0; k < kPlanes; ++k) {
+    if (k < planes) {
+      values[k] += w1 * at(k, o1) + w2 * at(k, o2) + w3 * at(k, o3) + w4 * at(k, o4);
+    }
+  }
+}
+
 // Pooled values of bin (ph, pw) of a non-empty RoI of `geometry` in
 // `planes` (<= kPlanes) input planes, the first at `plane` and each next
 // `plane_step` elements further (the input channels consecutive output
@@ -785,18 +809,8 @@ PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
     }
     return;
   }
-  auto add_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
-    const T w1 = ty.w_low * tx.w_low, w2 = ty.w_low * tx.w_high;
-    const T w3 = ty.w_high * tx.w_low, w4 = ty.w_high * tx.w_high;
-    const int64_t o1 = layout.pixel_offset(ty.low, tx.low);
-    const int64_t o2 = layout.pixel_offset(ty.low, tx.high);
-    const int64_t o3 = layout.pixel_offset(ty.high, tx.low);
-    const int64_t o4 = layout.pixel_offset(ty.high, tx.high);
-    for (int k = 0; k < kPlanes; ++k) {
-      if (k < planes) {
-        values[k] += w1 * at(k, o1) + w2 * at(k, o2) + w3 * at(k, o3) + w4 * at(k, o4);
-      }
-    }
+  auto visit_sample = [&](const AxisTap<T>& ty, const AxisTap<T>& tx) {
+    add_sample<kPlanes, S>(plane, plane_step, planes, layout, ty, tx, values);
   };
   bool separable = false;
   if constexpr (kPixelSums)
@@ -812,7 +826,7 @@ PSROI_HD void pooled_values(const S* plane, int64_t plane_step, int64_t planes,
       });
     });
   } else {
-    for_each_sample_on_map(geometry, shape, ph, pw, add_sample);
+    for_each_sample_on_map(geometry, shape, ph, pw, visit_sample);
   }
   for (int k = 0; k < kPlanes; ++k) values[k] /= geometry.count;
 }

@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_winners  # noqa: E402
 
 TUNINGS = ("default", "threads256", "tile2x64", "tile8x16", "cover8", "planes4", "nhwc64",
-           "nhwc_planes8", "nhwc_planes4", "unbounded")
+           "nhwc_planes8", "nhwc_planes4", "nhwc_staged", "unbounded")
 # What each tuning changes (gpu_driver.cu, Directions): the cells it fills.
-FORWARD_ONLY = {"planes4", "nhwc64", "nhwc_planes8", "nhwc_planes4"}
+FORWARD_ONLY = {"planes4", "nhwc64", "nhwc_planes8", "nhwc_planes4", "nhwc_staged"}
 BACKWARD_ONLY = {"tile2x64", "tile8x16", "cover8"}
 
 

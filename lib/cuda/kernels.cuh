@@ -147,9 +147,19 @@ __global__ void __launch_bounds__(Tune::kThreads, Tune::kForwardBlocksPerSm)
   using Block = DeviceBlock<Tune::kThreads>;
   Block block{nullptr};  // the forward never compacts
   const int64_t blocks = gs::forward_blocks<Tune, Layout>(shape);
-  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    gs::forward_block<Tune, Block, S, Layout, kPixelSums>(block, input, shape, rule, sampling_ratio,
-                                                          views, b, skip_empty_rois, output);
+  auto run = [&](gs::ForwardShared<Tune, ComputeType<S>>& shared) {
+    for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+      gs::forward_block<Tune, Block, S, Layout, kPixelSums>(block, shared, input, shape, rule,
+                                                            sampling_ratio, views, b,
+                                                            skip_empty_rois, output);
+    }
+  };
+  if constexpr (Tune::kStageRois > 0) {
+    __shared__ gs::ForwardShared<Tune, ComputeType<S>> stage;
+    run(stage);
+  } else {  // no shared memory
+    gs::NoStage none;
+    run(none);
   }
 }
 
