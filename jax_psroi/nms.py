@@ -95,8 +95,21 @@ def _static_size(max_output_size, num_boxes: int) -> int:
     return size
 
 
+def _host_ranked(values):
+    """`values`, or where they are NumPy (or Python) 64-bit integers and
+    jax_enable_x64 is off, their ranks among their distinct values, int32:
+    jnp.asarray would wrap them to int32, 2**32 onto 0. (Traced values are
+    JAX's already: under jit, it converts 64-bit arguments itself.)"""
+    if jax.config.jax_enable_x64 or not isinstance(values, list | tuple | np.ndarray):
+        return values
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu" or array.dtype.itemsize < 8:
+        return values
+    return np.unique(array, return_inverse=True)[1].reshape(array.shape).astype(np.int32)
+
+
 def _check(boxes, scores):
-    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
+    boxes, scores = jnp.asarray(boxes), jnp.asarray(_host_ranked(scores))
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape [N, 4], got {boxes.shape}")
     if scores.shape != boxes.shape[:1]:
@@ -138,7 +151,8 @@ def nms(boxes, scores, iou_threshold: float, max_output_size: int | None = None)
       scores: [N], a float dtype (boxes and scores are promoted together),
         or integers or bools, ranked exactly (not rounded to the boxes'
         float; boxes then in float32 at least), up to 2**24 distinct
-        values (float64 boxes: 2**53).
+        values (float64 boxes: 2**53); 64-bit ones as ``idxs`` of
+        :func:`batched_nms` are.
       iou_threshold: static float; a box is suppressed by a kept box whose
         IoU with it is strictly greater.
       max_output_size: static int M >= 0, the most boxes kept (None: N).
@@ -147,8 +161,10 @@ def nms(boxes, scores, iou_threshold: float, max_output_size: int | None = None)
       (indices [M] int32, the kept boxes' indices best first, then -1;
       count int32 scalar, how many were kept).
 
-    Under ``jax.vmap`` over images, a batch is one native call. See the
-    module's docstring for ties, NaN scores, degenerate boxes and gradients.
+    Under ``jax.vmap`` over images, a batch is one native call. Ties, NaN
+    scores, degenerate boxes and gradients: the docstring of the module
+    ``jax_psroi.nms`` (``sys.modules["jax_psroi.nms"]``, which this function
+    shadows as an attribute; the API reference shows it).
     """
     boxes, scores = _check(boxes, scores)
     categories = jnp.zeros(scores.shape, jnp.int32)
@@ -164,7 +180,9 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float, max_output_size: int 
       boxes: [N, 4] (x1, y1, x2, y2), a float dtype as for :func:`nms`.
       scores: [N].
       idxs: [N] integer categories (64-bit ones ranked into int32: every
-        distinct value its own category).
+        distinct value its own category; NumPy ones on the host when
+        jax_enable_x64 is off, else JAX would wrap them to 32 bits first,
+        as it does to 64-bit arguments of a jitted caller).
       iou_threshold: static float.
       max_output_size: static int M >= 0 (None: N).
 
@@ -179,7 +197,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float, max_output_size: int 
     so there a box may suppress an overlapping box of another category.
     """
     boxes, scores = _check(boxes, scores)
-    idxs = jnp.asarray(idxs)
+    idxs = jnp.asarray(_host_ranked(idxs))
     if idxs.shape != scores.shape:
         raise ValueError(f"idxs must have shape [N] = {scores.shape} like the scores, got "
                          f"{idxs.shape}")

@@ -166,6 +166,20 @@ def test_integer_scores_rank_exactly(implementation):
     np.testing.assert_array_equal(indices, [2, 1, 0])
 
 
+def test_64_bit_integers_without_x64_are_ranked_not_wrapped(implementation):
+    # jnp.asarray would wrap NumPy int64 to int32 with jax_enable_x64 off:
+    # 2**32 onto 0 (one category; a score below 1).
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    with jax.enable_x64(False):
+        indices, _ = jax_psroi.batched_nms(boxes, np.ones(3, np.float32),
+                                           np.array([0, 2**32, 0], np.int64), 0.5)
+        np.testing.assert_array_equal(indices, [0, 1, 2])
+        indices, _ = jax_psroi.nms(boxes, np.array([2**32, 1, 2**40], np.int64), 0.5)
+        np.testing.assert_array_equal(indices, [2, 0, -1])
+        indices, _ = jax_psroi.nms(boxes, [2**32 + 1, 2**32, 0], 0.5)  # Python ints
+        np.testing.assert_array_equal(indices, [0, 2, -1])
+
+
 def test_empty(implementation):
     indices, count = jax_psroi.nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5, 3)
     np.testing.assert_array_equal(indices, [-1, -1, -1])
