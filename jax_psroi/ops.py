@@ -97,9 +97,10 @@ def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     training does.
 
     Differences from torchvision, all where torchvision returns NaN, reads
-    out of bounds or never returns: an RoI whose batch index is outside
-    [0, N) or NaN, whose coordinates are not finite, or whose adaptive grid
-    is empty (zero-size or inverted box) gives 0; samples outside the
+    out of bounds or never returns: an RoI whose batch index, truncated
+    toward zero as torchvision truncates it, is outside [0, N) (-0.5 reads
+    image 0, -1 nothing), or is NaN, whose coordinates are not finite, or
+    whose adaptive grid is empty (zero-size or inverted box) gives 0; samples outside the
     feature map are skipped without being visited, so huge boxes cost no
     more than the map; the grid is capped at 2**23 samples per bin axis.
 
@@ -146,8 +147,9 @@ def roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
       [K, C, h, w] (NCHW) or [K, h, w, C] (NHWC), the input's dtype.
 
     Differences from torchvision, as for ``ps_roi_align``: an RoI whose batch
-    index is outside [0, N) or NaN, or whose coordinates are not finite,
-    gives 0; huge boxes cost no more than the map; the grid is capped at
+    index (truncated toward zero) is outside [0, N) or NaN, or whose
+    coordinates are not finite, gives 0 (an empty box does not: with
+    ``aligned=False`` its size is clamped to 1 pixel, as torchvision's is); huge boxes cost no more than the map; the grid is capped at
     2**23 samples per bin axis.
     """
     return _averaging.apply(_operators.ROI_ALIGN, input, boxes, output_size, spatial_scale,

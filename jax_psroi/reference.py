@@ -197,7 +197,8 @@ def roi_align_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
                         data_format: DataFormat = "NCHW") -> jax.Array:
     """RoI Align in ``jax.numpy``: the arguments and semantics of
     ``torchvision.ops.roi_align``, with ps_roi_align's safe deviations (an
-    RoI with a batch index outside [0, N) or non-finite coordinates gives 0),
+    RoI with a batch index outside [0, N) once truncated toward zero, or
+    non-finite coordinates, gives 0),
     for any floating dtype. Differentiable (it is linear in ``input``, and
     JAX differentiates its boxes with the kernels' conventions).
 
