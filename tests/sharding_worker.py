@@ -209,6 +209,12 @@ def _collectives(compiled) -> dict:
     return {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
 
 
+def _kernel_calls(compiled) -> int:
+    """How many calls of our FFI targets the compiled program makes (none on
+    the XLA path)."""
+    return len(re.findall(r'custom_call_target="jax_psroi_', compiled.as_text()))
+
+
 def _largest_gather(compiled) -> int:
     """The most elements any all-gather of the compiled program gathers."""
     shapes = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(",
@@ -280,7 +286,8 @@ def _run_case(case, direction, operation, layout, order, dtype, implementation):
                 shape=list(result.shape), expected_shape=list(expected.shape),
                 max_difference=float(np.max(np.abs(result - expected))),
                 max_magnitude=float(np.max(np.abs(expected))),
-                collectives=_collectives(sharded), largest_gather=_largest_gather(sharded))
+                collectives=_collectives(sharded), largest_gather=_largest_gather(sharded),
+                kernel_calls=_kernel_calls(sharded))
 
 
 # --- Channel groups cut by the split ---------------------------------------------
@@ -390,7 +397,7 @@ def _nms_run(case, operation):
                 # The mesh axes that split the images of each result.
                 split=[x.sharding.spec[0] if x.sharding.spec else None
                        for x in (indices, counts)],
-                collectives=_collectives(sharded))
+                collectives=_collectives(sharded), kernel_calls=_kernel_calls(sharded))
 
 
 @contextlib.contextmanager

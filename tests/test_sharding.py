@@ -66,6 +66,10 @@ def test_sharded_equals_unsharded_without_all_gather(records, case, direction, c
     record = records[(case, direction, *combination)]
     dtype = combination[3]
     assert record["shape"] == record["expected_shape"]
+    # The path the case names: the XLA path calls none of our kernels (nor
+    # does the pools' box gradient, zero without a call).
+    pools_boxes = direction == "box_gradient" and combination[0] in ("ps_roi_pool", "roi_pool")
+    assert (record["kernel_calls"] > 0) == (not case.endswith("_xla") and not pools_boxes), record
     collectives = {name: n for name, n in record["collectives"].items() if n}
     if direction == "box_gradient":
         _check_box_gradient(record, case, combination, collectives)
@@ -116,6 +120,7 @@ def test_sharded_nms_equals_unsharded(worker_run, case, operation):
     record = next(r for r in worker_run["nms"]
                   if (r["case"], r["operation"]) == (case, operation))
     assert record["equal"], record
+    assert (record["kernel_calls"] > 0) == (case != "images_xla"), record
     # Crowded images: every one keeps some boxes and suppresses others.
     assert 0 < min(record["counts"]) and max(record["counts"]) < worker.NMS_KEPT, record
     collectives = {name: n for name, n in record["collectives"].items() if n}
