@@ -148,9 +148,10 @@ def roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
 
     Differences from torchvision, as for ``ps_roi_align``: an RoI whose batch
     index (truncated toward zero) is outside [0, N) or NaN, or whose
-    coordinates are not finite, gives 0 (an empty box does not: with
-    ``aligned=False`` its size is clamped to 1 pixel, as torchvision's is); huge boxes cost no more than the map; the grid is capped at
-    2**23 samples per bin axis.
+    coordinates are not finite, gives 0; huge boxes cost no more than the
+    map; the grid is capped at 2**23 samples per bin axis. (An empty box
+    gives 0 with adaptive sampling and ``aligned=True``, as in torchvision;
+    ``aligned=False`` clamps its size to 1 pixel, as torchvision does.)
     """
     return _averaging.apply(_operators.ROI_ALIGN, input, boxes, output_size, spatial_scale,
                             data_format, sampling_ratio=sampling_ratio, aligned=aligned)

@@ -35,8 +35,9 @@ def ps_roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSiz
     forward of ``torchvision.ops.ps_roi_pool`` (the average of each bin's
     window of whole pixels), with the channel orders and layouts of
     ``ps_roi_align`` and its safe deviations (a batch index outside [0, N)
-    once truncated toward zero, or non-finite coordinates, give 0). Its gradient is the adjoint of this
-    forward, which torchvision's is not (docs/guides/torchvision.md).
+    once truncated toward zero, or non-finite coordinates, give 0). Its
+    gradient is the adjoint of this forward, which torchvision's is not
+    (docs/guides/torchvision.md).
 
     Args:
       input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
@@ -76,9 +77,10 @@ def roi_pool_reference(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     ``torchvision.ops.roi_pool`` (the maximum of each bin's window of whole
     pixels; an empty window gives 0), with the layouts of ``ps_roi_align``
     and its safe deviations (a batch index outside [0, N) once truncated
-    toward zero, or non-finite coordinates, give 0). The gradient of each output goes to its window's
-    first maximum in row-major order, as torchvision records it: the
-    operator is piecewise linear, and differentiable to any order.
+    toward zero, or non-finite coordinates, give 0). The gradient of each
+    output goes to its window's first maximum in row-major order, as
+    torchvision records it: the operator is piecewise linear, and
+    differentiable to any order.
 
     Args:
       input: [N, C, H, W] (or [N, H, W, C] with ``data_format="NHWC"``)
