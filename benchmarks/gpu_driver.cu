@@ -1,7 +1,8 @@
 // A GPU benchmark of our CUDA launchers that needs no JAX: it runs every
 // case of a manifest (benchmarks/gpu_workloads.py writes it, with the boxes
 // of the benchmark's own generator and the hashes of the outputs the CPU
-// computed) under every tuning below, each a template instantiation of the
+// computed) under every tuning below that changes the kernels of its layout
+// (LayoutsOf), each a template instantiation of the
 // same kernels (gpu_schedule.h, Tuning), times each launch with CUDA events
 // (warm-up, then the median of --repeats runs), and checks every output
 // bitwise against the CPU's by its hash. One table, one line per (case,
@@ -110,6 +111,22 @@ template <typename... Ts>
 struct TuningList {};
 using AllTunings = TuningList<Default, Threads256, Tile2x64, Tile8x16, Cover8, Planes4, Nhwc64,
                               NhwcPlanes8, NhwcPlanes4, NhwcStaged, Unbounded>;
+
+// The layouts whose kernels a tuning changes: the others it runs exactly as
+// the default does, so the driver spends no GPU time on them.
+enum Layouts { kNchwOnly = 1, kNhwcOnly = 2, kEveryLayout = 3 };
+template <typename Named>
+struct LayoutsOf {
+  static constexpr int value = kEveryLayout;
+};
+template <>
+struct LayoutsOf<NhwcPlanes8> {  // NhwcPlanes alone differs from the default
+  static constexpr int value = kNhwcOnly;
+};
+template <>
+struct LayoutsOf<NhwcStaged> {
+  static constexpr int value = kNhwcOnly;
+};
 
 // --- Workload values and hashes (gpu_workloads.py has their twins) ----------
 
@@ -520,6 +537,8 @@ void run_case(const Case& c, const Options& options, const std::string& director
       HostCase<Operation, S, Layout>::make(c, directory);
   auto one = [&](auto named) {
     using N = decltype(named);
+    constexpr int kLayout = Layout::kChannelsLast ? kNhwcOnly : kNchwOnly;
+    if constexpr ((LayoutsOf<N>::value & kLayout) == 0) return;
     if (!selected(options.tunings, N::kName)) return;
 #ifdef __CUDACC__
     const Row row = options.host ? run_on_host<N>(c, h) : run_on_gpu<N>(c, h, options.repeats);
