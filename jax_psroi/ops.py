@@ -100,9 +100,10 @@ def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: OutputSize,
     out of bounds or never returns: an RoI whose batch index, truncated
     toward zero as torchvision truncates it, is outside [0, N) (-0.5 reads
     image 0, -1 nothing), or is NaN, whose coordinates are not finite, or
-    whose adaptive grid is empty (zero-size or inverted box) gives 0; samples outside the
-    feature map are skipped without being visited, so huge boxes cost no
-    more than the map; the grid is capped at 2**23 samples per bin axis.
+    whose adaptive grid is empty (zero-size or inverted box) gives 0;
+    samples outside the feature map are skipped without being visited, so
+    huge boxes cost no more than the map; the grid is capped at 2**23
+    samples per bin axis.
 
     Per image under ``jax.vmap``::
 

@@ -528,11 +528,12 @@ template <typename Tune, typename T>
 using ForwardShared =
     typename std::conditional<(Tune::kStageRois > 0), ForwardStage<Tune, T>, NoStage>::type;
 
-// Whether a call's NHWC forward stages taps: samples, not windows or pixel
-// sums, and bins and map axes that the stage's sizes hold.
-template <typename Tune, bool kPixelSums>
+// Whether a call's NHWC forward stages taps, where its tuning has a stage:
+// samples, not windows or pixel sums, and bins and map axes that the
+// stage's sizes hold.
+template <bool kPixelSums>
 PSROI_HD bool stages_taps(const CallShape& shape, const BoxRule& rule) {
-  return Tune::kStageRois > 0 && !kPixelSums && !rule.whole_pixels &&
+  return !kPixelSums && !rule.whole_pixels &&
          shape.pooled_h <= kStageBins && shape.pooled_w <= kStageBins &&
          shape.height <= INT32_MAX && shape.width <= INT32_MAX;
 }
@@ -556,7 +557,7 @@ PSROI_HD void staged_forward(Exec& ex, ForwardStage<Tune, T>& stage, const CallS
       const int a = j < shape.pooled_h ? 0 : 1;
       const int64_t bin = a == 0 ? j : j - shape.pooled_h;
       // A copy: a reference chosen at run time would keep the geometry in
-      // local memory (80 bytes of stack a thread).
+      // local memory.
       const RoiAxis<T> axis = a == 0 ? geometry.y : geometry.x;
       const int64_t size = a == 0 ? shape.height : shape.width;
       const SampleRange range = samples_to_visit(axis, bin, size);
@@ -640,7 +641,7 @@ PSROI_HD void forward_block(Exec& ex, ForwardShared<Tune, T>& shared, const S* i
     // kNhwcChannelGroup.
     const int64_t c0 = group * kNhwcChannelGroup;
     if constexpr (Tune::kStageRois > 0) {
-      if (image < shape.num_images && stages_taps<Tune, kPixelSums>(shape, rule)) {
+      if (image < shape.num_images && stages_taps<kPixelSums>(shape, rule)) {
         staged_forward<Tune>(ex, shared, shape, rule, sampling_ratio, views, image, begin, end,
                              c0, layout, plane_of, output);
         return;
